@@ -1,0 +1,31 @@
+/// A POSIX error number (`libc::ENOENT`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// A namespace rule was violated; maps 1:1 to an errno for the caller.
+    #[error("{}", std::io::Error::from_raw_os_error(.0 .0))]
+    Posix(Errno),
+    #[error("metadata holds volume {found:?}, not {wanted:?}")]
+    VolumeMismatch { found: String, wanted: String },
+    #[error("unsupported metadata URL {0}")]
+    UnsupportedUrl(String),
+    #[error("metadata engine: {0}")]
+    Engine(String),
+}
+
+impl MetaError {
+    pub fn posix(errno: i32) -> Self {
+        MetaError::Posix(Errno(errno))
+    }
+    /// The errno a caller should see: namespace errors as they are, engine failures as EIO.
+    pub fn errno(&self) -> i32 {
+        match self {
+            MetaError::Posix(e) => e.0,
+            _ => libc::EIO,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, MetaError>;

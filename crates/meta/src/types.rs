@@ -1,0 +1,169 @@
+use serde::{Deserialize, Serialize};
+
+pub type Ino = u64;
+pub type SessionId = u64;
+pub const ROOT_INO: Ino = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    Regular,
+    Directory,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// Attributes of an inode. Times are nanoseconds since the Unix epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky (0o7777).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub rdev: u32,
+    pub atime_ns: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    /// Parent directory (for directories; for other kinds the parent it was created in).
+    pub parent: Ino,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeSet {
+    Now,
+    At(i64),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    pub ctime: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewNode {
+    pub kind: FileKind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    /// Symlink target (only for `FileKind::Symlink`).
+    pub target: Vec<u8>,
+}
+
+/// A piece of a chunk: `len` bytes at position `pos` of the chunk, taken from offset `off` of the
+/// stored slice `id` (whose whole stored length is `size`). Id 0 is a hole that reads as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    pub id: u64,
+    pub size: u32,
+    pub off: u32,
+    pub len: u32,
+    pub pos: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GarbageSlice {
+    pub id: u64,
+    pub size: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: Ino,
+    pub kind: FileKind,
+    pub cookie: u64,
+    pub attr: Option<Attr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenameMode {
+    Replace,
+    NoReplace,
+    Exchange,
+}
+
+#[derive(Clone, Debug)]
+pub struct Rename<'a> {
+    pub src_parent: Ino,
+    pub src_name: &'a [u8],
+    pub dst_parent: Ino,
+    pub dst_name: &'a [u8],
+    pub mode: RenameMode,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenameOutcome {
+    pub moved: Ino,
+    /// The inode that was at the destination (replaced or exchanged), if any.
+    pub replaced: Option<Ino>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrMode {
+    Any,
+    /// XATTR_CREATE: fail with EEXIST if present.
+    Create,
+    /// XATTR_REPLACE: fail with ENODATA if absent.
+    Replace,
+}
+
+/// Format-time parameters of a volume; fixed once formatted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub uuid: String,
+    pub chunk_size: u64,
+    pub block_size: u64,
+    pub inline_threshold: u64,
+    pub created_ns: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub host: String,
+    pub pid: u32,
+    pub mount_point: String,
+    pub now_ns: i64,
+}
+
+/// Who holds a lock: the session plus the kernel's lock owner (per open file description for
+/// flock, per process for POSIX locks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LockOwner {
+    pub session: SessionId,
+    pub owner: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    Read,
+    Write,
+    Unlock,
+}
+
+/// A POSIX byte range `[start, end]` (inclusive; `end == u64::MAX` means to end of file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockRange {
+    pub start: u64,
+    pub end: u64,
+    pub kind: LockKind,
+    pub pid: u32,
+}
