@@ -7,8 +7,8 @@
 //! `default_permissions`; the vfs does the rest); this layer enforces namespace invariants only.
 
 mod error;
-mod types;
 pub mod sqlite;
+mod types;
 
 pub use error::{Errno, MetaError, Result};
 pub use types::*;
@@ -24,7 +24,8 @@ pub trait MetaEngine: Send + Sync {
     fn volume(&self) -> Result<Option<VolumeInfo>>;
     /// Registers a mount (or other client) session; locks and sustained inodes belong to it.
     fn open_session(&self, info: &SessionInfo) -> Result<SessionId>;
-    /// Refreshes the session's heartbeat.
+    /// Refreshes the session's heartbeat. `MetaError::Posix(ESTALE)` if the session is gone (it was
+    /// reaped as stale): its locks and sustained inodes were dropped; open a new session.
     fn heartbeat(&self, session: SessionId) -> Result<()>;
     /// Ends a session: drops its locks, deletes its sustained inodes that have no links.
     fn close_session(&self, session: SessionId) -> Result<()>;
@@ -45,12 +46,27 @@ pub trait MetaEngine: Send + Sync {
     /// Removes a non-directory entry. When the inode's last link goes and `keep_open` is true
     /// (the caller still has it open), the inode is kept as sustained by `session` until
     /// [`MetaEngine::release_sustained`]; otherwise its data is freed.
-    fn unlink(&self, parent: Ino, name: &[u8], session: SessionId, keep_open: &dyn Fn(Ino) -> bool, now_ns: i64) -> Result<Option<Ino>>;
+    /// Returns `Some(ino)` when this removed the inode's last link (it is now freed or sustained),
+    /// `None` when other hard links remain.
+    fn unlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        session: SessionId,
+        keep_open: &dyn Fn(Ino) -> bool,
+        now_ns: i64,
+    ) -> Result<Option<Ino>>;
     /// Removes an empty directory (`NotEmpty` otherwise).
     fn rmdir(&self, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino>;
     /// Atomic rename with RENAME_NOREPLACE / RENAME_EXCHANGE; refuses to move a directory into its
     /// own subtree (EINVAL). A replaced inode that loses its last link is handled as in `unlink`.
-    fn rename(&self, req: &Rename<'_>, session: SessionId, keep_open: &dyn Fn(Ino) -> bool, now_ns: i64) -> Result<RenameOutcome>;
+    fn rename(
+        &self,
+        req: &Rename<'_>,
+        session: SessionId,
+        keep_open: &dyn Fn(Ino) -> bool,
+        now_ns: i64,
+    ) -> Result<RenameOutcome>;
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>>;
     /// Entries of a directory with cookie strictly greater than `after`, in cookie order, at most
     /// `limit`. Cookies are stable: an entry keeps its cookie until removed, new entries get larger
@@ -65,11 +81,20 @@ pub trait MetaEngine: Send + Sync {
     // ---- xattrs ----
     fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
     fn list_xattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>>;
-    fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8], mode: XattrMode, now_ns: i64) -> Result<()>;
+    fn set_xattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+        now_ns: i64,
+    ) -> Result<()>;
     fn remove_xattr(&self, ino: Ino, name: &[u8], now_ns: i64) -> Result<()>;
 
     // ---- file data layout ----
-    /// The file's inline bytes, or `None` if its data lives in chunks.
+    /// The file's inline bytes, or `None` if its data lives in chunks. New regular files start
+    /// inline with an empty blob. The blob may be shorter than the file's size (after a truncate
+    /// that grew an inline file past the inline threshold): bytes past the blob read as zeros.
     fn read_inline(&self, ino: Ino) -> Result<Option<Vec<u8>>>;
     /// Slices of one chunk in commit order (later ones shadow earlier ones).
     fn read_chunk(&self, ino: Ino, chunk: u64) -> Result<Vec<Slice>>;
@@ -78,12 +103,24 @@ pub trait MetaEngine: Send + Sync {
     fn write_inline(&self, ino: Ino, data: &[u8], now_ns: i64) -> Result<Attr>;
     /// Appends slices to chunks and grows the size to at least `min_size`; sets mtime, ctime.
     /// With `drop_inline`, the inline bytes are discarded (the caller wrote them out as slices).
-    fn commit_slices(&self, ino: Ino, slices: &[(u64, Slice)], min_size: u64, drop_inline: bool, now_ns: i64) -> Result<Attr>;
+    /// Without it, an empty inline blob is dropped silently, but non-empty inline bytes make the
+    /// call fail (`MetaError::Engine`) rather than lose them.
+    fn commit_slices(
+        &self,
+        ino: Ino,
+        slices: &[(u64, Slice)],
+        min_size: u64,
+        drop_inline: bool,
+        now_ns: i64,
+    ) -> Result<Attr>;
     /// Sets the size: shrinking frees whole chunks past the end and shadows the tail of the last one
     /// with a hole slice; growing leaves a hole (reads as zeros). Inline files are cut or zero-padded
-    /// while they stay at or below the threshold.
+    /// while they stay at or below the threshold. An inline file truncated to a size above the
+    /// threshold stays inline: its blob is cut to at most `size` bytes and the rest reads as zeros
+    /// (see [`MetaEngine::read_inline`]); the caller moves it to chunks before writing past the
+    /// threshold. Truncating a chunked file to 0 makes it inline (empty) again.
     fn truncate(&self, ino: Ino, size: u64, now_ns: i64) -> Result<Attr>;
-    /// Reserves `count` consecutive slice ids; returns the first.
+    /// Reserves `count` (at least 1) consecutive slice ids; returns the first. Ids start at 1.
     fn alloc_slice_ids(&self, count: u64) -> Result<u64>;
 
     // ---- maintenance: compaction, garbage collection, fsck ----
@@ -91,7 +128,13 @@ pub trait MetaEngine: Send + Sync {
     fn fragmented_chunks(&self, min_slices: usize, limit: usize) -> Result<Vec<(Ino, u64)>>;
     /// Replaces a chunk's slice list by `new` if it is still exactly `expected`; the replaced slices
     /// become garbage. Returns false (and changes nothing) if the chunk changed meanwhile.
-    fn replace_chunk(&self, ino: Ino, chunk: u64, expected: &[Slice], new: &[Slice]) -> Result<bool>;
+    fn replace_chunk(
+        &self,
+        ino: Ino,
+        chunk: u64,
+        expected: &[Slice],
+        new: &[Slice],
+    ) -> Result<bool>;
     /// Slices no chunk references any more that became garbage before `before_ns`.
     fn garbage_slices(&self, before_ns: i64, limit: usize) -> Result<Vec<GarbageSlice>>;
     /// Forgets garbage slices whose objects were deleted.
@@ -116,12 +159,24 @@ pub trait MetaEngine: Send + Sync {
     fn unlock_all(&self, ino: Ino, owner: LockOwner) -> Result<()>;
 }
 
-/// Opens the engine named by a metadata URL: `sqlite:///abs/path/volume.db` (created if missing).
-/// Other schemes (for example `postgres://`) are answered with `MetaError::UnsupportedUrl`.
+/// Opens the engine named by a metadata URL: `sqlite:///abs/path/volume.db` (the file and its
+/// parent directories are created if missing). Other schemes (for example `postgres://`) are
+/// answered with `MetaError::UnsupportedUrl`.
 pub fn open(url: &str) -> Result<std::sync::Arc<dyn MetaEngine>> {
-    let parsed = url::Url::parse(url).map_err(|e| MetaError::UnsupportedUrl(format!("{url}: {e}")))?;
-    match parsed.scheme() {
-        "sqlite" => { let _ = sqlite::SqliteEngine::open(std::path::Path::new(parsed.path()))?; todo!() },
-        other => Err(MetaError::UnsupportedUrl(format!("scheme {other:?} (supported: sqlite)"))),
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if !path.starts_with('/') {
+            return Err(MetaError::UnsupportedUrl(format!(
+                "{url}: expected sqlite:///absolute/path.db"
+            )));
+        }
+        return Ok(std::sync::Arc::new(sqlite::SqliteEngine::open(
+            std::path::Path::new(path),
+        )?));
     }
+    let parsed =
+        url::Url::parse(url).map_err(|e| MetaError::UnsupportedUrl(format!("{url}: {e}")))?;
+    Err(MetaError::UnsupportedUrl(format!(
+        "scheme {:?} (supported: sqlite)",
+        parsed.scheme()
+    )))
 }

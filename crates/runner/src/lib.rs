@@ -1,1 +1,422 @@
-//! cellar-runner
+//! cellar-runner: the per-host runner. Runs sandboxes with bubblewrap, keeps one FUSE mount per
+//! volume per host (ref-counted across sandboxes and restarts) and implements the toolbox
+//! operations (exec, upload, download).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+mod cgroup;
+mod mounts;
+mod process;
+mod sandbox;
+mod toolbox;
+
+use mounts::MountManager;
+use sandbox::{SandboxPaths, SandboxRecord, VolumeBind};
+pub use toolbox::{FileStream, EXEC_OUTPUT_LIMIT, EXEC_TIMEOUT_EXIT_CODE};
+
+/// Where the runner keeps its state and which binary it uses for mount daemons.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// `sandboxes/` and `mounts/` live here.
+    pub state_dir: PathBuf,
+    /// Path of the `cellar` binary used to spawn mount daemons (`cellar mount`, `cellar umount`).
+    pub cellar_bin: PathBuf,
+}
+
+/// Everything needed to mount one volume on this host.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSource {
+    pub volume_id: String,
+    pub meta_url: String,
+    pub store_url: String,
+    pub volume_name: String,
+    /// E.g. AWS_ACCESS_KEY_ID: passed ONLY to the mount daemon, never into a sandbox.
+    pub store_env: Vec<(String, String)>,
+}
+
+/// Credentials must never reach logs, so Debug shows only names.
+impl std::fmt::Debug for VolumeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeSource")
+            .field("volume_id", &self.volume_id)
+            .field("volume_name", &self.volume_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One volume mounted into a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeMountSpec {
+    pub volume: VolumeSource,
+    /// Absolute path inside the sandbox, validated by the caller.
+    pub mount_path: String,
+    /// Relative path inside the volume, validated by the caller.
+    pub subpath: Option<String>,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub env: BTreeMap<String, String>,
+    pub mounts: Vec<VolumeMountSpec>,
+    pub cpu: u32,
+    pub memory_gib: u32,
+    pub network: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    /// A shell line, run with `/bin/sh -c`.
+    pub command: String,
+    /// Working directory inside the sandbox; default `/home/daytona`.
+    pub cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
+    /// On expiry the command and everything it started are killed, and the result carries
+    /// [`EXEC_TIMEOUT_EXIT_CODE`] with the output so far.
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    /// stdout and stderr interleaved (one pipe), capped at [`EXEC_OUTPUT_LIMIT`] bytes.
+    pub output: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// Sandbox or file not found.
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// bwrap missing, mount failed, ...
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the sandboxes of one host. Send + Sync; share it behind an `Arc`.
+pub struct Runner {
+    sandboxes_dir: PathBuf,
+    /// Running sandboxes by id.
+    sandboxes: Mutex<HashMap<String, Arc<SandboxRecord>>>,
+    /// Serialises sandbox creation and destruction, and with them the mount reference counts.
+    lifecycle: tokio::sync::Mutex<()>,
+    mounts: Arc<MountManager>,
+    cgroups: cgroup::Cgroups,
+}
+
+impl Runner {
+    /// Opens the runner's state: sandboxes still running (from before a restart) are adopted,
+    /// dead ones cleaned up, their mount references released, and dead mounts remounted.
+    pub fn new(config: RunnerConfig) -> Result<Runner, RunnerError> {
+        create_private_dir(&config.state_dir)?;
+        let state_dir = config.state_dir.canonicalize()?;
+        let sandboxes_dir = state_dir.join("sandboxes");
+        let mounts_dir = state_dir.join("mounts");
+        create_private_dir(&sandboxes_dir)?;
+        create_private_dir(&mounts_dir)?;
+        let runner = Runner {
+            sandboxes_dir,
+            sandboxes: Mutex::new(HashMap::new()),
+            lifecycle: tokio::sync::Mutex::new(()),
+            mounts: Arc::new(MountManager::new(mounts_dir, config.cellar_bin)),
+            cgroups: cgroup::Cgroups::detect(),
+        };
+        runner.recover()?;
+        Ok(runner)
+    }
+
+    fn recover(&self) -> Result<(), RunnerError> {
+        let mut running = HashMap::new();
+        for entry in std::fs::read_dir(&self.sandboxes_dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|ext| ext.to_str()) != Some("json") {
+                continue;
+            }
+            let record: SandboxRecord = match std::fs::read(&path)
+                .map_err(|err| err.to_string())
+                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|err| err.to_string()))
+            {
+                Ok(record) => record,
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), "dropping unreadable sandbox record: {err}");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            if record.is_alive() {
+                tracing::info!(sandbox = %record.id, "adopted running sandbox");
+                running.insert(record.id.clone(), Arc::new(record));
+            } else {
+                tracing::info!(sandbox = %record.id, "cleaning up sandbox that stopped");
+                self.cgroups.remove(&record.id);
+                SandboxPaths::new(&self.sandboxes_dir, &record.id).remove();
+            }
+        }
+        let running_ids: HashSet<String> = running.keys().cloned().collect();
+        self.mounts.recover(&running_ids)?;
+        *self.sandboxes.lock().expect("sandbox table poisoned") = running;
+        Ok(())
+    }
+
+    /// Starts a sandbox and returns once it runs. Creating a sandbox that already runs is a
+    /// no-op.
+    pub async fn create_sandbox(&self, spec: SandboxSpec) -> Result<(), RunnerError> {
+        validate_spec(&spec)?;
+        let _lifecycle = self.lifecycle.lock().await;
+        if self.is_running(&spec.id) {
+            return Ok(());
+        }
+        let paths = SandboxPaths::new(&self.sandboxes_dir, &spec.id);
+        let mut acquired: Vec<String> = Vec::new();
+        let started = self.start(&spec, &paths, &mut acquired).await;
+        match started {
+            Ok(record) => {
+                self.sandboxes
+                    .lock()
+                    .expect("sandbox table poisoned")
+                    .insert(spec.id.clone(), Arc::new(record));
+                Ok(())
+            }
+            Err(err) => {
+                self.release_mounts(&spec.id, &acquired).await;
+                self.cgroups.remove(&spec.id);
+                paths.remove();
+                Err(err)
+            }
+        }
+    }
+
+    /// Mounts the volumes, launches bubblewrap and persists the record; `acquired` collects the
+    /// volumes referenced so far, for the caller to release on failure.
+    async fn start(
+        &self,
+        spec: &SandboxSpec,
+        paths: &SandboxPaths,
+        acquired: &mut Vec<String>,
+    ) -> Result<SandboxRecord, RunnerError> {
+        let mut binds = Vec::with_capacity(spec.mounts.len());
+        for mount in &spec.mounts {
+            let mounts = Arc::clone(&self.mounts);
+            let source = mount.volume.clone();
+            let sandbox_id = spec.id.clone();
+            let subpath = mount.subpath.clone();
+            if !acquired.contains(&source.volume_id) {
+                acquired.push(source.volume_id.clone());
+            }
+            let dir = tokio::task::spawn_blocking(move || {
+                let mount_point = mounts.acquire(&source, &sandbox_id)?;
+                mounts::open_volume_dir(&mount_point, subpath.as_deref())
+            })
+            .await
+            .map_err(|err| RunnerError::Io(std::io::Error::other(err)))??;
+            binds.push(VolumeBind {
+                source: dir,
+                mount_path: mount.mount_path.clone(),
+                read_only: mount.read_only,
+            });
+        }
+        sandbox::prepare_dirs(paths, &binds)?;
+        self.cgroups.create(&spec.id, spec.cpu, spec.memory_gib);
+        let launch = sandbox::Launch {
+            id: &spec.id,
+            env: &spec.env,
+            network: spec.network,
+            binds: &binds,
+            cgroup_procs: self.cgroups.procs_files(&spec.id),
+        };
+        let started = sandbox::launch(launch, paths).await?;
+        let record = SandboxRecord {
+            id: spec.id.clone(),
+            bwrap_pid: started.bwrap_pid,
+            init_pid: started.init_pid,
+            init_start_time: started.init_start_time,
+            env: spec.env.clone(),
+            volume_ids: acquired.clone(),
+        };
+        let saved = serde_json::to_vec_pretty(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_atomically(&paths.record, &bytes));
+        if let Err(err) = saved {
+            let _ = record.kill().await;
+            return Err(err.into());
+        }
+        Ok(record)
+    }
+
+    /// Kills every process of the sandbox and releases its mounts. Idempotent.
+    pub async fn destroy_sandbox(&self, id: &str) -> Result<(), RunnerError> {
+        let _lifecycle = self.lifecycle.lock().await;
+        let record = self
+            .sandboxes
+            .lock()
+            .expect("sandbox table poisoned")
+            .get(id)
+            .cloned();
+        let Some(record) = record else {
+            return Ok(());
+        };
+        record.kill().await?;
+        self.release_mounts(id, &record.volume_ids).await;
+        self.cgroups.remove(id);
+        SandboxPaths::new(&self.sandboxes_dir, id).remove();
+        self.sandboxes
+            .lock()
+            .expect("sandbox table poisoned")
+            .remove(id);
+        Ok(())
+    }
+
+    async fn release_mounts(&self, sandbox_id: &str, volume_ids: &[String]) {
+        for volume_id in volume_ids {
+            let mounts = Arc::clone(&self.mounts);
+            let volume = volume_id.clone();
+            let sandbox = sandbox_id.to_owned();
+            let released =
+                tokio::task::spawn_blocking(move || mounts.release(&volume, &sandbox)).await;
+            match released {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::error!(volume_id, "cannot release volume mount: {err}"),
+                Err(err) => tracing::error!(volume_id, "cannot release volume mount: {err}"),
+            }
+        }
+    }
+
+    pub fn is_running(&self, id: &str) -> bool {
+        self.record(id).is_some()
+    }
+
+    /// The record of a sandbox whose processes are alive.
+    fn record(&self, id: &str) -> Option<Arc<SandboxRecord>> {
+        let record = self
+            .sandboxes
+            .lock()
+            .expect("sandbox table poisoned")
+            .get(id)
+            .cloned()?;
+        record.is_alive().then_some(record)
+    }
+
+    fn target(&self, id: &str) -> Result<Arc<SandboxRecord>, RunnerError> {
+        self.record(id)
+            .ok_or_else(|| RunnerError::NotFound(format!("sandbox {id} is not running")))
+    }
+
+    /// Runs a shell line in the sandbox as its user; a non-zero exit is a normal result.
+    pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult, RunnerError> {
+        let record = self.target(id)?;
+        let target = toolbox::Target {
+            record: &record,
+            cgroup_procs: self.cgroups.procs_files(id),
+        };
+        target.exec(req).await
+    }
+
+    /// Writes a file in the sandbox (as its user, parents created), streaming `body`.
+    pub async fn upload(
+        &self,
+        id: &str,
+        path: &str,
+        body: impl tokio::io::AsyncRead + Unpin + Send,
+    ) -> Result<(), RunnerError> {
+        let record = self.target(id)?;
+        let target = toolbox::Target {
+            record: &record,
+            cgroup_procs: self.cgroups.procs_files(id),
+        };
+        target.upload(path, body).await
+    }
+
+    /// Streams a file out of the sandbox; NotFound before any byte if it does not exist.
+    pub async fn download(&self, id: &str, path: &str) -> Result<FileStream, RunnerError> {
+        let record = self.target(id)?;
+        let target = toolbox::Target {
+            record: &record,
+            cgroup_procs: self.cgroups.procs_files(id),
+        };
+        target.download(path).await
+    }
+
+    /// Destroys every sandbox (and so unmounts every volume). For tests and shutdown.
+    pub async fn release_all(&self) {
+        let ids: Vec<String> = self
+            .sandboxes
+            .lock()
+            .expect("sandbox table poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            if let Err(err) = self.destroy_sandbox(&id).await {
+                tracing::error!(sandbox = %id, "cannot destroy sandbox: {err}");
+            }
+        }
+    }
+}
+
+fn validate_spec(spec: &SandboxSpec) -> Result<(), RunnerError> {
+    let id_ok = !spec.id.is_empty()
+        && spec.id.len() <= 128
+        && !spec.id.starts_with('.')
+        && spec
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !id_ok {
+        return Err(RunnerError::InvalidInput(format!(
+            "invalid sandbox id {:?}",
+            spec.id
+        )));
+    }
+    toolbox::validate_env(&spec.env)?;
+    for mount in &spec.mounts {
+        let path = std::path::Path::new(&mount.mount_path);
+        let normal = path.is_absolute()
+            && path
+                .components()
+                .all(|c| !matches!(c, std::path::Component::ParentDir));
+        if !normal || mount.mount_path == "/" || mount.mount_path.contains('\0') {
+            return Err(RunnerError::InvalidInput(format!(
+                "invalid mount path {:?}",
+                mount.mount_path
+            )));
+        }
+        let volume_id = &mount.volume.volume_id;
+        let volume_id_ok = !volume_id.is_empty()
+            && !volume_id.starts_with('.')
+            && volume_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !volume_id_ok {
+            return Err(RunnerError::InvalidInput(format!(
+                "invalid volume id {volume_id:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,1 +1,135 @@
-//! cellar-server
+//! cellar-server: the REST API (the Daytona subset that volumes and sandboxes need), the volume
+//! and sandbox state machines, organisations and API keys, with an embedded runner for the
+//! single-host default.
+
+mod api;
+pub mod config;
+mod db;
+mod error;
+mod lifecycle;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use cellar_runner::{Runner, RunnerConfig};
+
+pub use api::ApiDoc;
+pub use config::{ConfigOverrides, ServerConfig};
+pub use validate::{NAME_RULE, RESERVED_MOUNT_DIRS};
+
+use crate::db::ControlDb;
+use crate::lifecycle::Services;
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    base_url: String,
+    bootstrap_key: Option<String>,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<std::io::Result<()>>,
+    reconciling: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the data directory, starts the embedded runner, binds and serves; the reconciler
+    /// finishes (in the background) whatever a previous run left half done.
+    pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
+        export_file_credentials(&config);
+        let db = ControlDb::open(&config.data_dir)
+            .with_context(|| format!("opening the control database in {}", config.data_dir.display()))?;
+        let bootstrap_key = db.bootstrap()?;
+        let runner = Runner::new(RunnerConfig {
+            state_dir: config.data_dir.join("runner"),
+            cellar_bin: config.cellar_bin.clone(),
+        })
+        .context("starting the embedded runner")?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let base_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+        let services = Arc::new(Services { db, runner, config });
+        let state = api::AppState {
+            services: services.clone(),
+            toolbox_url: format!("{base_url}/toolbox"),
+        };
+        let reconciling = tokio::spawn(async move {
+            if let Err(e) = services.reconcile().await {
+                tracing::error!("reconciling interrupted work: {e:#}");
+            }
+        });
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let app = api::router(state);
+        let serving = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop.await;
+                })
+                .await
+        });
+        tracing::info!("serving the Cellar API at {base_url}/api");
+        Ok(Server { addr, base_url, bootstrap_key, shutdown, serving, reconciling })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://host:port/api`: what DAYTONA_API_URL / CELLAR_API_URL should be set to.
+    pub fn api_url(&self) -> String {
+        format!("{}/api", self.base_url)
+    }
+
+    /// The API key created on the very first start (shown once; only its hash is stored).
+    pub fn bootstrap_key(&self) -> Option<&str> {
+        self.bootstrap_key.as_deref()
+    }
+
+    /// Serves until `signal` completes, then stops accepting requests. Running sandboxes and
+    /// their mounts stay up; the next start adopts them.
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = signal => {}
+            result = &mut self.serving => return result.context("server task")?.context("serving"),
+        }
+        self.shutdown().await
+    }
+
+    /// Stops serving (in-flight requests finish) and the reconciler.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        self.reconciling.abort();
+        self.serving.await.context("server task")?.context("serving")
+    }
+}
+
+/// Volume maintenance in this process reads the store credentials from the environment; the
+/// TOML file's `[s3]` keys fill in what the environment lacks. Called before any request runs.
+fn export_file_credentials(config: &ServerConfig) {
+    for (name, value) in config.store_env() {
+        if std::env::var_os(&name).is_none() {
+            // SAFETY-free in edition 2021; done at startup before volume work reads the env.
+            std::env::set_var(name, value);
+        }
+    }
+}
+
+/// `cellar admin org create NAME`: returns the new organisation's id.
+pub fn admin_create_org(data_dir: &Path, name: &str) -> anyhow::Result<String> {
+    Ok(ControlDb::open(data_dir)?.create_org(name)?)
+}
+
+/// `cellar admin key create --org NAME`: returns the key (shown once; only its hash is stored).
+pub fn admin_create_key(data_dir: &Path, org_name: &str) -> anyhow::Result<String> {
+    let db = ControlDb::open(data_dir)?;
+    let org_id = db
+        .org_id_by_name(org_name)?
+        .with_context(|| format!("organization {org_name:?} does not exist"))?;
+    Ok(db.create_key(&org_id)?)
+}

@@ -1,0 +1,136 @@
+//! The HTTP client `cellar volume` and `cellar sandbox` use to talk to a Cellar server.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+
+const DEFAULT_API_URL: &str = "http://127.0.0.1:3986/api";
+
+/// Where the server is and how to authenticate.
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// API URL [env: CELLAR_API_URL, else DAYTONA_API_URL] [default: http://127.0.0.1:3986/api]
+    #[arg(long, global = true, value_name = "URL")]
+    pub api_url: Option<String>,
+    /// API key [env: CELLAR_API_KEY, else DAYTONA_API_KEY]
+    #[arg(long, global = true, value_name = "KEY")]
+    pub api_key: Option<String>,
+}
+
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn first_env(names: &[&str]) -> Option<String> {
+    names
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+}
+
+impl ApiClient {
+    pub fn new(args: &ApiArgs) -> Result<ApiClient> {
+        let base = args
+            .api_url
+            .clone()
+            .or_else(|| first_env(&["CELLAR_API_URL", "DAYTONA_API_URL"]))
+            .unwrap_or_else(|| DEFAULT_API_URL.to_string());
+        let key = args
+            .api_key
+            .clone()
+            .or_else(|| first_env(&["CELLAR_API_KEY", "DAYTONA_API_KEY"]))
+            .context("no API key: pass --api-key or set CELLAR_API_KEY (or DAYTONA_API_KEY)")?;
+        Ok(ApiClient {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_string(),
+            key,
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        })
+    }
+
+    /// `path` is relative to the API URL (`/volumes`), or an absolute URL (toolbox).
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value> {
+        self.send(self.http.get(self.url(path)))
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(self.http.post(self.url(path)).json(body))
+    }
+
+    pub fn delete(&self, path: &str) -> Result<Value> {
+        self.send(self.http.delete(self.url(path)))
+    }
+
+    /// Sends a request; a failure status becomes an error carrying the server's message.
+    fn send(&self, request: reqwest::RequestBuilder) -> Result<Value> {
+        self.runtime.block_on(async {
+            let response = request
+                .bearer_auth(&self.key)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the Cellar server at {}", self.base))?;
+            let status = response.status();
+            let text = response
+                .text()
+                .await
+                .context("reading the server's answer")?;
+            let body: Value = if text.trim().is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap_or(Value::String(text))
+            };
+            if !status.is_success() {
+                match body.get("message").and_then(Value::as_str) {
+                    Some(message) => bail!("{message} ({status})"),
+                    None => bail!("the server answered {status}"),
+                }
+            }
+            Ok(body)
+        })
+    }
+}
+
+/// A string field of a JSON object ("" if absent).
+pub fn field<'a>(value: &'a Value, name: &str) -> &'a str {
+    value.get(name).and_then(Value::as_str).unwrap_or("")
+}
+
+/// Prints rows as left-aligned columns under a header.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Pretty JSON on stdout.
+pub fn print_json(value: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

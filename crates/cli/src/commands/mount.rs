@@ -1,0 +1,267 @@
+//! `cellar mount`: serves a volume on a directory until it is unmounted.
+//!
+//! In the background (the default) the process forks before doing anything else (no threads
+//! exist yet, so forking is safe); the child opens the volume, mounts it and reports "mounted" or
+//! the error through a pipe, and the parent exits only then: `cellar mount` returning 0 means the
+//! mount is live. The daemon unmounts cleanly (flushing everything) on SIGTERM, SIGINT and SIGHUP,
+//! and records its pid so that `cellar umount` can wait for the flush.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cellar_fuse::{MountHandle, MountOptions, Unmounter};
+use cellar_vfs::{Vfs, VolumeConfig};
+use clap::Args;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use super::VolumeArgs;
+
+/// Mount a volume on a directory (in the background unless --foreground).
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    #[command(flatten)]
+    pub volume: VolumeArgs,
+    /// Stay in the foreground (log to stderr) instead of daemonizing
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Mount read-only
+    #[arg(long)]
+    pub read_only: bool,
+    /// Directory of the on-disk block cache (none by default)
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Budget of the on-disk block cache, MiB
+    #[arg(long, value_name = "MIB", default_value_t = 10240)]
+    pub cache_disk_mb: u64,
+    /// Budget of the in-memory block cache, MiB
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub cache_mem_mb: u64,
+    /// Log file of a background mount [default: /var/log/cellar/VOLUME.log, or the temporary
+    /// directory if that cannot be created]
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Threads serving kernel requests
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub threads: usize,
+    /// Directory to mount on (must exist)
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mount_point: PathBuf,
+}
+
+pub fn run(args: MountArgs) -> Result<()> {
+    // Everything that can be checked cheaply is checked before forking, so that the common
+    // mistakes fail right here with their own message.
+    let mount_point = cellar_fuse::check_mount_point(&args.mount_point)?;
+    cellar_fuse::check_fuse_device()?;
+    let cache_dir = args
+        .cache_dir
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .context("--cache-dir")?;
+    let config = args.volume.config(
+        mount_point.display().to_string(),
+        args.cache_mem_mb << 20,
+        cache_dir,
+        args.cache_disk_mb << 20,
+    )?;
+    let mut options = MountOptions::new(&args.volume.volume);
+    options.read_only = args.read_only;
+    options.threads = args.threads;
+
+    if args.foreground {
+        let handle = start(config, &mount_point, &options)?;
+        return serve(handle);
+    }
+    let log_file = match &args.log_file {
+        Some(path) => std::path::absolute(path).context("--log-file")?,
+        None => default_log_file(&args.volume.volume),
+    };
+    daemonize(&log_file, || start(config, &mount_point, &options))
+}
+
+fn start(config: VolumeConfig, mount_point: &Path, options: &MountOptions) -> Result<MountHandle> {
+    let volume = config.volume.clone();
+    let vfs = Vfs::open_volume(config).with_context(|| format!("cannot open volume {volume}"))?;
+    Ok(cellar_fuse::mount(vfs, mount_point, options)?)
+}
+
+/// Serves until unmounted, then flushes. Signals unmount; the pid file lets `cellar umount`
+/// wait for the end of the flush.
+fn serve(handle: MountHandle) -> Result<()> {
+    let pid_file = pid_file(handle.mount_point());
+    if let Err(e) = write_pid_file(&pid_file) {
+        tracing::warn!(
+            "cannot record the daemon pid in {}: {e}",
+            pid_file.display()
+        );
+    }
+    unmount_on_signals(handle.unmounter())?;
+    let result = handle.wait();
+    let _ = std::fs::remove_file(&pid_file);
+    Ok(result?)
+}
+
+fn unmount_on_signals(unmounter: Unmounter) -> Result<()> {
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("cellar-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                tracing::info!(signal, "unmounting on signal");
+                match unmounter.unmount(false) {
+                    Ok(()) => return,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        // Still in use: detach it now; the session ends, and the data is
+                        // flushed, once the last open file is closed.
+                        tracing::warn!("mount point busy: detaching it lazily");
+                        match unmounter.unmount(true) {
+                            Ok(()) => return,
+                            Err(e) => tracing::error!("lazy unmount failed: {e}"),
+                        }
+                    }
+                    Err(e) => tracing::error!("unmount failed: {e}"),
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+/// Forks; the child runs `start`, reports through a pipe and then serves. The parent returns
+/// when the child reported (Ok: mounted) or died.
+fn daemonize(log_file: &Path, start: impl FnOnce() -> Result<MountHandle>) -> Result<()> {
+    let log = open_log(log_file)?;
+    let (mut status_reader, mut status_writer) = status_pipe()?;
+    // SAFETY: the process has a single thread here (nothing has spawned one yet), so the child
+    // may run arbitrary code.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()).context("fork"),
+        0 => {
+            drop(status_reader);
+            detach_from_terminal(&log)?;
+            match start() {
+                Ok(handle) => {
+                    let _ = status_writer.write_all(b"ok");
+                    drop(status_writer);
+                    serve(handle)
+                }
+                Err(error) => {
+                    let _ = write!(status_writer, "{error:#}");
+                    // The parent prints the error; the log keeps a copy.
+                    tracing::error!("mount failed: {error:#}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        child => {
+            drop(status_writer);
+            let mut status = String::new();
+            status_reader
+                .read_to_string(&mut status)
+                .context("reading the mount daemon's status")?;
+            match status.as_str() {
+                "ok" => {
+                    tracing::debug!(pid = child, log = %log_file.display(), "mount daemon started");
+                    Ok(())
+                }
+                "" => Err(anyhow!(
+                    "the mount daemon exited before mounting; see {}",
+                    log_file.display()
+                )),
+                error => Err(anyhow!("{error}")),
+            }
+        }
+    }
+}
+
+fn status_pipe() -> Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe");
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((File::from(reader), File::from(writer)))
+}
+
+/// New session without a controlling terminal; stdin from /dev/null, stdout and stderr (and
+/// so the logs) to the log file; cwd `/` so the daemon keeps no directory busy.
+fn detach_from_terminal(log: &File) -> Result<()> {
+    let null = File::open("/dev/null").context("/dev/null")?;
+    // SAFETY: plain syscalls on descriptors this process owns.
+    unsafe {
+        libc::setsid();
+        libc::dup2(null.as_raw_fd(), libc::STDIN_FILENO);
+        libc::dup2(log.as_raw_fd(), libc::STDOUT_FILENO);
+        libc::dup2(log.as_raw_fd(), libc::STDERR_FILENO);
+    }
+    std::env::set_current_dir("/").context("chdir /")?;
+    Ok(())
+}
+
+fn open_log(path: &Path) -> Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the log directory {}", dir.display()))?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open the log file {}", path.display()))
+}
+
+fn default_log_file(volume: &str) -> PathBuf {
+    let system_dir = Path::new("/var/log/cellar");
+    let dir = if std::fs::create_dir_all(system_dir).is_ok() {
+        system_dir.to_owned()
+    } else {
+        std::env::temp_dir()
+    };
+    dir.join(format!("{volume}.log"))
+}
+
+/// Where the daemon serving `mount_point` records its pid: one file per mount point under
+/// /run/cellar (or the temporary directory without root).
+pub fn pid_file(mount_point: &Path) -> PathBuf {
+    let run_dir = Path::new("/run/cellar");
+    let dir = if std::fs::create_dir_all(run_dir).is_ok() {
+        run_dir.to_owned()
+    } else {
+        std::env::temp_dir().join("cellar-run")
+    };
+    // Percent-escaping keeps distinct mount points distinct ("/a_b" vs "/a/b").
+    let escaped = mount_point
+        .to_string_lossy()
+        .replace('%', "%25")
+        .replace('/', "%2F");
+    dir.join(format!("mount-{escaped}.pid"))
+}
+
+fn write_pid_file(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, std::process::id().to_string())
+}
+
+/// The pid recorded for `mount_point`, if that process still runs as `cellar`.
+pub fn daemon_pid(mount_point: &Path) -> Result<Option<u32>> {
+    let recorded = match std::fs::read_to_string(pid_file(mount_point)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => bail!("reading the pid file of {}: {e}", mount_point.display()),
+    };
+    let Ok(pid) = recorded.trim().parse::<u32>() else {
+        return Ok(None);
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    Ok((comm.trim() == "cellar").then_some(pid))
+}

@@ -1,0 +1,447 @@
+//! End-to-end tests of `cellar mount` / `umount` / `fsck` / `gc` with a real FUSE mount of a
+//! volume whose blocks live in a local directory. Needs root and /dev/fuse.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A volume in a temporary directory: SQLite metadata and a file:// block store.
+struct TestVolume {
+    dir: TempDir,
+    name: String,
+}
+
+impl TestVolume {
+    fn new(name: &str) -> TestVolume {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "these tests need /dev/fuse (modprobe fuse, or --device /dev/fuse in a container)"
+        );
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "these tests mount file systems: run them as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("store")).unwrap();
+        TestVolume {
+            dir,
+            name: name.to_owned(),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        let root = self.dir.path().display();
+        vec![
+            "--meta".into(),
+            format!("sqlite://{root}/meta.db"),
+            "--store".into(),
+            format!("file://{root}/store"),
+            "--volume".into(),
+            self.name.clone(),
+        ]
+    }
+
+    fn new_mount_point(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        fs::create_dir(&path).unwrap();
+        path
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.path().join("mount.log")
+    }
+
+    /// `cellar mount` in the background; returns once the mount is live.
+    fn mount(&self, mount_point: &Path) -> Mounted {
+        let output = cellar(
+            &[
+                &["mount".to_string()][..],
+                &self.args(),
+                &[
+                    "--log-file".into(),
+                    self.log_file().display().to_string(),
+                    mount_point.display().to_string(),
+                ],
+            ]
+            .concat(),
+        );
+        assert!(
+            output.status.success(),
+            "cellar mount failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            fs::read_to_string(self.log_file()).unwrap_or_default()
+        );
+        assert!(
+            is_mounted(mount_point),
+            "cellar mount returned 0 but nothing is mounted"
+        );
+        Mounted {
+            mount_point: mount_point.to_owned(),
+        }
+    }
+
+    fn maintenance(&self, command: &str, extra: &[&str]) -> Output {
+        let args: Vec<String> = [command.to_string()]
+            .into_iter()
+            .chain(self.args())
+            .chain(extra.iter().map(|a| a.to_string()))
+            .collect();
+        cellar(&args)
+    }
+}
+
+/// A live mount; unmounted lazily if a test fails before unmounting it.
+struct Mounted {
+    mount_point: PathBuf,
+}
+
+impl Mounted {
+    fn path(&self, relative: &str) -> PathBuf {
+        self.mount_point.join(relative)
+    }
+
+    fn unmount(self) {
+        let output = cellar(&["umount".into(), self.mount_point.display().to_string()]);
+        assert!(
+            output.status.success(),
+            "cellar umount failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            !is_mounted(&self.mount_point),
+            "still mounted after cellar umount"
+        );
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.mount_point) {
+            let _ = cellar(&[
+                "umount".into(),
+                "--lazy".into(),
+                self.mount_point.display().to_string(),
+            ]);
+        }
+    }
+}
+
+fn cellar(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cellar"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running cellar")
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    cellar_fuse::is_mount_point(&canonical).unwrap()
+}
+
+fn flock(file: &fs::File, operation: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: flock on a descriptor the File keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Bytes that differ at every offset, larger than the inline threshold and a block.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn file_operations_persist_across_remounts() {
+    let volume = TestVolume::new("ops");
+    let mount_point = volume.new_mount_point("mnt");
+    let big = pattern(5 * 1024 * 1024 + 123);
+
+    let mounted = volume.mount(&mount_point);
+    fs::write(mounted.path("hello.txt"), b"hello").unwrap();
+    assert_eq!(fs::read(mounted.path("hello.txt")).unwrap(), b"hello");
+
+    // Append, then a random write in the middle.
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(mounted.path("hello.txt"))
+        .unwrap();
+    file.write_all(b", world").unwrap();
+    drop(file);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .open(mounted.path("hello.txt"))
+        .unwrap();
+    file.seek(SeekFrom::Start(0)).unwrap();
+    file.write_all(b"H").unwrap();
+    drop(file);
+    assert_eq!(
+        fs::read(mounted.path("hello.txt")).unwrap(),
+        b"Hello, world"
+    );
+
+    fs::create_dir_all(mounted.path("dir/sub")).unwrap();
+    fs::rename(mounted.path("hello.txt"), mounted.path("dir/greeting.txt")).unwrap();
+    assert!(!mounted.path("hello.txt").exists());
+    fs::set_permissions(
+        mounted.path("dir/greeting.txt"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("dir/greeting.txt", mounted.path("link")).unwrap();
+    assert_eq!(fs::read(mounted.path("link")).unwrap(), b"Hello, world");
+    fs::hard_link(
+        mounted.path("dir/greeting.txt"),
+        mounted.path("dir/sub/hard"),
+    )
+    .unwrap();
+    assert_eq!(
+        fs::metadata(mounted.path("dir/sub/hard")).unwrap().nlink(),
+        2
+    );
+
+    fs::write(mounted.path("big.bin"), &big).unwrap();
+    let mut read_back = Vec::new();
+    fs::File::open(mounted.path("big.bin"))
+        .unwrap()
+        .read_to_end(&mut read_back)
+        .unwrap();
+    assert!(read_back == big, "big file differs right after writing");
+
+    fs::write(mounted.path("doomed"), b"x").unwrap();
+    fs::remove_file(mounted.path("doomed")).unwrap();
+    fs::create_dir(mounted.path("empty")).unwrap();
+    fs::remove_dir(mounted.path("empty")).unwrap();
+
+    // flock: exclusive between two open file descriptions, released by LOCK_UN and by close.
+    let first = fs::File::open(mounted.path("big.bin")).unwrap();
+    let second = fs::File::open(mounted.path("big.bin")).unwrap();
+    flock(&first, libc::LOCK_EX).unwrap();
+    let refused = flock(&second, libc::LOCK_EX | libc::LOCK_NB).unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EWOULDBLOCK));
+    flock(&first, libc::LOCK_UN).unwrap();
+    flock(&second, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    drop(second);
+    flock(&first, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    drop(first);
+
+    assert_eq!(sorted_names(&mount_point), ["big.bin", "dir", "link"]);
+    mounted.unmount();
+    assert!(
+        sorted_names(&mount_point).is_empty(),
+        "the mount point shows the volume after unmount"
+    );
+
+    let mounted = volume.mount(&mount_point);
+    assert_eq!(sorted_names(&mount_point), ["big.bin", "dir", "link"]);
+    assert_eq!(sorted_names(&mounted.path("dir")), ["greeting.txt", "sub"]);
+    assert_eq!(
+        fs::read(mounted.path("dir/greeting.txt")).unwrap(),
+        b"Hello, world"
+    );
+    let meta = fs::metadata(mounted.path("dir/greeting.txt")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(meta.nlink(), 2);
+    assert_eq!(
+        fs::read_link(mounted.path("link")).unwrap(),
+        Path::new("dir/greeting.txt")
+    );
+    assert_eq!(
+        fs::read(mounted.path("dir/sub/hard")).unwrap(),
+        b"Hello, world"
+    );
+    assert!(
+        fs::read(mounted.path("big.bin")).unwrap() == big,
+        "big file differs after remount"
+    );
+    mounted.unmount();
+
+    let fsck = volume.maintenance("fsck", &["--json"]);
+    assert!(
+        fsck.status.success(),
+        "fsck found problems: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&fsck.stdout).unwrap();
+    assert_eq!(report["remaining"], serde_json::json!([]));
+
+    let gc = volume.maintenance("gc", &["--grace", "0s", "--json"]);
+    assert!(
+        gc.status.success(),
+        "gc failed: {}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&gc.stdout).unwrap();
+    assert!(report["deleted_objects"].is_u64(), "gc report: {report}");
+}
+
+#[test]
+fn sigterm_unmounts_a_foreground_mount_and_keeps_the_data() {
+    let volume = TestVolume::new("sigterm");
+    let mount_point = volume.new_mount_point("mnt");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_cellar"))
+        .args(["mount", "--foreground"])
+        .args(volume.args())
+        .arg(&mount_point)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_mounted(&mount_point) {
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "the foreground mount exited early"
+        );
+        assert!(Instant::now() < deadline, "not mounted after 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let guard = Mounted {
+        mount_point: mount_point.clone(),
+    };
+    fs::write(mount_point.join("kept"), b"survives SIGTERM").unwrap();
+
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) }, 0);
+    let status = daemon.wait().unwrap();
+    let mut stderr = String::new();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        status.success(),
+        "exit status {status} after SIGTERM; stderr:\n{stderr}"
+    );
+    assert!(!is_mounted(&mount_point), "still mounted after SIGTERM");
+    drop(guard);
+
+    let mounted = volume.mount(&mount_point);
+    assert_eq!(fs::read(mounted.path("kept")).unwrap(), b"survives SIGTERM");
+    mounted.unmount();
+}
+
+/// The error of a failed command: exactly one line, starting with "error: ".
+fn one_line_error(output: &Output) -> String {
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got:\n{stderr}");
+    errors[0].to_owned()
+}
+
+/// `cellar mount` of `volume`, with another store URL if given.
+fn mount_with(volume: &TestVolume, store_url: Option<&str>, mount_point: &Path) -> Output {
+    let mut args = vec!["mount".to_string()];
+    for arg in volume.args() {
+        match store_url {
+            Some(url) if arg.starts_with("file://") => args.push(url.to_owned()),
+            _ => args.push(arg),
+        }
+    }
+    args.push("--log-file".into());
+    args.push(volume.log_file().display().to_string());
+    args.push(mount_point.display().to_string());
+    // Fixed credentials: an s3:// store must not go looking for real ones.
+    Command::new(env!("CARGO_BIN_EXE_cellar"))
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running cellar")
+}
+
+#[test]
+fn missing_mount_point_is_reported() {
+    let volume = TestVolume::new("errors");
+    let missing = volume.dir.path().join("nowhere");
+    let error = one_line_error(&mount_with(&volume, None, &missing));
+    assert_eq!(
+        error,
+        format!("error: mount point {} does not exist", missing.display())
+    );
+}
+
+#[test]
+fn bad_url_is_reported() {
+    let volume = TestVolume::new("errors");
+    let mount_point = volume.new_mount_point("mnt");
+    let error = one_line_error(&mount_with(&volume, Some("not a url"), &mount_point));
+    assert!(error.starts_with("error: invalid --store URL"), "{error}");
+    assert!(!is_mounted(&mount_point));
+}
+
+#[test]
+fn unreachable_store_is_reported() {
+    let volume = TestVolume::new("errors");
+    let mount_point = volume.new_mount_point("mnt");
+    let started = Instant::now();
+    let unreachable = "s3://bucket?endpoint=http://127.0.0.1:1&region=us-east-1";
+    let output = mount_with(&volume, Some(unreachable), &mount_point);
+    let error = one_line_error(&output);
+    assert!(
+        error.starts_with("error: cannot open volume errors"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!is_mounted(&mount_point));
+}
+
+#[test]
+fn mounting_twice_on_one_directory_is_refused() {
+    let volume = TestVolume::new("twice");
+    let mount_point = volume.new_mount_point("mnt");
+    let mounted = volume.mount(&mount_point);
+    let error = one_line_error(&mount_with(&volume, None, &mount_point));
+    assert_eq!(
+        error,
+        format!(
+            "error: mount point {} is already mounted",
+            mount_point.display()
+        )
+    );
+    mounted.unmount();
+}
+
+#[test]
+fn usage_errors_exit_with_2() {
+    let output = cellar(&["mount".into()]);
+    assert_eq!(output.status.code(), Some(2));
+    let output = cellar(&["no-such-command".into()]);
+    assert_eq!(output.status.code(), Some(2));
+}

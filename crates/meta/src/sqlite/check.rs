@@ -1,0 +1,206 @@
+//! fsck of the metadata: link counts, dangling entries, parent pointers, orphans, counters.
+//! Repairs run in the same transaction as the checks. Removing a dangling entry can orphan
+//! what it pointed to; a second `check(true)` then frees it.
+
+use rusqlite::{params, Connection};
+
+use super::namespace::{counter, free_inode, set_counter, DIRECTORY_CODE, REGULAR_CODE};
+use crate::{Ino, Result, ROOT_INO};
+
+pub fn check(conn: &Connection, repair: bool, now_ns: i64) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    dangling_entries(conn, repair, &mut problems)?;
+    directory_parents(conn, repair, &mut problems)?;
+    link_counts(conn, repair, &mut problems)?;
+    orphans(conn, repair, now_ns, &mut problems)?;
+    layouts(conn, &mut problems)?;
+    counters(conn, repair, &mut problems)?;
+    Ok(problems)
+}
+
+fn dangling_entries(conn: &Connection, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+    let dangling: Vec<(i64, Ino, Vec<u8>, Ino)> = conn
+        .prepare(
+            "SELECT d.cookie, d.parent, d.name, d.ino FROM dentries d
+             LEFT JOIN inodes p ON p.ino = d.parent LEFT JOIN inodes i ON i.ino = d.ino
+             WHERE p.ino IS NULL OR i.ino IS NULL OR p.kind <> ?1",
+        )?
+        .query_map([DIRECTORY_CODE], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (cookie, parent, name, ino) in dangling {
+        problems.push(format!(
+            "entry {:?} in {parent} points to inode {ino}, but the inode or its parent directory is missing",
+            String::from_utf8_lossy(&name)
+        ));
+        if repair {
+            conn.execute("DELETE FROM dentries WHERE cookie = ?1", [cookie])?;
+        }
+    }
+    let mistyped: Vec<i64> = conn
+        .prepare(
+            "SELECT d.cookie FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.kind <> i.kind",
+        )?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for cookie in mistyped {
+        problems.push(format!(
+            "entry with cookie {cookie} records a kind different from its inode's"
+        ));
+        if repair {
+            conn.execute(
+                "UPDATE dentries SET kind = (SELECT kind FROM inodes WHERE inodes.ino = dentries.ino) WHERE cookie = ?1",
+                [cookie],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn directory_parents(conn: &Connection, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+    let wrong: Vec<(Ino, Ino, Ino)> = conn
+        .prepare(
+            "SELECT i.ino, i.parent, d.parent FROM inodes i JOIN dentries d ON d.ino = i.ino
+             WHERE i.kind = ?1 AND i.parent <> d.parent",
+        )?
+        .query_map([DIRECTORY_CODE], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (ino, recorded, actual) in wrong {
+        problems.push(format!(
+            "directory {ino} records parent {recorded} but its entry is in {actual}"
+        ));
+        if repair {
+            conn.execute(
+                "UPDATE inodes SET parent = ?1 WHERE ino = ?2",
+                params![actual, ino],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn link_counts(conn: &Connection, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+    // Directories: "." plus the entry in the parent plus each subdirectory's "..".
+    let counts: Vec<(Ino, i64, i64, i64, i64)> = conn
+        .prepare(
+            "SELECT i.ino, i.kind, i.nlink,
+                    (SELECT COUNT(*) FROM dentries d WHERE d.ino = i.ino),
+                    (SELECT COUNT(*) FROM dentries c WHERE c.parent = i.ino AND c.kind = ?1)
+             FROM inodes i",
+        )?
+        .query_map([DIRECTORY_CODE], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (ino, kind, nlink, entries, subdirs) in counts {
+        let expected = if kind == DIRECTORY_CODE {
+            if ino != ROOT_INO && entries == 0 {
+                problems.push(format!("directory {ino} is not reachable from the root"));
+                continue;
+            }
+            2 + subdirs
+        } else {
+            entries
+        };
+        if nlink != expected {
+            problems.push(format!(
+                "inode {ino} has link count {nlink}, expected {expected}"
+            ));
+            if repair {
+                conn.execute(
+                    "UPDATE inodes SET nlink = ?1 WHERE ino = ?2",
+                    params![expected, ino],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn orphans(conn: &Connection, repair: bool, now_ns: i64, problems: &mut Vec<String>) -> Result<()> {
+    let orphaned: Vec<Ino> = conn
+        .prepare(
+            "SELECT i.ino FROM inodes i
+             WHERE i.nlink = 0 AND i.kind <> ?1
+               AND NOT EXISTS (SELECT 1 FROM sustained s JOIN sessions ss ON ss.id = s.session WHERE s.ino = i.ino)",
+        )?
+        .query_map([DIRECTORY_CODE], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for ino in orphaned {
+        problems.push(format!(
+            "inode {ino} has no links and no session keeps it open"
+        ));
+        if repair {
+            conn.execute("DELETE FROM sustained WHERE ino = ?1", [ino])?;
+            free_inode(conn, ino, now_ns)?;
+        }
+    }
+    Ok(())
+}
+
+fn layouts(conn: &Connection, problems: &mut Vec<String>) -> Result<()> {
+    let mixed: Vec<Ino> = conn
+        .prepare(
+            "SELECT i.ino FROM inodes i
+             WHERE i.inline_data IS NOT NULL AND EXISTS (SELECT 1 FROM chunk_slices s WHERE s.ino = i.ino)",
+        )?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for ino in mixed {
+        problems.push(format!("file {ino} has both inline bytes and chunk slices"));
+    }
+    Ok(())
+}
+
+fn counters(conn: &Connection, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+    let (inodes, bytes, max_ino): (i64, i64, i64) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind = ?1 THEN size ELSE 0 END), 0), COALESCE(MAX(ino), 0)
+         FROM inodes",
+        [REGULAR_CODE],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+    )?;
+    let max_slice: i64 = conn.query_row(
+        "SELECT MAX(COALESCE((SELECT MAX(id) FROM chunk_slices), 0), COALESCE((SELECT MAX(id) FROM garbage), 0))",
+        [],
+        |row| row.get(0),
+    )?;
+    let expectations = [
+        (
+            "used_inodes",
+            inodes,
+            counter(conn, "used_inodes")? == inodes,
+        ),
+        ("used_bytes", bytes, counter(conn, "used_bytes")? == bytes),
+        (
+            "next_ino",
+            max_ino + 1,
+            counter(conn, "next_ino")? > max_ino,
+        ),
+        (
+            "next_slice",
+            max_slice + 1,
+            counter(conn, "next_slice")? > max_slice,
+        ),
+    ];
+    for (name, value, ok) in expectations {
+        if !ok {
+            problems.push(format!(
+                "counter {name} is {}, expected {value}",
+                counter(conn, name)?
+            ));
+            if repair {
+                set_counter(conn, name, value)?;
+            }
+        }
+    }
+    Ok(())
+}

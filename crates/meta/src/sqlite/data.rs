@@ -1,0 +1,311 @@
+//! File layouts (inline bytes or chunks of slices), slice ids and garbage.
+
+use libc::{EINVAL, EISDIR};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::namespace::{add_counter, get_attr, posix};
+use crate::{Attr, FileKind, GarbageSlice, Ino, MetaError, Result, Slice, VolumeInfo};
+
+/// Moves the slices of chunks `from_chunk..` of `ino` to garbage (unless another chunk still
+/// references the same stored slice) and deletes them from the file.
+pub fn discard_chunks_from(
+    conn: &Connection,
+    ino: Ino,
+    from_chunk: u64,
+    now_ns: i64,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO garbage (id, size, since_ns)
+         SELECT s.id, MAX(s.size), ?3 FROM chunk_slices s
+         WHERE s.ino = ?1 AND s.chunk >= ?2 AND s.id <> 0
+           AND NOT EXISTS (SELECT 1 FROM chunk_slices o
+                           WHERE o.id = s.id AND NOT (o.ino = ?1 AND o.chunk >= ?2))
+         GROUP BY s.id
+         ON CONFLICT (id) DO NOTHING",
+    )?
+    .execute(params![ino, from_chunk, now_ns])?;
+    conn.prepare_cached("DELETE FROM chunk_slices WHERE ino = ?1 AND chunk >= ?2")?
+        .execute(params![ino, from_chunk])?;
+    Ok(())
+}
+
+/// The inode's attributes, which must be those of a regular file.
+fn regular_file(conn: &Connection, ino: Ino) -> Result<Attr> {
+    let attr = get_attr(conn, ino)?;
+    match attr.kind {
+        FileKind::Regular => Ok(attr),
+        FileKind::Directory => Err(posix(EISDIR)),
+        _ => Err(posix(EINVAL)),
+    }
+}
+
+fn inline_bytes(conn: &Connection, ino: Ino) -> Result<Option<Vec<u8>>> {
+    let mut stmt = conn.prepare_cached("SELECT inline_data FROM inodes WHERE ino = ?1")?;
+    stmt.query_row([ino], |row| row.get(0))
+        .optional()?
+        .ok_or_else(|| posix(libc::ENOENT))
+}
+
+/// Stores the new size, inline bytes and times of a regular file and accounts the size change.
+fn store_content(
+    conn: &Connection,
+    attr: &mut Attr,
+    size: u64,
+    inline: Option<&[u8]>,
+    now_ns: i64,
+) -> Result<()> {
+    conn.prepare_cached("UPDATE inodes SET size = ?1, inline_data = ?2, mtime_ns = ?3, ctime_ns = ?3 WHERE ino = ?4")?
+        .execute(params![size, inline, now_ns, attr.ino])?;
+    add_counter(conn, "used_bytes", size as i64 - attr.size as i64)?;
+    attr.size = size;
+    attr.mtime_ns = now_ns;
+    attr.ctime_ns = now_ns;
+    Ok(())
+}
+
+pub fn read_inline(conn: &Connection, ino: Ino) -> Result<Option<Vec<u8>>> {
+    inline_bytes(conn, ino)
+}
+
+pub fn read_chunk(conn: &Connection, ino: Ino, chunk: u64) -> Result<Vec<Slice>> {
+    let slices: Vec<Slice> = conn
+        .prepare_cached("SELECT id, size, off, len, pos FROM chunk_slices WHERE ino = ?1 AND chunk = ?2 ORDER BY seq")?
+        .query_map(params![ino, chunk], |row| {
+            Ok(Slice {
+                id: row.get::<_, i64>(0)? as u64,
+                size: row.get(1)?,
+                off: row.get(2)?,
+                len: row.get(3)?,
+                pos: row.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if slices.is_empty() {
+        get_attr(conn, ino)?;
+    }
+    Ok(slices)
+}
+
+pub fn write_inline(
+    conn: &Connection,
+    volume: &VolumeInfo,
+    ino: Ino,
+    bytes: &[u8],
+    now_ns: i64,
+) -> Result<Attr> {
+    let mut attr = regular_file(conn, ino)?;
+    if bytes.len() as u64 > volume.inline_threshold {
+        return Err(posix(EINVAL));
+    }
+    discard_chunks_from(conn, ino, 0, now_ns)?;
+    store_content(conn, &mut attr, bytes.len() as u64, Some(bytes), now_ns)?;
+    Ok(attr)
+}
+
+fn insert_slices(conn: &Connection, ino: Ino, slices: &[(u64, Slice)]) -> Result<()> {
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO chunk_slices (ino, chunk, id, size, off, len, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for (chunk, slice) in slices {
+        insert.execute(params![
+            ino,
+            chunk,
+            slice.id as i64,
+            slice.size,
+            slice.off,
+            slice.len,
+            slice.pos
+        ])?;
+    }
+    Ok(())
+}
+
+/// EINVAL for a slice that does not fit its chunk or reads past its stored object.
+fn check_slices<'a>(
+    volume: &VolumeInfo,
+    slices: impl IntoIterator<Item = &'a Slice>,
+) -> Result<()> {
+    for slice in slices {
+        let in_chunk = u64::from(slice.pos) + u64::from(slice.len) <= volume.chunk_size;
+        let in_object =
+            slice.id == 0 || u64::from(slice.off) + u64::from(slice.len) <= u64::from(slice.size);
+        if !in_chunk || !in_object {
+            return Err(posix(EINVAL));
+        }
+    }
+    Ok(())
+}
+
+pub fn commit_slices(
+    conn: &Connection,
+    volume: &VolumeInfo,
+    ino: Ino,
+    slices: &[(u64, Slice)],
+    min_size: u64,
+    drop_inline: bool,
+    now_ns: i64,
+) -> Result<Attr> {
+    let mut attr = regular_file(conn, ino)?;
+    check_slices(volume, slices.iter().map(|(_, slice)| slice))?;
+    if !drop_inline && inline_bytes(conn, ino)?.is_some_and(|bytes| !bytes.is_empty()) {
+        return Err(MetaError::Engine(format!(
+            "inode {ino} holds inline bytes: commit its slices with drop_inline after writing them out"
+        )));
+    }
+    insert_slices(conn, ino, slices)?;
+    let size = attr.size.max(min_size);
+    store_content(conn, &mut attr, size, None, now_ns)?;
+    Ok(attr)
+}
+
+pub fn truncate(
+    conn: &Connection,
+    volume: &VolumeInfo,
+    ino: Ino,
+    size: u64,
+    now_ns: i64,
+) -> Result<Attr> {
+    let mut attr = regular_file(conn, ino)?;
+    if let Some(mut bytes) = inline_bytes(conn, ino)? {
+        bytes.truncate(size.min(bytes.len() as u64) as usize);
+        if size <= volume.inline_threshold {
+            bytes.resize(size as usize, 0);
+        }
+        store_content(conn, &mut attr, size, Some(&bytes), now_ns)?;
+        return Ok(attr);
+    }
+    if size == 0 {
+        // An emptied file becomes inline again, so rewriting it small stays off the object store.
+        discard_chunks_from(conn, ino, 0, now_ns)?;
+        store_content(conn, &mut attr, 0, Some(&[]), now_ns)?;
+        return Ok(attr);
+    }
+    if size < attr.size {
+        let chunk_size = volume.chunk_size;
+        discard_chunks_from(conn, ino, size.div_ceil(chunk_size), now_ns)?;
+        let (last_chunk, tail_pos) = (size / chunk_size, size % chunk_size);
+        if tail_pos != 0 && chunk_has_slices(conn, ino, last_chunk)? {
+            let hole = Slice {
+                id: 0,
+                size: 0,
+                off: 0,
+                len: (chunk_size - tail_pos) as u32,
+                pos: tail_pos as u32,
+            };
+            insert_slices(conn, ino, &[(last_chunk, hole)])?;
+        }
+    }
+    store_content(conn, &mut attr, size, None, now_ns)?;
+    Ok(attr)
+}
+
+fn chunk_has_slices(conn: &Connection, ino: Ino, chunk: u64) -> Result<bool> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM chunk_slices WHERE ino = ?1 AND chunk = ?2)",
+    )?;
+    Ok(stmt.query_row(params![ino, chunk], |row| row.get(0))?)
+}
+
+pub fn alloc_slice_ids(conn: &Connection, count: u64) -> Result<u64> {
+    if count == 0 {
+        return Err(posix(EINVAL));
+    }
+    let next = add_counter(conn, "next_slice", count as i64)?;
+    Ok(next as u64 - count)
+}
+
+pub fn fragmented_chunks(
+    conn: &Connection,
+    min_slices: usize,
+    limit: usize,
+) -> Result<Vec<(Ino, u64)>> {
+    let chunks = conn
+        .prepare_cached(
+            "SELECT ino, chunk FROM chunk_slices GROUP BY ino, chunk HAVING COUNT(*) >= ?1 ORDER BY ino, chunk LIMIT ?2",
+        )?
+        .query_map(params![min_slices as i64, i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(chunks)
+}
+
+pub fn replace_chunk(
+    conn: &Connection,
+    ino: Ino,
+    chunk: u64,
+    expected: &[Slice],
+    new: &[Slice],
+    now_ns: i64,
+) -> Result<bool> {
+    if read_chunk(conn, ino, chunk)? != expected {
+        return Ok(false);
+    }
+    conn.prepare_cached("DELETE FROM chunk_slices WHERE ino = ?1 AND chunk = ?2")?
+        .execute(params![ino, chunk])?;
+    let new_rows: Vec<(u64, Slice)> = new.iter().map(|slice| (chunk, *slice)).collect();
+    insert_slices(conn, ino, &new_rows)?;
+    let mut still_used =
+        conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM chunk_slices WHERE id = ?1)")?;
+    let mut dropped = Vec::new();
+    for slice in expected.iter().filter(|slice| slice.id != 0) {
+        if !still_used.query_row([slice.id as i64], |row| row.get::<_, bool>(0))? {
+            dropped.push(GarbageSlice {
+                id: slice.id,
+                size: slice.size,
+            });
+        }
+    }
+    add_garbage(conn, &dropped, now_ns)?;
+    Ok(true)
+}
+
+pub fn garbage_slices(
+    conn: &Connection,
+    before_ns: i64,
+    limit: usize,
+) -> Result<Vec<GarbageSlice>> {
+    let slices = conn
+        .prepare_cached(
+            "SELECT id, size FROM garbage WHERE since_ns < ?1 ORDER BY since_ns, id LIMIT ?2",
+        )?
+        .query_map(
+            params![before_ns, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |row| {
+                Ok(GarbageSlice {
+                    id: row.get::<_, i64>(0)? as u64,
+                    size: row.get(1)?,
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(slices)
+}
+
+pub fn forget_garbage(conn: &Connection, ids: &[u64]) -> Result<()> {
+    let mut delete = conn.prepare_cached("DELETE FROM garbage WHERE id = ?1")?;
+    for &id in ids {
+        delete.execute([id as i64])?;
+    }
+    Ok(())
+}
+
+pub fn add_garbage(conn: &Connection, slices: &[GarbageSlice], now_ns: i64) -> Result<()> {
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO garbage (id, size, since_ns) VALUES (?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
+    )?;
+    for slice in slices.iter().filter(|slice| slice.id != 0) {
+        insert.execute(params![slice.id as i64, slice.size, now_ns])?;
+    }
+    Ok(())
+}
+
+pub fn live_slices(conn: &Connection) -> Result<Vec<(u64, u32)>> {
+    let slices = conn
+        .prepare_cached(
+            "SELECT id, MAX(size) FROM chunk_slices WHERE id <> 0 GROUP BY id ORDER BY id",
+        )?
+        .query_map([], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(slices)
+}

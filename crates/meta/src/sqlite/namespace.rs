@@ -1,0 +1,820 @@
+//! Volume, sessions, inodes, directory entries and xattrs.
+
+use libc::{
+    EEXIST, EINVAL, EISDIR, ENAMETOOLONG, ENODATA, ENOENT, ENOTDIR, ENOTEMPTY, EPERM, ERANGE,
+    ESTALE,
+};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::data::discard_chunks_from;
+use crate::{
+    Attr, DirEntry, FileKind, Ino, MetaError, NewNode, Rename, RenameMode, RenameOutcome, Result,
+    SessionId, SessionInfo, SetAttr, TimeSet, Usage, VolumeInfo, XattrMode, ROOT_INO,
+};
+
+/// Longest name of a directory entry (NAME_MAX).
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest xattr name (XATTR_NAME_MAX) and value (XATTR_SIZE_MAX).
+const MAX_XATTR_NAME_LEN: usize = 255;
+const MAX_XATTR_VALUE_LEN: usize = 65536;
+/// The size reported for directories, as most Linux file systems do.
+const DIR_SIZE: u64 = 4096;
+/// Root directory permissions: sandboxes write as unprivileged users.
+const ROOT_PERM: u32 = 0o777;
+/// Bound on parent-pointer walks, so a corrupted cycle cannot hang a rename.
+const MAX_DEPTH: usize = 1 << 20;
+
+pub const ATTR_COLUMNS: &str =
+    "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent";
+
+pub fn posix(errno: i32) -> MetaError {
+    MetaError::posix(errno)
+}
+
+pub fn kind_code(kind: FileKind) -> i64 {
+    match kind {
+        FileKind::Regular => 1,
+        FileKind::Directory => 2,
+        FileKind::Symlink => 3,
+        FileKind::Fifo => 4,
+        FileKind::Socket => 5,
+        FileKind::CharDevice => 6,
+        FileKind::BlockDevice => 7,
+    }
+}
+
+pub const REGULAR_CODE: i64 = 1;
+pub const DIRECTORY_CODE: i64 = 2;
+
+fn kind_from_code(code: i64) -> rusqlite::Result<FileKind> {
+    Ok(match code {
+        1 => FileKind::Regular,
+        2 => FileKind::Directory,
+        3 => FileKind::Symlink,
+        4 => FileKind::Fifo,
+        5 => FileKind::Socket,
+        6 => FileKind::CharDevice,
+        7 => FileKind::BlockDevice,
+        other => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Integer,
+                format!("unknown inode kind {other}").into(),
+            ))
+        }
+    })
+}
+
+/// Reads [`ATTR_COLUMNS`] starting at column `first`.
+pub fn attr_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Attr> {
+    Ok(Attr {
+        ino: row.get(first)?,
+        kind: kind_from_code(row.get(first + 1)?)?,
+        perm: row.get(first + 2)?,
+        uid: row.get(first + 3)?,
+        gid: row.get(first + 4)?,
+        nlink: row.get(first + 5)?,
+        size: row.get(first + 6)?,
+        rdev: row.get(first + 7)?,
+        atime_ns: row.get(first + 8)?,
+        mtime_ns: row.get(first + 9)?,
+        ctime_ns: row.get(first + 10)?,
+        parent: row.get(first + 11)?,
+    })
+}
+
+pub fn find_attr(conn: &Connection, ino: Ino) -> Result<Option<Attr>> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {ATTR_COLUMNS} FROM inodes WHERE ino = ?1"))?;
+    Ok(stmt
+        .query_row([ino], |row| attr_from_row(row, 0))
+        .optional()?)
+}
+
+pub fn get_attr(conn: &Connection, ino: Ino) -> Result<Attr> {
+    find_attr(conn, ino)?.ok_or_else(|| posix(ENOENT))
+}
+
+fn require_dir(conn: &Connection, ino: Ino) -> Result<Attr> {
+    let attr = get_attr(conn, ino)?;
+    if attr.kind != FileKind::Directory {
+        return Err(posix(ENOTDIR));
+    }
+    Ok(attr)
+}
+
+/// A name a new entry may take: not empty, no '/' or NUL, at most [`MAX_NAME_LEN`] bytes.
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(posix(ENAMETOOLONG));
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(posix(EINVAL));
+    }
+    Ok(())
+}
+
+fn is_dot_or_dotdot(name: &[u8]) -> bool {
+    name == b"." || name == b".."
+}
+
+/// A directory entry as stored.
+struct Entry {
+    cookie: i64,
+    ino: Ino,
+    kind: FileKind,
+}
+
+fn find_entry(conn: &Connection, parent: Ino, name: &[u8]) -> Result<Option<Entry>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT cookie, ino, kind FROM dentries WHERE parent = ?1 AND name = ?2")?;
+    Ok(stmt
+        .query_row(params![parent, name], |row| {
+            Ok(Entry {
+                cookie: row.get(0)?,
+                ino: row.get(1)?,
+                kind: kind_from_code(row.get(2)?)?,
+            })
+        })
+        .optional()?)
+}
+
+fn has_children(conn: &Connection, dir: Ino) -> Result<bool> {
+    let mut stmt =
+        conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM dentries WHERE parent = ?1)")?;
+    Ok(stmt.query_row([dir], |row| row.get(0))?)
+}
+
+/// Adds `delta` to a counter; returns the new value.
+pub fn add_counter(conn: &Connection, name: &str, delta: i64) -> Result<i64> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE counters SET value = MAX(0, value + ?1) WHERE name = ?2 RETURNING value",
+    )?;
+    Ok(stmt.query_row(params![delta, name], |row| row.get(0))?)
+}
+
+pub fn set_counter(conn: &Connection, name: &str, value: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE counters SET value = ?1 WHERE name = ?2")?
+        .execute(params![value, name])?;
+    Ok(())
+}
+
+pub fn counter(conn: &Connection, name: &str) -> Result<i64> {
+    let mut stmt = conn.prepare_cached("SELECT value FROM counters WHERE name = ?1")?;
+    Ok(stmt.query_row([name], |row| row.get(0))?)
+}
+
+/// A directory gained or lost an entry: adjusts its link count (subdirectories) and times.
+fn touch_dir(conn: &Connection, dir: Ino, nlink_delta: i64, now_ns: i64) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE inodes SET nlink = MAX(0, nlink + ?1), mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?3",
+    )?
+    .execute(params![nlink_delta, now_ns, dir])?;
+    Ok(())
+}
+
+fn subdir_delta(kind: FileKind) -> i64 {
+    i64::from(kind == FileKind::Directory)
+}
+
+/// Deletes an inode and everything hanging off it; its slices become garbage.
+pub fn free_inode(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> {
+    discard_chunks_from(conn, ino, 0, now_ns)?;
+    let mut stmt = conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1 RETURNING kind, size")?;
+    let freed: Option<(i64, i64)> = stmt
+        .query_row([ino], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    if let Some((kind, size)) = freed {
+        add_counter(conn, "used_inodes", -1)?;
+        if kind == REGULAR_CODE {
+            add_counter(conn, "used_bytes", -size)?;
+        }
+    }
+    Ok(())
+}
+
+/// Frees an inode without links that no session sustains any more.
+fn free_if_unreferenced(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT nlink = 0 AND NOT EXISTS (SELECT 1 FROM sustained WHERE ino = ?1) FROM inodes WHERE ino = ?1",
+    )?;
+    let unreferenced: Option<bool> = stmt.query_row([ino], |row| row.get(0)).optional()?;
+    if unreferenced == Some(true) {
+        free_inode(conn, ino, now_ns)?;
+    }
+    Ok(())
+}
+
+/// One link of a non-directory inode went away. Returns true if it was the last one: the inode is
+/// then sustained by `session` if `keep_open` says it is open, or freed.
+fn drop_link(
+    conn: &Connection,
+    ino: Ino,
+    session: SessionId,
+    keep_open: &dyn Fn(Ino) -> bool,
+    now_ns: i64,
+) -> Result<bool> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE inodes SET nlink = MAX(0, nlink - 1), ctime_ns = ?1 WHERE ino = ?2 RETURNING nlink",
+    )?;
+    let nlink: i64 = stmt.query_row(params![now_ns, ino], |row| row.get(0))?;
+    if nlink > 0 {
+        return Ok(false);
+    }
+    if keep_open(ino) {
+        conn.prepare_cached(
+            "INSERT INTO sustained (session, ino) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![session, ino])?;
+    } else {
+        free_inode(conn, ino, now_ns)?;
+    }
+    Ok(true)
+}
+
+// ---- volume and sessions ----
+
+pub fn stored_volume(conn: &Connection) -> Result<Option<VolumeInfo>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, uuid, chunk_size, block_size, inline_threshold, created_ns FROM volume WHERE id = 1",
+    )?;
+    Ok(stmt
+        .query_row([], |row| {
+            Ok(VolumeInfo {
+                name: row.get(0)?,
+                uuid: row.get(1)?,
+                chunk_size: row.get(2)?,
+                block_size: row.get(3)?,
+                inline_threshold: row.get(4)?,
+                created_ns: row.get(5)?,
+            })
+        })
+        .optional()?)
+}
+
+pub fn format(conn: &Connection, volume: &VolumeInfo) -> Result<VolumeInfo> {
+    if let Some(stored) = stored_volume(conn)? {
+        if stored.name != volume.name {
+            return Err(MetaError::VolumeMismatch {
+                found: stored.name,
+                wanted: volume.name.clone(),
+            });
+        }
+        return Ok(stored);
+    }
+    if volume.chunk_size == 0 || volume.chunk_size > u64::from(u32::MAX) || volume.block_size == 0 {
+        return Err(MetaError::Engine(format!(
+            "invalid volume geometry: chunk size {} (1..=4 GiB), block size {}",
+            volume.chunk_size, volume.block_size
+        )));
+    }
+    conn.execute(
+        "INSERT INTO volume (id, name, uuid, chunk_size, block_size, inline_threshold, created_ns)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            volume.name,
+            volume.uuid,
+            volume.chunk_size,
+            volume.block_size,
+            volume.inline_threshold,
+            volume.created_ns
+        ],
+    )?;
+    let now = volume.created_ns;
+    conn.execute(
+        &format!("INSERT INTO inodes ({ATTR_COLUMNS}) VALUES (?1, ?2, ?3, 0, 0, 2, ?4, 0, ?5, ?5, ?5, ?1)"),
+        params![ROOT_INO, DIRECTORY_CODE, ROOT_PERM, DIR_SIZE, now],
+    )?;
+    set_counter(conn, "used_inodes", 1)?;
+    Ok(volume.clone())
+}
+
+pub fn open_session(conn: &Connection, info: &SessionInfo) -> Result<SessionId> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO sessions (host, pid, mount_point, started_ns, heartbeat_ns) VALUES (?1, ?2, ?3, ?4, ?4) RETURNING id",
+    )?;
+    Ok(stmt.query_row(
+        params![info.host, info.pid, info.mount_point, info.now_ns],
+        |row| row.get(0),
+    )?)
+}
+
+/// Fails with ESTALE when the session is gone (reaped as stale): the caller must open a new one.
+pub fn heartbeat(conn: &Connection, session: SessionId, now_ns: i64) -> Result<()> {
+    let updated = conn
+        .prepare_cached("UPDATE sessions SET heartbeat_ns = ?1 WHERE id = ?2")?
+        .execute(params![now_ns, session])?;
+    if updated == 0 {
+        return Err(posix(ESTALE));
+    }
+    Ok(())
+}
+
+pub fn close_session(conn: &Connection, session: SessionId, now_ns: i64) -> Result<()> {
+    let sustained: Vec<Ino> = conn
+        .prepare_cached("SELECT ino FROM sustained WHERE session = ?1")?
+        .query_map([session], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    // Locks and sustained rows go with the session (ON DELETE CASCADE).
+    conn.prepare_cached("DELETE FROM sessions WHERE id = ?1")?
+        .execute([session])?;
+    for ino in sustained {
+        free_if_unreferenced(conn, ino, now_ns)?;
+    }
+    Ok(())
+}
+
+pub fn reap_stale_sessions(conn: &Connection, now_ns: i64, max_age_ns: i64) -> Result<usize> {
+    let stale: Vec<SessionId> = conn
+        .prepare_cached("SELECT id FROM sessions WHERE heartbeat_ns < ?1")?
+        .query_map([now_ns.saturating_sub(max_age_ns)], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for &session in &stale {
+        tracing::warn!(session, "closing stale metadata session");
+        close_session(conn, session, now_ns)?;
+    }
+    Ok(stale.len())
+}
+
+// ---- namespace ----
+
+pub fn lookup(conn: &Connection, parent: Ino, name: &[u8]) -> Result<Attr> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(posix(ENAMETOOLONG));
+    }
+    if is_dot_or_dotdot(name) {
+        let dir = require_dir(conn, parent)?;
+        return if name == b"." {
+            Ok(dir)
+        } else {
+            get_attr(conn, dir.parent)
+        };
+    }
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {} FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.parent = ?1 AND d.name = ?2",
+        prefixed_attr_columns("i")
+    ))?;
+    match stmt
+        .query_row(params![parent, name], |row| attr_from_row(row, 0))
+        .optional()?
+    {
+        Some(attr) => Ok(attr),
+        None => {
+            require_dir(conn, parent)?;
+            Err(posix(ENOENT))
+        }
+    }
+}
+
+fn prefixed_attr_columns(table: &str) -> String {
+    ATTR_COLUMNS
+        .split(", ")
+        .map(|column| format!("{table}.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn setattr(conn: &Connection, ino: Ino, changes: &SetAttr, now_ns: i64) -> Result<Attr> {
+    let mut attr = get_attr(conn, ino)?;
+    let resolve = |time: TimeSet| match time {
+        TimeSet::Now => now_ns,
+        TimeSet::At(ns) => ns,
+    };
+    if let Some(perm) = changes.perm {
+        attr.perm = perm & 0o7777;
+    }
+    if let Some(uid) = changes.uid {
+        attr.uid = uid;
+    }
+    if let Some(gid) = changes.gid {
+        attr.gid = gid;
+    }
+    if let Some(atime) = changes.atime {
+        attr.atime_ns = resolve(atime);
+    }
+    if let Some(mtime) = changes.mtime {
+        attr.mtime_ns = resolve(mtime);
+    }
+    attr.ctime_ns = changes.ctime.unwrap_or(now_ns);
+    conn.prepare_cached(
+        "UPDATE inodes SET perm = ?1, uid = ?2, gid = ?3, atime_ns = ?4, mtime_ns = ?5, ctime_ns = ?6 WHERE ino = ?7",
+    )?
+    .execute(params![attr.perm, attr.uid, attr.gid, attr.atime_ns, attr.mtime_ns, attr.ctime_ns, ino])?;
+    Ok(attr)
+}
+
+pub fn create_node(
+    conn: &Connection,
+    parent: Ino,
+    name: &[u8],
+    node: &NewNode,
+    now_ns: i64,
+) -> Result<Attr> {
+    check_name(name)?;
+    require_dir(conn, parent)?;
+    if is_dot_or_dotdot(name) || find_entry(conn, parent, name)?.is_some() {
+        return Err(posix(EEXIST));
+    }
+    if node.kind == FileKind::Symlink && node.target.is_empty() {
+        return Err(posix(ENOENT));
+    }
+    let ino: Ino = add_counter(conn, "next_ino", 1)? as u64 - 1;
+    let (nlink, size) = match node.kind {
+        FileKind::Directory => (2, DIR_SIZE),
+        FileKind::Symlink => (1, node.target.len() as u64),
+        _ => (1, 0),
+    };
+    // New regular files start inline (empty): small files never touch the object store.
+    let inline: Option<&[u8]> = (node.kind == FileKind::Regular).then_some(&[]);
+    let target = (node.kind == FileKind::Symlink).then_some(node.target.as_slice());
+    conn.prepare_cached(&format!(
+        "INSERT INTO inodes ({ATTR_COLUMNS}, inline_data, target)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10, ?11, ?12)"
+    ))?
+    .execute(params![
+        ino,
+        kind_code(node.kind),
+        node.perm & 0o7777,
+        node.uid,
+        node.gid,
+        nlink,
+        size,
+        node.rdev,
+        now_ns,
+        parent,
+        inline,
+        target
+    ])?;
+    insert_entry(conn, parent, name, ino, node.kind)?;
+    touch_dir(conn, parent, subdir_delta(node.kind), now_ns)?;
+    add_counter(conn, "used_inodes", 1)?;
+    Ok(Attr {
+        ino,
+        kind: node.kind,
+        perm: node.perm & 0o7777,
+        uid: node.uid,
+        gid: node.gid,
+        nlink,
+        size,
+        rdev: node.rdev,
+        atime_ns: now_ns,
+        mtime_ns: now_ns,
+        ctime_ns: now_ns,
+        parent,
+    })
+}
+
+fn insert_entry(
+    conn: &Connection,
+    parent: Ino,
+    name: &[u8],
+    ino: Ino,
+    kind: FileKind,
+) -> Result<()> {
+    conn.prepare_cached("INSERT INTO dentries (parent, name, ino, kind) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![parent, name, ino, kind_code(kind)])?;
+    Ok(())
+}
+
+pub fn link(
+    conn: &Connection,
+    ino: Ino,
+    new_parent: Ino,
+    new_name: &[u8],
+    now_ns: i64,
+) -> Result<Attr> {
+    let attr = get_attr(conn, ino)?;
+    if attr.kind == FileKind::Directory {
+        return Err(posix(EPERM));
+    }
+    check_name(new_name)?;
+    require_dir(conn, new_parent)?;
+    if is_dot_or_dotdot(new_name) || find_entry(conn, new_parent, new_name)?.is_some() {
+        return Err(posix(EEXIST));
+    }
+    insert_entry(conn, new_parent, new_name, ino, attr.kind)?;
+    conn.prepare_cached("UPDATE inodes SET nlink = nlink + 1, ctime_ns = ?1 WHERE ino = ?2")?
+        .execute(params![now_ns, ino])?;
+    touch_dir(conn, new_parent, 0, now_ns)?;
+    Ok(Attr {
+        nlink: attr.nlink + 1,
+        ctime_ns: now_ns,
+        ..attr
+    })
+}
+
+pub fn unlink(
+    conn: &Connection,
+    parent: Ino,
+    name: &[u8],
+    session: SessionId,
+    keep_open: &dyn Fn(Ino) -> bool,
+    now_ns: i64,
+) -> Result<Option<Ino>> {
+    check_name(name)?;
+    require_dir(conn, parent)?;
+    let entry = find_entry(conn, parent, name)?.ok_or_else(|| posix(ENOENT))?;
+    if entry.kind == FileKind::Directory {
+        return Err(posix(EISDIR));
+    }
+    delete_entry(conn, entry.cookie)?;
+    touch_dir(conn, parent, 0, now_ns)?;
+    Ok(drop_link(conn, entry.ino, session, keep_open, now_ns)?.then_some(entry.ino))
+}
+
+fn delete_entry(conn: &Connection, cookie: i64) -> Result<()> {
+    conn.prepare_cached("DELETE FROM dentries WHERE cookie = ?1")?
+        .execute([cookie])?;
+    Ok(())
+}
+
+pub fn rmdir(conn: &Connection, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino> {
+    if name == b"." {
+        return Err(posix(EINVAL));
+    }
+    if name == b".." {
+        return Err(posix(ENOTEMPTY));
+    }
+    check_name(name)?;
+    require_dir(conn, parent)?;
+    let entry = find_entry(conn, parent, name)?.ok_or_else(|| posix(ENOENT))?;
+    if entry.kind != FileKind::Directory {
+        return Err(posix(ENOTDIR));
+    }
+    if has_children(conn, entry.ino)? {
+        return Err(posix(ENOTEMPTY));
+    }
+    delete_entry(conn, entry.cookie)?;
+    touch_dir(conn, parent, -1, now_ns)?;
+    free_inode(conn, entry.ino, now_ns)?;
+    Ok(entry.ino)
+}
+
+/// EINVAL if `dir` is `start` or one of its ancestors (moving `dir` under `start` would detach it).
+fn ensure_not_ancestor(conn: &Connection, dir: Ino, start: Ino) -> Result<()> {
+    let mut stmt = conn.prepare_cached("SELECT parent FROM inodes WHERE ino = ?1")?;
+    let mut current = start;
+    for _ in 0..MAX_DEPTH {
+        if current == dir {
+            return Err(posix(EINVAL));
+        }
+        if current == ROOT_INO {
+            return Ok(());
+        }
+        current = stmt.query_row([current], |row| row.get(0))?;
+    }
+    Err(MetaError::Engine(format!(
+        "parent chain of inode {start} does not reach the root"
+    )))
+}
+
+fn set_parent(conn: &Connection, ino: Ino, parent: Ino, now_ns: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE inodes SET parent = ?1, ctime_ns = ?2 WHERE ino = ?3")?
+        .execute(params![parent, now_ns, ino])?;
+    Ok(())
+}
+
+pub fn rename(
+    conn: &Connection,
+    req: &Rename<'_>,
+    session: SessionId,
+    keep_open: &dyn Fn(Ino) -> bool,
+    now_ns: i64,
+) -> Result<RenameOutcome> {
+    for name in [req.src_name, req.dst_name] {
+        check_name(name)?;
+        if is_dot_or_dotdot(name) {
+            return Err(posix(EINVAL));
+        }
+    }
+    require_dir(conn, req.src_parent)?;
+    require_dir(conn, req.dst_parent)?;
+    let src = find_entry(conn, req.src_parent, req.src_name)?.ok_or_else(|| posix(ENOENT))?;
+    let dst = find_entry(conn, req.dst_parent, req.dst_name)?;
+    match (req.mode, &dst) {
+        (RenameMode::NoReplace, Some(_)) => return Err(posix(EEXIST)),
+        (RenameMode::Exchange, None) => return Err(posix(ENOENT)),
+        _ => {}
+    }
+    // Two names of one inode (or the same name): rename(2) does nothing.
+    if dst.as_ref().is_some_and(|dst| dst.ino == src.ino) {
+        return Ok(RenameOutcome {
+            moved: src.ino,
+            replaced: None,
+        });
+    }
+    if src.kind == FileKind::Directory {
+        ensure_not_ancestor(conn, src.ino, req.dst_parent)?;
+    }
+    let cross_dir = req.src_parent != req.dst_parent;
+
+    if let (RenameMode::Exchange, Some(dst)) = (req.mode, &dst) {
+        if dst.kind == FileKind::Directory {
+            ensure_not_ancestor(conn, dst.ino, req.src_parent)?;
+        }
+        let mut swap =
+            conn.prepare_cached("UPDATE dentries SET ino = ?1, kind = ?2 WHERE cookie = ?3")?;
+        swap.execute(params![dst.ino, kind_code(dst.kind), src.cookie])?;
+        swap.execute(params![src.ino, kind_code(src.kind), dst.cookie])?;
+        set_parent(conn, src.ino, req.dst_parent, now_ns)?;
+        set_parent(conn, dst.ino, req.src_parent, now_ns)?;
+        let moved_subdirs = subdir_delta(dst.kind) - subdir_delta(src.kind);
+        if cross_dir {
+            touch_dir(conn, req.src_parent, moved_subdirs, now_ns)?;
+            touch_dir(conn, req.dst_parent, -moved_subdirs, now_ns)?;
+        } else {
+            touch_dir(conn, req.src_parent, 0, now_ns)?;
+        }
+        return Ok(RenameOutcome {
+            moved: src.ino,
+            replaced: Some(dst.ino),
+        });
+    }
+
+    let replaced = match dst {
+        None => None,
+        Some(dst) => {
+            match (
+                src.kind == FileKind::Directory,
+                dst.kind == FileKind::Directory,
+            ) {
+                (true, false) => return Err(posix(ENOTDIR)),
+                (false, true) => return Err(posix(EISDIR)),
+                (true, true) if has_children(conn, dst.ino)? => return Err(posix(ENOTEMPTY)),
+                _ => {}
+            }
+            delete_entry(conn, dst.cookie)?;
+            if dst.kind == FileKind::Directory {
+                touch_dir(conn, req.dst_parent, -1, now_ns)?;
+                free_inode(conn, dst.ino, now_ns)?;
+            } else {
+                drop_link(conn, dst.ino, session, keep_open, now_ns)?;
+            }
+            Some(dst.ino)
+        }
+    };
+    // The entry keeps its cookie: a readdir of the directory in progress neither repeats nor
+    // loses it when renamed in place.
+    conn.prepare_cached("UPDATE dentries SET parent = ?1, name = ?2 WHERE cookie = ?3")?
+        .execute(params![req.dst_parent, req.dst_name, src.cookie])?;
+    set_parent(conn, src.ino, req.dst_parent, now_ns)?;
+    if cross_dir {
+        touch_dir(conn, req.src_parent, -subdir_delta(src.kind), now_ns)?;
+        touch_dir(conn, req.dst_parent, subdir_delta(src.kind), now_ns)?;
+    } else {
+        touch_dir(conn, req.src_parent, 0, now_ns)?;
+    }
+    Ok(RenameOutcome {
+        moved: src.ino,
+        replaced,
+    })
+}
+
+pub fn readlink(conn: &Connection, ino: Ino) -> Result<Vec<u8>> {
+    let mut stmt = conn.prepare_cached("SELECT target FROM inodes WHERE ino = ?1")?;
+    let target: Option<Vec<u8>> = stmt
+        .query_row([ino], |row| row.get(0))
+        .optional()?
+        .ok_or_else(|| posix(ENOENT))?;
+    target.ok_or_else(|| posix(EINVAL))
+}
+
+/// Stored cookies start at 1; callers see them shifted past the reserved 0..=2.
+const COOKIE_SHIFT: u64 = 2;
+
+pub fn readdir(
+    conn: &Connection,
+    dir: Ino,
+    after: u64,
+    limit: usize,
+    plus: bool,
+) -> Result<Vec<DirEntry>> {
+    require_dir(conn, dir)?;
+    let after_stored = after.saturating_sub(COOKIE_SHIFT) as i64;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let read_entry = |row: &Row<'_>| -> rusqlite::Result<DirEntry> {
+        Ok(DirEntry {
+            cookie: row.get::<_, u64>(0)? + COOKIE_SHIFT,
+            name: row.get(1)?,
+            ino: row.get(2)?,
+            kind: kind_from_code(row.get(3)?)?,
+            attr: if plus {
+                Some(attr_from_row(row, 4)?)
+            } else {
+                None
+            },
+        })
+    };
+    let entries = if plus {
+        conn.prepare_cached(&format!(
+            "SELECT d.cookie, d.name, d.ino, d.kind, {} FROM dentries d JOIN inodes i ON i.ino = d.ino
+             WHERE d.parent = ?1 AND d.cookie > ?2 ORDER BY d.cookie LIMIT ?3",
+            prefixed_attr_columns("i")
+        ))?
+        .query_map(params![dir, after_stored, limit], read_entry)?
+        .collect::<rusqlite::Result<_>>()?
+    } else {
+        conn.prepare_cached(
+            "SELECT cookie, name, ino, kind FROM dentries WHERE parent = ?1 AND cookie > ?2 ORDER BY cookie LIMIT ?3",
+        )?
+        .query_map(params![dir, after_stored, limit], read_entry)?
+        .collect::<rusqlite::Result<_>>()?
+    };
+    Ok(entries)
+}
+
+pub fn release_sustained(
+    conn: &Connection,
+    session: SessionId,
+    ino: Ino,
+    now_ns: i64,
+) -> Result<()> {
+    conn.prepare_cached("DELETE FROM sustained WHERE session = ?1 AND ino = ?2")?
+        .execute(params![session, ino])?;
+    free_if_unreferenced(conn, ino, now_ns)
+}
+
+pub fn usage(conn: &Connection) -> Result<Usage> {
+    Ok(Usage {
+        bytes: counter(conn, "used_bytes")? as u64,
+        inodes: counter(conn, "used_inodes")? as u64,
+    })
+}
+
+// ---- xattrs ----
+
+fn check_xattr_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_XATTR_NAME_LEN {
+        return Err(posix(ERANGE));
+    }
+    Ok(())
+}
+
+pub fn get_xattr(conn: &Connection, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+    check_xattr_name(name)?;
+    let mut stmt = conn.prepare_cached("SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2")?;
+    match stmt
+        .query_row(params![ino, name], |row| row.get(0))
+        .optional()?
+    {
+        Some(value) => Ok(value),
+        None => {
+            get_attr(conn, ino)?;
+            Err(posix(ENODATA))
+        }
+    }
+}
+
+pub fn list_xattr(conn: &Connection, ino: Ino) -> Result<Vec<Vec<u8>>> {
+    get_attr(conn, ino)?;
+    let names = conn
+        .prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?
+        .query_map([ino], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(names)
+}
+
+pub fn set_xattr(
+    conn: &Connection,
+    ino: Ino,
+    name: &[u8],
+    value: &[u8],
+    mode: XattrMode,
+    now_ns: i64,
+) -> Result<()> {
+    check_xattr_name(name)?;
+    if value.len() > MAX_XATTR_VALUE_LEN {
+        return Err(posix(libc::E2BIG));
+    }
+    get_attr(conn, ino)?;
+    let exists: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM xattrs WHERE ino = ?1 AND name = ?2)")?
+        .query_row(params![ino, name], |row| row.get(0))?;
+    match (mode, exists) {
+        (XattrMode::Create, true) => return Err(posix(EEXIST)),
+        (XattrMode::Replace, false) => return Err(posix(ENODATA)),
+        _ => {}
+    }
+    conn.prepare_cached(
+        "INSERT INTO xattrs (ino, name, value) VALUES (?1, ?2, ?3)
+         ON CONFLICT (ino, name) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![ino, name, value])?;
+    conn.prepare_cached("UPDATE inodes SET ctime_ns = ?1 WHERE ino = ?2")?
+        .execute(params![now_ns, ino])?;
+    Ok(())
+}
+
+pub fn remove_xattr(conn: &Connection, ino: Ino, name: &[u8], now_ns: i64) -> Result<()> {
+    check_xattr_name(name)?;
+    get_attr(conn, ino)?;
+    let removed = conn
+        .prepare_cached("DELETE FROM xattrs WHERE ino = ?1 AND name = ?2")?
+        .execute(params![ino, name])?;
+    if removed == 0 {
+        return Err(posix(ENODATA));
+    }
+    conn.prepare_cached("UPDATE inodes SET ctime_ns = ?1 WHERE ino = ?2")?
+        .execute(params![now_ns, ino])?;
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! The per-host mount manager: one FUSE mount per volume at `state_dir/mounts/<volume_id>`, served
+//! by a `cellar mount` daemon, shared by every sandbox of the host that uses the volume. The set
+//! of sandboxes using a volume is kept in `state_dir/mounts/<volume_id>.json`, so a restarted
+//! runner knows which mounts to keep, to remount and to release.
+
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::sandbox::SANDBOX_UID;
+use crate::{RunnerError, VolumeSource};
+
+/// How long `cellar mount` may take to bring a mount up (it returns once the mount is live).
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+const UMOUNT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Serialize, Deserialize)]
+struct MountRecord {
+    /// Kept (in a 0600 file) so that a dead daemon can be restarted after a runner restart.
+    source: VolumeSource,
+    /// Ids of the sandboxes using the mount.
+    users: BTreeSet<String>,
+}
+
+pub(crate) struct MountManager {
+    /// `state_dir/mounts`, absolute.
+    dir: PathBuf,
+    cellar_bin: PathBuf,
+}
+
+impl MountManager {
+    pub(crate) fn new(dir: PathBuf, cellar_bin: PathBuf) -> MountManager {
+        MountManager { dir, cellar_bin }
+    }
+
+    fn mount_point(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(volume_id)
+    }
+
+    fn record_path(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{volume_id}.json"))
+    }
+
+    fn load(&self, volume_id: &str) -> Result<Option<MountRecord>, RunnerError> {
+        match std::fs::read(self.record_path(volume_id)) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|err| {
+                RunnerError::Io(std::io::Error::other(format!(
+                    "corrupt mount record of volume {volume_id}: {err}"
+                )))
+            })?)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    fn save(&self, record: &MountRecord) -> Result<(), RunnerError> {
+        let path = self.record_path(&record.source.volume_id);
+        let tmp = path.with_extension("json.tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        serde_json::to_writer(&mut file, record).map_err(std::io::Error::other)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Registers `sandbox_id` as a user of the volume, mounting it if it is not live, and
+    /// returns the host mount point. Callers serialise acquire/release.
+    pub(crate) fn acquire(
+        &self,
+        source: &VolumeSource,
+        sandbox_id: &str,
+    ) -> Result<PathBuf, RunnerError> {
+        let mut record = self.load(&source.volume_id)?.unwrap_or(MountRecord {
+            source: source.clone(),
+            users: BTreeSet::new(),
+        });
+        // The newest source wins (credentials may have been rotated).
+        record.source = source.clone();
+        record.users.insert(sandbox_id.to_owned());
+        self.save(&record)?;
+        if let Err(err) = self.ensure_mounted(source) {
+            self.release(&source.volume_id, sandbox_id)?;
+            return Err(err);
+        }
+        Ok(self.mount_point(&source.volume_id))
+    }
+
+    /// Removes `sandbox_id` from the volume's users and unmounts the volume after its last user.
+    pub(crate) fn release(&self, volume_id: &str, sandbox_id: &str) -> Result<(), RunnerError> {
+        let Some(mut record) = self.load(volume_id)? else {
+            return Ok(());
+        };
+        record.users.remove(sandbox_id);
+        if !record.users.is_empty() {
+            return self.save(&record);
+        }
+        self.unmount(volume_id)?;
+        std::fs::remove_file(self.record_path(volume_id))?;
+        Ok(())
+    }
+
+    /// After a restart: drops users that are no longer running sandboxes, unmounts volumes left
+    /// without users and remounts those whose daemon died.
+    pub(crate) fn recover(&self, running: &HashSet<String>) -> Result<(), RunnerError> {
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|ext| ext.to_str()) != Some("json") {
+                continue;
+            }
+            let Some(volume_id) = path.file_stem().and_then(|stem| stem.to_str()) else {
+                continue;
+            };
+            let Some(mut record) = self.load(volume_id)? else {
+                continue;
+            };
+            let before = record.users.len();
+            record.users.retain(|user| running.contains(user));
+            if record.users.is_empty() {
+                self.unmount(volume_id)?;
+                std::fs::remove_file(&path)?;
+                continue;
+            }
+            if record.users.len() != before {
+                self.save(&record)?;
+            }
+            if let Err(err) = self.ensure_mounted(&record.source) {
+                tracing::error!(volume_id, "cannot remount volume: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the mount daemon unless the mount is live; replaces a mount whose daemon died.
+    fn ensure_mounted(&self, source: &VolumeSource) -> Result<(), RunnerError> {
+        let mount_point = self.mount_point(&source.volume_id);
+        match mount_state(&mount_point) {
+            MountState::Live => return Ok(()),
+            MountState::Dead => {
+                tracing::warn!(volume_id = %source.volume_id, "mount daemon died, remounting");
+                self.unmount(&source.volume_id)?;
+            }
+            MountState::Absent => {}
+        }
+        std::fs::create_dir_all(&mount_point)?;
+        let log = self.log_file(&source.volume_id)?;
+        let mut command = Command::new(&self.cellar_bin);
+        command
+            .arg("mount")
+            .arg("--volume")
+            .arg(&source.volume_name)
+            .arg("--log-file")
+            .arg(self.log_path(&source.volume_id))
+            .arg(&mount_point)
+            // The daemon gets the store credentials and nothing of the runner's environment.
+            // The URLs go through the environment too: they may hold a database password,
+            // and a command line is readable by every host user.
+            .env_clear()
+            .env("PATH", crate::sandbox::SANDBOX_PATH)
+            .env("CELLAR_META_URL", &source.meta_url)
+            .env("CELLAR_STORE_URL", &source.store_url)
+            .envs(source.store_env.iter().map(|(key, value)| (key, value)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let status = run_with_timeout(command, MOUNT_TIMEOUT)?;
+        if !status.success() || mount_state(&mount_point) != MountState::Live {
+            return Err(RunnerError::Unavailable(format!(
+                "mounting volume {} failed ({status}); see {}",
+                source.volume_id,
+                self.log_path(&source.volume_id).display()
+            )));
+        }
+        give_root_to_sandbox_user(&mount_point);
+        Ok(())
+    }
+
+    fn unmount(&self, volume_id: &str) -> Result<(), RunnerError> {
+        let mount_point = self.mount_point(volume_id);
+        if mount_state(&mount_point) == MountState::Absent {
+            let _ = std::fs::remove_dir(&mount_point);
+            return Ok(());
+        }
+        let mut command = Command::new(&self.cellar_bin);
+        command
+            .arg("umount")
+            .arg(&mount_point)
+            .env_clear()
+            .env("PATH", crate::sandbox::SANDBOX_PATH)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(self.log_file(volume_id)?);
+        let status = run_with_timeout(command, UMOUNT_TIMEOUT);
+        if mount_state(&mount_point) != MountState::Absent {
+            // The daemon is gone or stuck: detach the mount so the host never keeps a dead one.
+            tracing::warn!(
+                volume_id,
+                ?status,
+                "cellar umount failed, detaching the mount"
+            );
+            let path = CString::new(mount_point.as_os_str().as_bytes())
+                .map_err(|err| RunnerError::InvalidInput(err.to_string()))?;
+            // SAFETY: umount2 on a valid NUL-terminated path.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+        }
+        let _ = std::fs::remove_dir(&mount_point);
+        Ok(())
+    }
+
+    fn log_path(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{volume_id}.log"))
+    }
+
+    fn log_file(&self, volume_id: &str) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(self.log_path(volume_id))
+    }
+}
+
+/// The volume root of a fresh volume belongs to root; the sandbox user must be able to write to
+/// it, as in Daytona. Only a root-owned root is changed, so an owner set on purpose stays.
+fn give_root_to_sandbox_user(mount_point: &Path) {
+    match std::fs::metadata(mount_point) {
+        Ok(meta) if meta.uid() == 0 => {
+            if let Err(err) =
+                std::os::unix::fs::chown(mount_point, Some(SANDBOX_UID), Some(SANDBOX_UID))
+            {
+                tracing::warn!(mount = %mount_point.display(), "cannot chown volume root: {err}");
+            }
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::warn!(mount = %mount_point.display(), "cannot stat volume root: {err}")
+        }
+    }
+}
+
+fn run_with_timeout(
+    mut command: Command,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus, RunnerError> {
+    let mut child = command.spawn().map_err(|err| {
+        RunnerError::Unavailable(format!("cannot run {:?}: {err}", command.get_program()))
+    })?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(RunnerError::Unavailable(format!(
+                "{:?} timed out",
+                command.get_program()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum MountState {
+    /// A FUSE file system answers at the mount point.
+    Live,
+    /// Something is mounted there but does not answer (its daemon died).
+    Dead,
+    Absent,
+}
+
+fn mount_state(mount_point: &Path) -> MountState {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let target = mount_point.as_os_str().as_bytes();
+    let mounted = mountinfo.lines().any(|line| {
+        // Field 5 is the mount point, with spaces and the like escaped as \ooo.
+        line.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(target)
+    });
+    if !mounted {
+        return MountState::Absent;
+    }
+    match std::fs::metadata(mount_point) {
+        Ok(_) => MountState::Live,
+        Err(_) => MountState::Dead,
+    }
+}
+
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(value) = u8::from_str_radix(digits, 8) {
+                out.push(value);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Opens (creating as needed, owned by the sandbox user) the directory `subpath` of a mounted
+/// volume, one component at a time without following symlinks, so neither `..` nor a symlink
+/// planted in the volume can lead outside it. The returned descriptor is what gets mounted.
+pub(crate) fn open_volume_dir(
+    mount_point: &Path,
+    subpath: Option<&str>,
+) -> Result<OwnedFd, RunnerError> {
+    let mut dir = open_dir_at(libc::AT_FDCWD, mount_point.as_os_str().as_bytes())
+        .map_err(|err| RunnerError::Unavailable(format!("volume mount not accessible: {err}")))?;
+    for component in subpath.unwrap_or("").split('/') {
+        match component {
+            "" | "." => continue,
+            ".." => {
+                return Err(RunnerError::InvalidInput(format!(
+                    "subpath must not contain '..': {}",
+                    subpath.unwrap_or("")
+                )))
+            }
+            _ => {}
+        }
+        let name = component.as_bytes();
+        let cname = CString::new(name)
+            .map_err(|_| RunnerError::InvalidInput("subpath contains NUL".to_owned()))?;
+        let raw_dir = std::os::fd::AsRawFd::as_raw_fd(&dir);
+        // SAFETY: mkdirat/fchownat with a valid directory fd and NUL-terminated name.
+        let created = unsafe { libc::mkdirat(raw_dir, cname.as_ptr(), 0o755) } == 0;
+        if !created {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EEXIST) {
+                return Err(RunnerError::Io(err));
+            }
+        }
+        let child = open_dir_at(raw_dir, name).map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => RunnerError::InvalidInput(format!(
+                "subpath component {component:?} is not a directory"
+            )),
+            _ => RunnerError::Io(err),
+        })?;
+        if created {
+            let child_fd = std::os::fd::AsRawFd::as_raw_fd(&child);
+            // SAFETY: fchown on a valid fd.
+            if unsafe { libc::fchown(child_fd, SANDBOX_UID, SANDBOX_UID) } != 0 {
+                tracing::warn!(
+                    "cannot chown subpath directory: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        dir = child;
+    }
+    Ok(dir)
+}
+
+fn open_dir_at(dir: RawFd, name: &[u8]) -> std::io::Result<OwnedFd> {
+    let name = CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: openat with a valid directory fd (or AT_FDCWD) and NUL-terminated name.
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), b"/a b".to_vec());
+        assert_eq!(unescape_mountinfo("/plain"), b"/plain".to_vec());
+    }
+
+    #[test]
+    fn subpath_cannot_leave_the_volume() {
+        let volume = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/", volume.path().join("root")).unwrap();
+        assert!(matches!(
+            open_volume_dir(volume.path(), Some("a/../../etc")),
+            Err(RunnerError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            open_volume_dir(volume.path(), Some("root/etc")),
+            Err(RunnerError::InvalidInput(_))
+        ));
+        open_volume_dir(volume.path(), Some("a/b")).unwrap();
+        assert!(volume.path().join("a/b").is_dir());
+    }
+}

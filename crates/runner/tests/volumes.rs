@@ -1,0 +1,295 @@
+//! Volumes mounted into real sandboxes through real FUSE mounts (`cellar mount`). Needs root,
+//! bubblewrap, /dev/fuse and the cellar binary (CELLAR_BIN or target/debug/cellar).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cellar_runner::{
+    ExecRequest, Runner, RunnerConfig, RunnerError, SandboxSpec, VolumeMountSpec, VolumeSource,
+};
+
+const STORE_SECRET: &str = "store-secret-never-in-a-sandbox";
+
+fn cellar_bin() -> PathBuf {
+    let path = std::env::var_os("CELLAR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/cellar"));
+    assert!(
+        path.is_file(),
+        "cellar binary not found at {} (build it with `cargo build -p cellar-cli` or set CELLAR_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// A runner plus one volume (SQLite metadata, file:// store) in temporary directories.
+struct Fixture {
+    state: tempfile::TempDir,
+    data: tempfile::TempDir,
+    runner: Runner,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let state = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join("blocks")).unwrap();
+        let runner = Fixture::runner_for(&state);
+        Fixture {
+            state,
+            data,
+            runner,
+        }
+    }
+
+    fn runner_for(state: &tempfile::TempDir) -> Runner {
+        Runner::new(RunnerConfig {
+            state_dir: state.path().to_owned(),
+            cellar_bin: cellar_bin(),
+        })
+        .unwrap()
+    }
+
+    fn volume(&self) -> VolumeSource {
+        VolumeSource {
+            volume_id: "vol-1".into(),
+            meta_url: format!("sqlite://{}/meta.db", self.data.path().display()),
+            store_url: format!("file://{}/blocks", self.data.path().display()),
+            volume_name: "shared".into(),
+            store_env: vec![("CELLAR_TEST_STORE_SECRET".into(), STORE_SECRET.into())],
+        }
+    }
+
+    fn mount_point(&self) -> PathBuf {
+        self.state
+            .path()
+            .canonicalize()
+            .unwrap()
+            .join("mounts/vol-1")
+    }
+
+    fn spec(
+        &self,
+        id: &str,
+        mount_path: &str,
+        subpath: Option<&str>,
+        read_only: bool,
+    ) -> SandboxSpec {
+        SandboxSpec {
+            id: id.into(),
+            env: BTreeMap::new(),
+            mounts: vec![VolumeMountSpec {
+                volume: self.volume(),
+                mount_path: mount_path.into(),
+                subpath: subpath.map(str::to_owned),
+                read_only,
+            }],
+            cpu: 0,
+            memory_gib: 0,
+            network: false,
+        }
+    }
+
+    async fn run(&self, id: &str, line: &str) -> (i32, String) {
+        let result = self
+            .runner
+            .exec(
+                id,
+                ExecRequest {
+                    command: line.into(),
+                    ..ExecRequest::default()
+                },
+            )
+            .await
+            .unwrap();
+        (result.exit_code, result.output)
+    }
+}
+
+fn fuse_mounts_at(mount_point: &Path) -> usize {
+    let wanted = mount_point.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
+        .count()
+}
+
+#[tokio::test]
+async fn sandboxes_share_a_volume_through_one_mount() {
+    let fx = Fixture::new();
+    fx.runner
+        .create_sandbox(fx.spec("vol-a", "/home/daytona/volume", None, false))
+        .await
+        .unwrap();
+    fx.runner
+        .create_sandbox(fx.spec("vol-b", "/data/shared", None, false))
+        .await
+        .unwrap();
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 1);
+
+    assert_eq!(
+        fx.run(
+            "vol-a",
+            "echo from-a > volume/note && mkdir -p volume/dir && echo ok"
+        )
+        .await,
+        (0, "ok\n".into())
+    );
+    assert_eq!(
+        fx.run("vol-b", "cat /data/shared/note").await,
+        (0, "from-a\n".into())
+    );
+    assert_eq!(
+        fx.run("vol-b", "stat -c %u /data/shared/note").await.1,
+        "1000\n"
+    );
+
+    // No credential reaches the sandbox: not in the environment of any process it can see,
+    // not in the mount table (the FUSE source is cellar:<volume>).
+    let (_, seen) = fx
+        .run(
+            "vol-a",
+            "cat /proc/*/environ /proc/self/mountinfo 2>/dev/null | tr '\\0' '\\n'",
+        )
+        .await;
+    assert!(!seen.contains(STORE_SECRET));
+    assert!(!seen.contains("meta.db"), "{seen}");
+    assert!(seen.contains("cellar:shared"), "{seen}");
+
+    // The mount stays while a sandbox uses it, and goes with the last one.
+    fx.runner.destroy_sandbox("vol-a").await.unwrap();
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 1);
+    assert_eq!(fx.run("vol-b", "cat /data/shared/note").await.0, 0);
+    fx.runner.destroy_sandbox("vol-b").await.unwrap();
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
+    assert!(!fx.state.path().join("mounts/vol-1.json").exists());
+
+    // The data outlives the sandboxes and the mount.
+    fx.runner
+        .create_sandbox(fx.spec("vol-c", "/v", None, false))
+        .await
+        .unwrap();
+    assert_eq!(fx.run("vol-c", "cat /v/note").await, (0, "from-a\n".into()));
+    fx.runner.release_all().await;
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
+}
+
+#[tokio::test]
+async fn read_only_mounts_are_enforced_by_the_kernel() {
+    let fx = Fixture::new();
+    fx.runner
+        .create_sandbox(fx.spec("ro-writer", "/v", None, false))
+        .await
+        .unwrap();
+    fx.runner
+        .create_sandbox(fx.spec("ro-reader", "/v", None, true))
+        .await
+        .unwrap();
+    fx.run("ro-writer", "echo data > /v/file").await;
+    assert_eq!(
+        fx.run("ro-reader", "cat /v/file").await,
+        (0, "data\n".into())
+    );
+    let (code, output) = fx.run("ro-reader", "echo x > /v/other").await;
+    assert_ne!(code, 0);
+    assert!(output.contains("Read-only file system"), "{output}");
+    let (code, output) = fx.run("ro-reader", "rm /v/file").await;
+    assert_ne!(code, 0);
+    assert!(output.contains("Read-only file system"), "{output}");
+    fx.runner.release_all().await;
+}
+
+#[tokio::test]
+async fn subpaths_cannot_be_escaped() {
+    let fx = Fixture::new();
+    fx.runner
+        .create_sandbox(fx.spec("sub-root", "/v", None, false))
+        .await
+        .unwrap();
+    fx.run(
+        "sub-root",
+        "echo top-secret > /v/outside && ln -s / /v/to-root && ln -s ../.. /v/up",
+    )
+    .await;
+
+    fx.runner
+        .create_sandbox(fx.spec(
+            "sub-inner",
+            "/home/daytona/work",
+            Some("projects/one"),
+            false,
+        ))
+        .await
+        .unwrap();
+    // The subpath was created, owned by the sandbox user, and is all the sandbox sees.
+    assert_eq!(
+        fx.run("sub-inner", "echo mine > work/file && ls -A work")
+            .await,
+        (0, "file\n".into())
+    );
+    assert_eq!(
+        fx.run("sub-root", "cat /v/projects/one/file").await,
+        (0, "mine\n".into())
+    );
+    let (_, out) = fx
+        .run(
+            "sub-inner",
+            "cat work/../outside work/../../outside 2>&1; ls work/..",
+        )
+        .await;
+    assert!(!out.contains("top-secret"), "{out}");
+    // Symlinks planted in the volume resolve inside the sandbox root, not the volume or host.
+    fx.run(
+        "sub-root",
+        "ln -s / /v/projects/one/abs && ln -s ../../.. /v/projects/one/rel",
+    )
+    .await;
+    let (_, out) = fx
+        .run(
+            "sub-inner",
+            "cat work/abs/outside work/rel/outside work/abs/v/outside 2>&1",
+        )
+        .await;
+    assert!(!out.contains("top-secret"), "{out}");
+
+    // A subpath through a symlink (to / or upwards) or with `..` is refused.
+    for subpath in ["to-root/etc", "up", "projects/../.."] {
+        let result = fx
+            .runner
+            .create_sandbox(fx.spec("sub-evil", "/v", Some(subpath), false))
+            .await;
+        assert!(
+            matches!(result, Err(RunnerError::InvalidInput(_))),
+            "{subpath}: {result:?}"
+        );
+        assert!(!fx.runner.is_running("sub-evil"));
+    }
+    fx.runner.release_all().await;
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
+}
+
+#[tokio::test]
+async fn mounts_survive_a_runner_restart() {
+    let mut fx = Fixture::new();
+    fx.runner
+        .create_sandbox(fx.spec("restart-a", "/v", None, false))
+        .await
+        .unwrap();
+    fx.run("restart-a", "echo before > /v/file").await;
+    fx.runner = Fixture::runner_for(&fx.state);
+    assert!(fx.runner.is_running("restart-a"));
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 1);
+    assert_eq!(
+        fx.run("restart-a", "cat /v/file").await,
+        (0, "before\n".into())
+    );
+    // A new sandbox joins the existing mount rather than mounting again.
+    fx.runner
+        .create_sandbox(fx.spec("restart-b", "/v", None, false))
+        .await
+        .unwrap();
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 1);
+    fx.runner.release_all().await;
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
+}

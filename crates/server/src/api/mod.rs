@@ -1,0 +1,144 @@
+//! HTTP surface: the Daytona REST subset under `/api`, the toolbox under `/toolbox`.
+
+mod sandboxes;
+mod toolbox;
+mod volumes;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::lifecycle::Services;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub services: Arc<Services>,
+    /// Absolute base of the toolbox endpoints, without a trailing slash.
+    pub toolbox_url: String,
+}
+
+/// The organisation the request's API key belongs to.
+#[derive(Clone)]
+pub struct Org(pub String);
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/volumes", get(volumes::list).post(volumes::create))
+        .route("/volumes/by-name/{name}", get(volumes::get_by_name))
+        .route("/volumes/{volume_id}", get(volumes::get).delete(volumes::delete))
+        .route("/sandbox", get(sandboxes::list).post(sandboxes::create))
+        .route("/sandbox/{id_or_name}", get(sandboxes::get).delete(sandboxes::delete))
+        .route("/sandbox/{id_or_name}/toolbox-proxy-url", get(sandboxes::toolbox_proxy_url))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route("/openapi.json", get(openapi_json));
+    let toolbox = Router::new()
+        .route("/{sandbox_id}/process/execute", post(toolbox::execute))
+        .route(
+            "/{sandbox_id}/files/bulk-upload",
+            // Uploads are streamed to the sandbox, so no size limit applies.
+            post(toolbox::bulk_upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/{sandbox_id}/files/bulk-download", post(toolbox::bulk_download))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .nest("/api", api)
+        .nest("/toolbox", toolbox)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(state)
+}
+
+/// Resolves `Authorization: Bearer <key>` to an organisation, or answers 401.
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let key = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty());
+    let Some(key) = key else {
+        return ApiError::unauthorized().into_response();
+    };
+    let db = state.services.db.clone();
+    let org = match tokio::task::spawn_blocking(move || db.org_for_key(&key)).await {
+        Ok(Ok(Some(org))) => org,
+        Ok(Ok(None)) => return ApiError::unauthorized().into_response(),
+        Ok(Err(e)) => return ApiError::internal(e).into_response(),
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
+    request.extensions_mut().insert(Org(org));
+    next.run(request).await
+}
+
+/// Runs a control-database call off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> crate::db::DbResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+impl From<crate::db::DbError> for ApiError {
+    fn from(err: crate::db::DbError) -> ApiError {
+        use crate::db::DbError;
+        match err {
+            DbError::Conflict(message) => ApiError::conflict(message),
+            DbError::Invalid(message) => ApiError::bad_request(message),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Cellar API",
+        description = "Volumes and sandboxes behind the Daytona REST subset. Every endpoint \
+                       except this document needs `Authorization: Bearer <api key>`."
+    ),
+    paths(
+        volumes::list,
+        volumes::create,
+        volumes::get_by_name,
+        volumes::get,
+        volumes::delete,
+        sandboxes::list,
+        sandboxes::create,
+        sandboxes::get,
+        sandboxes::delete,
+        sandboxes::toolbox_proxy_url,
+        toolbox::execute,
+        toolbox::bulk_upload,
+        toolbox::bulk_download,
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,266 @@
+//! `/toolbox/{sandboxId}/...`: exec and file transfer, streamed through the runner.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Multipart, Path, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use bytes::Bytes;
+use cellar_runner::{ExecRequest, RunnerError};
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncSeekExt;
+use tokio::sync::mpsc;
+use tokio_util::io::{ReaderStream, StreamReader};
+use utoipa::ToSchema;
+
+use super::{blocking, AppState, Org};
+use crate::db::sandbox_state;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ExecuteRequest {
+    /// A shell line (`&&`, pipes and redirects work).
+    pub command: String,
+    /// Working directory (default: the user's home).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub envs: Option<BTreeMap<String, String>>,
+    /// Seconds; on expiry the command is killed and the exit code is 124.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecuteResponse {
+    pub exit_code: i32,
+    /// stdout and stderr, interleaved.
+    pub result: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct BulkDownloadRequest {
+    pub paths: Vec<String>,
+}
+
+fn runner_error(err: RunnerError) -> ApiError {
+    match err {
+        RunnerError::NotFound(what) => ApiError::not_found(format!("not found: {what}")),
+        RunnerError::InvalidInput(why) => ApiError::bad_request(why),
+        RunnerError::Unavailable(why) => {
+            ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, why)
+        }
+        RunnerError::Io(e) => ApiError::internal(e),
+    }
+}
+
+/// The sandbox must belong to the caller's organisation and be started.
+async fn started_sandbox(state: &AppState, org: &str, id: &str) -> ApiResult<String> {
+    let db = state.services.db.clone();
+    let (org, key) = (org.to_string(), id.to_string());
+    let sandbox = blocking(move || db.sandbox(&org, &key)).await?;
+    let sandbox = sandbox.ok_or_else(|| ApiError::not_found(format!("sandbox {id} not found")))?;
+    if sandbox.state != sandbox_state::STARTED {
+        return Err(ApiError::bad_request(format!(
+            "sandbox {id} is not started (state {})",
+            sandbox.state
+        )));
+    }
+    Ok(sandbox.id)
+}
+
+/// Runs a shell line in the sandbox; a non-zero exit is a normal answer.
+#[utoipa::path(
+    post, path = "/toolbox/{sandboxId}/process/execute", tag = "toolbox",
+    params(("sandboxId" = String, Path, description = "Sandbox id")),
+    request_body = ExecuteRequest,
+    responses((status = 200, body = ExecuteResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+pub async fn execute(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    Path(sandbox_id): Path<String>,
+    body: Result<Json<ExecuteRequest>, JsonRejection>,
+) -> ApiResult<Json<ExecuteResponse>> {
+    let Json(body) = body?;
+    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    let request = ExecRequest {
+        command: body.command,
+        cwd: body.cwd.filter(|cwd| !cwd.is_empty()),
+        env: body.envs.unwrap_or_default(),
+        timeout: body.timeout.filter(|t| *t > 0).map(Duration::from_secs),
+    };
+    let result = state.services.runner.exec(&id, request).await.map_err(runner_error)?;
+    Ok(Json(ExecuteResponse { exit_code: result.exit_code, result: result.output }))
+}
+
+/// Which field of `files[i].path` / `files[i].file` a multipart part is.
+enum UploadField {
+    Path(usize),
+    File(usize),
+}
+
+fn parse_field_name(name: &str) -> Option<UploadField> {
+    let rest = name.strip_prefix("files[")?;
+    let (index, field) = rest.split_once("].")?;
+    let index = index.parse().ok()?;
+    match field {
+        "path" => Some(UploadField::Path(index)),
+        "file" => Some(UploadField::File(index)),
+        _ => None,
+    }
+}
+
+/// Uploads files: for each i a text field `files[i].path` and a file part `files[i].file`. File
+/// contents are streamed into the sandbox; a file part that arrives before its path is spooled
+/// to a temporary file (never held in memory).
+#[utoipa::path(
+    post, path = "/toolbox/{sandboxId}/files/bulk-upload", tag = "toolbox",
+    params(("sandboxId" = String, Path, description = "Sandbox id")),
+    request_body(content_type = "multipart/form-data", description = "files[i].path and files[i].file parts"),
+    responses((status = 200, description = "all files written"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+pub async fn bulk_upload(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    Path(sandbox_id): Path<String>,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> ApiResult<()> {
+    let mut multipart =
+        multipart.map_err(|e| ApiError::bad_request(format!("invalid multipart body: {e}")))?;
+    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    let runner = &state.services.runner;
+    let mut paths: HashMap<usize, String> = HashMap::new();
+    let mut spooled: HashMap<usize, tokio::fs::File> = HashMap::new();
+    let bad_part = |e: axum::extract::multipart::MultipartError| {
+        ApiError::bad_request(format!("invalid multipart body: {e}"))
+    };
+    while let Some(field) = multipart.next_field().await.map_err(bad_part)? {
+        let Some(kind) = field.name().and_then(parse_field_name) else {
+            continue; // Unknown parts are ignored, like unknown JSON fields.
+        };
+        match kind {
+            UploadField::Path(index) => {
+                let path = field.text().await.map_err(bad_part)?;
+                if let Some(mut file) = spooled.remove(&index) {
+                    file.rewind().await.map_err(ApiError::internal)?;
+                    runner.upload(&id, &path, file).await.map_err(runner_error)?;
+                }
+                paths.insert(index, path);
+            }
+            UploadField::File(index) => {
+                let mut body = StreamReader::new(field.map_err(std::io::Error::other));
+                match paths.get(&index) {
+                    Some(path) => runner.upload(&id, path, &mut body).await.map_err(runner_error)?,
+                    None => {
+                        let spool = tempfile::tempfile().map_err(ApiError::internal)?;
+                        let mut spool = tokio::fs::File::from_std(spool);
+                        tokio::io::copy(&mut body, &mut spool)
+                            .await
+                            .map_err(|e| ApiError::bad_request(format!("reading files[{index}].file: {e}")))?;
+                        spooled.insert(index, spool);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(index) = spooled.keys().min() {
+        return Err(ApiError::bad_request(format!("files[{index}].file has no files[{index}].path")));
+    }
+    Ok(())
+}
+
+/// Downloads files as `multipart/form-data`: a part `name="file"; filename="<path>"` per file,
+/// or a part `name="error"` with a JSON error for a path that cannot be read.
+#[utoipa::path(
+    post, path = "/toolbox/{sandboxId}/files/bulk-download", tag = "toolbox",
+    params(("sandboxId" = String, Path, description = "Sandbox id")),
+    request_body = BulkDownloadRequest,
+    responses((status = 200, content_type = "multipart/form-data", description = "one part per path"), (status = 404, body = ErrorBody))
+)]
+pub async fn bulk_download(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    Path(sandbox_id): Path<String>,
+    body: Result<Json<BulkDownloadRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(body) = body?;
+    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    let boundary = format!("cellar-{}", uuid::Uuid::new_v4().simple());
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
+    let services = state.services.clone();
+    let part_boundary = boundary.clone();
+    tokio::spawn(async move {
+        for path in body.paths {
+            let part = match services.runner.download(&id, &path).await {
+                Ok(file) => Ok(file),
+                Err(e) => Err(download_error(&path, e)),
+            };
+            if !write_part(&tx, &part_boundary, &path, part).await {
+                return; // The client went away.
+            }
+        }
+        let _ = tx.send(Ok(Bytes::from(format!("--{part_boundary}--\r\n")))).await;
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    Ok((
+        [(CONTENT_TYPE, format!("multipart/form-data; boundary={boundary}"))],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// The JSON body of an error part, in the shape the Daytona daemon uses.
+fn download_error(path: &str, err: RunnerError) -> serde_json::Value {
+    let (status, code, message) = match &err {
+        RunnerError::NotFound(_) => (404, "FILE_NOT_FOUND", format!("file not found: {path}")),
+        RunnerError::InvalidInput(why) => (400, "BAD_REQUEST", why.clone()),
+        other => (500, "INTERNAL_ERROR", other.to_string()),
+    };
+    serde_json::json!({"message": message, "statusCode": status, "code": code, "source": "DAYTONA_DAEMON"})
+}
+
+/// Sends one part; returns false once the receiver is gone or the file failed midway (the
+/// response then ends without its closing boundary, so the client sees a broken body).
+async fn write_part(
+    tx: &mpsc::Sender<std::io::Result<Bytes>>,
+    boundary: &str,
+    path: &str,
+    part: Result<cellar_runner::FileStream, serde_json::Value>,
+) -> bool {
+    let filename = path.replace('\\', "\\\\").replace('"', "\\\"");
+    let (name, content_type) = match &part {
+        Ok(_) => ("file", "application/octet-stream"),
+        Err(_) => ("error", "application/json"),
+    };
+    let header = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n\
+         Content-Type: {content_type}\r\n\r\n"
+    );
+    if tx.send(Ok(Bytes::from(header))).await.is_err() {
+        return false;
+    }
+    match part {
+        Ok(file) => {
+            let mut chunks = ReaderStream::new(file);
+            while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
+                let failed = chunk.is_err();
+                if tx.send(chunk).await.is_err() || failed {
+                    return false;
+                }
+            }
+        }
+        Err(error) => {
+            if tx.send(Ok(Bytes::from(error.to_string()))).await.is_err() {
+                return false;
+            }
+        }
+    }
+    tx.send(Ok(Bytes::from_static(b"\r\n"))).await.is_ok()
+}

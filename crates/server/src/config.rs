@@ -1,0 +1,177 @@
+//! Server configuration: command-line flags > `CELLAR_*` environment > TOML file > defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3986";
+pub const DEFAULT_VOLUME_QUOTA: u32 = 100;
+
+/// Values given on the command line; `None` falls through to the environment, the file, the default.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigOverrides {
+    pub config_file: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub store: Option<String>,
+    pub public_url: Option<String>,
+    pub volume_quota: Option<u32>,
+}
+
+/// The TOML file (every key optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    store: Option<String>,
+    public_url: Option<String>,
+    volume_quota: Option<u32>,
+    s3: Option<S3Credentials>,
+}
+
+/// Object-store credentials from the TOML file (the environment's AWS_* variables win).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Credentials {
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    // Never print secrets, not even in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("S3Credentials { .. }")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Block store URL of every volume (`file:///dir` or `s3://bucket/prefix?endpoint=...`).
+    pub store_url: String,
+    /// Base URL clients reach this server at (toolboxProxyUrl is built from it); `None` means
+    /// `http://<bound address>`.
+    pub public_url: Option<String>,
+    pub volume_quota: u32,
+    pub s3_credentials: S3Credentials,
+    /// The `cellar` binary the embedded runner starts mount daemons with (`CELLAR_BIN`, else
+    /// this executable).
+    pub cellar_bin: PathBuf,
+}
+
+impl ServerConfig {
+    /// Resolves the configuration from flags, the `CELLAR_*` environment and the TOML file.
+    pub fn resolve(flags: ConfigOverrides) -> anyhow::Result<ServerConfig> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let config_file = flags.config_file.clone().or_else(|| env("CELLAR_CONFIG").map(PathBuf::from));
+        let file = match &config_file {
+            Some(path) => read_config_file(path)?,
+            None => ConfigFile::default(),
+        };
+        let listen = flags
+            .listen
+            .or_else(|| env("CELLAR_LISTEN"))
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen
+            .parse()
+            .with_context(|| format!("listen address {listen:?} is not HOST:PORT"))?;
+        let data_dir = flags
+            .data_dir
+            .or_else(|| env("CELLAR_DATA_DIR").map(PathBuf::from))
+            .or(file.data_dir)
+            .map_or_else(default_data_dir, Ok)?;
+        let data_dir = std::path::absolute(&data_dir)
+            .with_context(|| format!("data directory {}", data_dir.display()))?;
+        let store_url = flags
+            .store
+            .or_else(|| env("CELLAR_STORE"))
+            .or(file.store)
+            .unwrap_or_else(|| default_store_url(&data_dir));
+        let public_url = flags
+            .public_url
+            .or_else(|| env("CELLAR_PUBLIC_URL"))
+            .or(file.public_url)
+            .map(|url| url.trim_end_matches('/').to_string());
+        let volume_quota = match flags.volume_quota {
+            Some(quota) => quota,
+            None => match env("CELLAR_VOLUME_QUOTA") {
+                Some(v) => v.parse().context("CELLAR_VOLUME_QUOTA is not a number")?,
+                None => file.volume_quota.unwrap_or(DEFAULT_VOLUME_QUOTA),
+            },
+        };
+        Ok(ServerConfig {
+            listen,
+            data_dir,
+            store_url,
+            public_url,
+            volume_quota,
+            s3_credentials: file.s3.unwrap_or_default(),
+            cellar_bin: match env("CELLAR_BIN") {
+                Some(bin) => PathBuf::from(bin),
+                None => std::env::current_exe().context("locating the cellar binary")?,
+            },
+        })
+    }
+
+    /// Defaults around a data directory and a `cellar` binary (tests, embedding).
+    pub fn with_data_dir(data_dir: &Path, cellar_bin: &Path) -> ServerConfig {
+        ServerConfig {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            data_dir: data_dir.to_path_buf(),
+            store_url: default_store_url(data_dir),
+            public_url: None,
+            volume_quota: DEFAULT_VOLUME_QUOTA,
+            s3_credentials: S3Credentials::default(),
+            cellar_bin: cellar_bin.to_path_buf(),
+        }
+    }
+
+    /// The object-store credentials the mount daemons and volume maintenance need: the
+    /// environment's AWS_* variables, else the TOML file's `[s3]` keys.
+    pub fn store_env(&self) -> Vec<(String, String)> {
+        let from_file = [
+            ("AWS_ACCESS_KEY_ID", &self.s3_credentials.access_key_id),
+            ("AWS_SECRET_ACCESS_KEY", &self.s3_credentials.secret_access_key),
+        ];
+        let mut vars = Vec::new();
+        for (name, file_value) in from_file {
+            if let Some(value) = std::env::var(name).ok().or_else(|| file_value.clone()) {
+                vars.push((name.to_string(), value));
+            }
+        }
+        for name in ["AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION"] {
+            if let Ok(value) = std::env::var(name) {
+                vars.push((name.to_string(), value));
+            }
+        }
+        vars
+    }
+}
+
+fn read_config_file(path: &Path) -> anyhow::Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+/// `/var/lib/cellar` for root, else `$XDG_DATA_HOME/cellar` (`~/.local/share/cellar`).
+pub fn default_data_dir() -> anyhow::Result<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(PathBuf::from("/var/lib/cellar"));
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("cellar"));
+    }
+    let home = std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/cellar"))
+}
+
+fn default_store_url(data_dir: &Path) -> String {
+    format!("file://{}", data_dir.join("blocks").display())
+}

@@ -1,0 +1,209 @@
+//! State transitions that do real work: provisioning and deleting volumes, starting and destroying
+//! sandboxes. Each runs as its own task so it finishes even when the client that asked goes away;
+//! the reconciler runs the same steps at startup for whatever a crash interrupted.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellar_runner::{Runner, RunnerError, SandboxSpec, VolumeMountSpec, VolumeSource};
+use cellar_vfs::VolumeConfig;
+
+use crate::config::ServerConfig;
+use crate::db::{sandbox_state, volume_state, ControlDb, SandboxRow};
+
+/// What the lifecycle tasks and the API handlers share.
+pub struct Services {
+    pub db: ControlDb,
+    pub runner: Runner,
+    pub config: ServerConfig,
+}
+
+/// Memory budget of the block cache used by volume maintenance in the server process.
+const MAINTENANCE_CACHE_BYTES: u64 = 64 << 20;
+
+impl Services {
+    fn volume_db_path(&self, volume_id: &str) -> PathBuf {
+        self.config.data_dir.join("volumes").join(format!("{volume_id}.db"))
+    }
+
+    fn volume_config(&self, volume_id: &str) -> VolumeConfig {
+        VolumeConfig {
+            meta_url: format!("sqlite://{}", self.volume_db_path(volume_id).display()),
+            store_url: self.config.store_url.clone(),
+            volume: volume_id.to_string(),
+            cache_mem_bytes: MAINTENANCE_CACHE_BYTES,
+            cache_dir: None,
+            cache_disk_bytes: 0,
+            mount_point: String::new(),
+        }
+    }
+
+    fn volume_source(&self, volume_id: &str) -> VolumeSource {
+        let config = self.volume_config(volume_id);
+        VolumeSource {
+            volume_id: volume_id.to_string(),
+            meta_url: config.meta_url,
+            store_url: config.store_url,
+            volume_name: config.volume,
+            store_env: self.config.store_env(),
+        }
+    }
+
+    /// Formats a volume in `creating` and makes it `ready` (or `error` with the reason).
+    pub async fn provision_volume(self: &Arc<Self>, volume_id: String) {
+        let config = self.volume_config(&volume_id);
+        if let Some(dir) = self.volume_db_path(&volume_id).parent() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                let reason = format!("cannot create {}: {e}", dir.display());
+                self.move_volume(&volume_id, &[volume_state::CREATING], volume_state::ERROR, Some(&reason));
+                return;
+            }
+        }
+        let outcome = run_outside_runtime(move || cellar_vfs::maintenance::format(&config)).await;
+        match outcome {
+            Ok(()) => self.move_volume(&volume_id, &[volume_state::CREATING], volume_state::READY, None),
+            Err(e) => {
+                let reason = format!("formatting the volume failed: {e:#}");
+                self.move_volume(&volume_id, &[volume_state::CREATING], volume_state::ERROR, Some(&reason))
+            }
+        }
+    }
+
+    /// Deletes every object and the metadata of a volume in `pending_delete`/`deleting`, then
+    /// marks it `deleted` (its name is free again).
+    pub async fn delete_volume(self: &Arc<Self>, volume_id: String) {
+        let deleting = [volume_state::PENDING_DELETE, volume_state::DELETING];
+        self.move_volume(&volume_id, &deleting, volume_state::DELETING, None);
+        let config = self.volume_config(&volume_id);
+        // Removes the objects first and the metadata file last, so a retry after a crash
+        // still finds what is left.
+        let outcome = run_outside_runtime(move || cellar_vfs::maintenance::destroy(&config)).await;
+        match outcome {
+            Ok(()) => self.move_volume(&volume_id, &[volume_state::DELETING], volume_state::DELETED, None),
+            Err(e) => {
+                let reason = format!("deleting the volume failed: {e:#}");
+                self.move_volume(&volume_id, &[volume_state::DELETING], volume_state::ERROR, Some(&reason))
+            }
+        }
+    }
+
+    fn move_volume(&self, volume_id: &str, from: &[&str], to: &str, error: Option<&str>) {
+        match self.db.transition_volume(volume_id, from, to, error) {
+            Ok(true) if to == volume_state::ERROR => {
+                tracing::warn!(volume = %volume_id, "volume error: {}", error.unwrap_or_default())
+            }
+            Ok(true) => tracing::info!(volume = %volume_id, "volume {to}"),
+            Ok(false) => tracing::debug!(volume = %volume_id, "volume left {from:?} meanwhile"),
+            Err(e) => tracing::error!(volume = %volume_id, "recording volume state {to}: {e}"),
+        }
+    }
+
+    /// Starts a sandbox in `creating` with the runner: `started`, or `error` with the reason. If
+    /// the sandbox was deleted meanwhile, destroys what was started.
+    pub async fn start_sandbox(self: &Arc<Self>, sandbox: SandboxRow) {
+        let spec = SandboxSpec {
+            id: sandbox.id.clone(),
+            env: sandbox.settings.env.clone(),
+            mounts: sandbox
+                .mounts
+                .iter()
+                .map(|m| VolumeMountSpec {
+                    volume: self.volume_source(&m.volume_id),
+                    mount_path: m.mount_path.clone(),
+                    subpath: m.subpath.clone(),
+                    read_only: m.read_only,
+                })
+                .collect(),
+            cpu: u32::try_from(sandbox.settings.cpu).unwrap_or(u32::MAX),
+            memory_gib: u32::try_from(sandbox.settings.memory).unwrap_or(u32::MAX),
+            network: !sandbox.settings.network_block_all,
+        };
+        let id = sandbox.id;
+        let (to, error) = match self.runner.create_sandbox(spec).await {
+            Ok(()) => (sandbox_state::STARTED, None),
+            Err(e) => {
+                tracing::warn!(sandbox = %id, "starting the sandbox failed: {e}");
+                (sandbox_state::ERROR, Some(format!("starting the sandbox failed: {e}")))
+            }
+        };
+        match self.db.transition_sandbox(&id, &[sandbox_state::CREATING], to, error.as_deref()) {
+            Ok(true) => tracing::info!(sandbox = %id, "sandbox {to}"),
+            // Deleted while starting: the delete left the destroying to us.
+            Ok(false) => self.destroy_sandbox(id).await,
+            Err(e) => tracing::error!(sandbox = %id, "recording sandbox state: {e}"),
+        }
+    }
+
+    /// Destroys a sandbox in `destroying` and marks it `destroyed`.
+    pub async fn destroy_sandbox(self: &Arc<Self>, id: String) {
+        let (to, error) = match self.runner.destroy_sandbox(&id).await {
+            Ok(()) | Err(RunnerError::NotFound(_)) => (sandbox_state::DESTROYED, None),
+            Err(e) => {
+                tracing::warn!(sandbox = %id, "destroying the sandbox failed: {e}");
+                (sandbox_state::ERROR, Some(format!("destroying the sandbox failed: {e}")))
+            }
+        };
+        match self.db.transition_sandbox(&id, &[sandbox_state::DESTROYING], to, error.as_deref()) {
+            Ok(_) => tracing::info!(sandbox = %id, "sandbox {to}"),
+            Err(e) => tracing::error!(sandbox = %id, "recording sandbox state: {e}"),
+        }
+    }
+
+    /// Finishes whatever a previous run of the server left half done.
+    pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
+        for volume in self.db.volumes_in_states(&[volume_state::CREATING])? {
+            tracing::info!(volume = %volume.id, "resuming provisioning");
+            self.provision_volume(volume.id).await;
+        }
+        let deleting = [volume_state::PENDING_DELETE, volume_state::DELETING];
+        for volume in self.db.volumes_in_states(&deleting)? {
+            tracing::info!(volume = %volume.id, "resuming deletion");
+            self.delete_volume(volume.id).await;
+        }
+        for sandbox in self.db.sandboxes_in_state(sandbox_state::DESTROYING)? {
+            tracing::info!(sandbox = %sandbox.id, "resuming destruction");
+            self.destroy_sandbox(sandbox.id).await;
+        }
+        for sandbox in self.db.sandboxes_in_state(sandbox_state::CREATING)? {
+            tracing::info!(sandbox = %sandbox.id, "restarting interrupted creation");
+            // Whatever the runner got to before the crash goes first.
+            if let Err(e) = self.runner.destroy_sandbox(&sandbox.id).await {
+                if !matches!(e, RunnerError::NotFound(_)) {
+                    tracing::warn!(sandbox = %sandbox.id, "cleaning up before restart: {e}");
+                }
+            }
+            self.start_sandbox(sandbox).await;
+        }
+        for sandbox in self.db.sandboxes_in_state(sandbox_state::STARTED)? {
+            if !self.runner.is_running(&sandbox.id) {
+                let reason = "the sandbox is no longer running (its host restarted)";
+                tracing::warn!(sandbox = %sandbox.id, "{reason}");
+                self.db.transition_sandbox(
+                    &sandbox.id,
+                    &[sandbox_state::STARTED],
+                    sandbox_state::ERROR,
+                    Some(reason),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs blocking volume maintenance on a plain thread: the vfs may drive its own async runtime,
+/// which it cannot do from a thread that belongs to ours.
+async fn run_outside_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("cellar-maintenance".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })?;
+    rx.await.map_err(|_| anyhow::anyhow!("volume maintenance thread panicked"))?
+}
+
+/// How long a request waits for a volume still being provisioned.
+pub const VOLUME_READY_WAIT: Duration = Duration::from_secs(60);

@@ -1,0 +1,137 @@
+//! A real server, in-process on a free loopback port, with a temporary data directory and the
+//! default file:// block store.
+
+#![allow(dead_code)] // Each test binary uses a different part of this helper.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cellar_server::{Server, ServerConfig};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// The `cellar` binary the embedded runner starts mount daemons with.
+pub fn cellar_bin() -> PathBuf {
+    std::env::var_os("CELLAR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/cellar"))
+}
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub config: ServerConfig,
+    server: Option<Server>,
+    pub base: String,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::with_data_dir(dir.path(), &cellar_bin());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        adjust(&mut config);
+        let server = Server::start(config.clone()).await.expect("server starts");
+        let key = server.bootstrap_key().expect("first start creates a key").to_string();
+        let base = format!("http://{}", server.local_addr());
+        TestServer { dir, config, server: Some(server), base, key, http: reqwest::Client::new() }
+    }
+
+    /// Stops the server (sandboxes keep running), runs `while_stopped`, starts it again on the
+    /// same data directory.
+    pub async fn restart(&mut self, while_stopped: impl FnOnce(&Path)) {
+        self.server.take().unwrap().shutdown().await.unwrap();
+        while_stopped(self.dir.path());
+        let server = Server::start(self.config.clone()).await.expect("server restarts");
+        assert!(server.bootstrap_key().is_none(), "the bootstrap key is only made once");
+        self.base = format!("http://{}", server.local_addr());
+        self.server = Some(server);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        }
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request.send().await.expect("request reaches the server");
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"))
+        };
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.http.get(self.url(path)).bearer_auth(&self.key)).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.send(self.http.post(self.url(path)).bearer_auth(&self.key).json(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.http.delete(self.url(path)).bearer_auth(&self.key)).await
+    }
+
+    /// Creates a volume and checks it is ready on return.
+    pub async fn create_volume(&self, name: &str) -> Value {
+        let (status, volume) = self.post("/api/volumes", &serde_json::json!({ "name": name })).await;
+        assert_eq!(status, StatusCode::OK, "{volume}");
+        assert_eq!(volume["state"], "ready", "{volume}");
+        volume
+    }
+
+    /// Polls `path` until `field` equals `want`.
+    pub async fn wait_for(&self, path: &str, field: &str, want: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = self.get(path).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            if body[field] == want {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{path} never reached {field}={want}: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn volume_db(&self, volume_id: &str) -> PathBuf {
+        self.dir.path().join("volumes").join(format!("{volume_id}.db"))
+    }
+
+    /// Every regular file under the block store directory.
+    pub fn block_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(&self.dir.path().join("blocks"), &mut files);
+        files
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await.unwrap();
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Behaviour of `BlockStore` over a local directory (`file://`). The S3 backend is exercised
+//! against a real server in `tests/s3.rs`.
+
+use super::*;
+use std::time::Duration;
+
+const MIB: usize = 1 << 20;
+
+fn patterned(len: usize, seed: u8) -> Bytes {
+    (0..len).map(|i| (i % 251) as u8 ^ seed).collect::<Vec<u8>>().into()
+}
+
+fn options(cache_mem_bytes: u64) -> StoreOptions {
+    StoreOptions { cache_mem_bytes, ..StoreOptions::default() }
+}
+
+fn open(dir: &std::path::Path, volume: &str, options: StoreOptions) -> BlockStore {
+    BlockStore::open(&format!("file://{}", dir.display()), volume, options).unwrap()
+}
+
+/// Files under `dir`, relative, with sizes.
+fn files(dir: &std::path::Path) -> Vec<(String, u64)> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<(String, u64)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.push((rel, path.metadata().unwrap().len()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn open_creates_the_directory_and_probe_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a/b");
+    let store = open(&dir, "vol", options(0));
+    assert!(dir.is_dir());
+    store.probe().await.unwrap();
+    assert_eq!(store.list().await.unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn slices_are_split_into_4_mib_blocks_under_the_documented_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "vols/v1", options(0));
+    let data = patterned(10 * MIB + 3, 1);
+    store.put_slice(1_234_567, data.clone()).await.unwrap();
+    let block = 4 * MIB as u64;
+    assert_eq!(
+        files(tmp.path()),
+        vec![
+            ("vols/v1/chunks/1/1234/1234567_0_4194304".to_string(), block),
+            ("vols/v1/chunks/1/1234/1234567_1_4194304".to_string(), block),
+            ("vols/v1/chunks/1/1234/1234567_2_2097155".to_string(), 2 * MIB as u64 + 3),
+        ]
+    );
+    let on_disk = std::fs::read(tmp.path().join("vols/v1/chunks/1/1234/1234567_1_4194304")).unwrap();
+    assert_eq!(on_disk, data[4 * MIB..8 * MIB]);
+}
+
+#[tokio::test]
+async fn reads_across_block_boundaries_return_the_written_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "v", options(0));
+    let data = patterned(10 * MIB, 7);
+    let size = data.len() as u32;
+    store.put_slice(42, data.clone()).await.unwrap();
+    let cases = [
+        (0, 1),
+        (0, size as usize),
+        (4 * MIB - 1, 2),
+        (4 * MIB, 4 * MIB),
+        (3 * MIB, 6 * MIB),
+        (10 * MIB - 5, 5),
+        (123_457, 9 * MIB),
+    ];
+    for (off, len) in cases {
+        let (off, len) = (off as u32, len as u32);
+        let got = store.read_slice(42, size, off, len).await.unwrap();
+        assert_eq!(got, data[off as usize..(off + len) as usize], "off {off} len {len}");
+    }
+    // Reads are clipped at the end of the slice.
+    assert_eq!(store.read_slice(42, size, size - 3, 100).await.unwrap(), data[size as usize - 3..]);
+    assert!(store.read_slice(42, size, size, 100).await.unwrap().is_empty());
+    assert!(store.read_slice(42, size, 5, 0).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn empty_slices_store_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "v", options(0));
+    store.put_slice(1, Bytes::new()).await.unwrap();
+    assert!(store.list().await.unwrap().is_empty());
+    assert!(store.read_slice(1, 0, 0, 10).await.unwrap().is_empty());
+    store.delete_slice(1, 0).await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_blocks_are_not_found_without_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "v", options(0));
+    let data = patterned(5 * MIB, 3);
+    store.put_slice(9, data.clone()).await.unwrap();
+    std::fs::remove_file(tmp.path().join("v/chunks/0/0/9_1_1048576")).unwrap();
+    // The first block is still readable; the range touching the second is not.
+    assert_eq!(store.read_slice(9, 5 * MIB as u32, 0, 10).await.unwrap(), data[..10]);
+    let err = store.read_slice(9, 5 * MIB as u32, 0, 5 * MIB as u32).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(ref k) if k.ends_with("9_1_1048576")), "{err}");
+}
+
+#[tokio::test]
+async fn read_blocks_are_served_from_memory_afterwards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let writer = open(tmp.path(), "v", options(0));
+    let data = patterned(6 * MIB, 5);
+    writer.put_slice(3, data.clone()).await.unwrap();
+
+    let reader = open(tmp.path(), "v", options(64 << 20));
+    let size = data.len() as u32;
+    assert_eq!(reader.read_slice(3, size, 0, size).await.unwrap(), data);
+    // Remove the objects behind the store's back: only a cache can still answer.
+    std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
+    assert_eq!(reader.read_slice(3, size, MIB as u32, 4 * MIB as u32).await.unwrap(), data[MIB..5 * MIB]);
+}
+
+#[tokio::test]
+async fn written_blocks_populate_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "v", options(64 << 20));
+    let data = patterned(9 * MIB, 11);
+    store.put_slice(77, data.clone()).await.unwrap();
+    std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
+    assert_eq!(store.read_slice(77, data.len() as u32, 0, data.len() as u32).await.unwrap(), data);
+}
+
+/// Waits until `dir` holds `count` complete cache files (disk cache writes happen in the
+/// background, through temporary files).
+async fn wait_for_files(dir: &std::path::Path, count: usize) {
+    let complete = || {
+        std::fs::read_dir(dir).map_or(0, |entries| {
+            entries
+                .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".partial"))
+                .count()
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while complete() != count {
+        assert!(std::time::Instant::now() < deadline, "disk cache never held {count} files");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn disk_cache_keeps_written_and_read_blocks_across_stores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (objects, cache_dir) = (tmp.path().join("objects"), tmp.path().join("cache"));
+    let disk_options = StoreOptions {
+        cache_dir: Some(cache_dir.clone()),
+        cache_disk_bytes: 64 << 20,
+        ..options(1 << 20)
+    };
+    let data = patterned(5 * MIB, 13);
+    let size = data.len() as u32;
+
+    // Written blocks go to the disk cache...
+    let writer = open(&objects, "v", disk_options.clone());
+    writer.put_slice(5, data.clone()).await.unwrap();
+    wait_for_files(&cache_dir, 2).await;
+    drop(writer);
+    // ...and so do read blocks (slice 6 written without a cache, then read).
+    open(&objects, "v", options(0)).put_slice(6, data.clone()).await.unwrap();
+    let reader = open(&objects, "v", disk_options.clone());
+    assert_eq!(reader.read_slice(6, size, 0, size).await.unwrap(), data);
+    wait_for_files(&cache_dir, 4).await;
+    drop(reader);
+
+    std::fs::remove_dir_all(objects.join("v")).unwrap();
+    let store = open(&objects, "v", disk_options);
+    assert_eq!(store.read_slice(5, size, 0, size).await.unwrap(), data);
+    assert_eq!(store.read_slice(6, size, 0, size).await.unwrap(), data);
+
+    store.delete_slice(5, size).await.unwrap();
+    store.delete_slice(6, size).await.unwrap();
+    assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 0, "delete evicts cached copies");
+}
+
+#[tokio::test]
+async fn prefetch_fills_the_cache_in_the_background() {
+    let tmp = tempfile::tempdir().unwrap();
+    let writer = open(tmp.path(), "v", options(0));
+    let data = patterned(10 * MIB, 17);
+    let size = data.len() as u32;
+    writer.put_slice(8, data.clone()).await.unwrap();
+
+    let reader = open(tmp.path(), "v", options(128 << 20));
+    reader.prefetch(8, size, 2 * MIB as u32, 8 * MIB as u32);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        reader.inner.mem.run_pending_tasks().await;
+        if reader.inner.mem.entry_count() == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "prefetch never completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
+    assert_eq!(reader.read_slice(8, size, 0, size).await.unwrap(), data);
+}
+
+#[tokio::test]
+async fn prefetch_is_a_no_op_without_a_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "v", options(0));
+    store.put_slice(1, patterned(MIB, 1)).await.unwrap();
+    store.prefetch(1, MIB as u32, 0, MIB as u32);
+    assert_eq!(store.inner.prefetch_permits.available_permits(), 1);
+}
+
+#[tokio::test]
+async fn delete_slice_removes_every_block_and_tolerates_missing_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "v", options(64 << 20));
+    let data = patterned(9 * MIB, 19);
+    let size = data.len() as u32;
+    store.put_slice(4, data.clone()).await.unwrap();
+    store.put_slice(6, patterned(10, 0)).await.unwrap();
+    std::fs::remove_file(tmp.path().join("v/chunks/0/0/4_0_4194304")).unwrap();
+    store.delete_slice(4, size).await.unwrap();
+    store.delete_slice(4, size).await.unwrap();
+    let keys: Vec<String> = store.list().await.unwrap().into_iter().map(|o| o.key).collect();
+    assert_eq!(keys, vec!["chunks/0/0/6_0_10".to_string()]);
+    // The cached copies went with the objects.
+    let err = store.read_slice(4, size, 0, 10).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+}
+
+#[tokio::test]
+async fn list_is_scoped_to_the_volume_and_keys_parse_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = open(tmp.path(), "vols/a", options(0));
+    let b = open(tmp.path(), "vols/b", options(0));
+    a.put_slice(1_000_001, patterned(5 * MIB, 1)).await.unwrap();
+    b.put_slice(2, patterned(100, 2)).await.unwrap();
+    let mut listed = a.list().await.unwrap();
+    listed.sort_by(|x, y| x.key.cmp(&y.key));
+    assert_eq!(
+        listed,
+        vec![
+            ObjectInfo { key: "chunks/1/1000/1000001_0_4194304".into(), size: 4 * MIB as u64 },
+            ObjectInfo { key: "chunks/1/1000/1000001_1_1048576".into(), size: MIB as u64 },
+        ]
+    );
+    let parsed: Vec<_> = listed.iter().map(|o| BlockStore::parse_block_key(&o.key)).collect();
+    assert_eq!(parsed, vec![Some((1_000_001, 0, 4 << 20)), Some((1_000_001, 1, 1 << 20))]);
+
+    for object in &listed {
+        a.delete_key(&object.key).await.unwrap();
+    }
+    a.delete_key(&listed[0].key).await.unwrap();
+    assert!(a.list().await.unwrap().is_empty());
+    assert_eq!(b.list().await.unwrap().len(), 1);
+    // Keys cannot escape the volume prefix.
+    for bad in ["", "/", "../b/chunks/0/0/2_0_100", "chunks/../../b"] {
+        assert!(matches!(a.delete_key(bad).await, Err(StoreError::Config(_))), "{bad:?}");
+    }
+    assert_eq!(b.list().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_reads_of_one_block_share_a_fetch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let writer = open(tmp.path(), "v", options(0));
+    let data = patterned(4 * MIB, 23);
+    writer.put_slice(12, data.clone()).await.unwrap();
+    let reader = open(tmp.path(), "v", options(64 << 20));
+    let reads = (0..8).map(|i| reader.read_slice(12, data.len() as u32, i * 1000, 1000));
+    for (i, got) in futures::future::join_all(reads).await.into_iter().enumerate() {
+        assert_eq!(got.unwrap(), data[i * 1000..(i + 1) * 1000]);
+    }
+    reader.inner.mem.run_pending_tasks().await;
+    assert_eq!(reader.inner.mem.entry_count(), 1);
+}
+
+#[test]
+fn works_from_a_current_thread_runtime_and_drops_inside_async_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = open(tmp.path(), "v", options(1 << 20));
+        store.put_slice(1, patterned(10, 0)).await.unwrap();
+        store.prefetch(1, 10, 0, 10);
+        assert_eq!(store.read_slice(1, 10, 0, 10).await.unwrap(), patterned(10, 0));
+        drop(store);
+    });
+}
+
+#[test]
+fn invalid_options_are_config_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", tmp.path().display());
+    for block_size in [0, 1 << 33] {
+        let err = BlockStore::open(&url, "v", StoreOptions { block_size, ..options(0) }).err().unwrap();
+        assert!(matches!(err, StoreError::Config(_)), "{err}");
+    }
+    let err = BlockStore::open("file://relative/dir", "v", options(0)).err().unwrap();
+    assert!(matches!(err, StoreError::Config(_)), "{err}");
+}

@@ -1,0 +1,203 @@
+//! File handles and data: open/create, read (with read-ahead), write, flush/release/fsync,
+//! fallocate, copy_file_range.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cellar_meta::{Attr, FileKind, Ino, SetAttr};
+use parking_lot::Mutex;
+
+use crate::backend::now_ns;
+use crate::errno::err;
+use crate::handles::{Handle, HandleKind, ReadAhead};
+use crate::volume::Inner;
+use crate::{Ctx, OpenReply, VfsResult, MAX_FILE_SIZE};
+
+/// First read-ahead window of a sequential reader, doubled on each sequential read up to the cap.
+const READAHEAD_INITIAL: u64 = (1 << 20) + (128 << 10);
+const READAHEAD_MAX: u64 = 32 << 20;
+/// copy_file_range moves data through the buffer in pieces of this size.
+const COPY_PIECE: u64 = 4 << 20;
+
+impl Inner {
+    fn new_file_handle(&self, ctx: &Ctx, attr: &Attr, flags: i32) -> (u64, bool) {
+        let file = self.registry.open_file(attr.ino);
+        // Close-to-open: the kernel may keep its page cache only if nothing changed since this
+        // mount last saw the file (or this mount holds newer, unflushed data of its own).
+        let keep_cache = file.data.lock().is_dirty() || self.unchanged_since_seen(attr);
+        let kind = HandleKind::File { file, readahead: Mutex::new(ReadAhead::default()), privileges_dropped: AtomicBool::new(false) };
+        (self.registry.insert_handle(Handle { ino: attr.ino, flags, uid: ctx.uid, kind }), keep_cache)
+    }
+
+    pub(crate) fn open(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<OpenReply> {
+        let attr = self.core.meta.getattr(ino)?;
+        if attr.kind == FileKind::Directory && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return err(libc::EISDIR);
+        }
+        let (fh, keep_cache) = self.new_file_handle(ctx, &attr, flags);
+        Ok(OpenReply { fh, keep_cache })
+    }
+
+    pub(crate) fn create(&self, ctx: &Ctx, parent: Ino, name: &[u8], mode: u32, umask: u32, flags: i32) -> VfsResult<(Attr, OpenReply)> {
+        let attr = self.mknod(ctx, parent, name, (mode & 0o7777) | libc::S_IFREG, umask, 0)?;
+        let (fh, keep_cache) = self.new_file_handle(ctx, &attr, flags);
+        Ok((attr, OpenReply { fh, keep_cache }))
+    }
+
+    pub(crate) fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
+        let handle = self.registry.handle(fh)?;
+        let HandleKind::File { file, readahead, .. } = &handle.kind else { return err(libc::EISDIR) };
+        loop {
+            let generation = file.data.lock().commit_gen;
+            let committed = self.core.meta.getattr(ino)?;
+            let size_now = committed.size.max(file.data.lock().dirty_end());
+            if offset >= size_now {
+                return Ok(Vec::new());
+            }
+            let len = u64::from(size).min(size_now - offset);
+            let mut out = self.core.read_committed(ino, offset, len as usize, committed.size)?;
+            let d = file.data.lock();
+            if d.commit_gen != generation {
+                // This mount committed meanwhile: what was read may predate the commit while the
+                // overlay no longer holds the committed bytes. Read again.
+                continue;
+            }
+            d.overlay(&mut out, offset);
+            drop(d);
+            self.read_ahead(ino, readahead, offset, len, committed.size);
+            return Ok(out);
+        }
+    }
+
+    /// Detects sequential readers and prefetches ahead of them with a growing window.
+    fn read_ahead(&self, ino: Ino, readahead: &Mutex<ReadAhead>, offset: u64, len: u64, size: u64) {
+        let mut ra = readahead.lock();
+        if offset == ra.next {
+            ra.window = if ra.window == 0 { READAHEAD_INITIAL } else { (ra.window * 2).min(READAHEAD_MAX) };
+        } else {
+            ra.window = 0;
+            ra.prefetched_until = 0;
+        }
+        ra.next = offset + len;
+        if ra.window == 0 {
+            return;
+        }
+        let from = ra.next.max(ra.prefetched_until);
+        let to = (ra.next + ra.window).min(size);
+        if from < to {
+            ra.prefetched_until = to;
+            drop(ra);
+            if let Err(e) = self.core.prefetch(ino, from, to) {
+                tracing::debug!(ino, error = %e, "read-ahead failed");
+            }
+        }
+    }
+
+    pub(crate) fn write(&self, fh: u64, offset: u64, data: &[u8]) -> VfsResult<u32> {
+        let handle = self.registry.handle(fh)?;
+        let HandleKind::File { file, privileges_dropped, .. } = &handle.kind else { return err(libc::EISDIR) };
+        if handle.flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return err(libc::EBADF);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        match offset.checked_add(data.len() as u64) {
+            Some(end) if end <= MAX_FILE_SIZE => {}
+            _ => return err(libc::EFBIG),
+        }
+        if handle.uid != 0 && !privileges_dropped.swap(true, Ordering::Relaxed) {
+            self.drop_privileges(handle.ino)?;
+        }
+        self.buffer_write(file, offset, data)?;
+        Ok(data.len() as u32)
+    }
+
+    /// A write by a non-root user clears setuid, and setgid when it means "set group id".
+    fn drop_privileges(&self, ino: Ino) -> VfsResult<()> {
+        let perm = self.core.meta.getattr(ino)?.perm;
+        let mut cleared = perm & !libc::S_ISUID;
+        if perm & libc::S_IXGRP != 0 {
+            cleared &= !libc::S_ISGID;
+        }
+        if cleared != perm {
+            self.core.meta.setattr(ino, &SetAttr { perm: Some(cleared), ..SetAttr::default() }, now_ns())?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn flush(&self, ino: Ino, fh: u64, lock_owner: u64) -> VfsResult<()> {
+        let handle = self.registry.handle(fh)?;
+        let file = handle.file()?;
+        let flushed = self.flush_file(file);
+        if file.posix_locked.load(Ordering::SeqCst) {
+            self.unlock_posix(ino, lock_owner);
+        }
+        flushed
+    }
+
+    pub(crate) fn release(&self, ino: Ino, fh: u64, lock_owner: Option<u64>, flock_release: bool) -> VfsResult<()> {
+        let handle = self.registry.remove_handle(fh)?;
+        let file = handle.file()?;
+        if flock_release {
+            self.unlock_flock(ino, fh);
+        }
+        if let Some(owner) = lock_owner.filter(|_| file.posix_locked.load(Ordering::SeqCst)) {
+            self.unlock_posix(ino, owner);
+        }
+        if file.open_count.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return Ok(());
+        }
+        // Last handle of this mount: nothing may stay buffered, and an unlinked inode goes.
+        let flushed = self.flush_file(file);
+        if file.sustained.swap(false, Ordering::SeqCst) {
+            self.core.meta.release_sustained(self.session, ino)?;
+        }
+        self.registry.forget_if_idle(ino);
+        flushed
+    }
+
+    pub(crate) fn fsync(&self, fh: u64) -> VfsResult<()> {
+        let handle = self.registry.handle(fh)?;
+        self.flush_file(handle.file()?)
+    }
+
+    pub(crate) fn fallocate(&self, ino: Ino, fh: u64, offset: u64, length: u64, mode: i32) -> VfsResult<()> {
+        let handle = self.registry.handle(fh)?;
+        handle.file()?;
+        if offset > i64::MAX as u64 || length == 0 || length > i64::MAX as u64 {
+            return err(libc::EINVAL);
+        }
+        let end = offset + length;
+        if end > MAX_FILE_SIZE {
+            return err(libc::EFBIG);
+        }
+        match mode {
+            0 => {
+                if end > self.getattr(ino)?.size {
+                    self.truncate_file(ino, end)?;
+                }
+                Ok(())
+            }
+            libc::FALLOC_FL_KEEP_SIZE => Ok(()),
+            _ => err(libc::EOPNOTSUPP),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn copy_file_range(&self, ino_in: Ino, fh_in: u64, off_in: u64, ino_out: Ino, fh_out: u64, off_out: u64, len: u64) -> VfsResult<u64> {
+        if ino_in == ino_out && off_in < off_out.saturating_add(len) && off_out < off_in.saturating_add(len) {
+            return err(libc::EINVAL);
+        }
+        let mut copied = 0;
+        while copied < len {
+            let piece = (len - copied).min(COPY_PIECE) as u32;
+            let data = self.read(ino_in, fh_in, off_in + copied, piece)?;
+            if data.is_empty() {
+                break;
+            }
+            let written = self.write(fh_out, off_out + copied, &data)?;
+            copied += u64::from(written);
+        }
+        Ok(copied)
+    }
+}

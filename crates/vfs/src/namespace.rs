@@ -1,0 +1,319 @@
+//! Namespace operations: lookup, attributes (with the permission rules the kernel leaves to the
+//! file system), node creation, removal, rename, directories, xattrs, statfs.
+
+use cellar_meta::{Attr, FileKind, Ino, NewNode, Rename, RenameMode, SetAttr, TimeSet};
+
+use crate::backend::now_ns;
+use crate::errno::err;
+use crate::handles::{Handle, HandleKind};
+use crate::volume::Inner;
+use crate::{Ctx, DirEntryPlus, SetAttrRequest, StatFs, VfsResult, MAX_FILE_SIZE};
+
+const NAME_MAX: usize = 255;
+const SYMLINK_MAX: usize = 4095;
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_VALUE_MAX: usize = 64 << 10;
+/// Virtual capacity reported by statfs (the object store has no fixed size).
+const CAPACITY_BYTES: u64 = 1 << 50;
+const CAPACITY_INODES: u64 = 1 << 40;
+const STATFS_BSIZE: u64 = 4096;
+
+const S_ISUID: u32 = libc::S_ISUID;
+const S_ISGID: u32 = libc::S_ISGID;
+const S_IXGRP: u32 = libc::S_IXGRP;
+
+fn check_name(name: &[u8]) -> VfsResult<()> {
+    if name.len() > NAME_MAX {
+        return err(libc::ENAMETOOLONG);
+    }
+    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+        return err(libc::EINVAL);
+    }
+    Ok(())
+}
+
+/// The file kind named by the type bits of a mknod mode (no type bits: a regular file).
+fn kind_of_mode(mode: u32) -> VfsResult<FileKind> {
+    Ok(match mode & libc::S_IFMT {
+        0 => FileKind::Regular,
+        m if m == libc::S_IFREG => FileKind::Regular,
+        m if m == libc::S_IFIFO => FileKind::Fifo,
+        m if m == libc::S_IFSOCK => FileKind::Socket,
+        m if m == libc::S_IFCHR => FileKind::CharDevice,
+        m if m == libc::S_IFBLK => FileKind::BlockDevice,
+        m if m == libc::S_IFDIR => return err(libc::EPERM),
+        _ => return err(libc::EINVAL),
+    })
+}
+
+impl Inner {
+    pub(crate) fn lookup(&self, parent: Ino, name: &[u8]) -> VfsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return err(libc::ENAMETOOLONG);
+        }
+        Ok(self.overlay_attr(self.core.meta.lookup(parent, name)?))
+    }
+
+    pub(crate) fn getattr(&self, ino: Ino) -> VfsResult<Attr> {
+        Ok(self.overlay_attr(self.core.meta.getattr(ino)?))
+    }
+
+    pub(crate) fn setattr(&self, ctx: &Ctx, ino: Ino, req: SetAttrRequest) -> VfsResult<Attr> {
+        let meta = &self.core.meta;
+        let attr = meta.getattr(ino)?;
+        let root = ctx.uid == 0;
+        let owner = root || ctx.uid == attr.uid;
+        let mut changes = SetAttr { atime: req.atime, mtime: req.mtime, ctime: req.ctime, ..SetAttr::default() };
+        if let Some(uid) = req.uid {
+            if !root && uid != attr.uid {
+                return err(libc::EPERM);
+            }
+            changes.uid = Some(uid);
+        }
+        if let Some(gid) = req.gid {
+            // Non-root owners may only pick a group of their own (approximated by their gid).
+            if !root && (ctx.uid != attr.uid || (gid != attr.gid && gid != ctx.gid)) {
+                return err(libc::EPERM);
+            }
+            changes.gid = Some(gid);
+        }
+        let chown = req.uid.is_some() || req.gid.is_some();
+        let directory = attr.kind == FileKind::Directory;
+        if let Some(mode) = req.mode {
+            if !owner {
+                return err(libc::EPERM);
+            }
+            let mut perm = mode & 0o7777;
+            if !root && !directory && perm & S_ISGID != 0 && changes.gid.unwrap_or(attr.gid) != ctx.gid {
+                perm &= !S_ISGID;
+            }
+            changes.perm = Some(perm);
+        } else if chown && !directory && attr.perm & (S_ISUID | S_ISGID) != 0 {
+            // chown drops setuid, and setgid when it means "set group id" (group-executable).
+            let mut perm = attr.perm & !S_ISUID;
+            if perm & S_IXGRP != 0 {
+                perm &= !S_ISGID;
+            }
+            changes.perm = Some(perm);
+        }
+        let explicit_time = matches!(req.atime, Some(TimeSet::At(_))) || matches!(req.mtime, Some(TimeSet::At(_)));
+        if explicit_time && !owner {
+            return err(libc::EPERM);
+        }
+        if let Some(size) = req.size {
+            match attr.kind {
+                FileKind::Regular => {}
+                FileKind::Directory => return err(libc::EISDIR),
+                _ => return err(libc::EINVAL),
+            }
+            if size > MAX_FILE_SIZE {
+                return err(libc::EFBIG);
+            }
+            self.truncate_file(ino, size)?;
+        }
+        if changes.atime.is_some() || changes.mtime.is_some() {
+            // A later commit of buffered writes would overwrite the times set now.
+            if let Some(file) = self.registry.file(ino) {
+                self.flush_file(&file)?;
+            }
+        }
+        if changes != SetAttr::default() {
+            meta.setattr(ino, &changes, now_ns())?;
+        }
+        self.getattr(ino)
+    }
+
+    pub(crate) fn readlink(&self, ino: Ino) -> VfsResult<Vec<u8>> {
+        Ok(self.core.meta.readlink(ino)?)
+    }
+
+    /// Creates `node` owned by the caller, with the group (plus, for directories, the setgid bit)
+    /// inherited from a setgid parent.
+    fn create_node(&self, ctx: &Ctx, parent: Ino, name: &[u8], mut node: NewNode) -> VfsResult<Attr> {
+        check_name(name)?;
+        let parent_attr = self.core.meta.getattr(parent)?;
+        if parent_attr.kind != FileKind::Directory {
+            return err(libc::ENOTDIR);
+        }
+        let inherit_group = parent_attr.perm & S_ISGID != 0;
+        node.perm &= 0o7777;
+        node.uid = ctx.uid;
+        node.gid = if inherit_group { parent_attr.gid } else { ctx.gid };
+        if node.kind == FileKind::Directory && inherit_group {
+            node.perm |= S_ISGID;
+        } else if node.kind != FileKind::Directory && node.perm & S_ISGID != 0 && ctx.uid != 0 && node.gid != ctx.gid {
+            node.perm &= !S_ISGID;
+        }
+        let attr = self.core.meta.create_node(parent, name, &node, now_ns())?;
+        self.note_seen(&attr);
+        Ok(attr)
+    }
+
+    pub(crate) fn mknod(&self, ctx: &Ctx, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u32) -> VfsResult<Attr> {
+        let kind = kind_of_mode(mode)?;
+        self.create_node(ctx, parent, name, new_node(kind, mode & !umask, rdev, Vec::new()))
+    }
+
+    pub(crate) fn mkdir(&self, ctx: &Ctx, parent: Ino, name: &[u8], mode: u32, umask: u32) -> VfsResult<Attr> {
+        self.create_node(ctx, parent, name, new_node(FileKind::Directory, mode & !umask, 0, Vec::new()))
+    }
+
+    pub(crate) fn symlink(&self, ctx: &Ctx, parent: Ino, name: &[u8], target: &[u8]) -> VfsResult<Attr> {
+        if target.is_empty() {
+            return err(libc::ENOENT);
+        }
+        if target.len() > SYMLINK_MAX {
+            return err(libc::ENAMETOOLONG);
+        }
+        self.create_node(ctx, parent, name, new_node(FileKind::Symlink, 0o777, 0, target.to_vec()))
+    }
+
+    pub(crate) fn unlink(&self, parent: Ino, name: &[u8]) -> VfsResult<()> {
+        if name.len() > NAME_MAX {
+            return err(libc::ENAMETOOLONG);
+        }
+        let keep_open = |ino: Ino| self.registry.keep_open(ino);
+        self.core.meta.unlink(parent, name, self.session, &keep_open, now_ns())?;
+        Ok(())
+    }
+
+    pub(crate) fn rmdir(&self, parent: Ino, name: &[u8]) -> VfsResult<()> {
+        if name.len() > NAME_MAX {
+            return err(libc::ENAMETOOLONG);
+        }
+        if name == b"." {
+            return err(libc::EINVAL);
+        }
+        if name == b".." {
+            return err(libc::ENOTEMPTY);
+        }
+        self.core.meta.rmdir(parent, name, now_ns())?;
+        Ok(())
+    }
+
+    pub(crate) fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], mode: RenameMode) -> VfsResult<()> {
+        if name.len() > NAME_MAX {
+            return err(libc::ENAMETOOLONG);
+        }
+        check_name(new_name)?;
+        let req = Rename { src_parent: parent, src_name: name, dst_parent: new_parent, dst_name: new_name, mode };
+        let keep_open = |ino: Ino| self.registry.keep_open(ino);
+        self.core.meta.rename(&req, self.session, &keep_open, now_ns())?;
+        Ok(())
+    }
+
+    pub(crate) fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> VfsResult<Attr> {
+        check_name(new_name)?;
+        let attr = self.core.meta.link(ino, new_parent, new_name, now_ns())?;
+        Ok(self.overlay_attr(attr))
+    }
+
+    pub(crate) fn opendir(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<u64> {
+        if self.core.meta.getattr(ino)?.kind != FileKind::Directory {
+            return err(libc::ENOTDIR);
+        }
+        Ok(self.registry.insert_handle(Handle { ino, flags, uid: ctx.uid, kind: HandleKind::Dir }))
+    }
+
+    /// "." (offset 1), ".." (offset 2), then entries whose offsets are their stable cookies.
+    pub(crate) fn readdir(&self, ino: Ino, fh: u64, offset: u64, limit: usize, plus: bool) -> VfsResult<Vec<DirEntryPlus>> {
+        let handle = self.registry.handle(fh)?;
+        if !matches!(handle.kind, HandleKind::Dir) {
+            return err(libc::ENOTDIR);
+        }
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        if offset < 2 {
+            let dir = self.core.meta.getattr(ino)?;
+            let parent = if ino == crate::ROOT_INO { ino } else { dir.parent };
+            if offset < 1 {
+                out.push(DirEntryPlus { ino, offset: 1, kind: FileKind::Directory, name: b".".to_vec(), attr: plus.then(|| dir.clone()) });
+            }
+            if out.len() < limit {
+                let attr = if plus { Some(self.core.meta.getattr(parent)?) } else { None };
+                out.push(DirEntryPlus { ino: parent, offset: 2, kind: FileKind::Directory, name: b"..".to_vec(), attr });
+            }
+        }
+        if out.len() < limit {
+            for e in self.core.meta.readdir(ino, offset.max(2), limit - out.len(), plus)? {
+                out.push(DirEntryPlus {
+                    ino: e.ino,
+                    offset: e.cookie,
+                    kind: e.kind,
+                    name: e.name,
+                    attr: e.attr.map(|a| self.overlay_attr(a)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn releasedir(&self, fh: u64) -> VfsResult<()> {
+        self.registry.remove_handle(fh).map(drop)
+    }
+
+    pub(crate) fn statfs(&self) -> VfsResult<StatFs> {
+        let usage = self.core.meta.usage()?;
+        let blocks = CAPACITY_BYTES / STATFS_BSIZE;
+        let bfree = blocks.saturating_sub(usage.bytes.div_ceil(STATFS_BSIZE));
+        let ffree = CAPACITY_INODES.saturating_sub(usage.inodes);
+        Ok(StatFs {
+            blocks,
+            bfree,
+            bavail: bfree,
+            files: CAPACITY_INODES,
+            ffree,
+            bsize: STATFS_BSIZE as u32,
+            namelen: NAME_MAX as u32,
+            frsize: STATFS_BSIZE as u32,
+        })
+    }
+
+    pub(crate) fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> VfsResult<()> {
+        check_xattr_name(name)?;
+        if value.len() > XATTR_VALUE_MAX {
+            return err(libc::E2BIG);
+        }
+        let mode = match flags & (libc::XATTR_CREATE | libc::XATTR_REPLACE) {
+            0 => cellar_meta::XattrMode::Any,
+            libc::XATTR_CREATE => cellar_meta::XattrMode::Create,
+            libc::XATTR_REPLACE => cellar_meta::XattrMode::Replace,
+            _ => return err(libc::EINVAL),
+        };
+        Ok(self.core.meta.set_xattr(ino, name, value, mode, now_ns())?)
+    }
+
+    pub(crate) fn getxattr(&self, ino: Ino, name: &[u8]) -> VfsResult<Vec<u8>> {
+        check_xattr_name(name)?;
+        Ok(self.core.meta.get_xattr(ino, name)?)
+    }
+
+    /// Names, each followed by a NUL (the listxattr(2) format).
+    pub(crate) fn listxattr(&self, ino: Ino) -> VfsResult<Vec<u8>> {
+        let mut out = Vec::new();
+        for name in self.core.meta.list_xattr(ino)? {
+            out.extend_from_slice(&name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn removexattr(&self, ino: Ino, name: &[u8]) -> VfsResult<()> {
+        check_xattr_name(name)?;
+        Ok(self.core.meta.remove_xattr(ino, name, now_ns())?)
+    }
+}
+
+/// A node to create; ownership is filled in by `create_node`.
+fn new_node(kind: FileKind, perm: u32, rdev: u32, target: Vec<u8>) -> NewNode {
+    NewNode { kind, perm, uid: 0, gid: 0, rdev, target }
+}
+
+fn check_xattr_name(name: &[u8]) -> VfsResult<()> {
+    if name.is_empty() || name.len() > XATTR_NAME_MAX {
+        return err(libc::ERANGE);
+    }
+    Ok(())
+}

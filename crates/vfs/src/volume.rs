@@ -1,0 +1,163 @@
+//! A mounted volume: backends, session, open handles, dirty state and background threads.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use cellar_meta::{Attr, Ino, SessionId, SessionInfo};
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::backend::{now_ns, Core};
+use crate::handles::Registry;
+use crate::{Invalidation, VolumeConfig};
+
+/// Sessions whose heartbeat is older than this are considered crashed and reaped.
+pub(crate) const STALE_SESSION_AGE: Duration = Duration::from_secs(60);
+type Invalidator = Box<dyn Fn(Invalidation) + Send + Sync>;
+
+const DEFAULT_GC_GRACE: Duration = Duration::from_secs(600);
+
+/// Grace period before garbage objects are deleted: `CELLAR_GC_GRACE_SECS` or 10 minutes.
+pub(crate) fn gc_grace() -> Duration {
+    std::env::var("CELLAR_GC_GRACE_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_GC_GRACE)
+}
+
+/// Wakes background threads early when the volume shuts down.
+#[derive(Default)]
+pub(crate) struct Stopper {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        *self.stopped.lock() = true;
+        self.wake.notify_all();
+    }
+
+    /// Sleeps up to `period`; returns true if the volume is stopping.
+    pub fn wait(&self, period: Duration) -> bool {
+        let mut stopped = self.stopped.lock();
+        if !*stopped {
+            self.wake.wait_for(&mut stopped, period);
+        }
+        *stopped
+    }
+}
+
+pub(crate) struct Inner {
+    pub core: Core,
+    pub session: SessionId,
+    pub registry: Registry,
+    /// (mtime, size) of each inode as this mount last saw it: its kernel page cache is valid
+    /// while they are unchanged.
+    seen: Mutex<HashMap<Ino, (i64, u64)>>,
+    /// Bytes buffered or uploading across the mount.
+    pub dirty_bytes: AtomicU64,
+    invalidator: RwLock<Option<Invalidator>>,
+    pub stopper: Arc<Stopper>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    closed: AtomicBool,
+    pub gc_grace: Duration,
+}
+
+impl Inner {
+    pub fn open_volume(config: &VolumeConfig) -> anyhow::Result<Arc<Inner>> {
+        let core = Core::open(config, true)?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let session = core
+            .meta
+            .open_session(&SessionInfo { host, pid: std::process::id(), mount_point: config.mount_point.clone(), now_ns: now_ns() })
+            .context("opening a metadata session")?;
+        let inner = Arc::new(Inner {
+            core,
+            session,
+            registry: Registry::default(),
+            seen: Mutex::new(HashMap::new()),
+            dirty_bytes: AtomicU64::new(0),
+            invalidator: RwLock::new(None),
+            stopper: Arc::new(Stopper::default()),
+            threads: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            gc_grace: gc_grace(),
+        });
+        inner.reap_stale_sessions();
+        let threads = crate::background::start(&inner).context("starting background threads")?;
+        *inner.threads.lock() = threads;
+        tracing::info!(volume = %inner.core.volume.name, session, "volume opened");
+        Ok(inner)
+    }
+
+    pub fn reap_stale_sessions(&self) {
+        match self.core.meta.reap_stale_sessions(now_ns(), STALE_SESSION_AGE.as_nanos() as i64) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "reaped sessions of crashed mounts"),
+            Err(e) => tracing::warn!(error = %e, "could not reap stale sessions"),
+        }
+    }
+
+    /// Flushes every dirty inode, stops the background threads, closes the session. Idempotent.
+    pub fn shutdown(&self) -> anyhow::Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut failed = 0;
+        for file in self.registry.all_files() {
+            if let Err(e) = self.flush_file(&file) {
+                tracing::error!(ino = file.ino, error = %e, "could not flush a file at shutdown");
+                failed += 1;
+            }
+        }
+        self.stopper.stop();
+        for thread in self.threads.lock().drain(..) {
+            let _ = thread.join();
+        }
+        self.core.meta.close_session(self.session).context("closing the metadata session")?;
+        anyhow::ensure!(failed == 0, "{failed} file(s) could not be flushed; their last writes are lost");
+        Ok(())
+    }
+
+    /// Records what this mount's kernel cache now holds for the inode.
+    pub fn note_seen(&self, attr: &Attr) {
+        self.seen.lock().insert(attr.ino, (attr.mtime_ns, attr.size));
+    }
+
+    /// Whether the inode is unchanged since this mount last saw it (and remembers it now).
+    pub fn unchanged_since_seen(&self, attr: &Attr) -> bool {
+        self.seen.lock().insert(attr.ino, (attr.mtime_ns, attr.size)) == Some((attr.mtime_ns, attr.size))
+    }
+
+    pub fn forget_seen(&self, ino: Ino) {
+        self.seen.lock().remove(&ino);
+    }
+
+    /// Attributes as this mount sees them: buffered writes count toward size and mtime.
+    pub fn overlay_attr(&self, mut attr: Attr) -> Attr {
+        if let Some(file) = self.registry.file(attr.ino) {
+            let d = file.data.lock();
+            if d.is_dirty() {
+                attr.size = attr.size.max(d.dirty_end());
+                attr.mtime_ns = attr.mtime_ns.max(d.mtime_ns);
+                attr.ctime_ns = attr.ctime_ns.max(d.mtime_ns);
+            }
+        }
+        attr
+    }
+
+    pub fn set_invalidator(&self, f: Invalidator) {
+        *self.invalidator.write() = Some(f);
+    }
+
+    pub fn invalidate(&self, what: Invalidation) {
+        if let Some(f) = self.invalidator.read().as_ref() {
+            f(what);
+        }
+    }
+}

@@ -1,0 +1,105 @@
+"""Prints the compatibility matrix from the JSON-lines results of both suites.
+
+Usage: python matrix.py RESULTS_DIR   (exit status 1 when any case failed or a suite left no results)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+CASES = OrderedDict(
+    [
+        ("a", "docs TypeScript example, verbatim"),
+        ("b", "docs Python example, VolumeMount(volume_id=, mount_path=)"),
+        ("c", "two sandboxes share one volume"),
+        ("d", "one sandbox mounts two volumes"),
+        ("e", "the volume outlives its sandbox"),
+        ("f", "delete a volume in use -> conflict error"),
+        ("g", "mount-path rules -> bad-request error"),
+        ("h", "read-only mount; subpath cannot be escaped"),
+        ("i", "no store/DB credentials in the sandbox"),
+    ]
+)
+ONLY_IN = {"a": "ts", "b": "py"}
+
+# The same client call spelled by each client.
+CALL_ALIASES = {
+    "process.exec": "process exec",
+    "process.executeCommand": "process exec",
+    "fs.upload_file": "fs upload file",
+    "fs.uploadFile": "fs upload file",
+    "fs.download_file": "fs download file",
+    "fs.downloadFile": "fs download file",
+    "fs.create_folder": "fs create folder",
+    "fs.createFolder": "fs create folder",
+    "fs.list_files": "fs list files",
+    "fs.listFiles": "fs list files",
+    "volume.get(create=True)": "volume.get(name, create)",
+    "volume.get(create=true)": "volume.get(name, create)",
+    "delete(sandbox)": "delete(sandbox)",
+    "daytona.delete(sandbox)": "delete(sandbox)",
+    "sandbox.delete(wait=True)": "sandbox.delete(wait)",
+    "sandbox.delete(wait)": "sandbox.delete(wait)",
+}
+
+
+def load(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cell(records: list[dict]) -> str:
+    if not records:
+        return "-"
+    failures = sum(1 for r in records if not r["ok"])
+    return "pass" if failures == 0 else f"FAIL {failures}/{len(records)}"
+
+
+def main() -> int:
+    results = Path(sys.argv[1])
+    cases = {lang: load(results / f"{lang}-cases.jsonl") for lang in ("py", "ts")}
+    calls = {lang: load(results / f"{lang}-calls.jsonl") for lang in ("py", "ts")}
+    failed = False
+
+    print("\nCompatibility matrix: cases (issue 3, point 6)")
+    print(f"  {'case':<58} {'Python':<10} {'TypeScript':<10}")
+    for letter, title in CASES.items():
+        cells = []
+        for lang in ("py", "ts"):
+            if ONLY_IN.get(letter, lang) != lang:
+                cells.append("n/a")
+                continue
+            value = cell([r for r in cases[lang] if r["case"] == letter])
+            failed |= value != "pass"
+            cells.append(value if value != "-" else "NOT RUN")
+        print(f"  {letter}. {title:<55} {cells[0]:<10} {cells[1]:<10}")
+
+    print("\nCompatibility matrix: client calls")
+    print(f"  {'call':<58} {'Python':<10} {'TypeScript':<10}")
+    rows: OrderedDict[str, dict[str, list[dict]]] = OrderedDict()
+    for lang in ("py", "ts"):
+        for record in calls[lang]:
+            row = CALL_ALIASES.get(record["call"], record["call"])
+            rows.setdefault(row, {"py": [], "ts": []})[lang].append(record)
+    for row in sorted(rows, key=lambda name: (name.startswith("create -> 400"), name)):
+        print(f"  {row:<58} {cell(rows[row]['py']):<10} {cell(rows[row]['ts']):<10}")
+
+    failures = [(lang, r) for lang in ("py", "ts") for r in cases[lang] if not r["ok"]]
+    if failures:
+        print("\nFailures (first line of each):")
+        for lang, record in failures:
+            first = (record.get("error") or "").strip().splitlines()
+            print(f"  [{lang}] {record['case']} {record['test']}: {first[0][:300] if first else ''}")
+    for lang in ("py", "ts"):
+        if not cases[lang]:
+            print(f"\nno {lang} results in {results}: that suite did not run")
+            failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Compatibility tests of Cellar with the OFFICIAL Daytona clients: PyPI `daytona` and npm
+# `@daytonaio/sdk`, at the versions pinned in requirements.txt and package.json.
+#
+# Starts `cellar server` on a free loopback port with a temporary data directory and a file://
+# store, points the clients at it (DAYTONA_API_URL, DAYTONA_API_KEY = the bootstrap key the server
+# prints on first start), runs the Python (pytest) and TypeScript (node) suites, prints a matrix
+# (case x client and call x client) and exits non-zero on any failure. Builds nothing.
+#
+# Environment:
+#   CELLAR_BIN       the cellar binary (default: target/release/cellar of this repository)
+#   COMPAT_SUITES    which suites to run (default: "py ts")
+#   COMPAT_MEASURE   1 (default) to also print the timing and concurrency measurements, 0 to skip
+#   COMPAT_KEEP      1 to keep the server's data directory and log for inspection
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+CELLAR_BIN=${CELLAR_BIN:-$REPO/target/release/cellar}
+SUITES=${COMPAT_SUITES:-py ts}
+MEASURE=${COMPAT_MEASURE:-1}
+
+if [[ ! -x $CELLAR_BIN ]]; then
+    echo "run.sh: no cellar binary at $CELLAR_BIN: build it (cargo build --release -p cellar-cli) or set CELLAR_BIN" >&2
+    exit 2
+fi
+
+# --- the official clients, pinned -------------------------------------------------------------
+cd "$HERE"
+if ! .venv/bin/python -c 'import daytona, pytest' 2>/dev/null \
+    || ! .venv/bin/pip freeze 2>/dev/null | grep -qxF "$(grep -E '^daytona==' requirements.txt)"; then
+    echo "== installing the Python client ($(grep -E '^daytona==' requirements.txt))"
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+fi
+if [[ ! -d node_modules/@daytonaio/sdk ]] || [[ package-lock.json -nt node_modules/.package-lock.json ]]; then
+    echo "== installing the TypeScript client (npm ci)"
+    npm ci --no-audit --no-fund --loglevel=error
+fi
+
+# --- the server -----------------------------------------------------------------------------------
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Under /var/tmp, not /tmp: a sandbox that saw the host's /var would see the control DB (case i, h).
+DATA_DIR=$(mktemp -d /var/tmp/cellar-compat.XXXXXX)
+RESULTS=$HERE/.work/results-$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$RESULTS"
+SERVER_LOG=$RESULTS/server.log
+# Fake credentials in the server's environment; case i checks no sandbox can see them.
+CANARY=canary-$(python3 -c 'import secrets; print(secrets.token_hex(8))')
+
+SERVER_PID=
+cleanup() {
+    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID"
+        for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$SERVER_PID" 2>/dev/null && kill -KILL "$SERVER_PID"
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    # FUSE mounts a crashed server may have left under its data directory.
+    awk -v d="$DATA_DIR" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r mnt; do
+        fusermount3 -uz "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+    done
+    if [[ ${COMPAT_KEEP:-0} == 1 ]]; then
+        echo "kept: data dir $DATA_DIR, results and server log in $RESULTS"
+    else
+        rm -rf "$DATA_DIR"
+    fi
+}
+trap cleanup EXIT
+
+echo "== starting $CELLAR_BIN server on 127.0.0.1:$PORT (data dir $DATA_DIR, log $SERVER_LOG)"
+env AWS_ACCESS_KEY_ID="cellar-access-$CANARY" \
+    AWS_SECRET_ACCESS_KEY="cellar-secret-$CANARY" \
+    AWS_SESSION_TOKEN="cellar-session-$CANARY" \
+    PGPASSWORD="cellar-db-$CANARY" \
+    "$CELLAR_BIN" server --listen "127.0.0.1:$PORT" --data-dir "$DATA_DIR" --store "file://$DATA_DIR/blocks" \
+    >"$SERVER_LOG" 2>&1 &
+SERVER_PID=$!
+
+# The bootstrap key is printed once, on the first start: `cellar_` and 64 hex digits.
+API_KEY=
+for _ in $(seq 1 300); do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        echo "run.sh: the server exited during start-up; its log:" >&2
+        cat "$SERVER_LOG" >&2
+        exit 1
+    fi
+    API_KEY=${API_KEY:-$(grep -oE 'cellar_[0-9a-f]{64}' "$SERVER_LOG" | head -n 1 || true)}
+    if [[ -n $API_KEY ]] && curl -sf -o /dev/null -H "Authorization: Bearer $API_KEY" \
+        "http://127.0.0.1:$PORT/api/volumes"; then
+        break
+    fi
+    sleep 0.1
+done
+if [[ -z $API_KEY ]]; then
+    echo "run.sh: no bootstrap API key (cellar_<64 hex>) in the server's output after 30 s; its log:" >&2
+    cat "$SERVER_LOG" >&2
+    exit 1
+fi
+
+# Only these reach the clients: nothing of the developer's own Daytona configuration.
+unset DAYTONA_JWT_TOKEN DAYTONA_ORGANIZATION_ID DAYTONA_TARGET DAYTONA_SERVER_URL
+export DAYTONA_API_URL="http://127.0.0.1:$PORT/api"
+export DAYTONA_API_KEY=$API_KEY
+export COMPAT_RESULTS=$RESULTS COMPAT_CANARY=$CANARY COMPAT_DATA_DIR=$DATA_DIR
+export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+echo "== DAYTONA_API_URL=$DAYTONA_API_URL"
+
+status=0
+for suite in $SUITES; do
+    case $suite in
+        py)
+            echo "== Python: daytona $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("daytona"))')"
+            .venv/bin/python -m pytest -q -p no:cacheprovider -o console_output_style=classic --tb=short \
+                --rootdir "$HERE/py" "$HERE/py" || status=1
+            ;;
+        ts)
+            echo "== TypeScript: @daytonaio/sdk $(node -p 'require("@daytonaio/sdk/package.json").version')"
+            node ts/run.mjs || status=1
+            ;;
+        *)
+            echo "run.sh: unknown suite $suite (py, ts)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+.venv/bin/python matrix.py "$RESULTS" || status=1
+
+if [[ $MEASURE == 1 ]]; then
+    .venv/bin/python py/measure.py || echo "(measurement aborted: see above)"
+fi
+
+if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "run.sh: the server died during the tests; tail of its log:" >&2
+    tail -n 40 "$SERVER_LOG" >&2
+    status=1
+fi
+exit $status
