@@ -14,6 +14,10 @@ const CELLAR_CRATES: [&str; 7] = [
     "cellar_runner",
 ];
 
+/// fuser warns that its own clean-up unmount failed whenever the file system was unmounted from
+/// outside (`umount`, `cellar umount`), which is the normal way to end a mount.
+const QUIETED: &str = "fuser::mnt=error";
+
 /// `RUST_LOG` wins; otherwise Cellar's own crates log at info (debug with -v) and everything
 /// else at warn (-vv: trace everywhere).
 pub fn init(verbose: u8, colours: bool) {
@@ -23,7 +27,9 @@ pub fn init(verbose: u8, colours: bool) {
             1 => ("debug", "info"),
             _ => ("trace", "trace"),
         };
-        let directives: Vec<String> = std::iter::once(others.to_owned())
+        let directives: Vec<String> = [others, QUIETED]
+            .into_iter()
+            .map(str::to_owned)
             .chain(CELLAR_CRATES.iter().map(|krate| format!("{krate}={own}")))
             .collect();
         EnvFilter::new(directives.join(","))

@@ -296,6 +296,31 @@ fn file_operations_persist_across_remounts() {
 }
 
 #[test]
+fn two_mounts_of_one_volume_share_data_and_locks() {
+    let volume = TestVolume::new("shared");
+    let first = volume.mount(&volume.new_mount_point("a"));
+    let second = volume.mount(&volume.new_mount_point("b"));
+
+    fs::write(first.path("notes"), b"one").unwrap();
+    assert_eq!(fs::read(second.path("notes")).unwrap(), b"one");
+    // Close-to-open: a longer rewrite is seen whole, not cut at the old cached size.
+    fs::write(first.path("notes"), b"one, two, three").unwrap();
+    assert_eq!(fs::read(second.path("notes")).unwrap(), b"one, two, three");
+
+    let here = fs::File::open(first.path("notes")).unwrap();
+    let there = fs::File::open(second.path("notes")).unwrap();
+    flock(&here, libc::LOCK_EX).unwrap();
+    let refused = flock(&there, libc::LOCK_SH | libc::LOCK_NB).unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EWOULDBLOCK));
+    drop(here);
+    flock(&there, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    drop(there);
+
+    first.unmount();
+    second.unmount();
+}
+
+#[test]
 fn sigterm_unmounts_a_foreground_mount_and_keeps_the_data() {
     let volume = TestVolume::new("sigterm");
     let mount_point = volume.new_mount_point("mnt");

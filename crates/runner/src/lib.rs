@@ -166,8 +166,12 @@ impl Runner {
             }
         }
         let running_ids: HashSet<String> = running.keys().cloned().collect();
-        self.mounts.recover(&running_ids)?;
+        let remounted = self.mounts.recover(&running_ids)?;
+        let records: Vec<Arc<SandboxRecord>> = running.values().cloned().collect();
         *self.sandboxes.lock().expect("sandbox table poisoned") = running;
+        for volume_id in remounted {
+            rebind_volume(&self.mounts, &records, &volume_id);
+        }
         Ok(())
     }
 
@@ -216,9 +220,19 @@ impl Runner {
             if !acquired.contains(&source.volume_id) {
                 acquired.push(source.volume_id.clone());
             }
+            let others: Vec<Arc<SandboxRecord>> = self
+                .sandboxes
+                .lock()
+                .expect("sandbox table poisoned")
+                .values()
+                .cloned()
+                .collect();
             let dir = tokio::task::spawn_blocking(move || {
-                let mount_point = mounts.acquire(&source, &sandbox_id)?;
-                mounts::open_volume_dir(&mount_point, subpath.as_deref())
+                let acquired = mounts.acquire(&source, &sandbox_id)?;
+                if acquired.replaced_dead_mount {
+                    rebind_volume(&mounts, &others, &source.volume_id);
+                }
+                mounts::open_volume_dir(&acquired.mount_point, subpath.as_deref())
             })
             .await
             .map_err(|err| RunnerError::Io(std::io::Error::other(err)))??;
@@ -244,7 +258,16 @@ impl Runner {
             init_pid: started.init_pid,
             init_start_time: started.init_start_time,
             env: spec.env.clone(),
-            volume_ids: acquired.clone(),
+            volumes: spec
+                .mounts
+                .iter()
+                .map(|mount| sandbox::VolumeBindRecord {
+                    volume_id: mount.volume.volume_id.clone(),
+                    mount_path: mount.mount_path.clone(),
+                    subpath: mount.subpath.clone(),
+                    read_only: mount.read_only,
+                })
+                .collect(),
         };
         let saved = serde_json::to_vec_pretty(&record)
             .map_err(std::io::Error::other)
@@ -269,7 +292,7 @@ impl Runner {
             return Ok(());
         };
         record.kill().await?;
-        self.release_mounts(id, &record.volume_ids).await;
+        self.release_mounts(id, &record.volume_ids()).await;
         self.cgroups.remove(id);
         SandboxPaths::new(&self.sandboxes_dir, id).remove();
         self.sandboxes
@@ -361,6 +384,30 @@ impl Runner {
         for id in ids {
             if let Err(err) = self.destroy_sandbox(&id).await {
                 tracing::error!(sandbox = %id, "cannot destroy sandbox: {err}");
+            }
+        }
+    }
+}
+
+/// Gives the running sandboxes that use a volume binds of its new mount (their binds of the
+/// replaced, dead mount answer nothing but ENOTCONN).
+fn rebind_volume(mounts: &MountManager, sandboxes: &[Arc<SandboxRecord>], volume_id: &str) {
+    let mount_point = mounts.mount_point(volume_id);
+    for record in sandboxes {
+        for bind in record
+            .volumes
+            .iter()
+            .filter(|bind| bind.volume_id == volume_id)
+        {
+            let renewed =
+                mounts::open_volume_dir(&mount_point, bind.subpath.as_deref()).and_then(|dir| {
+                    mounts::replace_bind(record.init_pid, &dir, &bind.mount_path, bind.read_only)
+                });
+            match renewed {
+                Ok(()) => tracing::info!(sandbox = %record.id, volume_id, "renewed volume bind"),
+                Err(err) => {
+                    tracing::error!(sandbox = %record.id, volume_id, "cannot renew volume bind: {err}")
+                }
             }
         }
     }

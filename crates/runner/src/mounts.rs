@@ -21,6 +21,12 @@ use crate::{RunnerError, VolumeSource};
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 const UMOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
+pub(crate) struct Acquired {
+    pub mount_point: PathBuf,
+    /// The volume's previous mount had died and was replaced: running sandboxes need new binds.
+    pub replaced_dead_mount: bool,
+}
+
 #[derive(Serialize, Deserialize)]
 struct MountRecord {
     /// Kept (in a 0600 file) so that a dead daemon can be restarted after a runner restart.
@@ -40,7 +46,7 @@ impl MountManager {
         MountManager { dir, cellar_bin }
     }
 
-    fn mount_point(&self, volume_id: &str) -> PathBuf {
+    pub(crate) fn mount_point(&self, volume_id: &str) -> PathBuf {
         self.dir.join(volume_id)
     }
 
@@ -81,7 +87,7 @@ impl MountManager {
         &self,
         source: &VolumeSource,
         sandbox_id: &str,
-    ) -> Result<PathBuf, RunnerError> {
+    ) -> Result<Acquired, RunnerError> {
         let mut record = self.load(&source.volume_id)?.unwrap_or(MountRecord {
             source: source.clone(),
             users: BTreeSet::new(),
@@ -90,11 +96,16 @@ impl MountManager {
         record.source = source.clone();
         record.users.insert(sandbox_id.to_owned());
         self.save(&record)?;
-        if let Err(err) = self.ensure_mounted(source) {
-            self.release(&source.volume_id, sandbox_id)?;
-            return Err(err);
+        match self.ensure_mounted(source) {
+            Ok(replaced_dead_mount) => Ok(Acquired {
+                mount_point: self.mount_point(&source.volume_id),
+                replaced_dead_mount,
+            }),
+            Err(err) => {
+                self.release(&source.volume_id, sandbox_id)?;
+                Err(err)
+            }
         }
-        Ok(self.mount_point(&source.volume_id))
     }
 
     /// Removes `sandbox_id` from the volume's users and unmounts the volume after its last user.
@@ -112,8 +123,9 @@ impl MountManager {
     }
 
     /// After a restart: drops users that are no longer running sandboxes, unmounts volumes left
-    /// without users and remounts those whose daemon died.
-    pub(crate) fn recover(&self, running: &HashSet<String>) -> Result<(), RunnerError> {
+    /// without users and remounts those whose daemon died. Returns the remounted volumes.
+    pub(crate) fn recover(&self, running: &HashSet<String>) -> Result<Vec<String>, RunnerError> {
+        let mut remounted = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let path = entry?.path();
             if path.extension().and_then(|ext| ext.to_str()) != Some("json") {
@@ -135,24 +147,28 @@ impl MountManager {
             if record.users.len() != before {
                 self.save(&record)?;
             }
-            if let Err(err) = self.ensure_mounted(&record.source) {
-                tracing::error!(volume_id, "cannot remount volume: {err}");
+            match self.ensure_mounted(&record.source) {
+                Ok(true) => remounted.push(volume_id.to_owned()),
+                Ok(false) => {}
+                Err(err) => tracing::error!(volume_id, "cannot remount volume: {err}"),
             }
         }
-        Ok(())
+        Ok(remounted)
     }
 
-    /// Starts the mount daemon unless the mount is live; replaces a mount whose daemon died.
-    fn ensure_mounted(&self, source: &VolumeSource) -> Result<(), RunnerError> {
+    /// Starts the mount daemon unless the mount is live; replaces a mount whose daemon died
+    /// (and then returns true: the sandboxes' binds of the old mount are dead too).
+    fn ensure_mounted(&self, source: &VolumeSource) -> Result<bool, RunnerError> {
         let mount_point = self.mount_point(&source.volume_id);
-        match mount_state(&mount_point) {
-            MountState::Live => return Ok(()),
+        let replaced_dead_mount = match mount_state(&mount_point) {
+            MountState::Live => return Ok(false),
             MountState::Dead => {
                 tracing::warn!(volume_id = %source.volume_id, "mount daemon died, remounting");
                 self.unmount(&source.volume_id)?;
+                true
             }
-            MountState::Absent => {}
-        }
+            MountState::Absent => false,
+        };
         std::fs::create_dir_all(&mount_point)?;
         let log = self.log_file(&source.volume_id)?;
         let mut command = Command::new(&self.cellar_bin);
@@ -183,7 +199,7 @@ impl MountManager {
             )));
         }
         give_root_to_sandbox_user(&mount_point);
-        Ok(())
+        Ok(replaced_dead_mount)
     }
 
     fn unmount(&self, volume_id: &str) -> Result<(), RunnerError> {
@@ -370,6 +386,110 @@ pub(crate) fn open_volume_dir(
         dir = child;
     }
     Ok(dir)
+}
+
+// Kernel ABI of the mount API (linux/mount.h), not exported by the libc crate.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Replaces the bind at `mount_path` inside a running sandbox (whose init is `init_pid`) with a
+/// fresh bind of `source`: used when a volume's dead mount was replaced, so that sandboxes
+/// started before see the volume again.
+pub(crate) fn replace_bind(
+    init_pid: i32,
+    source: &OwnedFd,
+    mount_path: &str,
+    read_only: bool,
+) -> Result<(), RunnerError> {
+    let source_fd = std::os::fd::AsRawFd::as_raw_fd(source);
+    let empty = c"";
+    // A detached copy of the directory's mount, made in the runner's namespace.
+    // SAFETY: open_tree with a valid fd and empty path (AT_EMPTY_PATH).
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            source_fd,
+            empty.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint,
+        )
+    };
+    if tree < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: tree is a new fd owned by nobody else.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
+    let tree_fd = std::os::fd::AsRawFd::as_raw_fd(&tree);
+    if read_only {
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: mount_setattr on a valid mount fd with a correctly sized attribute struct.
+        let set = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree_fd,
+                empty.as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if set < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    let namespace = std::fs::File::open(format!("/proc/{init_pid}/ns/mnt"))?;
+    let namespace_fd = std::os::fd::AsRawFd::as_raw_fd(&namespace);
+    let target = CString::new(mount_path)
+        .map_err(|_| RunnerError::InvalidInput("mount path contains NUL".to_owned()))?;
+    // Joining another mount namespace needs a single-threaded process: a forked child does it,
+    // using only async-signal-safe system calls on data prepared here.
+    // SAFETY: see above; the child ends with _exit.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if child == 0 {
+        // SAFETY: system calls on valid fds and NUL-terminated paths, then _exit.
+        unsafe {
+            if libc::setns(namespace_fd, libc::CLONE_NEWNS) != 0 {
+                libc::_exit(1);
+            }
+            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+            let moved = libc::syscall(
+                libc::SYS_move_mount,
+                tree_fd,
+                empty.as_ptr(),
+                libc::AT_FDCWD,
+                target.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            );
+            libc::_exit(if moved == 0 { 0 } else { 2 });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waitpid on our own child.
+    if unsafe { libc::waitpid(child, &mut status, 0) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(RunnerError::Unavailable(format!(
+            "cannot replace the volume bind at {mount_path} in sandbox (status {status})"
+        )));
+    }
+    Ok(())
 }
 
 fn open_dir_at(dir: RawFd, name: &[u8]) -> std::io::Result<OwnedFd> {

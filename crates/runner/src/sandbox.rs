@@ -51,10 +51,28 @@ pub(crate) struct SandboxRecord {
     pub init_start_time: u64,
     /// The sandbox's environment, applied to every exec.
     pub env: BTreeMap<String, String>,
-    pub volume_ids: Vec<String>,
+    pub volumes: Vec<VolumeBindRecord>,
+}
+
+/// A volume bind of a sandbox, remembered so that it can be renewed if the volume's mount is
+/// replaced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct VolumeBindRecord {
+    pub volume_id: String,
+    pub mount_path: String,
+    pub subpath: Option<String>,
+    pub read_only: bool,
 }
 
 impl SandboxRecord {
+    /// The volumes the sandbox uses, each once.
+    pub(crate) fn volume_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.volumes.iter().map(|v| v.volume_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     /// True while the sandbox's init process is the one we started and still runs.
     pub(crate) fn is_alive(&self) -> bool {
         process::start_time(self.init_pid) == Some(self.init_start_time)

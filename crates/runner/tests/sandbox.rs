@@ -3,12 +3,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use cellar_runner::{
     ExecRequest, Runner, RunnerConfig, RunnerError, SandboxSpec, EXEC_TIMEOUT_EXIT_CODE,
 };
 use tokio::io::AsyncReadExt;
 
-fn runner(state: &tempfile::TempDir) -> Runner {
+fn runner(state: &common::StateDir) -> Runner {
     Runner::new(RunnerConfig {
         state_dir: state.path().to_owned(),
         cellar_bin: "/nonexistent/cellar".into(),
@@ -43,7 +45,7 @@ async fn run(runner: &Runner, id: &str, line: &str) -> (i32, String) {
 async fn exec_runs_as_sandbox_user_with_clean_env_and_own_pid_namespace() {
     // A secret in the runner's environment must never reach a sandbox.
     std::env::set_var("CELLAR_TEST_HOST_SECRET", "do-not-leak");
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let runner = runner(&state);
     runner.create_sandbox(spec("sbx-basic")).await.unwrap();
     assert!(runner.is_running("sbx-basic"));
@@ -136,7 +138,7 @@ async fn exec_runs_as_sandbox_user_with_clean_env_and_own_pid_namespace() {
 
 #[tokio::test]
 async fn exec_timeout_kills_the_command_and_keeps_output() {
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let runner = runner(&state);
     runner.create_sandbox(spec("sbx-timeout")).await.unwrap();
     let started = Instant::now();
@@ -176,7 +178,7 @@ async fn exec_timeout_kills_the_command_and_keeps_output() {
 
 #[tokio::test]
 async fn upload_and_download_round_trip() {
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let runner = runner(&state);
     runner.create_sandbox(spec("sbx-files")).await.unwrap();
     let data: Vec<u8> = (0..5u32 << 20).map(|i| (i * 7 + i / 4093) as u8).collect();
@@ -216,7 +218,7 @@ async fn upload_and_download_round_trip() {
 
 #[tokio::test]
 async fn destroy_kills_every_process_and_is_idempotent() {
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let runner = runner(&state);
     runner.create_sandbox(spec("sbx-destroy")).await.unwrap();
     run(
@@ -263,7 +265,7 @@ fn descendants(pid: i32) -> Vec<i32> {
 
 #[tokio::test]
 async fn sandbox_survives_a_runner_restart() {
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     {
         let first = runner(&state);
         first.create_sandbox(spec("sbx-restart")).await.unwrap();
@@ -285,7 +287,7 @@ async fn sandbox_survives_a_runner_restart() {
 
 #[tokio::test]
 async fn invalid_specs_are_rejected() {
-    let state = tempfile::tempdir().unwrap();
+    let state = common::StateDir::new();
     let runner = runner(&state);
     for id in ["", "../x", "a/b", ".hidden"] {
         assert!(matches!(
@@ -299,4 +301,23 @@ async fn invalid_specs_are_rejected() {
         runner.create_sandbox(bad_env).await,
         Err(RunnerError::InvalidInput(_))
     ));
+}
+
+/// The server shares one Runner between axum handlers: it and its futures must be Send (+ Sync).
+#[test]
+fn runner_and_its_futures_are_thread_safe() {
+    fn assert_send<T: Send>(_: &T) {}
+    fn assert_sync<T: Send + Sync>() {}
+    fn check(runner: &Runner) {
+        assert_send(&runner.create_sandbox(spec("x")));
+        assert_send(&runner.destroy_sandbox("x"));
+        assert_send(&runner.exec("x", command("true")));
+        assert_send(&runner.upload("x", "f", &b""[..]));
+        assert_send(&runner.download("x", "f"));
+        assert_send(&runner.release_all());
+    }
+    assert_sync::<Runner>();
+    let _ = check as fn(&Runner);
+    fn assert_stream<T: tokio::io::AsyncRead + Send + Unpin + 'static>() {}
+    assert_stream::<cellar_runner::FileStream>();
 }

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use cellar_runner::{
     ExecRequest, Runner, RunnerConfig, RunnerError, SandboxSpec, VolumeMountSpec, VolumeSource,
 };
@@ -24,14 +26,14 @@ fn cellar_bin() -> PathBuf {
 
 /// A runner plus one volume (SQLite metadata, file:// store) in temporary directories.
 struct Fixture {
-    state: tempfile::TempDir,
-    data: tempfile::TempDir,
+    state: common::StateDir,
+    data: common::StateDir,
     runner: Runner,
 }
 
 impl Fixture {
     fn new() -> Fixture {
-        let state = tempfile::tempdir().unwrap();
+        let state = common::StateDir::new();
         let data = tempfile::tempdir().unwrap();
         std::fs::create_dir(data.path().join("blocks")).unwrap();
         let runner = Fixture::runner_for(&state);
@@ -42,7 +44,7 @@ impl Fixture {
         }
     }
 
-    fn runner_for(state: &tempfile::TempDir) -> Runner {
+    fn runner_for(state: &common::StateDir) -> Runner {
         Runner::new(RunnerConfig {
             state_dir: state.path().to_owned(),
             cellar_bin: cellar_bin(),
@@ -290,6 +292,107 @@ async fn mounts_survive_a_runner_restart() {
         .await
         .unwrap();
     assert_eq!(fuse_mounts_at(&fx.mount_point()), 1);
+    fx.runner.release_all().await;
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
+}
+
+fn daemon_pid(mount_point: &Path) -> i32 {
+    let escaped = mount_point
+        .to_string_lossy()
+        .replace('%', "%25")
+        .replace('/', "%2F");
+    let pid_file = format!("/run/cellar/mount-{escaped}.pid");
+    std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|err| panic!("{pid_file}: {err}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_dead_mount_daemon_is_replaced_on_restart() {
+    let mut fx = Fixture::new();
+    fx.runner
+        .create_sandbox(fx.spec("dead-a", "/v", None, false))
+        .await
+        .unwrap();
+    fx.run("dead-a", "echo durable > /v/file").await;
+    let pid = daemon_pid(&fx.mount_point());
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::metadata(fx.mount_point()).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "mount still answers");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    fx.runner = Fixture::runner_for(&fx.state);
+    assert!(fx.runner.is_running("dead-a"));
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 1);
+    assert!(
+        std::fs::metadata(fx.mount_point()).is_ok(),
+        "mount not live again"
+    );
+    // The sandbox started before the crash sees the volume again.
+    assert_eq!(
+        fx.run("dead-a", "cat /v/file").await,
+        (0, "durable\n".into())
+    );
+    fx.runner
+        .create_sandbox(fx.spec("dead-b", "/v", None, false))
+        .await
+        .unwrap();
+    assert_eq!(
+        fx.run("dead-b", "cat /v/file").await,
+        (0, "durable\n".into())
+    );
+    fx.runner.release_all().await;
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
+}
+
+#[tokio::test]
+async fn a_dead_mount_is_replaced_when_the_next_sandbox_needs_it() {
+    let fx = Fixture::new();
+    fx.runner
+        .create_sandbox(fx.spec("crash-rw", "/v", Some("dir"), false))
+        .await
+        .unwrap();
+    fx.runner
+        .create_sandbox(fx.spec("crash-ro", "/v", Some("dir"), true))
+        .await
+        .unwrap();
+    fx.run("crash-rw", "echo kept > /v/file").await;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(daemon_pid(&fx.mount_point()), libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::metadata(fx.mount_point()).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "mount still answers");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_ne!(fx.run("crash-ro", "cat /v/file").await.0, 0);
+
+    fx.runner
+        .create_sandbox(fx.spec("crash-new", "/v", None, false))
+        .await
+        .unwrap();
+    assert_eq!(
+        fx.run("crash-new", "cat /v/dir/file").await,
+        (0, "kept\n".into())
+    );
+    assert_eq!(
+        fx.run("crash-ro", "cat /v/file").await,
+        (0, "kept\n".into())
+    );
+    let (code, output) = fx.run("crash-ro", "echo x > /v/other").await;
+    assert!(
+        code != 0 && output.contains("Read-only file system"),
+        "{output}"
+    );
+    assert_eq!(
+        fx.run("crash-rw", "echo again >> /v/file && cat /v/file")
+            .await,
+        (0, "kept\nagain\n".into())
+    );
     fx.runner.release_all().await;
     assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
 }

@@ -67,7 +67,10 @@ impl ServerConfig {
     /// Resolves the configuration from flags, the `CELLAR_*` environment and the TOML file.
     pub fn resolve(flags: ConfigOverrides) -> anyhow::Result<ServerConfig> {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let config_file = flags.config_file.clone().or_else(|| env("CELLAR_CONFIG").map(PathBuf::from));
+        let config_file = flags
+            .config_file
+            .clone()
+            .or_else(|| env("CELLAR_CONFIG").map(PathBuf::from));
         let file = match &config_file {
             Some(path) => read_config_file(path)?,
             None => ConfigFile::default(),
@@ -136,7 +139,10 @@ impl ServerConfig {
     pub fn store_env(&self) -> Vec<(String, String)> {
         let from_file = [
             ("AWS_ACCESS_KEY_ID", &self.s3_credentials.access_key_id),
-            ("AWS_SECRET_ACCESS_KEY", &self.s3_credentials.secret_access_key),
+            (
+                "AWS_SECRET_ACCESS_KEY",
+                &self.s3_credentials.secret_access_key,
+            ),
         ];
         let mut vars = Vec::new();
         for (name, file_value) in from_file {
@@ -168,7 +174,8 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(xdg).join("cellar"));
     }
-    let home = std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
     Ok(PathBuf::from(home).join(".local/share/cellar"))
 }
 

@@ -165,7 +165,11 @@ pub fn hash_key(key: &str) -> String {
 
 /// A fresh API key: 244 random bits from two v4 UUIDs.
 fn generate_key() -> String {
-    format!("cellar_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+    format!(
+        "cellar_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 const VOLUME_COLUMNS: &str =
@@ -190,7 +194,10 @@ impl ControlDb {
     /// Opens (creating and migrating) `<data_dir>/control.db`.
     pub fn open(data_dir: &Path) -> DbResult<ControlDb> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
-            DbError::Invalid(format!("cannot create data directory {}: {e}", data_dir.display()))
+            DbError::Invalid(format!(
+                "cannot create data directory {}: {e}",
+                data_dir.display()
+            ))
         })?;
         let mut conn = Connection::open(data_dir.join("control.db"))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -203,19 +210,25 @@ impl ControlDb {
             tx.pragma_update(None, "user_version", version + 1)?;
             tx.commit()?;
         }
-        Ok(ControlDb { conn: Arc::new(Mutex::new(conn)) })
+        Ok(ControlDb {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll back).
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     // ---- organisations and keys ----
 
     pub fn create_org(&self, name: &str) -> DbResult<String> {
         if name.trim().is_empty() {
-            return Err(DbError::Invalid("organization name must not be empty".into()));
+            return Err(DbError::Invalid(
+                "organization name must not be empty".into(),
+            ));
         }
         let conn = self.lock();
         let id = new_id();
@@ -224,9 +237,9 @@ impl ControlDb {
             params![id, name, now()],
         ) {
             Ok(_) => Ok(id),
-            Err(e) if is_unique_violation(&e) => {
-                Err(DbError::Conflict(format!("organization {name:?} already exists")))
-            }
+            Err(e) if is_unique_violation(&e) => Err(DbError::Conflict(format!(
+                "organization {name:?} already exists"
+            ))),
             Err(e) => Err(e.into()),
         }
     }
@@ -251,15 +264,19 @@ impl ControlDb {
     pub fn org_for_key(&self, key: &str) -> DbResult<Option<String>> {
         Ok(self
             .lock()
-            .query_row("SELECT org_id FROM api_keys WHERE key_hash = ?1", [hash_key(key)], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT org_id FROM api_keys WHERE key_hash = ?1",
+                [hash_key(key)],
+                |r| r.get(0),
+            )
             .optional()?)
     }
 
     /// On the very first start: the organisation `default` and a key for it (returned once).
     pub fn bootstrap(&self) -> DbResult<Option<String>> {
-        let orgs: i64 = self.lock().query_row("SELECT count(*) FROM orgs", [], |r| r.get(0))?;
+        let orgs: i64 = self
+            .lock()
+            .query_row("SELECT count(*) FROM orgs", [], |r| r.get(0))?;
         if orgs > 0 {
             return Ok(None);
         }
@@ -302,7 +319,9 @@ impl ControlDb {
         match inserted {
             Ok(_) => {}
             Err(e) if is_unique_violation(&e) => {
-                return Err(DbError::Conflict(format!("volume with name {name:?} already exists")))
+                return Err(DbError::Conflict(format!(
+                    "volume with name {name:?} already exists"
+                )))
             }
             Err(e) => return Err(e.into()),
         }
@@ -312,7 +331,10 @@ impl ControlDb {
 
     pub fn volume(&self, org_id: &str, id: &str) -> DbResult<Option<VolumeRow>> {
         let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND id = ?2");
-        Ok(self.lock().query_row(&sql, [org_id, id], volume_from_row).optional()?)
+        Ok(self
+            .lock()
+            .query_row(&sql, [org_id, id], volume_from_row)
+            .optional()?)
     }
 
     /// The volume with this name that is not deleted.
@@ -320,7 +342,10 @@ impl ControlDb {
         let sql = format!(
             "SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND name = ?2 AND state <> 'deleted'"
         );
-        Ok(self.lock().query_row(&sql, [org_id, name], volume_from_row).optional()?)
+        Ok(self
+            .lock()
+            .query_row(&sql, [org_id, name], volume_from_row)
+            .optional()?)
     }
 
     /// A volume by id, else by (live) name.
@@ -332,7 +357,11 @@ impl ControlDb {
     }
 
     pub fn list_volumes(&self, org_id: &str, include_deleted: bool) -> DbResult<Vec<VolumeRow>> {
-        let filter = if include_deleted { "" } else { " AND state <> 'deleted'" };
+        let filter = if include_deleted {
+            ""
+        } else {
+            " AND state <> 'deleted'"
+        };
         let sql = format!(
             "SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1{filter} ORDER BY created_at, id"
         );
@@ -361,7 +390,10 @@ impl ControlDb {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND id = ?2");
-        let Some(mut volume) = tx.query_row(&sql, [org_id, id], volume_from_row).optional()? else {
+        let Some(mut volume) = tx
+            .query_row(&sql, [org_id, id], volume_from_row)
+            .optional()?
+        else {
             return Ok(DeleteVolume::NotFound);
         };
         if volume.state == volume_state::DELETED {
@@ -381,7 +413,10 @@ impl ControlDb {
         if volume.state == volume_state::CREATING {
             return Ok(DeleteVolume::Creating);
         }
-        if matches!(volume.state.as_str(), volume_state::READY | volume_state::ERROR) {
+        if matches!(
+            volume.state.as_str(),
+            volume_state::READY | volume_state::ERROR
+        ) {
             volume.state = volume_state::PENDING_DELETE.to_string();
             volume.updated_at = now();
             tx.execute(
@@ -481,12 +516,21 @@ impl ControlDb {
         let inserted = tx.execute(
             "INSERT INTO sandboxes (id, org_id, name, state, settings, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-            params![id, org_id, name, sandbox_state::CREATING, serde_json::to_string(settings)?, now],
+            params![
+                id,
+                org_id,
+                name,
+                sandbox_state::CREATING,
+                serde_json::to_string(settings)?,
+                now
+            ],
         );
         match inserted {
             Ok(_) => {}
             Err(e) if is_unique_violation(&e) => {
-                return Err(DbError::Conflict(format!("sandbox with name {name:?} already exists")))
+                return Err(DbError::Conflict(format!(
+                    "sandbox with name {name:?} already exists"
+                )))
             }
             Err(e) => return Err(e.into()),
         }
@@ -514,7 +558,8 @@ impl ControlDb {
     /// A sandbox by id (any state), else by the name of a sandbox not destroyed.
     pub fn sandbox(&self, org_id: &str, id_or_name: &str) -> DbResult<Option<SandboxRow>> {
         let conn = self.lock();
-        let by_id = Self::query_sandboxes(&conn, "org_id = ?1 AND id = ?2", &[&org_id, &id_or_name])?;
+        let by_id =
+            Self::query_sandboxes(&conn, "org_id = ?1 AND id = ?2", &[&org_id, &id_or_name])?;
         if let Some(sandbox) = by_id.into_iter().next() {
             return Ok(Some(sandbox));
         }

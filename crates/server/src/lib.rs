@@ -38,8 +38,12 @@ impl Server {
     /// finishes (in the background) whatever a previous run left half done.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
         export_file_credentials(&config);
-        let db = ControlDb::open(&config.data_dir)
-            .with_context(|| format!("opening the control database in {}", config.data_dir.display()))?;
+        let db = ControlDb::open(&config.data_dir).with_context(|| {
+            format!(
+                "opening the control database in {}",
+                config.data_dir.display()
+            )
+        })?;
         let bootstrap_key = db.bootstrap()?;
         let runner = Runner::new(RunnerConfig {
             state_dir: config.data_dir.join("runner"),
@@ -50,7 +54,10 @@ impl Server {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let base_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+        let base_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
         let services = Arc::new(Services { db, runner, config });
         let state = api::AppState {
             services: services.clone(),
@@ -71,7 +78,14 @@ impl Server {
                 .await
         });
         tracing::info!("serving the Cellar API at {base_url}/api");
-        Ok(Server { addr, base_url, bootstrap_key, shutdown, serving, reconciling })
+        Ok(Server {
+            addr,
+            base_url,
+            bootstrap_key,
+            shutdown,
+            serving,
+            reconciling,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -105,7 +119,10 @@ impl Server {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
         self.reconciling.abort();
-        self.serving.await.context("server task")?.context("serving")
+        self.serving
+            .await
+            .context("server task")?
+            .context("serving")
     }
 }
 

@@ -24,7 +24,10 @@ const MAINTENANCE_CACHE_BYTES: u64 = 64 << 20;
 
 impl Services {
     fn volume_db_path(&self, volume_id: &str) -> PathBuf {
-        self.config.data_dir.join("volumes").join(format!("{volume_id}.db"))
+        self.config
+            .data_dir
+            .join("volumes")
+            .join(format!("{volume_id}.db"))
     }
 
     fn volume_config(&self, volume_id: &str) -> VolumeConfig {
@@ -56,16 +59,31 @@ impl Services {
         if let Some(dir) = self.volume_db_path(&volume_id).parent() {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 let reason = format!("cannot create {}: {e}", dir.display());
-                self.move_volume(&volume_id, &[volume_state::CREATING], volume_state::ERROR, Some(&reason));
+                self.move_volume(
+                    &volume_id,
+                    &[volume_state::CREATING],
+                    volume_state::ERROR,
+                    Some(&reason),
+                );
                 return;
             }
         }
         let outcome = run_outside_runtime(move || cellar_vfs::maintenance::format(&config)).await;
         match outcome {
-            Ok(()) => self.move_volume(&volume_id, &[volume_state::CREATING], volume_state::READY, None),
+            Ok(()) => self.move_volume(
+                &volume_id,
+                &[volume_state::CREATING],
+                volume_state::READY,
+                None,
+            ),
             Err(e) => {
                 let reason = format!("formatting the volume failed: {e:#}");
-                self.move_volume(&volume_id, &[volume_state::CREATING], volume_state::ERROR, Some(&reason))
+                self.move_volume(
+                    &volume_id,
+                    &[volume_state::CREATING],
+                    volume_state::ERROR,
+                    Some(&reason),
+                )
             }
         }
     }
@@ -80,10 +98,20 @@ impl Services {
         // still finds what is left.
         let outcome = run_outside_runtime(move || cellar_vfs::maintenance::destroy(&config)).await;
         match outcome {
-            Ok(()) => self.move_volume(&volume_id, &[volume_state::DELETING], volume_state::DELETED, None),
+            Ok(()) => self.move_volume(
+                &volume_id,
+                &[volume_state::DELETING],
+                volume_state::DELETED,
+                None,
+            ),
             Err(e) => {
                 let reason = format!("deleting the volume failed: {e:#}");
-                self.move_volume(&volume_id, &[volume_state::DELETING], volume_state::ERROR, Some(&reason))
+                self.move_volume(
+                    &volume_id,
+                    &[volume_state::DELETING],
+                    volume_state::ERROR,
+                    Some(&reason),
+                )
             }
         }
     }
@@ -124,10 +152,16 @@ impl Services {
             Ok(()) => (sandbox_state::STARTED, None),
             Err(e) => {
                 tracing::warn!(sandbox = %id, "starting the sandbox failed: {e}");
-                (sandbox_state::ERROR, Some(format!("starting the sandbox failed: {e}")))
+                (
+                    sandbox_state::ERROR,
+                    Some(format!("starting the sandbox failed: {e}")),
+                )
             }
         };
-        match self.db.transition_sandbox(&id, &[sandbox_state::CREATING], to, error.as_deref()) {
+        match self
+            .db
+            .transition_sandbox(&id, &[sandbox_state::CREATING], to, error.as_deref())
+        {
             Ok(true) => tracing::info!(sandbox = %id, "sandbox {to}"),
             // Deleted while starting: the delete left the destroying to us.
             Ok(false) => self.destroy_sandbox(id).await,
@@ -141,10 +175,16 @@ impl Services {
             Ok(()) | Err(RunnerError::NotFound(_)) => (sandbox_state::DESTROYED, None),
             Err(e) => {
                 tracing::warn!(sandbox = %id, "destroying the sandbox failed: {e}");
-                (sandbox_state::ERROR, Some(format!("destroying the sandbox failed: {e}")))
+                (
+                    sandbox_state::ERROR,
+                    Some(format!("destroying the sandbox failed: {e}")),
+                )
             }
         };
-        match self.db.transition_sandbox(&id, &[sandbox_state::DESTROYING], to, error.as_deref()) {
+        match self
+            .db
+            .transition_sandbox(&id, &[sandbox_state::DESTROYING], to, error.as_deref())
+        {
             Ok(_) => tracing::info!(sandbox = %id, "sandbox {to}"),
             Err(e) => tracing::error!(sandbox = %id, "recording sandbox state: {e}"),
         }
@@ -202,7 +242,8 @@ async fn run_outside_runtime<T: Send + 'static>(
         .spawn(move || {
             let _ = tx.send(work());
         })?;
-    rx.await.map_err(|_| anyhow::anyhow!("volume maintenance thread panicked"))?
+    rx.await
+        .map_err(|_| anyhow::anyhow!("volume maintenance thread panicked"))?
 }
 
 /// How long a request waits for a volume still being provisioned.

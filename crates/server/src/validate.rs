@@ -4,8 +4,9 @@ pub const NAME_RULE: &str = "a name is 1-63 characters of letters, digits, '.', 
      and starts with a letter or a digit";
 
 /// System directories no volume may be mounted at or under.
-pub const RESERVED_MOUNT_DIRS: [&str; 9] =
-    ["/proc", "/sys", "/dev", "/boot", "/etc", "/bin", "/sbin", "/lib", "/lib64"];
+pub const RESERVED_MOUNT_DIRS: [&str; 9] = [
+    "/proc", "/sys", "/dev", "/boot", "/etc", "/bin", "/sbin", "/lib", "/lib64",
+];
 
 pub fn validate_volume_name(name: &str) -> Result<(), String> {
     validate_name("volume", name)
@@ -18,7 +19,9 @@ pub fn validate_sandbox_name(name: &str) -> Result<(), String> {
 fn validate_name(kind: &str, name: &str) -> Result<(), String> {
     let valid = (1..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if valid {
         Ok(())
     } else {
@@ -44,8 +47,13 @@ pub fn validate_mount_path(path: &str) -> Result<String, String> {
     }
     // Checked on the normalised path so that `//etc` or `/etc/` is refused like `/etc`.
     let normalised = format!("/{}", components.join("/"));
-    if let Some(dir) = RESERVED_MOUNT_DIRS.iter().find(|dir| is_at_or_under(&normalised, dir)) {
-        return fail(&format!("must not be at or under the system directory {dir}"));
+    if let Some(dir) = RESERVED_MOUNT_DIRS
+        .iter()
+        .find(|dir| is_at_or_under(&normalised, dir))
+    {
+        return fail(&format!(
+            "must not be at or under the system directory {dir}"
+        ));
     }
     if path.contains("//") {
         return fail("must not contain '//'");
@@ -58,7 +66,9 @@ pub fn validate_mount_set(paths: &[String]) -> Result<(), String> {
     for (i, a) in paths.iter().enumerate() {
         for b in &paths[i + 1..] {
             if a == b {
-                return Err(format!("duplicate mountPath {a:?}: each volume needs its own mount path"));
+                return Err(format!(
+                    "duplicate mountPath {a:?}: each volume needs its own mount path"
+                ));
             }
             let (outer, inner) = if a.len() < b.len() { (a, b) } else { (b, a) };
             if is_at_or_under(inner, outer) {
@@ -80,8 +90,10 @@ pub fn validate_subpath(subpath: &str) -> Result<Option<String>, String> {
     if subpath.starts_with('/') {
         return fail("must be a relative path inside the volume");
     }
-    let components: Vec<&str> =
-        subpath.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    let components: Vec<&str> = subpath
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
     if components.contains(&"..") {
         return fail("must not contain '..' components");
     }
@@ -89,7 +101,10 @@ pub fn validate_subpath(subpath: &str) -> Result<Option<String>, String> {
 }
 
 fn is_at_or_under(path: &str, dir: &str) -> bool {
-    path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+    path == dir
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 #[cfg(test)]
@@ -109,7 +124,10 @@ mod tests {
 
     #[test]
     fn mount_paths() {
-        assert_eq!(validate_mount_path("/home/daytona/volume").unwrap(), "/home/daytona/volume");
+        assert_eq!(
+            validate_mount_path("/home/daytona/volume").unwrap(),
+            "/home/daytona/volume"
+        );
         assert_eq!(validate_mount_path("/data/").unwrap(), "/data");
         assert_eq!(validate_mount_path("/etcetera").unwrap(), "/etcetera");
         let cases = [
@@ -139,8 +157,12 @@ mod tests {
     fn mount_sets() {
         let set = |paths: &[&str]| paths.iter().map(|p| p.to_string()).collect::<Vec<_>>();
         assert!(validate_mount_set(&set(&["/a", "/ab", "/b/c"])).is_ok());
-        assert!(validate_mount_set(&set(&["/a", "/a"])).unwrap_err().contains("duplicate"));
-        assert!(validate_mount_set(&set(&["/a/b", "/a"])).unwrap_err().contains("nested"));
+        assert!(validate_mount_set(&set(&["/a", "/a"]))
+            .unwrap_err()
+            .contains("duplicate"));
+        assert!(validate_mount_set(&set(&["/a/b", "/a"]))
+            .unwrap_err()
+            .contains("nested"));
     }
 
     #[test]

@@ -22,10 +22,25 @@ fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data: Vec
     // The vfs drives its own runtime: use a thread outside the test's.
     std::thread::spawn(move || {
         let vfs = cellar_vfs::Vfs::open_volume(config).unwrap();
-        let ctx = cellar_vfs::Ctx { uid: 0, gid: 0, pid: 1 };
-        let (attr, open) =
-            vfs.create(&ctx, cellar_vfs::ROOT_INO, &name, 0o100644, 0o022, libc::O_WRONLY).unwrap();
-        assert_eq!(vfs.write(attr.ino, open.fh, 0, &data).unwrap() as usize, data.len());
+        let ctx = cellar_vfs::Ctx {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        let (attr, open) = vfs
+            .create(
+                &ctx,
+                cellar_vfs::ROOT_INO,
+                &name,
+                0o100644,
+                0o022,
+                libc::O_WRONLY,
+            )
+            .unwrap();
+        assert_eq!(
+            vfs.write(attr.ino, open.fh, 0, &data).unwrap() as usize,
+            data.len()
+        );
         vfs.flush(attr.ino, open.fh, 0).unwrap();
         vfs.release(attr.ino, open.fh, None, false).unwrap();
         vfs.shutdown().unwrap();
@@ -36,7 +51,10 @@ fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data: Vec
 
 fn assert_error_body(body: &Value, status: StatusCode) {
     assert_eq!(body["statusCode"], status.as_u16(), "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(body["code"].is_string(), "{body}");
     assert!(body["source"].is_string(), "{body}");
 }
@@ -47,12 +65,20 @@ async fn requests_need_a_valid_key_and_see_only_their_organization() {
     let volume = server.create_volume("private").await;
     let id = volume["id"].as_str().unwrap();
 
-    let (status, body) = server.send(server.http.get(server.url("/api/volumes"))).await;
+    let (status, body) = server
+        .send(server.http.get(server.url("/api/volumes")))
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_error_body(&body, status);
-    let wrong = server.http.get(server.url("/api/volumes")).bearer_auth("cellar_wrong");
+    let wrong = server
+        .http
+        .get(server.url("/api/volumes"))
+        .bearer_auth("cellar_wrong");
     assert_eq!(server.send(wrong).await.0, StatusCode::UNAUTHORIZED);
-    let toolbox = server.http.post(server.url("/toolbox/x/process/execute")).json(&json!({"command": "true"}));
+    let toolbox = server
+        .http
+        .post(server.url("/toolbox/x/process/execute"))
+        .json(&json!({"command": "true"}));
     assert_eq!(server.send(toolbox).await.0, StatusCode::UNAUTHORIZED);
 
     // A second organization, made with the admin functions while the server runs.
@@ -61,30 +87,51 @@ async fn requests_need_a_valid_key_and_see_only_their_organization() {
     assert!(cellar_server::admin_create_org(server.dir.path(), "other").is_err());
     assert!(cellar_server::admin_create_key(server.dir.path(), "nobody").is_err());
     let as_other = |request: reqwest::RequestBuilder| request.bearer_auth(&other_key);
-    for request in [
-        server.http.get(server.url(&format!("/api/volumes/{id}"))),
-        server.http.get(server.url("/api/volumes/by-name/private")),
-        server.http.delete(server.url(&format!("/api/volumes/{id}"))),
+    for (request, key) in [
+        (
+            server.http.get(server.url(&format!("/api/volumes/{id}"))),
+            id,
+        ),
+        (
+            server.http.get(server.url("/api/volumes/by-name/private")),
+            "private",
+        ),
+        (
+            server
+                .http
+                .delete(server.url(&format!("/api/volumes/{id}"))),
+            id,
+        ),
     ] {
         let (status, body) = server.send(as_other(request)).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-        assert!(!body.to_string().contains("private"), "404 reveals nothing: {body}");
+        // Exactly what a volume that does not exist answers: nothing but the caller's own key.
+        assert_eq!(body["message"], format!("volume {key} not found"), "{body}");
     }
-    let (status, list) = server.send(as_other(server.http.get(server.url("/api/volumes")))).await;
+    let (status, list) = server
+        .send(as_other(server.http.get(server.url("/api/volumes"))))
+        .await;
     assert_eq!((status, list), (StatusCode::OK, json!([])));
     // The other organization may use the same name.
-    let request = server.http.post(server.url("/api/volumes")).json(&json!({"name": "private"}));
+    let request = server
+        .http
+        .post(server.url("/api/volumes"))
+        .json(&json!({"name": "private"}));
     let (status, theirs) = server.send(as_other(request)).await;
     assert_eq!(status, StatusCode::OK, "{theirs}");
     assert_ne!(theirs["id"], volume["id"]);
     assert_ne!(theirs["organizationId"], volume["organizationId"]);
     // Sandboxes of another organization's volumes: not found either.
-    let request = server.http.post(server.url("/api/sandbox")).json(
-        &json!({"volumes": [{"volumeId": id, "mountPath": "/home/daytona/v"}]}),
-    );
+    let request = server
+        .http
+        .post(server.url("/api/sandbox"))
+        .json(&json!({"volumes": [{"volumeId": id, "mountPath": "/home/daytona/v"}]}));
     let (status, body) = server.send(as_other(request)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("not found"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("not found"),
+        "{body}"
+    );
     server.stop().await;
 }
 
@@ -92,10 +139,20 @@ async fn requests_need_a_valid_key_and_see_only_their_organization() {
 async fn volume_lifecycle_removes_every_object_and_frees_the_name() {
     let server = TestServer::start().await;
     let volume = server.create_volume("data-1").await;
-    for field in ["id", "name", "organizationId", "createdAt", "updatedAt", "state"] {
+    for field in [
+        "id",
+        "name",
+        "organizationId",
+        "createdAt",
+        "updatedAt",
+        "state",
+    ] {
         assert!(volume[field].is_string(), "{field} in {volume}");
     }
-    assert!(volume.as_object().unwrap().contains_key("errorReason"), "{volume}");
+    assert!(
+        volume.as_object().unwrap().contains_key("errorReason"),
+        "{volume}"
+    );
     let id = volume["id"].as_str().unwrap().to_string();
 
     let (status, by_name) = server.get("/api/volumes/by-name/data-1").await;
@@ -107,20 +164,33 @@ async fn volume_lifecycle_removes_every_object_and_frees_the_name() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_error_body(&body, status);
 
-    let (status, body) = server.post("/api/volumes", &json!({"name": "data-1"})).await;
+    let (status, body) = server
+        .post("/api/volumes", &json!({"name": "data-1"}))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
 
     // Put objects in the store, then delete: all of them and the metadata must go.
     write_into_volume(&server, &id, "big", vec![7u8; 3 << 20]);
-    assert!(!server.block_files().is_empty(), "the write reached the block store");
+    assert!(
+        !server.block_files().is_empty(),
+        "the write reached the block store"
+    );
     assert!(server.volume_db(&id).exists());
     let (status, _) = server.delete(&format!("/api/volumes/{id}")).await;
     assert_eq!(status, StatusCode::OK);
-    server.wait_for(&format!("/api/volumes/{id}"), "state", "deleted").await;
+    server
+        .wait_for(&format!("/api/volumes/{id}"), "state", "deleted")
+        .await;
     assert_eq!(server.block_files(), Vec::<std::path::PathBuf>::new());
     assert!(!server.volume_db(&id).exists());
-    assert_eq!(server.get("/api/volumes/by-name/data-1").await.0, StatusCode::NOT_FOUND);
-    assert_eq!(server.delete(&format!("/api/volumes/{id}")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        server.get("/api/volumes/by-name/data-1").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        server.delete(&format!("/api/volumes/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
 
     let (_, live) = server.get("/api/volumes").await;
     assert_eq!(live, json!([]));
@@ -140,15 +210,29 @@ async fn volume_names_follow_the_rule_and_the_quota_holds() {
     for bad in ["", "-x", ".x", "a b", "a/b", "ü", long.as_str()] {
         let (status, body) = server.post("/api/volumes", &json!({ "name": bad })).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
-        assert!(body["message"].as_str().unwrap().contains(cellar_server::NAME_RULE), "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains(cellar_server::NAME_RULE),
+            "{body}"
+        );
     }
     server.create_volume(&"b".repeat(63)).await;
     // Unknown fields are ignored.
-    let (status, body) = server.post("/api/volumes", &json!({"name": "v.2_x", "size": 10})).await;
+    let (status, body) = server
+        .post("/api/volumes", &json!({"name": "v.2_x", "size": 10}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = server.post("/api/volumes", &json!({"name": "third"})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("at most 2 volumes"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2 volumes"),
+        "{body}"
+    );
     server.stop().await;
 }
 
@@ -173,8 +257,15 @@ async fn bad_input_is_400_never_500() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {text}: {body}");
         assert_error_body(&body, status);
     }
-    let no_content_type = server.http.post(server.url("/api/volumes")).bearer_auth(&server.key).body("{}");
-    assert_eq!(server.send(no_content_type).await.0, StatusCode::BAD_REQUEST);
+    let no_content_type = server
+        .http
+        .post(server.url("/api/volumes"))
+        .bearer_auth(&server.key)
+        .body("{}");
+    assert_eq!(
+        server.send(no_content_type).await.0,
+        StatusCode::BAD_REQUEST
+    );
     let (status, _) = server.get("/api/volumes?includeDeleted=maybe").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = server.get("/api/sandbox?labels=nope").await;
@@ -213,15 +304,29 @@ async fn every_mount_path_rule_answers_400_naming_the_rule() {
         (json!([mount("/data"), mount("/data")]), "duplicate"),
         (json!([mount("/data"), mount("/data/inner")]), "nested"),
         (json!([mount("/data/inner"), mount("/data/")]), "nested"),
-        (json!([{"volumeId": "vol", "mountPath": "/data", "subpath": "/abs"}]), "relative"),
-        (json!([{"volumeId": "vol", "mountPath": "/data", "subpath": "a/../../b"}]), "'..'"),
-        (json!([{"volumeId": "missing", "mountPath": "/data"}]), "volume missing not found"),
+        (
+            json!([{"volumeId": "vol", "mountPath": "/data", "subpath": "/abs"}]),
+            "relative",
+        ),
+        (
+            json!([{"volumeId": "vol", "mountPath": "/data", "subpath": "a/../../b"}]),
+            "'..'",
+        ),
+        (
+            json!([{"volumeId": "missing", "mountPath": "/data"}]),
+            "volume missing not found",
+        ),
     ];
     for (volumes, rule) in cases {
-        let (status, body) = server.post("/api/sandbox", &json!({ "volumes": volumes })).await;
+        let (status, body) = server
+            .post("/api/sandbox", &json!({ "volumes": volumes }))
+            .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{volumes}: {body}");
         let message = body["message"].as_str().unwrap();
-        assert!(message.contains(rule), "{volumes}: expected {rule:?} in {message:?}");
+        assert!(
+            message.contains(rule),
+            "{volumes}: expected {rule:?} in {message:?}"
+        );
     }
     let (_, sandboxes) = server.get("/api/sandbox").await;
     assert_eq!(sandboxes["items"], json!([]), "no sandbox was created");
@@ -231,9 +336,15 @@ async fn every_mount_path_rule_answers_400_naming_the_rule() {
 #[tokio::test]
 async fn openapi_document_lists_every_endpoint() {
     let server = TestServer::start().await;
-    let (status, doc) = server.send(server.http.get(server.url("/api/openapi.json"))).await;
+    let (status, doc) = server
+        .send(server.http.get(server.url("/api/openapi.json")))
+        .await;
     assert_eq!(status, StatusCode::OK);
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{}", doc["openapi"]);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3."),
+        "{}",
+        doc["openapi"]
+    );
     let paths = doc["paths"].as_object().unwrap();
     let expected = [
         ("/api/volumes", "get"),
@@ -251,10 +362,19 @@ async fn openapi_document_lists_every_endpoint() {
         ("/toolbox/{sandboxId}/files/bulk-download", "post"),
     ];
     for (path, method) in expected {
-        assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} missing");
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing"
+        );
     }
     let schemas = doc["components"]["schemas"].as_object().unwrap();
-    for schema in ["VolumeDto", "SandboxDto", "CreateSandbox", "ErrorBody", "ExecuteRequest"] {
+    for schema in [
+        "VolumeDto",
+        "SandboxDto",
+        "CreateSandbox",
+        "ErrorBody",
+        "ExecuteRequest",
+    ] {
         assert!(schemas.contains_key(schema), "schema {schema} missing");
     }
     server.stop().await;
@@ -274,7 +394,11 @@ async fn a_restart_finishes_interrupted_volume_transitions() {
     server
         .restart(|data_dir| {
             let db = rusqlite::Connection::open(data_dir.join("control.db")).unwrap();
-            db.execute("UPDATE volumes SET state = 'deleting' WHERE id = ?1", [&doomed_id]).unwrap();
+            db.execute(
+                "UPDATE volumes SET state = 'deleting' WHERE id = ?1",
+                [&doomed_id],
+            )
+            .unwrap();
             db.execute(
                 "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at) \
                  VALUES ('half-made', ?1, 'half-made', 'creating', '2026-01-01T00:00:00.000Z', \
@@ -284,10 +408,14 @@ async fn a_restart_finishes_interrupted_volume_transitions() {
             .unwrap();
         })
         .await;
-    server.wait_for(&format!("/api/volumes/{doomed_id}"), "state", "deleted").await;
+    server
+        .wait_for(&format!("/api/volumes/{doomed_id}"), "state", "deleted")
+        .await;
     assert_eq!(server.block_files(), Vec::<std::path::PathBuf>::new());
     assert!(!server.volume_db(&doomed_id).exists());
-    server.wait_for("/api/volumes/half-made", "state", "ready").await;
+    server
+        .wait_for("/api/volumes/half-made", "state", "ready")
+        .await;
     assert!(server.volume_db("half-made").exists());
     server.stop().await;
 }

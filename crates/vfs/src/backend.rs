@@ -23,7 +23,10 @@ const DELETE_CONCURRENCY: usize = 32;
 const STORE_MAX_RETRIES: u32 = 4;
 
 pub(crate) fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// Where a visible piece of a chunk comes from.
@@ -38,17 +41,34 @@ pub(crate) fn chunk_map(slices: &[Slice]) -> IntervalMap<SliceRef> {
     let mut map = IntervalMap::default();
     for s in slices {
         let start = u64::from(s.pos);
-        map.insert(start, start + u64::from(s.len), SliceRef { id: s.id, size: s.size }, u64::from(s.off));
+        map.insert(
+            start,
+            start + u64::from(s.len),
+            SliceRef {
+                id: s.id,
+                size: s.size,
+            },
+            u64::from(s.off),
+        );
     }
     map
 }
 
 /// Opens the metadata engine named by the config and returns its volume, if formatted.
-pub(crate) fn open_meta(config: &VolumeConfig) -> anyhow::Result<(Arc<dyn MetaEngine>, Option<VolumeInfo>)> {
+pub(crate) fn open_meta(
+    config: &VolumeConfig,
+) -> anyhow::Result<(Arc<dyn MetaEngine>, Option<VolumeInfo>)> {
     let meta = cellar_meta::open(&config.meta_url).context("opening the metadata engine")?;
-    let volume = meta.volume().context("reading the volume from the metadata engine")?;
+    let volume = meta
+        .volume()
+        .context("reading the volume from the metadata engine")?;
     if let Some(v) = &volume {
-        anyhow::ensure!(v.name == config.volume, "the metadata engine holds volume {:?}, not {:?}", v.name, config.volume);
+        anyhow::ensure!(
+            v.name == config.volume,
+            "the metadata engine holds volume {:?}, not {:?}",
+            v.name,
+            config.volume
+        );
     }
     Ok((meta, volume))
 }
@@ -82,7 +102,11 @@ impl Core {
         Self::connect(meta, volume, config)
     }
 
-    pub fn connect(meta: Arc<dyn MetaEngine>, volume: VolumeInfo, config: &VolumeConfig) -> anyhow::Result<Core> {
+    pub fn connect(
+        meta: Arc<dyn MetaEngine>,
+        volume: VolumeInfo,
+        config: &VolumeConfig,
+    ) -> anyhow::Result<Core> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("cellar-store-io")
@@ -96,11 +120,17 @@ impl Core {
             cache_disk_bytes: config.cache_disk_bytes,
             max_retries: STORE_MAX_RETRIES,
         };
-        let store = BlockStore::open(&config.store_url, &volume.uuid, options).context("opening the object store")?;
+        let store = BlockStore::open(&config.store_url, &volume.uuid, options)
+            .context("opening the object store")?;
         runtime
             .block_on(store.probe())
             .context("the object store is unreachable or refused the credentials")?;
-        Ok(Core { meta, store, volume, runtime })
+        Ok(Core {
+            meta,
+            store,
+            volume,
+            runtime,
+        })
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -109,7 +139,13 @@ impl Core {
 
     /// Committed bytes `[offset, offset + len)` of a file whose committed size is `size`; bytes
     /// past `size` (and holes) are zeros.
-    pub fn read_committed(&self, ino: Ino, offset: u64, len: usize, size: u64) -> VfsResult<Vec<u8>> {
+    pub fn read_committed(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: usize,
+        size: u64,
+    ) -> VfsResult<Vec<u8>> {
         let mut out = vec![0u8; len];
         let end = (offset + len as u64).min(size);
         if offset >= end {
@@ -119,7 +155,8 @@ impl Core {
             // Inline bytes hold the start of the file; the rest up to the size reads as zeros.
             let blob_end = end.min(blob.len() as u64);
             if offset < blob_end {
-                out[..(blob_end - offset) as usize].copy_from_slice(&blob[offset as usize..blob_end as usize]);
+                out[..(blob_end - offset) as usize]
+                    .copy_from_slice(&blob[offset as usize..blob_end as usize]);
             }
             return Ok(out);
         }
@@ -132,20 +169,32 @@ impl Core {
         let pieces = maps.iter().flat_map(|(chunk_start, map)| {
             let from = offset.max(*chunk_start) - chunk_start;
             let to = end.min(chunk_start + cs) - chunk_start;
-            map.clipped(from, to).map(move |p| (chunk_start + p.start - offset, p))
+            map.clipped(from, to)
+                .map(move |p| (chunk_start + p.start - offset, p))
         });
         self.fill_from_store(pieces, &mut out)?;
         Ok(out)
     }
 
     /// Reads the visible bytes of the given pieces (`(position in out, piece)`) into `out`.
-    fn fill_from_store(&self, pieces: impl Iterator<Item = (u64, crate::intervals::Piece<SliceRef>)>, out: &mut [u8]) -> VfsResult<()> {
+    fn fill_from_store(
+        &self,
+        pieces: impl Iterator<Item = (u64, crate::intervals::Piece<SliceRef>)>,
+        out: &mut [u8],
+    ) -> VfsResult<()> {
         let reads: Vec<_> = pieces
             .filter(|(_, p)| p.source.id != 0)
             .map(|(at, p)| {
                 let store = self.store.clone();
                 let len = (p.end - p.start) as u32;
-                async move { (at, store.read_slice(p.source.id, p.source.size, p.source_off as u32, len).await) }
+                async move {
+                    (
+                        at,
+                        store
+                            .read_slice(p.source.id, p.source.size, p.source_off as u32, len)
+                            .await,
+                    )
+                }
             })
             .collect();
         for (at, data) in self.runtime.block_on(futures::future::join_all(reads)) {
@@ -167,9 +216,17 @@ impl Core {
             let chunk_start = index * cs;
             let slices = self.meta.read_chunk(ino, index)?;
             let map = chunk_map(&slices);
-            for p in map.clipped(start.max(chunk_start) - chunk_start, end.min(chunk_start + cs) - chunk_start) {
+            for p in map.clipped(
+                start.max(chunk_start) - chunk_start,
+                end.min(chunk_start + cs) - chunk_start,
+            ) {
                 if p.source.id != 0 {
-                    self.store.prefetch(p.source.id, p.source.size, p.source_off as u32, (p.end - p.start) as u32);
+                    self.store.prefetch(
+                        p.source.id,
+                        p.source.size,
+                        p.source_off as u32,
+                        (p.end - p.start) as u32,
+                    );
                 }
             }
         }
@@ -215,21 +272,39 @@ impl Core {
         let chunk_start = index * cs;
         let visible_end = size.saturating_sub(chunk_start).min(cs);
         let map = chunk_map(&slices);
-        let data_pieces: Vec<_> = map.clipped(0, visible_end).filter(|p| p.source.id != 0).collect();
+        let data_pieces: Vec<_> = map
+            .clipped(0, visible_end)
+            .filter(|p| p.source.id != 0)
+            .collect();
         let new = match (data_pieces.first(), data_pieces.last()) {
             (Some(first), Some(last)) => {
                 let (start, end) = (first.start, last.end);
                 let mut data = vec![0u8; (end - start) as usize];
-                self.fill_from_store(map.clipped(start, end).map(|p| (p.start - start, p)), &mut data)?;
+                self.fill_from_store(
+                    map.clipped(start, end).map(|p| (p.start - start, p)),
+                    &mut data,
+                )?;
                 let len = data.len() as u32;
                 let id = self.put_new_slice(Bytes::from(data))?;
-                vec![Slice { id, size: len, off: 0, len, pos: start as u32 }]
+                vec![Slice {
+                    id,
+                    size: len,
+                    off: 0,
+                    len,
+                    pos: start as u32,
+                }]
             }
             _ => Vec::new(),
         };
         let replaced = self.meta.replace_chunk(ino, index, &slices, &new)?;
         if !replaced {
-            let garbage: Vec<_> = new.iter().map(|s| GarbageSlice { id: s.id, size: s.size }).collect();
+            let garbage: Vec<_> = new
+                .iter()
+                .map(|s| GarbageSlice {
+                    id: s.id,
+                    size: s.size,
+                })
+                .collect();
             self.discard_slices(&garbage);
         }
         Ok(replaced)
@@ -242,7 +317,9 @@ impl Core {
             match self.compact_chunk(ino, index) {
                 Ok(true) => compacted += 1,
                 Ok(false) => {}
-                Err(e) => tracing::warn!(ino, chunk = index, error = %e, "compaction of a chunk failed"),
+                Err(e) => {
+                    tracing::warn!(ino, chunk = index, error = %e, "compaction of a chunk failed")
+                }
             }
         }
         Ok(compacted)
@@ -270,8 +347,16 @@ impl Core {
                     .buffer_unordered(DELETE_CONCURRENCY)
                     .collect(),
             );
-            let forgotten: Vec<u64> = results.iter().filter(|(_, ok)| *ok).map(|(g, _)| g.id).collect();
-            deleted_blocks += results.iter().filter(|(_, ok)| *ok).map(|(g, _)| self.block_count(g.size)).sum::<u64>();
+            let forgotten: Vec<u64> = results
+                .iter()
+                .filter(|(_, ok)| *ok)
+                .map(|(g, _)| g.id)
+                .collect();
+            deleted_blocks += results
+                .iter()
+                .filter(|(_, ok)| *ok)
+                .map(|(g, _)| self.block_count(g.size))
+                .sum::<u64>();
             self.meta.forget_garbage(&forgotten)?;
             if forgotten.len() < batch.len() {
                 // Some deletions failed: retry them on the next pass rather than spin here.

@@ -22,9 +22,7 @@ pub(crate) fn start(inner: &Arc<Inner>) -> std::io::Result<Vec<JoinHandle<()>>> 
     let mut beats = 0u32;
     Ok(vec![
         spawn(inner, "cellar-heartbeat", HEARTBEAT_EVERY, move |inner| {
-            if let Err(e) = inner.core.meta.heartbeat(inner.session) {
-                tracing::warn!(error = %e, "session heartbeat failed");
-            }
+            inner.heartbeat();
             beats += 1;
             if beats.is_multiple_of(REAP_EVERY_HEARTBEATS) {
                 inner.reap_stale_sessions();
@@ -51,12 +49,14 @@ fn spawn(
 ) -> std::io::Result<JoinHandle<()>> {
     let weak: Weak<Inner> = Arc::downgrade(inner);
     let stopper = inner.stopper.clone();
-    std::thread::Builder::new().name(name.to_string()).spawn(move || {
-        while !stopper.wait(period) {
-            let Some(inner) = weak.upgrade() else { return };
-            work(&inner);
-        }
-    })
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            while !stopper.wait(period) {
+                let Some(inner) = weak.upgrade() else { return };
+                work(&inner);
+            }
+        })
 }
 
 /// Commits finished background uploads and flushes buffers left idle.
@@ -64,12 +64,19 @@ fn flush_idle(inner: &Inner) {
     for file in inner.registry.all_files() {
         let (dirty, idle) = {
             let d = file.data.lock();
-            (d.is_dirty(), d.last_write.is_none_or(|t| t.elapsed() >= IDLE_FLUSH_AFTER))
+            (
+                d.is_dirty(),
+                d.last_write.is_none_or(|t| t.elapsed() >= IDLE_FLUSH_AFTER),
+            )
         };
         if !dirty {
             continue;
         }
-        let outcome = if idle { inner.flush_file(&file) } else { inner.commit_finished(&file) };
+        let outcome = if idle {
+            inner.flush_file(&file)
+        } else {
+            inner.commit_finished(&file)
+        };
         match outcome {
             Ok(()) if idle => {
                 // The commit set the final mtime; let the kernel refresh what it cached.
@@ -77,7 +84,9 @@ fn flush_idle(inner: &Inner) {
                 inner.registry.forget_if_idle(file.ino);
             }
             Ok(()) => {}
-            Err(e) => tracing::warn!(ino = file.ino, error = %e, "background flush failed; will retry"),
+            Err(e) => {
+                tracing::warn!(ino = file.ino, error = %e, "background flush failed; will retry")
+            }
         }
     }
 }

@@ -46,7 +46,10 @@ impl Inner {
             let mut d = file.data.lock();
             match d.buffer.last_mut() {
                 Some(last) if last.end() == offset => last.data.extend_from_slice(data),
-                _ => d.buffer.push(Extent { offset, data: data.to_vec() }),
+                _ => d.buffer.push(Extent {
+                    offset,
+                    data: data.to_vec(),
+                }),
             }
             d.buffer_bytes += len;
             d.buffer_end = d.buffer_end.max(offset + len);
@@ -108,7 +111,8 @@ impl Inner {
         {
             let mut d = file.data.lock();
             let new_size = attr.size.max(d.buffer_end);
-            if new_size <= self.core.volume.inline_threshold && (inline.is_some() || attr.size == 0) {
+            if new_size <= self.core.volume.inline_threshold && (inline.is_some() || attr.size == 0)
+            {
                 // Small file: store it whole in the metadata, no object store round trip. Done
                 // under the data lock (meta never calls back into it), so no write slips between.
                 let mut content = inline.unwrap_or_default();
@@ -150,8 +154,14 @@ impl Inner {
             if d.buffer.is_empty() {
                 return Ok(());
             }
-            let extents: Vec<Run> =
-                d.buffer.drain(..).map(|e| Run { offset: e.offset, data: Bytes::from(e.data) }).collect();
+            let extents: Vec<Run> = d
+                .buffer
+                .drain(..)
+                .map(|e| Run {
+                    offset: e.offset,
+                    data: Bytes::from(e.data),
+                })
+                .collect();
             let segment = Segment {
                 extents: extents.clone(),
                 bytes: std::mem::take(&mut d.buffer_bytes),
@@ -164,7 +174,10 @@ impl Inner {
             d.inflight.push_back(segment);
             (extents, d.inflight.len() - 1)
         };
-        let prefix = inline_prefix.map(|blob| Run { offset: 0, data: Bytes::from(blob) });
+        let prefix = inline_prefix.map(|blob| Run {
+            offset: 0,
+            data: Bytes::from(blob),
+        });
         let runs = coalesce(prefix.iter().chain(extents.iter()), self.core.chunk_size());
         let first_id = match self.core.meta.alloc_slice_ids(runs.len() as u64) {
             Ok(id) => id,
@@ -178,13 +191,28 @@ impl Inner {
         let mut uploads = Vec::with_capacity(runs.len());
         for (id, run) in (first_id..).zip(runs) {
             let len = run.data.len() as u32;
-            slices.push((run.offset / cs, Slice { id, size: len, off: 0, len, pos: (run.offset % cs) as u32 }));
+            slices.push((
+                run.offset / cs,
+                Slice {
+                    id,
+                    size: len,
+                    off: 0,
+                    len,
+                    pos: (run.offset % cs) as u32,
+                },
+            ));
             uploads.push((id, run.data));
         }
         let store = self.core.store.clone();
         let upload = self.core.runtime.spawn(async move {
-            let puts = uploads.into_iter().map(|(id, data)| store.put_slice(id, data));
-            futures::future::join_all(puts).await.into_iter().collect::<StoreResult<Vec<()>>>().map(drop)
+            let puts = uploads
+                .into_iter()
+                .map(|(id, data)| store.put_slice(id, data));
+            futures::future::join_all(puts)
+                .await
+                .into_iter()
+                .collect::<StoreResult<Vec<()>>>()
+                .map(drop)
         });
         let mut d = file.data.lock();
         let segment = &mut d.inflight[index];
@@ -198,7 +226,9 @@ impl Inner {
     fn commit_front(&self, file: &FileState, wait: bool) -> VfsResult<bool> {
         let upload = {
             let mut d = file.data.lock();
-            let Some(front) = d.inflight.front_mut() else { return Ok(false) };
+            let Some(front) = d.inflight.front_mut() else {
+                return Ok(false);
+            };
             if !wait && front.upload.as_ref().is_some_and(|u| !u.is_finished()) {
                 return Ok(false);
             }
@@ -207,7 +237,9 @@ impl Inner {
         let uploaded = match upload.map(|u| self.core.runtime.block_on(u)) {
             Some(Ok(Ok(()))) => Ok(()),
             Some(Ok(Err(e))) => Err(Errno::from(e)),
-            Some(Err(e)) => Err(Errno::from(StoreError::Io(format!("upload task failed: {e}")))),
+            Some(Err(e)) => Err(Errno::from(StoreError::Io(format!(
+                "upload task failed: {e}"
+            )))),
             None => Err(Errno::IO),
         };
         if let Err(e) = uploaded {
@@ -216,10 +248,22 @@ impl Inner {
         }
         let (slices, end, drop_inline, mtime_ns) = {
             let d = file.data.lock();
-            let front = d.inflight.front().expect("front segment is only removed under the flush lock");
-            (front.slices.clone(), front.end, front.drop_inline, front.mtime_ns)
+            let front = d
+                .inflight
+                .front()
+                .expect("front segment is only removed under the flush lock");
+            (
+                front.slices.clone(),
+                front.end,
+                front.drop_inline,
+                front.mtime_ns,
+            )
         };
-        let attr = match self.core.meta.commit_slices(file.ino, &slices, end, drop_inline, mtime_ns) {
+        let attr = match self
+            .core
+            .meta
+            .commit_slices(file.ino, &slices, end, drop_inline, mtime_ns)
+        {
             Ok(attr) => attr,
             Err(e) => {
                 self.fail_inflight(file);
@@ -227,9 +271,13 @@ impl Inner {
             }
         };
         let mut d = file.data.lock();
-        let committed = d.inflight.pop_front().expect("front segment is only removed under the flush lock");
+        let committed = d
+            .inflight
+            .pop_front()
+            .expect("front segment is only removed under the flush lock");
         d.commit_gen += 1;
-        self.dirty_bytes.fetch_sub(committed.bytes, Ordering::SeqCst);
+        self.dirty_bytes
+            .fetch_sub(committed.bytes, Ordering::SeqCst);
         drop(d);
         self.note_seen(&attr);
         Ok(true)
@@ -239,7 +287,13 @@ impl Inner {
     /// buffer (to be retried by the next flush; later segments must not commit before earlier
     /// ones), and their uploaded slices become garbage.
     fn fail_inflight(&self, file: &FileState) {
-        let uploads: Vec<_> = file.data.lock().inflight.iter_mut().filter_map(|s| s.upload.take()).collect();
+        let uploads: Vec<_> = file
+            .data
+            .lock()
+            .inflight
+            .iter_mut()
+            .filter_map(|s| s.upload.take())
+            .collect();
         for upload in uploads {
             let _ = self.core.runtime.block_on(upload);
         }
@@ -248,15 +302,24 @@ impl Inner {
         let mut garbage = Vec::new();
         let mut requeued = Vec::new();
         for segment in segments {
-            garbage.extend(segment.slices.iter().map(|(_, s)| GarbageSlice { id: s.id, size: s.size }));
+            garbage.extend(segment.slices.iter().map(|(_, s)| GarbageSlice {
+                id: s.id,
+                size: s.size,
+            }));
             d.buffer_bytes += segment.bytes;
             d.buffer_end = d.buffer_end.max(segment.end);
-            requeued.extend(segment.extents.into_iter().map(|r| Extent { offset: r.offset, data: Vec::from(r.data) }));
+            requeued.extend(segment.extents.into_iter().map(|r| Extent {
+                offset: r.offset,
+                data: Vec::from(r.data),
+            }));
         }
         requeued.append(&mut d.buffer);
         d.buffer = requeued;
         drop(d);
-        tracing::warn!(ino = file.ino, "flush failed; the data stays buffered for the next flush");
+        tracing::warn!(
+            ino = file.ino,
+            "flush failed; the data stays buffered for the next flush"
+        );
         self.core.discard_slices(&garbage);
     }
 }

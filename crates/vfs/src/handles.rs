@@ -48,7 +48,10 @@ impl FileData {
 
     /// End of the furthest uncommitted byte (0 when clean).
     pub fn dirty_end(&self) -> u64 {
-        self.inflight.iter().map(|s| s.end).fold(self.buffer_end, u64::max)
+        self.inflight
+            .iter()
+            .map(|s| s.end)
+            .fold(self.buffer_end, u64::max)
     }
 
     pub fn inflight_bytes(&self) -> u64 {
@@ -133,7 +136,11 @@ impl Registry {
     }
 
     pub fn handle(&self, fh: u64) -> VfsResult<Arc<Handle>> {
-        self.handles.lock().get(&fh).cloned().ok_or(Errno(libc::EBADF))
+        self.handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(Errno(libc::EBADF))
     }
 
     pub fn remove_handle(&self, fh: u64) -> VfsResult<Arc<Handle>> {
@@ -143,7 +150,10 @@ impl Registry {
     /// The inode's state with its open count raised by one.
     pub fn open_file(&self, ino: Ino) -> Arc<FileState> {
         let mut files = self.files.lock();
-        let file = files.entry(ino).or_insert_with(|| Arc::new(FileState::new(ino))).clone();
+        let file = files
+            .entry(ino)
+            .or_insert_with(|| Arc::new(FileState::new(ino)))
+            .clone();
         file.open_count.fetch_add(1, Ordering::SeqCst);
         file
     }

@@ -19,7 +19,9 @@ pub(crate) struct IntervalMap<S: Copy> {
 
 impl<S: Copy> Default for IntervalMap<S> {
     fn default() -> Self {
-        IntervalMap { pieces: BTreeMap::new() }
+        IntervalMap {
+            pieces: BTreeMap::new(),
+        }
     }
 }
 
@@ -43,10 +45,25 @@ impl<S: Copy> IntervalMap<S> {
             }
             if old.end > end {
                 let source_off = old.source_off + (end - old.start);
-                self.pieces.insert(end, Piece { start: end, source_off, ..old });
+                self.pieces.insert(
+                    end,
+                    Piece {
+                        start: end,
+                        source_off,
+                        ..old
+                    },
+                );
             }
         }
-        self.pieces.insert(start, Piece { start, end, source, source_off });
+        self.pieces.insert(
+            start,
+            Piece {
+                start,
+                end,
+                source,
+                source_off,
+            },
+        );
     }
 
     /// Visible pieces in offset order.
@@ -56,11 +73,21 @@ impl<S: Copy> IntervalMap<S> {
 
     /// Visible pieces clipped to `[start, end)`, in offset order.
     pub fn clipped(&self, start: u64, end: u64) -> impl Iterator<Item = Piece<S>> + '_ {
-        let first = self.pieces.range(..=start).next_back().map(|(k, _)| *k).unwrap_or(start);
+        let first = self
+            .pieces
+            .range(..=start)
+            .next_back()
+            .map(|(k, _)| *k)
+            .unwrap_or(start);
         self.pieces.range(first..end).filter_map(move |(_, p)| {
             let s = p.start.max(start);
             let e = p.end.min(end);
-            (s < e).then(|| Piece { start: s, end: e, source: p.source, source_off: p.source_off + (s - p.start) })
+            (s < e).then(|| Piece {
+                start: s,
+                end: e,
+                source: p.source,
+                source_off: p.source_off + (s - p.start),
+            })
         })
     }
 }
@@ -76,10 +103,28 @@ mod tests {
         map.insert(10, 20, 'b', 0);
         map.insert(15, 30, 'c', 5);
         map.insert(90, 120, 'd', 0);
-        let got: Vec<_> = map.pieces().map(|p| (p.start, p.end, p.source, p.source_off)).collect();
-        assert_eq!(got, vec![(0, 10, 'a', 0), (10, 15, 'b', 0), (15, 30, 'c', 5), (30, 90, 'a', 30), (90, 120, 'd', 0)]);
-        let clipped: Vec<_> = map.clipped(12, 40).map(|p| (p.start, p.end, p.source, p.source_off)).collect();
-        assert_eq!(clipped, vec![(12, 15, 'b', 2), (15, 30, 'c', 5), (30, 40, 'a', 30)]);
+        let got: Vec<_> = map
+            .pieces()
+            .map(|p| (p.start, p.end, p.source, p.source_off))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 10, 'a', 0),
+                (10, 15, 'b', 0),
+                (15, 30, 'c', 5),
+                (30, 90, 'a', 30),
+                (90, 120, 'd', 0)
+            ]
+        );
+        let clipped: Vec<_> = map
+            .clipped(12, 40)
+            .map(|p| (p.start, p.end, p.source, p.source_off))
+            .collect();
+        assert_eq!(
+            clipped,
+            vec![(12, 15, 'b', 2), (15, 30, 'c', 5), (30, 40, 'a', 30)]
+        );
     }
 
     #[test]

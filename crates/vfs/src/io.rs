@@ -24,8 +24,20 @@ impl Inner {
         // Close-to-open: the kernel may keep its page cache only if nothing changed since this
         // mount last saw the file (or this mount holds newer, unflushed data of its own).
         let keep_cache = file.data.lock().is_dirty() || self.unchanged_since_seen(attr);
-        let kind = HandleKind::File { file, readahead: Mutex::new(ReadAhead::default()), privileges_dropped: AtomicBool::new(false) };
-        (self.registry.insert_handle(Handle { ino: attr.ino, flags, uid: ctx.uid, kind }), keep_cache)
+        let kind = HandleKind::File {
+            file,
+            readahead: Mutex::new(ReadAhead::default()),
+            privileges_dropped: AtomicBool::new(false),
+        };
+        (
+            self.registry.insert_handle(Handle {
+                ino: attr.ino,
+                flags,
+                uid: ctx.uid,
+                kind,
+            }),
+            keep_cache,
+        )
     }
 
     pub(crate) fn open(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<OpenReply> {
@@ -37,7 +49,15 @@ impl Inner {
         Ok(OpenReply { fh, keep_cache })
     }
 
-    pub(crate) fn create(&self, ctx: &Ctx, parent: Ino, name: &[u8], mode: u32, umask: u32, flags: i32) -> VfsResult<(Attr, OpenReply)> {
+    pub(crate) fn create(
+        &self,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> VfsResult<(Attr, OpenReply)> {
         let attr = self.mknod(ctx, parent, name, (mode & 0o7777) | libc::S_IFREG, umask, 0)?;
         let (fh, keep_cache) = self.new_file_handle(ctx, &attr, flags);
         Ok((attr, OpenReply { fh, keep_cache }))
@@ -45,7 +65,12 @@ impl Inner {
 
     pub(crate) fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
         let handle = self.registry.handle(fh)?;
-        let HandleKind::File { file, readahead, .. } = &handle.kind else { return err(libc::EISDIR) };
+        let HandleKind::File {
+            file, readahead, ..
+        } = &handle.kind
+        else {
+            return err(libc::EISDIR);
+        };
         loop {
             let generation = file.data.lock().commit_gen;
             let committed = self.core.meta.getattr(ino)?;
@@ -54,7 +79,9 @@ impl Inner {
                 return Ok(Vec::new());
             }
             let len = u64::from(size).min(size_now - offset);
-            let mut out = self.core.read_committed(ino, offset, len as usize, committed.size)?;
+            let mut out = self
+                .core
+                .read_committed(ino, offset, len as usize, committed.size)?;
             let d = file.data.lock();
             if d.commit_gen != generation {
                 // This mount committed meanwhile: what was read may predate the commit while the
@@ -72,7 +99,11 @@ impl Inner {
     fn read_ahead(&self, ino: Ino, readahead: &Mutex<ReadAhead>, offset: u64, len: u64, size: u64) {
         let mut ra = readahead.lock();
         if offset == ra.next {
-            ra.window = if ra.window == 0 { READAHEAD_INITIAL } else { (ra.window * 2).min(READAHEAD_MAX) };
+            ra.window = if ra.window == 0 {
+                READAHEAD_INITIAL
+            } else {
+                (ra.window * 2).min(READAHEAD_MAX)
+            };
         } else {
             ra.window = 0;
             ra.prefetched_until = 0;
@@ -94,7 +125,14 @@ impl Inner {
 
     pub(crate) fn write(&self, fh: u64, offset: u64, data: &[u8]) -> VfsResult<u32> {
         let handle = self.registry.handle(fh)?;
-        let HandleKind::File { file, privileges_dropped, .. } = &handle.kind else { return err(libc::EISDIR) };
+        let HandleKind::File {
+            file,
+            privileges_dropped,
+            ..
+        } = &handle.kind
+        else {
+            return err(libc::EISDIR);
+        };
         if handle.flags & libc::O_ACCMODE == libc::O_RDONLY {
             return err(libc::EBADF);
         }
@@ -120,7 +158,14 @@ impl Inner {
             cleared &= !libc::S_ISGID;
         }
         if cleared != perm {
-            self.core.meta.setattr(ino, &SetAttr { perm: Some(cleared), ..SetAttr::default() }, now_ns())?;
+            self.core.meta.setattr(
+                ino,
+                &SetAttr {
+                    perm: Some(cleared),
+                    ..SetAttr::default()
+                },
+                now_ns(),
+            )?;
         }
         Ok(())
     }
@@ -135,7 +180,13 @@ impl Inner {
         flushed
     }
 
-    pub(crate) fn release(&self, ino: Ino, fh: u64, lock_owner: Option<u64>, flock_release: bool) -> VfsResult<()> {
+    pub(crate) fn release(
+        &self,
+        ino: Ino,
+        fh: u64,
+        lock_owner: Option<u64>,
+        flock_release: bool,
+    ) -> VfsResult<()> {
         let handle = self.registry.remove_handle(fh)?;
         let file = handle.file()?;
         if flock_release {
@@ -150,7 +201,7 @@ impl Inner {
         // Last handle of this mount: nothing may stay buffered, and an unlinked inode goes.
         let flushed = self.flush_file(file);
         if file.sustained.swap(false, Ordering::SeqCst) {
-            self.core.meta.release_sustained(self.session, ino)?;
+            self.core.meta.release_sustained(self.session(), ino)?;
         }
         self.registry.forget_if_idle(ino);
         flushed
@@ -161,7 +212,14 @@ impl Inner {
         self.flush_file(handle.file()?)
     }
 
-    pub(crate) fn fallocate(&self, ino: Ino, fh: u64, offset: u64, length: u64, mode: i32) -> VfsResult<()> {
+    pub(crate) fn fallocate(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> VfsResult<()> {
         let handle = self.registry.handle(fh)?;
         handle.file()?;
         if offset > i64::MAX as u64 || length == 0 || length > i64::MAX as u64 {
@@ -184,8 +242,20 @@ impl Inner {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn copy_file_range(&self, ino_in: Ino, fh_in: u64, off_in: u64, ino_out: Ino, fh_out: u64, off_out: u64, len: u64) -> VfsResult<u64> {
-        if ino_in == ino_out && off_in < off_out.saturating_add(len) && off_out < off_in.saturating_add(len) {
+    pub(crate) fn copy_file_range(
+        &self,
+        ino_in: Ino,
+        fh_in: u64,
+        off_in: u64,
+        ino_out: Ino,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> VfsResult<u64> {
+        if ino_in == ino_out
+            && off_in < off_out.saturating_add(len)
+            && off_out < off_in.saturating_add(len)
+        {
             return err(libc::EINVAL);
         }
         let mut copied = 0;

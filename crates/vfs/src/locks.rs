@@ -16,15 +16,25 @@ const FLOCK_OWNER_BIT: u64 = 1 << 63;
 
 impl Inner {
     fn posix_owner(&self, lock_owner: u64) -> LockOwner {
-        LockOwner { session: self.session, owner: lock_owner }
+        LockOwner {
+            session: self.session(),
+            owner: lock_owner,
+        }
     }
 
     fn flock_owner(&self, fh: u64) -> LockOwner {
-        LockOwner { session: self.session, owner: fh | FLOCK_OWNER_BIT }
+        LockOwner {
+            session: self.session(),
+            owner: fh | FLOCK_OWNER_BIT,
+        }
     }
 
     /// Tries `attempt` until it grants the lock; without `sleep`, a refusal is EAGAIN.
-    fn acquire(&self, sleep: bool, attempt: impl Fn() -> cellar_meta::Result<bool>) -> VfsResult<()> {
+    fn acquire(
+        &self,
+        sleep: bool,
+        attempt: impl Fn() -> cellar_meta::Result<bool>,
+    ) -> VfsResult<()> {
         let mut backoff = BACKOFF_FIRST;
         loop {
             if attempt()? {
@@ -40,11 +50,26 @@ impl Inner {
         }
     }
 
-    pub(crate) fn getlk(&self, ino: Ino, lock_owner: u64, range: LockRange) -> VfsResult<Option<LockRange>> {
-        Ok(self.core.meta.getlk(ino, self.posix_owner(lock_owner), &range)?)
+    pub(crate) fn getlk(
+        &self,
+        ino: Ino,
+        lock_owner: u64,
+        range: LockRange,
+    ) -> VfsResult<Option<LockRange>> {
+        Ok(self
+            .core
+            .meta
+            .getlk(ino, self.posix_owner(lock_owner), &range)?)
     }
 
-    pub(crate) fn setlk(&self, ino: Ino, fh: u64, lock_owner: u64, range: LockRange, sleep: bool) -> VfsResult<()> {
+    pub(crate) fn setlk(
+        &self,
+        ino: Ino,
+        fh: u64,
+        lock_owner: u64,
+        range: LockRange,
+        sleep: bool,
+    ) -> VfsResult<()> {
         let handle = self.registry.handle(fh)?;
         let owner = self.posix_owner(lock_owner);
         self.acquire(sleep, || self.core.meta.setlk(ino, owner, &range))?;
@@ -69,7 +94,11 @@ impl Inner {
 
     /// Drops the flock of a handle (its last close).
     pub(crate) fn unlock_flock(&self, ino: Ino, fh: u64) {
-        if let Err(e) = self.core.meta.flock(ino, self.flock_owner(fh), LockKind::Unlock) {
+        if let Err(e) = self
+            .core
+            .meta
+            .flock(ino, self.flock_owner(fh), LockKind::Unlock)
+        {
             tracing::warn!(ino, error = %e, "could not drop a flock");
         }
     }

@@ -25,11 +25,23 @@ pub(crate) fn format(config: &VolumeConfig) -> anyhow::Result<()> {
 
 /// Objects of the volume that neither a live slice nor a garbage slice references.
 fn leaked_objects(core: &Core, objects: &[ObjectInfo]) -> anyhow::Result<Vec<ObjectInfo>> {
-    let mut referenced: HashSet<u64> = core.meta.live_slices()?.into_iter().map(|(id, _)| id).collect();
-    referenced.extend(core.meta.garbage_slices(i64::MAX, usize::MAX)?.into_iter().map(|g| g.id));
+    let mut referenced: HashSet<u64> = core
+        .meta
+        .live_slices()?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    referenced.extend(
+        core.meta
+            .garbage_slices(i64::MAX, usize::MAX)?
+            .into_iter()
+            .map(|g| g.id),
+    );
     Ok(objects
         .iter()
-        .filter(|o| BlockStore::parse_block_key(&o.key).is_some_and(|(id, _, _)| !referenced.contains(&id)))
+        .filter(|o| {
+            BlockStore::parse_block_key(&o.key).is_some_and(|(id, _, _)| !referenced.contains(&id))
+        })
         .cloned()
         .collect())
 }
@@ -53,15 +65,23 @@ fn delete_objects(core: &Core, objects: &[ObjectInfo]) -> u64 {
 }
 
 fn list_objects(core: &Core) -> anyhow::Result<Vec<ObjectInfo>> {
-    core.runtime.block_on(core.store.list()).context("listing the volume's objects")
+    core.runtime
+        .block_on(core.store.list())
+        .context("listing the volume's objects")
 }
 
 pub(crate) fn fsck(config: &VolumeConfig, repair: bool) -> anyhow::Result<Vec<String>> {
     let core = Core::open(config, false)?;
     let mut problems = core.meta.check(repair).context("checking the metadata")?;
     let objects = list_objects(&core)?;
-    let blocks: HashSet<(u64, u32, u32)> = objects.iter().filter_map(|o| BlockStore::parse_block_key(&o.key)).collect();
-    for o in objects.iter().filter(|o| BlockStore::parse_block_key(&o.key).is_none()) {
+    let blocks: HashSet<(u64, u32, u32)> = objects
+        .iter()
+        .filter_map(|o| BlockStore::parse_block_key(&o.key))
+        .collect();
+    for o in objects
+        .iter()
+        .filter(|o| BlockStore::parse_block_key(&o.key).is_none())
+    {
         problems.push(format!("object {} is not a block of this volume", o.key));
     }
     let block_size = core.volume.block_size;
@@ -75,7 +95,10 @@ pub(crate) fn fsck(config: &VolumeConfig, repair: bool) -> anyhow::Result<Vec<St
     }
     let leaked = leaked_objects(&core, &objects)?;
     for o in &leaked {
-        problems.push(format!("object {} ({} bytes) is leaked: no slice references it", o.key, o.size));
+        problems.push(format!(
+            "object {} ({} bytes) is leaked: no slice references it",
+            o.key, o.size
+        ));
     }
     if repair && !leaked.is_empty() {
         if crate::volume::gc_grace().is_zero() {
@@ -88,7 +111,11 @@ pub(crate) fn fsck(config: &VolumeConfig, repair: bool) -> anyhow::Result<Vec<St
     Ok(problems)
 }
 
-pub(crate) fn gc(config: &VolumeConfig, grace: Duration, delete_leaked: bool) -> anyhow::Result<(u64, u64)> {
+pub(crate) fn gc(
+    config: &VolumeConfig,
+    grace: Duration,
+    delete_leaked: bool,
+) -> anyhow::Result<(u64, u64)> {
     let core = Core::open(config, false)?;
     let mut compacted = 0;
     for _ in 0..MAX_COMPACTION_PASSES {
@@ -103,7 +130,9 @@ pub(crate) fn gc(config: &VolumeConfig, grace: Duration, delete_leaked: bool) ->
         let objects = list_objects(&core)?;
         deleted += delete_objects(&core, &leaked_objects(&core, &objects)?);
     } else if delete_leaked {
-        tracing::warn!("leaked objects are only deleted with a zero grace period (their age is unknown)");
+        tracing::warn!(
+            "leaked objects are only deleted with a zero grace period (their age is unknown)"
+        );
     }
     Ok((deleted, compacted))
 }
@@ -117,7 +146,11 @@ pub(crate) fn destroy(config: &VolumeConfig) -> anyhow::Result<()> {
         let core = Core::connect(meta, volume, config)?;
         let objects = list_objects(&core)?;
         let deleted = delete_objects(&core, &objects);
-        anyhow::ensure!(deleted == objects.len() as u64, "{} object(s) could not be deleted", objects.len() as u64 - deleted);
+        anyhow::ensure!(
+            deleted == objects.len() as u64,
+            "{} object(s) could not be deleted",
+            objects.len() as u64 - deleted
+        );
     } else {
         drop(meta);
     }
@@ -127,7 +160,10 @@ pub(crate) fn destroy(config: &VolumeConfig) -> anyhow::Result<()> {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", std::path::Path::new(&path).display())),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("removing {}", std::path::Path::new(&path).display()))
+            }
         }
     }
     Ok(())
@@ -135,6 +171,10 @@ pub(crate) fn destroy(config: &VolumeConfig) -> anyhow::Result<()> {
 
 fn sqlite_path(meta_url: &str) -> anyhow::Result<std::path::PathBuf> {
     let url = url::Url::parse(meta_url).context("parsing the metadata URL")?;
-    anyhow::ensure!(url.scheme() == "sqlite", "destroy supports sqlite metadata only, not {:?}", url.scheme());
+    anyhow::ensure!(
+        url.scheme() == "sqlite",
+        "destroy supports sqlite metadata only, not {:?}",
+        url.scheme()
+    );
     Ok(std::path::PathBuf::from(url.path()))
 }

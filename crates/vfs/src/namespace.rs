@@ -63,7 +63,12 @@ impl Inner {
         let attr = meta.getattr(ino)?;
         let root = ctx.uid == 0;
         let owner = root || ctx.uid == attr.uid;
-        let mut changes = SetAttr { atime: req.atime, mtime: req.mtime, ctime: req.ctime, ..SetAttr::default() };
+        let mut changes = SetAttr {
+            atime: req.atime,
+            mtime: req.mtime,
+            ctime: req.ctime,
+            ..SetAttr::default()
+        };
         if let Some(uid) = req.uid {
             if !root && uid != attr.uid {
                 return err(libc::EPERM);
@@ -84,7 +89,11 @@ impl Inner {
                 return err(libc::EPERM);
             }
             let mut perm = mode & 0o7777;
-            if !root && !directory && perm & S_ISGID != 0 && changes.gid.unwrap_or(attr.gid) != ctx.gid {
+            if !root
+                && !directory
+                && perm & S_ISGID != 0
+                && changes.gid.unwrap_or(attr.gid) != ctx.gid
+            {
                 perm &= !S_ISGID;
             }
             changes.perm = Some(perm);
@@ -96,7 +105,8 @@ impl Inner {
             }
             changes.perm = Some(perm);
         }
-        let explicit_time = matches!(req.atime, Some(TimeSet::At(_))) || matches!(req.mtime, Some(TimeSet::At(_)));
+        let explicit_time =
+            matches!(req.atime, Some(TimeSet::At(_))) || matches!(req.mtime, Some(TimeSet::At(_)));
         if explicit_time && !owner {
             return err(libc::EPERM);
         }
@@ -129,7 +139,13 @@ impl Inner {
 
     /// Creates `node` owned by the caller, with the group (plus, for directories, the setgid bit)
     /// inherited from a setgid parent.
-    fn create_node(&self, ctx: &Ctx, parent: Ino, name: &[u8], mut node: NewNode) -> VfsResult<Attr> {
+    fn create_node(
+        &self,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        mut node: NewNode,
+    ) -> VfsResult<Attr> {
         check_name(name)?;
         let parent_attr = self.core.meta.getattr(parent)?;
         if parent_attr.kind != FileKind::Directory {
@@ -138,10 +154,18 @@ impl Inner {
         let inherit_group = parent_attr.perm & S_ISGID != 0;
         node.perm &= 0o7777;
         node.uid = ctx.uid;
-        node.gid = if inherit_group { parent_attr.gid } else { ctx.gid };
+        node.gid = if inherit_group {
+            parent_attr.gid
+        } else {
+            ctx.gid
+        };
         if node.kind == FileKind::Directory && inherit_group {
             node.perm |= S_ISGID;
-        } else if node.kind != FileKind::Directory && node.perm & S_ISGID != 0 && ctx.uid != 0 && node.gid != ctx.gid {
+        } else if node.kind != FileKind::Directory
+            && node.perm & S_ISGID != 0
+            && ctx.uid != 0
+            && node.gid != ctx.gid
+        {
             node.perm &= !S_ISGID;
         }
         let attr = self.core.meta.create_node(parent, name, &node, now_ns())?;
@@ -149,23 +173,59 @@ impl Inner {
         Ok(attr)
     }
 
-    pub(crate) fn mknod(&self, ctx: &Ctx, parent: Ino, name: &[u8], mode: u32, umask: u32, rdev: u32) -> VfsResult<Attr> {
+    pub(crate) fn mknod(
+        &self,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> VfsResult<Attr> {
         let kind = kind_of_mode(mode)?;
-        self.create_node(ctx, parent, name, new_node(kind, mode & !umask, rdev, Vec::new()))
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            new_node(kind, mode & !umask, rdev, Vec::new()),
+        )
     }
 
-    pub(crate) fn mkdir(&self, ctx: &Ctx, parent: Ino, name: &[u8], mode: u32, umask: u32) -> VfsResult<Attr> {
-        self.create_node(ctx, parent, name, new_node(FileKind::Directory, mode & !umask, 0, Vec::new()))
+    pub(crate) fn mkdir(
+        &self,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> VfsResult<Attr> {
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            new_node(FileKind::Directory, mode & !umask, 0, Vec::new()),
+        )
     }
 
-    pub(crate) fn symlink(&self, ctx: &Ctx, parent: Ino, name: &[u8], target: &[u8]) -> VfsResult<Attr> {
+    pub(crate) fn symlink(
+        &self,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+    ) -> VfsResult<Attr> {
         if target.is_empty() {
             return err(libc::ENOENT);
         }
         if target.len() > SYMLINK_MAX {
             return err(libc::ENAMETOOLONG);
         }
-        self.create_node(ctx, parent, name, new_node(FileKind::Symlink, 0o777, 0, target.to_vec()))
+        self.create_node(
+            ctx,
+            parent,
+            name,
+            new_node(FileKind::Symlink, 0o777, 0, target.to_vec()),
+        )
     }
 
     pub(crate) fn unlink(&self, parent: Ino, name: &[u8]) -> VfsResult<()> {
@@ -173,7 +233,9 @@ impl Inner {
             return err(libc::ENAMETOOLONG);
         }
         let keep_open = |ino: Ino| self.registry.keep_open(ino);
-        self.core.meta.unlink(parent, name, self.session, &keep_open, now_ns())?;
+        self.core
+            .meta
+            .unlink(parent, name, self.session(), &keep_open, now_ns())?;
         Ok(())
     }
 
@@ -191,14 +253,29 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) fn rename(&self, parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], mode: RenameMode) -> VfsResult<()> {
+    pub(crate) fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> VfsResult<()> {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
         }
         check_name(new_name)?;
-        let req = Rename { src_parent: parent, src_name: name, dst_parent: new_parent, dst_name: new_name, mode };
+        let req = Rename {
+            src_parent: parent,
+            src_name: name,
+            dst_parent: new_parent,
+            dst_name: new_name,
+            mode,
+        };
         let keep_open = |ino: Ino| self.registry.keep_open(ino);
-        self.core.meta.rename(&req, self.session, &keep_open, now_ns())?;
+        self.core
+            .meta
+            .rename(&req, self.session(), &keep_open, now_ns())?;
         Ok(())
     }
 
@@ -212,11 +289,23 @@ impl Inner {
         if self.core.meta.getattr(ino)?.kind != FileKind::Directory {
             return err(libc::ENOTDIR);
         }
-        Ok(self.registry.insert_handle(Handle { ino, flags, uid: ctx.uid, kind: HandleKind::Dir }))
+        Ok(self.registry.insert_handle(Handle {
+            ino,
+            flags,
+            uid: ctx.uid,
+            kind: HandleKind::Dir,
+        }))
     }
 
     /// "." (offset 1), ".." (offset 2), then entries whose offsets are their stable cookies.
-    pub(crate) fn readdir(&self, ino: Ino, fh: u64, offset: u64, limit: usize, plus: bool) -> VfsResult<Vec<DirEntryPlus>> {
+    pub(crate) fn readdir(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        limit: usize,
+        plus: bool,
+    ) -> VfsResult<Vec<DirEntryPlus>> {
         let handle = self.registry.handle(fh)?;
         if !matches!(handle.kind, HandleKind::Dir) {
             return err(libc::ENOTDIR);
@@ -227,17 +316,41 @@ impl Inner {
         }
         if offset < 2 {
             let dir = self.core.meta.getattr(ino)?;
-            let parent = if ino == crate::ROOT_INO { ino } else { dir.parent };
+            let parent = if ino == crate::ROOT_INO {
+                ino
+            } else {
+                dir.parent
+            };
             if offset < 1 {
-                out.push(DirEntryPlus { ino, offset: 1, kind: FileKind::Directory, name: b".".to_vec(), attr: plus.then(|| dir.clone()) });
+                out.push(DirEntryPlus {
+                    ino,
+                    offset: 1,
+                    kind: FileKind::Directory,
+                    name: b".".to_vec(),
+                    attr: plus.then(|| dir.clone()),
+                });
             }
             if out.len() < limit {
-                let attr = if plus { Some(self.core.meta.getattr(parent)?) } else { None };
-                out.push(DirEntryPlus { ino: parent, offset: 2, kind: FileKind::Directory, name: b"..".to_vec(), attr });
+                let attr = if plus {
+                    Some(self.core.meta.getattr(parent)?)
+                } else {
+                    None
+                };
+                out.push(DirEntryPlus {
+                    ino: parent,
+                    offset: 2,
+                    kind: FileKind::Directory,
+                    name: b"..".to_vec(),
+                    attr,
+                });
             }
         }
         if out.len() < limit {
-            for e in self.core.meta.readdir(ino, offset.max(2), limit - out.len(), plus)? {
+            for e in self
+                .core
+                .meta
+                .readdir(ino, offset.max(2), limit - out.len(), plus)?
+            {
                 out.push(DirEntryPlus {
                     ino: e.ino,
                     offset: e.cookie,
@@ -271,7 +384,13 @@ impl Inner {
         })
     }
 
-    pub(crate) fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> VfsResult<()> {
+    pub(crate) fn setxattr(
+        &self,
+        ino: Ino,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> VfsResult<()> {
         check_xattr_name(name)?;
         if value.len() > XATTR_VALUE_MAX {
             return err(libc::E2BIG);
@@ -308,7 +427,14 @@ impl Inner {
 
 /// A node to create; ownership is filled in by `create_node`.
 fn new_node(kind: FileKind, perm: u32, rdev: u32, target: Vec<u8>) -> NewNode {
-    NewNode { kind, perm, uid: 0, gid: 0, rdev, target }
+    NewNode {
+        kind,
+        perm,
+        uid: 0,
+        gid: 0,
+        rdev,
+        target,
+    }
 }
 
 fn check_xattr_name(name: &[u8]) -> VfsResult<()> {

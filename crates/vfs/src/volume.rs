@@ -54,7 +54,9 @@ impl Stopper {
 
 pub(crate) struct Inner {
     pub core: Core,
-    pub session: SessionId,
+    /// This mount's session (replaced if it was reaped while this mount was unresponsive).
+    session: AtomicU64,
+    session_info: SessionInfo,
     pub registry: Registry,
     /// (mtime, size) of each inode as this mount last saw it: its kernel page cache is valid
     /// while they are unchanged.
@@ -71,14 +73,23 @@ pub(crate) struct Inner {
 impl Inner {
     pub fn open_volume(config: &VolumeConfig) -> anyhow::Result<Arc<Inner>> {
         let core = Core::open(config, true)?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let session_info = SessionInfo {
+            host,
+            pid: std::process::id(),
+            mount_point: config.mount_point.clone(),
+            now_ns: now_ns(),
+        };
         let session = core
             .meta
-            .open_session(&SessionInfo { host, pid: std::process::id(), mount_point: config.mount_point.clone(), now_ns: now_ns() })
+            .open_session(&session_info)
             .context("opening a metadata session")?;
         let inner = Arc::new(Inner {
             core,
-            session,
+            session: AtomicU64::new(session),
+            session_info,
             registry: Registry::default(),
             seen: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),
@@ -95,8 +106,41 @@ impl Inner {
         Ok(inner)
     }
 
+    pub fn session(&self) -> SessionId {
+        self.session.load(Ordering::SeqCst)
+    }
+
+    /// Refreshes the session; if it was reaped as stale (its locks and sustained inodes are gone),
+    /// opens a new one so locks and unlinked-open files work again.
+    pub fn heartbeat(&self) {
+        match self.core.meta.heartbeat(self.session()) {
+            Ok(()) => {}
+            Err(e) if e.errno() == libc::ESTALE => {
+                let info = SessionInfo {
+                    now_ns: now_ns(),
+                    ..self.session_info.clone()
+                };
+                match self.core.meta.open_session(&info) {
+                    Ok(session) => {
+                        tracing::warn!(
+                            session,
+                            "the session had expired (its locks were dropped); opened a new one"
+                        );
+                        self.session.store(session, Ordering::SeqCst);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not reopen the expired session"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "session heartbeat failed"),
+        }
+    }
+
     pub fn reap_stale_sessions(&self) {
-        match self.core.meta.reap_stale_sessions(now_ns(), STALE_SESSION_AGE.as_nanos() as i64) {
+        match self
+            .core
+            .meta
+            .reap_stale_sessions(now_ns(), STALE_SESSION_AGE.as_nanos() as i64)
+        {
             Ok(0) => {}
             Ok(n) => tracing::info!(sessions = n, "reaped sessions of crashed mounts"),
             Err(e) => tracing::warn!(error = %e, "could not reap stale sessions"),
@@ -119,19 +163,30 @@ impl Inner {
         for thread in self.threads.lock().drain(..) {
             let _ = thread.join();
         }
-        self.core.meta.close_session(self.session).context("closing the metadata session")?;
-        anyhow::ensure!(failed == 0, "{failed} file(s) could not be flushed; their last writes are lost");
+        self.core
+            .meta
+            .close_session(self.session())
+            .context("closing the metadata session")?;
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} file(s) could not be flushed; their last writes are lost"
+        );
         Ok(())
     }
 
     /// Records what this mount's kernel cache now holds for the inode.
     pub fn note_seen(&self, attr: &Attr) {
-        self.seen.lock().insert(attr.ino, (attr.mtime_ns, attr.size));
+        self.seen
+            .lock()
+            .insert(attr.ino, (attr.mtime_ns, attr.size));
     }
 
     /// Whether the inode is unchanged since this mount last saw it (and remembers it now).
     pub fn unchanged_since_seen(&self, attr: &Attr) -> bool {
-        self.seen.lock().insert(attr.ino, (attr.mtime_ns, attr.size)) == Some((attr.mtime_ns, attr.size))
+        self.seen
+            .lock()
+            .insert(attr.ino, (attr.mtime_ns, attr.size))
+            == Some((attr.mtime_ns, attr.size))
     }
 
     pub fn forget_seen(&self, ino: Ino) {

@@ -33,7 +33,10 @@ impl Run {
 
 /// Coalesces extents (in write order; later ones win) into non-overlapping runs in offset order,
 /// none crossing a chunk boundary. Pieces are shared, not copied, when a run is a single piece.
-pub(crate) fn coalesce<'a>(extents: impl IntoIterator<Item = &'a Run>, chunk_size: u64) -> Vec<Run> {
+pub(crate) fn coalesce<'a>(
+    extents: impl IntoIterator<Item = &'a Run>,
+    chunk_size: u64,
+) -> Vec<Run> {
     let extents: Vec<&Run> = extents.into_iter().collect();
     let mut map = IntervalMap::default();
     for (index, e) in extents.iter().enumerate() {
@@ -48,9 +51,13 @@ pub(crate) fn coalesce<'a>(extents: impl IntoIterator<Item = &'a Run>, chunk_siz
             let chunk_end = (start / chunk_size + 1) * chunk_size;
             let end = piece.end.min(chunk_end);
             let from = (piece.source_off + (start - piece.start)) as usize;
-            let part = extents[piece.source].data.slice(from..from + (end - start) as usize);
+            let part = extents[piece.source]
+                .data
+                .slice(from..from + (end - start) as usize);
             match &mut current {
-                Some((_, parts)) if current_end == start && start % chunk_size != 0 => parts.push(part),
+                Some((_, parts)) if current_end == start && start % chunk_size != 0 => {
+                    parts.push(part)
+                }
                 _ => {
                     runs.extend(current.take().map(join_parts));
                     current = Some((start, vec![part]));
@@ -91,12 +98,20 @@ mod tests {
     use super::*;
 
     fn extent(offset: u64, byte: u8, len: usize) -> Run {
-        Run { offset, data: Bytes::from(vec![byte; len]) }
+        Run {
+            offset,
+            data: Bytes::from(vec![byte; len]),
+        }
     }
 
     #[test]
     fn later_writes_win_and_runs_split_at_chunks() {
-        let extents = vec![extent(0, 1, 10), extent(5, 2, 10), extent(30, 3, 20), extent(16, 4, 4)];
+        let extents = vec![
+            extent(0, 1, 10),
+            extent(5, 2, 10),
+            extent(30, 3, 20),
+            extent(16, 4, 4),
+        ];
         let runs = coalesce(&extents, 40);
         let got: Vec<_> = runs.iter().map(|r| (r.offset, r.data.to_vec())).collect();
         let mut first = vec![1u8; 5];

@@ -93,6 +93,30 @@ class Recorder:
         raise unexpected
 
 
+def wait_until_volume_gone(daytona, rec, name: str, bound: float = 60.0) -> list[str]:
+    """After volume.delete: get(name) answers the volume in pending_delete/deleting, then 404.
+    Returns the states seen on the way."""
+    seen = []
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        try:
+            state = daytona.volume.get(name).state
+        except DaytonaError as exc:
+            if exc.status_code == 404:
+                rec._record("volume.get (deleted) -> 404", True)
+                return seen
+            rec._record("volume.get (deleted) -> 404", False, f"{type(exc).__name__}: {exc}")
+            raise
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if state not in ("pending_delete", "deleting", "deleted"):
+            rec._record("volume.get (deleted) -> 404", False, f"state {state} after volume.delete")
+            raise AssertionError(f"volume {name} is {state} after volume.delete (states seen: {seen})")
+        time.sleep(0.2)
+    rec._record("volume.get (deleted) -> 404", False, f"still there after {bound} s, states {seen}")
+    raise AssertionError(f"volume {name} still answers {bound} s after volume.delete (states seen: {seen})")
+
+
 class Cleanup:
     """Deletes what a test created even when the test fails, sandboxes first, then volumes."""
 

@@ -72,6 +72,32 @@ export class Recorder {
   }
 }
 
+/** After volume.delete: get(name) answers the volume in pending_delete/deleting, then 404.
+ * Returns the states seen on the way. */
+export async function waitUntilVolumeGone(daytona, rec, name, boundSeconds = 60) {
+  const seen = []
+  const deadline = Date.now() + boundSeconds * 1000
+  while (Date.now() < deadline) {
+    let state
+    try {
+      state = (await daytona.volume.get(name)).state
+    } catch (err) {
+      const ok = err instanceof DaytonaError && err.statusCode === 404
+      rec.record('volume.get (deleted) -> 404', ok, ok ? '' : describeError(err))
+      if (ok) return seen
+      throw err
+    }
+    if (seen.at(-1) !== state) seen.push(state)
+    if (!['pending_delete', 'deleting', 'deleted'].includes(state)) {
+      rec.record('volume.get (deleted) -> 404', false, `state ${state} after volume.delete`)
+      throw new Error(`volume ${name} is ${state} after volume.delete (states seen: ${seen})`)
+    }
+    await new Promise((resolve) => setTimeout(resolve, 200))
+  }
+  rec.record('volume.get (deleted) -> 404', false, `still there after ${boundSeconds} s, states ${seen}`)
+  throw new Error(`volume ${name} still answers ${boundSeconds} s after volume.delete (states seen: ${seen})`)
+}
+
 /** Deletes what a case created even when it fails: sandboxes first, then volumes. */
 export class Cleanup {
   constructor(daytona) {

@@ -1,5 +1,7 @@
 //! The HTTP client `cellar volume` and `cellar sandbox` use to talk to a Cellar server.
 
+use std::io::Write;
+
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::Value;
@@ -108,29 +110,32 @@ pub fn field<'a>(value: &'a Value, name: &str) -> &'a str {
 }
 
 /// Prints rows as left-aligned columns under a header.
-pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.len());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let mut stdout = std::io::stdout().lock();
+    for cells in std::iter::once(&header).chain(rows) {
         let padded: Vec<String> = cells
             .iter()
             .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        writeln!(stdout, "{}", padded.join("  ").trim_end())?;
     }
+    Ok(())
 }
 
 /// Pretty JSON on stdout.
 pub fn print_json(value: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    writeln!(
+        std::io::stdout(),
+        "{}",
+        serde_json::to_string_pretty(value)?
+    )?;
     Ok(())
 }

@@ -161,8 +161,7 @@ pub fn run(args: SandboxArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            print_table(&["ID", "NAME", "STATE", "VOLUMES", "CREATED"], &rows);
-            Ok(())
+            print_table(&["ID", "NAME", "STATE", "VOLUMES", "CREATED"], &rows)
         }
         SandboxCommand::Get { id, json } => show(&client.get(&format!("/sandbox/{id}"))?, json),
         SandboxCommand::Exec {

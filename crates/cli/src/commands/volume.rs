@@ -70,8 +70,7 @@ pub fn run(args: VolumeArgs) -> Result<()> {
                         .to_vec()
                 })
                 .collect();
-            print_table(&["ID", "NAME", "STATE", "CREATED"], &rows);
-            Ok(())
+            print_table(&["ID", "NAME", "STATE", "CREATED"], &rows)
         }
         VolumeCommand::Get { name, json } => show(&lookup(&client, &name)?, json),
         VolumeCommand::Delete { name } => {

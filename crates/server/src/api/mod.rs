@@ -33,10 +33,19 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/volumes", get(volumes::list).post(volumes::create))
         .route("/volumes/by-name/{name}", get(volumes::get_by_name))
-        .route("/volumes/{volume_id}", get(volumes::get).delete(volumes::delete))
+        .route(
+            "/volumes/{volume_id}",
+            get(volumes::get).delete(volumes::delete),
+        )
         .route("/sandbox", get(sandboxes::list).post(sandboxes::create))
-        .route("/sandbox/{id_or_name}", get(sandboxes::get).delete(sandboxes::delete))
-        .route("/sandbox/{id_or_name}/toolbox-proxy-url", get(sandboxes::toolbox_proxy_url))
+        .route(
+            "/sandbox/{id_or_name}",
+            get(sandboxes::get).delete(sandboxes::delete),
+        )
+        .route(
+            "/sandbox/{id_or_name}/toolbox-proxy-url",
+            get(sandboxes::toolbox_proxy_url),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route("/openapi.json", get(openapi_json));
     let toolbox = Router::new()
@@ -46,7 +55,10 @@ pub fn router(state: AppState) -> Router {
             // Uploads are streamed to the sandbox, so no size limit applies.
             post(toolbox::bulk_upload).layer(DefaultBodyLimit::disable()),
         )
-        .route("/{sandbox_id}/files/bulk-download", post(toolbox::bulk_download))
+        .route(
+            "/{sandbox_id}/files/bulk-download",
+            post(toolbox::bulk_download),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .nest("/api", api)
@@ -61,7 +73,10 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(|k| k.trim().to_string())
         .filter(|k| !k.is_empty());
     let Some(key) = key else {

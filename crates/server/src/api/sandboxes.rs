@@ -161,7 +161,9 @@ fn not_found(key: &str) -> ApiError {
 
 fn non_negative(value: Option<i64>, default: i64, field: &str) -> ApiResult<i64> {
     match value {
-        Some(v) if v < 0 => Err(ApiError::bad_request(format!("{field} must not be negative"))),
+        Some(v) if v < 0 => Err(ApiError::bad_request(format!(
+            "{field} must not be negative"
+        ))),
         Some(v) => Ok(v),
         None => Ok(default),
     }
@@ -201,7 +203,10 @@ async fn resolve_volumes(state: &AppState, org: &str, mounts: &mut [MountRow]) -
             let (org_id, key) = (org.to_string(), mount.volume_id.clone());
             let volume = blocking(move || db.volume_by_id_or_name(&org_id, &key)).await?;
             let Some(volume) = volume.filter(|v| v.state != volume_state::DELETED) else {
-                return Err(ApiError::bad_request(format!("volume {} not found", mount.volume_id)));
+                return Err(ApiError::bad_request(format!(
+                    "volume {} not found",
+                    mount.volume_id
+                )));
             };
             match volume.state.as_str() {
                 volume_state::READY => {
@@ -251,7 +256,9 @@ pub async fn create(
     }
     let settings = SandboxSettings {
         user: body.user.unwrap_or_else(|| DEFAULT_USER.to_string()),
-        snapshot: body.snapshot.unwrap_or_else(|| DEFAULT_SNAPSHOT.to_string()),
+        snapshot: body
+            .snapshot
+            .unwrap_or_else(|| DEFAULT_SNAPSHOT.to_string()),
         env: body.env.unwrap_or_default(),
         labels: body.labels.unwrap_or_default(),
         cpu: non_negative(body.cpu, DEFAULT_CPU, "cpu")?,
@@ -316,7 +323,9 @@ pub async fn list(
         None => BTreeMap::new(),
     };
     let start: usize = match query.cursor.as_deref() {
-        Some(cursor) => cursor.parse().map_err(|_| ApiError::bad_request("invalid cursor"))?,
+        Some(cursor) => cursor
+            .parse()
+            .map_err(|_| ApiError::bad_request("invalid cursor"))?,
         None => 0,
     };
     let limit = query.limit.unwrap_or(100).max(1);
@@ -326,7 +335,11 @@ pub async fn list(
         .into_iter()
         .filter(|s| query.id.as_ref().is_none_or(|id| &s.id == id))
         .filter(|s| query.name.as_ref().is_none_or(|name| &s.name == name))
-        .filter(|s| labels.iter().all(|(k, v)| s.settings.labels.get(k) == Some(v)))
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.settings.labels.get(k) == Some(v))
+        })
         .collect();
     let end = start.saturating_add(limit).min(matching.len());
     let next_cursor = (end < matching.len()).then(|| end.to_string());
@@ -358,7 +371,12 @@ pub async fn delete(
         let id = id.clone();
         let db = db.clone();
         blocking(move || {
-            db.transition_sandbox(&id, &[sandbox_state::CREATING], sandbox_state::DESTROYING, None)
+            db.transition_sandbox(
+                &id,
+                &[sandbox_state::CREATING],
+                sandbox_state::DESTROYING,
+                None,
+            )
         })
         .await?
     };
@@ -389,5 +407,7 @@ pub async fn toolbox_proxy_url(
     Path(id_or_name): Path<String>,
 ) -> ApiResult<Json<ToolboxProxyUrl>> {
     load(&state, &org, &id_or_name).await?;
-    Ok(Json(ToolboxProxyUrl { url: state.toolbox_url.clone() }))
+    Ok(Json(ToolboxProxyUrl {
+        url: state.toolbox_url.clone(),
+    }))
 }

@@ -96,8 +96,16 @@ pub async fn execute(
         env: body.envs.unwrap_or_default(),
         timeout: body.timeout.filter(|t| *t > 0).map(Duration::from_secs),
     };
-    let result = state.services.runner.exec(&id, request).await.map_err(runner_error)?;
-    Ok(Json(ExecuteResponse { exit_code: result.exit_code, result: result.output }))
+    let result = state
+        .services
+        .runner
+        .exec(&id, request)
+        .await
+        .map_err(runner_error)?;
+    Ok(Json(ExecuteResponse {
+        exit_code: result.exit_code,
+        result: result.output,
+    }))
 }
 
 /// Which field of `files[i].path` / `files[i].file` a multipart part is.
@@ -150,20 +158,26 @@ pub async fn bulk_upload(
                 let path = field.text().await.map_err(bad_part)?;
                 if let Some(mut file) = spooled.remove(&index) {
                     file.rewind().await.map_err(ApiError::internal)?;
-                    runner.upload(&id, &path, file).await.map_err(runner_error)?;
+                    runner
+                        .upload(&id, &path, file)
+                        .await
+                        .map_err(runner_error)?;
                 }
                 paths.insert(index, path);
             }
             UploadField::File(index) => {
                 let mut body = StreamReader::new(field.map_err(std::io::Error::other));
                 match paths.get(&index) {
-                    Some(path) => runner.upload(&id, path, &mut body).await.map_err(runner_error)?,
+                    Some(path) => runner
+                        .upload(&id, path, &mut body)
+                        .await
+                        .map_err(runner_error)?,
                     None => {
                         let spool = tempfile::tempfile().map_err(ApiError::internal)?;
                         let mut spool = tokio::fs::File::from_std(spool);
-                        tokio::io::copy(&mut body, &mut spool)
-                            .await
-                            .map_err(|e| ApiError::bad_request(format!("reading files[{index}].file: {e}")))?;
+                        tokio::io::copy(&mut body, &mut spool).await.map_err(|e| {
+                            ApiError::bad_request(format!("reading files[{index}].file: {e}"))
+                        })?;
                         spooled.insert(index, spool);
                     }
                 }
@@ -171,7 +185,9 @@ pub async fn bulk_upload(
         }
     }
     if let Some(index) = spooled.keys().min() {
-        return Err(ApiError::bad_request(format!("files[{index}].file has no files[{index}].path")));
+        return Err(ApiError::bad_request(format!(
+            "files[{index}].file has no files[{index}].path"
+        )));
     }
     Ok(())
 }
@@ -206,11 +222,18 @@ pub async fn bulk_download(
                 return; // The client went away.
             }
         }
-        let _ = tx.send(Ok(Bytes::from(format!("--{part_boundary}--\r\n")))).await;
+        let _ = tx
+            .send(Ok(Bytes::from(format!("--{part_boundary}--\r\n"))))
+            .await;
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
     Ok((
-        [(CONTENT_TYPE, format!("multipart/form-data; boundary={boundary}"))],
+        [(
+            CONTENT_TYPE,
+            format!("multipart/form-data; boundary={boundary}"),
+        )],
         Body::from_stream(stream),
     )
         .into_response())

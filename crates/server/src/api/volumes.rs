@@ -120,7 +120,8 @@ pub async fn get_by_name(
     let db = state.services.db.clone();
     let key = name.clone();
     let row = blocking(move || db.volume_by_name(&org, &key)).await?;
-    row.map(|row| Json(row.into())).ok_or_else(|| not_found(&name))
+    row.map(|row| Json(row.into()))
+        .ok_or_else(|| not_found(&name))
 }
 
 #[utoipa::path(
@@ -136,7 +137,8 @@ pub async fn get(
     let db = state.services.db.clone();
     let key = volume_id.clone();
     let row = blocking(move || db.volume(&org, &key)).await?;
-    row.map(|row| Json(row.into())).ok_or_else(|| not_found(&volume_id))
+    row.map(|row| Json(row.into()))
+        .ok_or_else(|| not_found(&volume_id))
 }
 
 /// Starts deleting a volume: `pending_delete`, then `deleting` (every object and metadata row is

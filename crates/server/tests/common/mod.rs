@@ -37,9 +37,19 @@ impl TestServer {
         config.listen = "127.0.0.1:0".parse().unwrap();
         adjust(&mut config);
         let server = Server::start(config.clone()).await.expect("server starts");
-        let key = server.bootstrap_key().expect("first start creates a key").to_string();
+        let key = server
+            .bootstrap_key()
+            .expect("first start creates a key")
+            .to_string();
         let base = format!("http://{}", server.local_addr());
-        TestServer { dir, config, server: Some(server), base, key, http: reqwest::Client::new() }
+        TestServer {
+            dir,
+            config,
+            server: Some(server),
+            base,
+            key,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Stops the server (sandboxes keep running), runs `while_stopped`, starts it again on the
@@ -47,8 +57,13 @@ impl TestServer {
     pub async fn restart(&mut self, while_stopped: impl FnOnce(&Path)) {
         self.server.take().unwrap().shutdown().await.unwrap();
         while_stopped(self.dir.path());
-        let server = Server::start(self.config.clone()).await.expect("server restarts");
-        assert!(server.bootstrap_key().is_none(), "the bootstrap key is only made once");
+        let server = Server::start(self.config.clone())
+            .await
+            .expect("server restarts");
+        assert!(
+            server.bootstrap_key().is_none(),
+            "the bootstrap key is only made once"
+        );
         self.base = format!("http://{}", server.local_addr());
         self.server = Some(server);
     }
@@ -74,20 +89,30 @@ impl TestServer {
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.send(self.http.get(self.url(path)).bearer_auth(&self.key)).await
+        self.send(self.http.get(self.url(path)).bearer_auth(&self.key))
+            .await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        self.send(self.http.post(self.url(path)).bearer_auth(&self.key).json(body)).await
+        self.send(
+            self.http
+                .post(self.url(path))
+                .bearer_auth(&self.key)
+                .json(body),
+        )
+        .await
     }
 
     pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
-        self.send(self.http.delete(self.url(path)).bearer_auth(&self.key)).await
+        self.send(self.http.delete(self.url(path)).bearer_auth(&self.key))
+            .await
     }
 
     /// Creates a volume and checks it is ready on return.
     pub async fn create_volume(&self, name: &str) -> Value {
-        let (status, volume) = self.post("/api/volumes", &serde_json::json!({ "name": name })).await;
+        let (status, volume) = self
+            .post("/api/volumes", &serde_json::json!({ "name": name }))
+            .await;
         assert_eq!(status, StatusCode::OK, "{volume}");
         assert_eq!(volume["state"], "ready", "{volume}");
         volume
@@ -102,19 +127,27 @@ impl TestServer {
             if body[field] == want {
                 return body;
             }
-            assert!(Instant::now() < deadline, "{path} never reached {field}={want}: {body}");
+            assert!(
+                Instant::now() < deadline,
+                "{path} never reached {field}={want}: {body}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     pub fn volume_db(&self, volume_id: &str) -> PathBuf {
-        self.dir.path().join("volumes").join(format!("{volume_id}.db"))
+        self.dir
+            .path()
+            .join("volumes")
+            .join(format!("{volume_id}.db"))
     }
 
     /// Every regular file under the block store directory.
     pub fn block_files(&self) -> Vec<PathBuf> {
         fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
             for entry in entries.flatten() {
                 let path = entry.path();
                 if path.is_dir() {

@@ -1,0 +1,50 @@
+//! Shared by the integration tests.
+
+use std::path::Path;
+
+/// A runner state directory that, when dropped, kills the sandboxes recorded in it and detaches
+/// its mounts: a failing test must not leave sandboxes behind (they outlive the runner by design).
+pub struct StateDir(tempfile::TempDir);
+
+impl StateDir {
+    pub fn new() -> StateDir {
+        StateDir(tempfile::tempdir().unwrap())
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let records = std::fs::read_dir(self.path().join("sandboxes")).into_iter().flatten();
+        for entry in records.flatten() {
+            let Ok(bytes) = std::fs::read(entry.path()) else { continue };
+            let Ok(record) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+            let (Some(pid), Some(start)) =
+                (record["init_pid"].as_i64(), record["init_start_time"].as_u64())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let started = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(19)?.parse::<u64>().ok());
+            if started == Some(start) {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        let mounts = std::fs::read_dir(self.path().join("mounts")).into_iter().flatten();
+        for entry in mounts.flatten() {
+            if entry.path().is_dir() || entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                let path = std::ffi::CString::new(entry.path().as_os_str().as_encoded_bytes());
+                if let Ok(path) = path {
+                    // SAFETY: umount2 on a NUL-terminated path; failure (not mounted) is fine.
+                    unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+        }
+    }
+}

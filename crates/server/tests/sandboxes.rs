@@ -1,0 +1,338 @@
+//! Sandboxes with the real embedded runner: bubblewrap, FUSE mounts of real volumes, exec and
+//! file transfer through the toolbox. Needs root, bwrap, /dev/fuse and the cellar binary
+//! (CELLAR_BIN or target/debug/cellar; build it with `cargo build -p cellar-cli`).
+
+mod common;
+
+use common::TestServer;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+fn require_runner_prerequisites() {
+    let bin = common::cellar_bin();
+    assert!(
+        bin.is_file(),
+        "cellar binary not found at {} (run `cargo build -p cellar-cli` or set CELLAR_BIN)",
+        bin.display()
+    );
+    assert!(
+        std::process::Command::new("bwrap")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "bubblewrap (bwrap) is required"
+    );
+}
+
+/// Every field the Python client requires, with its exact JSON type.
+fn assert_sandbox_shape(sandbox: &Value) {
+    for field in [
+        "id",
+        "organizationId",
+        "name",
+        "user",
+        "target",
+        "toolboxProxyUrl",
+        "state",
+    ] {
+        assert!(sandbox[field].is_string(), "{field} in {sandbox}");
+    }
+    for field in ["env", "labels"] {
+        let map = sandbox[field]
+            .as_object()
+            .unwrap_or_else(|| panic!("{field} in {sandbox}"));
+        assert!(map.values().all(Value::is_string), "{field} in {sandbox}");
+    }
+    for field in ["public", "networkBlockAll", "kvm"] {
+        assert!(sandbox[field].is_boolean(), "{field} in {sandbox}");
+    }
+    for field in ["cpu", "gpu", "memory", "disk"] {
+        assert!(sandbox[field].is_i64(), "{field} in {sandbox}");
+    }
+}
+
+async fn exec(server: &TestServer, sandbox: &Value, command: &str) -> (i64, String) {
+    let url = format!(
+        "{}/{}/process/execute",
+        sandbox["toolboxProxyUrl"].as_str().unwrap(),
+        sandbox["id"].as_str().unwrap()
+    );
+    let (status, body) = server.post(&url, &json!({ "command": command })).await;
+    assert_eq!(status, StatusCode::OK, "{command}: {body}");
+    (
+        body["exitCode"].as_i64().unwrap(),
+        body["result"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn create_sandbox(server: &TestServer, body: Value) -> Value {
+    let (status, sandbox) = server.post("/api/sandbox", &body).await;
+    assert_eq!(status, StatusCode::OK, "{sandbox}");
+    assert_sandbox_shape(&sandbox);
+    assert_eq!(sandbox["state"], "started", "{sandbox}");
+    sandbox
+}
+
+async fn destroy(server: &TestServer, sandbox: &Value) {
+    let id = sandbox["id"].as_str().unwrap();
+    let (status, body) = server.delete(&format!("/api/sandbox/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_sandbox_shape(&body);
+    assert!(
+        ["destroying", "destroyed"].contains(&body["state"].as_str().unwrap()),
+        "{body}"
+    );
+    server
+        .wait_for(&format!("/api/sandbox/{id}"), "state", "destroyed")
+        .await;
+}
+
+/// Splits a multipart body into (Content-Disposition, content) pairs.
+fn multipart_parts(content_type: &str, body: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let boundary = content_type
+        .split("boundary=")
+        .nth(1)
+        .expect("boundary")
+        .to_string();
+    let delimiter = format!("--{boundary}");
+    let text = body.to_vec();
+    let mut parts = Vec::new();
+    let mut rest: &[u8] = &text;
+    while let Some(start) = find(rest, delimiter.as_bytes()) {
+        rest = &rest[start + delimiter.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        let headers_end = find(rest, b"\r\n\r\n").expect("part headers");
+        let headers = String::from_utf8_lossy(&rest[..headers_end]).to_string();
+        let content_start = headers_end + 4;
+        let next = find(
+            &rest[content_start..],
+            format!("\r\n{delimiter}").as_bytes(),
+        )
+        .expect("part end");
+        let disposition = headers
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition"))
+            .unwrap_or_default()
+            .to_string();
+        parts.push((
+            disposition,
+            rest[content_start..content_start + next].to_vec(),
+        ));
+        rest = &rest[content_start + next..];
+    }
+    parts
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[tokio::test]
+async fn sandboxes_share_a_volume_that_outlives_them() {
+    require_runner_prerequisites();
+    let mut server = TestServer::start().await;
+    let volume = server.create_volume("shared").await;
+    let volume_id = volume["id"].as_str().unwrap().to_string();
+
+    // Created by volume name, like the SDKs' get(create=True) followed by create().
+    let first = create_sandbox(
+        &server,
+        json!({
+            "name": "first",
+            "env": {"GREETING": "hi"},
+            "labels": {"code-toolbox-language": "python"},
+            "volumes": [{"volumeId": "shared", "mountPath": "/home/daytona/volume"}],
+            "someFutureField": {"ignored": true},
+        }),
+    )
+    .await;
+    let first_id = first["id"].as_str().unwrap().to_string();
+    assert_eq!(first["toolboxProxyUrl"], format!("{}/toolbox", server.base));
+    assert_eq!(
+        first["volumes"][0]["volumeId"],
+        volume_id.as_str(),
+        "resolved to the id"
+    );
+    assert_eq!(first["labels"]["code-toolbox-language"], "python");
+    let (_, by_name) = server.get("/api/sandbox/first").await;
+    assert_eq!(by_name["id"], first["id"]);
+    let (_, proxy) = server
+        .get(&format!("/api/sandbox/{first_id}/toolbox-proxy-url"))
+        .await;
+    assert_eq!(proxy["url"], first["toolboxProxyUrl"]);
+    let (_, list) = server.get("/api/sandbox").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert!(list["nextCursor"].is_null());
+
+    // Exec: shell lines, env, exit codes.
+    let (code, out) = exec(
+        &server,
+        &first,
+        "echo \"$GREETING\" > volume/greeting && cat /home/daytona/volume/greeting",
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "hi\n"));
+    assert_eq!(exec(&server, &first, "exit 3").await.0, 3);
+
+    // Upload: one part path-then-file, one file-then-path (spooled), both streamed.
+    let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let form = reqwest::multipart::Form::new()
+        .text("files[0].path", "/home/daytona/volume/up.txt")
+        .part(
+            "files[0].file",
+            reqwest::multipart::Part::bytes(b"uploaded".to_vec()).file_name("x"),
+        )
+        .part(
+            "files[1].file",
+            reqwest::multipart::Part::bytes(big.clone()).file_name("y"),
+        )
+        .text("files[1].path", "volume/dir/big.bin");
+    let upload_url = format!(
+        "{}/{first_id}/files/bulk-upload",
+        first["toolboxProxyUrl"].as_str().unwrap()
+    );
+    let response = server
+        .http
+        .post(&upload_url)
+        .bearer_auth(&server.key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{}",
+        response.text().await.unwrap()
+    );
+    let (code, out) = exec(
+        &server,
+        &first,
+        "cat volume/up.txt && stat -c %s volume/dir/big.bin",
+    )
+    .await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("uploaded{}\n", big.len()).as_str())
+    );
+
+    // Download: a part per path, the missing one as an error part.
+    let download_url = format!(
+        "{}/{first_id}/files/bulk-download",
+        first["toolboxProxyUrl"].as_str().unwrap()
+    );
+    let paths = [
+        "/home/daytona/volume/dir/big.bin",
+        "/home/daytona/volume/missing",
+    ];
+    let response = server
+        .http
+        .post(&download_url)
+        .bearer_auth(&server.key)
+        .json(&json!({ "paths": paths }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("multipart/form-data; boundary="),
+        "{content_type}"
+    );
+    let parts = multipart_parts(&content_type, &response.bytes().await.unwrap());
+    assert_eq!(parts.len(), 2);
+    assert!(
+        parts[0].0.contains(r#"name="file""#)
+            && parts[0].0.contains(&format!("filename=\"{}\"", paths[0])),
+        "{}",
+        parts[0].0
+    );
+    assert!(parts[0].1 == big, "downloaded content differs");
+    assert!(
+        parts[1].0.contains(r#"name="error""#) && parts[1].0.contains(paths[1]),
+        "{}",
+        parts[1].0
+    );
+    let error: Value = serde_json::from_slice(&parts[1].1).unwrap();
+    assert_eq!(
+        (error["statusCode"].as_i64(), error["code"].as_str()),
+        (Some(404), Some("FILE_NOT_FOUND"))
+    );
+
+    // In use: the volume cannot be deleted.
+    let (status, body) = server.delete(&format!("/api/volumes/{volume_id}")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    // A second sandbox mounts it read-only elsewhere and sees the first one's writes.
+    let second = create_sandbox(
+        &server,
+        json!({"volumes": [{"volumeId": volume_id, "mountPath": "/mnt/data", "readOnly": true}]}),
+    )
+    .await;
+    assert_eq!(
+        exec(&server, &second, "cat /mnt/data/greeting").await,
+        (0, "hi\n".to_string())
+    );
+    let (code, out) = exec(&server, &second, "echo x > /mnt/data/nope").await;
+    assert_ne!(code, 0, "read-only mount accepted a write: {out}");
+    assert!(out.contains("Read-only"), "{out}");
+
+    // Another organization sees neither sandbox nor toolbox.
+    cellar_server::admin_create_org(server.dir.path(), "other").unwrap();
+    let other_key = cellar_server::admin_create_key(server.dir.path(), "other").unwrap();
+    let request = server
+        .http
+        .get(server.url(&format!("/api/sandbox/{first_id}")))
+        .bearer_auth(&other_key);
+    assert_eq!(server.send(request).await.0, StatusCode::NOT_FOUND);
+    let request = server
+        .http
+        .post(server.url(&format!("/toolbox/{first_id}/process/execute")))
+        .bearer_auth(&other_key)
+        .json(&json!({"command": "id"}));
+    assert_eq!(server.send(request).await.0, StatusCode::NOT_FOUND);
+
+    destroy(&server, &first).await;
+    let (status, _) = server.delete(&format!("/api/volumes/{volume_id}")).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the second sandbox still mounts it"
+    );
+
+    // A server restart keeps the running sandbox and its mount.
+    server.restart(|_| {}).await;
+    let second_id = second["id"].as_str().unwrap();
+    let (_, second) = server.get(&format!("/api/sandbox/{second_id}")).await;
+    assert_eq!(second["state"], "started", "{second}");
+    let second = json!({"id": second_id, "toolboxProxyUrl": format!("{}/toolbox", server.base)});
+    assert_eq!(
+        exec(&server, &second, "cat /mnt/data/greeting").await,
+        (0, "hi\n".to_string())
+    );
+    destroy(&server, &second).await;
+
+    // The data outlived both sandboxes; a subpath mount sees only its directory.
+    let third = create_sandbox(
+        &server,
+        json!({"volumes": [{"volumeId": "shared", "mountPath": "/home/daytona/sub", "subpath": "dir"}]}),
+    )
+    .await;
+    assert_eq!(
+        exec(&server, &third, "ls /home/daytona/sub").await,
+        (0, "big.bin\n".to_string())
+    );
+    destroy(&server, &third).await;
+
+    let (status, _) = server.delete(&format!("/api/volumes/{volume_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    server
+        .wait_for(&format!("/api/volumes/{volume_id}"), "state", "deleted")
+        .await;
+    assert_eq!(server.block_files(), Vec::<std::path::PathBuf>::new());
+    server.stop().await;
+}

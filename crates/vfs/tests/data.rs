@@ -1,0 +1,427 @@
+//! File content through the vfs: random writes against a model, truncates, inline files,
+//! compaction, garbage collection, durability.
+
+mod common;
+
+use std::time::Duration;
+
+use cellar_vfs::{maintenance, SetAttrRequest, ROOT_INO};
+use common::*;
+use rand::{RngExt, SeedableRng};
+
+const MIB: u64 = 1 << 20;
+
+fn truncate(vfs: &cellar_vfs::Vfs, ino: u64, size: u64) {
+    vfs.setattr(
+        &root(),
+        ino,
+        SetAttrRequest {
+            size: Some(size),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn random_writes_across_block_and_chunk_boundaries_match_a_model() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "random");
+    let mut model = Model::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // Sparse windows around the interesting boundaries keep the test fast.
+    let windows = [0, 4 * MIB, 8 * MIB, 64 * MIB, 68 * MIB, 128 * MIB];
+    for step in 0..300u64 {
+        let base = windows[rng.random_range(0..windows.len())];
+        let offset = (base + rng.random_range(0..2 * 256 * 1024)).saturating_sub(256 * 1024);
+        match rng.random_range(0..10) {
+            0 => {
+                vfs.fsync(ino, fh, false).unwrap();
+            }
+            1 if step % 5 == 0 => {
+                let size = offset + rng.random_range(0..100_000);
+                truncate(&vfs, ino, size);
+                model.truncate(size);
+            }
+            2 | 3 => {
+                let len = rng.random_range(1..300_000);
+                assert_eq!(
+                    read_range(&vfs, ino, fh, offset, len),
+                    model.read(offset, len),
+                    "read at {offset}+{len}, step {step}"
+                );
+            }
+            _ => {
+                let data = pattern(step, rng.random_range(1..300_000));
+                write_all(&vfs, ino, fh, offset, &data);
+                model.write(offset, &data);
+            }
+        }
+        assert_eq!(
+            vfs.getattr(ino).unwrap().size,
+            model.size,
+            "size after step {step}"
+        );
+    }
+    close(&vfs, ino, fh);
+    // After the flush, read every window back through a fresh handle.
+    let reply = vfs.open(&root(), ino, libc::O_RDONLY).unwrap();
+    for base in windows {
+        let start = base.saturating_sub(300_000);
+        assert_eq!(
+            read_range(&vfs, ino, reply.fh, start, 900_000),
+            model.read(start, 900_000),
+            "window {base}"
+        );
+    }
+    vfs.release(ino, reply.fh, None, false).unwrap();
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn append_and_truncate_shrink_and_grow() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "log");
+    let mut model = Model::default();
+    for i in 0..20u64 {
+        let data = pattern(i, 50_000);
+        write_all(&vfs, ino, fh, model.size, &data);
+        model.write(model.size, &data);
+        if i % 7 == 6 {
+            vfs.fsync(ino, fh, false).unwrap();
+        }
+    }
+    assert_eq!(
+        read_range(&vfs, ino, fh, 0, model.size),
+        model.read(0, model.size)
+    );
+    truncate(&vfs, ino, 123_457);
+    model.truncate(123_457);
+    truncate(&vfs, ino, 5 * MIB + 3);
+    model.truncate(5 * MIB + 3);
+    assert_eq!(vfs.getattr(ino).unwrap().size, 5 * MIB + 3);
+    assert_eq!(
+        read_range(&vfs, ino, fh, 0, model.size + 10),
+        model.read(0, model.size + 10)
+    );
+    // Writing past a shrink must not resurrect the old tail.
+    write_all(&vfs, ino, fh, 200_000, b"x");
+    model.write(200_000, b"x");
+    close(&vfs, ino, fh);
+    let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
+    assert_eq!(
+        read_range(&vfs, ino, fh, 0, model.size),
+        model.read(0, model.size)
+    );
+    vfs.release(ino, fh, None, false).unwrap();
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn small_files_stay_inline_until_they_grow_past_the_threshold() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let meta = volume.meta();
+    let (ino, fh) = create_in_root(&vfs, "small");
+    write_all(&vfs, ino, fh, 0, b"hello world");
+    close(&vfs, ino, fh);
+    assert_eq!(
+        meta.read_inline(ino).unwrap().as_deref(),
+        Some(&b"hello world"[..])
+    );
+    assert!(
+        volume.objects().is_empty(),
+        "a small file must not touch the object store"
+    );
+
+    let fh = vfs.open(&root(), ino, libc::O_RDWR).unwrap().fh;
+    let big = pattern(1, 100_000);
+    write_all(&vfs, ino, fh, 20, &big);
+    close(&vfs, ino, fh);
+    assert_eq!(meta.read_inline(ino).unwrap(), None);
+    assert!(!volume.objects().is_empty());
+    let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
+    let mut expected = b"hello world".to_vec();
+    expected.resize(20, 0);
+    expected.extend_from_slice(&big);
+    assert_eq!(read_range(&vfs, ino, fh, 0, 200_000), expected);
+    vfs.release(ino, fh, None, false).unwrap();
+
+    // Emptied, a file is small again and goes back inline.
+    truncate(&vfs, ino, 0);
+    let fh = vfs.open(&root(), ino, libc::O_RDWR).unwrap().fh;
+    write_all(&vfs, ino, fh, 0, b"again");
+    close(&vfs, ino, fh);
+    assert_eq!(
+        meta.read_inline(ino).unwrap().as_deref(),
+        Some(&b"again"[..])
+    );
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn compaction_keeps_content_and_gc_deletes_the_replaced_objects() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let meta = volume.meta();
+    let (ino, fh) = create_in_root(&vfs, "hot");
+    let mut model = Model::default();
+    for i in 0..20u64 {
+        let data = pattern(i, 100_000);
+        let offset = (i * 37_000) % 500_000;
+        write_all(&vfs, ino, fh, offset, &data);
+        model.write(offset, &data);
+        vfs.fsync(ino, fh, false).unwrap();
+    }
+    assert!(meta.read_chunk(ino, 0).unwrap().len() >= 16);
+    let (_, compacted) = maintenance::gc(&volume.config, Duration::from_secs(3600), false).unwrap();
+    assert_eq!(compacted, 1);
+    assert_eq!(meta.read_chunk(ino, 0).unwrap().len(), 1);
+    assert!(
+        !meta.garbage_slices(i64::MAX, 100).unwrap().is_empty(),
+        "replaced slices become garbage"
+    );
+    assert_eq!(
+        read_range(&vfs, ino, fh, 0, model.size),
+        model.read(0, model.size)
+    );
+
+    let (deleted, _) = maintenance::gc(&volume.config, Duration::ZERO, false).unwrap();
+    assert!(deleted >= 20, "deleted {deleted}");
+    let live: Vec<u64> = meta
+        .live_slices()
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(volume.stored_slice_ids(), live);
+    assert_eq!(
+        read_range(&vfs, ino, fh, 0, model.size),
+        model.read(0, model.size)
+    );
+    close(&vfs, ino, fh);
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn deleting_a_file_eventually_deletes_its_objects() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "big");
+    write_all(&vfs, ino, fh, 0, &pattern(3, 9 * MIB as usize));
+    close(&vfs, ino, fh);
+    assert_eq!(
+        volume.objects().len(),
+        3,
+        "9 MiB = 3 blocks: {:?}",
+        volume.objects()
+    );
+    vfs.unlink(&root(), ROOT_INO, b"big").unwrap();
+    let (deleted, _) = maintenance::gc(&volume.config, Duration::ZERO, false).unwrap();
+    assert_eq!(deleted, 3);
+    assert!(volume.objects().is_empty());
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn unlinked_open_file_keeps_its_data_until_release() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "tmp");
+    let data = pattern(9, 3 * MIB as usize);
+    write_all(&vfs, ino, fh, 0, &data);
+    vfs.fsync(ino, fh, false).unwrap();
+    vfs.unlink(&root(), ROOT_INO, b"tmp").unwrap();
+    assert_eq!(
+        vfs.lookup(&root(), ROOT_INO, b"tmp").unwrap_err().0,
+        libc::ENOENT
+    );
+    maintenance::gc(&volume.config, Duration::ZERO, false).unwrap();
+    assert_eq!(
+        read_range(&vfs, ino, fh, 0, data.len() as u64),
+        data,
+        "data survives while open"
+    );
+    write_all(&vfs, ino, fh, 10, b"still writable");
+    close(&vfs, ino, fh);
+    assert_eq!(vfs.getattr(ino).unwrap_err().0, libc::ENOENT);
+    maintenance::gc(&volume.config, Duration::ZERO, false).unwrap();
+    assert!(
+        volume.objects().is_empty(),
+        "objects left: {:?}",
+        volume.objects()
+    );
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn fsynced_data_survives_a_crash() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (big, fh_big) = create_in_root(&vfs, "big");
+    let data = pattern(5, 5 * MIB as usize + 17);
+    write_all(&vfs, big, fh_big, 0, &data);
+    vfs.fsync(big, fh_big, false).unwrap();
+    let (small, fh_small) = create_in_root(&vfs, "small");
+    write_all(&vfs, small, fh_small, 0, b"tiny");
+    vfs.fsync(small, fh_small, true).unwrap();
+    drop(vfs); // no shutdown: a crash after fsync
+
+    let vfs = volume.mount();
+    let fh = vfs.open(&root(), big, libc::O_RDONLY).unwrap().fh;
+    assert_eq!(read_range(&vfs, big, fh, 0, data.len() as u64 + 10), data);
+    let fh2 = vfs.open(&root(), small, libc::O_RDONLY).unwrap().fh;
+    assert_eq!(vfs.read(small, fh2, 0, 100).unwrap(), b"tiny");
+    vfs.release(big, fh, None, false).unwrap();
+    vfs.release(small, fh2, None, false).unwrap();
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn a_failing_store_returns_eio_and_keeps_the_data_dirty() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "f");
+    let data = pattern(11, 2 * MIB as usize);
+    write_all(&vfs, ino, fh, 0, &data);
+    // Replace the store directory by a file: every upload fails.
+    let store_dir = volume.dir.path().join("store");
+    let parked = volume.dir.path().join("parked");
+    std::fs::rename(&store_dir, &parked).unwrap();
+    std::fs::write(&store_dir, b"not a directory").unwrap();
+    assert_eq!(vfs.fsync(ino, fh, false).unwrap_err().0, libc::EIO);
+    assert_eq!(
+        read_range(&vfs, ino, fh, 0, data.len() as u64),
+        data,
+        "buffered data is still readable"
+    );
+    std::fs::remove_file(&store_dir).unwrap();
+    std::fs::rename(&parked, &store_dir).unwrap();
+    vfs.fsync(ino, fh, false).unwrap();
+    close(&vfs, ino, fh);
+    vfs.shutdown().unwrap();
+    let vfs = volume.mount();
+    let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
+    assert_eq!(read_range(&vfs, ino, fh, 0, data.len() as u64), data);
+    vfs.release(ino, fh, None, false).unwrap();
+    vfs.shutdown().unwrap();
+    // The failed attempt's slices are garbage, not leaks.
+    maintenance::gc(&volume.config, Duration::ZERO, false).unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn large_sequential_write_reads_back() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "seq");
+    let piece = pattern(2, MIB as usize);
+    let total = 80 * MIB;
+    let started = std::time::Instant::now();
+    for i in 0..total / MIB {
+        write_all(&vfs, ino, fh, i * MIB, &piece);
+    }
+    close(&vfs, ino, fh);
+    eprintln!("80 MiB written and committed in {:?}", started.elapsed());
+    let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
+    for i in 0..total / MIB {
+        assert_eq!(
+            vfs.read(ino, fh, i * MIB, MIB as u32).unwrap(),
+            piece,
+            "MiB {i}"
+        );
+    }
+    vfs.release(ino, fh, None, false).unwrap();
+    assert_eq!(vfs.getattr(ino).unwrap().size, total);
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn fallocate_and_copy_file_range() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "a");
+    vfs.fallocate(ino, fh, 0, 1000, 0).unwrap();
+    assert_eq!(vfs.getattr(ino).unwrap().size, 1000);
+    vfs.fallocate(ino, fh, 0, 5000, libc::FALLOC_FL_KEEP_SIZE)
+        .unwrap();
+    assert_eq!(vfs.getattr(ino).unwrap().size, 1000);
+    assert_eq!(
+        vfs.fallocate(
+            ino,
+            fh,
+            0,
+            10,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        )
+        .unwrap_err()
+        .0,
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(vfs.fallocate(ino, fh, 0, 0, 0).unwrap_err().0, libc::EINVAL);
+    assert_eq!(
+        vfs.fallocate(ino, fh, 1 << 62, 1 << 62, 0).unwrap_err().0,
+        libc::EFBIG
+    );
+    let data = pattern(4, 300_000);
+    write_all(&vfs, ino, fh, 0, &data);
+    let (out, fh_out) = create_in_root(&vfs, "b");
+    assert_eq!(
+        vfs.copy_file_range(ino, fh, 100, out, fh_out, 7, 1_000_000)
+            .unwrap(),
+        299_900
+    );
+    let mut expected = vec![0u8; 7];
+    expected.extend_from_slice(&data[100..]);
+    assert_eq!(read_range(&vfs, out, fh_out, 0, 400_000), expected);
+    close(&vfs, ino, fh);
+    close(&vfs, out, fh_out);
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+#[test]
+fn destroy_removes_every_object_and_the_metadata() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "f");
+    write_all(&vfs, ino, fh, 0, &pattern(8, 5 * MIB as usize));
+    close(&vfs, ino, fh);
+    vfs.shutdown().unwrap();
+    drop(vfs);
+    let uuid = volume.meta().volume().unwrap().unwrap().uuid;
+    let volume_dir = volume.dir.path().join("store").join(&uuid);
+    assert!(volume_dir.exists());
+    maintenance::destroy(&volume.config).unwrap();
+    assert!(!volume.dir.path().join("meta.db").exists());
+    let leftover: Vec<_> = walk(&volume_dir);
+    assert!(leftover.is_empty(), "objects left: {leftover:?}");
+    // Destroying twice is harmless.
+    maintenance::destroy(&volume.config).unwrap();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            if e.path().is_dir() {
+                walk(&e.path())
+            } else {
+                vec![e.path()]
+            }
+        })
+        .collect()
+}
