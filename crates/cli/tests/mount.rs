@@ -156,6 +156,21 @@ fn flock(file: &fs::File, operation: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+/// Takes a lock that the close of another descriptor frees: the kernel sends that release to
+/// FUSE asynchronously (RELEASE is a background request), so it may land a moment after close.
+fn flock_after_close(file: &fs::File, operation: libc::c_int) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match flock(file, operation | libc::LOCK_NB) {
+            Ok(()) => return,
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("flock still refused 2 s after the holder closed: {e}"),
+        }
+    }
+}
+
 /// Bytes that differ at every offset, larger than the inline threshold and a block.
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
@@ -241,7 +256,7 @@ fn file_operations_persist_across_remounts() {
     flock(&first, libc::LOCK_UN).unwrap();
     flock(&second, libc::LOCK_EX | libc::LOCK_NB).unwrap();
     drop(second);
-    flock(&first, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    flock_after_close(&first, libc::LOCK_SH);
     drop(first);
 
     assert_eq!(sorted_names(&mount_point), ["big.bin", "dir", "link"]);
@@ -313,7 +328,7 @@ fn two_mounts_of_one_volume_share_data_and_locks() {
     let refused = flock(&there, libc::LOCK_SH | libc::LOCK_NB).unwrap_err();
     assert_eq!(refused.raw_os_error(), Some(libc::EWOULDBLOCK));
     drop(here);
-    flock(&there, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    flock_after_close(&there, libc::LOCK_SH);
     drop(there);
 
     first.unmount();

@@ -614,7 +614,8 @@ impl Filesystem for CellarFs {
     /// POSIX locks, and flock(2) too: fuser 0.18 does not pass the kernel's FUSE_LK_FLOCK flag, so
     /// a flock arrives as a whole-file lock owned by its open file description and is kept as
     /// such (the way Linux NFS emulates flock). Conflicts between handles, upgrades, LOCK_NB and
-    /// the release on last close all behave as flock requires; only a flock and a POSIX lock
+    /// the release on last close (sent by the kernel asynchronously, as for every FUSE file
+    /// system) behave as flock requires; only a flock and a POSIX lock
     /// taken by the same process on one file conflict, which real flock would not.
     fn setlk(
         &self,

@@ -165,6 +165,14 @@ impl Runner {
                 SandboxPaths::new(&self.sandboxes_dir, &record.id).remove();
             }
         }
+        // Directories of sandboxes whose creation was interrupted before their record was saved.
+        for entry in std::fs::read_dir(&self.sandboxes_dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type()?.is_dir() && !running.contains_key(&name) {
+                SandboxPaths::new(&self.sandboxes_dir, &name).remove();
+            }
+        }
         let running_ids: HashSet<String> = running.keys().cloned().collect();
         let remounted = self.mounts.recover(&running_ids)?;
         let records: Vec<Arc<SandboxRecord>> = running.values().cloned().collect();
@@ -183,6 +191,8 @@ impl Runner {
         if self.is_running(&spec.id) {
             return Ok(());
         }
+        // A sandbox of that id that died on its own: release what it held first.
+        self.teardown(&spec.id).await?;
         let paths = SandboxPaths::new(&self.sandboxes_dir, &spec.id);
         let mut acquired: Vec<String> = Vec::new();
         let started = self.start(&spec, &paths, &mut acquired).await;
@@ -282,6 +292,12 @@ impl Runner {
     /// Kills every process of the sandbox and releases its mounts. Idempotent.
     pub async fn destroy_sandbox(&self, id: &str) -> Result<(), RunnerError> {
         let _lifecycle = self.lifecycle.lock().await;
+        self.teardown(id).await
+    }
+
+    /// Kills the sandbox's processes and releases everything it holds; the caller holds the
+    /// lifecycle lock.
+    async fn teardown(&self, id: &str) -> Result<(), RunnerError> {
         let record = self
             .sandboxes
             .lock()

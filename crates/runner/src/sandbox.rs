@@ -20,23 +20,28 @@ pub(crate) const SANDBOX_HOME: &str = "/home/daytona";
 pub(crate) const SANDBOX_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Host directories below the snapshot's /etc that are hidden from sandboxes.
+const HOST_PRIVATE_DIRS: &[&str] = &["/etc/cellar"];
+
 /// How long bubblewrap may take to set a sandbox up.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a killed sandbox may take to disappear.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The `setpriv` invocation that turns root into the sandbox user for good: no groups, no
-/// capabilities (even through setuid binaries of the host's /usr), no new privileges.
-pub(crate) fn drop_privileges_args() -> [String; 7] {
-    [
+/// `setpriv` options that strip every capability for good, also through setuid binaries of the
+/// host's /usr: empty bounding and inheritable sets, no new privileges.
+const DROP_CAPABILITIES: [&str; 3] = ["--no-new-privs", "--bounding-set=-all", "--inh-caps=-all"];
+
+/// The `setpriv` invocation that turns root into the sandbox user: no groups, no capabilities.
+pub(crate) fn become_sandbox_user_args() -> Vec<String> {
+    let mut args = vec![
         "setpriv".to_owned(),
         format!("--reuid={SANDBOX_UID}"),
         format!("--regid={SANDBOX_UID}"),
         "--clear-groups".to_owned(),
-        "--no-new-privs".to_owned(),
-        "--bounding-set=-all".to_owned(),
-        "--inh-caps=-all".to_owned(),
-    ]
+    ];
+    args.extend(DROP_CAPABILITIES.map(str::to_owned));
+    args
 }
 
 /// What the runner remembers about a started sandbox, across restarts.
@@ -253,6 +258,12 @@ fn bwrap_args(launch: &Launch<'_>, paths: &SandboxPaths, status_fd: RawFd) -> Ve
         }
     }
     push(&["--ro-bind", "/etc", "/etc"]);
+    // Cellar's own configuration (database and store credentials) stays on the host.
+    for private in HOST_PRIVATE_DIRS {
+        if Path::new(private).is_dir() {
+            push(&["--tmpfs", private]);
+        }
+    }
     let passwd = paths.dir.join("passwd");
     let group = paths.dir.join("group");
     push(&["--ro-bind", &passwd.to_string_lossy(), "/etc/passwd"]);
@@ -287,9 +298,10 @@ fn bwrap_args(launch: &Launch<'_>, paths: &SandboxPaths, status_fd: RawFd) -> Ve
         let source = format!("/proc/self/fd/{}", bind.source.as_raw_fd());
         push(&[kind, &source, &bind.mount_path]);
     }
-    push(&["--chdir", SANDBOX_HOME, "--"]);
-    let drop_privileges = drop_privileges_args();
-    push(&drop_privileges.each_ref().map(String::as_str));
+    // The init keeps the namespaces alive. It runs as root without any capability rather than
+    // as the sandbox user, so that the user's `kill -9 -1` cannot end the whole sandbox.
+    push(&["--chdir", SANDBOX_HOME, "--", "setpriv"]);
+    push(&DROP_CAPABILITIES);
     push(&["sleep", "infinity"]);
     args
 }

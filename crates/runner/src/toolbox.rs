@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use crate::sandbox::{
-    drop_privileges_args, SandboxRecord, SANDBOX_HOME, SANDBOX_PATH, SANDBOX_USER,
+    become_sandbox_user_args, SandboxRecord, SANDBOX_HOME, SANDBOX_PATH, SANDBOX_USER,
 };
 use crate::{process, ExecRequest, ExecResult, RunnerError};
 
@@ -52,7 +52,7 @@ impl Target<'_> {
             .args(["--mount", "--pid", "--ipc", "--uts", "--net"])
             // Root and working directory of the sandbox's init: never the runner's own cwd.
             .args(["--root", "--wd"])
-            .args(drop_privileges_args())
+            .args(become_sandbox_user_args())
             .args(["env", "-i"])
             .arg(format!("--chdir={cwd}"))
             .arg(format!("HOME={SANDBOX_HOME}"))

@@ -321,3 +321,33 @@ fn runner_and_its_futures_are_thread_safe() {
     fn assert_stream<T: tokio::io::AsyncRead + Send + Unpin + 'static>() {}
     assert_stream::<cellar_runner::FileStream>();
 }
+
+#[tokio::test]
+async fn the_user_cannot_end_the_sandbox_and_a_dead_one_can_be_recreated() {
+    let state = common::StateDir::new();
+    let runner = runner(&state);
+    runner.create_sandbox(spec("sbx-killall")).await.unwrap();
+    run(&runner, "sbx-killall", "nohup sleep 1000 >/dev/null 2>&1 &").await;
+    // Signals every process the user may signal (all but the caller).
+    run(&runner, "sbx-killall", "kill -9 -1").await;
+    assert!(runner.is_running("sbx-killall"));
+    let (_, left) = run(&runner, "sbx-killall", "ps -eo user:12,args").await;
+    assert!(!left.contains("sleep 1000"), "{left}");
+    assert_eq!(run(&runner, "sbx-killall", "echo alive").await.1, "alive\n");
+
+    // Killed from outside: no longer running, and creating it again starts a fresh one.
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(state.path().join("sandboxes/sbx-killall.json")).unwrap(),
+    )
+    .unwrap();
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(record["init_pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runner.is_running("sbx-killall") {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    runner.create_sandbox(spec("sbx-killall")).await.unwrap();
+    assert_eq!(run(&runner, "sbx-killall", "echo again").await.1, "again\n");
+    runner.release_all().await;
+}

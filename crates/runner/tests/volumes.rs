@@ -27,7 +27,7 @@ fn cellar_bin() -> PathBuf {
 /// A runner plus one volume (SQLite metadata, file:// store) in temporary directories.
 struct Fixture {
     state: common::StateDir,
-    data: common::StateDir,
+    data: tempfile::TempDir,
     runner: Runner,
 }
 
@@ -395,4 +395,32 @@ async fn a_dead_mount_is_replaced_when_the_next_sandbox_needs_it() {
     );
     fx.runner.release_all().await;
     assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
+}
+
+#[tokio::test]
+async fn a_volume_unmounts_while_other_sandboxes_run() {
+    let fx = Fixture::new();
+    let mut other = fx.volume();
+    other.volume_id = "vol-2".into();
+    other.volume_name = "other".into();
+    other.meta_url = format!("sqlite://{}/meta2.db", fx.data.path().display());
+    let mut uses_other = fx.spec("cross-other", "/o", None, false);
+    uses_other.mounts[0].volume = other;
+    fx.runner.create_sandbox(uses_other).await.unwrap();
+    // Created while vol-2 is mounted: its mount namespace started as a copy of the host's.
+    fx.runner
+        .create_sandbox(fx.spec("cross-main", "/v", None, false))
+        .await
+        .unwrap();
+    let other_mount = fx.mount_point().with_file_name("vol-2");
+    assert_eq!(fuse_mounts_at(&other_mount), 1);
+    fx.runner.destroy_sandbox("cross-other").await.unwrap();
+    assert_eq!(fuse_mounts_at(&other_mount), 0);
+    assert_eq!(
+        fx.run("cross-main", "echo ok > /v/f && cat /v/f").await,
+        (0, "ok\n".into())
+    );
+    let (_, mounts) = fx.run("cross-main", "cat /proc/self/mountinfo").await;
+    assert!(!mounts.contains("cellar:other"), "{mounts}");
+    fx.runner.release_all().await;
 }

@@ -360,6 +360,8 @@ async fn openapi_document_lists_every_endpoint() {
         ("/toolbox/{sandboxId}/process/execute", "post"),
         ("/toolbox/{sandboxId}/files/bulk-upload", "post"),
         ("/toolbox/{sandboxId}/files/bulk-download", "post"),
+        ("/toolbox/{sandboxId}/files/folder", "post"),
+        ("/toolbox/{sandboxId}/files", "get"),
     ];
     for (path, method) in expected {
         assert!(

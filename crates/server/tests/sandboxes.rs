@@ -217,6 +217,71 @@ async fn sandboxes_share_a_volume_that_outlives_them() {
         (0, format!("uploaded{}\n", big.len()).as_str())
     );
 
+    // Folders and listings (the Daytona volumes example uses both).
+    let toolbox = format!("{}/{first_id}", first["toolboxProxyUrl"].as_str().unwrap());
+    let folder = |path: &str, mode: &str| {
+        server
+            .http
+            .post(
+                url::Url::parse_with_params(
+                    &format!("{toolbox}/files/folder"),
+                    [("path", path), ("mode", mode)],
+                )
+                .unwrap(),
+            )
+            .bearer_auth(&server.key)
+    };
+    let response = folder("/home/daytona/volume/new dir/it's", "750")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(
+        folder("/home/daytona/volume/x", "9x")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+    let list = |path: &str| {
+        server
+            .http
+            .get(
+                url::Url::parse_with_params(&format!("{toolbox}/files"), [("path", path)]).unwrap(),
+            )
+            .bearer_auth(&server.key)
+    };
+    let (status, files) = server.send(list("/home/daytona/volume")).await;
+    assert_eq!(status, StatusCode::OK, "{files}");
+    let names: Vec<&str> = files
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dir", "greeting", "new dir", "up.txt"], "{files}");
+    let up = &files[3];
+    assert_eq!(
+        (up["isDir"].as_bool(), up["size"].as_i64()),
+        (Some(false), Some(8)),
+        "{up}"
+    );
+    assert_eq!(up["path"], "/home/daytona/volume/up.txt");
+    for field in ["group", "modTime", "mode", "owner", "permissions"] {
+        assert!(up[field].is_string(), "{field} in {up}");
+    }
+    assert_eq!(files[2]["isDir"], true);
+    let (status, inner) = server.send(list("/home/daytona/volume/new dir")).await;
+    assert_eq!(
+        (status, &inner[0]["name"], &inner[0]["permissions"]),
+        (StatusCode::OK, &json!("it's"), &json!("0750"))
+    );
+    assert_eq!(
+        server.send(list("/home/daytona/volume/absent")).await.0,
+        StatusCode::NOT_FOUND
+    );
+
     // Download: a part per path, the missing one as an error part.
     let download_url = format!(
         "{}/{first_id}/files/bulk-download",
@@ -326,7 +391,22 @@ async fn sandboxes_share_a_volume_that_outlives_them() {
         exec(&server, &third, "ls /home/daytona/sub").await,
         (0, "big.bin\n".to_string())
     );
-    destroy(&server, &third).await;
+
+    // As if the server had died while destroying it: the restart finishes the job.
+    let third_id = third["id"].as_str().unwrap().to_string();
+    server
+        .restart(|data_dir| {
+            let db = rusqlite::Connection::open(data_dir.join("control.db")).unwrap();
+            db.execute(
+                "UPDATE sandboxes SET state = 'destroying' WHERE id = ?1",
+                [&third_id],
+            )
+            .unwrap();
+        })
+        .await;
+    server
+        .wait_for(&format!("/api/sandbox/{third_id}"), "state", "destroyed")
+        .await;
 
     let (status, _) = server.delete(&format!("/api/volumes/{volume_id}")).await;
     assert_eq!(status, StatusCode::OK);

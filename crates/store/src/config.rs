@@ -17,16 +17,14 @@ pub(crate) enum Backend {
     S3(S3Settings),
 }
 
-/// Explicit S3 client settings. `Debug` redacts the secret key.
+/// Explicit S3 client settings.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct S3Settings {
     pub bucket: String,
     /// `None`: AWS itself (`https://s3.{region}.amazonaws.com`).
     pub endpoint: Option<String>,
     pub region: String,
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub session_token: Option<String>,
+    pub credentials: S3Credentials,
 }
 
 impl S3Settings {
@@ -48,9 +46,7 @@ impl fmt::Debug for S3Settings {
             .field("bucket", &self.bucket)
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
-            .field("access_key_id", &"<redacted>")
-            .field("secret_access_key", &"<redacted>")
-            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .field("credentials", &self.credentials)
             .finish()
     }
 }
@@ -73,16 +69,33 @@ impl StoreLocation {
     }
 }
 
-/// Source of credentials; the process environment in production, a map in tests.
-pub(crate) trait Env {
-    fn var(&self, name: &str) -> Option<String>;
+/// S3 access keys. `Debug` redacts them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
 }
 
-pub(crate) struct ProcessEnv;
+impl S3Credentials {
+    /// `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`), if both keys are set.
+    pub fn from_env() -> Option<S3Credentials> {
+        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        Some(S3Credentials {
+            access_key_id: var("AWS_ACCESS_KEY_ID")?,
+            secret_access_key: var("AWS_SECRET_ACCESS_KEY")?,
+            session_token: var("AWS_SESSION_TOKEN"),
+        })
+    }
+}
 
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
+impl fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &"<redacted>")
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
 
@@ -103,7 +116,7 @@ fn join_prefix(parts: &[&str]) -> Result<Path, StoreError> {
 pub(crate) fn parse_location(
     url: &str,
     volume_prefix: &str,
-    env: &dyn Env,
+    credentials: Option<S3Credentials>,
 ) -> Result<StoreLocation, StoreError> {
     // Never echo the whole URL back: a user may have pasted credentials into it.
     let parsed = url::Url::parse(url).map_err(|e| config_err(format!("store URL does not parse: {e}")))?;
@@ -114,7 +127,7 @@ pub(crate) fn parse_location(
     }
     match parsed.scheme() {
         "file" => parse_file(&parsed, volume_prefix),
-        "s3" => parse_s3(&parsed, volume_prefix, env),
+        "s3" => parse_s3(&parsed, volume_prefix, credentials),
         other => Err(config_err(format!(
             "unsupported store URL scheme {other:?} (expected file:// or s3://)"
         ))),
@@ -134,7 +147,11 @@ fn parse_file(url: &url::Url, volume_prefix: &str) -> Result<StoreLocation, Stor
     })
 }
 
-fn parse_s3(url: &url::Url, volume_prefix: &str, env: &dyn Env) -> Result<StoreLocation, StoreError> {
+fn parse_s3(
+    url: &url::Url,
+    volume_prefix: &str,
+    credentials: Option<S3Credentials>,
+) -> Result<StoreLocation, StoreError> {
     let bucket = url
         .host_str()
         .filter(|b| !b.is_empty())
@@ -153,21 +170,15 @@ fn parse_s3(url: &url::Url, volume_prefix: &str, env: &dyn Env) -> Result<StoreL
             }
         }
     }
-    let access_key_id = env.var("AWS_ACCESS_KEY_ID");
-    let secret_access_key = env.var("AWS_SECRET_ACCESS_KEY");
-    let (Some(access_key_id), Some(secret_access_key)) = (access_key_id, secret_access_key) else {
-        return Err(config_err(
-            "S3 credentials missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
-        ));
-    };
+    let credentials = credentials.ok_or_else(|| {
+        config_err("S3 credentials missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    })?;
     Ok(StoreLocation {
         backend: Backend::S3(S3Settings {
             bucket,
             endpoint,
             region: region.unwrap_or_else(|| "us-east-1".to_string()),
-            access_key_id,
-            secret_access_key,
-            session_token: env.var("AWS_SESSION_TOKEN"),
+            credentials,
         }),
         prefix: join_prefix(&[url.path(), volume_prefix])?,
     })
@@ -191,21 +202,13 @@ fn parse_endpoint(value: &str) -> Result<String, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    struct MapEnv(HashMap<&'static str, &'static str>);
-
-    impl Env for MapEnv {
-        fn var(&self, name: &str) -> Option<String> {
-            self.0.get(name).map(|v| v.to_string())
-        }
-    }
-
-    fn creds() -> MapEnv {
-        MapEnv(HashMap::from([
-            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
-            ("AWS_SECRET_ACCESS_KEY", "super-secret-value"),
-        ]))
+    fn creds() -> Option<S3Credentials> {
+        Some(S3Credentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "super-secret-value".into(),
+            session_token: Some("token-value".into()),
+        })
     }
 
     #[test]
@@ -213,7 +216,7 @@ mod tests {
         let loc = parse_location(
             "s3://bucket/base/dir?endpoint=http://127.0.0.1:7480/&region=eu-west-1",
             "volumes/v1",
-            &creds(),
+            creds(),
         )
         .unwrap();
         assert_eq!(loc.prefix.as_ref(), "base/dir/volumes/v1");
@@ -222,12 +225,12 @@ mod tests {
         assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:7480"));
         assert_eq!(s3.region, "eu-west-1");
         assert!(s3.allow_http());
-        assert_eq!(s3.access_key_id, "AKIDEXAMPLE");
+        assert_eq!(s3.credentials, creds().unwrap());
     }
 
     #[test]
     fn s3_defaults_to_aws_over_https() {
-        let loc = parse_location("s3://b", "", &creds()).unwrap();
+        let loc = parse_location("s3://b", "", creds()).unwrap();
         assert_eq!(loc.prefix.as_ref(), "");
         let Backend::S3(s3) = loc.backend else { panic!("not s3") };
         assert_eq!(s3.region, "us-east-1");
@@ -237,16 +240,17 @@ mod tests {
 
     #[test]
     fn debug_redacts_secrets() {
-        let loc = parse_location("s3://b?endpoint=http://h:1", "v", &creds()).unwrap();
+        let loc = parse_location("s3://b?endpoint=http://h:1", "v", creds()).unwrap();
         let shown = format!("{loc:?}");
         assert!(!shown.contains("super-secret-value"), "{shown}");
         assert!(!shown.contains("AKIDEXAMPLE"), "{shown}");
+        assert!(!shown.contains("token-value"), "{shown}");
         assert!(shown.contains("<redacted>"));
     }
 
     #[test]
     fn missing_credentials_is_a_config_error() {
-        let err = parse_location("s3://b", "v", &MapEnv(HashMap::new())).unwrap_err();
+        let err = parse_location("s3://b", "v", None).unwrap_err();
         assert!(matches!(err, StoreError::Config(ref m) if m.contains("AWS_ACCESS_KEY_ID")), "{err}");
     }
 
@@ -259,16 +263,16 @@ mod tests {
             "ftp://host/dir",
             "file:///dir?x=1",
         ] {
-            let err = parse_location(url, "v", &creds()).unwrap_err();
+            let err = parse_location(url, "v", creds()).unwrap_err();
             assert!(matches!(err, StoreError::Config(_)), "{url}: {err}");
             assert!(!err.to_string().contains("topsecret"), "{url}: {err}");
         }
-        assert!(parse_location("file:///tmp/x", "a/../b", &creds()).is_err());
+        assert!(parse_location("file:///tmp/x", "a/../b", creds()).is_err());
     }
 
     #[test]
     fn file_url() {
-        let loc = parse_location("file:///tmp/cellar-data", "/vol/7/", &creds()).unwrap();
+        let loc = parse_location("file:///tmp/cellar-data", "/vol/7/", creds()).unwrap();
         assert_eq!(loc.backend, Backend::Local { root: PathBuf::from("/tmp/cellar-data") });
         assert_eq!(loc.prefix.as_ref(), "vol/7");
     }

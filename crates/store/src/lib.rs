@@ -18,6 +18,7 @@ mod retry;
 use bytes::{Bytes, BytesMut};
 use cache::{DiskCache, MemCache};
 use config::{Backend, StoreLocation};
+pub use config::S3Credentials;
 use futures::{StreamExt, TryStreamExt};
 use layout::Block;
 use object_store::path::Path;
@@ -138,13 +139,24 @@ impl BlockStore {
     /// configuration put them into these variables). `volume_prefix` is appended to the URL's
     /// prefix.
     pub fn open(url: &str, volume_prefix: &str, options: StoreOptions) -> StoreResult<BlockStore> {
+        Self::open_with_credentials(url, volume_prefix, options, S3Credentials::from_env())
+    }
+
+    /// Like [`BlockStore::open`], with S3 credentials given explicitly instead of read from the
+    /// environment (`None`: none are configured; an `s3://` URL then fails with `Config`).
+    pub fn open_with_credentials(
+        url: &str,
+        volume_prefix: &str,
+        options: StoreOptions,
+        credentials: Option<S3Credentials>,
+    ) -> StoreResult<BlockStore> {
         if options.block_size == 0 || options.block_size > u64::from(u32::MAX) {
             return Err(StoreError::Config(format!(
                 "block size {} is outside 1..=4 GiB",
                 options.block_size
             )));
         }
-        let location = config::parse_location(url, volume_prefix, &config::ProcessEnv)?;
+        let location = config::parse_location(url, volume_prefix, credentials)?;
         let description = location.describe();
         let (store, cache_namespace) = build_store(&location.backend, options.max_retries)?;
         let disk = match &options.cache_dir {
@@ -443,8 +455,8 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<(Arc<dyn Obje
             let mut builder = object_store::aws::AmazonS3Builder::new()
                 .with_bucket_name(&s3.bucket)
                 .with_region(&s3.region)
-                .with_access_key_id(&s3.access_key_id)
-                .with_secret_access_key(&s3.secret_access_key)
+                .with_access_key_id(&s3.credentials.access_key_id)
+                .with_secret_access_key(&s3.credentials.secret_access_key)
                 .with_virtual_hosted_style_request(false)
                 .with_allow_http(s3.allow_http())
                 .with_retry(retry::retry_config(max_retries))
@@ -452,7 +464,7 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<(Arc<dyn Obje
             if let Some(endpoint) = &s3.endpoint {
                 builder = builder.with_endpoint(endpoint);
             }
-            if let Some(token) = &s3.session_token {
+            if let Some(token) = &s3.credentials.session_token {
                 builder = builder.with_token(token);
             }
             let store = builder

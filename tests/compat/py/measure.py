@@ -1,7 +1,7 @@
 """Measurements with the official Python client (printed, never asserted):
 
 1. time from volume.get(name, create=True) to a started sandbox with the volume mounted, median of N;
-2. how many sandboxes run at once on one volume: steps of 5, 10, 20, ... 160 (cumulative), each sandbox
+2. how many sandboxes run at once on one volume: steps of 5, 10, 20, ... 640 (cumulative), each sandbox
    writes its own file and one sandbox reads them all; stops at the first failure or when a step
    exceeds its time bound, and prints what broke first.
 """
@@ -87,7 +87,7 @@ def concurrency(daytona: Daytona, steps: list[int], step_bound: float, workers: 
         print(f"ran {len(running)} sandboxes at once on one volume; " + (f"first break: {broke}" if broke else "nothing broke up to the last step"))
     finally:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda sb: _quietly(sb.delete), running))
+            list(pool.map(lambda sb: _quietly(sb.delete, 60, True), running))
         for _ in range(60):
             if _quietly(daytona.volume.delete, volume):
                 break
@@ -105,7 +105,7 @@ def _quietly(fn, *args) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--steps", default="5,10,20,40,80,160")
+    parser.add_argument("--steps", default="5,10,20,40,80,160,320,640")
     parser.add_argument("--step-bound", type=float, default=180.0, help="seconds one step may take")
     parser.add_argument("--workers", type=int, default=8, help="client threads creating sandboxes")
     args = parser.parse_args()

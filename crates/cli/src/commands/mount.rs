@@ -75,7 +75,7 @@ pub fn run(args: MountArgs) -> Result<()> {
 
     if args.foreground {
         let handle = start(config, &mount_point, &options)?;
-        return serve(handle);
+        return serve(handle, || {});
     }
     let log_file = match &args.log_file {
         Some(path) => std::path::absolute(path).context("--log-file")?,
@@ -91,8 +91,8 @@ fn start(config: VolumeConfig, mount_point: &Path, options: &MountOptions) -> Re
 }
 
 /// Serves until unmounted, then flushes. Signals unmount; the pid file lets `cellar umount`
-/// wait for the end of the flush.
-fn serve(handle: MountHandle) -> Result<()> {
+/// wait for the end of the flush. `ready` runs once both are in place.
+fn serve(handle: MountHandle, ready: impl FnOnce()) -> Result<()> {
     let pid_file = pid_file(handle.mount_point());
     if let Err(e) = write_pid_file(&pid_file) {
         tracing::warn!(
@@ -101,6 +101,7 @@ fn serve(handle: MountHandle) -> Result<()> {
         );
     }
     unmount_on_signals(handle.unmounter())?;
+    ready();
     let result = handle.wait();
     let _ = std::fs::remove_file(&pid_file);
     Ok(result?)
@@ -146,11 +147,9 @@ fn daemonize(log_file: &Path, start: impl FnOnce() -> Result<MountHandle>) -> Re
             drop(status_reader);
             detach_from_terminal(&log)?;
             match start() {
-                Ok(handle) => {
+                Ok(handle) => serve(handle, move || {
                     let _ = status_writer.write_all(b"ok");
-                    drop(status_writer);
-                    serve(handle)
-                }
+                }),
                 Err(error) => {
                     let _ = write!(status_writer, "{error:#}");
                     // The parent prints the error; the log keeps a copy.
@@ -245,23 +244,39 @@ pub fn pid_file(mount_point: &Path) -> PathBuf {
     dir.join(format!("mount-{escaped}.pid"))
 }
 
+/// Records "PID START_TIME": the start time tells this daemon apart from a later process that
+/// got the same pid after a crash left the file behind.
 fn write_pid_file(path: &Path) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(path, std::process::id().to_string())
+    let pid = std::process::id();
+    let started = process_start_time(pid).unwrap_or_default();
+    std::fs::write(path, format!("{pid} {started}"))
 }
 
-/// The pid recorded for `mount_point`, if that process still runs as `cellar`.
+/// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields resume after the parenthesised command name (which may contain spaces); the
+    // state is field 3, so the start time is the 20th from there.
+    let (_, fields) = stat.rsplit_once(") ")?;
+    fields.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The pid recorded for `mount_point`, if that very process still runs.
 pub fn daemon_pid(mount_point: &Path) -> Result<Option<u32>> {
     let recorded = match std::fs::read_to_string(pid_file(mount_point)) {
         Ok(text) => text,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => bail!("reading the pid file of {}: {e}", mount_point.display()),
     };
-    let Ok(pid) = recorded.trim().parse::<u32>() else {
+    let mut fields = recorded.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(pid)), Some(Ok(started))) = (fields.next(), fields.next()) else {
         return Ok(None);
     };
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    Ok((comm.trim() == "cellar").then_some(pid))
+    let Ok(pid) = u32::try_from(pid) else {
+        return Ok(None);
+    };
+    Ok((process_start_time(pid) == Some(started)).then_some(pid))
 }

@@ -18,13 +18,20 @@ impl StateDir {
 
 impl Drop for StateDir {
     fn drop(&mut self) {
-        let records = std::fs::read_dir(self.path().join("sandboxes")).into_iter().flatten();
+        let records = std::fs::read_dir(self.path().join("sandboxes"))
+            .into_iter()
+            .flatten();
         for entry in records.flatten() {
-            let Ok(bytes) = std::fs::read(entry.path()) else { continue };
-            let Ok(record) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
-            let (Some(pid), Some(start)) =
-                (record["init_pid"].as_i64(), record["init_start_time"].as_u64())
-            else {
+            let Ok(bytes) = std::fs::read(entry.path()) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
+            let (Some(pid), Some(start)) = (
+                record["init_pid"].as_i64(),
+                record["init_start_time"].as_u64(),
+            ) else {
                 continue;
             };
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -35,10 +42,25 @@ impl Drop for StateDir {
                 // SAFETY: kill(2) has no memory-safety preconditions.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
+            let id = record["id"].as_str().unwrap_or_default();
+            for hierarchy in ["", "cpu/", "memory/"] {
+                let cgroup = format!("/sys/fs/cgroup/{hierarchy}cellar/{id}");
+                // The kernel frees a cgroup a moment after its last process died.
+                for _ in 0..100 {
+                    match std::fs::remove_dir(&cgroup) {
+                        Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                            std::thread::sleep(std::time::Duration::from_millis(10))
+                        }
+                        _ => break,
+                    }
+                }
+            }
         }
-        let mounts = std::fs::read_dir(self.path().join("mounts")).into_iter().flatten();
+        let mounts = std::fs::read_dir(self.path().join("mounts"))
+            .into_iter()
+            .flatten();
         for entry in mounts.flatten() {
-            if entry.path().is_dir() || entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
                 let path = std::ffi::CString::new(entry.path().as_os_str().as_encoded_bytes());
                 if let Ok(path) = path {
                     // SAFETY: umount2 on a NUL-terminated path; failure (not mounted) is fine.

@@ -59,6 +59,8 @@ pub fn router(state: AppState) -> Router {
             "/{sandbox_id}/files/bulk-download",
             post(toolbox::bulk_download),
         )
+        .route("/{sandbox_id}/files/folder", post(toolbox::create_folder))
+        .route("/{sandbox_id}/files", get(toolbox::list_files))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .nest("/api", api)
@@ -147,6 +149,8 @@ impl Modify for BearerAuth {
         toolbox::execute,
         toolbox::bulk_upload,
         toolbox::bulk_download,
+        toolbox::create_folder,
+        toolbox::list_files,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),

@@ -4,9 +4,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Multipart, Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncSeekExt;
 use tokio::sync::mpsc;
 use tokio_util::io::{ReaderStream, StreamReader};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::{blocking, AppState, Org};
 use crate::db::sandbox_state;
@@ -44,6 +45,38 @@ pub struct ExecuteResponse {
     pub result: String,
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct CreateFolderQuery {
+    /// Directory to create (with missing parents); relative to the user's home.
+    pub path: String,
+    /// Octal permissions, e.g. `755`.
+    pub mode: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListFilesQuery {
+    /// Directory to list; relative to the user's home.
+    pub path: String,
+}
+
+/// One directory entry, as the Daytona toolbox reports it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileInfo {
+    pub name: String,
+    pub path: String,
+    pub is_dir: bool,
+    pub size: i64,
+    /// Symbolic mode, e.g. `-rw-r--r--`.
+    pub mode: String,
+    /// Octal permissions, e.g. `0644`.
+    pub permissions: String,
+    pub owner: String,
+    pub group: String,
+    pub mod_time: String,
+    pub modified_at: String,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct BulkDownloadRequest {
     pub paths: Vec<String>,
@@ -53,9 +86,7 @@ fn runner_error(err: RunnerError) -> ApiError {
     match err {
         RunnerError::NotFound(what) => ApiError::not_found(format!("not found: {what}")),
         RunnerError::InvalidInput(why) => ApiError::bad_request(why),
-        RunnerError::Unavailable(why) => {
-            ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, why)
-        }
+        RunnerError::Unavailable(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why),
         RunnerError::Io(e) => ApiError::internal(e),
     }
 }
@@ -106,6 +137,119 @@ pub async fn execute(
         exit_code: result.exit_code,
         result: result.output,
     }))
+}
+
+/// Runs a fixed command line in the sandbox, as its user, and returns its output; a failure
+/// becomes `failure_status` with the command's output as the message.
+async fn run_in_sandbox(
+    state: &AppState,
+    id: &str,
+    command: String,
+    failure_status: StatusCode,
+) -> ApiResult<String> {
+    let request = ExecRequest {
+        command,
+        ..ExecRequest::default()
+    };
+    let result = state
+        .services
+        .runner
+        .exec(id, request)
+        .await
+        .map_err(runner_error)?;
+    if result.exit_code != 0 {
+        return Err(ApiError::new(
+            failure_status,
+            result.output.trim().to_string(),
+        ));
+    }
+    Ok(result.output)
+}
+
+/// Quotes a string for `/bin/sh`.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// Creates a directory (and missing parents) with the given permissions.
+#[utoipa::path(
+    post, path = "/toolbox/{sandboxId}/files/folder", tag = "toolbox",
+    params(("sandboxId" = String, Path, description = "Sandbox id"), CreateFolderQuery),
+    responses((status = 201, description = "created"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
+pub async fn create_folder(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    Path(sandbox_id): Path<String>,
+    query: Result<Query<CreateFolderQuery>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let Query(query) = query?;
+    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    let mode_is_octal =
+        (3..=4).contains(&query.mode.len()) && query.mode.chars().all(|c| ('0'..='7').contains(&c));
+    if !mode_is_octal || query.path.is_empty() {
+        return Err(ApiError::bad_request(
+            "path must not be empty and mode must be octal, e.g. 755",
+        ));
+    }
+    let command = format!(
+        "mkdir -p -m {} -- {} 2>&1",
+        query.mode,
+        shell_quote(&query.path)
+    );
+    run_in_sandbox(&state, &id, command, StatusCode::BAD_REQUEST).await?;
+    Ok(StatusCode::CREATED)
+}
+
+/// Lists a directory (one level).
+#[utoipa::path(
+    get, path = "/toolbox/{sandboxId}/files", tag = "toolbox",
+    params(("sandboxId" = String, Path, description = "Sandbox id"), ListFilesQuery),
+    responses((status = 200, body = [FileInfo]), (status = 404, body = ErrorBody))
+)]
+pub async fn list_files(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    Path(sandbox_id): Path<String>,
+    query: Result<Query<ListFilesQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<FileInfo>>> {
+    let Query(query) = query?;
+    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    let dir = shell_quote(&query.path);
+    // NUL-terminated records, so that any file name survives.
+    let command = format!(
+        "test -d {dir} || {{ echo 'no such directory: '{dir}; exit 1; }}; \
+         find {dir} -mindepth 1 -maxdepth 1 -printf '%y\\t%s\\t%M\\t%m\\t%u\\t%g\\t%T@\\t%p\\0' 2>&1"
+    );
+    let output = run_in_sandbox(&state, &id, command, StatusCode::NOT_FOUND).await?;
+    let mut files: Vec<FileInfo> = output
+        .split('\0')
+        .filter_map(|record| {
+            let fields: Vec<&str> = record.splitn(8, '\t').collect();
+            let [kind, size, mode, octal, owner, group, mtime, path] = fields[..] else {
+                return None;
+            };
+            let seconds = mtime.split('.').next()?.parse::<u64>().ok()?;
+            let modified = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(seconds),
+            )
+            .to_string();
+            Some(FileInfo {
+                name: path.rsplit('/').next().unwrap_or(path).to_string(),
+                path: path.to_string(),
+                is_dir: kind == "d",
+                size: size.parse().unwrap_or(0),
+                mode: mode.to_string(),
+                permissions: format!("{octal:0>4}"),
+                owner: owner.to_string(),
+                group: group.to_string(),
+                mod_time: modified.clone(),
+                modified_at: modified,
+            })
+        })
+        .collect();
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(files))
 }
 
 /// Which field of `files[i].path` / `files[i].file` a multipart part is.
