@@ -22,13 +22,13 @@ cleanup() {
   for s in cellar s3fs rclone; do
     [ -n "${mnt[$s]:-}" ] && mountpoint -q "${mnt[$s]}" && { fusermount3 -u "${mnt[$s]}" || umount -l "${mnt[$s]}"; }
   done
-  RGW_MEMSTORE_BYTES=${RGW_MEMSTORE_BYTES:-} bash tests/harness/rgw.sh stop "$work/rgw" >/dev/null 2>&1
+  bash tests/harness/rgw.sh stop "$work/rgw" >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 # One S3 server for every peer; sized for three copies of each workload.
-export RGW_MEMSTORE_BYTES=$(( (size_mb * 3 + 3072) * 1024 * 1024 ))
+export CELLAR_RGW_MEMSTORE_BYTES=$(( (size_mb * 3 + 3072) * 1024 * 1024 ))
 bash tests/harness/rgw.sh start "$work/rgw" >&2
 # shellcheck disable=SC1091
 source "$work/rgw/env"

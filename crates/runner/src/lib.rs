@@ -2,13 +2,11 @@
 //! volume per host (ref-counted across sandboxes and restarts) and implements the toolbox
 //! operations (exec, upload, download).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::Duration;
-
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -65,11 +63,16 @@ pub struct VolumeMountSpec {
 
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
+    /// Letters, digits, `-`, `_`, `.`; names the sandbox's files and cgroup.
     pub id: String,
+    /// The environment of every process in the sandbox (plus HOME, PATH, USER).
     pub env: BTreeMap<String, String>,
     pub mounts: Vec<VolumeMountSpec>,
+    /// CPU limit in cores; 0 = unlimited.
     pub cpu: u32,
+    /// Memory limit in GiB; 0 = unlimited.
     pub memory_gib: u32,
+    /// Share the host's network; otherwise the sandbox has only a loopback interface.
     pub network: bool,
 }
 

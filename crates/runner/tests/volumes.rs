@@ -296,17 +296,20 @@ async fn mounts_survive_a_runner_restart() {
     assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
 }
 
+/// The `cellar mount` daemon serving `mount_point` (found by its command line).
 fn daemon_pid(mount_point: &Path) -> i32 {
-    let escaped = mount_point
-        .to_string_lossy()
-        .replace('%', "%25")
-        .replace('/', "%2F");
-    let pid_file = format!("/run/cellar/mount-{escaped}.pid");
-    std::fs::read_to_string(&pid_file)
-        .unwrap_or_else(|err| panic!("{pid_file}: {err}"))
-        .trim()
-        .parse()
+    let wanted = mount_point.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
         .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|byte| *byte == 0).collect();
+            args.first().is_some_and(|arg0| arg0.ends_with(b"cellar"))
+                && args.contains(&b"mount".as_slice())
+                && args.contains(&wanted.as_bytes())
+        })
+        .unwrap_or_else(|| panic!("no mount daemon for {wanted}"))
 }
 
 #[tokio::test]
