@@ -11,6 +11,7 @@
 #   CELLAR_BIN       the cellar binary (default: target/release/cellar of this repository)
 #   COMPAT_SUITES    which suites to run (default: "py ts")
 #   COMPAT_MEASURE   1 (default) to also print the timing and concurrency measurements, 0 to skip
+#   COMPAT_MEASURE_ARGS  options for py/measure.py, e.g. "--steps 5,10,20,40 --runs 10"
 #   COMPAT_KEEP      1 to keep the server's data directory and log for inspection
 set -euo pipefail
 
@@ -54,7 +55,7 @@ API_KEY=
 processes_of_this_run() {
     local proc
     for proc in /proc/[0-9]*; do
-        tr '\0' ' ' <"$proc/cmdline" 2>/dev/null | grep -qF -- "$DATA_DIR/" && echo "${proc#/proc/}"
+        tr '\0' ' ' 2>/dev/null <"$proc/cmdline" | grep -qF -- "$DATA_DIR/" && echo "${proc#/proc/}"
     done
     return 0
 }
@@ -153,7 +154,8 @@ done
 .venv/bin/python matrix.py "$RESULTS" || status=1
 
 if [[ $MEASURE == 1 ]]; then
-    .venv/bin/python py/measure.py || echo "(measurement aborted: see above)"
+    # shellcheck disable=SC2086 # word splitting intended: extra options for measure.py
+    .venv/bin/python py/measure.py ${COMPAT_MEASURE_ARGS:-} || echo "(measurement aborted: see above)"
 fi
 
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then

@@ -38,7 +38,8 @@ struct LruIndex {
 impl LruIndex {
     fn touch(&mut self, name: &str, size: u64) {
         self.tick += 1;
-        if let Some((old_size, old_tick)) = self.entries.insert(name.to_string(), (size, self.tick)) {
+        if let Some((old_size, old_tick)) = self.entries.insert(name.to_string(), (size, self.tick))
+        {
             self.by_tick.remove(&old_tick);
             self.total_bytes -= old_size;
         }
@@ -57,7 +58,9 @@ impl LruIndex {
     fn evict_to(&mut self, budget: u64) -> Vec<String> {
         let mut evicted = Vec::new();
         while self.total_bytes > budget {
-            let Some((_, name)) = self.by_tick.pop_first() else { break };
+            let Some((_, name)) = self.by_tick.pop_first() else {
+                break;
+            };
             if let Some((size, _)) = self.entries.remove(&name) {
                 self.total_bytes -= size;
             }
@@ -138,12 +141,16 @@ impl DiskCache {
 
     /// Stores a block (best effort: a full or failing disk only costs a future miss).
     pub async fn put(&self, key: &str, data: &Bytes) {
-        let Some(name) = Self::file_name(key) else { return };
+        let Some(name) = Self::file_name(key) else {
+            return;
+        };
         if data.len() as u64 > self.budget_bytes {
             return;
         }
         let path = self.dir.join(&name);
-        let partial = self.dir.join(format!("{name}.{}{PARTIAL_SUFFIX}", std::process::id()));
+        let partial = self
+            .dir
+            .join(format!("{name}.{}{PARTIAL_SUFFIX}", std::process::id()));
         let written = async {
             tokio::fs::write(&partial, data).await?;
             tokio::fs::rename(&partial, &path).await
@@ -159,7 +166,9 @@ impl DiskCache {
     }
 
     pub async fn remove(&self, key: &str) {
-        let Some(name) = Self::file_name(key) else { return };
+        let Some(name) = Self::file_name(key) else {
+            return;
+        };
         self.index.lock().remove(&name);
         let _ = tokio::fs::remove_file(self.dir.join(name)).await;
     }

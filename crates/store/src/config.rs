@@ -13,7 +13,9 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Backend {
     /// `file:///abs/dir`: a local directory (created if missing).
-    Local { root: PathBuf },
+    Local {
+        root: PathBuf,
+    },
     S3(S3Settings),
 }
 
@@ -36,7 +38,9 @@ impl S3Settings {
     }
 
     pub fn allow_http(&self) -> bool {
-        self.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"))
+        self.endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"))
     }
 }
 
@@ -94,7 +98,10 @@ impl fmt::Debug for S3Credentials {
         f.debug_struct("S3Credentials")
             .field("access_key_id", &"<redacted>")
             .field("secret_access_key", &"<redacted>")
-            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -119,7 +126,8 @@ pub(crate) fn parse_location(
     credentials: Option<S3Credentials>,
 ) -> Result<StoreLocation, StoreError> {
     // Never echo the whole URL back: a user may have pasted credentials into it.
-    let parsed = url::Url::parse(url).map_err(|e| config_err(format!("store URL does not parse: {e}")))?;
+    let parsed =
+        url::Url::parse(url).map_err(|e| config_err(format!("store URL does not parse: {e}")))?;
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(config_err(
             "credentials in the store URL are not supported; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
@@ -220,7 +228,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(loc.prefix.as_ref(), "base/dir/volumes/v1");
-        let Backend::S3(s3) = loc.backend else { panic!("not s3") };
+        let Backend::S3(s3) = loc.backend else {
+            panic!("not s3")
+        };
         assert_eq!(s3.bucket, "bucket");
         assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:7480"));
         assert_eq!(s3.region, "eu-west-1");
@@ -232,10 +242,15 @@ mod tests {
     fn s3_defaults_to_aws_over_https() {
         let loc = parse_location("s3://b", "", creds()).unwrap();
         assert_eq!(loc.prefix.as_ref(), "");
-        let Backend::S3(s3) = loc.backend else { panic!("not s3") };
+        let Backend::S3(s3) = loc.backend else {
+            panic!("not s3")
+        };
         assert_eq!(s3.region, "us-east-1");
         assert!(!s3.allow_http());
-        assert_eq!(s3.endpoint_for_messages(), "https://s3.us-east-1.amazonaws.com");
+        assert_eq!(
+            s3.endpoint_for_messages(),
+            "https://s3.us-east-1.amazonaws.com"
+        );
     }
 
     #[test]
@@ -251,7 +266,10 @@ mod tests {
     #[test]
     fn missing_credentials_is_a_config_error() {
         let err = parse_location("s3://b", "v", None).unwrap_err();
-        assert!(matches!(err, StoreError::Config(ref m) if m.contains("AWS_ACCESS_KEY_ID")), "{err}");
+        assert!(
+            matches!(err, StoreError::Config(ref m) if m.contains("AWS_ACCESS_KEY_ID")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -273,7 +291,12 @@ mod tests {
     #[test]
     fn file_url() {
         let loc = parse_location("file:///tmp/cellar-data", "/vol/7/", creds()).unwrap();
-        assert_eq!(loc.backend, Backend::Local { root: PathBuf::from("/tmp/cellar-data") });
+        assert_eq!(
+            loc.backend,
+            Backend::Local {
+                root: PathBuf::from("/tmp/cellar-data")
+            }
+        );
         assert_eq!(loc.prefix.as_ref(), "vol/7");
     }
 }

@@ -93,15 +93,25 @@ mod tests {
     #[test]
     fn key_layout_matches_the_documented_scheme() {
         assert_eq!(block_key(5, 0, 100), "chunks/0/0/5_0_100");
-        assert_eq!(block_key(1_234_567, 3, 4_194_304), "chunks/1/1234/1234567_3_4194304");
+        assert_eq!(
+            block_key(1_234_567, 3, 4_194_304),
+            "chunks/1/1234/1234567_3_4194304"
+        );
     }
 
     #[test]
     fn parse_block_key_round_trips_with_and_without_prefix() {
-        for (id, index, len) in [(0, 0, 1), (999, 7, 4_194_304), (u64::MAX, u32::MAX, u32::MAX)] {
+        for (id, index, len) in [
+            (0, 0, 1),
+            (999, 7, 4_194_304),
+            (u64::MAX, u32::MAX, u32::MAX),
+        ] {
             let key = block_key(id, index, len);
             assert_eq!(parse_block_key(&key), Some((id, index, len)));
-            assert_eq!(parse_block_key(&format!("vols/v1/{key}")), Some((id, index, len)));
+            assert_eq!(
+                parse_block_key(&format!("vols/v1/{key}")),
+                Some((id, index, len))
+            );
         }
     }
 
@@ -124,7 +134,11 @@ mod tests {
 
     #[test]
     fn slices_split_at_block_boundaries() {
-        let lens = |size| slice_blocks(size, BLOCK).map(|b| b.len as u64).collect::<Vec<_>>();
+        let lens = |size| {
+            slice_blocks(size, BLOCK)
+                .map(|b| b.len as u64)
+                .collect::<Vec<_>>()
+        };
         assert!(lens(0).is_empty());
         assert_eq!(lens(1), vec![1]);
         assert_eq!(lens(BLOCK), vec![BLOCK]);
@@ -143,11 +157,18 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(cover(0..10), vec![(0, 0..10)]);
-        assert_eq!(cover(BLOCK - 1..BLOCK + 1), vec![(0, BLOCK as usize - 1..BLOCK as usize), (1, 0..1)]);
+        assert_eq!(
+            cover(BLOCK - 1..BLOCK + 1),
+            vec![(0, BLOCK as usize - 1..BLOCK as usize), (1, 0..1)]
+        );
         assert_eq!(cover(BLOCK..2 * BLOCK), vec![(1, 0..BLOCK as usize)]);
         assert_eq!(
             cover(1..size),
-            vec![(0, 1..BLOCK as usize), (1, 0..BLOCK as usize), (2, 0..2 * MIB as usize)]
+            vec![
+                (0, 1..BLOCK as usize),
+                (1, 0..BLOCK as usize),
+                (2, 0..2 * MIB as usize)
+            ]
         );
         assert!(cover(5..5).is_empty());
     }

@@ -17,8 +17,8 @@ mod retry;
 
 use bytes::{Bytes, BytesMut};
 use cache::{DiskCache, MemCache};
-use config::{Backend, StoreLocation};
 pub use config::S3Credentials;
+use config::{Backend, StoreLocation};
 use futures::{StreamExt, TryStreamExt};
 use layout::Block;
 use object_store::path::Path;
@@ -128,7 +128,10 @@ impl Drop for StoreRuntime {
 
 impl StoreRuntime {
     fn handle(&self) -> &tokio::runtime::Handle {
-        self.runtime.as_ref().expect("runtime lives until drop").handle()
+        self.runtime
+            .as_ref()
+            .expect("runtime lives until drop")
+            .handle()
     }
 }
 
@@ -163,7 +166,8 @@ impl BlockStore {
             Some(dir) => Some(shared_disk_cache(dir, options.cache_disk_bytes)?),
             None => None,
         };
-        let prefetch_blocks = (options.cache_mem_bytes / 4).min(MAX_PREFETCH_BYTES) / options.block_size;
+        let prefetch_blocks =
+            (options.cache_mem_bytes / 4).min(MAX_PREFETCH_BYTES) / options.block_size;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("cellar-store")
@@ -182,7 +186,9 @@ impl BlockStore {
                 disk,
                 prefetch_permits: Arc::new(Semaphore::new(prefetch_blocks.max(1) as usize)),
             }),
-            runtime: Arc::new(StoreRuntime { runtime: Some(runtime) }),
+            runtime: Arc::new(StoreRuntime {
+                runtime: Some(runtime),
+            }),
         })
     }
 
@@ -226,14 +232,17 @@ impl BlockStore {
             return Ok(Bytes::new());
         }
         self.run(move |inner| async move {
-            let parts: Vec<Bytes> = futures::stream::iter(layout::blocks_covering(size, inner.block_size, start..end))
-                .map(|(block, range)| {
-                    let inner = &inner;
-                    async move { Ok::<_, StoreError>(inner.get_block(id, block).await?.slice(range)) }
-                })
-                .buffered(FETCH_CONCURRENCY)
-                .try_collect()
-                .await?;
+            let parts: Vec<Bytes> =
+                futures::stream::iter(layout::blocks_covering(size, inner.block_size, start..end))
+                    .map(|(block, range)| {
+                        let inner = &inner;
+                        async move {
+                            Ok::<_, StoreError>(inner.get_block(id, block).await?.slice(range))
+                        }
+                    })
+                    .buffered(FETCH_CONCURRENCY)
+                    .try_collect()
+                    .await?;
             if let [single] = parts.as_slice() {
                 return Ok(single.clone());
             }
@@ -258,7 +267,11 @@ impl BlockStore {
         let start = u64::from(off).min(size);
         let end = (start + u64::from(len)).min(size);
         for (block, _) in layout::blocks_covering(size, self.inner.block_size, start..end) {
-            if self.inner.mem.contains_key(&self.inner.cache_key(&self.inner.block_path(id, block))) {
+            if self
+                .inner
+                .mem
+                .contains_key(&self.inner.cache_key(&self.inner.block_path(id, block)))
+            {
                 continue;
             }
             let Ok(permit) = Arc::clone(&self.inner.prefetch_permits).try_acquire_owned() else {
@@ -308,10 +321,13 @@ impl BlockStore {
 
     /// Deletes one object by the key `list` returned (a missing object is fine).
     pub async fn delete_key(&self, key: &str) -> StoreResult<()> {
-        let path = self.inner.path(key).and_then(|p| Path::parse(p).ok()).ok_or_else(|| {
-            StoreError::Config(format!("invalid object key {key:?}"))
-        })?;
-        self.run(move |inner| async move { inner.delete_path(path).await }).await
+        let path = self
+            .inner
+            .path(key)
+            .and_then(|p| Path::parse(p).ok())
+            .ok_or_else(|| StoreError::Config(format!("invalid object key {key:?}")))?;
+        self.run(move |inner| async move { inner.delete_path(path).await })
+            .await
     }
 
     /// Parses a block key back into (slice id, block index, block length).
@@ -326,7 +342,12 @@ impl BlockStore {
         F: FnOnce(Arc<Inner>) -> Fut,
         Fut: Future<Output = StoreResult<T>> + Send + 'static,
     {
-        match self.runtime.handle().spawn(op(Arc::clone(&self.inner))).await {
+        match self
+            .runtime
+            .handle()
+            .spawn(op(Arc::clone(&self.inner)))
+            .await
+        {
             Ok(result) => result,
             Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
             Err(err) => Err(StoreError::Io(format!("store task cancelled: {err}"))),
@@ -342,7 +363,11 @@ impl Inner {
             return None;
         }
         let prefix = self.location.prefix.as_ref();
-        Some(if prefix.is_empty() { relative.to_string() } else { format!("{prefix}/{relative}") })
+        Some(if prefix.is_empty() {
+            relative.to_string()
+        } else {
+            format!("{prefix}/{relative}")
+        })
     }
 
     fn block_path(&self, id: u64, block: Block) -> Path {
@@ -353,7 +378,10 @@ impl Inner {
     fn relative_key(&self, path: &Path) -> String {
         let full = path.as_ref();
         let prefix = self.location.prefix.as_ref();
-        full.strip_prefix(prefix).unwrap_or(full).trim_start_matches('/').to_string()
+        full.strip_prefix(prefix)
+            .unwrap_or(full)
+            .trim_start_matches('/')
+            .to_string()
     }
 
     fn cache_key(&self, path: &Path) -> String {
@@ -377,7 +405,9 @@ impl Inner {
         if self.cache_enabled {
             // A copy, so that the cache accounts for exactly what it keeps alive (a slice of
             // `data` would pin the caller's whole buffer).
-            self.mem.insert(cache_key, Bytes::copy_from_slice(&data)).await;
+            self.mem
+                .insert(cache_key, Bytes::copy_from_slice(&data))
+                .await;
         }
         Ok(())
     }
@@ -419,7 +449,10 @@ impl Inner {
             self.cache_on_disk(&cache_key, &data);
             Ok(data)
         };
-        self.mem.try_get_with(cache_key.clone(), fetch).await.map_err(Arc::unwrap_or_clone)
+        self.mem
+            .try_get_with(cache_key.clone(), fetch)
+            .await
+            .map_err(Arc::unwrap_or_clone)
     }
 
     async fn delete_path(&self, path: Path) -> StoreResult<()> {
@@ -443,10 +476,18 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<(Arc<dyn Obje
     match backend {
         Backend::Local { root } => {
             std::fs::create_dir_all(root).map_err(|e| {
-                StoreError::Config(format!("cannot create store directory {}: {e}", root.display()))
+                StoreError::Config(format!(
+                    "cannot create store directory {}: {e}",
+                    root.display()
+                ))
             })?;
             let store = object_store::local::LocalFileSystem::new_with_prefix(root)
-                .map_err(|e| StoreError::Config(format!("cannot use store directory {}: {e}", root.display())))?
+                .map_err(|e| {
+                    StoreError::Config(format!(
+                        "cannot use store directory {}: {e}",
+                        root.display()
+                    ))
+                })?
                 // Deleting the last block of a directory removes the directory too.
                 .with_automatic_cleanup(true);
             Ok((Arc::new(store), format!("file:{}", root.display())))
@@ -470,7 +511,10 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<(Arc<dyn Obje
             let store = builder
                 .build()
                 .map_err(|e| StoreError::Config(format!("cannot configure the S3 client: {e}")))?;
-            Ok((Arc::new(store), format!("s3:{}/{}", s3.endpoint_for_messages(), s3.bucket)))
+            Ok((
+                Arc::new(store),
+                format!("s3:{}/{}", s3.endpoint_for_messages(), s3.bucket),
+            ))
         }
     }
 }
@@ -478,8 +522,10 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<(Arc<dyn Obje
 /// One `DiskCache` per directory per process, so that volumes sharing a cache directory share
 /// one budget and one eviction order.
 fn shared_disk_cache(dir: &std::path::Path, budget_bytes: u64) -> StoreResult<Arc<DiskCache>> {
-    static OPEN: LazyLock<parking_lot::Mutex<HashMap<PathBuf, Weak<DiskCache>>>> = LazyLock::new(Default::default);
-    let config_err = |e: std::io::Error| StoreError::Config(format!("cache directory {}: {e}", dir.display()));
+    static OPEN: LazyLock<parking_lot::Mutex<HashMap<PathBuf, Weak<DiskCache>>>> =
+        LazyLock::new(Default::default);
+    let config_err =
+        |e: std::io::Error| StoreError::Config(format!("cache directory {}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(config_err)?;
     let canonical = dir.canonicalize().map_err(config_err)?;
     let mut open = OPEN.lock();

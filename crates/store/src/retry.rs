@@ -30,9 +30,13 @@ pub(crate) fn retry_config(max_retries: u32) -> RetryConfig {
     }
 }
 
-pub(crate) fn client_options(allow_http: bool) -> ClientOptions {
+/// `plain_http`: the endpoint is `http://`, so TLS is never used; then the system trust store
+/// is not loaded either, and CA variables pointing at missing files (`SSL_CERT_FILE`, ...)
+/// cannot break the client.
+pub(crate) fn client_options(plain_http: bool) -> ClientOptions {
     ClientOptions::new()
-        .with_allow_http(allow_http)
+        .with_allow_http(plain_http)
+        .with_no_system_certificates(plain_http)
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
 }
@@ -42,10 +46,19 @@ pub(crate) fn client_options(allow_http: bool) -> ClientOptions {
 pub(crate) enum Failure {
     NotFound,
     NoSuchBucket,
-    Auth { status: Option<u16>, code: Option<String> },
-    Unreachable { timeout: bool },
+    Auth {
+        status: Option<u16>,
+        code: Option<String>,
+    },
+    Unreachable {
+        timeout: bool,
+    },
     /// HTTP status (if any) and S3 error code (if any) of another failure.
-    Other { status: Option<u16>, code: Option<String>, kind: &'static str },
+    Other {
+        status: Option<u16>,
+        code: Option<String>,
+        kind: String,
+    },
 }
 
 /// Classifies an error, looking through its whole source chain.
@@ -58,9 +71,8 @@ pub(crate) fn classify(err: &object_store::Error) -> Failure {
     }
     match err {
         object_store::Error::NotFound { .. } => return Failure::NotFound,
-        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-            return Failure::Auth { status, code }
-        }
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => return Failure::Auth { status, code },
         _ => {}
     }
     const AUTH_CODES: [&str; 4] = [
@@ -69,7 +81,8 @@ pub(crate) fn classify(err: &object_store::Error) -> Failure {
         "SignatureDoesNotMatch",
         "InvalidToken",
     ];
-    if matches!(status, Some(401 | 403)) || code.as_deref().is_some_and(|c| AUTH_CODES.contains(&c)) {
+    if matches!(status, Some(401 | 403)) || code.as_deref().is_some_and(|c| AUTH_CODES.contains(&c))
+    {
         return Failure::Auth { status, code };
     }
     if let Some(kind) = http_error_kind(err) {
@@ -82,25 +95,30 @@ pub(crate) fn classify(err: &object_store::Error) -> Failure {
     if status == Some(404) {
         return Failure::NotFound;
     }
-    let kind = match err {
-        object_store::Error::Generic { .. } => match http_error_kind(err) {
-            Some(HttpErrorKind::Interrupted) => "connection interrupted",
-            Some(HttpErrorKind::Decode) => "undecodable response",
-            Some(HttpErrorKind::Request) => "request failed",
-            _ => "request failed",
-        },
-        object_store::Error::Precondition { .. } => "precondition failed",
-        object_store::Error::AlreadyExists { .. } => "object already exists",
-        object_store::Error::NotSupported { .. } | object_store::Error::NotImplemented { .. } => {
-            "operation not supported"
-        }
-        _ => "request failed",
+    let kind = match http_error_kind(err) {
+        Some(HttpErrorKind::Interrupted) => "connection interrupted".to_string(),
+        Some(HttpErrorKind::Decode) => "undecodable response".to_string(),
+        Some(_) => "request failed".to_string(),
+        // Neither an HTTP exchange nor a status: a local error (file system), safe to quote.
+        None if status.is_none() && code.is_none() => text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect(),
+        None => "request failed".to_string(),
     };
     Failure::Other { status, code, kind }
 }
 
 /// Turns a failed operation (`op` on object `key`) into a [`StoreError`] naming the store `store`.
-pub(crate) fn to_store_error(err: &object_store::Error, op: &str, key: &str, store: &str) -> StoreError {
+pub(crate) fn to_store_error(
+    err: &object_store::Error,
+    op: &str,
+    key: &str,
+    store: &str,
+) -> StoreError {
     let detail = |status: &Option<u16>, code: &Option<String>| -> String {
         match (status, code) {
             (Some(s), Some(c)) => format!("HTTP {s} {c}"),
@@ -117,12 +135,16 @@ pub(crate) fn to_store_error(err: &object_store::Error, op: &str, key: &str, sto
         }
         Failure::Unreachable { timeout } => StoreError::Io(format!(
             "could not reach {store}: {} (gave up {op} {key} after retrying)",
-            if timeout { "timed out" } else { "connection failed" }
+            if timeout {
+                "timed out"
+            } else {
+                "connection failed"
+            }
         )),
         Failure::Other { status, code, kind } => {
             let detail = detail(&status, &code);
             let sep = if detail.is_empty() { "" } else { ": " };
-            StoreError::Io(format!("{op} {key} on {store} failed after retrying: {kind}{sep}{detail}"))
+            StoreError::Io(format!("{op} {key} on {store} failed: {kind}{sep}{detail}"))
         }
     }
 }
@@ -180,7 +202,10 @@ mod tests {
     impl std::error::Error for Body {}
 
     fn generic(source: impl std::error::Error + Send + Sync + 'static) -> object_store::Error {
-        object_store::Error::Generic { store: "S3", source: Box::new(source) }
+        object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(source),
+        }
     }
 
     #[test]
@@ -198,20 +223,50 @@ mod tests {
         let forbidden = generic(Body("Server returned non-2xx status code: 403 Forbidden: <Code>SignatureDoesNotMatch</Code>"));
         assert_eq!(
             classify(&forbidden),
-            Failure::Auth { status: Some(403), code: Some("SignatureDoesNotMatch".into()) }
+            Failure::Auth {
+                status: Some(403),
+                code: Some("SignatureDoesNotMatch".into())
+            }
         );
-        let no_bucket = generic(Body("status code: 404 Not Found: <Code>NoSuchBucket</Code>"));
+        let no_bucket = generic(Body(
+            "status code: 404 Not Found: <Code>NoSuchBucket</Code>",
+        ));
         assert_eq!(classify(&no_bucket), Failure::NoSuchBucket);
-        let missing = object_store::Error::NotFound { path: "k".into(), source: Box::new(Body("404")) };
+        let missing = object_store::Error::NotFound {
+            path: "k".into(),
+            source: Box::new(Body("404")),
+        };
         assert_eq!(classify(&missing), Failure::NotFound);
-        let refused = generic(HttpError::new(HttpErrorKind::Connect, Body("connection refused")));
+        let refused = generic(HttpError::new(
+            HttpErrorKind::Connect,
+            Body("connection refused"),
+        ));
         assert_eq!(classify(&refused), Failure::Unreachable { timeout: false });
         let timeout = generic(HttpError::new(HttpErrorKind::Timeout, Body("deadline")));
         assert_eq!(classify(&timeout), Failure::Unreachable { timeout: true });
-        let server = generic(Body("status code: 503 Service Unavailable: <Code>SlowDown</Code>"));
+        let server = generic(Body(
+            "status code: 503 Service Unavailable: <Code>SlowDown</Code>",
+        ));
         assert_eq!(
             classify(&server),
-            Failure::Other { status: Some(503), code: Some("SlowDown".into()), kind: "request failed" }
+            Failure::Other {
+                status: Some(503),
+                code: Some("SlowDown".into()),
+                kind: "request failed".into()
+            }
+        );
+    }
+
+    #[test]
+    fn local_errors_are_quoted() {
+        let disk_full = generic(Body(
+            "Unable to write /data/x: No space left on device\ncontext",
+        ));
+        let err = to_store_error(&disk_full, "put", "x", "directory /data");
+        assert_eq!(
+            err.to_string(),
+            "object store: put x on directory /data failed: \
+             Generic S3 error: Unable to write /data/x: No space left on device"
         );
     }
 
@@ -224,11 +279,17 @@ mod tests {
         assert!(matches!(err, StoreError::Auth(_)), "{err}");
         let shown = err.to_string();
         assert!(!shown.contains("AKIDSECRETISH"), "{shown}");
-        assert!(shown.contains("InvalidAccessKeyId") && !shown.contains('\n'), "{shown}");
+        assert!(
+            shown.contains("InvalidAccessKeyId") && !shown.contains('\n'),
+            "{shown}"
+        );
 
         let refused = generic(HttpError::new(HttpErrorKind::Connect, Body("refused")));
         let err = to_store_error(&refused, "get", "k", "bucket b at http://127.0.0.1:1");
-        assert!(matches!(err, StoreError::Io(ref m) if m.contains("http://127.0.0.1:1")), "{err}");
+        assert!(
+            matches!(err, StoreError::Io(ref m) if m.contains("http://127.0.0.1:1")),
+            "{err}"
+        );
     }
 
     #[test]

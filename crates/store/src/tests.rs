@@ -7,11 +7,17 @@ use std::time::Duration;
 const MIB: usize = 1 << 20;
 
 fn patterned(len: usize, seed: u8) -> Bytes {
-    (0..len).map(|i| (i % 251) as u8 ^ seed).collect::<Vec<u8>>().into()
+    (0..len)
+        .map(|i| (i % 251) as u8 ^ seed)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 fn options(cache_mem_bytes: u64) -> StoreOptions {
-    StoreOptions { cache_mem_bytes, ..StoreOptions::default() }
+    StoreOptions {
+        cache_mem_bytes,
+        ..StoreOptions::default()
+    }
 }
 
 fn open(dir: &std::path::Path, volume: &str, options: StoreOptions) -> BlockStore {
@@ -26,7 +32,11 @@ fn files(dir: &std::path::Path) -> Vec<(String, u64)> {
             if path.is_dir() {
                 walk(root, &path, out);
             } else {
-                let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
                 out.push((rel, path.metadata().unwrap().len()));
             }
         }
@@ -59,10 +69,14 @@ async fn slices_are_split_into_4_mib_blocks_under_the_documented_keys() {
         vec![
             ("vols/v1/chunks/1/1234/1234567_0_4194304".to_string(), block),
             ("vols/v1/chunks/1/1234/1234567_1_4194304".to_string(), block),
-            ("vols/v1/chunks/1/1234/1234567_2_2097155".to_string(), 2 * MIB as u64 + 3),
+            (
+                "vols/v1/chunks/1/1234/1234567_2_2097155".to_string(),
+                2 * MIB as u64 + 3
+            ),
         ]
     );
-    let on_disk = std::fs::read(tmp.path().join("vols/v1/chunks/1/1234/1234567_1_4194304")).unwrap();
+    let on_disk =
+        std::fs::read(tmp.path().join("vols/v1/chunks/1/1234/1234567_1_4194304")).unwrap();
     assert_eq!(on_disk, data[4 * MIB..8 * MIB]);
 }
 
@@ -85,11 +99,22 @@ async fn reads_across_block_boundaries_return_the_written_bytes() {
     for (off, len) in cases {
         let (off, len) = (off as u32, len as u32);
         let got = store.read_slice(42, size, off, len).await.unwrap();
-        assert_eq!(got, data[off as usize..(off + len) as usize], "off {off} len {len}");
+        assert_eq!(
+            got,
+            data[off as usize..(off + len) as usize],
+            "off {off} len {len}"
+        );
     }
     // Reads are clipped at the end of the slice.
-    assert_eq!(store.read_slice(42, size, size - 3, 100).await.unwrap(), data[size as usize - 3..]);
-    assert!(store.read_slice(42, size, size, 100).await.unwrap().is_empty());
+    assert_eq!(
+        store.read_slice(42, size, size - 3, 100).await.unwrap(),
+        data[size as usize - 3..]
+    );
+    assert!(store
+        .read_slice(42, size, size, 100)
+        .await
+        .unwrap()
+        .is_empty());
     assert!(store.read_slice(42, size, 5, 0).await.unwrap().is_empty());
 }
 
@@ -111,9 +136,18 @@ async fn missing_blocks_are_not_found_without_cache() {
     store.put_slice(9, data.clone()).await.unwrap();
     std::fs::remove_file(tmp.path().join("v/chunks/0/0/9_1_1048576")).unwrap();
     // The first block is still readable; the range touching the second is not.
-    assert_eq!(store.read_slice(9, 5 * MIB as u32, 0, 10).await.unwrap(), data[..10]);
-    let err = store.read_slice(9, 5 * MIB as u32, 0, 5 * MIB as u32).await.unwrap_err();
-    assert!(matches!(err, StoreError::NotFound(ref k) if k.ends_with("9_1_1048576")), "{err}");
+    assert_eq!(
+        store.read_slice(9, 5 * MIB as u32, 0, 10).await.unwrap(),
+        data[..10]
+    );
+    let err = store
+        .read_slice(9, 5 * MIB as u32, 0, 5 * MIB as u32)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound(ref k) if k.ends_with("9_1_1048576")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -128,7 +162,13 @@ async fn read_blocks_are_served_from_memory_afterwards() {
     assert_eq!(reader.read_slice(3, size, 0, size).await.unwrap(), data);
     // Remove the objects behind the store's back: only a cache can still answer.
     std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
-    assert_eq!(reader.read_slice(3, size, MIB as u32, 4 * MIB as u32).await.unwrap(), data[MIB..5 * MIB]);
+    assert_eq!(
+        reader
+            .read_slice(3, size, MIB as u32, 4 * MIB as u32)
+            .await
+            .unwrap(),
+        data[MIB..5 * MIB]
+    );
 }
 
 #[tokio::test]
@@ -138,7 +178,13 @@ async fn written_blocks_populate_the_cache() {
     let data = patterned(9 * MIB, 11);
     store.put_slice(77, data.clone()).await.unwrap();
     std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
-    assert_eq!(store.read_slice(77, data.len() as u32, 0, data.len() as u32).await.unwrap(), data);
+    assert_eq!(
+        store
+            .read_slice(77, data.len() as u32, 0, data.len() as u32)
+            .await
+            .unwrap(),
+        data
+    );
 }
 
 /// Waits until `dir` holds `count` complete cache files (disk cache writes happen in the
@@ -147,13 +193,22 @@ async fn wait_for_files(dir: &std::path::Path, count: usize) {
     let complete = || {
         std::fs::read_dir(dir).map_or(0, |entries| {
             entries
-                .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".partial"))
+                .filter(|e| {
+                    !e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".partial")
+                })
                 .count()
         })
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while complete() != count {
-        assert!(std::time::Instant::now() < deadline, "disk cache never held {count} files");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "disk cache never held {count} files"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -176,7 +231,10 @@ async fn disk_cache_keeps_written_and_read_blocks_across_stores() {
     wait_for_files(&cache_dir, 2).await;
     drop(writer);
     // ...and so do read blocks (slice 6 written without a cache, then read).
-    open(&objects, "v", options(0)).put_slice(6, data.clone()).await.unwrap();
+    open(&objects, "v", options(0))
+        .put_slice(6, data.clone())
+        .await
+        .unwrap();
     let reader = open(&objects, "v", disk_options.clone());
     assert_eq!(reader.read_slice(6, size, 0, size).await.unwrap(), data);
     wait_for_files(&cache_dir, 4).await;
@@ -189,7 +247,11 @@ async fn disk_cache_keeps_written_and_read_blocks_across_stores() {
 
     store.delete_slice(5, size).await.unwrap();
     store.delete_slice(6, size).await.unwrap();
-    assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 0, "delete evicts cached copies");
+    assert_eq!(
+        std::fs::read_dir(&cache_dir).unwrap().count(),
+        0,
+        "delete evicts cached copies"
+    );
 }
 
 #[tokio::test]
@@ -208,7 +270,10 @@ async fn prefetch_fills_the_cache_in_the_background() {
         if reader.inner.mem.entry_count() == 3 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "prefetch never completed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prefetch never completed"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
@@ -235,7 +300,13 @@ async fn delete_slice_removes_every_block_and_tolerates_missing_ones() {
     std::fs::remove_file(tmp.path().join("v/chunks/0/0/4_0_4194304")).unwrap();
     store.delete_slice(4, size).await.unwrap();
     store.delete_slice(4, size).await.unwrap();
-    let keys: Vec<String> = store.list().await.unwrap().into_iter().map(|o| o.key).collect();
+    let keys: Vec<String> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     assert_eq!(keys, vec!["chunks/0/0/6_0_10".to_string()]);
     // The cached copies went with the objects.
     let err = store.read_slice(4, size, 0, 10).await.unwrap_err();
@@ -254,12 +325,24 @@ async fn list_is_scoped_to_the_volume_and_keys_parse_back() {
     assert_eq!(
         listed,
         vec![
-            ObjectInfo { key: "chunks/1/1000/1000001_0_4194304".into(), size: 4 * MIB as u64 },
-            ObjectInfo { key: "chunks/1/1000/1000001_1_1048576".into(), size: MIB as u64 },
+            ObjectInfo {
+                key: "chunks/1/1000/1000001_0_4194304".into(),
+                size: 4 * MIB as u64
+            },
+            ObjectInfo {
+                key: "chunks/1/1000/1000001_1_1048576".into(),
+                size: MIB as u64
+            },
         ]
     );
-    let parsed: Vec<_> = listed.iter().map(|o| BlockStore::parse_block_key(&o.key)).collect();
-    assert_eq!(parsed, vec![Some((1_000_001, 0, 4 << 20)), Some((1_000_001, 1, 1 << 20))]);
+    let parsed: Vec<_> = listed
+        .iter()
+        .map(|o| BlockStore::parse_block_key(&o.key))
+        .collect();
+    assert_eq!(
+        parsed,
+        vec![Some((1_000_001, 0, 4 << 20)), Some((1_000_001, 1, 1 << 20))]
+    );
 
     for object in &listed {
         a.delete_key(&object.key).await.unwrap();
@@ -269,7 +352,10 @@ async fn list_is_scoped_to_the_volume_and_keys_parse_back() {
     assert_eq!(b.list().await.unwrap().len(), 1);
     // Keys cannot escape the volume prefix.
     for bad in ["", "/", "../b/chunks/0/0/2_0_100", "chunks/../../b"] {
-        assert!(matches!(a.delete_key(bad).await, Err(StoreError::Config(_))), "{bad:?}");
+        assert!(
+            matches!(a.delete_key(bad).await, Err(StoreError::Config(_))),
+            "{bad:?}"
+        );
     }
     assert_eq!(b.list().await.unwrap().len(), 1);
 }
@@ -282,7 +368,11 @@ async fn concurrent_reads_of_one_block_share_a_fetch() {
     writer.put_slice(12, data.clone()).await.unwrap();
     let reader = open(tmp.path(), "v", options(64 << 20));
     let reads = (0..8).map(|i| reader.read_slice(12, data.len() as u32, i * 1000, 1000));
-    for (i, got) in futures::future::join_all(reads).await.into_iter().enumerate() {
+    for (i, got) in futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
         assert_eq!(got.unwrap(), data[i * 1000..(i + 1) * 1000]);
     }
     reader.inner.mem.run_pending_tasks().await;
@@ -292,12 +382,18 @@ async fn concurrent_reads_of_one_block_share_a_fetch() {
 #[test]
 fn works_from_a_current_thread_runtime_and_drops_inside_async_code() {
     let tmp = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let store = open(tmp.path(), "v", options(1 << 20));
         store.put_slice(1, patterned(10, 0)).await.unwrap();
         store.prefetch(1, 10, 0, 10);
-        assert_eq!(store.read_slice(1, 10, 0, 10).await.unwrap(), patterned(10, 0));
+        assert_eq!(
+            store.read_slice(1, 10, 0, 10).await.unwrap(),
+            patterned(10, 0)
+        );
         drop(store);
     });
 }
@@ -307,9 +403,20 @@ fn invalid_options_are_config_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let url = format!("file://{}", tmp.path().display());
     for block_size in [0, 1 << 33] {
-        let err = BlockStore::open(&url, "v", StoreOptions { block_size, ..options(0) }).err().unwrap();
+        let err = BlockStore::open(
+            &url,
+            "v",
+            StoreOptions {
+                block_size,
+                ..options(0)
+            },
+        )
+        .err()
+        .unwrap();
         assert!(matches!(err, StoreError::Config(_)), "{err}");
     }
-    let err = BlockStore::open("file://relative/dir", "v", options(0)).err().unwrap();
+    let err = BlockStore::open("file://relative/dir", "v", options(0))
+        .err()
+        .unwrap();
     assert!(matches!(err, StoreError::Config(_)), "{err}");
 }

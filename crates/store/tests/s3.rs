@@ -27,16 +27,25 @@ fn s3_url() -> String {
 
 /// A volume prefix no other test run uses, so runs against one bucket never see each other.
 fn unique_volume(test: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("store-tests/{test}-{}-{nanos}", std::process::id())
 }
 
 fn options() -> StoreOptions {
-    StoreOptions { cache_mem_bytes: 0, ..StoreOptions::default() }
+    StoreOptions {
+        cache_mem_bytes: 0,
+        ..StoreOptions::default()
+    }
 }
 
 fn patterned(len: usize) -> Bytes {
-    (0..len).map(|i| (i % 253) as u8).collect::<Vec<u8>>().into()
+    (0..len)
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 #[tokio::test]
@@ -58,10 +67,16 @@ async fn multi_block_slice_round_trip() {
             ("chunks/1/1000/1000042_2_1048593", MIB as u64 + 17),
         ]
     );
-    assert_eq!(store.read_slice(1_000_042, size, 0, size).await.unwrap(), data);
+    assert_eq!(
+        store.read_slice(1_000_042, size, 0, size).await.unwrap(),
+        data
+    );
     let (off, len) = (4 * MIB - 10, 4 * MIB + 20);
     assert_eq!(
-        store.read_slice(1_000_042, size, off as u32, len as u32).await.unwrap(),
+        store
+            .read_slice(1_000_042, size, off as u32, len as u32)
+            .await
+            .unwrap(),
         data[off..off + len]
     );
 
@@ -74,16 +89,26 @@ async fn multi_block_slice_round_trip() {
 #[tokio::test]
 async fn cached_reads_survive_deleted_objects_and_delete_key_works() {
     let volume = unique_volume("cache");
-    let store = BlockStore::open(&s3_url(), &volume, StoreOptions::default()).unwrap();
+    let cached = BlockStore::open(&s3_url(), &volume, StoreOptions::default()).unwrap();
+    let uncached = BlockStore::open(&s3_url(), &volume, options()).unwrap();
     let data = patterned(5 * MIB);
     let size = data.len() as u32;
-    BlockStore::open(&s3_url(), &volume, options()).unwrap().put_slice(7, data.clone()).await.unwrap();
-    assert_eq!(store.read_slice(7, size, 0, size).await.unwrap(), data);
-    for object in store.list().await.unwrap() {
-        store.delete_key(&object.key).await.unwrap();
+    uncached.put_slice(7, data.clone()).await.unwrap();
+    assert_eq!(cached.read_slice(7, size, 0, size).await.unwrap(), data);
+    // Deleted behind the cached store's back: only its cache can still answer.
+    for object in uncached.list().await.unwrap() {
+        uncached.delete_key(&object.key).await.unwrap();
     }
-    assert!(store.list().await.unwrap().is_empty());
-    assert_eq!(store.read_slice(7, size, MIB as u32, 4 * MIB as u32).await.unwrap(), data[MIB..5 * MIB]);
+    assert!(cached.list().await.unwrap().is_empty());
+    assert_eq!(
+        cached
+            .read_slice(7, size, MIB as u32, 4 * MIB as u32)
+            .await
+            .unwrap(),
+        data[MIB..5 * MIB]
+    );
+    let err = uncached.read_slice(7, size, 0, 10).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
 }
 
 #[tokio::test]
@@ -93,8 +118,13 @@ async fn wrong_credentials_are_an_auth_error_without_secrets() {
         secret_access_key: "cellar-wrong-secret-key-value".into(),
         session_token: None,
     };
-    let store =
-        BlockStore::open_with_credentials(&s3_url(), &unique_volume("auth"), options(), Some(wrong)).unwrap();
+    let store = BlockStore::open_with_credentials(
+        &s3_url(),
+        &unique_volume("auth"),
+        options(),
+        Some(wrong),
+    )
+    .unwrap();
     let err = store.probe().await.unwrap_err();
     assert!(matches!(err, StoreError::Auth(_)), "{err}");
     let err = store.put_slice(1, patterned(100)).await.unwrap_err();
@@ -103,13 +133,19 @@ async fn wrong_credentials_are_an_auth_error_without_secrets() {
     assert!(matches!(err, StoreError::Auth(_)), "{err}");
     let shown = err.to_string();
     assert!(!shown.contains('\n'), "one line: {shown}");
-    assert!(!shown.contains("cellar-wrong-secret-key-value") && !shown.contains("CELLARWRONGKEYID0000"), "{shown}");
+    assert!(
+        !shown.contains("cellar-wrong-secret-key-value") && !shown.contains("CELLARWRONGKEYID0000"),
+        "{shown}"
+    );
 }
 
 #[tokio::test]
 async fn missing_bucket_is_reported_by_name() {
     let url = s3_url().replacen("s3://cellar-test", "s3://cellar-no-such-bucket", 1);
-    assert!(url.starts_with("s3://cellar-no-such-bucket"), "test URL should name bucket cellar-test");
+    assert!(
+        url.starts_with("s3://cellar-no-such-bucket"),
+        "test URL should name bucket cellar-test"
+    );
     let store = BlockStore::open(&url, "v", options()).unwrap();
     let err = store.probe().await.unwrap_err();
     assert!(
@@ -135,10 +171,17 @@ async fn closed_port_is_an_io_error_naming_the_endpoint() {
     let err = store.probe().await.unwrap_err();
     let shown = err.to_string();
     assert!(matches!(err, StoreError::Io(_)), "{err}");
-    assert!(shown.contains(&format!("http://127.0.0.1:{port}")), "{shown}");
+    assert!(
+        shown.contains(&format!("http://127.0.0.1:{port}")),
+        "{shown}"
+    );
     assert!(!shown.contains("closed-port-secret"), "{shown}");
     // Retries are bounded: five backoffs of at most a few seconds, not minutes.
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 /// Runs `ca_env_child_round_trip` in a child process whose environment points every CA variable
@@ -146,7 +189,12 @@ async fn closed_port_is_an_io_error_naming_the_endpoint() {
 #[test]
 fn plain_http_works_with_broken_ca_variables() {
     let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "ca_env_child_round_trip", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "ca_env_child_round_trip",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("AWS_CA_BUNDLE", "/nonexistent/ca.pem")
         .env("SSL_CERT_FILE", "/nonexistent/ca.pem")
         .env("SSL_CERT_DIR", "/nonexistent")
@@ -157,19 +205,35 @@ fn plain_http_works_with_broken_ca_variables() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "child failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("1 passed"), "the child test did not run:\n{stdout}");
+    assert!(
+        output.status.success(),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child test did not run:\n{stdout}"
+    );
 }
 
 #[tokio::test]
 async fn ca_env_child_round_trip() {
     if std::env::var("CELLAR_STORE_CA_CHILD").is_ok() {
-        assert_eq!(std::env::var("AWS_CA_BUNDLE").unwrap(), "/nonexistent/ca.pem");
+        assert_eq!(
+            std::env::var("AWS_CA_BUNDLE").unwrap(),
+            "/nonexistent/ca.pem"
+        );
     }
     let store = BlockStore::open(&s3_url(), &unique_volume("ca-env"), options()).unwrap();
     store.probe().await.unwrap();
     let data = patterned(MIB);
     store.put_slice(3, data.clone()).await.unwrap();
-    assert_eq!(store.read_slice(3, MIB as u32, 0, MIB as u32).await.unwrap(), data);
+    assert_eq!(
+        store
+            .read_slice(3, MIB as u32, 0, MIB as u32)
+            .await
+            .unwrap(),
+        data
+    );
     store.delete_slice(3, MIB as u32).await.unwrap();
 }
