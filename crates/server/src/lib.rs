@@ -31,6 +31,8 @@ pub struct Server {
     shutdown: tokio::sync::oneshot::Sender<()>,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
     reconciling: tokio::task::JoinHandle<()>,
+    /// Held while serving: one server per data directory.
+    _data_dir_lock: std::fs::File,
 }
 
 impl Server {
@@ -38,6 +40,7 @@ impl Server {
     /// finishes (in the background) whatever a previous run left half done.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
         export_file_credentials(&config);
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let db = ControlDb::open(&config.data_dir).with_context(|| {
             format!(
                 "opening the control database in {}",
@@ -85,6 +88,7 @@ impl Server {
             shutdown,
             serving,
             reconciling,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
@@ -124,6 +128,24 @@ impl Server {
             .context("server task")?
             .context("serving")
     }
+}
+
+/// Takes `<data dir>/server.lock`, so that a second server cannot run on the same state.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+    let path = data_dir.join("server.lock");
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; the lock goes with the file.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "another cellar server is running on the data directory {}",
+            data_dir.display()
+        );
+    }
+    Ok(file)
 }
 
 /// Volume maintenance in this process reads the store credentials from the environment; the

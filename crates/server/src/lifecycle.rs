@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
+use anyhow::Context;
 use cellar_runner::{Runner, RunnerError, SandboxSpec, VolumeMountSpec, VolumeSource};
 use cellar_vfs::VolumeConfig;
 
@@ -56,19 +56,13 @@ impl Services {
     /// Formats a volume in `creating` and makes it `ready` (or `error` with the reason).
     pub async fn provision_volume(self: &Arc<Self>, volume_id: String) {
         let config = self.volume_config(&volume_id);
-        if let Some(dir) = self.volume_db_path(&volume_id).parent() {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                let reason = format!("cannot create {}: {e}", dir.display());
-                self.move_volume(
-                    &volume_id,
-                    &[volume_state::CREATING],
-                    volume_state::ERROR,
-                    Some(&reason),
-                );
-                return;
-            }
-        }
-        let outcome = run_outside_runtime(move || cellar_vfs::maintenance::format(&config)).await;
+        let volumes_dir = self.config.data_dir.join("volumes");
+        let outcome = run_outside_runtime(move || {
+            std::fs::create_dir_all(&volumes_dir)
+                .with_context(|| format!("creating {}", volumes_dir.display()))?;
+            cellar_vfs::maintenance::format(&config)
+        })
+        .await;
         match outcome {
             Ok(()) => self.move_volume(
                 &volume_id,
@@ -245,6 +239,3 @@ async fn run_outside_runtime<T: Send + 'static>(
     rx.await
         .map_err(|_| anyhow::anyhow!("volume maintenance thread panicked"))?
 }
-
-/// How long a request waits for a volume still being provisioned.
-pub const VOLUME_READY_WAIT: Duration = Duration::from_secs(60);

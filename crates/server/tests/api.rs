@@ -7,48 +7,6 @@ use common::TestServer;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-/// Writes a file into a volume through the vfs (as a mount would), so the store holds objects.
-fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data: Vec<u8>) {
-    let config = cellar_vfs::VolumeConfig {
-        meta_url: format!("sqlite://{}", server.volume_db(volume_id).display()),
-        store_url: server.config.store_url.clone(),
-        volume: volume_id.to_string(),
-        cache_mem_bytes: 16 << 20,
-        cache_dir: None,
-        cache_disk_bytes: 0,
-        mount_point: String::new(),
-    };
-    let name = name.as_bytes().to_vec();
-    // The vfs drives its own runtime: use a thread outside the test's.
-    std::thread::spawn(move || {
-        let vfs = cellar_vfs::Vfs::open_volume(config).unwrap();
-        let ctx = cellar_vfs::Ctx {
-            uid: 0,
-            gid: 0,
-            pid: 1,
-        };
-        let (attr, open) = vfs
-            .create(
-                &ctx,
-                cellar_vfs::ROOT_INO,
-                &name,
-                0o100644,
-                0o022,
-                libc::O_WRONLY,
-            )
-            .unwrap();
-        assert_eq!(
-            vfs.write(attr.ino, open.fh, 0, &data).unwrap() as usize,
-            data.len()
-        );
-        vfs.flush(attr.ino, open.fh, 0).unwrap();
-        vfs.release(attr.ino, open.fh, None, false).unwrap();
-        vfs.shutdown().unwrap();
-    })
-    .join()
-    .unwrap();
-}
-
 fn assert_error_body(body: &Value, status: StatusCode) {
     assert_eq!(body["statusCode"], status.as_u16(), "{body}");
     assert!(
@@ -170,7 +128,7 @@ async fn volume_lifecycle_removes_every_object_and_frees_the_name() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
 
     // Put objects in the store, then delete: all of them and the metadata must go.
-    write_into_volume(&server, &id, "big", vec![7u8; 3 << 20]);
+    common::write_into_volume(&server, &id, "big", vec![7u8; 3 << 20]);
     assert!(
         !server.block_files().is_empty(),
         "the write reached the block store"
@@ -270,6 +228,9 @@ async fn bad_input_is_400_never_500() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = server.get("/api/sandbox?labels=nope").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = server.get("/api/volumes/%FF%FE").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_error_body(&body, status);
     let (status, body) = server.get("/api/nothing-here").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_error_body(&body, status);
@@ -369,6 +330,19 @@ async fn openapi_document_lists_every_endpoint() {
             "{method} {path} missing"
         );
     }
+    let mut operation_ids: Vec<&str> = paths
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values())
+        .filter_map(|operation| operation["operationId"].as_str())
+        .collect();
+    let count = operation_ids.len();
+    operation_ids.sort();
+    operation_ids.dedup();
+    assert_eq!(
+        operation_ids.len(),
+        count,
+        "operation ids are unique: {operation_ids:?}"
+    );
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for schema in [
         "VolumeDto",
@@ -387,10 +361,21 @@ async fn a_restart_finishes_interrupted_volume_transitions() {
     let mut server = TestServer::start().await;
     let doomed = server.create_volume("doomed").await;
     let doomed_id = doomed["id"].as_str().unwrap().to_string();
-    write_into_volume(&server, &doomed_id, "file", vec![1u8; 1 << 20]);
+    common::write_into_volume(&server, &doomed_id, "file", vec![1u8; 1 << 20]);
     assert!(!server.block_files().is_empty());
     let (_, org) = server.get("/api/volumes/by-name/doomed").await;
     let org_id = org["organizationId"].as_str().unwrap().to_string();
+
+    let mut second = server.config.clone();
+    second.listen = "127.0.0.1:0".parse().unwrap();
+    let refused = cellar_server::Server::start(second)
+        .await
+        .err()
+        .expect("one server per data dir");
+    assert!(
+        refused.to_string().contains("another cellar server"),
+        "{refused:#}"
+    );
 
     // As if the server had died mid-deletion, and mid-creation of another volume.
     server
@@ -419,5 +404,41 @@ async fn a_restart_finishes_interrupted_volume_transitions() {
         .wait_for("/api/volumes/half-made", "state", "ready")
         .await;
     assert!(server.volume_db("half-made").exists());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sandbox_creation_waits_for_a_volume_still_being_created() {
+    let server = TestServer::start().await;
+    let existing = server.create_volume("existing").await;
+    let control_db = server.dir.path().join("control.db");
+    let db = rusqlite::Connection::open(&control_db).unwrap();
+    db.execute(
+        "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at) \
+         VALUES ('slow', ?1, 'slow', 'creating', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')",
+        [existing["organizationId"].as_str().unwrap()],
+    )
+    .unwrap();
+    let settle = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        db.execute(
+            "UPDATE volumes SET state = 'error', error_reason = 'boom' WHERE id = 'slow'",
+            [],
+        )
+        .unwrap();
+    });
+    let started = std::time::Instant::now();
+    let body = json!({"volumes": [{"volumeId": "slow", "mountPath": "/data"}]});
+    let (status, answer) = server.post("/api/sandbox", &body).await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(400),
+        "it waited"
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("boom"),
+        "{answer}"
+    );
+    settle.join().unwrap();
     server.stop().await;
 }

@@ -1,5 +1,6 @@
 //! HTTP surface: the Daytona REST subset under `/api`, the toolbox under `/toolbox`.
 
+mod extract;
 mod sandboxes;
 mod toolbox;
 mod volumes;

@@ -3,16 +3,15 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{blocking, AppState, Org};
 use crate::db::{sandbox_state, volume_state, MountRow, SandboxRow, SandboxSettings};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::lifecycle::VOLUME_READY_WAIT;
 use crate::validate::{
     validate_mount_path, validate_mount_set, validate_sandbox_name, validate_subpath,
 };
@@ -28,6 +27,8 @@ const TARGET: &str = "local";
 /// How long `POST /sandbox` waits for the sandbox to start before answering `creating`
 /// (clients then poll); below the clients' default 60 s request timeout.
 const START_WAIT: Duration = Duration::from_secs(50);
+/// How long sandbox creation waits for a volume that is still being provisioned.
+const VOLUME_READY_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -238,7 +239,7 @@ async fn resolve_volumes(state: &AppState, org: &str, mounts: &mut [MountRow]) -
 /// Creates a sandbox and starts it; answers once it is `started` (or `error`), or `creating`
 /// if starting takes unusually long (clients poll `GET /sandbox/{id}`).
 #[utoipa::path(
-    post, path = "/api/sandbox", tag = "sandbox", request_body = CreateSandbox,
+    post, operation_id = "createSandbox", path = "/api/sandbox", tag = "sandbox", request_body = CreateSandbox,
     responses(
         (status = 200, body = SandboxDto),
         (status = 400, description = "invalid mount, unknown or unready volume", body = ErrorBody),
@@ -248,9 +249,8 @@ async fn resolve_volumes(state: &AppState, org: &str, mounts: &mut [MountRow]) -
 pub async fn create(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    body: Result<Json<CreateSandbox>, JsonRejection>,
+    ApiJson(body): ApiJson<CreateSandbox>,
 ) -> ApiResult<Json<SandboxDto>> {
-    let Json(body) = body?;
     if let Some(name) = body.name.as_deref() {
         validate_sandbox_name(name).map_err(ApiError::bad_request)?;
     }
@@ -294,29 +294,28 @@ async fn load(state: &AppState, org: &str, id_or_name: &str) -> ApiResult<Sandbo
 }
 
 #[utoipa::path(
-    get, path = "/api/sandbox/{sandboxIdOrName}", tag = "sandbox",
+    get, operation_id = "getSandbox", path = "/api/sandbox/{sandboxIdOrName}", tag = "sandbox",
     params(("sandboxIdOrName" = String, Path, description = "Sandbox id or name")),
     responses((status = 200, body = SandboxDto), (status = 404, body = ErrorBody))
 )]
 pub async fn get(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(id_or_name): Path<String>,
+    ApiPath(id_or_name): ApiPath<String>,
 ) -> ApiResult<Json<SandboxDto>> {
     Ok(Json(load(&state, &org, &id_or_name).await?))
 }
 
 /// Sandboxes that are not destroyed, oldest first, a page at a time.
 #[utoipa::path(
-    get, path = "/api/sandbox", tag = "sandbox", params(ListSandboxesQuery),
+    get, operation_id = "listSandboxes", path = "/api/sandbox", tag = "sandbox", params(ListSandboxesQuery),
     responses((status = 200, body = SandboxList), (status = 400, body = ErrorBody))
 )]
 pub async fn list(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    query: Result<Query<ListSandboxesQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<ListSandboxesQuery>,
 ) -> ApiResult<Json<SandboxList>> {
-    let Query(query) = query?;
     let labels: BTreeMap<String, String> = match query.labels.as_deref() {
         Some(json) => serde_json::from_str(json)
             .map_err(|e| ApiError::bad_request(format!("labels must be a JSON object: {e}")))?,
@@ -355,14 +354,14 @@ pub async fn list(
 /// Starts destroying a sandbox (its processes end, its mounts are released; volume data stays)
 /// and answers with the sandbox in state `destroying`.
 #[utoipa::path(
-    delete, path = "/api/sandbox/{sandboxIdOrName}", tag = "sandbox",
+    delete, operation_id = "deleteSandbox", path = "/api/sandbox/{sandboxIdOrName}", tag = "sandbox",
     params(("sandboxIdOrName" = String, Path, description = "Sandbox id or name")),
     responses((status = 200, body = SandboxDto), (status = 404, body = ErrorBody))
 )]
 pub async fn delete(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(id_or_name): Path<String>,
+    ApiPath(id_or_name): ApiPath<String>,
 ) -> ApiResult<Json<SandboxDto>> {
     let sandbox = load(&state, &org, &id_or_name).await?;
     let db = state.services.db.clone();
@@ -397,14 +396,14 @@ pub async fn delete(
 }
 
 #[utoipa::path(
-    get, path = "/api/sandbox/{sandboxId}/toolbox-proxy-url", tag = "sandbox",
+    get, operation_id = "getToolboxProxyUrl", path = "/api/sandbox/{sandboxId}/toolbox-proxy-url", tag = "sandbox",
     params(("sandboxId" = String, Path, description = "Sandbox id or name")),
     responses((status = 200, body = ToolboxProxyUrl), (status = 404, body = ErrorBody))
 )]
 pub async fn toolbox_proxy_url(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(id_or_name): Path<String>,
+    ApiPath(id_or_name): ApiPath<String>,
 ) -> ApiResult<Json<ToolboxProxyUrl>> {
     load(&state, &org, &id_or_name).await?;
     Ok(Json(ToolboxProxyUrl {

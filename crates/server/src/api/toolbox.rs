@@ -4,8 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::{Multipart, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::io::{ReaderStream, StreamReader};
 use utoipa::{IntoParams, ToSchema};
 
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{blocking, AppState, Org};
 use crate::db::sandbox_state;
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -108,7 +108,7 @@ async fn started_sandbox(state: &AppState, org: &str, id: &str) -> ApiResult<Str
 
 /// Runs a shell line in the sandbox; a non-zero exit is a normal answer.
 #[utoipa::path(
-    post, path = "/toolbox/{sandboxId}/process/execute", tag = "toolbox",
+    post, operation_id = "executeCommand", path = "/toolbox/{sandboxId}/process/execute", tag = "toolbox",
     params(("sandboxId" = String, Path, description = "Sandbox id")),
     request_body = ExecuteRequest,
     responses((status = 200, body = ExecuteResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
@@ -116,10 +116,9 @@ async fn started_sandbox(state: &AppState, org: &str, id: &str) -> ApiResult<Str
 pub async fn execute(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(sandbox_id): Path<String>,
-    body: Result<Json<ExecuteRequest>, JsonRejection>,
+    ApiPath(sandbox_id): ApiPath<String>,
+    ApiJson(body): ApiJson<ExecuteRequest>,
 ) -> ApiResult<Json<ExecuteResponse>> {
-    let Json(body) = body?;
     let id = started_sandbox(&state, &org, &sandbox_id).await?;
     let request = ExecRequest {
         command: body.command,
@@ -173,17 +172,16 @@ fn shell_quote(text: &str) -> String {
 
 /// Creates a directory (and missing parents) with the given permissions.
 #[utoipa::path(
-    post, path = "/toolbox/{sandboxId}/files/folder", tag = "toolbox",
+    post, operation_id = "createFolder", path = "/toolbox/{sandboxId}/files/folder", tag = "toolbox",
     params(("sandboxId" = String, Path, description = "Sandbox id"), CreateFolderQuery),
     responses((status = 201, description = "created"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
 )]
 pub async fn create_folder(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(sandbox_id): Path<String>,
-    query: Result<Query<CreateFolderQuery>, QueryRejection>,
+    ApiPath(sandbox_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<CreateFolderQuery>,
 ) -> ApiResult<StatusCode> {
-    let Query(query) = query?;
     let id = started_sandbox(&state, &org, &sandbox_id).await?;
     let mode_is_octal =
         (3..=4).contains(&query.mode.len()) && query.mode.chars().all(|c| ('0'..='7').contains(&c));
@@ -203,17 +201,16 @@ pub async fn create_folder(
 
 /// Lists a directory (one level).
 #[utoipa::path(
-    get, path = "/toolbox/{sandboxId}/files", tag = "toolbox",
+    get, operation_id = "listFiles", path = "/toolbox/{sandboxId}/files", tag = "toolbox",
     params(("sandboxId" = String, Path, description = "Sandbox id"), ListFilesQuery),
     responses((status = 200, body = [FileInfo]), (status = 404, body = ErrorBody))
 )]
 pub async fn list_files(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(sandbox_id): Path<String>,
-    query: Result<Query<ListFilesQuery>, QueryRejection>,
+    ApiPath(sandbox_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ListFilesQuery>,
 ) -> ApiResult<Json<Vec<FileInfo>>> {
-    let Query(query) = query?;
     let id = started_sandbox(&state, &org, &sandbox_id).await?;
     let dir = shell_quote(&query.path);
     // NUL-terminated records, so that any file name survives.
@@ -273,7 +270,7 @@ fn parse_field_name(name: &str) -> Option<UploadField> {
 /// contents are streamed into the sandbox; a file part that arrives before its path is spooled
 /// to a temporary file (never held in memory).
 #[utoipa::path(
-    post, path = "/toolbox/{sandboxId}/files/bulk-upload", tag = "toolbox",
+    post, operation_id = "uploadFiles", path = "/toolbox/{sandboxId}/files/bulk-upload", tag = "toolbox",
     params(("sandboxId" = String, Path, description = "Sandbox id")),
     request_body(content_type = "multipart/form-data", description = "files[i].path and files[i].file parts"),
     responses((status = 200, description = "all files written"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
@@ -281,7 +278,7 @@ fn parse_field_name(name: &str) -> Option<UploadField> {
 pub async fn bulk_upload(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(sandbox_id): Path<String>,
+    ApiPath(sandbox_id): ApiPath<String>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> ApiResult<()> {
     let mut multipart =
@@ -339,7 +336,7 @@ pub async fn bulk_upload(
 /// Downloads files as `multipart/form-data`: a part `name="file"; filename="<path>"` per file,
 /// or a part `name="error"` with a JSON error for a path that cannot be read.
 #[utoipa::path(
-    post, path = "/toolbox/{sandboxId}/files/bulk-download", tag = "toolbox",
+    post, operation_id = "downloadFiles", path = "/toolbox/{sandboxId}/files/bulk-download", tag = "toolbox",
     params(("sandboxId" = String, Path, description = "Sandbox id")),
     request_body = BulkDownloadRequest,
     responses((status = 200, content_type = "multipart/form-data", description = "one part per path"), (status = 404, body = ErrorBody))
@@ -347,10 +344,9 @@ pub async fn bulk_upload(
 pub async fn bulk_download(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(sandbox_id): Path<String>,
-    body: Result<Json<BulkDownloadRequest>, JsonRejection>,
+    ApiPath(sandbox_id): ApiPath<String>,
+    ApiJson(body): ApiJson<BulkDownloadRequest>,
 ) -> ApiResult<Response> {
-    let Json(body) = body?;
     let id = started_sandbox(&state, &org, &sandbox_id).await?;
     let boundary = format!("cellar-{}", uuid::Uuid::new_v4().simple());
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);

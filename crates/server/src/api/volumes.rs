@@ -1,11 +1,11 @@
 //! `/api/volumes`: create, get (by id or name), list, delete.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{blocking, AppState, Org};
 use crate::db::{volume_state, DeleteVolume, VolumeRow};
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -60,15 +60,14 @@ fn not_found(key: &str) -> ApiError {
 }
 
 #[utoipa::path(
-    get, path = "/api/volumes", tag = "volumes", params(ListVolumesQuery),
+    get, operation_id = "listVolumes", path = "/api/volumes", tag = "volumes", params(ListVolumesQuery),
     responses((status = 200, body = [VolumeDto]), (status = 401, body = ErrorBody))
 )]
 pub async fn list(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    query: Result<Query<ListVolumesQuery>, QueryRejection>,
+    ApiQuery(query): ApiQuery<ListVolumesQuery>,
 ) -> ApiResult<Json<Vec<VolumeDto>>> {
-    let Query(query) = query?;
     let db = state.services.db.clone();
     let rows = blocking(move || db.list_volumes(&org, query.include_deleted)).await?;
     Ok(Json(rows.into_iter().map(VolumeDto::from).collect()))
@@ -76,7 +75,7 @@ pub async fn list(
 
 /// Creates a volume; it is `ready` when this answers (or `error` with `errorReason`).
 #[utoipa::path(
-    post, path = "/api/volumes", tag = "volumes", request_body = CreateVolume,
+    post, operation_id = "createVolume", path = "/api/volumes", tag = "volumes", request_body = CreateVolume,
     responses(
         (status = 200, body = VolumeDto),
         (status = 400, description = "invalid name or quota exceeded", body = ErrorBody),
@@ -86,9 +85,8 @@ pub async fn list(
 pub async fn create(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    body: Result<Json<CreateVolume>, JsonRejection>,
+    ApiJson(body): ApiJson<CreateVolume>,
 ) -> ApiResult<Json<VolumeDto>> {
-    let Json(body) = body?;
     validate_volume_name(&body.name).map_err(ApiError::bad_request)?;
     let services = state.services.clone();
     let quota = services.config.volume_quota;
@@ -108,14 +106,14 @@ pub async fn create(
 }
 
 #[utoipa::path(
-    get, path = "/api/volumes/by-name/{name}", tag = "volumes",
+    get, operation_id = "getVolumeByName", path = "/api/volumes/by-name/{name}", tag = "volumes",
     params(("name" = String, Path, description = "Volume name")),
     responses((status = 200, body = VolumeDto), (status = 404, body = ErrorBody))
 )]
 pub async fn get_by_name(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> ApiResult<Json<VolumeDto>> {
     let db = state.services.db.clone();
     let key = name.clone();
@@ -125,14 +123,14 @@ pub async fn get_by_name(
 }
 
 #[utoipa::path(
-    get, path = "/api/volumes/{volumeId}", tag = "volumes",
+    get, operation_id = "getVolume", path = "/api/volumes/{volumeId}", tag = "volumes",
     params(("volumeId" = String, Path, description = "Volume id")),
     responses((status = 200, body = VolumeDto), (status = 404, body = ErrorBody))
 )]
 pub async fn get(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(volume_id): Path<String>,
+    ApiPath(volume_id): ApiPath<String>,
 ) -> ApiResult<Json<VolumeDto>> {
     let db = state.services.db.clone();
     let key = volume_id.clone();
@@ -144,7 +142,7 @@ pub async fn get(
 /// Starts deleting a volume: `pending_delete`, then `deleting` (every object and metadata row is
 /// removed in the background), then `deleted`.
 #[utoipa::path(
-    delete, path = "/api/volumes/{volumeId}", tag = "volumes",
+    delete, operation_id = "deleteVolume", path = "/api/volumes/{volumeId}", tag = "volumes",
     params(("volumeId" = String, Path, description = "Volume id")),
     responses(
         (status = 200, description = "deletion started"),
@@ -155,7 +153,7 @@ pub async fn get(
 pub async fn delete(
     State(state): State<AppState>,
     Extension(Org(org)): Extension<Org>,
-    Path(volume_id): Path<String>,
+    ApiPath(volume_id): ApiPath<String>,
 ) -> ApiResult<()> {
     let db = state.services.db.clone();
     let key = volume_id.clone();

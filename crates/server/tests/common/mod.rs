@@ -168,3 +168,45 @@ impl TestServer {
         }
     }
 }
+
+/// Writes a file into a volume through the vfs (as a mount would), so the store holds objects.
+pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data: Vec<u8>) {
+    let config = cellar_vfs::VolumeConfig {
+        meta_url: format!("sqlite://{}", server.volume_db(volume_id).display()),
+        store_url: server.config.store_url.clone(),
+        volume: volume_id.to_string(),
+        cache_mem_bytes: 16 << 20,
+        cache_dir: None,
+        cache_disk_bytes: 0,
+        mount_point: String::new(),
+    };
+    let name = name.as_bytes().to_vec();
+    // The vfs drives its own runtime: use a thread outside the test's.
+    std::thread::spawn(move || {
+        let vfs = cellar_vfs::Vfs::open_volume(config).unwrap();
+        let ctx = cellar_vfs::Ctx {
+            uid: 0,
+            gid: 0,
+            pid: 1,
+        };
+        let (attr, open) = vfs
+            .create(
+                &ctx,
+                cellar_vfs::ROOT_INO,
+                &name,
+                0o100644,
+                0o022,
+                libc::O_WRONLY,
+            )
+            .unwrap();
+        assert_eq!(
+            vfs.write(attr.ino, open.fh, 0, &data).unwrap() as usize,
+            data.len()
+        );
+        vfs.flush(attr.ino, open.fh, 0).unwrap();
+        vfs.release(attr.ino, open.fh, None, false).unwrap();
+        vfs.shutdown().unwrap();
+    })
+    .join()
+    .unwrap();
+}
