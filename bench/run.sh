@@ -50,6 +50,7 @@ cleanup() {
   if [ -n "${BENCH_KEEP:-}" ]; then log "work directory kept: $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP PIPE
 
 # One S3 server for every peer, RAM-backed: room for every system's data at once plus the RGW
 # garbage that deleted objects leave for a few seconds.

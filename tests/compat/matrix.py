@@ -1,6 +1,7 @@
 """Prints the compatibility matrix from the JSON-lines results of both suites.
 
-Usage: python matrix.py RESULTS_DIR   (exit status 1 when any case failed or a suite left no results)
+Usage: python matrix.py RESULTS_DIR [py] [ts]   (the suites that ran; default both)
+Exit status 1 when any case failed or a suite that ran left no results.
 """
 
 from __future__ import annotations
@@ -61,32 +62,36 @@ def cell(records: list[dict]) -> str:
 
 def main() -> int:
     results = Path(sys.argv[1])
+    suites = sys.argv[2:] or ["py", "ts"]
     cases = {lang: load(results / f"{lang}-cases.jsonl") for lang in ("py", "ts")}
     calls = {lang: load(results / f"{lang}-calls.jsonl") for lang in ("py", "ts")}
     failed = False
 
     print("\nCompatibility matrix: cases (issue 3, point 6)")
-    print(f"  {'case':<58} {'Python':<10} {'TypeScript':<10}")
+    print(f"  {'case':<64} {'Python':<10} {'TypeScript':<10}")
     for letter, title in CASES.items():
         cells = []
         for lang in ("py", "ts"):
             if ONLY_IN.get(letter, lang) != lang:
                 cells.append("n/a")
                 continue
+            if lang not in suites:
+                cells.append("skipped")
+                continue
             value = cell([r for r in cases[lang] if r["case"] == letter])
             failed |= value != "pass"
             cells.append(value if value != "-" else "NOT RUN")
-        print(f"  {letter}. {title:<55} {cells[0]:<10} {cells[1]:<10}")
+        print(f"  {letter}. {title:<61} {cells[0]:<10} {cells[1]:<10}")
 
     print("\nCompatibility matrix: client calls")
-    print(f"  {'call':<58} {'Python':<10} {'TypeScript':<10}")
+    print(f"  {'call':<64} {'Python':<10} {'TypeScript':<10}")
     rows: OrderedDict[str, dict[str, list[dict]]] = OrderedDict()
     for lang in ("py", "ts"):
         for record in calls[lang]:
             row = CALL_ALIASES.get(record["call"], record["call"])
             rows.setdefault(row, {"py": [], "ts": []})[lang].append(record)
     for row in sorted(rows, key=lambda name: (name.startswith("create -> 400"), name)):
-        print(f"  {row:<58} {cell(rows[row]['py']):<10} {cell(rows[row]['ts']):<10}")
+        print(f"  {row:<64} {cell(rows[row]['py']):<10} {cell(rows[row]['ts']):<10}")
 
     failures = [(lang, r) for lang in ("py", "ts") for r in cases[lang] if not r["ok"]]
     if failures:
@@ -94,7 +99,7 @@ def main() -> int:
         for lang, record in failures:
             first = (record.get("error") or "").strip().splitlines()
             print(f"  [{lang}] {record['case']} {record['test']}: {first[0][:300] if first else ''}")
-    for lang in ("py", "ts"):
+    for lang in suites:
         if not cases[lang]:
             print(f"\nno {lang} results in {results}: that suite did not run")
             failed = True

@@ -105,10 +105,11 @@ env AWS_ACCESS_KEY_ID="cellar-access-$CANARY" \
 SERVER_PID=$!
 
 # The bootstrap key is printed once, on the first start: `cellar_` and 64 hex digits.
+redacted_log() { sed -E 's/cellar_[0-9a-f]{64}/cellar_<redacted>/g' "$SERVER_LOG"; }
 for _ in $(seq 1 300); do
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
         echo "run.sh: the server exited during start-up; its log:" >&2
-        cat "$SERVER_LOG" >&2
+        redacted_log >&2
         exit 1
     fi
     API_KEY=${API_KEY:-$(grep -oE 'cellar_[0-9a-f]{64}' "$SERVER_LOG" | head -n 1 || true)}
@@ -120,7 +121,7 @@ for _ in $(seq 1 300); do
 done
 if [[ -z $API_KEY ]]; then
     echo "run.sh: no bootstrap API key (cellar_<64 hex>) in the server's output after 30 s; its log:" >&2
-    cat "$SERVER_LOG" >&2
+    redacted_log >&2
     exit 1
 fi
 
@@ -151,7 +152,8 @@ for suite in $SUITES; do
     esac
 done
 
-.venv/bin/python matrix.py "$RESULTS" || status=1
+# shellcheck disable=SC2086 # one argument per suite
+.venv/bin/python matrix.py "$RESULTS" $SUITES || status=1
 
 if [[ $MEASURE == 1 ]]; then
     # shellcheck disable=SC2086 # word splitting intended: extra options for measure.py
@@ -160,7 +162,7 @@ fi
 
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     echo "run.sh: the server died during the tests; tail of its log:" >&2
-    tail -n 40 "$SERVER_LOG" >&2
+    redacted_log | tail -n 40 >&2
     status=1
 fi
 exit $status

@@ -46,8 +46,10 @@ def pytest_runtest_makereport(item, call):
     if report.when == "call" or (report.when != "call" and report.failed):
         message = ""
         if report.failed:
-            message = str(report.longrepr.reprcrash.message) if hasattr(report.longrepr, "reprcrash") else str(
-                report.longrepr
+            message = (
+                str(report.longrepr.reprcrash.message)
+                if hasattr(report.longrepr, "reprcrash")
+                else str(report.longrepr)
             )
         _append(
             "py-cases.jsonl",
@@ -85,7 +87,9 @@ class Recorder:
             return exc
         except Exception as exc:
             self._record(name, False, f"{type(exc).__name__} instead of {error_class.__name__}: {exc}")
-            raise AssertionError(f"{name}: raised {type(exc).__name__} instead of {error_class.__name__}: {exc}") from exc
+            raise AssertionError(
+                f"{name}: raised {type(exc).__name__} instead of {error_class.__name__}: {exc}"
+            ) from exc
         returned = f"{type(result).__name__} {getattr(result, 'id', result)}"
         self._record(name, False, f"no error; returned {returned}")
         unexpected = AssertionError(f"{name}: expected {error_class.__name__} ({status}), got success: {returned}")

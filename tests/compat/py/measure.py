@@ -67,9 +67,7 @@ def concurrency(daytona: Daytona, steps: list[int], step_bound: float, workers: 
                 break
             # Every sandbox writes its own file; the first one must then see all of them.
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = list(
-                    pool.map(lambda sb: sb.process.exec(f"echo {sb.id} > {MOUNT}/{sb.id}.txt"), running)
-                )
+                results = list(pool.map(lambda sb: sb.process.exec(f"echo {sb.id} > {MOUNT}/{sb.id}.txt"), running))
             bad = [r for r in results if r.exit_code != 0]
             if bad:
                 broke = f"writing with {target} sandboxes: {bad[0].result[:300]}"
@@ -77,14 +75,20 @@ def concurrency(daytona: Daytona, steps: list[int], step_bound: float, workers: 
             listing = running[0].process.exec(f"ls {MOUNT} | grep -c '.txt$'")
             seen = int(listing.result.strip() or 0) if listing.exit_code == 0 else -1
             elapsed = time.monotonic() - start
-            print(f"  {target:3} sandboxes at once: created in {created_in:.1f} s, all wrote, one sees {seen} files ({elapsed:.1f} s)")
+            print(
+                f"  {target:3} sandboxes at once: created in {created_in:.1f} s, all wrote,"
+                f" one sees {seen} files ({elapsed:.1f} s)"
+            )
             if seen != target:
                 broke = f"with {target} sandboxes one sandbox saw {seen} of {target} files"
                 break
             if elapsed > step_bound:
                 broke = f"step {target} took {elapsed:.0f} s, over the {step_bound:.0f} s bound; not pushing further"
                 break
-        print(f"ran {len(running)} sandboxes at once on one volume; " + (f"first break: {broke}" if broke else "nothing broke up to the last step"))
+        print(
+            f"ran {len(running)} sandboxes at once on one volume; "
+            + (f"first break: {broke}" if broke else "nothing broke up to the last step")
+        )
     finally:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(lambda sb: _quietly(sb.delete, 60, True), running))

@@ -29,9 +29,7 @@ CREATE_TIMEOUT = 60
 
 def create_sandbox(daytona, rec, cleanup, mounts, call="create"):
     """mounts: [(volume, mount_path)] or [(volume, mount_path, subpath)]."""
-    volumes = [
-        VolumeMount(volume_id=m[0].id, mount_path=m[1], subpath=m[2] if len(m) > 2 else None) for m in mounts
-    ]
+    volumes = [VolumeMount(volume_id=m[0].id, mount_path=m[1], subpath=m[2] if len(m) > 2 else None) for m in mounts]
     params = CreateSandboxFromSnapshotParams(language="python", volumes=volumes)
     sandbox = rec.call(call, daytona.create, params, timeout=CREATE_TIMEOUT)
     cleanup.sandboxes.append(sandbox)
@@ -217,7 +215,9 @@ def two_volumes(daytona):
     registry = Cleanup(daytona)
     volumes = []
     for stem in ("rules-a", "rules-b"):
-        volume = rec.call("volume.get(create=True)", daytona.volume.get, f"py-{stem}-{uuid.uuid4().hex[:8]}", create=True)
+        volume = rec.call(
+            "volume.get(create=True)", daytona.volume.get, f"py-{stem}-{uuid.uuid4().hex[:8]}", create=True
+        )
         registry.volumes.append(volume)
         volumes.append(volume)
     yield volumes
@@ -237,7 +237,9 @@ def expect_bad_request(daytona, rec, cleanup, label, volumes):
     assert error.message, "the bad-request error names the rule"
 
 
-@pytest.mark.parametrize("label,mount_path,subpath", SINGLE_MOUNT_VIOLATIONS, ids=[v[0] for v in SINGLE_MOUNT_VIOLATIONS])
+@pytest.mark.parametrize(
+    "label,mount_path,subpath", SINGLE_MOUNT_VIOLATIONS, ids=[v[0] for v in SINGLE_MOUNT_VIOLATIONS]
+)
 def test_g_mount_rule(daytona, rec, cleanup, two_volumes, label, mount_path, subpath):
     mount = VolumeMount(volume_id=two_volumes[0].id, mount_path=mount_path, subpath=subpath)
     expect_bad_request(daytona, rec, cleanup, label, [mount])
@@ -331,7 +333,9 @@ def test_h_subpath_cannot_be_escaped(daytona, rec, cleanup, unique):
     )
 
     # Same mount path as the admin's, so the absolute symlink is a real attempt.
-    alice = create_sandbox(daytona, rec, cleanup, [(volume, "/home/daytona/all", "users/alice")], call="create (subpath)")
+    alice = create_sandbox(
+        daytona, rec, cleanup, [(volume, "/home/daytona/all", "users/alice")], call="create (subpath)"
+    )
     listing = ok(rec, alice, "ls -A /home/daytona/all").split()
     assert sorted(listing) == ["abs-link", "bob-link", "mine.txt", "root-link", "secret-link", "up-link"], listing
     assert ok(rec, alice, "cat /home/daytona/all/mine.txt") == "mine\n"

@@ -29,7 +29,12 @@ async function docsExample(t) {
   const volume = await t.rec.call('volume.get', () => t.daytona.volume.get('my-volume'))
   t.cleanup.volumes.push(volume)
   const checker = await t.sandbox([{ volumeId: volume.id, mountPath: '/home/daytona/volume' }])
-  assertEqual(sorted(await t.ok(checker, 'ls /home/daytona/volume')), ['new-dir', 'new-file.txt', 'users'], 'volume root')
+  await t.rec.call('fs.createFolder', () => checker.fs.createFolder('/home/daytona/volume/checked', '750'))
+  const files = await t.rec.call('fs.listFiles', () => checker.fs.listFiles('/home/daytona/volume'))
+  assertEqual(files.map((f) => f.name).sort(), ['checked', 'new-dir', 'new-file.txt', 'users'], 'volume root')
+  assertEqual(files.filter((f) => f.isDir).map((f) => f.name).sort(), ['checked', 'new-dir', 'users'], 'directories')
+  assertEqual(files.find((f) => f.name === 'new-file.txt').size, 13, 'size of new-file.txt')
+  assertEqual((await t.ok(checker, 'stat -c %a /home/daytona/volume/checked')).trim(), '750', 'mode of a createFolder dir')
   assertEqual(await t.ok(checker, 'cat /home/daytona/volume/new-file.txt'), 'Hello, World!', 'new-file.txt')
   assertEqual(
     await t.ok(checker, 'cat /home/daytona/volume/users/alice/alice-file.txt'),
