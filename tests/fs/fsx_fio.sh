@@ -23,7 +23,8 @@ fio_job() { # name rw bs extra-args...
   local name=$1 rw=$2 bs=$3
   shift 3
   fio --name="$name" --filename="$MNT/$name.fio" --rw="$rw" --bs="$bs" --size="$fio_size" \
-    --ioengine=psync --verify=crc32c --verify_fatal=1 --randrepeat=1 --end_fsync=1 \
+    --ioengine=psync --verify=crc32c --verify_fatal=1 --verify_state_save=0 --randrepeat=1 \
+    --end_fsync=1 \
     --output="$WORK/$name.out" "$@" ||
     fail "fio $name ($*) failed: $(tail -n 20 "$WORK/$name.out")"
 }

@@ -5,7 +5,7 @@ After every step the two trees must be identical: names, types, sizes, modes, li
 symlink targets and content hashes (files over 1 MiB are re-read when they changed and at every
 10th step and remount); every operation must succeed or fail with the same errno
 on both. Operations: writes at offsets (including sparse ones past the 4 MiB block and 64 MiB
-chunk boundaries), appends, truncates, renames of files and directories, hard links, symlinks,
+chunk boundaries), appends, rewrites (open with O_TRUNC), truncates, renames of files and directories, hard links, symlinks,
 unlinks, mkdirs, rmdirs, chmods, fsyncs and remounts of the Cellar volume.
 
   CELLAR_MODEL_SEED   seed (random if unset; always printed, rerun with it to reproduce)
@@ -167,6 +167,17 @@ class ModelTest:
 
         return f"append {path} len={len(data)}", apply
 
+    def op_rewrite(self):
+        """open(O_TRUNC) and write from the start: how most programs save a file."""
+        path = self.some_file()
+        data = self.rng.randbytes(self.rng.randrange(0, 300 * 1024))
+
+        def apply(root):
+            with open(os.path.join(root, path), "wb") as f:
+                f.write(data)
+
+        return f"rewrite {path} len={len(data)}", apply
+
     def op_truncate(self):
         path = self.some_file()
         size = self.rng.choice([0, self.rng.randrange(0, 300 * 1024), self.offset()])
@@ -231,7 +242,7 @@ class ModelTest:
         return f"fsync {path}", apply
 
     OPERATIONS = [
-        ("op_write", 22), ("op_append", 6), ("op_truncate", 8), ("op_rename", 12), ("op_link", 6),
+        ("op_write", 22), ("op_append", 6), ("op_rewrite", 5), ("op_truncate", 8), ("op_rename", 12), ("op_link", 6),
         ("op_symlink", 3), ("op_unlink", 8), ("op_mkdir", 10), ("op_rmdir", 5), ("op_chmod", 5),
         ("op_fsync", 6),
     ]

@@ -45,39 +45,35 @@ def is_mounted(path):
 
 
 class Volume:
-    def __init__(self, work_dir, name=None):
+    def __init__(self, work_dir):
         self.work_dir = Path(work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # The name is kept in work_dir so the shell CLI finds the same volume on every call.
         name_file = self.work_dir / "volume-name"
-        if name is None:
-            if name_file.exists():
-                name = name_file.read_text().strip()
-            else:
-                name = f"e2e-{self.work_dir.name}-{uuid.uuid4().hex[:8]}"
-        name_file.write_text(name)
-        self.name = name
+        if not name_file.exists():
+            name_file.write_text(f"e2e-{self.work_dir.parent.name}-{uuid.uuid4().hex[:8]}")
+        self.name = name_file.read_text().strip()
         self.mount_point = self.work_dir / "mnt"
         self.mount_point.mkdir(exist_ok=True)
         self.log_file = self.work_dir / "mount.log"
         self.meta_url = f"sqlite://{self.work_dir / 'meta.db'}"
         self.cellar = os.environ.get("CELLAR_BIN", str(REPO / "target/release/cellar"))
-        if not local_mode():
-            self.store_url = os.environ.get("CELLAR_TEST_S3_URL")
-            if not self.store_url:
-                raise VolumeError(
-                    "CELLAR_TEST_S3_URL is not set: start RGW with tests/harness/rgw.sh and "
-                    "source its env file (or run tests/run.sh)"
-                )
-            if not os.access(self.cellar, os.X_OK):
-                raise VolumeError(
-                    f"{self.cellar} is not executable: build it with "
-                    "`cargo build --release -p cellar-cli` (or set CELLAR_BIN)"
-                )
 
     def volume_args(self):
-        return ["--meta", self.meta_url, "--store", self.store_url, "--volume", self.name]
+        store_url = os.environ.get("CELLAR_TEST_S3_URL")
+        if not store_url:
+            raise VolumeError(
+                "CELLAR_TEST_S3_URL is not set: start RGW with tests/harness/rgw.sh and "
+                "source its env file (or run tests/run.sh)"
+            )
+        return ["--meta", self.meta_url, "--store", store_url, "--volume", self.name]
 
     def run_cellar(self, *args, check=True, timeout=300):
+        if not os.access(self.cellar, os.X_OK):
+            raise VolumeError(
+                f"{self.cellar} is not executable: build it with "
+                "`cargo build --release -p cellar-cli` (or set CELLAR_BIN)"
+            )
         result = subprocess.run(
             [self.cellar, *args], capture_output=True, text=True, timeout=timeout
         )

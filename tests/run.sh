@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit and integration tests, then the end-to-end suites
+# (tests/fs/) on real FUSE mounts backed by a real S3 server (single-node Ceph RGW started here on
+# a free loopback port), then the Daytona SDK compatibility suites (tests/compat/run.sh).
+#
+#   bash tests/run.sh             everything
+#   bash tests/run.sh SUITE...    only these end-to-end suites (e.g. model_test workloads)
+#
+# Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
+# Needs root, /dev/fuse and the tools .ci/run installs. Seeds of the randomized suites are printed
+# (CELLAR_MODEL_SEED, CELLAR_FSX_SEED, CELLAR_CRASH_SEED reproduce a run).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+ALL_SUITES=(model_test pjdfstest fsx_fio workloads crash_test)
+# Minutes each end-to-end suite may take before it counts as failed (a hung mount must not hang CI).
+declare -A SUITE_MINUTES=([model_test]=20 [pjdfstest]=30 [fsx_fio]=40 [workloads]=20 [crash_test]=20)
+
+failed_steps=()
+e2e_passed=0
+e2e_failed=0
+
+step() { # name command...
+  local name=$1 started=$SECONDS
+  shift
+  echo "==> $name"
+  if "$@"; then
+    echo "==> $name: ok ($((SECONDS - started))s)"
+  else
+    echo "==> $name: FAILED ($((SECONDS - started))s)"
+    failed_steps+=("$name")
+    return 1
+  fi
+}
+
+suite_command() { # suite
+  if [ -f "tests/fs/$1.py" ]; then echo python3 "tests/fs/$1.py"; else echo bash "tests/fs/$1.sh"; fi
+}
+
+rgw_dir=$(mktemp -d /tmp/cellar-rgw-XXXXXX)
+cleanup() {
+  bash tests/harness/rgw.sh stop "$rgw_dir"
+  rm -rf "$rgw_dir"
+}
+trap cleanup EXIT
+bash tests/harness/rgw.sh start "$rgw_dir" || { echo "tests/run.sh: could not start Ceph RGW"; exit 1; }
+# shellcheck disable=SC1091
+source "$rgw_dir/env"
+
+suites=("$@")
+if [ ${#suites[@]} -eq 0 ]; then
+  suites=("${ALL_SUITES[@]}")
+  step "cargo fmt" cargo fmt --all --check
+  step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+  step "cargo test" cargo test --workspace --locked
+fi
+
+# The end-to-end suites use the optimized binary: fsx and fio are far too slow on a debug build.
+if step "cargo build --release" cargo build --release --locked -p cellar-cli; then
+  export CELLAR_BIN=$PWD/target/release/cellar
+  for suite in "${suites[@]}"; do
+    [ -n "${SUITE_MINUTES[$suite]:-}" ] || { echo "unknown suite $suite (one of: ${ALL_SUITES[*]})"; exit 2; }
+    # shellcheck disable=SC2046
+    if step "e2e $suite" timeout --kill-after=60 "$((SUITE_MINUTES[$suite] * 60))" $(suite_command "$suite"); then
+      e2e_passed=$((e2e_passed + 1))
+    else
+      e2e_failed=$((e2e_failed + 1))
+    fi
+  done
+  if [ $# -eq 0 ]; then
+    # The timing and concurrency measurements of the compatibility suite are benchmarks, not checks.
+    step "compat (official Daytona SDKs)" env COMPAT_MEASURE="${COMPAT_MEASURE:-0}" bash tests/compat/run.sh
+  fi
+else
+  e2e_failed=${#suites[@]}
+fi
+
+echo
+[ ${#failed_steps[@]} -eq 0 ] || echo "failed steps: ${failed_steps[*]}"
+echo "e2e: $e2e_passed passed, $e2e_failed failed"
+[ ${#failed_steps[@]} -eq 0 ]
