@@ -20,6 +20,7 @@ cellar=${CELLAR_BIN:-$root/target/release/cellar}
 [ -x "$cellar" ] || cargo build --release -p cellar-cli
 bucket=cellar-test
 declare -A mnt result peak_rss
+rclone_rc_port=
 daemon_pid=      # pid of the FUSE daemon currently mounted (s3fs, rclone: our child; cellar: its pid file)
 
 log() { printf '%s\n' "$*" >&2; }
@@ -107,11 +108,13 @@ mount_system() { # system dir
       ;;
     rclone)
       rm -rf "$work/rclone-cache"
+      rclone_rc_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
       # --vfs-cache-mode writes: the mode rclone documents for applications that write (git,
       # tar need it). Its uploads are asynchronous (see wait_until_stored); --vfs-write-back 0s
       # starts them at close instead of 5 s later, rclone's best case.
       rclone_env rclone mount "rgw:$bucket/rclone" "$dir" --vfs-cache-mode writes \
         --vfs-write-back 0s --cache-dir "$work/rclone-cache" --allow-other \
+        --rc --rc-addr "127.0.0.1:$rclone_rc_port" --rc-no-auth \
         --log-level INFO --log-file "$work/rclone.log" &
       daemon_pid=$!
       wait_for_mount "$dir" "$daemon_pid"
@@ -128,7 +131,8 @@ unmount_system() { # system dir
   case $s in
     cellar) "$cellar" umount "$dir" ;;  # waits until the daemon has flushed and exited
     *)
-      fusermount3 -u "$dir"
+      # A process stopped by BENCH_ROW_TIMEOUT may still be finishing its last request there.
+      for _ in $(seq 600); do fusermount3 -u -q "$dir" && break; sleep 0.1; done
       wait_for_exit "$daemon_pid" 600
       ;;
   esac
@@ -138,10 +142,26 @@ unmount_system() { # system dir
 # rclone acknowledges close() and fsync() before uploading (from its local cache): wait until no
 # cached file is dirty any more, so that every system's row ends with the data in the store, as
 # Cellar's and s3fs's close()/fsync() do. rclone marks an item dirty in its metadata file
-# (vfsMeta/..., "Dirty": true) at the first write and clears it once the upload succeeded.
+# (vfsMeta/..., "Dirty": true) at the first write and clears it once the upload succeeded. An
+# upload that failed (rclone 1.60 fails some, e.g. git's index renamed while uploading) leaves its
+# item dirty with nothing queued: stop waiting once the dirty set stays the same for 1 s while the
+# remote-control stats show no upload queued or in progress.
 wait_until_stored() { # system
   [ "$1" = rclone ] || return 0
-  while grep -rqsE '"Dirty": *true' "$work/rclone-cache/vfsMeta"; do sleep 0.05; done
+  local dirty previous= stable_since=$SECONDS stats
+  while :; do
+    dirty=$(grep -rlsE '"Dirty": *true' "$work/rclone-cache/vfsMeta" | sort)
+    [ -z "$dirty" ] && return 0
+    if [ "$dirty" != "$previous" ]; then previous=$dirty; stable_since=$SECONDS; fi
+    if ((SECONDS - stable_since >= 1)); then
+      stats=$(without_ca_vars rclone rc --url "http://127.0.0.1:$rclone_rc_port/" vfs/stats)
+      if python3 -c 'import json, sys; c = json.load(sys.stdin)["diskCache"]; sys.exit(c["uploadsInProgress"] + c["uploadsQueued"] != 0)' <<< "$stats"; then
+        log "   rclone: $(wc -l <<< "$dirty") file(s) stay dirty (failed uploads, see rclone.log)"
+        return 0
+      fi
+    fi
+    sleep 0.05
+  done
 }
 
 # Cold caches: unmount (drops the daemon's memory and disk caches, see mount_system), drop the
@@ -158,7 +178,7 @@ timed() { # system command... : prints the seconds until the command's writes ar
   local s=$1 t0 t1 status=0
   shift
   t0=$(date +%s.%N)
-  timeout "$row_timeout" "$@" >/dev/null || status=$?
+  timeout -k 10 "$row_timeout" "$@" >/dev/null || status=$?
   if [ "$status" = 124 ]; then
     echo ">$row_timeout"
     return

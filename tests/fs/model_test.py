@@ -312,6 +312,8 @@ class ModelTest:
         code, output = self.volume.fsck()
         if code != 0:
             raise Mismatch(f"cellar fsck exited {code} after the run:\n{output}")
+        self.volume.mount()
+        self.volume.destroy()
         return remounts
 
 

@@ -4,7 +4,7 @@
 Library: `Volume(work_dir)` keeps its metadata database, mount point and mount log under
 work_dir; the volume name is unique per work_dir so volumes never share objects in the bucket.
 
-CLI (for shell suites):  volume.py mount|umount|remount|fsck|kill WORK_DIR
+CLI (for shell suites):  volume.py mount|umount|remount|fsck|kill|destroy|cleanup WORK_DIR
 `mount` prints the mount point. Everything fails loudly (non-zero exit, one clear line).
 
 Environment: CELLAR_TEST_S3_URL (+ AWS keys) from tests/harness/rgw.sh; CELLAR_BIN (default
@@ -13,6 +13,7 @@ debug a suite without Cellar (kill and fsck then do nothing).
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +143,19 @@ class Volume:
         result = self.run_cellar("fsck", *self.volume_args(), check=False, timeout=600)
         return result.returncode, (result.stdout + result.stderr).strip()
 
+    def destroy(self):
+        """Deletes everything on the volume and all its objects, so a long test run does not fill
+        the RGW's in-memory OSD. The volume must be mounted; it is unmounted."""
+        if local_mode():
+            return
+        for entry in self.mount_point.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        self.umount()
+        self.run_cellar("gc", *self.volume_args(), "--grace", "0s", "--delete-leaked", timeout=600)
+
     def cleanup(self):
         """Best-effort unmount for error paths (lazy, so a hung mount cannot block the suite)."""
         if not local_mode() and is_mounted(self.mount_point):
@@ -153,8 +167,9 @@ class Volume:
 
 
 def main(argv):
-    if len(argv) != 3 or argv[1] not in ("mount", "umount", "remount", "fsck", "kill", "cleanup"):
-        print("usage: volume.py mount|umount|remount|fsck|kill|cleanup WORK_DIR", file=sys.stderr)
+    actions = ("mount", "umount", "remount", "fsck", "kill", "destroy", "cleanup")
+    if len(argv) != 3 or argv[1] not in actions:
+        print(f"usage: volume.py {'|'.join(actions)} WORK_DIR", file=sys.stderr)
         return 2
     try:
         volume = Volume(argv[2])
