@@ -20,7 +20,6 @@ cellar=${CELLAR_BIN:-$root/target/release/cellar}
 [ -x "$cellar" ] || cargo build --release -p cellar-cli
 bucket=cellar-test
 declare -A mnt result peak_rss
-rclone_rc_port=
 daemon_pid=      # pid of the FUSE daemon currently mounted (s3fs, rclone: our child; cellar: its pid file)
 
 log() { printf '%s\n' "$*" >&2; }
@@ -108,16 +107,15 @@ mount_system() { # system dir
       ;;
     rclone)
       rm -rf "$work/rclone-cache"
-      rclone_rc_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
       # --vfs-cache-mode writes: the mode rclone documents for applications that write (git,
       # tar need it). Its uploads are asynchronous (see wait_until_stored); --vfs-write-back 0s
       # starts them at close instead of 5 s later, rclone's best case.
       rclone_env rclone mount "rgw:$bucket/rclone" "$dir" --vfs-cache-mode writes \
         --vfs-write-back 0s --cache-dir "$work/rclone-cache" --allow-other \
-        --rc --rc-addr "127.0.0.1:$rclone_rc_port" --rc-no-auth \
         --log-level INFO --log-file "$work/rclone.log" &
-      daemon_pid=$!
-      wait_for_mount "$dir" "$daemon_pid"
+      wait_for_mount "$dir" "$!"
+      # $! is the subshell running rclone_env; rclone itself is its child (env execs it).
+      daemon_pid=$(pgrep -P "$!" -x rclone || echo "$!")
       ;;
   esac
 }
@@ -144,21 +142,24 @@ unmount_system() { # system dir
 # Cellar's and s3fs's close()/fsync() do. rclone marks an item dirty in its metadata file
 # (vfsMeta/..., "Dirty": true) at the first write and clears it once the upload succeeded. An
 # upload that failed (rclone 1.60 fails some, e.g. git's index renamed while uploading) leaves its
-# item dirty with nothing queued: stop waiting once the dirty set stays the same for 1 s while the
-# remote-control stats show no upload queued or in progress.
+# item dirty for good: those, which its log names in an ERROR line, are not waited for.
 wait_until_stored() { # system
   [ "$1" = rclone ] || return 0
-  local dirty previous= stable_since=$SECONDS stats
+  local meta="$work/rclone-cache/vfsMeta" file item pending failed
   while :; do
-    dirty=$(grep -rlsE '"Dirty": *true' "$work/rclone-cache/vfsMeta" | sort)
-    [ -z "$dirty" ] && return 0
-    if [ "$dirty" != "$previous" ]; then previous=$dirty; stable_since=$SECONDS; fi
-    if ((SECONDS - stable_since >= 1)); then
-      stats=$(without_ca_vars rclone rc --url "http://127.0.0.1:$rclone_rc_port/" vfs/stats)
-      if python3 -c 'import json, sys; c = json.load(sys.stdin)["diskCache"]; sys.exit(c["uploadsInProgress"] + c["uploadsQueued"] != 0)' <<< "$stats"; then
-        log "   rclone: $(wc -l <<< "$dirty") file(s) stay dirty (failed uploads, see rclone.log)"
-        return 0
+    pending=0 failed=0
+    while IFS= read -r file; do
+      # vfsMeta/<remote>/<bucket>/rclone/<path>: the log names the item by <path>.
+      item=${file#"$meta"/*/*/rclone/}
+      if grep -qF -e "ERROR : $item:" -e "ERROR : $item(" "$work/rclone.log"; then
+        failed=$((failed + 1))
+      else
+        pending=$((pending + 1))
       fi
+    done < <(grep -rlsE '"Dirty": *true' "$meta")
+    if [ "$pending" = 0 ]; then
+      [ "$failed" = 0 ] || log "   rclone: $failed upload(s) failed (see rclone.log)"
+      return 0
     fi
     sleep 0.05
   done
@@ -225,7 +226,8 @@ for s in "${systems[@]}"; do
   mkdir -p "$dir"
   mnt[$s]=$dir
   mount_system "$s" "$dir"
-  log "== $s"
+  # Other processes on the machine skew a row: the load average says how busy it was.
+  log "== $s (load average $(cut -d' ' -f1-3 /proc/loadavg))"
   result[$s,0]=$(timed "$s" dd if=/dev/zero of="$dir/big" bs=1M count="$size_mb" conv=fsync status=none)
   log "   write      ${result[$s,0]}"
   cold "$s" "$dir"

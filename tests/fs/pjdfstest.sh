@@ -10,6 +10,8 @@ command -v pjdfstest >/dev/null || fail "pjdfstest is not installed (cargo insta
 mkdir "$MNT/p" "$WORK/secondary"
 # pjdfstest switches to unprivileged users, who must reach its directories (mktemp makes 0700).
 chmod 0755 "$WORK" "$WORK/v" "$MNT/p" "$WORK/secondary"
+runuser -u nobody -- test -x "$MNT/p" ||
+  fail "user nobody cannot reach $MNT/p: make its parent directories world-searchable (chmod o+x)"
 note "running pjdfstest in $MNT/p"
 # A broken file system can hang a test; the timeout turns that into a failure.
 set +e
