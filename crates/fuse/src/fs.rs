@@ -137,7 +137,8 @@ fn rename_mode(flags: RenameFlags) -> Result<RenameMode, Errno> {
 
 /// Capabilities asked from the kernel when it offers them. No FUSE_WRITEBACK_CACHE: with
 /// write-through, `close()` and `fsync()` see every byte, which keeps close-to-open consistency
-/// and crash durability simple.
+/// and crash durability simple. No FUSE_ATOMIC_O_TRUNC: the kernel then truncates through setattr,
+/// the one place the vfs changes a size.
 fn wanted_capabilities() -> InitFlags {
     InitFlags::FUSE_ASYNC_READ
         | InitFlags::FUSE_BIG_WRITES
@@ -145,7 +146,6 @@ fn wanted_capabilities() -> InitFlags {
         | InitFlags::FUSE_POSIX_LOCKS
         | InitFlags::FUSE_FLOCK_LOCKS
         | InitFlags::FUSE_EXPORT_SUPPORT
-        | InitFlags::FUSE_ATOMIC_O_TRUNC
         | InitFlags::FUSE_DO_READDIRPLUS
         | InitFlags::FUSE_READDIRPLUS_AUTO
         | InitFlags::FUSE_PARALLEL_DIROPS
