@@ -64,6 +64,7 @@ if step "cargo build --release" cargo build --release --locked -p cellar-cli; th
   # Suites work in TMPDIR (short: pjdfstest binds unix sockets inside the mount); a failed
   # suite leaves its scratch directory there for inspection.
   e2e_tmp=$(mktemp -d /tmp/ce-XXXXXX)
+  chmod 0755 "$e2e_tmp" # pjdfstest runs parts of itself as user nobody
   for suite in "${suites[@]}"; do
     [ -n "${SUITE_MINUTES[$suite]:-}" ] || { echo "unknown suite $suite (one of: ${ALL_SUITES[*]})"; exit 2; }
     # shellcheck disable=SC2046

@@ -90,6 +90,10 @@ rgw gc obj min wait = 5
 rgw gc processor period = 5
 rgw gc processor max time = 5
 rgw gc max concurrent io = 10
+# Resharding a bucket index blocks writes with 503 SlowDown for as long as it takes; suites that
+# write 100,000s of objects would trigger it. A fixed shard count avoids it.
+rgw dynamic resharding = false
+rgw override bucket index max shards = 32
 EOF
 }
 
