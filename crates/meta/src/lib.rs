@@ -29,9 +29,15 @@ pub trait MetaEngine: Send + Sync {
     fn heartbeat(&self, session: SessionId) -> Result<()>;
     /// Ends a session: drops its locks, deletes its sustained inodes that have no links.
     fn close_session(&self, session: SessionId) -> Result<()>;
-    /// Closes every session whose heartbeat is older than `max_age_ns` (a crashed mount);
-    /// returns how many were closed.
-    fn reap_stale_sessions(&self, now_ns: i64, max_age_ns: i64) -> Result<usize>;
+    /// Closes every session whose heartbeat is older than `max_age_ns` (a crashed mount), except
+    /// `exclude` (the caller's own session: a mount whose heartbeat was merely delayed must not
+    /// drop its own locks); returns how many were closed.
+    fn reap_stale_sessions(
+        &self,
+        now_ns: i64,
+        max_age_ns: i64,
+        exclude: Option<SessionId>,
+    ) -> Result<usize>;
 
     // ---- namespace ----
     fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr>;
@@ -139,7 +145,11 @@ pub trait MetaEngine: Send + Sync {
     fn garbage_slices(&self, before_ns: i64, limit: usize) -> Result<Vec<GarbageSlice>>;
     /// Forgets garbage slices whose objects were deleted.
     fn forget_garbage(&self, ids: &[u64]) -> Result<()>;
-    /// Marks an uploaded slice as garbage now (an upload whose commit failed or lost a race).
+    /// Marks slices as garbage from `now_ns` on (an upload whose commit failed or lost a race),
+    /// re-dating a slice already listed. Writers also record each upload *before* it starts with
+    /// a `now_ns` in the future (an intent record): if the writer crashes before committing, the
+    /// object is known garbage rather than leaked. [`MetaEngine::commit_slices`] and
+    /// [`MetaEngine::replace_chunk`] drop the garbage rows of the slices they commit.
     fn add_garbage(&self, slices: &[GarbageSlice], now_ns: i64) -> Result<()>;
     /// Every slice referenced by a chunk (id, stored size), for fsck and leak detection.
     fn live_slices(&self) -> Result<Vec<(u64, u32)>>;

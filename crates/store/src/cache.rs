@@ -139,8 +139,9 @@ impl DiskCache {
         }
     }
 
-    /// Stores a block (best effort: a full or failing disk only costs a future miss).
-    pub async fn put(&self, key: &str, data: &Bytes) {
+    /// Stores a block (best effort: a full or failing disk only costs a future miss). Blocking:
+    /// run it on a blocking thread (writing from `data` directly avoids tokio::fs's copy).
+    pub fn put(&self, key: &str, data: &[u8]) {
         let Some(name) = Self::file_name(key) else {
             return;
         };
@@ -151,14 +152,11 @@ impl DiskCache {
         let partial = self
             .dir
             .join(format!("{name}.{}{PARTIAL_SUFFIX}", std::process::id()));
-        let written = async {
-            tokio::fs::write(&partial, data).await?;
-            tokio::fs::rename(&partial, &path).await
-        }
-        .await;
+        let written =
+            std::fs::write(&partial, data).and_then(|()| std::fs::rename(&partial, &path));
         if let Err(err) = written {
             tracing::debug!(error = %err, "could not write block to the disk cache");
-            let _ = tokio::fs::remove_file(&partial).await;
+            let _ = std::fs::remove_file(&partial);
             return;
         }
         self.index.lock().touch(&name, data.len() as u64);
@@ -196,11 +194,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = DiskCache::open(dir.path(), 250).unwrap();
         let block = |b: u8| Bytes::from(vec![b; 100]);
-        cache.put("s/a", &block(1)).await;
-        cache.put("s/b", &block(2)).await;
+        cache.put("s/a", &block(1));
+        cache.put("s/b", &block(2));
         // Using `a` makes `b` the eviction candidate.
         assert_eq!(cache.get("s/a", 100).await, Some(block(1)));
-        cache.put("s/c", &block(3)).await;
+        cache.put("s/c", &block(3));
         assert_eq!(cache.total_bytes(), 200);
         assert_eq!(cache.get("s/b", 100).await, None);
         assert_eq!(cache.get("s/a", 100).await, Some(block(1)));

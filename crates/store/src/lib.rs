@@ -400,14 +400,12 @@ impl Inner {
             .put(&path, data.clone().into())
             .await
             .map_err(|err| self.error(&err, "put", path.as_ref()))?;
-        let cache_key = self.cache_key(&path);
-        self.cache_on_disk(&cache_key, &data);
-        if self.cache_enabled {
-            // A copy, so that the cache accounts for exactly what it keeps alive (a slice of
-            // `data` would pin the caller's whole buffer).
-            self.mem
-                .insert(cache_key, Bytes::copy_from_slice(&data))
-                .await;
+        // Uploaded blocks skip the disk cache (writing it cost more CPU than the upload), and
+        // only a block that is its whole slice goes to the memory cache: it is shared, not
+        // copied, so a block of a larger slice would pin the caller's whole buffer. Blocks not
+        // cached are read back from the store.
+        if self.cache_enabled && data.len() == slice.len() {
+            self.mem.insert(self.cache_key(&path), data).await;
         }
         Ok(())
     }
@@ -416,7 +414,7 @@ impl Inner {
     fn cache_on_disk(&self, cache_key: &str, data: &Bytes) {
         if let Some(disk) = &self.disk {
             let (disk, cache_key, data) = (Arc::clone(disk), cache_key.to_string(), data.clone());
-            tokio::spawn(async move { disk.put(&cache_key, &data).await });
+            tokio::task::spawn_blocking(move || disk.put(&cache_key, &data));
         }
     }
 

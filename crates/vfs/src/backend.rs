@@ -20,6 +20,10 @@ pub(crate) const INLINE_THRESHOLD: u64 = 64 << 10;
 pub(crate) const COMPACT_MIN_SLICES: usize = 16;
 /// How many store deletions run at once during garbage collection.
 const DELETE_CONCURRENCY: usize = 32;
+/// How far in the future an upload's intent record falls due for gc. A block request gives up
+/// after about a minute of retries, so an hour is far beyond any upload still in flight: gc never
+/// deletes an object that a live writer may yet write or commit.
+const PENDING_UPLOAD_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
 const STORE_MAX_RETRIES: u32 = 4;
 
 pub(crate) fn now_ns() -> i64 {
@@ -146,12 +150,12 @@ impl Core {
         len: usize,
         size: u64,
     ) -> VfsResult<Vec<u8>> {
-        let mut out = vec![0u8; len];
         let end = (offset + len as u64).min(size);
         if offset >= end {
-            return Ok(out);
+            return Ok(vec![0u8; len]);
         }
         if let Some(blob) = self.meta.read_inline(ino)? {
+            let mut out = vec![0u8; len];
             // Inline bytes hold the start of the file; the rest up to the size reads as zeros.
             let blob_end = end.min(blob.len() as u64);
             if offset < blob_end {
@@ -166,13 +170,32 @@ impl Core {
             let slices = self.meta.read_chunk(ino, index)?;
             maps.push((index * cs, chunk_map(&slices)));
         }
-        let pieces = maps.iter().flat_map(|(chunk_start, map)| {
-            let from = offset.max(*chunk_start) - chunk_start;
-            let to = end.min(chunk_start + cs) - chunk_start;
-            map.clipped(from, to)
-                .map(move |p| (chunk_start + p.start - offset, p))
-        });
-        self.fill_from_store(pieces, &mut out)?;
+        let pieces: Vec<_> = maps
+            .iter()
+            .flat_map(|(chunk_start, map)| {
+                let from = offset.max(*chunk_start) - chunk_start;
+                let to = end.min(chunk_start + cs) - chunk_start;
+                map.clipped(from, to)
+                    .map(move |p| (chunk_start + p.start - offset, p))
+            })
+            .collect();
+        if let [(0, p)] = pieces.as_slice() {
+            if p.source.id != 0 && p.end - p.start == len as u64 {
+                // One slice covers the whole request: its bytes are the answer, no zeroed
+                // buffer to copy them into.
+                let data = self.runtime.block_on(self.store.read_slice(
+                    p.source.id,
+                    p.source.size,
+                    p.source_off as u32,
+                    len as u32,
+                ))?;
+                let mut out = Vec::from(data);
+                out.resize(len, 0);
+                return Ok(out);
+            }
+        }
+        let mut out = vec![0u8; len];
+        self.fill_from_store(pieces.into_iter(), &mut out)?;
         Ok(out)
     }
 
@@ -233,11 +256,20 @@ impl Core {
         Ok(())
     }
 
+    /// Records slices about to be uploaded as garbage due [`PENDING_UPLOAD_GRACE`] from now: if
+    /// this mount dies before committing them, their objects are known garbage (not leaked) and
+    /// gc deletes them once no upload can still be writing them. Committing a slice drops its row.
+    pub fn record_pending_uploads(&self, slices: &[GarbageSlice]) -> VfsResult<()> {
+        let due = now_ns().saturating_add(PENDING_UPLOAD_GRACE.as_nanos() as i64);
+        Ok(self.meta.add_garbage(slices, due)?)
+    }
+
     /// Uploads `data` as one new slice and returns its id; on failure the id is recorded as
     /// garbage, since some of its blocks may have landed.
     pub fn put_new_slice(&self, data: Bytes) -> VfsResult<u64> {
         let id = self.meta.alloc_slice_ids(1)?;
         let size = data.len() as u32;
+        self.record_pending_uploads(&[GarbageSlice { id, size }])?;
         if let Err(e) = self.runtime.block_on(self.store.put_slice(id, data)) {
             self.discard_slices(&[GarbageSlice { id, size }]);
             return Err(e.into());

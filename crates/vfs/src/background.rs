@@ -21,6 +21,8 @@ const COMPACT_PER_ROUND: usize = 64;
 pub(crate) fn start(inner: &Arc<Inner>) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut beats = 0u32;
     Ok(vec![
+        // Its own thread, touching only the metadata: a stalled store or a long flush cannot
+        // delay the heartbeat into looking like a crashed mount to the others.
         spawn(inner, "cellar-heartbeat", HEARTBEAT_EVERY, move |inner| {
             inner.heartbeat();
             beats += 1;

@@ -17,6 +17,8 @@ use crate::{Errno, VfsResult};
 
 /// A buffer this large starts uploading in the background.
 const SEGMENT_BYTES: u64 = 16 << 20;
+/// An extent grown sequentially past this size reserves a whole segment up front.
+const SEQUENTIAL_RESERVE_AFTER: usize = 1 << 20;
 /// Writers of an inode wait when this much of it is uploading.
 const INODE_INFLIGHT_LIMIT: u64 = 64 << 20;
 /// Writers flush synchronously when the whole mount buffers this much.
@@ -45,7 +47,16 @@ impl Inner {
         let buffered = {
             let mut d = file.data.lock();
             match d.buffer.last_mut() {
-                Some(last) if last.end() == offset => last.data.extend_from_slice(data),
+                Some(last) if last.end() == offset => {
+                    // A sequential writer: grow once to a whole segment instead of doubling
+                    // (every doubling copies the buffer).
+                    let room = last.data.capacity() - last.data.len();
+                    if room < data.len() && last.data.len() >= SEQUENTIAL_RESERVE_AFTER {
+                        let segment_rest = (SEGMENT_BYTES as usize).saturating_sub(last.data.len());
+                        last.data.reserve_exact(segment_rest.max(data.len()));
+                    }
+                    last.data.extend_from_slice(data)
+                }
                 _ => d.buffer.push(Extent {
                     offset,
                     data: data.to_vec(),
@@ -202,6 +213,17 @@ impl Inner {
                 },
             ));
             uploads.push((id, run.data));
+        }
+        let pending: Vec<GarbageSlice> = slices
+            .iter()
+            .map(|(_, s)| GarbageSlice {
+                id: s.id,
+                size: s.size,
+            })
+            .collect();
+        if let Err(e) = self.core.record_pending_uploads(&pending) {
+            self.fail_inflight(file);
+            return Err(e);
         }
         let store = self.core.store.clone();
         let upload = self.core.runtime.spawn(async move {

@@ -178,3 +178,76 @@ fn sqlite_path(meta_url: &str) -> anyhow::Result<std::path::PathBuf> {
     );
     Ok(std::path::PathBuf::from(url.path()))
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use cellar_meta::{FileKind, NewNode, Slice, ROOT_INO};
+
+    use super::*;
+
+    fn volume_in(dir: &std::path::Path) -> VolumeConfig {
+        let store_dir = dir.join("store");
+        std::fs::create_dir_all(&store_dir).unwrap();
+        VolumeConfig {
+            meta_url: format!("sqlite://{}", dir.join("meta.db").display()),
+            store_url: format!("file://{}", store_dir.display()),
+            volume: "test".into(),
+            cache_mem_bytes: 1 << 20,
+            cache_dir: None,
+            cache_disk_bytes: 0,
+            mount_point: "/test".into(),
+        }
+    }
+
+    /// A writer killed between uploading a slice and committing it leaves an object that is
+    /// known garbage (not leaked), which gc keeps while the upload might still be in flight.
+    #[test]
+    fn an_uncommitted_upload_is_pending_garbage_not_a_leak() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = volume_in(dir.path());
+        let core = Core::open(&config, true).unwrap();
+        let data = Bytes::from(vec![7u8; 1000]);
+        // The "crash": uploaded, never committed.
+        let id = core.put_new_slice(data.clone()).unwrap();
+        let object_count = || list_objects(&core).unwrap().len();
+        assert_eq!(object_count(), 1);
+
+        assert_eq!(fsck(&config, false).unwrap(), Vec::<String>::new());
+        let (deleted, _) = gc(&config, Duration::ZERO, true).unwrap();
+        assert_eq!(deleted, 0, "a pending upload is not due for gc yet");
+        assert_eq!(object_count(), 1);
+
+        // A commit (the writer survived after all) makes it live: no longer garbage.
+        let file = core
+            .meta
+            .create_node(
+                ROOT_INO,
+                b"f",
+                &NewNode {
+                    kind: FileKind::Regular,
+                    perm: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    target: Vec::new(),
+                },
+                now_ns(),
+            )
+            .unwrap();
+        let len = data.len() as u32;
+        let slice = Slice {
+            id,
+            size: len,
+            off: 0,
+            len,
+            pos: 0,
+        };
+        core.meta
+            .commit_slices(file.ino, &[(0, slice)], u64::from(len), true, now_ns())
+            .unwrap();
+        assert_eq!(core.meta.garbage_slices(i64::MAX, 10).unwrap(), vec![]);
+        assert_eq!(fsck(&config, false).unwrap(), Vec::<String>::new());
+        assert_eq!(object_count(), 1);
+    }
+}

@@ -136,11 +136,13 @@ impl Inner {
     }
 
     pub fn reap_stale_sessions(&self) {
-        match self
-            .core
-            .meta
-            .reap_stale_sessions(now_ns(), STALE_SESSION_AGE.as_nanos() as i64)
-        {
+        match self.core.meta.reap_stale_sessions(
+            now_ns(),
+            STALE_SESSION_AGE.as_nanos() as i64,
+            // A late heartbeat (stalled store, loaded host) must not make a mount drop its
+            // own locks: only other, crashed mounts are reaped.
+            Some(self.session()),
+        ) {
             Ok(0) => {}
             Ok(n) => tracing::info!(sessions = n, "reaped sessions of crashed mounts"),
             Err(e) => tracing::warn!(error = %e, "could not reap stale sessions"),

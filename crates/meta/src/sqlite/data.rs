@@ -153,6 +153,7 @@ pub fn commit_slices(
         )));
     }
     insert_slices(conn, ino, slices)?;
+    forget_committed(conn, slices.iter().map(|(_, slice)| slice))?;
     let size = attr.size.max(min_size);
     store_content(conn, &mut attr, size, None, now_ns)?;
     Ok(attr)
@@ -245,6 +246,7 @@ pub fn replace_chunk(
         .execute(params![ino, chunk])?;
     let new_rows: Vec<(u64, Slice)> = new.iter().map(|slice| (chunk, *slice)).collect();
     insert_slices(conn, ino, &new_rows)?;
+    forget_committed(conn, new)?;
     let mut still_used =
         conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM chunk_slices WHERE id = ?1)")?;
     let mut dropped = Vec::new();
@@ -290,9 +292,26 @@ pub fn forget_garbage(conn: &Connection, ids: &[u64]) -> Result<()> {
     Ok(())
 }
 
+/// A committed slice is referenced now: drop the pending-upload garbage row the writer recorded
+/// before uploading it (see [`add_garbage`]).
+fn forget_committed<'a>(
+    conn: &Connection,
+    slices: impl IntoIterator<Item = &'a Slice>,
+) -> Result<()> {
+    let ids: Vec<u64> = slices
+        .into_iter()
+        .map(|slice| slice.id)
+        .filter(|&id| id != 0)
+        .collect();
+    forget_garbage(conn, &ids)
+}
+
+/// Records (or re-dates) garbage slices: a writer records its uploads as pending garbage with a
+/// future `since` before uploading, and re-dates them to now when their commit fails.
 pub fn add_garbage(conn: &Connection, slices: &[GarbageSlice], now_ns: i64) -> Result<()> {
     let mut insert = conn.prepare_cached(
-        "INSERT INTO garbage (id, size, since_ns) VALUES (?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO garbage (id, size, since_ns) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (id) DO UPDATE SET size = excluded.size, since_ns = excluded.since_ns",
     )?;
     for slice in slices.iter().filter(|slice| slice.id != 0) {
         insert.execute(params![slice.id as i64, slice.size, now_ns])?;

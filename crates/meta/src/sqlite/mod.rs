@@ -173,8 +173,13 @@ impl MetaEngine for SqliteEngine {
         self.write(|tx| namespace::close_session(tx, session, wall_clock_ns()))
     }
 
-    fn reap_stale_sessions(&self, now_ns: i64, max_age_ns: i64) -> Result<usize> {
-        self.write(|tx| namespace::reap_stale_sessions(tx, now_ns, max_age_ns))
+    fn reap_stale_sessions(
+        &self,
+        now_ns: i64,
+        max_age_ns: i64,
+        exclude: Option<SessionId>,
+    ) -> Result<usize> {
+        self.write(|tx| namespace::reap_stale_sessions(tx, now_ns, max_age_ns, exclude))
     }
 
     fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {

@@ -324,10 +324,17 @@ pub fn close_session(conn: &Connection, session: SessionId, now_ns: i64) -> Resu
     Ok(())
 }
 
-pub fn reap_stale_sessions(conn: &Connection, now_ns: i64, max_age_ns: i64) -> Result<usize> {
+pub fn reap_stale_sessions(
+    conn: &Connection,
+    now_ns: i64,
+    max_age_ns: i64,
+    exclude: Option<SessionId>,
+) -> Result<usize> {
     let stale: Vec<SessionId> = conn
-        .prepare_cached("SELECT id FROM sessions WHERE heartbeat_ns < ?1")?
-        .query_map([now_ns.saturating_sub(max_age_ns)], |row| row.get(0))?
+        .prepare_cached("SELECT id FROM sessions WHERE heartbeat_ns < ?1 AND id IS NOT ?2")?
+        .query_map(params![now_ns.saturating_sub(max_age_ns), exclude], |row| {
+            row.get(0)
+        })?
         .collect::<rusqlite::Result<_>>()?;
     for &session in &stale {
         tracing::warn!(session, "closing stale metadata session");

@@ -523,7 +523,15 @@ fn unlinked_open_files_are_sustained_until_released() {
     f.meta
         .unlink(ROOT_INO, b"third", stale, &|_| true, NOW)
         .unwrap();
-    assert_eq!(f.meta.reap_stale_sessions(600, 200).unwrap(), 1);
+    // A session never reaps itself, however late its heartbeat.
+    assert_eq!(
+        f.meta.reap_stale_sessions(600, 200, Some(stale)).unwrap(),
+        0
+    );
+    assert_eq!(
+        f.meta.reap_stale_sessions(600, 200, Some(fresh)).unwrap(),
+        1
+    );
     assert_eq!(errno(f.meta.getattr(third.ino)), ENOENT);
     assert_eq!(errno(f.meta.heartbeat(stale)), ESTALE);
     f.meta.heartbeat(fresh).unwrap();
@@ -680,6 +688,65 @@ fn commit_read_truncate_and_garbage() {
     assert_eq!(ids, expected);
     assert_eq!(f.meta.usage().unwrap().bytes, 0);
     assert!(f.meta.check(false).unwrap().is_empty());
+}
+
+#[test]
+fn committing_a_pending_upload_removes_its_garbage_row() {
+    let f = Fixture::new();
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let first = f.meta.alloc_slice_ids(3).unwrap();
+    let (committed, compacted, crashed) = (first, first + 1, first + 2);
+    let pending_until = NOW + 1_000;
+    let pending: Vec<GarbageSlice> = (first..first + 3)
+        .map(|id| GarbageSlice { id, size: 10 })
+        .collect();
+    f.meta.add_garbage(&pending, pending_until).unwrap();
+    assert_eq!(
+        f.meta.garbage_slices(NOW, 10).unwrap(),
+        vec![],
+        "not due yet"
+    );
+
+    f.meta
+        .commit_slices(file.ino, &[(0, slice(committed, 10, 0))], 10, false, NOW)
+        .unwrap();
+    let listed = |before| -> Vec<u64> {
+        let mut ids: Vec<u64> = f
+            .meta
+            .garbage_slices(before, 10)
+            .unwrap()
+            .iter()
+            .map(|g| g.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(listed(i64::MAX), vec![compacted, crashed]);
+
+    // Compaction commits its slice through replace_chunk: its row goes too, the replaced one
+    // becomes garbage (dated by the engine's clock).
+    assert!(f
+        .meta
+        .replace_chunk(
+            file.ino,
+            0,
+            &[slice(committed, 10, 0)],
+            &[slice(compacted, 10, 0)]
+        )
+        .unwrap());
+    assert_eq!(listed(i64::MAX), vec![committed, crashed]);
+
+    // A failed commit re-dates its pending row to now.
+    f.meta
+        .add_garbage(
+            &[GarbageSlice {
+                id: crashed,
+                size: 10,
+            }],
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(listed(NOW + 1), vec![crashed]);
 }
 
 #[test]
@@ -923,7 +990,7 @@ fn posix_locks_split_merge_and_conflict() {
         .meta
         .setlk(file.ino, c, &range(0, 0, LockKind::Read, 1))
         .unwrap());
-    assert_eq!(f.meta.reap_stale_sessions(NOW + 100, 50).unwrap(), 1);
+    assert_eq!(f.meta.reap_stale_sessions(NOW + 100, 50, None).unwrap(), 1);
     assert!(f
         .meta
         .setlk(file.ino, c, &range(0, 0, LockKind::Read, 1))
