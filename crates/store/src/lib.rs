@@ -88,6 +88,10 @@ const UPLOAD_CONCURRENCY: usize = 16;
 const FETCH_CONCURRENCY: usize = 16;
 /// Upper bound of the bytes that read-ahead may have in flight at once.
 const MAX_PREFETCH_BYTES: u64 = 256 << 20;
+/// Requests (PUT, GET, DELETE) in flight to the store at once, across every caller of one
+/// `BlockStore`. Many small flushes (random writes) would otherwise open thousands of requests at
+/// once, and S3 servers answer that with 503 SlowDown (Ceph RGW throttles at 1,024).
+const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 
 /// Block objects of one volume (a prefix of a bucket or of a local directory). Cheap to clone.
 #[derive(Clone)]
@@ -111,6 +115,8 @@ struct Inner {
     disk: Option<Arc<DiskCache>>,
     /// One permit per block that read-ahead may be fetching.
     prefetch_permits: Arc<Semaphore>,
+    /// One permit per request in flight to the store.
+    request_permits: Semaphore,
 }
 
 struct StoreRuntime {
@@ -185,6 +191,7 @@ impl BlockStore {
                 cache_enabled: options.cache_mem_bytes > 0,
                 disk,
                 prefetch_permits: Arc::new(Semaphore::new(prefetch_blocks.max(1) as usize)),
+                request_permits: Semaphore::new(MAX_REQUESTS_IN_FLIGHT),
             }),
             runtime: Arc::new(StoreRuntime {
                 runtime: Some(runtime),
@@ -396,10 +403,13 @@ impl Inner {
         let path = self.block_path(id, block);
         let start = block.start as usize;
         let data = slice.slice(start..start + block.len as usize);
-        self.store
-            .put(&path, data.clone().into())
-            .await
-            .map_err(|err| self.error(&err, "put", path.as_ref()))?;
+        {
+            let _permit = self.request_permit().await;
+            self.store
+                .put(&path, data.clone().into())
+                .await
+                .map_err(|err| self.error(&err, "put", path.as_ref()))?;
+        }
         // Uploaded blocks skip the disk cache (writing it cost more CPU than the upload), and
         // only a block that is its whole slice goes to the memory cache: it is shared, not
         // copied, so a block of a larger slice would pin the caller's whole buffer. Blocks not
@@ -408,6 +418,13 @@ impl Inner {
             self.mem.insert(self.cache_key(&path), data).await;
         }
         Ok(())
+    }
+
+    async fn request_permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.request_permits
+            .acquire()
+            .await
+            .expect("the request semaphore is never closed")
     }
 
     /// Writes a block to the disk cache in the background (the caller does not wait for it).
@@ -428,6 +445,7 @@ impl Inner {
                     return Ok(data);
                 }
             }
+            let permit = self.request_permit().await;
             let data = self
                 .store
                 .get(&path)
@@ -436,6 +454,7 @@ impl Inner {
                 .bytes()
                 .await
                 .map_err(|err| self.error(&err, "get", path.as_ref()))?;
+            drop(permit);
             if data.len() != block.len as usize {
                 return Err(StoreError::Io(format!(
                     "object {path} on {} has {} bytes, its key says {}",
@@ -459,6 +478,7 @@ impl Inner {
         if let Some(disk) = &self.disk {
             disk.remove(&cache_key).await;
         }
+        let _permit = self.request_permit().await;
         match self.store.delete(&path).await {
             Ok(()) => Ok(()),
             Err(err) => match self.error(&err, "delete", path.as_ref()) {
