@@ -139,6 +139,16 @@ fn rename_mode(flags: RenameFlags) -> Result<RenameMode, Errno> {
 /// write-through, `close()` and `fsync()` see every byte, which keeps close-to-open consistency
 /// and crash durability simple. No FUSE_ATOMIC_O_TRUNC: the kernel then truncates through setattr,
 /// the one place the vfs changes a size.
+/// A lock request of the kernel as the vfs takes it (`None` for an unknown lock type).
+fn lock_range(start: u64, end: u64, typ: i32, pid: u32) -> Option<LockRange> {
+    Some(LockRange {
+        start,
+        end: range_end_from_kernel(end),
+        kind: lock_kind(typ)?,
+        pid,
+    })
+}
+
 fn wanted_capabilities() -> InitFlags {
     InitFlags::FUSE_ASYNC_READ
         | InitFlags::FUSE_BIG_WRITES
@@ -590,14 +600,8 @@ impl Filesystem for CellarFs {
         pid: u32,
         reply: ReplyLock,
     ) {
-        let Some(kind) = lock_kind(typ) else {
+        let Some(range) = lock_range(start, end, typ, pid) else {
             return reply.error(Errno::EINVAL);
-        };
-        let range = LockRange {
-            start,
-            end: range_end_from_kernel(end),
-            kind,
-            pid,
         };
         match self.vfs.getlk(ino.0, fh.0, lock_owner.0, range) {
             Ok(Some(held)) => reply.locked(
@@ -630,14 +634,8 @@ impl Filesystem for CellarFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let Some(kind) = lock_kind(typ) else {
+        let Some(range) = lock_range(start, end, typ, pid) else {
             return reply.error(Errno::EINVAL);
-        };
-        let range = LockRange {
-            start,
-            end: range_end_from_kernel(end),
-            kind,
-            pid,
         };
         if !sleep {
             return reply_empty(
