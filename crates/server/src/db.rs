@@ -232,16 +232,14 @@ impl ControlDb {
         }
         let conn = self.lock();
         let id = new_id();
-        match conn.execute(
-            "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)",
-            params![id, name, now()],
-        ) {
-            Ok(_) => Ok(id),
-            Err(e) if is_unique_violation(&e) => Err(DbError::Conflict(format!(
-                "organization {name:?} already exists"
-            ))),
-            Err(e) => Err(e.into()),
-        }
+        unique_insert(
+            conn.execute(
+                "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)",
+                params![id, name, now()],
+            ),
+            || format!("organization {name:?} already exists"),
+        )?;
+        Ok(id)
     }
 
     pub fn org_id_by_name(&self, name: &str) -> DbResult<Option<String>> {
@@ -316,15 +314,9 @@ impl ControlDb {
              VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
             params![row.id, row.org_id, row.name, row.state, row.created_at],
         );
-        match inserted {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => {
-                return Err(DbError::Conflict(format!(
-                    "volume with name {name:?} already exists"
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        }
+        unique_insert(inserted, || {
+            format!("volume with name {name:?} already exists")
+        })?;
         tx.commit()?;
         Ok(row)
     }
@@ -525,15 +517,9 @@ impl ControlDb {
                 now
             ],
         );
-        match inserted {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => {
-                return Err(DbError::Conflict(format!(
-                    "sandbox with name {name:?} already exists"
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        }
+        unique_insert(inserted, || {
+            format!("sandbox with name {name:?} already exists")
+        })?;
         for (position, mount) in mounts.iter().enumerate() {
             tx.execute(
                 "INSERT INTO sandbox_volumes (sandbox_id, volume_id, mount_path, subpath, read_only, position) \
@@ -627,9 +613,18 @@ impl ControlDb {
     }
 }
 
-fn is_unique_violation(err: &rusqlite::Error) -> bool {
-    matches!(
-        err,
-        rusqlite::Error::SqliteFailure(e, _) if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-    )
+/// The outcome of an INSERT whose unique constraint guards a name: a violation is a conflict.
+fn unique_insert(
+    inserted: rusqlite::Result<usize>,
+    conflict: impl FnOnce() -> String,
+) -> Result<(), DbError> {
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            Err(DbError::Conflict(conflict()))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
