@@ -7,11 +7,25 @@
 //! `{prefix}/chunks/{id / 1_000_000}/{id / 1_000}/{id}_{block_index}_{block_len}` (layout documented in
 //! docs/ARCHITECTURE.md). Objects are never rewritten, so any cached copy is always valid.
 //!
-//! Every operation runs on the store's own small tokio runtime, so callers may drive the async
-//! methods from any runtime (or `block_on`), and read-ahead keeps running between their calls.
+//! # Runtime
+//!
+//! The store has no runtime of its own: every async method runs on the runtime that polls it, and
+//! a process has one (the vfs owns it, DESIGN.md "one async runtime per process"). Callers drive
+//! a `BlockStore` from that one runtime only: the S3 client's pooled connections and the
+//! read-ahead tasks belong to the runtime they were started on. [`BlockStore::prefetch`] is the one
+//! synchronous method that starts background work: it spawns onto the current runtime
+//! ([`tokio::runtime::Handle::try_current`]), so call it from a task or from a thread that entered
+//! the runtime (`Runtime::enter`); outside any runtime it does nothing.
+//!
+//! # Durability
+//!
+//! When `put_slice` returns, the slice's blocks are durable: S3 acknowledges a PUT once it is
+//! stored; in a local directory (`file://`) each block file, the directory that holds it and every
+//! directory created for it up to the store root are synced first (see `durable.rs`).
 
 mod cache;
 mod config;
+mod durable;
 mod layout;
 mod retry;
 
@@ -19,12 +33,12 @@ use bytes::{Bytes, BytesMut};
 use cache::{DiskCache, MemCache};
 pub use config::S3Credentials;
 use config::{Backend, StoreLocation};
+use durable::LocalDurability;
 use futures::{StreamExt, TryStreamExt};
 use layout::Block;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
-use std::collections::HashMap;
-use std::future::Future;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Weak};
 use tokio::sync::Semaphore;
@@ -80,6 +94,10 @@ pub struct ObjectInfo {
     /// Key relative to the volume prefix (`chunks/...`), as `delete_key` takes it.
     pub key: String,
     pub size: u64,
+    /// When the object was written, in nanoseconds since the Unix epoch (saturated outside
+    /// 1677..2262): gc and fsck leave "leaked" objects younger than their grace alone, since they
+    /// may belong to an upload whose commit is still to come.
+    pub last_modified_ns: i64,
 }
 
 /// Concurrent block PUTs of one `put_slice`.
@@ -97,9 +115,6 @@ const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 #[derive(Clone)]
 pub struct BlockStore {
     inner: Arc<Inner>,
-    /// Kept apart from `inner` (which tasks hold) so that the runtime is only ever dropped by a
-    /// caller's thread, never by one of its own tasks.
-    runtime: Arc<StoreRuntime>,
 }
 
 struct Inner {
@@ -117,28 +132,8 @@ struct Inner {
     prefetch_permits: Arc<Semaphore>,
     /// One permit per request in flight to the store.
     request_permits: Semaphore,
-}
-
-struct StoreRuntime {
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Drop for StoreRuntime {
-    fn drop(&mut self) {
-        // A plain drop blocks, which panics when the last clone is dropped inside async code.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-impl StoreRuntime {
-    fn handle(&self) -> &tokio::runtime::Handle {
-        self.runtime
-            .as_ref()
-            .expect("runtime lives until drop")
-            .handle()
-    }
+    /// `file://` only: syncs written blocks and their directories.
+    local: Option<Arc<LocalDurability>>,
 }
 
 impl BlockStore {
@@ -167,19 +162,13 @@ impl BlockStore {
         }
         let location = config::parse_location(url, volume_prefix, credentials)?;
         let description = location.describe();
-        let (store, cache_namespace) = build_store(&location.backend, options.max_retries)?;
+        let (store, cache_namespace, local) = build_store(&location.backend, options.max_retries)?;
         let disk = match &options.cache_dir {
             Some(dir) => Some(shared_disk_cache(dir, options.cache_disk_bytes)?),
             None => None,
         };
         let prefetch_blocks =
             (options.cache_mem_bytes / 4).min(MAX_PREFETCH_BYTES) / options.block_size;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("cellar-store")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Io(format!("cannot start the store runtime: {e}")))?;
         Ok(BlockStore {
             inner: Arc::new(Inner {
                 store,
@@ -192,26 +181,23 @@ impl BlockStore {
                 disk,
                 prefetch_permits: Arc::new(Semaphore::new(prefetch_blocks.max(1) as usize)),
                 request_permits: Semaphore::new(MAX_REQUESTS_IN_FLIGHT),
-            }),
-            runtime: Arc::new(StoreRuntime {
-                runtime: Some(runtime),
+                local,
             }),
         })
     }
 
     /// A cheap round trip (list one key) that tells an unreachable store or bad credentials apart.
     pub async fn probe(&self) -> StoreResult<()> {
-        self.run(|inner| async move {
-            let prefix = &inner.location.prefix;
-            match inner.store.list(Some(prefix)).next().await {
-                Some(Err(err)) => Err(inner.error(&err, "list", &format!("{prefix}/"))),
-                Some(Ok(_)) | None => Ok(()),
-            }
-        })
-        .await
+        let inner = &*self.inner;
+        let prefix = &inner.location.prefix;
+        match inner.store.list(Some(prefix)).next().await {
+            Some(Err(err)) => Err(inner.error(&err, "list", &format!("{prefix}/"))),
+            Some(Ok(_)) | None => Ok(()),
+        }
     }
 
-    /// Uploads a slice's blocks in parallel (retrying transient errors).
+    /// Uploads a slice's blocks in parallel (retrying transient errors). When it returns, the
+    /// blocks are durable.
     pub async fn put_slice(&self, id: u64, data: Bytes) -> StoreResult<()> {
         if u32::try_from(data.len()).is_err() {
             return Err(StoreError::Io(format!(
@@ -219,14 +205,13 @@ impl BlockStore {
                 data.len()
             )));
         }
-        self.run(move |inner| async move {
-            futures::stream::iter(layout::slice_blocks(data.len() as u64, inner.block_size))
-                .map(|block| inner.put_block(id, block, data.clone()))
-                .buffer_unordered(UPLOAD_CONCURRENCY)
-                .try_collect::<()>()
-                .await
-        })
-        .await
+        let inner = &*self.inner;
+        futures::stream::iter(layout::slice_blocks(data.len() as u64, inner.block_size))
+            .map(|block| inner.put_block(id, block, data.clone()))
+            .buffer_unordered(UPLOAD_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
+        inner.sync_slice_dirs(id, data.len() as u64).await
     }
 
     /// Reads `len` bytes at `off` of slice `id` (stored length `size`) through the block cache.
@@ -238,38 +223,41 @@ impl BlockStore {
         if start == end {
             return Ok(Bytes::new());
         }
-        self.run(move |inner| async move {
-            let parts: Vec<Bytes> =
-                futures::stream::iter(layout::blocks_covering(size, inner.block_size, start..end))
-                    .map(|(block, range)| {
-                        let inner = &inner;
-                        async move {
-                            Ok::<_, StoreError>(inner.get_block(id, block).await?.slice(range))
-                        }
-                    })
-                    .buffered(FETCH_CONCURRENCY)
-                    .try_collect()
-                    .await?;
-            if let [single] = parts.as_slice() {
-                return Ok(single.clone());
-            }
-            let mut joined = BytesMut::with_capacity((end - start) as usize);
-            for part in parts {
-                joined.extend_from_slice(&part);
-            }
-            Ok(joined.freeze())
-        })
-        .await
+        let inner = &*self.inner;
+        let parts: Vec<Bytes> =
+            futures::stream::iter(layout::blocks_covering(size, inner.block_size, start..end))
+                .map(|(block, range)| async move {
+                    Ok::<_, StoreError>(inner.get_block(id, block).await?.slice(range))
+                })
+                .buffered(FETCH_CONCURRENCY)
+                .try_collect()
+                .await?;
+        if let [single] = parts.as_slice() {
+            return Ok(single.clone());
+        }
+        let mut joined = BytesMut::with_capacity((end - start) as usize);
+        for part in parts {
+            joined.extend_from_slice(&part);
+        }
+        Ok(joined.freeze())
     }
 
     /// Starts fetching a range of a slice into the cache without waiting (read-ahead).
     ///
-    /// Blocks already cached are skipped; when read-ahead already has its memory budget in
-    /// flight the rest of the range is dropped (reads will fetch it on demand).
+    /// The fetches are tasks of the current runtime: outside a runtime this does nothing. Blocks
+    /// already cached are skipped; when read-ahead already has its memory budget in flight the
+    /// rest of the range is dropped (reads will fetch it on demand).
     pub fn prefetch(&self, id: u64, size: u32, off: u32, len: u32) {
         if !self.inner.cache_enabled {
             return;
         }
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                tracing::debug!(id, error = %err, "read-ahead skipped: called outside the runtime");
+                return;
+            }
+        };
         let size = u64::from(size);
         let start = u64::from(off).min(size);
         let end = (start + u64::from(len)).min(size);
@@ -286,7 +274,7 @@ impl BlockStore {
                 return;
             };
             let inner = Arc::clone(&self.inner);
-            self.runtime.handle().spawn(async move {
+            runtime.spawn(async move {
                 if let Err(err) = inner.get_block(id, block).await {
                     tracing::debug!(id, block = block.index, error = %err, "read-ahead fetch failed");
                 }
@@ -297,33 +285,30 @@ impl BlockStore {
 
     /// Deletes a slice's blocks (missing blocks are fine).
     pub async fn delete_slice(&self, id: u64, size: u32) -> StoreResult<()> {
-        self.run(move |inner| async move {
-            futures::stream::iter(layout::slice_blocks(u64::from(size), inner.block_size))
-                .map(|block| inner.delete_path(inner.block_path(id, block)))
-                .buffer_unordered(FETCH_CONCURRENCY)
-                .try_collect::<()>()
-                .await
-        })
-        .await
+        let inner = &*self.inner;
+        futures::stream::iter(layout::slice_blocks(u64::from(size), inner.block_size))
+            .map(|block| inner.delete_path(inner.block_path(id, block)))
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect::<()>()
+            .await
     }
 
     /// Every object under this volume's prefix (for fsck, gc of leaked objects, volume deletion).
     /// Keys are relative to the volume prefix.
     pub async fn list(&self) -> StoreResult<Vec<ObjectInfo>> {
-        self.run(|inner| async move {
-            let prefix = &inner.location.prefix;
-            inner
-                .store
-                .list(Some(prefix))
-                .map_err(|err| inner.error(&err, "list", &format!("{prefix}/")))
-                .map_ok(|meta| ObjectInfo {
-                    key: inner.relative_key(&meta.location),
-                    size: meta.size,
-                })
-                .try_collect()
-                .await
-        })
-        .await
+        let inner = &*self.inner;
+        let prefix = &inner.location.prefix;
+        inner
+            .store
+            .list(Some(prefix))
+            .map_err(|err| inner.error(&err, "list", &format!("{prefix}/")))
+            .map_ok(|meta| ObjectInfo {
+                key: inner.relative_key(&meta.location),
+                size: meta.size,
+                last_modified_ns: last_modified_ns(&meta),
+            })
+            .try_collect()
+            .await
     }
 
     /// Deletes one object by the key `list` returned (a missing object is fine).
@@ -333,33 +318,23 @@ impl BlockStore {
             .path(key)
             .and_then(|p| Path::parse(p).ok())
             .ok_or_else(|| StoreError::Config(format!("invalid object key {key:?}")))?;
-        self.run(move |inner| async move { inner.delete_path(path).await })
-            .await
+        self.inner.delete_path(path).await
     }
 
     /// Parses a block key back into (slice id, block index, block length).
     pub fn parse_block_key(key: &str) -> Option<(u64, u32, u32)> {
         layout::parse_block_key(key)
     }
+}
 
-    /// Runs an operation on the store runtime, independent of the caller's runtime.
-    async fn run<T, F, Fut>(&self, op: F) -> StoreResult<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(Arc<Inner>) -> Fut,
-        Fut: Future<Output = StoreResult<T>> + Send + 'static,
-    {
-        match self
-            .runtime
-            .handle()
-            .spawn(op(Arc::clone(&self.inner)))
-            .await
-        {
-            Ok(result) => result,
-            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-            Err(err) => Err(StoreError::Io(format!("store task cancelled: {err}"))),
-        }
-    }
+/// When an object was written, in nanoseconds since the Unix epoch (saturated where `i64` ends).
+fn last_modified_ns(meta: &object_store::ObjectMeta) -> i64 {
+    let at = &meta.last_modified;
+    at.timestamp_nanos_opt().unwrap_or(if at.timestamp() < 0 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
 }
 
 impl Inner {
@@ -409,6 +384,15 @@ impl Inner {
                 .put(&path, data.clone().into())
                 .await
                 .map_err(|err| self.error(&err, "put", path.as_ref()))?;
+            if let Some(local) = &self.local {
+                let file = local
+                    .file_path(&path)
+                    .map_err(|err| self.sync_error(&err, "block"))?;
+                let local = Arc::clone(local);
+                blocking(move || local.sync_file(&file))
+                    .await
+                    .map_err(|err| self.sync_error(&err, "block"))?;
+            }
         }
         // Uploaded blocks skip the disk cache (writing it cost more CPU than the upload), and
         // only a block that is its whole slice goes to the memory cache: it is shared, not
@@ -418,6 +402,36 @@ impl Inner {
             self.mem.insert(self.cache_key(&path), data).await;
         }
         Ok(())
+    }
+
+    /// `file://`: syncs the directories of a slice's (synced) block files, once each.
+    async fn sync_slice_dirs(&self, id: u64, size: u64) -> StoreResult<()> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        let mut dirs = BTreeSet::new();
+        for block in layout::slice_blocks(size, self.block_size) {
+            let file = local
+                .file_path(&self.block_path(id, block))
+                .map_err(|err| self.sync_error(&err, "block"))?;
+            if let Some(dir) = file.parent() {
+                dirs.insert(dir.to_path_buf());
+            }
+        }
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        let local = Arc::clone(local);
+        blocking(move || local.sync_dirs(&dirs))
+            .await
+            .map_err(|err| self.sync_error(&err, "directory"))
+    }
+
+    fn sync_error(&self, err: &std::io::Error, what: &str) -> StoreError {
+        StoreError::Io(format!(
+            "cannot sync a {what} written to {}: {err}",
+            self.description
+        ))
     }
 
     async fn request_permit(&self) -> tokio::sync::SemaphorePermit<'_> {
@@ -489,11 +503,26 @@ impl Inner {
     }
 }
 
+/// Runs blocking file system work on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(err) => Err(std::io::Error::other(err)),
+    }
+}
+
+/// What `build_store` makes: the client, its name for the disk cache and, for a local directory,
+/// what syncs its writes.
+type BuiltStore = (Arc<dyn ObjectStore>, String, Option<Arc<LocalDurability>>);
+
 /// Builds the object store client and names it for the disk cache.
-fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<(Arc<dyn ObjectStore>, String)> {
+fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<BuiltStore> {
     match backend {
         Backend::Local { root } => {
-            std::fs::create_dir_all(root).map_err(|e| {
+            durable::create_dir_all_durable(root).map_err(|e| {
                 StoreError::Config(format!(
                     "cannot create store directory {}: {e}",
                     root.display()
@@ -508,7 +537,18 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<(Arc<dyn Obje
                 })?
                 // Deleting the last block of a directory removes the directory too.
                 .with_automatic_cleanup(true);
-            Ok((Arc::new(store), format!("file:{}", root.display())))
+            let canonical = root.canonicalize().map_err(|e| {
+                StoreError::Config(format!(
+                    "cannot use store directory {}: {e}",
+                    root.display()
+                ))
+            })?;
+            let local = LocalDurability::new(canonical, store.clone());
+            Ok((
+                Arc::new(store),
+                format!("file:{}", root.display()),
+                Some(Arc::new(local)),
+            ))
         }
         Backend::S3(s3) => {
             let mut builder = object_store::aws::AmazonS3Builder::new()
@@ -532,6 +572,7 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<(Arc<dyn Obje
             Ok((
                 Arc::new(store),
                 format!("s3:{}/{}", s3.endpoint_for_messages(), s3.bucket),
+                None,
             ))
         }
     }

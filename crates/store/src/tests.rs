@@ -323,17 +323,12 @@ async fn list_is_scoped_to_the_volume_and_keys_parse_back() {
     b.put_slice(2, patterned(100, 2)).await.unwrap();
     let mut listed = a.list().await.unwrap();
     listed.sort_by(|x, y| x.key.cmp(&y.key));
+    let keys: Vec<(&str, u64)> = listed.iter().map(|o| (o.key.as_str(), o.size)).collect();
     assert_eq!(
-        listed,
+        keys,
         vec![
-            ObjectInfo {
-                key: "chunks/1/1000/1000001_0_4194304".into(),
-                size: 4 * MIB as u64
-            },
-            ObjectInfo {
-                key: "chunks/1/1000/1000001_1_1048576".into(),
-                size: MIB as u64
-            },
+            ("chunks/1/1000/1000001_0_4194304", 4 * MIB as u64),
+            ("chunks/1/1000/1000001_1_1048576", MIB as u64),
         ]
     );
     let parsed: Vec<_> = listed
@@ -359,6 +354,165 @@ async fn list_is_scoped_to_the_volume_and_keys_parse_back() {
         );
     }
     assert_eq!(b.list().await.unwrap().len(), 1);
+}
+
+fn unix_now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+#[tokio::test]
+async fn list_reports_when_each_object_was_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "v", options(0));
+    let before = unix_now_ns();
+    store.put_slice(1, patterned(100, 1)).await.unwrap();
+    let after = unix_now_ns();
+    // File times come from the kernel's coarse clock: allow it to lag a little.
+    let slack = 2_000_000_000;
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let written = listed[0].last_modified_ns;
+    assert!(
+        (before - slack..=after + slack).contains(&written),
+        "{written} outside {before}..={after}"
+    );
+
+    // An old object reads as old: what lets gc spare only young "leaked" objects.
+    let file = tmp.path().join("v/chunks/0/0/1_0_100");
+    let long_ago = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed[0].last_modified_ns, 1_000_000_000 * 1_000_000_000);
+}
+
+#[tokio::test]
+async fn local_blocks_and_their_directories_are_synced_once_per_put() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "v", options(0));
+    let local = Arc::clone(store.inner.local.as_ref().unwrap());
+    let syncs = || {
+        (
+            local.file_syncs.load(std::sync::atomic::Ordering::Relaxed),
+            local.dir_syncs.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    let data = patterned(9 * MIB, 3);
+    let size = data.len() as u32;
+
+    // A first slice: its 3 block files, their directory v/chunks/0/0, and the parents of the
+    // directories just created (v/chunks/0, v/chunks, v and the store root).
+    store.put_slice(5, data.clone()).await.unwrap();
+    assert_eq!(syncs(), (3, 5));
+    // The next slice of that directory: its files and the directory only.
+    store.put_slice(6, data.clone()).await.unwrap();
+    assert_eq!(syncs(), (6, 6));
+    // Empty slices write nothing and sync nothing.
+    store.put_slice(7, Bytes::new()).await.unwrap();
+    assert_eq!(syncs(), (6, 6));
+    assert_eq!(store.read_slice(5, size, 0, size).await.unwrap(), data);
+    assert_eq!(store.read_slice(6, size, 0, size).await.unwrap(), data);
+
+    // Deleting the last blocks removes the directories; created again at the same paths, they
+    // are synced again.
+    store.delete_slice(5, size).await.unwrap();
+    store.delete_slice(6, size).await.unwrap();
+    assert!(!tmp.path().join("v").exists());
+    store.put_slice(5, patterned(10, 1)).await.unwrap();
+    assert_eq!(syncs(), (7, 11));
+    assert_eq!(
+        store.read_slice(5, 10, 0, 10).await.unwrap(),
+        patterned(10, 1)
+    );
+
+    // Another store (another process) knows nothing durable yet: it syncs the whole chain once.
+    let other = open(tmp.path(), "v", options(0));
+    other.put_slice(8, patterned(10, 2)).await.unwrap();
+    let other_local = other.inner.local.as_ref().unwrap();
+    assert_eq!(
+        other_local
+            .dir_syncs
+            .load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+    assert_eq!(
+        store.read_slice(8, 10, 0, 10).await.unwrap(),
+        patterned(10, 2)
+    );
+}
+
+#[tokio::test]
+async fn open_creates_missing_store_directories_durably() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("x/y/z");
+    let store = open(&dir, "v", options(0));
+    assert!(dir.is_dir());
+    store.put_slice(1, patterned(10, 0)).await.unwrap();
+    assert_eq!(files(&dir), vec![("v/chunks/0/0/1_0_10".to_string(), 10)]);
+}
+
+/// Store calls run on the caller's runtime, which may be multi-threaded: their futures must be
+/// `Send`.
+#[test]
+fn store_futures_are_send() {
+    fn send<T: Send>(_: T) {}
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), "v", options(1 << 20));
+    send(store.probe());
+    send(store.put_slice(1, Bytes::new()));
+    send(store.read_slice(1, 1, 0, 1));
+    send(store.delete_slice(1, 1));
+    send(store.list());
+    send(store.delete_key("chunks/0/0/1_0_1"));
+}
+
+#[test]
+fn prefetch_outside_a_runtime_does_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let writer = open(tmp.path(), "v", options(0));
+    runtime
+        .block_on(writer.put_slice(1, patterned(MIB, 1)))
+        .unwrap();
+    let reader = open(tmp.path(), "v", options(64 << 20));
+    let permits = reader.inner.prefetch_permits.available_permits();
+    reader.prefetch(1, MIB as u32, 0, MIB as u32);
+    assert_eq!(reader.inner.prefetch_permits.available_permits(), permits);
+    runtime.block_on(reader.inner.mem.run_pending_tasks());
+    assert_eq!(reader.inner.mem.entry_count(), 0);
+
+    // From a thread that entered the runtime, the same call fetches the block.
+    let _entered = runtime.enter();
+    reader.prefetch(1, MIB as u32, 0, MIB as u32);
+    runtime.block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            reader.inner.mem.run_pending_tasks().await;
+            if reader.inner.mem.entry_count() == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "prefetch never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
+        assert_eq!(
+            reader
+                .read_slice(1, MIB as u32, 0, MIB as u32)
+                .await
+                .unwrap(),
+            patterned(MIB, 1)
+        );
+    });
 }
 
 #[tokio::test]

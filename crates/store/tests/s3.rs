@@ -58,6 +58,20 @@ async fn multi_block_slice_round_trip() {
 
     let mut listed = store.list().await.unwrap();
     listed.sort_by(|a, b| a.key.cmp(&b.key));
+    // The server's clock stamps the objects: allow for some skew.
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let skew_ns = 600 * 1_000_000_000;
+    for object in &listed {
+        assert!(
+            (object.last_modified_ns - now_ns).abs() < skew_ns,
+            "{} written at {} ns, now is {now_ns} ns",
+            object.key,
+            object.last_modified_ns
+        );
+    }
     let keys: Vec<(&str, u64)> = listed.iter().map(|o| (o.key.as_str(), o.size)).collect();
     assert_eq!(
         keys,
