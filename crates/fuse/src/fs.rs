@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use cellar_vfs::{Attr, Ctx, LockKind, LockRange, RenameMode, SetAttrRequest, Vfs, VfsResult};
+use cellar_vfs::{Attr, Ctx, LockRange, RenameMode, SetAttrRequest, Vfs, VfsResult};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
@@ -389,25 +389,8 @@ impl Filesystem for CellarFs {
         reply: ReplyEmpty,
     ) {
         // The kernel names a lock owner here only to drop the handle's flock locks, which arrive
-        // as whole-file POSIX locks of that owner (see `setlk`): release them explicitly.
-        if let Some(owner) = lock_owner {
-            let unlock = LockRange {
-                start: 0,
-                end: u64::MAX,
-                kind: LockKind::Unlock,
-                pid: 0,
-            };
-            if let Err(e) = self.vfs.setlk(ino.0, fh.0, owner.0, unlock, false) {
-                tracing::warn!(
-                    ino = ino.0,
-                    errno = e.0,
-                    "dropping flock locks on release failed"
-                );
-            }
-        }
-        let result = self
-            .vfs
-            .release(ino.0, fh.0, lock_owner.map(|o| o.0), lock_owner.is_some());
+        // as whole-file POSIX locks of that owner (see `setlk`): the vfs drops them.
+        let result = self.vfs.release(ino.0, fh.0, lock_owner.map(|o| o.0));
         reply_empty(reply, result);
     }
 

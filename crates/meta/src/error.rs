@@ -13,6 +13,10 @@ pub enum MetaError {
     UnsupportedUrl(String),
     #[error("metadata engine: {0}")]
     Engine(String),
+    /// The stored state changed under a compare-and-swap (another writer won); retry from a
+    /// fresh read.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl MetaError {

@@ -24,20 +24,31 @@ pub trait MetaEngine: Send + Sync {
     fn volume(&self) -> Result<Option<VolumeInfo>>;
     /// Registers a mount (or other client) session; locks and sustained inodes belong to it.
     fn open_session(&self, info: &SessionInfo) -> Result<SessionId>;
-    /// Refreshes the session's heartbeat. `MetaError::Posix(ESTALE)` if the session is gone (it was
-    /// reaped as stale): its locks and sustained inodes were dropped; open a new session.
+    /// Refreshes the session's heartbeat, stamped with the engine's clock (never the caller's: the
+    /// sessions of many hosts are compared with each other). `MetaError::Posix(ESTALE)` if the
+    /// session is gone (it was reaped as stale): its locks and sustained inodes were dropped.
     fn heartbeat(&self, session: SessionId) -> Result<()>;
     /// Ends a session: drops its locks, deletes its sustained inodes that have no links.
     fn close_session(&self, session: SessionId) -> Result<()>;
-    /// Closes every session whose heartbeat is older than `max_age_ns` (a crashed mount), except
-    /// `exclude` (the caller's own session: a mount whose heartbeat was merely delayed must not
-    /// drop its own locks); returns how many were closed.
-    fn reap_stale_sessions(
-        &self,
-        now_ns: i64,
-        max_age_ns: i64,
-        exclude: Option<SessionId>,
-    ) -> Result<usize>;
+    /// Closes every session whose heartbeat is older than `max_age_ns` by the engine's clock (a
+    /// crashed mount), except `exclude` (the caller's own session: a mount whose heartbeat was
+    /// merely delayed must not drop its own locks); returns how many were closed.
+    fn reap_stale_sessions(&self, max_age_ns: i64, exclude: Option<SessionId>) -> Result<usize>;
+    /// Sessions whose heartbeat is younger than `max_age_ns` (mounts that may be writing).
+    fn live_sessions(&self, max_age_ns: i64) -> Result<Vec<SessionId>>;
+    /// Takes or renews the lease `name` for `session` for `ttl_ns` (one owner of background work
+    /// per volume, such as gc). Returns false while another session holds an unexpired lease.
+    fn try_lease(&self, name: &str, session: SessionId, ttl_ns: i64) -> Result<bool>;
+
+    // ---- open files ----
+    /// Records that this engine's caller opened `ino` (once per handle) and returns its
+    /// attributes. While any open is recorded, removing the inode's last link keeps it (sustained
+    /// by `session`) instead of freeing it. The count lives in the engine, so the engine decides
+    /// "still open" itself and never asks its caller.
+    fn open_file(&self, session: SessionId, ino: Ino) -> Result<Attr>;
+    /// Undoes one [`MetaEngine::open_file`]; the last close of an inode that lost its last link
+    /// frees it.
+    fn close_file(&self, session: SessionId, ino: Ino) -> Result<()>;
 
     // ---- namespace ----
     fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr>;
@@ -49,38 +60,24 @@ pub trait MetaEngine: Send + Sync {
     fn create_node(&self, parent: Ino, name: &[u8], node: &NewNode, now_ns: i64) -> Result<Attr>;
     /// Hard link; `Perm`-style errors (directories) are `MetaError::Posix(EPERM)`.
     fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8], now_ns: i64) -> Result<Attr>;
-    /// Removes a non-directory entry. When the inode's last link goes and `keep_open` is true
-    /// (the caller still has it open), the inode is kept as sustained by `session` until
-    /// [`MetaEngine::release_sustained`]; otherwise its data is freed.
+    /// Removes a non-directory entry. When the inode's last link goes while it is open (see
+    /// [`MetaEngine::open_file`]), the inode is kept as sustained by `session` until its last
+    /// close; otherwise its data is freed.
     /// Returns `Some(ino)` when this removed the inode's last link (it is now freed or sustained),
     /// `None` when other hard links remain.
-    fn unlink(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        session: SessionId,
-        keep_open: &dyn Fn(Ino) -> bool,
-        now_ns: i64,
-    ) -> Result<Option<Ino>>;
+    fn unlink(&self, parent: Ino, name: &[u8], session: SessionId, now_ns: i64)
+        -> Result<Option<Ino>>;
     /// Removes an empty directory (`NotEmpty` otherwise).
     fn rmdir(&self, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino>;
     /// Atomic rename with RENAME_NOREPLACE / RENAME_EXCHANGE; refuses to move a directory into its
     /// own subtree (EINVAL). A replaced inode that loses its last link is handled as in `unlink`.
-    fn rename(
-        &self,
-        req: &Rename<'_>,
-        session: SessionId,
-        keep_open: &dyn Fn(Ino) -> bool,
-        now_ns: i64,
-    ) -> Result<RenameOutcome>;
+    fn rename(&self, req: &Rename<'_>, session: SessionId, now_ns: i64) -> Result<RenameOutcome>;
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>>;
     /// Entries of a directory with cookie strictly greater than `after`, in cookie order, at most
     /// `limit`. Cookies are stable: an entry keeps its cookie until removed, new entries get larger
     /// ones. Cookies start above 2 (0..=2 are reserved for the caller's "." and "..").
     /// With `plus`, each entry carries its attributes.
     fn readdir(&self, dir: Ino, after: u64, limit: usize, plus: bool) -> Result<Vec<DirEntry>>;
-    /// Releases an inode sustained by `session`; frees it if it has no links left.
-    fn release_sustained(&self, session: SessionId, ino: Ino) -> Result<()>;
     /// Used bytes and inodes of the volume.
     fn usage(&self) -> Result<Usage>;
 
@@ -98,27 +95,41 @@ pub trait MetaEngine: Send + Sync {
     fn remove_xattr(&self, ino: Ino, name: &[u8], now_ns: i64) -> Result<()>;
 
     // ---- file data layout ----
-    /// The file's inline bytes, or `None` if its data lives in chunks. New regular files start
-    /// inline with an empty blob. The blob may be shorter than the file's size (after a truncate
-    /// that grew an inline file past the inline threshold): bytes past the blob read as zeros.
-    fn read_inline(&self, ino: Ino) -> Result<Option<Vec<u8>>>;
+    /// What a read needs, from one snapshot: the attributes (with the data version) and, unless
+    /// the data version still equals `known_version`, the content: the inline bytes, or the
+    /// slices of chunks `chunks` (empty chunks included, as empty lists).
+    fn read_layout(
+        &self,
+        ino: Ino,
+        chunks: std::ops::Range<u64>,
+        known_version: Option<u64>,
+    ) -> Result<Layout>;
     /// Slices of one chunk in commit order (later ones shadow earlier ones).
     fn read_chunk(&self, ino: Ino, chunk: u64) -> Result<Vec<Slice>>;
-    /// Replaces the whole content with inline bytes (the file must be a regular file whose size
-    /// stays at or below the inline threshold); frees any chunks; sets size, mtime, ctime.
-    fn write_inline(&self, ino: Ino, data: &[u8], now_ns: i64) -> Result<Attr>;
+    /// Writes `extents` (in write order, later ones win) into the inline bytes of a small file,
+    /// merging them with the stored bytes inside the transaction, and sets mtime, ctime and the
+    /// size (at least the end of the last byte written). Returns `None` and changes nothing when
+    /// the file's data lives in chunks or the result would pass the inline threshold: the caller
+    /// then writes slices.
+    fn write_inline(&self, ino: Ino, extents: &[(u64, &[u8])], now_ns: i64)
+        -> Result<Option<Attr>>;
     /// Appends slices to chunks and grows the size to at least `min_size`; sets mtime, ctime.
-    /// With `drop_inline`, the inline bytes are discarded (the caller wrote them out as slices).
-    /// Without it, an empty inline blob is dropped silently, but non-empty inline bytes make the
-    /// call fail (`MetaError::Engine`) rather than lose them.
+    /// Every non-hole slice must have been recorded as a pending upload (see
+    /// [`MetaEngine::add_garbage`]); if one's row is gone (gc deleted its objects after it
+    /// expired), the call fails with `MetaError::Conflict` and changes nothing.
+    /// `inline_version`: the slices carry the file's inline bytes as they were at that data
+    /// version; they are dropped if the version is unchanged, otherwise the call fails with
+    /// `MetaError::Conflict` (another writer changed them). Without it, non-empty inline bytes
+    /// make the call fail with `Conflict` rather than lose them.
+    /// Returns the new attributes and the slice count of each chunk written to.
     fn commit_slices(
         &self,
         ino: Ino,
         slices: &[(u64, Slice)],
         min_size: u64,
-        drop_inline: bool,
+        inline_version: Option<u64>,
         now_ns: i64,
-    ) -> Result<Attr>;
+    ) -> Result<Committed>;
     /// Sets the size: shrinking frees whole chunks past the end and shadows the tail of the last one
     /// with a hole slice; growing leaves a hole (reads as zeros). Inline files are cut or zero-padded
     /// while they stay at or below the threshold. An inline file truncated to a size above the
@@ -133,7 +144,8 @@ pub trait MetaEngine: Send + Sync {
     /// Chunks holding at least `min_slices` slices, at most `limit`.
     fn fragmented_chunks(&self, min_slices: usize, limit: usize) -> Result<Vec<(Ino, u64)>>;
     /// Replaces a chunk's slice list by `new` if it is still exactly `expected`; the replaced slices
-    /// become garbage. Returns false (and changes nothing) if the chunk changed meanwhile.
+    /// become garbage. Returns false (and changes nothing) if the chunk changed meanwhile or a
+    /// slice of `new` is no longer a pending upload (as in [`MetaEngine::commit_slices`]).
     fn replace_chunk(
         &self,
         ino: Ino,
@@ -151,15 +163,18 @@ pub trait MetaEngine: Send + Sync {
     /// object is known garbage rather than leaked. [`MetaEngine::commit_slices`] and
     /// [`MetaEngine::replace_chunk`] drop the garbage rows of the slices they commit.
     fn add_garbage(&self, slices: &[GarbageSlice], now_ns: i64) -> Result<()>;
-    /// Every slice referenced by a chunk (id, stored size), for fsck and leak detection.
-    fn live_slices(&self) -> Result<Vec<(u64, u32)>>;
+    /// Every slice referenced by a chunk and every garbage slice, from one snapshot (fsck and
+    /// leak detection must not see a slice move from one to the other in between).
+    fn slice_references(&self) -> Result<SliceReferences>;
     /// Checks internal invariants (link counts, dangling entries, parent pointers, usage counters).
     /// With `repair`, fixes what can be fixed. Returns the problems found.
     fn check(&self, repair: bool) -> Result<Vec<String>>;
 
+    /// Makes every transaction committed so far durable (survives a power loss). fsync and close
+    /// call it before they return; concurrent callers share one flush of the log.
+    fn sync(&self) -> Result<()>;
+
     // ---- locks (held across mounts: every mount of the volume shares this engine) ----
-    /// BSD flock: returns false if a conflicting lock is held by another owner.
-    fn flock(&self, ino: Ino, owner: LockOwner, kind: LockKind) -> Result<bool>;
     /// POSIX byte-range lock test: the first conflicting lock, if any.
     fn getlk(&self, ino: Ino, owner: LockOwner, range: &LockRange) -> Result<Option<LockRange>>;
     /// POSIX byte-range set/unlock (splits and merges ranges as POSIX requires). Returns false if a

@@ -32,6 +32,43 @@ pub struct Attr {
     pub ctime_ns: i64,
     /// Parent directory (for directories; for other kinds the parent it was created in).
     pub parent: Ino,
+    /// Bumped by every change of the content (write, truncate) from any client: a cached layout
+    /// or page cache of the file is valid while it is unchanged.
+    pub data_version: u64,
+}
+
+/// A file's content as one read transaction saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub attr: Attr,
+    /// `None` when the data version equals the one the caller already knows.
+    pub content: Option<Content>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// Inline bytes: the start of the file (bytes past them up to the size read as zeros).
+    Inline(Vec<u8>),
+    /// The requested chunks with their slices in commit order.
+    Chunks(Vec<(u64, Vec<Slice>)>),
+}
+
+/// Outcome of [`crate::MetaEngine::commit_slices`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub attr: Attr,
+    /// (chunk, number of slices it now holds) for each chunk written to: callers compact
+    /// chunks that grow fragmented.
+    pub chunk_slices: Vec<(u64, usize)>,
+}
+
+/// Slice references of a volume from one snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceReferences {
+    /// (id, stored size) of every slice a chunk references.
+    pub live: Vec<(u64, u32)>,
+    /// Ids of garbage slices (including pending uploads).
+    pub garbage: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,12 +1,17 @@
-//! Background threads of a mounted volume: session heartbeat, idle-buffer flusher, compaction
-//! and garbage collection. Each holds only a weak reference, so dropping the volume ends them.
+//! Background threads of a mounted volume: session heartbeat, idle-buffer flusher, compactor of
+//! the chunks writers asked for, and the maintenance sweep (compaction leftovers, garbage
+//! collection), which runs only in the mount holding the volume's maintenance lease. Each holds
+//! only a weak reference, so dropping the volume ends them.
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use crate::backend::now_ns;
 use crate::flush::IDLE_FLUSH_AFTER;
+use crate::maintenance::MAINTENANCE_LEASE;
 use crate::volume::Inner;
 use crate::Invalidation;
 
@@ -14,11 +19,19 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// Reaping runs every this many heartbeats.
 const REAP_EVERY_HEARTBEATS: u32 = 6;
 const FLUSHER_EVERY: Duration = Duration::from_millis(500);
+const COMPACTOR_EVERY: Duration = Duration::from_secs(1);
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 /// Fragmented chunks compacted per maintenance round.
 const COMPACT_PER_ROUND: usize = 64;
 
-pub(crate) fn start(inner: &Arc<Inner>) -> std::io::Result<Vec<JoinHandle<()>>> {
+/// Starts the threads; [`Inner::shutdown`] stops and joins them.
+pub(crate) fn start(inner: &Arc<Inner>) -> anyhow::Result<()> {
+    let threads = threads(inner).context("starting background threads")?;
+    *inner.threads.lock() = threads;
+    Ok(())
+}
+
+fn threads(inner: &Arc<Inner>) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut beats = 0u32;
     Ok(vec![
         // Its own thread, touching only the metadata: a stalled store or a long flush cannot
@@ -31,16 +44,42 @@ pub(crate) fn start(inner: &Arc<Inner>) -> std::io::Result<Vec<JoinHandle<()>>> 
             }
         })?,
         spawn(inner, "cellar-flusher", FLUSHER_EVERY, flush_idle)?,
-        spawn(inner, "cellar-maintenance", MAINTENANCE_EVERY, |inner| {
-            if let Err(e) = inner.core.compact_pass(COMPACT_PER_ROUND) {
-                tracing::warn!(error = %e, "compaction pass failed");
-            }
-            let before = now_ns() - inner.gc_grace.as_nanos() as i64;
-            if let Err(e) = inner.core.collect_garbage(before) {
-                tracing::warn!(error = %e, "garbage collection failed");
-            }
-        })?,
+        spawn(inner, "cellar-compactor", COMPACTOR_EVERY, compact_requested)?,
+        spawn(inner, "cellar-maintenance", MAINTENANCE_EVERY, maintain)?,
     ])
+}
+
+fn compact_requested(inner: &Inner) {
+    let requests: Vec<_> = inner.compaction_requests.lock().drain().collect();
+    for (ino, chunk) in requests {
+        if let Err(e) = inner.core.compact_chunk(ino, chunk) {
+            tracing::warn!(ino, chunk, error = %e, "compaction of a chunk failed");
+        }
+    }
+}
+
+/// The sweep over the whole volume: one mount at a time, the holder of the lease.
+fn maintain(inner: &Inner) {
+    let lease = (MAINTENANCE_EVERY * 3).as_nanos() as i64;
+    match inner
+        .core
+        .meta
+        .try_lease(MAINTENANCE_LEASE, inner.session(), lease)
+    {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not take the maintenance lease");
+            return;
+        }
+    }
+    if let Err(e) = inner.core.compact_pass(COMPACT_PER_ROUND) {
+        tracing::warn!(error = %e, "compaction pass failed");
+    }
+    let before = now_ns() - inner.gc_grace.as_nanos() as i64;
+    if let Err(e) = inner.core.collect_garbage(before) {
+        tracing::warn!(error = %e, "garbage collection failed");
+    }
 }
 
 fn spawn(

@@ -1,18 +1,20 @@
-//! Turning an inode's buffered writes into committed data: inline bytes for small files, slices
-//! uploaded in the background (while the application keeps writing) and committed in write order.
+//! Turning an inode's buffered writes into committed data: inline bytes for small files (merged
+//! into the stored bytes inside the metadata transaction), slices uploaded in the background
+//! (while the application keeps writing) and committed in write order.
+//!
+//! Every path here holds the inode's flush lock; the data lock is only taken for memory work.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use cellar_meta::{Attr, GarbageSlice, Ino, Slice};
+use cellar_meta::{Attr, Committed, Content, GarbageSlice, Ino, MetaError, Slice};
 use cellar_store::{StoreError, StoreResult};
-use tokio::task::JoinHandle;
 
 use crate::backend::now_ns;
-use crate::handles::FileState;
+use crate::compaction::{COMPACT_BACKGROUND_SLICES, COMPACT_SYNC_SLICES};
+use crate::handles::{runs_of, FileState, Segment};
 use crate::volume::Inner;
-use crate::write_buffer::{coalesce, overlay, Extent, Run};
+use crate::write_buffer::{coalesce, Extent, Run};
 use crate::{Errno, VfsResult};
 
 /// A buffer this large starts uploading in the background.
@@ -25,19 +27,24 @@ const INODE_INFLIGHT_LIMIT: u64 = 64 << 20;
 const GLOBAL_DIRTY_LIMIT: u64 = 256 << 20;
 /// Buffers untouched this long are flushed by the background flusher.
 pub(crate) const IDLE_FLUSH_AFTER: Duration = Duration::from_secs(5);
+/// Flush attempts that lose a race (another mount changed the inline bytes, an upload's intent
+/// record expired) before the flush gives up with EIO. Each retry starts from a fresh read.
+const FLUSH_ATTEMPTS: usize = 16;
 
-/// Buffered writes taken by one flush: uploading, then committed as one transaction.
-pub(crate) struct Segment {
-    /// The buffered extents, in write order (what reads overlay until the commit).
-    pub extents: Vec<Run>,
-    pub bytes: u64,
-    pub end: u64,
-    mtime_ns: i64,
-    /// The inline bytes were written out with this segment.
-    drop_inline: bool,
-    slices: Vec<(u64, Slice)>,
-    upload: Option<JoinHandle<StoreResult<()>>>,
+/// Why a commit did not happen.
+enum Failure {
+    /// Lost a compare-and-swap: the data is back in the buffer; flush again from a fresh read.
+    Retry,
+    Failed(Errno),
 }
+
+impl From<Errno> for Failure {
+    fn from(e: Errno) -> Self {
+        Failure::Failed(e)
+    }
+}
+
+type Attempt<T> = Result<T, Failure>;
 
 impl Inner {
     /// Buffers a write; may start a background upload, or wait for uploads when too much is
@@ -74,11 +81,16 @@ impl Inner {
         }
         if buffered >= SEGMENT_BYTES {
             let _flushing = file.flush_lock.lock();
-            let inline_prefix = self.inline_prefix(file)?;
-            self.cut_segment(file, inline_prefix)?;
-            while self.commit_front(file, false)? {}
-            while file.data.lock().inflight_bytes() > INODE_INFLIGHT_LIMIT {
-                self.commit_front(file, true)?;
+            // A lost race leaves the data buffered for the next flush: not an error here.
+            let outcome = self.upload_buffer(file).and_then(|_| {
+                while self.commit_front(file, false)? {}
+                while file.data.lock().inflight_bytes() > INODE_INFLIGHT_LIMIT {
+                    self.commit_front(file, true)?;
+                }
+                Ok(())
+            });
+            if let Err(Failure::Failed(e)) = outcome {
+                return Err(e);
             }
         }
         Ok(())
@@ -93,7 +105,13 @@ impl Inner {
     /// Commits the uploads that already finished, without waiting (background flusher).
     pub(crate) fn commit_finished(&self, file: &FileState) -> VfsResult<()> {
         if let Some(_flushing) = file.flush_lock.try_lock() {
-            while self.commit_front(file, false)? {}
+            loop {
+                match self.commit_front(file, false) {
+                    Ok(true) => {}
+                    Ok(false) | Err(Failure::Retry) => return Ok(()),
+                    Err(Failure::Failed(e)) => return Err(e),
+                }
+            }
         }
         Ok(())
     }
@@ -111,121 +129,125 @@ impl Inner {
         Ok(attr)
     }
 
+    /// Caller holds the flush lock.
     fn flush_locked(&self, file: &FileState) -> VfsResult<()> {
-        while self.commit_front(file, true)? {}
-        if file.data.lock().buffer.is_empty() {
-            return Ok(());
-        }
-        let meta = &self.core.meta;
-        let attr = meta.getattr(file.ino)?;
-        let inline = meta.read_inline(file.ino)?;
-        {
-            let mut d = file.data.lock();
-            let new_size = attr.size.max(d.buffer_end);
-            if new_size <= self.core.volume.inline_threshold && (inline.is_some() || attr.size == 0)
-            {
-                // Small file: store it whole in the metadata, no object store round trip. Done
-                // under the data lock (meta never calls back into it), so no write slips between.
-                let mut content = inline.unwrap_or_default();
-                content.resize(attr.size as usize, 0);
-                content.resize(new_size as usize, 0);
-                for e in &d.buffer {
-                    overlay(&mut content, 0, e.offset, &e.data);
-                }
-                let attr = meta.write_inline(file.ino, &content, d.mtime_ns)?;
-                d.buffer.clear();
-                self.dirty_bytes.fetch_sub(d.buffer_bytes, Ordering::SeqCst);
-                d.buffer_bytes = 0;
-                d.buffer_end = 0;
-                d.commit_gen += 1;
-                drop(d);
-                self.note_seen(&attr);
-                return Ok(());
+        for _ in 0..FLUSH_ATTEMPTS {
+            match self.try_flush(file) {
+                Ok(()) => return Ok(()),
+                Err(Failure::Retry) => continue,
+                Err(Failure::Failed(e)) => return Err(e),
             }
         }
-        self.cut_segment(file, inline)?;
+        tracing::error!(
+            ino = file.ino,
+            attempts = FLUSH_ATTEMPTS,
+            "flush kept losing races with other writers; the data stays buffered"
+        );
+        Err(Errno::IO)
+    }
+
+    fn try_flush(&self, file: &FileState) -> Attempt<()> {
+        while self.commit_front(file, true)? {}
+        if !self.cut_segment(file) {
+            return Ok(());
+        }
+        // Nothing else in flight: a small file may take the whole segment inline.
+        if self.commit_inline(file)? {
+            return Ok(());
+        }
+        self.start_upload(file)?;
         while self.commit_front(file, true)? {}
         Ok(())
     }
 
-    /// The inline bytes a new segment must carry (the file moves from inline to chunks), known
-    /// only when nothing is in flight. Caller holds the flush lock.
-    fn inline_prefix(&self, file: &FileState) -> VfsResult<Option<Vec<u8>>> {
-        if !file.data.lock().inflight.is_empty() {
-            return Ok(None);
+    /// Moves the whole buffer into a new in-flight segment (reads keep overlaying it). Returns
+    /// false when nothing was buffered.
+    fn cut_segment(&self, file: &FileState) -> bool {
+        let mut d = file.data.lock();
+        if d.buffer.is_empty() {
+            return false;
         }
-        Ok(self.core.meta.read_inline(file.ino)?)
+        let extents = runs_of(std::mem::take(&mut d.buffer));
+        let bytes = std::mem::take(&mut d.buffer_bytes);
+        let end = std::mem::take(&mut d.buffer_end);
+        let segment = Segment::new(extents, bytes, end, d.mtime_ns);
+        d.inflight.push_back(segment);
+        true
     }
 
-    /// Moves the whole buffer into a new segment and starts uploading it. Caller holds the flush
-    /// lock. `inline_prefix`: the file's current inline bytes, written out first (lowest priority).
-    fn cut_segment(&self, file: &FileState, inline_prefix: Option<Vec<u8>>) -> VfsResult<()> {
-        let (extents, index) = {
-            let mut d = file.data.lock();
-            if d.buffer.is_empty() {
-                return Ok(());
+    /// Cuts the buffer into a segment and starts uploading it (background upload of a writer).
+    fn upload_buffer(&self, file: &FileState) -> Attempt<()> {
+        if self.cut_segment(file) {
+            self.start_upload(file)?;
+        }
+        Ok(())
+    }
+
+    /// Commits the only in-flight segment as inline bytes if the file is small enough; the
+    /// engine merges the extents into the stored bytes in its transaction. Returns false (the
+    /// segment stays) when the file's data lives in chunks or would outgrow the threshold.
+    fn commit_inline(&self, file: &FileState) -> Attempt<bool> {
+        let (extents, mtime_ns) = {
+            let d = file.data.lock();
+            let segment = d.inflight.front().expect("a segment was just cut");
+            if d.inflight.len() != 1 || segment.end > self.core.volume.inline_threshold {
+                return Ok(false);
             }
-            let extents: Vec<Run> = d
-                .buffer
-                .drain(..)
-                .map(|e| Run {
-                    offset: e.offset,
-                    data: Bytes::from(e.data),
-                })
-                .collect();
-            let segment = Segment {
-                extents: extents.clone(),
-                bytes: std::mem::take(&mut d.buffer_bytes),
-                end: std::mem::take(&mut d.buffer_end),
-                mtime_ns: d.mtime_ns,
-                drop_inline: inline_prefix.is_some(),
-                slices: Vec::new(),
-                upload: None,
-            };
-            d.inflight.push_back(segment);
-            (extents, d.inflight.len() - 1)
+            (segment.extents.clone(), segment.mtime_ns)
         };
-        let prefix = inline_prefix.map(|blob| Run {
+        let refs: Vec<(u64, &[u8])> = extents.iter().map(|r| (r.offset, &r.data[..])).collect();
+        match self.core.meta.write_inline(file.ino, &refs, mtime_ns) {
+            Ok(Some(attr)) => {
+                self.finish_front(file, &attr);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => {
+                self.fail_inflight(file);
+                Err(Failure::Failed(e.into()))
+            }
+        }
+    }
+
+    /// Starts uploading the newest in-flight segment. When it is the only one, the file may
+    /// still be inline: its inline bytes are written out with it (lowest priority), tagged with
+    /// the data version they were read at, so the commit fails if another writer changed them.
+    fn start_upload(&self, file: &FileState) -> Attempt<()> {
+        let (extents, index) = {
+            let d = file.data.lock();
+            let index = d.inflight.len() - 1;
+            (d.inflight[index].extents.clone(), index)
+        };
+        let prefix = if index == 0 {
+            match self.inline_prefix(file.ino) {
+                Ok(prefix) => prefix,
+                Err(e) => {
+                    self.fail_inflight(file);
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
+        let inline_version = prefix.as_ref().map(|(_, version)| *version);
+        let prefix_run = prefix.map(|(blob, _)| Run {
             offset: 0,
-            data: Bytes::from(blob),
+            data: blob.into(),
         });
-        let runs = coalesce(prefix.iter().chain(extents.iter()), self.core.chunk_size());
-        let first_id = match self.core.meta.alloc_slice_ids(runs.len() as u64) {
-            Ok(id) => id,
+        let runs = coalesce(prefix_run.iter().chain(extents.iter()), self.core.chunk_size());
+        let slices = match self.reserve_slices(&runs) {
+            Ok(slices) => slices,
             Err(e) => {
                 self.fail_inflight(file);
                 return Err(e.into());
             }
         };
-        let cs = self.core.chunk_size();
-        let mut slices = Vec::with_capacity(runs.len());
-        let mut uploads = Vec::with_capacity(runs.len());
-        for (id, run) in (first_id..).zip(runs) {
-            let len = run.data.len() as u32;
-            slices.push((
-                run.offset / cs,
-                Slice {
-                    id,
-                    size: len,
-                    off: 0,
-                    len,
-                    pos: (run.offset % cs) as u32,
-                },
-            ));
-            uploads.push((id, run.data));
-        }
-        let pending: Vec<GarbageSlice> = slices
-            .iter()
-            .map(|(_, s)| GarbageSlice {
-                id: s.id,
-                size: s.size,
-            })
-            .collect();
-        if let Err(e) = self.core.record_pending_uploads(&pending) {
-            self.fail_inflight(file);
-            return Err(e);
-        }
         let store = self.core.store.clone();
+        let uploads: Vec<_> = slices
+            .iter()
+            .zip(runs)
+            .map(|((_, slice), run)| (slice.id, run.data))
+            .collect();
         let upload = self.core.runtime.spawn(async move {
             let puts = uploads
                 .into_iter()
@@ -239,13 +261,54 @@ impl Inner {
         let mut d = file.data.lock();
         let segment = &mut d.inflight[index];
         segment.slices = slices;
+        segment.inline_version = inline_version;
         segment.upload = Some(upload);
         Ok(())
     }
 
+    /// The inline bytes of an inline file with the data version they belong to (one snapshot).
+    fn inline_prefix(&self, ino: Ino) -> VfsResult<Option<(Vec<u8>, u64)>> {
+        let layout = self.core.meta.read_layout(ino, 0..0, None)?;
+        Ok(match layout.content {
+            Some(Content::Inline(blob)) => Some((blob, layout.attr.data_version)),
+            _ => None,
+        })
+    }
+
+    /// Allocates one slice per run and records them as pending uploads.
+    fn reserve_slices(&self, runs: &[Run]) -> VfsResult<Vec<(u64, Slice)>> {
+        let first_id = self.core.meta.alloc_slice_ids(runs.len().max(1) as u64)?;
+        let cs = self.core.chunk_size();
+        let slices: Vec<(u64, Slice)> = (first_id..)
+            .zip(runs)
+            .map(|(id, run)| {
+                let len = run.data.len() as u32;
+                (
+                    run.offset / cs,
+                    Slice {
+                        id,
+                        size: len,
+                        off: 0,
+                        len,
+                        pos: (run.offset % cs) as u32,
+                    },
+                )
+            })
+            .collect();
+        let pending: Vec<GarbageSlice> = slices
+            .iter()
+            .map(|(_, s)| GarbageSlice {
+                id: s.id,
+                size: s.size,
+            })
+            .collect();
+        self.core.record_pending_uploads(&pending)?;
+        Ok(slices)
+    }
+
     /// Commits the oldest in-flight segment once its upload is done (waiting for it if `wait`).
-    /// Returns whether one was committed. Caller holds the flush lock.
-    fn commit_front(&self, file: &FileState, wait: bool) -> VfsResult<bool> {
+    /// Returns whether one was committed.
+    fn commit_front(&self, file: &FileState, wait: bool) -> Attempt<bool> {
         let upload = {
             let mut d = file.data.lock();
             let Some(front) = d.inflight.front_mut() else {
@@ -266,9 +329,9 @@ impl Inner {
         };
         if let Err(e) = uploaded {
             self.fail_inflight(file);
-            return Err(e);
+            return Err(Failure::Failed(e));
         }
-        let (slices, end, drop_inline, mtime_ns) = {
+        let (slices, end, inline_version, mtime_ns) = {
             let d = file.data.lock();
             let front = d
                 .inflight
@@ -277,32 +340,57 @@ impl Inner {
             (
                 front.slices.clone(),
                 front.end,
-                front.drop_inline,
+                front.inline_version,
                 front.mtime_ns,
             )
         };
-        let attr = match self
-            .core
-            .meta
-            .commit_slices(file.ino, &slices, end, drop_inline, mtime_ns)
-        {
-            Ok(attr) => attr,
+        let committed =
+            self.core
+                .meta
+                .commit_slices(file.ino, &slices, end, inline_version, mtime_ns);
+        match committed {
+            Ok(Committed { attr, chunk_slices }) => {
+                self.finish_front(file, &attr);
+                self.compact_by_need(file.ino, &chunk_slices)?;
+                Ok(true)
+            }
+            Err(MetaError::Conflict(reason)) => {
+                tracing::info!(ino = file.ino, %reason, "commit lost a race; flushing again");
+                self.fail_inflight(file);
+                Err(Failure::Retry)
+            }
             Err(e) => {
                 self.fail_inflight(file);
-                return Err(e.into());
+                Err(Failure::Failed(e.into()))
             }
-        };
+        }
+    }
+
+    /// The front segment is committed: drop it from the overlay.
+    fn finish_front(&self, file: &FileState, attr: &Attr) {
         let mut d = file.data.lock();
         let committed = d
             .inflight
             .pop_front()
             .expect("front segment is only removed under the flush lock");
         d.commit_gen += 1;
+        d.unsynced = true;
         self.dirty_bytes
             .fetch_sub(committed.bytes, Ordering::SeqCst);
         drop(d);
-        self.note_seen(&attr);
-        Ok(true)
+        self.note_seen(attr);
+    }
+
+    /// Chunks that a commit left fragmented: compacted now past the hard cap, else queued.
+    fn compact_by_need(&self, ino: Ino, chunk_slices: &[(u64, usize)]) -> VfsResult<()> {
+        for &(chunk, count) in chunk_slices {
+            if count >= COMPACT_SYNC_SLICES {
+                self.core.compact_chunk(ino, chunk)?;
+            } else if count >= COMPACT_BACKGROUND_SLICES {
+                self.compaction_requests.lock().insert((ino, chunk));
+            }
+        }
+        Ok(())
     }
 
     /// After a failed upload or commit: every in-flight segment goes back to the front of the

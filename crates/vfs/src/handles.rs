@@ -1,28 +1,70 @@
 //! Open file and directory handles of this mount, and the per-inode state shared by the handles
-//! of one inode (open count, write buffer).
+//! of one inode (open count, write buffer, cached layout).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+use cellar_meta::Slice;
 use parking_lot::Mutex;
+use tokio::task::JoinHandle;
 
-use crate::flush::Segment;
-use crate::write_buffer::Extent;
+use crate::read_path::FileLayout;
+use crate::write_buffer::{Extent, Run};
 use crate::{Errno, Ino, VfsResult};
 
 /// State of one inode opened (or still dirty) in this mount.
 pub(crate) struct FileState {
     pub ino: Ino,
     pub open_count: AtomicU32,
-    /// The inode lost its last link while open here: release it with the last handle.
-    pub sustained: AtomicBool,
     /// Some POSIX lock was taken on it through this mount (close must then drop the owner's).
     pub posix_locked: AtomicBool,
     pub data: Mutex<FileData>,
-    /// Serializes flushes of this inode: slices must be committed in write order.
+    /// Serializes flushes of this inode: slices must be committed in write order. Held across
+    /// metadata and store calls (that is its purpose); see the lock order in lib.rs.
     pub flush_lock: Mutex<()>,
+    /// The layout reads use, valid while `FileData::commit_gen` equals its `generation`.
+    pub layout: Mutex<Option<Arc<FileLayout>>>,
+}
+
+/// Buffered writes taken by one flush: uploading, then committed as one transaction.
+pub(crate) struct Segment {
+    /// The buffered extents, in write order (what reads overlay until the commit).
+    pub extents: Vec<Run>,
+    pub bytes: u64,
+    pub end: u64,
+    pub mtime_ns: i64,
+    /// The segment also carries the file's inline bytes as of this data version.
+    pub inline_version: Option<u64>,
+    pub slices: Vec<(u64, Slice)>,
+    pub upload: Option<JoinHandle<cellar_store::StoreResult<()>>>,
+}
+
+impl Segment {
+    pub fn new(extents: Vec<Run>, bytes: u64, end: u64, mtime_ns: i64) -> Segment {
+        Segment {
+            extents,
+            bytes,
+            end,
+            mtime_ns,
+            inline_version: None,
+            slices: Vec::new(),
+            upload: None,
+        }
+    }
+}
+
+/// Converts buffered extents into shareable runs.
+pub(crate) fn runs_of(extents: Vec<Extent>) -> Vec<Run> {
+    extents
+        .into_iter()
+        .map(|e| Run {
+            offset: e.offset,
+            data: Bytes::from(e.data),
+        })
+        .collect()
 }
 
 /// Buffered and in-flight data of one inode.
@@ -37,8 +79,11 @@ pub(crate) struct FileData {
     pub last_write: Option<Instant>,
     /// Flushes being uploaded, in write order; each is committed after the ones before it.
     pub inflight: VecDeque<Segment>,
-    /// Bumped whenever this mount changes the committed content (reads that raced retry).
+    /// Bumped whenever this mount changes the committed content (reads that raced retry, cached
+    /// layouts of an older generation are stale).
     pub commit_gen: u64,
+    /// A commit since the last metadata sync: close must make it durable.
+    pub unsynced: bool,
 }
 
 impl FileData {
@@ -76,10 +121,10 @@ impl FileState {
         FileState {
             ino,
             open_count: AtomicU32::new(0),
-            sustained: AtomicBool::new(false),
             posix_locked: AtomicBool::new(false),
             data: Mutex::new(FileData::default()),
             flush_lock: Mutex::new(()),
+            layout: Mutex::new(None),
         }
     }
 }
@@ -166,19 +211,8 @@ impl Registry {
         self.files.lock().values().cloned().collect()
     }
 
-    /// Whether any handle of this mount has the inode open (answers meta's `keep_open`).
-    /// Marks the inode sustained, since meta keeps it only when this returns true.
-    pub fn keep_open(&self, ino: Ino) -> bool {
-        match self.files.lock().get(&ino) {
-            Some(file) if file.open_count.load(Ordering::SeqCst) > 0 => {
-                file.sustained.store(true, Ordering::SeqCst);
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Drops the inode's state once nothing has it open and nothing is left to flush.
+    /// Lock order: registry, then the file's data lock (a leaf).
     pub fn forget_if_idle(&self, ino: Ino) {
         let mut files = self.files.lock();
         if let Some(file) = files.get(&ino) {

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 
 use crate::backend::now_ns;
 use crate::errno::err;
-use crate::handles::{Handle, HandleKind, ReadAhead};
+use crate::handles::{FileState, Handle, HandleKind, ReadAhead};
 use crate::volume::Inner;
 use crate::{Ctx, OpenReply, VfsResult, MAX_FILE_SIZE};
 
@@ -19,6 +19,7 @@ const READAHEAD_MAX: u64 = 32 << 20;
 const COPY_PIECE: u64 = 4 << 20;
 
 impl Inner {
+    /// A handle of an inode the engine has recorded as open (see `MetaEngine::open_file`).
     fn new_file_handle(&self, ctx: &Ctx, attr: &Attr, flags: i32) -> (u64, bool) {
         let file = self.registry.open_file(attr.ino);
         // Close-to-open: the kernel may keep its page cache only if nothing changed since this
@@ -41,8 +42,9 @@ impl Inner {
     }
 
     pub(crate) fn open(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<OpenReply> {
-        let attr = self.core.meta.getattr(ino)?;
+        let attr = self.core.meta.open_file(self.session(), ino)?;
         if attr.kind == FileKind::Directory && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.core.meta.close_file(self.session(), ino)?;
             return err(libc::EISDIR);
         }
         let (fh, keep_cache) = self.new_file_handle(ctx, &attr, flags);
@@ -58,12 +60,13 @@ impl Inner {
         umask: u32,
         flags: i32,
     ) -> VfsResult<(Attr, OpenReply)> {
-        let attr = self.mknod(ctx, parent, name, (mode & 0o7777) | libc::S_IFREG, umask, 0)?;
+        let created = self.mknod(ctx, parent, name, (mode & 0o7777) | libc::S_IFREG, umask, 0)?;
+        let attr = self.core.meta.open_file(self.session(), created.ino)?;
         let (fh, keep_cache) = self.new_file_handle(ctx, &attr, flags);
         Ok((attr, OpenReply { fh, keep_cache }))
     }
 
-    pub(crate) fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
+    pub(crate) fn read(&self, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
         let handle = self.registry.handle(fh)?;
         let HandleKind::File {
             file, readahead, ..
@@ -73,15 +76,16 @@ impl Inner {
         };
         loop {
             let generation = file.data.lock().commit_gen;
-            let committed = self.core.meta.getattr(ino)?;
-            let size_now = committed.size.max(file.data.lock().dirty_end());
+            let layout = self.layout_for(file, generation, offset, u64::from(size))?;
+            let committed_size = layout.attr.size;
+            let size_now = committed_size.max(file.data.lock().dirty_end());
             if offset >= size_now {
                 return Ok(Vec::new());
             }
             let len = u64::from(size).min(size_now - offset);
             let mut out = self
                 .core
-                .read_committed(ino, offset, len as usize, committed.size)?;
+                .read_layout_bytes(&layout, offset, len as usize)?;
             let d = file.data.lock();
             if d.commit_gen != generation {
                 // This mount committed meanwhile: what was read may predate the commit while the
@@ -90,13 +94,21 @@ impl Inner {
             }
             d.overlay(&mut out, offset);
             drop(d);
-            self.read_ahead(ino, readahead, offset, len, committed.size);
+            self.read_ahead(file, generation, readahead, offset, len, committed_size);
             return Ok(out);
         }
     }
 
     /// Detects sequential readers and prefetches ahead of them with a growing window.
-    fn read_ahead(&self, ino: Ino, readahead: &Mutex<ReadAhead>, offset: u64, len: u64, size: u64) {
+    fn read_ahead(
+        &self,
+        file: &FileState,
+        generation: u64,
+        readahead: &Mutex<ReadAhead>,
+        offset: u64,
+        len: u64,
+        size: u64,
+    ) {
         let mut ra = readahead.lock();
         if offset == ra.next {
             ra.window = if ra.window == 0 {
@@ -117,9 +129,7 @@ impl Inner {
         if from < to {
             ra.prefetched_until = to;
             drop(ra);
-            if let Err(e) = self.core.prefetch(ino, from, to) {
-                tracing::debug!(ino, error = %e, "read-ahead failed");
-            }
+            self.prefetch(file, generation, from, to);
         }
     }
 
@@ -173,43 +183,56 @@ impl Inner {
     pub(crate) fn flush(&self, ino: Ino, fh: u64, lock_owner: u64) -> VfsResult<()> {
         let handle = self.registry.handle(fh)?;
         let file = handle.file()?;
-        let flushed = self.flush_file(file);
-        if file.posix_locked.load(Ordering::SeqCst) {
-            self.unlock_posix(ino, lock_owner);
-        }
-        flushed
+        let flushed = self.flush_durably(file, false);
+        let unlocked = if file.posix_locked.load(Ordering::SeqCst) {
+            self.unlock_posix(ino, lock_owner)
+        } else {
+            Ok(())
+        };
+        flushed.and(unlocked)
     }
 
-    pub(crate) fn release(
-        &self,
-        ino: Ino,
-        fh: u64,
-        lock_owner: Option<u64>,
-        flock_release: bool,
-    ) -> VfsResult<()> {
+    pub(crate) fn release(&self, ino: Ino, fh: u64, lock_owner: Option<u64>) -> VfsResult<()> {
         let handle = self.registry.remove_handle(fh)?;
         let file = handle.file()?;
-        if flock_release {
-            self.unlock_flock(ino, fh);
+        let unlocked = match lock_owner.filter(|_| file.posix_locked.load(Ordering::SeqCst)) {
+            Some(owner) => self.unlock_posix(ino, owner),
+            None => Ok(()),
+        };
+        let last = file.open_count.fetch_sub(1, Ordering::SeqCst) == 1;
+        // Last handle of this mount: nothing may stay buffered.
+        let flushed = if last {
+            self.flush_durably(file, false)
+        } else {
+            Ok(())
+        };
+        // An unlinked inode goes with its last close (the engine counts the opens).
+        let closed = self.core.meta.close_file(self.session(), ino);
+        if last {
+            self.registry.forget_if_idle(ino);
         }
-        if let Some(owner) = lock_owner.filter(|_| file.posix_locked.load(Ordering::SeqCst)) {
-            self.unlock_posix(ino, owner);
-        }
-        if file.open_count.fetch_sub(1, Ordering::SeqCst) != 1 {
-            return Ok(());
-        }
-        // Last handle of this mount: nothing may stay buffered, and an unlinked inode goes.
-        let flushed = self.flush_file(file);
-        if file.sustained.swap(false, Ordering::SeqCst) {
-            self.core.meta.release_sustained(self.session(), ino)?;
-        }
-        self.registry.forget_if_idle(ino);
-        flushed
+        flushed.and(unlocked).and(closed.map_err(Into::into))
     }
 
     pub(crate) fn fsync(&self, fh: u64) -> VfsResult<()> {
         let handle = self.registry.handle(fh)?;
-        self.flush_file(handle.file()?)
+        self.flush_durably(handle.file()?, true)
+    }
+
+    /// Commits the inode's buffered writes and makes the commits durable: what fsync and close
+    /// acknowledge survives a crash and a power loss. A mount whose session may have been reaped
+    /// acknowledges nothing. `always_sync`: sync the metadata even if this inode committed
+    /// nothing since the last sync (fsync also covers the file's creation).
+    fn flush_durably(&self, file: &FileState, always_sync: bool) -> VfsResult<()> {
+        self.flush_file(file)?;
+        let unsynced = std::mem::take(&mut file.data.lock().unsynced);
+        if unsynced || always_sync {
+            if let Err(e) = self.sync_metadata() {
+                file.data.lock().unsynced = true;
+                return Err(e);
+            }
+        }
+        self.check_session()
     }
 
     pub(crate) fn fallocate(
@@ -261,7 +284,7 @@ impl Inner {
         let mut copied = 0;
         while copied < len {
             let piece = (len - copied).min(COPY_PIECE) as u32;
-            let data = self.read(ino_in, fh_in, off_in + copied, piece)?;
+            let data = self.read(fh_in, off_in + copied, piece)?;
             if data.is_empty() {
                 break;
             }

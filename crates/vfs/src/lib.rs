@@ -3,23 +3,40 @@
 //! THIS FILE IS THE CONTRACT between `cellar-vfs` and its callers (`cellar-fuse`, `cellar-cli`).
 //! The signatures below are fixed; the work happens in the modules.
 //!
-//! Layout: [`backend`] holds the backends and the committed-data paths (read, compaction, gc);
-//! [`volume`] a mounted volume (session, registry of handles and dirty inodes, background
-//! threads in [`background`]); [`flush`] turns buffered writes into inline bytes or slices;
-//! [`namespace`], [`io`] and [`locks`] implement the operations; [`maintenance`] fsck/gc/destroy.
+//! Layout: [`backend`] holds the backends (metadata engine, block store, the one async runtime);
+//! [`read_path`], [`compaction`] and [`gc`] the paths over committed data that need only them;
+//! [`volume`] a mounted volume (session, registry of handles and dirty inodes), run by the
+//! threads of [`background`]; [`flush`] turns buffered writes into inline bytes or slices;
+//! [`namespace`], [`io`] and [`locks`] implement the operations; [`maintenance`] is offline
+//! fsck/gc/destroy.
+//!
+//! # Lock order
+//! Every path takes locks in this order and never the other way:
+//! 1. `FileState::flush_lock` (one inode's flushes, in write order). The only lock held across
+//!    metadata transactions and store requests; a FUSE request that waits on it (fsync, close)
+//!    waits for exactly that flush. Never taken while holding any lock below.
+//! 2. `Registry` maps (handles, files), then
+//! 3. `FileState::data`, `FileState::layout`, `Inner::seen` — leaves: held for memory work only,
+//!    never across a metadata or store call, never while taking another lock.
+//!
+//! The metadata engine and the store never call back into this crate: what the engine must know
+//! ("is this inode still open here?") it keeps itself (`MetaEngine::open_file`).
 
 use std::sync::Arc;
 
 mod backend;
 mod background;
+mod compaction;
 mod errno;
 mod flush;
+mod gc;
 mod handles;
 mod intervals;
 mod io;
 mod locks;
-mod maintenance_impl;
+pub mod maintenance;
 mod namespace;
+mod read_path;
 mod volume;
 mod write_buffer;
 
@@ -104,6 +121,8 @@ pub enum Invalidation {
     Entry { parent: Ino, name: Vec<u8> },
 }
 
+/// The contract. A facade over [`volume::Inner`] because the background threads hold the volume
+/// by a weak reference: dropping the last `Vfs` stops them even though they share the state.
 pub struct Vfs {
     inner: Arc<volume::Inner>,
 }
@@ -119,9 +138,9 @@ impl Drop for Vfs {
 impl Vfs {
     /// Opens (formatting if new) a volume; checks the store is reachable with the credentials.
     pub fn open_volume(config: VolumeConfig) -> anyhow::Result<Arc<Vfs>> {
-        Ok(Arc::new(Vfs {
-            inner: volume::Inner::open_volume(&config)?,
-        }))
+        let inner = volume::Inner::open_volume(&config)?;
+        background::start(&inner)?;
+        Ok(Arc::new(Vfs { inner }))
     }
     /// Flushes everything, ends the session.
     pub fn shutdown(&self) -> anyhow::Result<()> {
@@ -205,8 +224,8 @@ impl Vfs {
     ) -> VfsResult<(Attr, OpenReply)> {
         self.inner.create(ctx, parent, name, mode, umask, flags)
     }
-    pub fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
-        self.inner.read(ino, fh, offset, size)
+    pub fn read(&self, _ino: Ino, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
+        self.inner.read(fh, offset, size)
     }
     pub fn write(&self, _ino: Ino, fh: u64, offset: u64, data: &[u8]) -> VfsResult<u32> {
         self.inner.write(fh, offset, data)
@@ -216,15 +235,10 @@ impl Vfs {
     pub fn flush(&self, ino: Ino, fh: u64, lock_owner: u64) -> VfsResult<()> {
         self.inner.flush(ino, fh, lock_owner)
     }
-    /// Last close of a handle; drops flock locks of the handle when `flock_release`.
-    pub fn release(
-        &self,
-        ino: Ino,
-        fh: u64,
-        lock_owner: Option<u64>,
-        flock_release: bool,
-    ) -> VfsResult<()> {
-        self.inner.release(ino, fh, lock_owner, flock_release)
+    /// Last close of a handle; drops the POSIX locks of `lock_owner` (the kernel names one to
+    /// drop the handle's flock locks, which reach the vfs as whole-file POSIX locks).
+    pub fn release(&self, ino: Ino, fh: u64, lock_owner: Option<u64>) -> VfsResult<()> {
+        self.inner.release(ino, fh, lock_owner)
     }
     pub fn fsync(&self, _ino: Ino, fh: u64, _datasync: bool) -> VfsResult<()> {
         self.inner.fsync(fh)
@@ -272,9 +286,10 @@ impl Vfs {
     pub fn releasedir(&self, _ino: Ino, fh: u64) -> VfsResult<()> {
         self.inner.releasedir(fh)
     }
-    /// Directory changes are committed by each operation already: nothing to do.
+    /// Directory changes are committed by each operation already: makes them durable.
     pub fn fsyncdir(&self, _ino: Ino, fh: u64) -> VfsResult<()> {
-        self.inner.registry.handle(fh).map(drop)
+        self.inner.registry.handle(fh)?;
+        self.inner.sync_metadata()
     }
     pub fn statfs(&self) -> VfsResult<StatFs> {
         self.inner.statfs()
@@ -320,48 +335,10 @@ impl Vfs {
     ) -> VfsResult<()> {
         self.inner.setlk(ino, fh, lock_owner, range, sleep)
     }
-    /// flock(2) (LOCK_SH/EX/UN as Read/Write/Unlock); `sleep` unless LOCK_NB.
-    pub fn flock(
-        &self,
-        ino: Ino,
-        fh: u64,
-        _lock_owner: u64,
-        kind: LockKind,
-        sleep: bool,
-    ) -> VfsResult<()> {
-        self.inner.flock(ino, fh, kind, sleep)
-    }
-
-    /// Registers the adapter's callback for kernel cache invalidations (changes made by other
-    /// mounts of the volume, or by this mount's background work).
+    /// Registers the adapter's callback for kernel cache invalidations. Today only this mount's
+    /// own background work (the idle flusher's commits) uses it; changes made by other mounts
+    /// are seen through the kernel's TTLs and revalidation at open (close-to-open).
     pub fn set_invalidator(&self, f: Box<dyn Fn(Invalidation) + Send + Sync>) {
         self.inner.set_invalidator(f)
-    }
-}
-
-/// Offline maintenance on a volume that may or may not be mounted elsewhere.
-pub mod maintenance {
-    /// `cellar fsck`: metadata invariants plus metadata ↔ objects consistency (missing objects of
-    /// live slices; leaked objects that no slice references). With `repair`, fixes what it can.
-    pub fn fsck(config: &super::VolumeConfig, repair: bool) -> anyhow::Result<Vec<String>> {
-        crate::maintenance_impl::fsck(config, repair)
-    }
-    /// `cellar gc`: compacts fragmented chunks and deletes garbage objects older than the grace
-    /// period (and, with `delete_leaked`, objects no slice references). Returns (deleted objects,
-    /// compacted chunks).
-    pub fn gc(
-        config: &super::VolumeConfig,
-        grace: std::time::Duration,
-        delete_leaked: bool,
-    ) -> anyhow::Result<(u64, u64)> {
-        crate::maintenance_impl::gc(config, grace, delete_leaked)
-    }
-    /// Formats a new volume (metadata + store probe) without mounting it; idempotent.
-    pub fn format(config: &super::VolumeConfig) -> anyhow::Result<()> {
-        crate::maintenance_impl::format(config)
-    }
-    /// Deletes every object and all metadata of a volume (volume deletion by the server).
-    pub fn destroy(config: &super::VolumeConfig) -> anyhow::Result<()> {
-        crate::maintenance_impl::destroy(config)
     }
 }

@@ -11,21 +11,15 @@ use crate::VfsResult;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(1);
 const BACKOFF_MAX: Duration = Duration::from_millis(50);
-/// flock owners are per handle; this bit keeps them apart from the kernel's POSIX owners.
-const FLOCK_OWNER_BIT: u64 = 1 << 63;
+/// Attempts to drop locks before the failure is reported (a lock left held blocks every other
+/// owner until this session ends).
+const UNLOCK_ATTEMPTS: u32 = 4;
 
 impl Inner {
     fn posix_owner(&self, lock_owner: u64) -> LockOwner {
         LockOwner {
             session: self.session(),
             owner: lock_owner,
-        }
-    }
-
-    fn flock_owner(&self, fh: u64) -> LockOwner {
-        LockOwner {
-            session: self.session(),
-            owner: fh | FLOCK_OWNER_BIT,
         }
     }
 
@@ -79,27 +73,23 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) fn flock(&self, ino: Ino, fh: u64, kind: LockKind, sleep: bool) -> VfsResult<()> {
-        self.registry.handle(fh)?;
-        let owner = self.flock_owner(fh);
-        self.acquire(sleep, || self.core.meta.flock(ino, owner, kind))
-    }
-
-    /// Drops the POSIX locks of `lock_owner` on the inode (close of a descriptor).
-    pub(crate) fn unlock_posix(&self, ino: Ino, lock_owner: u64) {
-        if let Err(e) = self.core.meta.unlock_all(ino, self.posix_owner(lock_owner)) {
-            tracing::warn!(ino, error = %e, "could not drop POSIX locks");
+    /// Drops the POSIX locks of `lock_owner` on the inode (close of a descriptor), retrying a
+    /// failing engine before reporting the failure.
+    pub(crate) fn unlock_posix(&self, ino: Ino, lock_owner: u64) -> VfsResult<()> {
+        let owner = self.posix_owner(lock_owner);
+        let mut backoff = BACKOFF_MAX;
+        for attempt in 1..=UNLOCK_ATTEMPTS {
+            match self.core.meta.unlock_all(ino, owner) {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt == UNLOCK_ATTEMPTS => {
+                    tracing::error!(ino, error = %e, "could not drop POSIX locks; they stay held until this mount's session ends");
+                    return Err(e.into());
+                }
+                Err(e) => tracing::warn!(ino, error = %e, attempt, "dropping POSIX locks failed; retrying"),
+            }
+            std::thread::sleep(backoff);
+            backoff *= 2;
         }
-    }
-
-    /// Drops the flock of a handle (its last close).
-    pub(crate) fn unlock_flock(&self, ino: Ino, fh: u64) {
-        if let Err(e) = self
-            .core
-            .meta
-            .flock(ino, self.flock_owner(fh), LockKind::Unlock)
-        {
-            tracing::warn!(ino, error = %e, "could not drop a flock");
-        }
+        Ok(())
     }
 }

@@ -32,6 +32,28 @@ fn check_name(name: &[u8]) -> VfsResult<()> {
     Ok(())
 }
 
+/// Whether the caller belongs to `gid`: its primary group, or a supplementary group of its
+/// process (FUSE requests carry only the primary gid, so those are read from /proc).
+fn in_group(ctx: &Ctx, gid: u32) -> bool {
+    if ctx.gid == gid {
+        return true;
+    }
+    if ctx.pid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", ctx.pid)) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .is_some_and(|groups| {
+            groups
+                .split_whitespace()
+                .any(|g| g.parse::<u32>() == Ok(gid))
+        })
+}
+
 /// The file kind named by the type bits of a mknod mode (no type bits: a regular file).
 fn kind_of_mode(mode: u32) -> VfsResult<FileKind> {
     Ok(match mode & libc::S_IFMT {
@@ -76,8 +98,8 @@ impl Inner {
             changes.uid = Some(uid);
         }
         if let Some(gid) = req.gid {
-            // Non-root owners may only pick a group of their own (approximated by their gid).
-            if !root && (ctx.uid != attr.uid || (gid != attr.gid && gid != ctx.gid)) {
+            // Non-root owners may only pick a group they belong to (primary or supplementary).
+            if !root && (ctx.uid != attr.uid || (gid != attr.gid && !in_group(ctx, gid))) {
                 return err(libc::EPERM);
             }
             changes.gid = Some(gid);
@@ -85,14 +107,18 @@ impl Inner {
         let chown = req.uid.is_some() || req.gid.is_some();
         let directory = attr.kind == FileKind::Directory;
         if let Some(mode) = req.mode {
-            if !owner {
+            let mut perm = mode & 0o7777;
+            // A write by a non-owner makes the kernel clear setuid/setgid through setattr: only
+            // dropping those bits is allowed to anyone.
+            let drops_privileges_only =
+                perm != attr.perm && perm == attr.perm & !(S_ISUID | S_ISGID) & 0o7777;
+            if !owner && !drops_privileges_only {
                 return err(libc::EPERM);
             }
-            let mut perm = mode & 0o7777;
             if !root
                 && !directory
                 && perm & S_ISGID != 0
-                && changes.gid.unwrap_or(attr.gid) != ctx.gid
+                && !in_group(ctx, changes.gid.unwrap_or(attr.gid))
             {
                 perm &= !S_ISGID;
             }
@@ -232,10 +258,9 @@ impl Inner {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
         }
-        let keep_open = |ino: Ino| self.registry.keep_open(ino);
         self.core
             .meta
-            .unlink(parent, name, self.session(), &keep_open, now_ns())?;
+            .unlink(parent, name, self.session(), now_ns())?;
         Ok(())
     }
 
@@ -272,10 +297,7 @@ impl Inner {
             dst_name: new_name,
             mode,
         };
-        let keep_open = |ino: Ino| self.registry.keep_open(ino);
-        self.core
-            .meta
-            .rename(&req, self.session(), &keep_open, now_ns())?;
+        self.core.meta.rename(&req, self.session(), now_ns())?;
         Ok(())
     }
 

@@ -1,10 +1,10 @@
 //! A mounted volume: backends, session, open handles, dirty state and background threads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cellar_meta::{Attr, Ino, SessionId, SessionInfo};
@@ -12,10 +12,20 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::backend::{now_ns, Core};
 use crate::handles::Registry;
-use crate::{Invalidation, VolumeConfig};
+use crate::{Errno, Invalidation, VfsResult, VolumeConfig};
 
 /// Sessions whose heartbeat is older than this are considered crashed and reaped.
 pub(crate) const STALE_SESSION_AGE: Duration = Duration::from_secs(60);
+/// A mount whose last successful heartbeat is this old stops acknowledging fsync and close: other
+/// mounts may reap its session (dropping its locks and unlinked-open files) any moment now.
+const FENCE_AFTER: Duration = Duration::from_secs(45);
+
+/// This host's name, recorded in sessions.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
 type Invalidator = Box<dyn Fn(Invalidation) + Send + Sync>;
 
 const DEFAULT_GC_GRACE: Duration = Duration::from_secs(600);
@@ -58,14 +68,18 @@ pub(crate) struct Inner {
     session: AtomicU64,
     session_info: SessionInfo,
     pub registry: Registry,
-    /// (mtime, size) of each inode as this mount last saw it: its kernel page cache is valid
-    /// while they are unchanged.
-    seen: Mutex<HashMap<Ino, (i64, u64)>>,
+    /// The data version of each inode as this mount last saw it: its kernel page cache is valid
+    /// while the version is unchanged (mtime and size can be restored by `touch -r`, `rsync -t`).
+    seen: Mutex<HashMap<Ino, u64>>,
+    /// When the heartbeat last succeeded (see [`FENCE_AFTER`]).
+    last_heartbeat: Mutex<Instant>,
+    /// Chunks whose commit left them fragmented, for the background compactor.
+    pub compaction_requests: Mutex<HashSet<(Ino, u64)>>,
     /// Bytes buffered or uploading across the mount.
     pub dirty_bytes: AtomicU64,
     invalidator: RwLock<Option<Invalidator>>,
     pub stopper: Arc<Stopper>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    pub threads: Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
     pub gc_grace: Duration,
 }
@@ -73,11 +87,8 @@ pub(crate) struct Inner {
 impl Inner {
     pub fn open_volume(config: &VolumeConfig) -> anyhow::Result<Arc<Inner>> {
         let core = Core::open(config, true)?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
         let session_info = SessionInfo {
-            host,
+            host: host_name(),
             pid: std::process::id(),
             mount_point: config.mount_point.clone(),
             now_ns: now_ns(),
@@ -92,6 +103,8 @@ impl Inner {
             session_info,
             registry: Registry::default(),
             seen: Mutex::new(HashMap::new()),
+            last_heartbeat: Mutex::new(Instant::now()),
+            compaction_requests: Mutex::new(HashSet::new()),
             dirty_bytes: AtomicU64::new(0),
             invalidator: RwLock::new(None),
             stopper: Arc::new(Stopper::default()),
@@ -100,8 +113,6 @@ impl Inner {
             gc_grace: gc_grace(),
         });
         inner.reap_stale_sessions();
-        let threads = crate::background::start(&inner).context("starting background threads")?;
-        *inner.threads.lock() = threads;
         tracing::info!(volume = %inner.core.volume.name, session, "volume opened");
         Ok(inner)
     }
@@ -114,7 +125,7 @@ impl Inner {
     /// opens a new one so locks and unlinked-open files work again.
     pub fn heartbeat(&self) {
         match self.core.meta.heartbeat(self.session()) {
-            Ok(()) => {}
+            Ok(()) => *self.last_heartbeat.lock() = Instant::now(),
             Err(e) if e.errno() == libc::ESTALE => {
                 let info = SessionInfo {
                     now_ns: now_ns(),
@@ -122,11 +133,12 @@ impl Inner {
                 };
                 match self.core.meta.open_session(&info) {
                     Ok(session) => {
-                        tracing::warn!(
+                        tracing::error!(
                             session,
-                            "the session had expired (its locks were dropped); opened a new one"
+                            "the session had expired (its locks and unlinked-open files were dropped); opened a new one"
                         );
                         self.session.store(session, Ordering::SeqCst);
+                        *self.last_heartbeat.lock() = Instant::now();
                     }
                     Err(e) => tracing::warn!(error = %e, "could not reopen the expired session"),
                 }
@@ -137,7 +149,6 @@ impl Inner {
 
     pub fn reap_stale_sessions(&self) {
         match self.core.meta.reap_stale_sessions(
-            now_ns(),
             STALE_SESSION_AGE.as_nanos() as i64,
             // A late heartbeat (stalled store, loaded host) must not make a mount drop its
             // own locks: only other, crashed mounts are reaped.
@@ -176,19 +187,33 @@ impl Inner {
         Ok(())
     }
 
-    /// Records what this mount's kernel cache now holds for the inode.
-    pub fn note_seen(&self, attr: &Attr) {
-        self.seen
-            .lock()
-            .insert(attr.ino, (attr.mtime_ns, attr.size));
+    /// EIO once the heartbeat has failed for so long that other mounts may reap this session:
+    /// fsync and close must not acknowledge writes of a session that may be gone.
+    pub fn check_session(&self) -> VfsResult<()> {
+        let since = self.last_heartbeat.lock().elapsed();
+        if since > FENCE_AFTER {
+            tracing::error!(
+                seconds = since.as_secs(),
+                "the session heartbeat keeps failing; refusing to acknowledge fsync/close"
+            );
+            return Err(Errno::IO);
+        }
+        Ok(())
     }
 
-    /// Whether the inode is unchanged since this mount last saw it (and remembers it now).
+    /// Makes every metadata commit of this mount so far durable (fsync, close, fsyncdir).
+    pub fn sync_metadata(&self) -> VfsResult<()> {
+        Ok(self.core.meta.sync()?)
+    }
+
+    /// Records what this mount's kernel cache now holds for the inode.
+    pub fn note_seen(&self, attr: &Attr) {
+        self.seen.lock().insert(attr.ino, attr.data_version);
+    }
+
+    /// Whether the inode's content is unchanged since this mount last saw it (and remembers it).
     pub fn unchanged_since_seen(&self, attr: &Attr) -> bool {
-        self.seen
-            .lock()
-            .insert(attr.ino, (attr.mtime_ns, attr.size))
-            == Some((attr.mtime_ns, attr.size))
+        self.seen.lock().insert(attr.ino, attr.data_version) == Some(attr.data_version)
     }
 
     pub fn forget_seen(&self, ino: Ino) {

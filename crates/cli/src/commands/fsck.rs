@@ -10,9 +10,12 @@ use super::VolumeArgs;
 pub struct FsckArgs {
     #[command(flatten)]
     pub volume: VolumeArgs,
-    /// Fix what can be fixed
+    /// Fix what can be fixed (refused while a mount of the volume is live, unless --force)
     #[arg(long)]
     pub repair: bool,
+    /// Repair even while other mounts of the volume are live (they may be writing)
+    #[arg(long, requires = "repair")]
+    pub force: bool,
     /// Print the result as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -21,11 +24,11 @@ pub struct FsckArgs {
 pub fn run(args: FsckArgs) -> Result<()> {
     let config = args.volume.maintenance_config()?;
     let spinner = super::spinner(format!("checking volume {}", config.volume));
-    let found = cellar_vfs::maintenance::fsck(&config, args.repair)?;
+    let found = cellar_vfs::maintenance::fsck(&config, args.repair, args.force)?;
     // After a repair, a second pass tells what is left.
     let remaining = if args.repair && !found.is_empty() {
         spinner.set_message(format!("re-checking volume {}", config.volume));
-        cellar_vfs::maintenance::fsck(&config, false)?
+        cellar_vfs::maintenance::fsck(&config, false, false)?
     } else {
         found.clone()
     };

@@ -4,7 +4,10 @@ use libc::{EINVAL, EISDIR};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::namespace::{add_counter, get_attr, posix};
-use crate::{Attr, FileKind, GarbageSlice, Ino, MetaError, Result, Slice, VolumeInfo};
+use crate::{
+    Attr, Committed, Content, FileKind, GarbageSlice, Ino, Layout, MetaError, Result, Slice,
+    SliceReferences, VolumeInfo,
+};
 
 /// Moves the slices of chunks `from_chunk..` of `ino` to garbage (unless another chunk still
 /// references the same stored slice) and deletes them from the file.
@@ -46,7 +49,8 @@ fn inline_bytes(conn: &Connection, ino: Ino) -> Result<Option<Vec<u8>>> {
         .ok_or_else(|| posix(libc::ENOENT))
 }
 
-/// Stores the new size, inline bytes and times of a regular file and accounts the size change.
+/// Stores the new size, inline bytes and times of a regular file, bumps its data version and
+/// accounts the size change.
 fn store_content(
     conn: &Connection,
     attr: &mut Attr,
@@ -54,17 +58,41 @@ fn store_content(
     inline: Option<&[u8]>,
     now_ns: i64,
 ) -> Result<()> {
-    conn.prepare_cached("UPDATE inodes SET size = ?1, inline_data = ?2, mtime_ns = ?3, ctime_ns = ?3 WHERE ino = ?4")?
+    conn.prepare_cached("UPDATE inodes SET size = ?1, inline_data = ?2, mtime_ns = ?3, ctime_ns = ?3, data_version = data_version + 1 WHERE ino = ?4")?
         .execute(params![size, inline, now_ns, attr.ino])?;
     add_counter(conn, "used_bytes", size as i64 - attr.size as i64)?;
     attr.size = size;
     attr.mtime_ns = now_ns;
     attr.ctime_ns = now_ns;
+    attr.data_version += 1;
     Ok(())
 }
 
-pub fn read_inline(conn: &Connection, ino: Ino) -> Result<Option<Vec<u8>>> {
-    inline_bytes(conn, ino)
+pub fn read_layout(
+    conn: &Connection,
+    ino: Ino,
+    chunks: std::ops::Range<u64>,
+    known_version: Option<u64>,
+) -> Result<Layout> {
+    let attr = get_attr(conn, ino)?;
+    if known_version == Some(attr.data_version) || attr.kind != FileKind::Regular {
+        return Ok(Layout {
+            attr,
+            content: None,
+        });
+    }
+    let content = match inline_bytes(conn, ino)? {
+        Some(bytes) => Content::Inline(bytes),
+        None => Content::Chunks(
+            chunks
+                .map(|chunk| Ok((chunk, read_chunk(conn, ino, chunk)?)))
+                .collect::<Result<_>>()?,
+        ),
+    };
+    Ok(Layout {
+        attr,
+        content: Some(content),
+    })
 }
 
 pub fn read_chunk(conn: &Connection, ino: Ino, chunk: u64) -> Result<Vec<Slice>> {
@@ -90,16 +118,28 @@ pub fn write_inline(
     conn: &Connection,
     volume: &VolumeInfo,
     ino: Ino,
-    bytes: &[u8],
+    extents: &[(u64, &[u8])],
     now_ns: i64,
-) -> Result<Attr> {
+) -> Result<Option<Attr>> {
     let mut attr = regular_file(conn, ino)?;
-    if bytes.len() as u64 > volume.inline_threshold {
-        return Err(posix(EINVAL));
+    let Some(mut bytes) = inline_bytes(conn, ino)? else {
+        return Ok(None);
+    };
+    let end = extents
+        .iter()
+        .map(|(offset, data)| offset + data.len() as u64)
+        .fold(attr.size, u64::max);
+    if end > volume.inline_threshold {
+        return Ok(None);
     }
-    discard_chunks_from(conn, ino, 0, now_ns)?;
-    store_content(conn, &mut attr, bytes.len() as u64, Some(bytes), now_ns)?;
-    Ok(attr)
+    // The blob may be shorter than the size (a grown truncate): the gap reads as zeros.
+    bytes.resize(end as usize, 0);
+    for (offset, data) in extents {
+        let at = *offset as usize;
+        bytes[at..at + data.len()].copy_from_slice(data);
+    }
+    store_content(conn, &mut attr, end, Some(&bytes), now_ns)?;
+    Ok(Some(attr))
 }
 
 fn insert_slices(conn: &Connection, ino: Ino, slices: &[(u64, Slice)]) -> Result<()> {
@@ -136,27 +176,64 @@ fn check_slices<'a>(
     Ok(())
 }
 
+/// Conflict unless every non-hole slice still has its pending-upload row (gc deletes the objects
+/// of rows that expired); the rows are dropped, since the slices become live.
+fn claim_pending<'a>(conn: &Connection, slices: impl IntoIterator<Item = &'a Slice>) -> Result<()> {
+    let mut delete = conn.prepare_cached("DELETE FROM garbage WHERE id = ?1")?;
+    for slice in slices.into_iter().filter(|slice| slice.id != 0) {
+        if delete.execute([slice.id as i64])? == 0 {
+            return Err(MetaError::Conflict(format!(
+                "slice {} is no longer a pending upload (it expired and gc may have deleted its objects)",
+                slice.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn chunk_slice_count(conn: &Connection, ino: Ino, chunk: u64) -> Result<usize> {
+    let mut stmt =
+        conn.prepare_cached("SELECT COUNT(*) FROM chunk_slices WHERE ino = ?1 AND chunk = ?2")?;
+    Ok(stmt.query_row(params![ino, chunk], |row| row.get::<_, i64>(0))? as usize)
+}
+
 pub fn commit_slices(
     conn: &Connection,
     volume: &VolumeInfo,
     ino: Ino,
     slices: &[(u64, Slice)],
     min_size: u64,
-    drop_inline: bool,
+    inline_version: Option<u64>,
     now_ns: i64,
-) -> Result<Attr> {
+) -> Result<Committed> {
     let mut attr = regular_file(conn, ino)?;
     check_slices(volume, slices.iter().map(|(_, slice)| slice))?;
-    if !drop_inline && inline_bytes(conn, ino)?.is_some_and(|bytes| !bytes.is_empty()) {
-        return Err(MetaError::Engine(format!(
-            "inode {ino} holds inline bytes: commit its slices with drop_inline after writing them out"
-        )));
+    let inline = inline_bytes(conn, ino)?;
+    match inline_version {
+        Some(version) if version != attr.data_version => {
+            return Err(MetaError::Conflict(format!(
+                "inode {ino} changed after its inline bytes were read (version {version}, now {})",
+                attr.data_version
+            )));
+        }
+        None if inline.as_ref().is_some_and(|bytes| !bytes.is_empty()) => {
+            return Err(MetaError::Conflict(format!(
+                "inode {ino} holds inline bytes: write them out with its slices"
+            )));
+        }
+        _ => {}
     }
+    claim_pending(conn, slices.iter().map(|(_, slice)| slice))?;
     insert_slices(conn, ino, slices)?;
-    forget_committed(conn, slices.iter().map(|(_, slice)| slice))?;
     let size = attr.size.max(min_size);
     store_content(conn, &mut attr, size, None, now_ns)?;
-    Ok(attr)
+    let mut chunks: Vec<u64> = slices.iter().map(|(chunk, _)| *chunk).collect();
+    chunks.dedup();
+    let chunk_slices = chunks
+        .into_iter()
+        .map(|chunk| Ok((chunk, chunk_slice_count(conn, ino, chunk)?)))
+        .collect::<Result<_>>()?;
+    Ok(Committed { attr, chunk_slices })
 }
 
 pub fn truncate(
@@ -242,11 +319,15 @@ pub fn replace_chunk(
     if read_chunk(conn, ino, chunk)? != expected {
         return Ok(false);
     }
+    match claim_pending(conn, new) {
+        Ok(()) => {}
+        Err(MetaError::Conflict(_)) => return Ok(false),
+        Err(e) => return Err(e),
+    }
     conn.prepare_cached("DELETE FROM chunk_slices WHERE ino = ?1 AND chunk = ?2")?
         .execute(params![ino, chunk])?;
     let new_rows: Vec<(u64, Slice)> = new.iter().map(|slice| (chunk, *slice)).collect();
     insert_slices(conn, ino, &new_rows)?;
-    forget_committed(conn, new)?;
     let mut still_used =
         conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM chunk_slices WHERE id = ?1)")?;
     let mut dropped = Vec::new();
@@ -292,20 +373,6 @@ pub fn forget_garbage(conn: &Connection, ids: &[u64]) -> Result<()> {
     Ok(())
 }
 
-/// A committed slice is referenced now: drop the pending-upload garbage row the writer recorded
-/// before uploading it (see [`add_garbage`]).
-fn forget_committed<'a>(
-    conn: &Connection,
-    slices: impl IntoIterator<Item = &'a Slice>,
-) -> Result<()> {
-    let ids: Vec<u64> = slices
-        .into_iter()
-        .map(|slice| slice.id)
-        .filter(|&id| id != 0)
-        .collect();
-    forget_garbage(conn, &ids)
-}
-
 /// Records (or re-dates) garbage slices: a writer records its uploads as pending garbage with a
 /// future `since` before uploading, and re-dates them to now when their commit fails.
 pub fn add_garbage(conn: &Connection, slices: &[GarbageSlice], now_ns: i64) -> Result<()> {
@@ -319,12 +386,16 @@ pub fn add_garbage(conn: &Connection, slices: &[GarbageSlice], now_ns: i64) -> R
     Ok(())
 }
 
-pub fn live_slices(conn: &Connection) -> Result<Vec<(u64, u32)>> {
-    let slices = conn
+pub fn slice_references(conn: &Connection) -> Result<SliceReferences> {
+    let live = conn
         .prepare_cached(
             "SELECT id, MAX(size) FROM chunk_slices WHERE id <> 0 GROUP BY id ORDER BY id",
         )?
         .query_map([], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    Ok(slices)
+    let garbage = conn
+        .prepare_cached("SELECT id FROM garbage ORDER BY id")?
+        .query_map([], |row| Ok(row.get::<_, i64>(0)? as u64))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(SliceReferences { live, garbage })
 }

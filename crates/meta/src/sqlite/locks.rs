@@ -1,4 +1,4 @@
-//! BSD flock and POSIX byte-range locks. Owners are `(session, owner)` pairs; only different
+//! POSIX byte-range locks (flock(2) arrives from the kernel as whole-file POSIX locks). Owners are `(session, owner)` pairs; only different
 //! owners conflict. The u64 owner hashes and range ends are stored as their two's complement
 //! BIGINT (so `u64::MAX`, "to end of file", is stored as -1) and compared in Rust, never in SQL.
 
@@ -27,40 +27,6 @@ fn kind_from_code(code: i64) -> LockKind {
 /// Two locks conflict unless both are read locks.
 fn conflicting(a: LockKind, b: LockKind) -> bool {
     a == LockKind::Write || b == LockKind::Write
-}
-
-pub fn flock(conn: &Connection, ino: Ino, owner: LockOwner, kind: LockKind) -> Result<bool> {
-    get_attr(conn, ino)?;
-    if kind == LockKind::Unlock {
-        conn.prepare_cached("DELETE FROM flocks WHERE ino = ?1 AND session = ?2 AND owner = ?3")?
-            .execute(params![ino, owner.session, owner.owner as i64])?;
-        return Ok(true);
-    }
-    let others: Vec<i64> = conn
-        .prepare_cached(
-            "SELECT kind FROM flocks WHERE ino = ?1 AND NOT (session = ?2 AND owner = ?3)",
-        )?
-        .query_map(params![ino, owner.session, owner.owner as i64], |row| {
-            row.get(0)
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    if others
-        .into_iter()
-        .any(|other| conflicting(kind, kind_from_code(other)))
-    {
-        return Ok(false);
-    }
-    conn.prepare_cached(
-        "INSERT INTO flocks (ino, session, owner, kind) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (ino, session, owner) DO UPDATE SET kind = excluded.kind",
-    )?
-    .execute(params![
-        ino,
-        owner.session,
-        owner.owner as i64,
-        kind_code(kind)
-    ])?;
-    Ok(true)
 }
 
 /// Every POSIX lock on `ino` with its owner.

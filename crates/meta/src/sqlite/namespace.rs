@@ -24,8 +24,11 @@ const ROOT_PERM: u32 = 0o777;
 /// Bound on parent-pointer walks, so a corrupted cycle cannot hang a rename.
 const MAX_DEPTH: usize = 1 << 20;
 
-pub const ATTR_COLUMNS: &str =
+/// Columns a new inode row sets (its data version starts at 0).
+const NEW_INODE_COLUMNS: &str =
     "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent";
+pub const ATTR_COLUMNS: &str =
+    "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent, data_version";
 
 pub fn posix(errno: i32) -> MetaError {
     MetaError::posix(errno)
@@ -80,6 +83,7 @@ pub fn attr_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Attr> {
         mtime_ns: row.get(first + 9)?,
         ctime_ns: row.get(first + 10)?,
         parent: row.get(first + 11)?,
+        data_version: row.get::<_, i64>(first + 12)? as u64,
     })
 }
 
@@ -206,12 +210,13 @@ fn free_if_unreferenced(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> 
 }
 
 /// One link of a non-directory inode went away. Returns true if it was the last one: the inode is
-/// then sustained by `session` if `keep_open` says it is open, or freed.
+/// then sustained by `session` if `is_open` (the engine's own open-file count) says it is open,
+/// or freed.
 fn drop_link(
     conn: &Connection,
     ino: Ino,
     session: SessionId,
-    keep_open: &dyn Fn(Ino) -> bool,
+    is_open: &dyn Fn(Ino) -> bool,
     now_ns: i64,
 ) -> Result<bool> {
     let mut stmt = conn.prepare_cached(
@@ -221,7 +226,7 @@ fn drop_link(
     if nlink > 0 {
         return Ok(false);
     }
-    if keep_open(ino) {
+    if is_open(ino) {
         conn.prepare_cached(
             "INSERT INTO sustained (session, ino) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
         )?
@@ -282,7 +287,7 @@ pub fn format(conn: &Connection, volume: &VolumeInfo) -> Result<VolumeInfo> {
     )?;
     let now = volume.created_ns;
     conn.execute(
-        &format!("INSERT INTO inodes ({ATTR_COLUMNS}) VALUES (?1, ?2, ?3, 0, 0, 2, ?4, 0, ?5, ?5, ?5, ?1)"),
+        &format!("INSERT INTO inodes ({NEW_INODE_COLUMNS}) VALUES (?1, ?2, ?3, 0, 0, 2, ?4, 0, ?5, ?5, ?5, ?1)"),
         params![ROOT_INO, DIRECTORY_CODE, ROOT_PERM, DIR_SIZE, now],
     )?;
     set_counter(conn, "used_inodes", 1)?;
@@ -322,6 +327,31 @@ pub fn close_session(conn: &Connection, session: SessionId, now_ns: i64) -> Resu
         free_if_unreferenced(conn, ino, now_ns)?;
     }
     Ok(())
+}
+
+pub fn live_sessions(conn: &Connection, now_ns: i64, max_age_ns: i64) -> Result<Vec<SessionId>> {
+    let live = conn
+        .prepare_cached("SELECT id FROM sessions WHERE heartbeat_ns >= ?1 ORDER BY id")?
+        .query_map([now_ns.saturating_sub(max_age_ns)], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(live)
+}
+
+pub fn try_lease(
+    conn: &Connection,
+    name: &str,
+    session: SessionId,
+    ttl_ns: i64,
+    now_ns: i64,
+) -> Result<bool> {
+    let taken = conn
+        .prepare_cached(
+            "INSERT INTO leases (name, session, expires_ns) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET session = excluded.session, expires_ns = excluded.expires_ns
+             WHERE leases.session = excluded.session OR leases.expires_ns < ?4",
+        )?
+        .execute(params![name, session, now_ns.saturating_add(ttl_ns), now_ns])?;
+    Ok(taken == 1)
 }
 
 pub fn reap_stale_sessions(
@@ -435,7 +465,7 @@ pub fn create_node(
     let inline: Option<&[u8]> = (node.kind == FileKind::Regular).then_some(&[]);
     let target = (node.kind == FileKind::Symlink).then_some(node.target.as_slice());
     conn.prepare_cached(&format!(
-        "INSERT INTO inodes ({ATTR_COLUMNS}, inline_data, target)
+        "INSERT INTO inodes ({NEW_INODE_COLUMNS}, inline_data, target)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?10, ?11, ?12)"
     ))?
     .execute(params![
@@ -468,6 +498,7 @@ pub fn create_node(
         mtime_ns: now_ns,
         ctime_ns: now_ns,
         parent,
+        data_version: 0,
     })
 }
 
@@ -515,7 +546,7 @@ pub fn unlink(
     parent: Ino,
     name: &[u8],
     session: SessionId,
-    keep_open: &dyn Fn(Ino) -> bool,
+    is_open: &dyn Fn(Ino) -> bool,
     now_ns: i64,
 ) -> Result<Option<Ino>> {
     check_name(name)?;
@@ -526,7 +557,7 @@ pub fn unlink(
     }
     delete_entry(conn, entry.cookie)?;
     touch_dir(conn, parent, 0, now_ns)?;
-    Ok(drop_link(conn, entry.ino, session, keep_open, now_ns)?.then_some(entry.ino))
+    Ok(drop_link(conn, entry.ino, session, is_open, now_ns)?.then_some(entry.ino))
 }
 
 fn delete_entry(conn: &Connection, cookie: i64) -> Result<()> {
@@ -585,7 +616,7 @@ pub fn rename(
     conn: &Connection,
     req: &Rename<'_>,
     session: SessionId,
-    keep_open: &dyn Fn(Ino) -> bool,
+    is_open: &dyn Fn(Ino) -> bool,
     now_ns: i64,
 ) -> Result<RenameOutcome> {
     for name in [req.src_name, req.dst_name] {
@@ -655,7 +686,7 @@ pub fn rename(
                 touch_dir(conn, req.dst_parent, -1, now_ns)?;
                 free_inode(conn, dst.ino, now_ns)?;
             } else {
-                drop_link(conn, dst.ino, session, keep_open, now_ns)?;
+                drop_link(conn, dst.ino, session, is_open, now_ns)?;
             }
             Some(dst.ino)
         }

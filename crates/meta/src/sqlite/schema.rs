@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::wall_clock_ns;
 use crate::{MetaError, Result};
 
-pub const MIGRATIONS: &[&str] = &[V1_INITIAL];
+pub const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_VERSIONS_LEASES];
 
 /// Kind codes stored in `inodes.kind` and `dentries.kind` (see `namespace::kind_code`):
 /// 1 regular, 2 directory, 3 symlink, 4 fifo, 5 socket, 6 char device, 7 block device.
@@ -125,6 +125,21 @@ CREATE TABLE plocks (
 );
 CREATE INDEX plocks_by_ino ON plocks (ino);
 CREATE INDEX plocks_by_session ON plocks (session);
+";
+
+/// The per-inode data version (bumped by every content change: layouts and page caches are
+/// cached against it), leases of background work, and no flock table (flock(2) reaches the
+/// engine as whole-file POSIX locks).
+const V2_VERSIONS_LEASES: &str = "
+ALTER TABLE inodes ADD COLUMN data_version BIGINT NOT NULL DEFAULT 0;
+
+CREATE TABLE leases (
+    name TEXT PRIMARY KEY,
+    session BIGINT NOT NULL,
+    expires_ns BIGINT NOT NULL
+);
+
+DROP TABLE flocks;
 ";
 
 /// Brings the database up to `migrations.len()`, in one transaction (concurrent openers queue on

@@ -1,80 +1,51 @@
-//! Offline maintenance: format, fsck, gc, destroy.
-//!
-//! The object listing carries no timestamps, so an object no slice references cannot be dated:
-//! it may be a block of a flush that is uploading right now. Leaked objects are therefore only
-//! deleted when the grace period is zero (the caller asserts the volume is quiescent).
+//! Offline maintenance on a volume that may or may not be mounted elsewhere: format, fsck, gc,
+//! destroy. Called by `cellar fsck`/`cellar gc` and by the server (from its blocking pool).
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Context;
-use cellar_store::{BlockStore, ObjectInfo};
-use futures::StreamExt;
+use cellar_meta::SessionInfo;
+use cellar_store::BlockStore;
 
 use crate::backend::{now_ns, open_meta, Core};
+use crate::volume::{gc_grace, STALE_SESSION_AGE};
 use crate::VolumeConfig;
 
-const DELETE_CONCURRENCY: usize = 32;
 /// Bound on compaction passes of one gc run (each pass empties the fragmented list it saw).
 const MAX_COMPACTION_PASSES: usize = 100;
 const COMPACT_PER_PASS: usize = 1000;
+/// The lease that makes one client at a time the volume's compactor and garbage collector.
+pub(crate) const MAINTENANCE_LEASE: &str = "maintenance";
 
-pub(crate) fn format(config: &VolumeConfig) -> anyhow::Result<()> {
+/// Formats a new volume (metadata + store probe) without mounting it; idempotent.
+pub fn format(config: &VolumeConfig) -> anyhow::Result<()> {
     Core::open(config, true).map(drop)
 }
 
-/// Objects of the volume that neither a live slice nor a garbage slice references.
-fn leaked_objects(core: &Core, objects: &[ObjectInfo]) -> anyhow::Result<Vec<ObjectInfo>> {
-    let mut referenced: HashSet<u64> = core
-        .meta
-        .live_slices()?
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    referenced.extend(
-        core.meta
-            .garbage_slices(i64::MAX, usize::MAX)?
-            .into_iter()
-            .map(|g| g.id),
-    );
-    Ok(objects
-        .iter()
-        .filter(|o| {
-            BlockStore::parse_block_key(&o.key).is_some_and(|(id, _, _)| !referenced.contains(&id))
-        })
-        .cloned()
-        .collect())
-}
-
-fn delete_objects(core: &Core, objects: &[ObjectInfo]) -> u64 {
-    let store = &core.store;
-    core.runtime.block_on(
-        futures::stream::iter(objects)
-            .map(|o| async move {
-                match store.delete_key(&o.key).await {
-                    Ok(()) => 1,
-                    Err(e) => {
-                        tracing::warn!(key = %o.key, error = %e, "could not delete an object");
-                        0
-                    }
-                }
-            })
-            .buffer_unordered(DELETE_CONCURRENCY)
-            .fold(0u64, |sum, n| async move { sum + n }),
-    )
-}
-
-fn list_objects(core: &Core) -> anyhow::Result<Vec<ObjectInfo>> {
-    core.runtime
-        .block_on(core.store.list())
-        .context("listing the volume's objects")
-}
-
-pub(crate) fn fsck(config: &VolumeConfig, repair: bool) -> anyhow::Result<Vec<String>> {
+/// `cellar fsck`: metadata invariants plus metadata ↔ objects consistency (missing objects of
+/// live slices; leaked objects that no slice references, older than the gc grace). With
+/// `repair`, fixes what it can — but only while no mount of the volume is live, unless `force`
+/// (a live mount may be writing what looks inconsistent from outside).
+pub fn fsck(config: &VolumeConfig, repair: bool, force: bool) -> anyhow::Result<Vec<String>> {
     let core = Core::open(config, false)?;
-    let mut problems = core.meta.check(repair).context("checking the metadata")?;
-    let objects = list_objects(&core)?;
-    let blocks: HashSet<(u64, u32, u32)> = objects
+    let live = core
+        .meta
+        .live_sessions(STALE_SESSION_AGE.as_nanos() as i64)
+        .context("listing live sessions")?;
+    let repair_now = repair && (live.is_empty() || force);
+    let mut problems = core
+        .meta
+        .check(repair_now)
+        .context("checking the metadata")?;
+    if repair && !repair_now {
+        problems.push(format!(
+            "repair refused: {} live mount session(s) of the volume may be writing; unmount them or pass --force",
+            live.len()
+        ));
+    }
+    // Listed before the references are read (see `Core::leaked_objects`).
+    let objects = core.list_objects()?;
+    let blocks: std::collections::HashSet<(u64, u32, u32)> = objects
         .iter()
         .filter_map(|o| BlockStore::parse_block_key(&o.key))
         .collect();
@@ -85,7 +56,7 @@ pub(crate) fn fsck(config: &VolumeConfig, repair: bool) -> anyhow::Result<Vec<St
         problems.push(format!("object {} is not a block of this volume", o.key));
     }
     let block_size = core.volume.block_size;
-    for (id, size) in core.meta.live_slices()? {
+    for (id, size) in core.meta.slice_references()?.live {
         for index in 0..core.block_count(size) {
             let len = (u64::from(size) - index * block_size).min(block_size) as u32;
             if !blocks.contains(&(id, index as u32, len)) {
@@ -93,30 +64,52 @@ pub(crate) fn fsck(config: &VolumeConfig, repair: bool) -> anyhow::Result<Vec<St
             }
         }
     }
-    let leaked = leaked_objects(&core, &objects)?;
+    let before = now_ns().saturating_sub(gc_grace().as_nanos() as i64);
+    let leaked = core.leaked_objects(&objects, before)?;
     for o in &leaked {
         problems.push(format!(
             "object {} ({} bytes) is leaked: no slice references it",
             o.key, o.size
         ));
     }
-    if repair && !leaked.is_empty() {
-        if crate::volume::gc_grace().is_zero() {
-            let deleted = delete_objects(&core, &leaked);
-            problems.push(format!("repair: deleted {deleted} leaked object(s)"));
-        } else {
-            problems.push("repair: leaked objects kept (their age is unknown; run gc with a zero grace on a quiescent volume)".to_string());
-        }
+    if repair_now && !leaked.is_empty() {
+        let deleted = core.delete_objects(&leaked);
+        problems.push(format!("repair: deleted {deleted} leaked object(s)"));
     }
     Ok(problems)
 }
 
-pub(crate) fn gc(
+/// `cellar gc`: compacts fragmented chunks and deletes garbage objects older than the grace
+/// period (and, with `delete_leaked`, objects no slice references that are older than it too),
+/// holding the volume's maintenance lease. Returns (deleted objects, compacted chunks).
+pub fn gc(
     config: &VolumeConfig,
     grace: Duration,
     delete_leaked: bool,
 ) -> anyhow::Result<(u64, u64)> {
     let core = Core::open(config, false)?;
+    let session = core.meta.open_session(&SessionInfo {
+        host: crate::volume::host_name(),
+        pid: std::process::id(),
+        mount_point: "(cellar gc)".into(),
+        now_ns: now_ns(),
+    })?;
+    let outcome = gc_with_lease(&core, session, grace, delete_leaked);
+    core.meta.close_session(session)?;
+    outcome
+}
+
+fn gc_with_lease(
+    core: &Core,
+    session: cellar_meta::SessionId,
+    grace: Duration,
+    delete_leaked: bool,
+) -> anyhow::Result<(u64, u64)> {
+    let lease = (STALE_SESSION_AGE * 2).as_nanos() as i64;
+    anyhow::ensure!(
+        core.meta.try_lease(MAINTENANCE_LEASE, session, lease)?,
+        "a mount of the volume holds its maintenance lease (it runs gc itself); try again later"
+    );
     let mut compacted = 0;
     for _ in 0..MAX_COMPACTION_PASSES {
         let n = core.compact_pass(COMPACT_PER_PASS)?;
@@ -125,27 +118,25 @@ pub(crate) fn gc(
             break;
         }
     }
-    let mut deleted = core.collect_garbage(now_ns().saturating_sub(grace.as_nanos() as i64))?;
-    if delete_leaked && grace.is_zero() {
-        let objects = list_objects(&core)?;
-        deleted += delete_objects(&core, &leaked_objects(&core, &objects)?);
-    } else if delete_leaked {
-        tracing::warn!(
-            "leaked objects are only deleted with a zero grace period (their age is unknown)"
-        );
+    let before = now_ns().saturating_sub(grace.as_nanos() as i64);
+    let mut deleted = core.collect_garbage(before)?;
+    if delete_leaked {
+        let objects = core.list_objects()?;
+        deleted += core.delete_objects(&core.leaked_objects(&objects, before)?);
     }
     Ok((deleted, compacted))
 }
 
-/// Deletes every object under the volume's prefix, then the metadata. For SQLite metadata the
-/// database file and its -wal/-shm companions are removed; other engines are not supported yet.
-pub(crate) fn destroy(config: &VolumeConfig) -> anyhow::Result<()> {
+/// Deletes every object and all metadata of a volume (volume deletion by the server). For SQLite
+/// metadata the database file and its -wal/-shm companions are removed; other engines are not
+/// supported yet.
+pub fn destroy(config: &VolumeConfig) -> anyhow::Result<()> {
     let db_path = sqlite_path(&config.meta_url)?;
     let (meta, volume) = open_meta(config)?;
     if let Some(volume) = volume {
         let core = Core::connect(meta, volume, config)?;
-        let objects = list_objects(&core)?;
-        let deleted = delete_objects(&core, &objects);
+        let objects = core.list_objects()?;
+        let deleted = core.delete_objects(&objects);
         anyhow::ensure!(
             deleted == objects.len() as u64,
             "{} object(s) could not be deleted",
@@ -210,10 +201,10 @@ mod tests {
         let data = Bytes::from(vec![7u8; 1000]);
         // The "crash": uploaded, never committed.
         let id = core.put_new_slice(data.clone()).unwrap();
-        let object_count = || list_objects(&core).unwrap().len();
+        let object_count = || core.list_objects().unwrap().len();
         assert_eq!(object_count(), 1);
 
-        assert_eq!(fsck(&config, false).unwrap(), Vec::<String>::new());
+        assert_eq!(fsck(&config, false, false).unwrap(), Vec::<String>::new());
         let (deleted, _) = gc(&config, Duration::ZERO, true).unwrap();
         assert_eq!(deleted, 0, "a pending upload is not due for gc yet");
         assert_eq!(object_count(), 1);
@@ -244,10 +235,10 @@ mod tests {
             pos: 0,
         };
         core.meta
-            .commit_slices(file.ino, &[(0, slice)], u64::from(len), true, now_ns())
+            .commit_slices(file.ino, &[(0, slice)], u64::from(len), None, now_ns())
             .unwrap();
         assert_eq!(core.meta.garbage_slices(i64::MAX, 10).unwrap(), vec![]);
-        assert_eq!(fsck(&config, false).unwrap(), Vec::<String>::new());
+        assert_eq!(fsck(&config, false, false).unwrap(), Vec::<String>::new());
         assert_eq!(object_count(), 1);
     }
 }

@@ -1,0 +1,97 @@
+//! Compaction: a chunk whose slices pile up (random writes, appends) is rewritten as one slice.
+//! Writers ask for it by need, from the slice count each commit returns: in the background past
+//! [`COMPACT_BACKGROUND_SLICES`], synchronously past [`COMPACT_SYNC_SLICES`] (so no chunk grows
+//! without bound while the background falls behind). The periodic sweep for chunks left
+//! fragmented (a writer that crashed before compacting) runs under the volume's maintenance lease.
+
+use bytes::Bytes;
+use cellar_meta::{Content, GarbageSlice, Ino, Slice};
+
+use crate::backend::Core;
+use crate::read_path::chunk_map;
+use crate::VfsResult;
+
+/// A chunk with this many slices is queued for background compaction.
+pub(crate) const COMPACT_BACKGROUND_SLICES: usize = 100;
+/// A commit leaving a chunk with this many slices compacts it before returning.
+pub(crate) const COMPACT_SYNC_SLICES: usize = 2500;
+
+impl Core {
+    /// Rewrites one fragmented chunk as a single slice. Returns whether the chunk was replaced
+    /// (false when it changed meanwhile or is not fragmented).
+    pub fn compact_chunk(&self, ino: Ino, index: u64) -> VfsResult<bool> {
+        // Size and slices from one snapshot: the rewrite must not resurrect truncated bytes.
+        let layout = match self.meta.read_layout(ino, index..index + 1, None) {
+            Ok(layout) => layout,
+            Err(e) if e.errno() == libc::ENOENT => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(Content::Chunks(mut chunks)) = layout.content else {
+            return Ok(false);
+        };
+        let Some((_, slices)) = chunks.pop() else {
+            return Ok(false);
+        };
+        if slices.len() < 2 {
+            return Ok(false);
+        }
+        let cs = self.chunk_size();
+        let chunk_start = index * cs;
+        let visible_end = layout.attr.size.saturating_sub(chunk_start).min(cs);
+        let map = chunk_map(&slices);
+        let data_pieces: Vec<_> = map
+            .clipped(0, visible_end)
+            .filter(|p| p.source.id != 0)
+            .collect();
+        let new = match (data_pieces.first(), data_pieces.last()) {
+            (Some(first), Some(last)) => {
+                let (start, end) = (first.start, last.end);
+                let mut data = vec![0u8; (end - start) as usize];
+                self.fill_from_store(
+                    map.clipped(start, end).map(|p| (p.start - start, p)),
+                    &mut data,
+                )?;
+                let len = data.len() as u32;
+                let id = self.put_new_slice(Bytes::from(data))?;
+                vec![Slice {
+                    id,
+                    size: len,
+                    off: 0,
+                    len,
+                    pos: start as u32,
+                }]
+            }
+            _ => Vec::new(),
+        };
+        let replaced = self.meta.replace_chunk(ino, index, &slices, &new)?;
+        if !replaced {
+            let garbage: Vec<_> = new
+                .iter()
+                .map(|s| GarbageSlice {
+                    id: s.id,
+                    size: s.size,
+                })
+                .collect();
+            self.discard_slices(&garbage);
+        }
+        Ok(replaced)
+    }
+
+    /// One sweep over at most `limit` fragmented chunks; returns how many were rewritten.
+    pub fn compact_pass(&self, limit: usize) -> VfsResult<u64> {
+        let mut compacted = 0;
+        for (ino, index) in self
+            .meta
+            .fragmented_chunks(COMPACT_BACKGROUND_SLICES, limit)?
+        {
+            match self.compact_chunk(ino, index) {
+                Ok(true) => compacted += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(ino, chunk = index, error = %e, "compaction of a chunk failed")
+                }
+            }
+        }
+        Ok(compacted)
+    }
+}
