@@ -98,7 +98,7 @@ pub fn check_mount_point(path: &Path) -> Result<PathBuf, MountError> {
     Ok(canonical)
 }
 
-/// Whether a canonical path is a mount point of this mount namespace.
+/// Whether a canonical path is a mount point of this mount namespace (the runner asks it too).
 pub fn is_mount_point(canonical: &Path) -> io::Result<bool> {
     let mountinfo = std::fs::read("/proc/self/mountinfo")?;
     let wanted = canonical.as_os_str().as_bytes();
@@ -340,6 +340,13 @@ mod tests {
         assert_eq!(unescape_mountinfo(br"/mnt/a\040b"), b"/mnt/a b");
         assert_eq!(unescape_mountinfo(br"/x\134y"), br"/x\y");
         assert_eq!(unescape_mountinfo(br"/plain\0"), br"/plain\0");
+        assert_eq!(unescape_mountinfo(b"/plain"), b"/plain");
+        // An escape that ends the field, and a tab and a newline.
+        assert_eq!(unescape_mountinfo(br"/end\040"), b"/end ");
+        assert_eq!(unescape_mountinfo(br"/t\011n\012"), b"/t\tn\n");
+        // Not escapes: too few digits, or not octal.
+        assert_eq!(unescape_mountinfo(br"/a\04"), br"/a\04");
+        assert_eq!(unescape_mountinfo(br"/a\089"), br"/a\089");
     }
 
     #[test]

@@ -301,11 +301,10 @@ enum MountState {
 }
 
 fn mount_state(mount_point: &Path) -> MountState {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let target = mount_point.as_os_str().as_bytes();
-    let mounted = mountinfo.lines().any(|line| {
-        // Field 5 is the mount point, with spaces and the like escaped as \ooo.
-        line.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(target)
+    // `mount_point` is absolute and free of symlinks (state_dir/mounts/<volume_id>).
+    let mounted = cellar_fuse::is_mount_point(mount_point).unwrap_or_else(|err| {
+        tracing::warn!(mount = %mount_point.display(), "cannot read the mount table: {err}");
+        false
     });
     if !mounted {
         return MountState::Absent;
@@ -314,25 +313,6 @@ fn mount_state(mount_point: &Path) -> MountState {
         Ok(_) => MountState::Live,
         Err(_) => MountState::Dead,
     }
-}
-
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(value) = u8::from_str_radix(digits, 8) {
-                out.push(value);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
 }
 
 /// Opens (creating as needed, owned by the sandbox user) the directory `subpath` of a mounted
@@ -514,9 +494,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), b"/a b".to_vec());
-        assert_eq!(unescape_mountinfo("/plain"), b"/plain".to_vec());
+    fn mount_state_of_a_mount_point_with_a_space_and_of_a_plain_directory() {
+        assert_eq!(mount_state(Path::new("/")), MountState::Live);
+        let dir = tempfile::tempdir().unwrap();
+        let spaced = dir.path().canonicalize().unwrap().join("a b");
+        std::fs::create_dir(&spaced).unwrap();
+        assert_eq!(mount_state(&spaced), MountState::Absent);
     }
 
     #[test]
