@@ -57,7 +57,7 @@ impl Services {
     pub async fn provision_volume(self: &Arc<Self>, volume_id: String) {
         let config = self.volume_config(&volume_id);
         let volumes_dir = self.config.data_dir.join("volumes");
-        let outcome = run_outside_runtime(move || {
+        let outcome = run_blocking(move || {
             std::fs::create_dir_all(&volumes_dir)
                 .with_context(|| format!("creating {}", volumes_dir.display()))?;
             cellar_vfs::maintenance::format(&config)
@@ -90,7 +90,7 @@ impl Services {
         let config = self.volume_config(&volume_id);
         // Removes the objects first and the metadata file last, so a retry after a crash
         // still finds what is left.
-        let outcome = run_outside_runtime(move || cellar_vfs::maintenance::destroy(&config)).await;
+        let outcome = run_blocking(move || cellar_vfs::maintenance::destroy(&config)).await;
         match outcome {
             Ok(()) => self.move_volume(
                 &volume_id,
@@ -225,17 +225,22 @@ impl Services {
     }
 }
 
-/// Runs blocking volume maintenance on a plain thread: the vfs may drive its own async runtime,
-/// which it cannot do from a thread that belongs to ours.
-async fn run_outside_runtime<T: Send + 'static>(
+/// Runs blocking volume maintenance on a blocking thread of the server's runtime (the vfs drives
+/// its store calls on that same runtime: one runtime per process).
+async fn run_blocking<T: Send + 'static>(
     work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("cellar-maintenance".into())
-        .spawn(move || {
-            let _ = tx.send(work());
-        })?;
-    rx.await
-        .map_err(|_| anyhow::anyhow!("volume maintenance thread panicked"))?
+    match tokio::task::spawn_blocking(work).await {
+        Ok(outcome) => outcome,
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|m| m.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(anyhow::anyhow!("volume maintenance panicked: {message}"))
+        }
+        Err(e) => Err(anyhow::anyhow!("volume maintenance was cancelled: {e}")),
+    }
 }
