@@ -65,8 +65,13 @@ pub trait MetaEngine: Send + Sync {
     /// close; otherwise its data is freed.
     /// Returns `Some(ino)` when this removed the inode's last link (it is now freed or sustained),
     /// `None` when other hard links remain.
-    fn unlink(&self, parent: Ino, name: &[u8], session: SessionId, now_ns: i64)
-        -> Result<Option<Ino>>;
+    fn unlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        session: SessionId,
+        now_ns: i64,
+    ) -> Result<Option<Ino>>;
     /// Removes an empty directory (`NotEmpty` otherwise).
     fn rmdir(&self, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino>;
     /// Atomic rename with RENAME_NOREPLACE / RENAME_EXCHANGE; refuses to move a directory into its

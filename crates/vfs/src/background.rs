@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::backend::now_ns;
+use crate::compaction::COMPACT_BACKGROUND_SLICES;
 use crate::flush::IDLE_FLUSH_AFTER;
 use crate::maintenance::MAINTENANCE_LEASE;
 use crate::volume::Inner;
@@ -44,7 +45,12 @@ fn threads(inner: &Arc<Inner>) -> std::io::Result<Vec<JoinHandle<()>>> {
             }
         })?,
         spawn(inner, "cellar-flusher", FLUSHER_EVERY, flush_idle)?,
-        spawn(inner, "cellar-compactor", COMPACTOR_EVERY, compact_requested)?,
+        spawn(
+            inner,
+            "cellar-compactor",
+            COMPACTOR_EVERY,
+            compact_requested,
+        )?,
         spawn(inner, "cellar-maintenance", MAINTENANCE_EVERY, maintain)?,
     ])
 }
@@ -73,7 +79,10 @@ fn maintain(inner: &Inner) {
             return;
         }
     }
-    if let Err(e) = inner.core.compact_pass(COMPACT_PER_ROUND) {
+    if let Err(e) = inner
+        .core
+        .compact_pass(COMPACT_BACKGROUND_SLICES, COMPACT_PER_ROUND)
+    {
         tracing::warn!(error = %e, "compaction pass failed");
     }
     let before = now_ns() - inner.gc_grace.as_nanos() as i64;

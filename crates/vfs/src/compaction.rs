@@ -77,13 +77,11 @@ impl Core {
         Ok(replaced)
     }
 
-    /// One sweep over at most `limit` fragmented chunks; returns how many were rewritten.
-    pub fn compact_pass(&self, limit: usize) -> VfsResult<u64> {
+    /// One sweep over at most `limit` chunks with at least `min_slices` slices; returns how many
+    /// were rewritten.
+    pub fn compact_pass(&self, min_slices: usize, limit: usize) -> VfsResult<u64> {
         let mut compacted = 0;
-        for (ino, index) in self
-            .meta
-            .fragmented_chunks(COMPACT_BACKGROUND_SLICES, limit)?
-        {
+        for (ino, index) in self.meta.fragmented_chunks(min_slices, limit)? {
             match self.compact_chunk(ino, index) {
                 Ok(true) => compacted += 1,
                 Ok(false) => {}

@@ -234,7 +234,10 @@ impl Inner {
             offset: 0,
             data: blob.into(),
         });
-        let runs = coalesce(prefix_run.iter().chain(extents.iter()), self.core.chunk_size());
+        let runs = coalesce(
+            prefix_run.iter().chain(extents.iter()),
+            self.core.chunk_size(),
+        );
         let slices = match self.reserve_slices(&runs) {
             Ok(slices) => slices,
             Err(e) => {

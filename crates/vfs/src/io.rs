@@ -83,9 +83,7 @@ impl Inner {
                 return Ok(Vec::new());
             }
             let len = u64::from(size).min(size_now - offset);
-            let mut out = self
-                .core
-                .read_layout_bytes(&layout, offset, len as usize)?;
+            let mut out = self.core.read_layout_bytes(&layout, offset, len as usize)?;
             let d = file.data.lock();
             if d.commit_gen != generation {
                 // This mount committed meanwhile: what was read may predate the commit while the

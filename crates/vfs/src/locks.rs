@@ -85,7 +85,9 @@ impl Inner {
                     tracing::error!(ino, error = %e, "could not drop POSIX locks; they stay held until this mount's session ends");
                     return Err(e.into());
                 }
-                Err(e) => tracing::warn!(ino, error = %e, attempt, "dropping POSIX locks failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(ino, error = %e, attempt, "dropping POSIX locks failed; retrying")
+                }
             }
             std::thread::sleep(backoff);
             backoff *= 2;

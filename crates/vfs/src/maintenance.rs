@@ -14,6 +14,9 @@ use crate::VolumeConfig;
 /// Bound on compaction passes of one gc run (each pass empties the fragmented list it saw).
 const MAX_COMPACTION_PASSES: usize = 100;
 const COMPACT_PER_PASS: usize = 1000;
+/// `cellar gc` is asked for explicitly: it compacts chunks far less fragmented than the mounts'
+/// by-need threshold.
+const GC_COMPACT_MIN_SLICES: usize = 16;
 /// The lease that makes one client at a time the volume's compactor and garbage collector.
 pub(crate) const MAINTENANCE_LEASE: &str = "maintenance";
 
@@ -112,7 +115,7 @@ fn gc_with_lease(
     );
     let mut compacted = 0;
     for _ in 0..MAX_COMPACTION_PASSES {
-        let n = core.compact_pass(COMPACT_PER_PASS)?;
+        let n = core.compact_pass(GC_COMPACT_MIN_SLICES, COMPACT_PER_PASS)?;
         compacted += n;
         if n == 0 {
             break;

@@ -176,9 +176,9 @@ impl Inner {
 impl Core {
     /// The pieces of chunked `layout` visible in `[offset, end)`, each with its position relative
     /// to `offset`.
-    fn visible_pieces<'a>(
+    fn visible_pieces(
         &self,
-        layout: &'a FileLayout,
+        layout: &FileLayout,
         offset: u64,
         end: u64,
     ) -> Vec<(u64, Piece<SliceRef>)> {

@@ -75,7 +75,7 @@ fn random_writes_across_block_and_chunk_boundaries_match_a_model() {
             "window {base}"
         );
     }
-    vfs.release(ino, reply.fh, None, false).unwrap();
+    vfs.release(ino, reply.fh, None).unwrap();
     vfs.shutdown().unwrap();
     volume.assert_fsck_clean();
 }
@@ -116,7 +116,7 @@ fn append_and_truncate_shrink_and_grow() {
         read_range(&vfs, ino, fh, 0, model.size),
         model.read(0, model.size)
     );
-    vfs.release(ino, fh, None, false).unwrap();
+    vfs.release(ino, fh, None).unwrap();
     vfs.shutdown().unwrap();
     volume.assert_fsck_clean();
 }
@@ -130,7 +130,7 @@ fn small_files_stay_inline_until_they_grow_past_the_threshold() {
     write_all(&vfs, ino, fh, 0, b"hello world");
     close(&vfs, ino, fh);
     assert_eq!(
-        meta.read_inline(ino).unwrap().as_deref(),
+        inline_bytes(&*meta, ino).as_deref(),
         Some(&b"hello world"[..])
     );
     assert!(
@@ -142,24 +142,21 @@ fn small_files_stay_inline_until_they_grow_past_the_threshold() {
     let big = pattern(1, 100_000);
     write_all(&vfs, ino, fh, 20, &big);
     close(&vfs, ino, fh);
-    assert_eq!(meta.read_inline(ino).unwrap(), None);
+    assert_eq!(inline_bytes(&*meta, ino), None);
     assert!(!volume.objects().is_empty());
     let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
     let mut expected = b"hello world".to_vec();
     expected.resize(20, 0);
     expected.extend_from_slice(&big);
     assert_eq!(read_range(&vfs, ino, fh, 0, 200_000), expected);
-    vfs.release(ino, fh, None, false).unwrap();
+    vfs.release(ino, fh, None).unwrap();
 
     // Emptied, a file is small again and goes back inline.
     truncate(&vfs, ino, 0);
     let fh = vfs.open(&root(), ino, libc::O_RDWR).unwrap().fh;
     write_all(&vfs, ino, fh, 0, b"again");
     close(&vfs, ino, fh);
-    assert_eq!(
-        meta.read_inline(ino).unwrap().as_deref(),
-        Some(&b"again"[..])
-    );
+    assert_eq!(inline_bytes(&*meta, ino).as_deref(), Some(&b"again"[..]));
     vfs.shutdown().unwrap();
     volume.assert_fsck_clean();
 }
@@ -194,8 +191,9 @@ fn compaction_keeps_content_and_gc_deletes_the_replaced_objects() {
     let (deleted, _) = maintenance::gc(&volume.config, Duration::ZERO, false).unwrap();
     assert!(deleted >= 20, "deleted {deleted}");
     let live: Vec<u64> = meta
-        .live_slices()
+        .slice_references()
         .unwrap()
+        .live
         .into_iter()
         .map(|(id, _)| id)
         .collect();
@@ -280,8 +278,8 @@ fn fsynced_data_survives_a_crash() {
     assert_eq!(read_range(&vfs, big, fh, 0, data.len() as u64 + 10), data);
     let fh2 = vfs.open(&root(), small, libc::O_RDONLY).unwrap().fh;
     assert_eq!(vfs.read(small, fh2, 0, 100).unwrap(), b"tiny");
-    vfs.release(big, fh, None, false).unwrap();
-    vfs.release(small, fh2, None, false).unwrap();
+    vfs.release(big, fh, None).unwrap();
+    vfs.release(small, fh2, None).unwrap();
     vfs.shutdown().unwrap();
     volume.assert_fsck_clean();
 }
@@ -312,7 +310,7 @@ fn a_failing_store_returns_eio_and_keeps_the_data_dirty() {
     let vfs = volume.mount();
     let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
     assert_eq!(read_range(&vfs, ino, fh, 0, data.len() as u64), data);
-    vfs.release(ino, fh, None, false).unwrap();
+    vfs.release(ino, fh, None).unwrap();
     vfs.shutdown().unwrap();
     // The failed attempt's slices are garbage, not leaks.
     maintenance::gc(&volume.config, Duration::ZERO, false).unwrap();
@@ -340,7 +338,7 @@ fn large_sequential_write_reads_back() {
             "MiB {i}"
         );
     }
-    vfs.release(ino, fh, None, false).unwrap();
+    vfs.release(ino, fh, None).unwrap();
     assert_eq!(vfs.getattr(ino).unwrap().size, total);
     vfs.shutdown().unwrap();
     volume.assert_fsck_clean();
@@ -424,4 +422,12 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
             }
         })
         .collect()
+}
+
+/// The inline bytes of a file, or None if its data lives in chunks.
+fn inline_bytes(meta: &dyn cellar_meta::MetaEngine, ino: u64) -> Option<Vec<u8>> {
+    match meta.read_layout(ino, 0..0, None).unwrap().content {
+        Some(cellar_meta::Content::Inline(bytes)) => Some(bytes),
+        _ => None,
+    }
 }

@@ -85,7 +85,7 @@ fn rename_variants() {
     assert_eq!(vfs.getattr(d2).unwrap().parent, d1);
     let fh = vfs.open(&root(), a, libc::O_RDONLY).unwrap().fh;
     assert_eq!(vfs.read(a, fh, 0, 100).unwrap(), b"content of a");
-    vfs.release(a, fh, None, false).unwrap();
+    vfs.release(a, fh, None).unwrap();
     assert_eq!(names(&vfs, ROOT_INO), vec![".", "..", "renamed"]);
     vfs.shutdown().unwrap();
     volume.assert_fsck_clean();
@@ -241,13 +241,22 @@ fn locks_conflict_between_two_mounts() {
         .unwrap()
         .is_some());
 
-    a.flock(ino, fh_a, 0, LockKind::Write, false).unwrap();
+    // flock(2) reaches the vfs as a whole-file lock owned by the open file description, and
+    // its last close (release naming that owner) drops it.
+    b.flush(ino, fh_b, 1).unwrap(); // drops B's POSIX locks (owner 1)
+    b.release(ino, fh_b, None).unwrap();
+    let fh_b = b.open(&root(), ino, libc::O_RDWR).unwrap().fh;
+    a.setlk(ino, fh_a, 77, range(0, u64::MAX, LockKind::Write), false)
+        .unwrap();
     assert_eq!(
-        b.flock(ino, fh_b, 0, LockKind::Read, false).unwrap_err().0,
+        b.setlk(ino, fh_b, 88, range(0, u64::MAX, LockKind::Read), false)
+            .unwrap_err()
+            .0,
         libc::EAGAIN
     );
-    a.release(ino, fh_a, None, true).unwrap();
-    b.flock(ino, fh_b, 0, LockKind::Read, false).unwrap();
+    a.release(ino, fh_a, Some(77)).unwrap();
+    b.setlk(ino, fh_b, 88, range(0, u64::MAX, LockKind::Read), false)
+        .unwrap();
     close(&b, ino, fh_b);
     a.shutdown().unwrap();
     b.shutdown().unwrap();
@@ -355,14 +364,14 @@ fn attributes_reflect_buffered_writes_and_keep_cache_follows_changes() {
 
     let first = a.open(&root(), ino, libc::O_RDONLY).unwrap();
     assert!(first.keep_cache, "unchanged since this mount wrote it");
-    a.release(ino, first.fh, None, false).unwrap();
+    a.release(ino, first.fh, None).unwrap();
     let fh_b = b.open(&root(), ino, libc::O_RDWR).unwrap().fh;
     write_all(&b, ino, fh_b, 0, b"changed");
     close(&b, ino, fh_b);
     let again = a.open(&root(), ino, libc::O_RDONLY).unwrap();
     assert!(!again.keep_cache, "changed by another mount");
     assert_eq!(a.read(ino, again.fh, 0, 7).unwrap(), b"changed");
-    a.release(ino, again.fh, None, false).unwrap();
+    a.release(ino, again.fh, None).unwrap();
     let stat = a.statfs().unwrap();
     assert!(stat.bfree < stat.blocks && stat.ffree < stat.files);
     a.shutdown().unwrap();

@@ -168,12 +168,8 @@ fn apply_range(mine: Vec<LockRange>, new: LockRange) -> Vec<LockRange> {
 }
 
 pub fn unlock_all(conn: &Connection, ino: Ino, owner: LockOwner) -> Result<()> {
-    for table in ["plocks", "flocks"] {
-        conn.prepare_cached(&format!(
-            "DELETE FROM {table} WHERE ino = ?1 AND session = ?2 AND owner = ?3"
-        ))?
+    conn.prepare_cached("DELETE FROM plocks WHERE ino = ?1 AND session = ?2 AND owner = ?3")?
         .execute(params![ino, owner.session, owner.owner as i64])?;
-    }
     Ok(())
 }
 

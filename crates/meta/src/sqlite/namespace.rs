@@ -320,8 +320,10 @@ pub fn close_session(conn: &Connection, session: SessionId, now_ns: i64) -> Resu
         .prepare_cached("SELECT ino FROM sustained WHERE session = ?1")?
         .query_map([session], |row| row.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    // Locks and sustained rows go with the session (ON DELETE CASCADE).
+    // Locks and sustained rows go with the session (ON DELETE CASCADE), and so do its leases.
     conn.prepare_cached("DELETE FROM sessions WHERE id = ?1")?
+        .execute([session])?;
+    conn.prepare_cached("DELETE FROM leases WHERE session = ?1")?
         .execute([session])?;
     for ino in sustained {
         free_if_unreferenced(conn, ino, now_ns)?;

@@ -204,7 +204,7 @@ pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data:
             data.len()
         );
         vfs.flush(attr.ino, open.fh, 0).unwrap();
-        vfs.release(attr.ino, open.fh, None, false).unwrap();
+        vfs.release(attr.ino, open.fh, None).unwrap();
         vfs.shutdown().unwrap();
     })
     .join()

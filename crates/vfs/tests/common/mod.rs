@@ -78,7 +78,7 @@ impl TestVolume {
     }
 
     pub fn assert_fsck_clean(&self) {
-        let problems = cellar_vfs::maintenance::fsck(&self.config, false).unwrap();
+        let problems = cellar_vfs::maintenance::fsck(&self.config, false, false).unwrap();
         assert!(problems.is_empty(), "fsck found problems: {problems:#?}");
     }
 }
@@ -114,7 +114,7 @@ pub fn create_in_root(vfs: &Vfs, name: &str) -> (Ino, u64) {
 
 pub fn close(vfs: &Vfs, ino: Ino, fh: u64) {
     vfs.flush(ino, fh, 42).unwrap();
-    vfs.release(ino, fh, None, false).unwrap();
+    vfs.release(ino, fh, None).unwrap();
 }
 
 pub fn write_all(vfs: &Vfs, ino: Ino, fh: u64, offset: u64, data: &[u8]) {
