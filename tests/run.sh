@@ -8,14 +8,14 @@
 #
 # Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
 # Needs root, /dev/fuse and the tools .ci/run installs. Seeds of the randomized suites are printed
-# (CELLAR_MODEL_SEED, CELLAR_FSX_SEED, CELLAR_CRASH_SEED reproduce a run).
+# (CELLAR_MODEL_SEED, CELLAR_TWO_MOUNT_SEED, CELLAR_FSX_SEED, CELLAR_CRASH_SEED reproduce a run).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 # fsx_fio last: it writes the most, and the in-memory OSD frees deleted objects lazily.
-ALL_SUITES=(model_test pjdfstest workloads crash_test fsx_fio)
+ALL_SUITES=(model_test two_mount_model_test pjdfstest workloads crash_test fsx_fio)
 # Minutes each end-to-end suite may take before it counts as failed (a hung mount must not hang CI).
-declare -A SUITE_MINUTES=([model_test]=20 [pjdfstest]=30 [fsx_fio]=40 [workloads]=20 [crash_test]=20)
+declare -A SUITE_MINUTES=([model_test]=20 [two_mount_model_test]=15 [pjdfstest]=30 [fsx_fio]=40 [workloads]=20 [crash_test]=20)
 
 failed_steps=()
 e2e_passed=0
