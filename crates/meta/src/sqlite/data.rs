@@ -177,16 +177,24 @@ fn check_slices<'a>(
 }
 
 /// Conflict unless every non-hole slice still has its pending-upload row (gc deletes the objects
-/// of rows that expired); the rows are dropped, since the slices become live.
-fn claim_pending<'a>(conn: &Connection, slices: impl IntoIterator<Item = &'a Slice>) -> Result<()> {
-    let mut delete = conn.prepare_cached("DELETE FROM garbage WHERE id = ?1")?;
-    for slice in slices.into_iter().filter(|slice| slice.id != 0) {
-        if delete.execute([slice.id as i64])? == 0 {
+/// of rows that expired); the rows are dropped, since the slices become live. On a conflict no row
+/// is dropped (`replace_chunk` commits its transaction even when it refuses).
+fn claim_pending<'a>(
+    conn: &Connection,
+    slices: impl IntoIterator<Item = &'a Slice> + Clone,
+) -> Result<()> {
+    let mut pending = conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM garbage WHERE id = ?1)")?;
+    for slice in slices.clone().into_iter().filter(|slice| slice.id != 0) {
+        if !pending.query_row([slice.id as i64], |row| row.get::<_, bool>(0))? {
             return Err(MetaError::Conflict(format!(
                 "slice {} is no longer a pending upload (it expired and gc may have deleted its objects)",
                 slice.id
             )));
         }
+    }
+    let mut delete = conn.prepare_cached("DELETE FROM garbage WHERE id = ?1")?;
+    for slice in slices.into_iter().filter(|slice| slice.id != 0) {
+        delete.execute([slice.id as i64])?;
     }
     Ok(())
 }
@@ -228,6 +236,7 @@ pub fn commit_slices(
     let size = attr.size.max(min_size);
     store_content(conn, &mut attr, size, None, now_ns)?;
     let mut chunks: Vec<u64> = slices.iter().map(|(chunk, _)| *chunk).collect();
+    chunks.sort_unstable();
     chunks.dedup();
     let chunk_slices = chunks
         .into_iter()

@@ -3,16 +3,22 @@ use libc::{
 };
 use tempfile::TempDir;
 
-use super::{schema, SqliteEngine};
+use super::{schema, wall_clock_ns, SqliteEngine};
 use crate::{
-    Attr, FileKind, GarbageSlice, Ino, LockKind, LockOwner, LockRange, MetaEngine, MetaError,
-    NewNode, Rename, RenameMode, SessionId, SessionInfo, SetAttr, Slice, TimeSet, VolumeInfo,
-    XattrMode, ROOT_INO,
+    Attr, Committed, Content, FileKind, GarbageSlice, Ino, Layout, LockKind, LockOwner, LockRange,
+    MetaEngine, MetaError, NewNode, Rename, RenameMode, SessionId, SessionInfo, SetAttr, Slice,
+    SliceReferences, TimeSet, VolumeInfo, XattrMode, ROOT_INO,
 };
 
 const CHUNK: u64 = 1 << 20;
 const INLINE: u64 = 64;
+/// Caller timestamps (mtime, ctime, ...). Sessions opened at `NOW` are ancient by the engine's
+/// clock (the wall clock), so they count as stale.
 const NOW: i64 = 1_000;
+/// Heartbeat age past which a session is stale, in the tests.
+const MAX_AGE: i64 = 60_000_000_000;
+/// `since` of pending-upload garbage rows: far in the future, as a writer records them.
+const PENDING_UNTIL: i64 = 1 << 62;
 
 fn volume(name: &str) -> VolumeInfo {
     VolumeInfo {
@@ -55,14 +61,48 @@ impl Fixture {
             .unwrap()
     }
 
-    fn unlink(&self, parent: Ino, name: &str, keep_open: bool) -> crate::Result<Option<Ino>> {
-        self.meta.unlink(
-            parent,
-            name.as_bytes(),
-            self.session,
-            &|_| keep_open,
-            NOW + 1,
-        )
+    fn unlink(&self, parent: Ino, name: &str) -> crate::Result<Option<Ino>> {
+        self.meta
+            .unlink(parent, name.as_bytes(), self.session, NOW + 1)
+    }
+
+    /// Records `slices` as pending uploads, as a writer does before uploading them.
+    fn pending(&self, slices: &[Slice]) {
+        let rows: Vec<GarbageSlice> = slices
+            .iter()
+            .map(|slice| GarbageSlice {
+                id: slice.id,
+                size: slice.size,
+            })
+            .collect();
+        self.meta.add_garbage(&rows, PENDING_UNTIL).unwrap();
+    }
+
+    /// A new slice of `len` bytes at `pos`, recorded as a pending upload.
+    fn upload(&self, len: u32, pos: u32) -> Slice {
+        let s = slice(self.meta.alloc_slice_ids(1).unwrap(), len, pos);
+        self.pending(&[s]);
+        s
+    }
+
+    /// Ids of every garbage row (due or pending), sorted.
+    fn garbage_ids(&self) -> Vec<u64> {
+        self.meta.slice_references().unwrap().garbage
+    }
+
+    fn content(&self, ino: Ino, chunks: std::ops::Range<u64>) -> Option<Content> {
+        self.meta.read_layout(ino, chunks, None).unwrap().content
+    }
+
+    fn inline(&self, ino: Ino) -> Option<Vec<u8>> {
+        match self.content(ino, 0..0) {
+            Some(Content::Inline(bytes)) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    fn version(&self, ino: Ino) -> u64 {
+        self.meta.getattr(ino).unwrap().data_version
     }
 
     fn rename(
@@ -78,7 +118,7 @@ impl Fixture {
             dst_name: dst.1.as_bytes(),
             mode,
         };
-        self.meta.rename(&req, self.session, &|_| false, NOW + 5)
+        self.meta.rename(&req, self.session, NOW + 5)
     }
 
     fn nlink(&self, ino: Ino) -> u32 {
@@ -119,6 +159,13 @@ fn errno<T: std::fmt::Debug>(result: crate::Result<T>) -> i32 {
     match result {
         Err(MetaError::Posix(errno)) => errno.0,
         other => panic!("expected a POSIX error, got {other:?}"),
+    }
+}
+
+fn is_conflict<T: std::fmt::Debug>(result: crate::Result<T>) -> bool {
+    match result {
+        Err(MetaError::Conflict(_)) => true,
+        other => panic!("expected a conflict, got {other:?}"),
     }
 }
 
@@ -286,8 +333,8 @@ fn unlink_rmdir_and_link_rules() {
     let f = Fixture::new();
     let dir = f.mk(ROOT_INO, "dir", FileKind::Directory);
     let file = f.mk(dir.ino, "file", FileKind::Regular);
-    assert_eq!(errno(f.unlink(ROOT_INO, "dir", false)), EISDIR);
-    assert_eq!(errno(f.unlink(ROOT_INO, "missing", false)), ENOENT);
+    assert_eq!(errno(f.unlink(ROOT_INO, "dir")), EISDIR);
+    assert_eq!(errno(f.unlink(ROOT_INO, "missing")), ENOENT);
     assert_eq!(errno(f.meta.rmdir(ROOT_INO, b"dir", NOW)), ENOTEMPTY);
     assert_eq!(errno(f.meta.rmdir(dir.ino, b"file", NOW)), ENOTDIR);
     assert_eq!(
@@ -299,12 +346,12 @@ fn unlink_rmdir_and_link_rules() {
     let linked = f.meta.link(file.ino, ROOT_INO, b"hard", NOW + 3).unwrap();
     assert_eq!((linked.nlink, linked.ctime_ns), (2, NOW + 3));
     assert_eq!(
-        f.unlink(dir.ino, "file", false).unwrap(),
+        f.unlink(dir.ino, "file").unwrap(),
         None,
         "another link remains"
     );
     assert_eq!(f.nlink(file.ino), 1);
-    assert_eq!(f.unlink(ROOT_INO, "hard", false).unwrap(), Some(file.ino));
+    assert_eq!(f.unlink(ROOT_INO, "hard").unwrap(), Some(file.ino));
     assert_eq!(errno(f.meta.getattr(file.ino)), ENOENT);
 
     assert_eq!(f.meta.rmdir(ROOT_INO, b"dir", NOW).unwrap(), dir.ino);
@@ -464,7 +511,7 @@ fn readdir_cookies_stay_stable_while_the_directory_changes() {
     assert!(first[0].cookie > 2 && first[1].cookie > first[0].cookie);
     assert_eq!(first[0].attr.as_ref().unwrap().ino, first[0].ino);
     // The entry already returned goes away, a new one arrives: continuing yields c then d.
-    f.unlink(ROOT_INO, "a", false).unwrap();
+    f.unlink(ROOT_INO, "a").unwrap();
     f.mk(ROOT_INO, "d", FileKind::Regular);
     f.rename((ROOT_INO, "c"), (ROOT_INO, "c2"), RenameMode::Replace)
         .unwrap();
@@ -486,56 +533,151 @@ fn readdir_cookies_stay_stable_while_the_directory_changes() {
 }
 
 #[test]
-fn unlinked_open_files_are_sustained_until_released() {
+fn unlinked_open_files_are_sustained_until_their_last_close() {
     let f = Fixture::new();
     let file = f.mk(ROOT_INO, "open", FileKind::Regular);
-    let id = f.meta.alloc_slice_ids(1).unwrap();
+    let s = f.upload(100, 0);
     f.meta
-        .commit_slices(file.ino, &[(0, slice(id, 100, 0))], 100, true, NOW)
+        .commit_slices(file.ino, &[(0, s)], 100, None, NOW)
         .unwrap();
-    assert_eq!(f.unlink(ROOT_INO, "open", true).unwrap(), Some(file.ino));
+    let before = f.meta.usage().unwrap();
+    assert_eq!((before.bytes, before.inodes), (100, 2));
+
+    // Two handles: open_file returns the attributes.
+    let opened = f.meta.open_file(f.session, file.ino).unwrap();
+    assert_eq!(opened, f.meta.getattr(file.ino).unwrap());
+    f.meta.open_file(f.session, file.ino).unwrap();
+    assert_eq!(f.unlink(ROOT_INO, "open").unwrap(), Some(file.ino));
     assert_eq!(f.nlink(file.ino), 0);
     assert_eq!(
-        f.meta.read_chunk(file.ino, 0).unwrap().len(),
-        1,
+        f.meta.read_chunk(file.ino, 0).unwrap(),
+        vec![s],
         "data stays readable"
+    );
+    assert_eq!(
+        f.meta.usage().unwrap(),
+        before,
+        "a sustained inode still counts"
     );
     assert!(
         f.meta.check(false).unwrap().is_empty(),
         "a sustained inode is no orphan"
     );
-    f.meta.release_sustained(f.session, file.ino).unwrap();
-    assert_eq!(errno(f.meta.getattr(file.ino)), ENOENT);
+    f.meta.close_file(f.session, file.ino).unwrap();
+    assert_eq!(f.nlink(file.ino), 0, "one handle is still open");
+    assert_eq!(f.garbage_ids(), Vec::<u64>::new());
+    f.meta.close_file(f.session, file.ino).unwrap();
+    assert_eq!(
+        errno(f.meta.getattr(file.ino)),
+        ENOENT,
+        "freed at the last close"
+    );
     assert_eq!(
         f.meta.garbage_slices(i64::MAX, 10).unwrap(),
-        vec![GarbageSlice { id, size: 100 }]
+        vec![GarbageSlice {
+            id: s.id,
+            size: 100
+        }]
     );
+    let after = f.meta.usage().unwrap();
+    assert_eq!(
+        (after.bytes, after.inodes),
+        (0, 1),
+        "usage counters are back"
+    );
+    assert!(f.meta.check(false).unwrap().is_empty());
+    // A close of something not open (or already freed) is harmless.
+    f.meta.close_file(f.session, file.ino).unwrap();
+    assert_eq!(errno(f.meta.open_file(f.session, 999)), ENOENT);
+
+    // A file closed before its unlink is freed at once.
+    let closed = f.mk(ROOT_INO, "closed", FileKind::Regular);
+    f.meta.open_file(f.session, closed.ino).unwrap();
+    f.meta.close_file(f.session, closed.ino).unwrap();
+    assert_eq!(f.unlink(ROOT_INO, "closed").unwrap(), Some(closed.ino));
+    assert_eq!(errno(f.meta.getattr(closed.ino)), ENOENT);
 
     // Closing the session frees what it sustained; so does reaping a stale session.
     let other = f.mk(ROOT_INO, "other", FileKind::Regular);
-    f.unlink(ROOT_INO, "other", true).unwrap();
+    f.meta.open_file(f.session, other.ino).unwrap();
+    f.unlink(ROOT_INO, "other").unwrap();
+    assert_eq!(f.nlink(other.ino), 0);
     f.meta.close_session(f.session).unwrap();
     assert_eq!(errno(f.meta.getattr(other.ino)), ENOENT);
+    f.meta.close_file(f.session, other.ino).unwrap();
 
     let stale = open_session(&f.meta, 10);
-    let fresh = open_session(&f.meta, 500);
+    let fresh = open_session(&f.meta, wall_clock_ns());
     let third = f.mk(ROOT_INO, "third", FileKind::Regular);
-    f.meta
-        .unlink(ROOT_INO, b"third", stale, &|_| true, NOW)
-        .unwrap();
+    f.meta.open_file(stale, third.ino).unwrap();
+    f.meta.unlink(ROOT_INO, b"third", stale, NOW).unwrap();
+    assert_eq!(f.nlink(third.ino), 0);
     // A session never reaps itself, however late its heartbeat.
-    assert_eq!(
-        f.meta.reap_stale_sessions(600, 200, Some(stale)).unwrap(),
-        0
-    );
-    assert_eq!(
-        f.meta.reap_stale_sessions(600, 200, Some(fresh)).unwrap(),
-        1
-    );
+    assert_eq!(f.meta.reap_stale_sessions(MAX_AGE, Some(stale)).unwrap(), 0);
+    assert_eq!(f.meta.reap_stale_sessions(MAX_AGE, Some(fresh)).unwrap(), 1);
     assert_eq!(errno(f.meta.getattr(third.ino)), ENOENT);
     assert_eq!(errno(f.meta.heartbeat(stale)), ESTALE);
     f.meta.heartbeat(fresh).unwrap();
     assert_eq!(f.meta.usage().unwrap().inodes, 1);
+}
+
+#[test]
+fn an_open_file_replaced_by_rename_is_sustained_until_its_last_close() {
+    let f = Fixture::new();
+    let victim = f.mk(ROOT_INO, "victim", FileKind::Regular);
+    f.meta
+        .write_inline(victim.ino, &[(0, b"old bytes")], NOW)
+        .unwrap()
+        .unwrap();
+    let newer = f.mk(ROOT_INO, "newer", FileKind::Regular);
+    f.meta
+        .write_inline(newer.ino, &[(0, b"new")], NOW)
+        .unwrap()
+        .unwrap();
+    let before = f.meta.usage().unwrap();
+    assert_eq!((before.bytes, before.inodes), (12, 3));
+
+    f.meta.open_file(f.session, victim.ino).unwrap();
+    let outcome = f
+        .rename(
+            (ROOT_INO, "newer"),
+            (ROOT_INO, "victim"),
+            RenameMode::Replace,
+        )
+        .unwrap();
+    assert_eq!(
+        (outcome.moved, outcome.replaced),
+        (newer.ino, Some(victim.ino))
+    );
+    assert_eq!(f.meta.lookup(ROOT_INO, b"victim").unwrap().ino, newer.ino);
+    assert_eq!(f.nlink(victim.ino), 0);
+    assert_eq!(f.inline(victim.ino), Some(b"old bytes".to_vec()));
+    assert_eq!(f.meta.usage().unwrap(), before);
+    assert!(f.meta.check(false).unwrap().is_empty());
+
+    f.meta.close_file(f.session, victim.ino).unwrap();
+    assert_eq!(errno(f.meta.getattr(victim.ino)), ENOENT);
+    let after = f.meta.usage().unwrap();
+    assert_eq!(
+        (after.bytes, after.inodes),
+        (3, 2),
+        "usage counters are back"
+    );
+    assert!(f.meta.check(false).unwrap().is_empty());
+
+    // Not open: replacing frees at once.
+    let third = f.mk(ROOT_INO, "third", FileKind::Regular);
+    let outcome = f
+        .rename(
+            (ROOT_INO, "third"),
+            (ROOT_INO, "victim"),
+            RenameMode::Replace,
+        )
+        .unwrap();
+    assert_eq!(outcome.replaced, Some(newer.ino));
+    assert_eq!(errno(f.meta.getattr(newer.ino)), ENOENT);
+    assert_eq!(f.meta.lookup(ROOT_INO, b"victim").unwrap().ino, third.ino);
+    assert_eq!(f.meta.usage().unwrap().bytes, 0);
 }
 
 #[test]
@@ -550,19 +692,25 @@ fn commit_read_truncate_and_garbage() {
         slice(first + 1, 500, 200),
         slice(first + 2, 4096, 0),
     );
+    f.pending(&[s1, s2, s3]);
     let attr = f
         .meta
-        .commit_slices(file.ino, &[(0, s1), (0, s2)], 1000, true, NOW + 7)
-        .unwrap();
+        .commit_slices(file.ino, &[(0, s1), (0, s2)], 1000, None, NOW + 7)
+        .unwrap()
+        .attr;
     assert_eq!(
         (attr.size, attr.mtime_ns, attr.ctime_ns),
         (1000, NOW + 7, NOW + 7)
     );
-    assert_eq!(f.meta.read_inline(file.ino).unwrap(), None);
+    assert!(matches!(
+        f.content(file.ino, 0..0),
+        Some(Content::Chunks(_))
+    ));
     let attr = f
         .meta
-        .commit_slices(file.ino, &[(2, s3)], 2 * CHUNK + 4096, false, NOW)
-        .unwrap();
+        .commit_slices(file.ino, &[(2, s3)], 2 * CHUNK + 4096, None, NOW)
+        .unwrap()
+        .attr;
     assert_eq!(attr.size, 2 * CHUNK + 4096);
     assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), vec![s1, s2]);
     assert_eq!(f.meta.read_chunk(file.ino, 1).unwrap(), vec![]);
@@ -570,15 +718,16 @@ fn commit_read_truncate_and_garbage() {
     // A smaller min_size never shrinks the file.
     assert_eq!(
         f.meta
-            .commit_slices(file.ino, &[], 10, false, NOW)
+            .commit_slices(file.ino, &[], 10, None, NOW)
             .unwrap()
+            .attr
             .size,
         2 * CHUNK + 4096
     );
     assert_eq!(
         errno(
             f.meta
-                .commit_slices(file.ino, &[(0, slice(9, 10, CHUNK as u32))], 0, false, NOW)
+                .commit_slices(file.ino, &[(0, slice(9, 10, CHUNK as u32))], 0, None, NOW)
         ),
         EINVAL
     );
@@ -610,7 +759,7 @@ fn commit_read_truncate_and_garbage() {
     );
     assert_eq!(f.meta.usage().unwrap().bytes, 600);
     assert_eq!(
-        f.meta.live_slices().unwrap(),
+        f.meta.slice_references().unwrap().live,
         vec![(s1.id, 1000), (s2.id, 500)]
     );
 
@@ -627,11 +776,15 @@ fn commit_read_truncate_and_garbage() {
         vec![(file.ino, 0)]
     );
     assert_eq!(f.meta.fragmented_chunks(4, 10).unwrap(), vec![]);
-    let merged = slice(f.meta.alloc_slice_ids(1).unwrap(), 600, 0);
+    let merged = f.upload(600, 0);
     assert!(!f
         .meta
         .replace_chunk(file.ino, 0, &[s1, s2], &[merged])
         .unwrap());
+    assert!(
+        f.garbage_ids().contains(&merged.id),
+        "a refused replace keeps the pending row"
+    );
     assert!(f
         .meta
         .replace_chunk(file.ino, 0, &[s1, s2, hole], &[merged])
@@ -668,13 +821,13 @@ fn commit_read_truncate_and_garbage() {
 
     // Deleting the file turns its slices into garbage; truncating to 0 makes a file inline again.
     let other = f.mk(ROOT_INO, "other", FileKind::Regular);
-    let last = f.meta.alloc_slice_ids(1).unwrap();
+    let last = f.upload(10, 0);
     f.meta
-        .commit_slices(other.ino, &[(0, slice(last, 10, 0))], 10, false, NOW)
+        .commit_slices(other.ino, &[(0, last)], 10, None, NOW)
         .unwrap();
     f.meta.truncate(other.ino, 0, NOW).unwrap();
-    assert_eq!(f.meta.read_inline(other.ino).unwrap(), Some(vec![]));
-    f.unlink(ROOT_INO, "big", false).unwrap();
+    assert_eq!(f.inline(other.ino), Some(vec![]));
+    f.unlink(ROOT_INO, "big").unwrap();
     let mut ids: Vec<u64> = f
         .meta
         .garbage_slices(i64::MAX, 10)
@@ -683,7 +836,7 @@ fn commit_read_truncate_and_garbage() {
         .map(|g| g.id)
         .collect();
     ids.sort();
-    let mut expected = vec![failed_upload, last, merged.id];
+    let mut expected = vec![failed_upload, last.id, merged.id];
     expected.sort();
     assert_eq!(ids, expected);
     assert_eq!(f.meta.usage().unwrap().bytes, 0);
@@ -708,7 +861,7 @@ fn committing_a_pending_upload_removes_its_garbage_row() {
     );
 
     f.meta
-        .commit_slices(file.ino, &[(0, slice(committed, 10, 0))], 10, false, NOW)
+        .commit_slices(file.ino, &[(0, slice(committed, 10, 0))], 10, None, NOW)
         .unwrap();
     let listed = |before| -> Vec<u64> {
         let mut ids: Vec<u64> = f
@@ -753,59 +906,79 @@ fn committing_a_pending_upload_removes_its_garbage_row() {
 fn inline_files() {
     let f = Fixture::new();
     let file = f.mk(ROOT_INO, "small", FileKind::Regular);
-    assert_eq!(f.meta.read_inline(file.ino).unwrap(), Some(vec![]));
+    assert_eq!(f.inline(file.ino), Some(vec![]));
     let attr = f
         .meta
-        .write_inline(file.ino, b"hello world", NOW + 1)
+        .write_inline(file.ino, &[(0, b"hello world")], NOW + 1)
+        .unwrap()
         .unwrap();
-    assert_eq!((attr.size, attr.mtime_ns), (11, NOW + 1));
+    assert_eq!(
+        (attr.size, attr.mtime_ns, attr.ctime_ns),
+        (11, NOW + 1, NOW + 1)
+    );
+    assert_eq!(f.meta.getattr(file.ino).unwrap(), attr);
     assert_eq!(f.meta.usage().unwrap().bytes, 11);
     assert_eq!(
-        errno(
-            f.meta
-                .write_inline(file.ino, &[0; INLINE as usize + 1], NOW)
-        ),
-        EINVAL
+        f.meta
+            .write_inline(file.ino, &[(0, &[0; INLINE as usize + 1])], NOW)
+            .unwrap(),
+        None,
+        "past the threshold the caller writes slices"
     );
     let dir = f.mk(ROOT_INO, "d", FileKind::Directory);
-    assert_eq!(errno(f.meta.write_inline(dir.ino, b"x", NOW)), EISDIR);
+    assert_eq!(
+        errno(f.meta.write_inline(dir.ino, &[(0, b"x")], NOW)),
+        EISDIR
+    );
 
     f.meta.truncate(file.ino, 5, NOW).unwrap();
-    assert_eq!(
-        f.meta.read_inline(file.ino).unwrap(),
-        Some(b"hello".to_vec())
-    );
+    assert_eq!(f.inline(file.ino), Some(b"hello".to_vec()));
     f.meta.truncate(file.ino, 8, NOW).unwrap();
-    assert_eq!(
-        f.meta.read_inline(file.ino).unwrap(),
-        Some(b"hello\0\0\0".to_vec())
-    );
+    assert_eq!(f.inline(file.ino), Some(b"hello\0\0\0".to_vec()));
     // Past the threshold the blob stays as is; the bytes beyond it read as zeros.
     assert_eq!(f.meta.truncate(file.ino, 1000, NOW).unwrap().size, 1000);
-    assert_eq!(
-        f.meta.read_inline(file.ino).unwrap(),
-        Some(b"hello\0\0\0".to_vec())
-    );
+    assert_eq!(f.inline(file.ino), Some(b"hello\0\0\0".to_vec()));
     assert_eq!(f.meta.truncate(file.ino, 3, NOW).unwrap().size, 3);
-    assert_eq!(f.meta.read_inline(file.ino).unwrap(), Some(b"hel".to_vec()));
+    assert_eq!(f.inline(file.ino), Some(b"hel".to_vec()));
 
-    // Committing slices must say the inline bytes were written out.
-    let s = slice(f.meta.alloc_slice_ids(1).unwrap(), 100, 0);
-    assert!(matches!(
-        f.meta.commit_slices(file.ino, &[(0, s)], 100, false, NOW),
-        Err(MetaError::Engine(_))
-    ));
+    // Committing slices must name the inline version the slices carry.
+    let s = f.upload(100, 0);
+    assert!(is_conflict(f.meta.commit_slices(
+        file.ino,
+        &[(0, s)],
+        100,
+        None,
+        NOW
+    )));
+    assert_eq!(f.inline(file.ino), Some(b"hel".to_vec()));
+    let version = f.version(file.ino);
     assert_eq!(
         f.meta
-            .commit_slices(file.ino, &[(0, s)], 100, true, NOW)
+            .commit_slices(file.ino, &[(0, s)], 100, Some(version), NOW)
             .unwrap()
+            .attr
             .size,
         100
     );
-    assert_eq!(f.meta.read_inline(file.ino).unwrap(), None);
+    assert_eq!(
+        f.content(file.ino, 0..1),
+        Some(Content::Chunks(vec![(0, vec![s])]))
+    );
 
-    // Writing inline again frees the chunks.
-    f.meta.write_inline(file.ino, b"again", NOW).unwrap();
+    // A chunked file is not written inline; emptying it makes it inline again and frees the
+    // chunks.
+    assert_eq!(
+        f.meta
+            .write_inline(file.ino, &[(0, b"again")], NOW)
+            .unwrap(),
+        None
+    );
+    f.meta.truncate(file.ino, 0, NOW).unwrap();
+    f.meta
+        .write_inline(file.ino, &[(0, b"again")], NOW)
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.inline(file.ino), Some(b"again".to_vec()));
     assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), vec![]);
     assert_eq!(
         f.meta.garbage_slices(i64::MAX, 10).unwrap(),
@@ -815,6 +988,7 @@ fn inline_files() {
         }]
     );
     assert_eq!(f.meta.usage().unwrap().bytes, 5);
+    assert!(f.meta.check(false).unwrap().is_empty());
 }
 
 #[test]
@@ -857,47 +1031,6 @@ fn xattrs() {
         ENODATA
     );
     assert_eq!(errno(f.meta.list_xattr(999)), ENOENT);
-}
-
-#[test]
-fn flock_conflicts_and_conversion() {
-    let f = Fixture::new();
-    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
-    let other_session = open_session(&f.meta, NOW);
-    let a = LockOwner {
-        session: f.session,
-        owner: u64::MAX - 1,
-    };
-    let b = LockOwner {
-        session: other_session,
-        owner: 1,
-    };
-    assert!(f.meta.flock(file.ino, a, LockKind::Read).unwrap());
-    assert!(
-        f.meta.flock(file.ino, b, LockKind::Read).unwrap(),
-        "shared locks coexist"
-    );
-    assert!(
-        !f.meta.flock(file.ino, a, LockKind::Write).unwrap(),
-        "upgrade blocked by the other reader"
-    );
-    assert!(f.meta.flock(file.ino, b, LockKind::Unlock).unwrap());
-    assert!(
-        f.meta.flock(file.ino, a, LockKind::Write).unwrap(),
-        "conversion to exclusive"
-    );
-    assert!(!f.meta.flock(file.ino, b, LockKind::Read).unwrap());
-    assert!(
-        f.meta.flock(file.ino, a, LockKind::Read).unwrap(),
-        "downgrade"
-    );
-    assert!(f.meta.flock(file.ino, b, LockKind::Read).unwrap());
-    f.meta.unlock_all(file.ino, b).unwrap();
-    f.meta.close_session(f.session).unwrap();
-    assert!(
-        f.meta.flock(file.ino, b, LockKind::Write).unwrap(),
-        "locks of a closed session are gone"
-    );
 }
 
 #[test]
@@ -981,16 +1114,16 @@ fn posix_locks_split_merge_and_conflict() {
         .meta
         .setlk(file.ino, a, &range(0, 1000, LockKind::Write, 100))
         .unwrap());
-    // Reaping the session drops its locks.
+    // Reaping the session (stale by the engine's clock) drops its locks.
     let c = LockOwner {
-        session: open_session(&f.meta, i64::MAX),
+        session: open_session(&f.meta, wall_clock_ns()),
         owner: 10,
     };
     assert!(!f
         .meta
         .setlk(file.ino, c, &range(0, 0, LockKind::Read, 1))
         .unwrap());
-    assert_eq!(f.meta.reap_stale_sessions(NOW + 100, 50, None).unwrap(), 1);
+    assert_eq!(f.meta.reap_stale_sessions(MAX_AGE, None).unwrap(), 1);
     assert!(f
         .meta
         .setlk(file.ino, c, &range(0, 0, LockKind::Read, 1))
@@ -1003,13 +1136,19 @@ fn two_engines_on_one_file_see_each_others_commits() {
     let second = f.reopen();
     assert_eq!(second.volume().unwrap(), Some(volume("vol")));
     let file = f.mk(ROOT_INO, "from-first", FileKind::Regular);
-    f.meta.write_inline(file.ino, b"data", NOW).unwrap();
-    assert_eq!(
-        second
-            .read_inline(second.lookup(ROOT_INO, b"from-first").unwrap().ino)
-            .unwrap(),
-        Some(b"data".to_vec())
-    );
+    f.meta
+        .write_inline(file.ino, &[(0, b"data")], NOW)
+        .unwrap()
+        .unwrap();
+    let seen = second
+        .read_layout(
+            second.lookup(ROOT_INO, b"from-first").unwrap().ino,
+            0..0,
+            None,
+        )
+        .unwrap();
+    assert_eq!(seen.content, Some(Content::Inline(b"data".to_vec())));
+    assert_eq!(seen.attr, f.meta.getattr(file.ino).unwrap());
     let other = second
         .create_node(ROOT_INO, b"from-second", &node(FileKind::Directory), NOW)
         .unwrap();
@@ -1046,7 +1185,10 @@ fn check_finds_and_repairs_damage() {
     let dir = f.mk(ROOT_INO, "dir", FileKind::Directory);
     let file = f.mk(dir.ino, "file", FileKind::Regular);
     let orphan = f.mk(ROOT_INO, "orphan", FileKind::Regular);
-    f.meta.write_inline(file.ino, b"abc", NOW).unwrap();
+    f.meta
+        .write_inline(file.ino, &[(0, b"abc")], NOW)
+        .unwrap()
+        .unwrap();
     assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
 
     let raw = f.raw();
@@ -1074,4 +1216,807 @@ fn check_finds_and_repairs_damage() {
     assert_eq!(errno(f.meta.getattr(orphan.ino)), ENOENT);
     assert_eq!(f.meta.usage().unwrap().bytes, 3);
     assert_eq!(f.meta.usage().unwrap().inodes, 3);
+}
+
+#[test]
+fn write_inline_merges_the_extents_of_writers_without_losing_bytes() {
+    let f = Fixture::new();
+    let file = f.mk(ROOT_INO, "shared", FileKind::Regular);
+    let a = f
+        .meta
+        .write_inline(file.ino, &[(0, b"aaaa")], NOW + 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!((a.size, a.mtime_ns), (4, NOW + 1));
+    // A second writer that never saw the first one's bytes writes past them: both survive, the
+    // gap reads as zeros.
+    let b = f
+        .meta
+        .write_inline(file.ino, &[(8, b"bbbb")], NOW + 2)
+        .unwrap()
+        .unwrap();
+    assert_eq!((b.size, b.mtime_ns, b.ctime_ns), (12, NOW + 2, NOW + 2));
+    assert_eq!(f.inline(file.ino), Some(b"aaaa\0\0\0\0bbbb".to_vec()));
+    // Extents apply in write order (later ones win); writing inside never shrinks the file.
+    let c = f
+        .meta
+        .write_inline(file.ino, &[(2, b"XY"), (3, b"Z"), (5, b"c")], NOW + 3)
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.size, 12);
+    assert_eq!(f.inline(file.ino), Some(b"aaXZ\0c\0\0bbbb".to_vec()));
+    assert_eq!(f.meta.usage().unwrap().bytes, 12);
+
+    // Two processes writing interleaved bytes at the same time: each write merges with the
+    // stored bytes inside its transaction, so no write is lost.
+    f.meta.truncate(file.ino, 0, NOW).unwrap();
+    let second = f.reopen();
+    std::thread::scope(|scope| {
+        for (engine, parity, tag) in [(&f.meta, 0, b'x'), (&second, 1, b'y')] {
+            scope.spawn(move || {
+                for at in (parity..INLINE).step_by(2) {
+                    let attr = engine
+                        .write_inline(file.ino, &[(at, &[tag])], NOW)
+                        .unwrap()
+                        .expect("stays inline");
+                    assert!(attr.size > at);
+                }
+            });
+        }
+    });
+    let expected: Vec<u8> = (0..INLINE)
+        .map(|at| if at % 2 == 0 { b'x' } else { b'y' })
+        .collect();
+    assert_eq!(f.inline(file.ino), Some(expected));
+    assert_eq!(f.meta.getattr(file.ino).unwrap().size, INLINE);
+    assert_eq!(f.meta.usage().unwrap().bytes, INLINE);
+    assert!(f.meta.check(false).unwrap().is_empty());
+}
+
+#[test]
+fn write_inline_declines_past_the_threshold_and_for_chunked_files() {
+    let f = Fixture::new();
+    let file = f.mk(ROOT_INO, "small", FileKind::Regular);
+    let sixty = [b's'; 60];
+    let attr = f
+        .meta
+        .write_inline(file.ino, &[(0, &sixty)], NOW)
+        .unwrap()
+        .unwrap();
+    assert_eq!(attr.size, 60);
+    // Past the threshold: None, and nothing changed (size, bytes, times, version).
+    assert_eq!(
+        f.meta
+            .write_inline(file.ino, &[(60, b"12345")], NOW + 1)
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        f.meta
+            .write_inline(file.ino, &[(0, b"x"), (INLINE, b"y")], NOW + 1)
+            .unwrap(),
+        None,
+        "one extent past the threshold is enough"
+    );
+    assert_eq!(f.meta.getattr(file.ino).unwrap(), attr);
+    assert_eq!(f.inline(file.ino), Some(sixty.to_vec()));
+    assert_eq!(f.meta.usage().unwrap().bytes, 60);
+    // Up to the threshold itself stays inline.
+    let full = f
+        .meta
+        .write_inline(file.ino, &[(60, b"1234")], NOW + 2)
+        .unwrap()
+        .unwrap();
+    assert_eq!(full.size, INLINE);
+    // A truncate past the threshold keeps the blob, but the file is too large to write inline.
+    f.meta.truncate(file.ino, 1000, NOW).unwrap();
+    let grown = f.meta.getattr(file.ino).unwrap();
+    assert_eq!(
+        f.meta
+            .write_inline(file.ino, &[(0, b"z")], NOW + 3)
+            .unwrap(),
+        None
+    );
+    assert_eq!(f.meta.getattr(file.ino).unwrap(), grown);
+
+    // A chunked file: None, chunks, size and version untouched.
+    let big = f.mk(ROOT_INO, "big", FileKind::Regular);
+    let s = f.upload(10, 0);
+    let committed = f
+        .meta
+        .commit_slices(big.ino, &[(0, s)], 10, None, NOW)
+        .unwrap()
+        .attr;
+    assert_eq!(
+        f.meta.write_inline(big.ino, &[(0, b"q")], NOW + 4).unwrap(),
+        None
+    );
+    assert_eq!(f.meta.getattr(big.ino).unwrap(), committed);
+    assert_eq!(f.meta.read_chunk(big.ino, 0).unwrap(), vec![s]);
+    assert_eq!(
+        f.content(big.ino, 0..1),
+        Some(Content::Chunks(vec![(0, vec![s])]))
+    );
+
+    let link = f.mk(ROOT_INO, "sym", FileKind::Symlink);
+    assert_eq!(
+        errno(f.meta.write_inline(link.ino, &[(0, b"x")], NOW)),
+        EINVAL
+    );
+    assert_eq!(errno(f.meta.write_inline(999, &[(0, b"x")], NOW)), ENOENT);
+}
+
+#[test]
+fn commit_without_a_pending_row_conflicts_and_changes_nothing() {
+    let f = Fixture::new();
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let a = f.upload(100, 0);
+    f.meta
+        .commit_slices(file.ino, &[(0, a)], 100, None, NOW)
+        .unwrap();
+    let before = f.meta.getattr(file.ino).unwrap();
+
+    // The writer forgot to record `forgotten`; `recorded` is fine: the whole commit fails.
+    let recorded = f.upload(50, 100);
+    let forgotten = slice(f.meta.alloc_slice_ids(1).unwrap(), 50, 150);
+    assert!(is_conflict(f.meta.commit_slices(
+        file.ino,
+        &[(0, recorded), (0, forgotten)],
+        200,
+        None,
+        NOW + 5
+    )));
+    assert_eq!(
+        f.meta.getattr(file.ino).unwrap(),
+        before,
+        "size, times, version"
+    );
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), vec![a]);
+    assert_eq!(
+        f.garbage_ids(),
+        vec![recorded.id],
+        "the pending row is intact"
+    );
+    assert_eq!(f.meta.usage().unwrap().bytes, 100);
+
+    // A pending row that expired and that gc already processed counts as forgotten.
+    f.pending(&[forgotten]);
+    f.meta
+        .add_garbage(
+            &[GarbageSlice {
+                id: forgotten.id,
+                size: forgotten.size,
+            }],
+            NOW,
+        )
+        .unwrap();
+    let due: Vec<u64> = f
+        .meta
+        .garbage_slices(NOW + 1, 10)
+        .unwrap()
+        .iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(due, vec![forgotten.id]);
+    f.meta.forget_garbage(&due).unwrap();
+    assert!(is_conflict(f.meta.commit_slices(
+        file.ino,
+        &[(0, forgotten)],
+        200,
+        None,
+        NOW
+    )));
+    assert_eq!(f.meta.getattr(file.ino).unwrap(), before);
+
+    // Holes have no object, hence no row; the recorded slice commits and its row goes.
+    let hole = Slice {
+        id: 0,
+        size: 0,
+        off: 0,
+        len: 10,
+        pos: 300,
+    };
+    f.meta
+        .commit_slices(file.ino, &[(0, recorded), (0, hole)], 310, None, NOW)
+        .unwrap();
+    assert_eq!(
+        f.meta.read_chunk(file.ino, 0).unwrap(),
+        vec![a, recorded, hole]
+    );
+    assert_eq!(f.garbage_ids(), Vec::<u64>::new());
+    assert!(f.meta.check(false).unwrap().is_empty());
+}
+
+#[test]
+fn replace_chunk_refuses_a_slice_without_pending_row_and_changes_nothing() {
+    let f = Fixture::new();
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let (a, b) = (f.upload(100, 0), f.upload(100, 100));
+    f.meta
+        .commit_slices(file.ino, &[(0, a), (0, b)], 200, None, NOW)
+        .unwrap();
+    let version = f.version(file.ino);
+    let recorded = f.upload(100, 0);
+    let forgotten = slice(f.meta.alloc_slice_ids(1).unwrap(), 100, 100);
+    assert!(!f
+        .meta
+        .replace_chunk(file.ino, 0, &[a, b], &[recorded, forgotten])
+        .unwrap());
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), vec![a, b]);
+    assert_eq!(
+        f.garbage_ids(),
+        vec![recorded.id],
+        "the recorded slice is still pending, not leaked"
+    );
+    assert!(!f
+        .meta
+        .replace_chunk(file.ino, 0, &[a, b], &[forgotten])
+        .unwrap());
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), vec![a, b]);
+
+    f.pending(&[forgotten]);
+    assert!(f
+        .meta
+        .replace_chunk(file.ino, 0, &[a, b], &[recorded, forgotten])
+        .unwrap());
+    assert_eq!(
+        f.meta.read_chunk(file.ino, 0).unwrap(),
+        vec![recorded, forgotten]
+    );
+    assert_eq!(f.garbage_ids(), vec![a.id, b.id]);
+    assert_eq!(f.version(file.ino), version);
+    assert!(f.meta.check(false).unwrap().is_empty());
+}
+
+#[test]
+fn commit_drops_inline_bytes_only_at_the_version_it_read() {
+    let f = Fixture::new();
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let read = f
+        .meta
+        .write_inline(file.ino, &[(0, b"hello")], NOW)
+        .unwrap()
+        .unwrap()
+        .data_version;
+    // The writer read "hello" at `read` and writes it out with its own bytes as one slice...
+    let s = f.upload(8, 0);
+    // ...but another writer changed the inline bytes meanwhile.
+    let changed = f
+        .meta
+        .write_inline(file.ino, &[(0, b"J")], NOW)
+        .unwrap()
+        .unwrap();
+    assert!(changed.data_version > read);
+    assert!(is_conflict(f.meta.commit_slices(
+        file.ino,
+        &[(0, s)],
+        8,
+        Some(read),
+        NOW + 1
+    )));
+    assert!(is_conflict(f.meta.commit_slices(
+        file.ino,
+        &[(0, s)],
+        8,
+        None,
+        NOW + 1
+    )));
+    assert_eq!(f.meta.getattr(file.ino).unwrap(), changed);
+    assert_eq!(f.inline(file.ino), Some(b"Jello".to_vec()));
+    assert_eq!(f.garbage_ids(), vec![s.id], "the upload is still pending");
+
+    // At the right version the slices replace the inline bytes.
+    let committed = f
+        .meta
+        .commit_slices(file.ino, &[(0, s)], 8, Some(changed.data_version), NOW + 1)
+        .unwrap();
+    assert_eq!(committed.attr.data_version, changed.data_version + 1);
+    assert_eq!((committed.attr.size, committed.attr.mtime_ns), (8, NOW + 1));
+    assert_eq!(committed.chunk_slices, vec![(0, 1)]);
+    assert_eq!(f.meta.getattr(file.ino).unwrap(), committed.attr);
+    assert_eq!(
+        f.content(file.ino, 0..1),
+        Some(Content::Chunks(vec![(0, vec![s])])),
+        "the inline bytes are gone"
+    );
+    assert_eq!(f.garbage_ids(), Vec::<u64>::new());
+    assert_eq!(f.meta.usage().unwrap().bytes, 8);
+    // The version applies to chunked files too.
+    let t = f.upload(8, 8);
+    assert!(is_conflict(f.meta.commit_slices(
+        file.ino,
+        &[(0, t)],
+        16,
+        Some(changed.data_version),
+        NOW
+    )));
+    assert!(f.meta.check(false).unwrap().is_empty());
+}
+
+#[test]
+fn commit_reports_the_slice_count_of_each_chunk_written() {
+    let f = Fixture::new();
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let (a, b, c) = (f.upload(10, 0), f.upload(10, 10), f.upload(100, 0));
+    let committed = f
+        .meta
+        .commit_slices(
+            file.ino,
+            &[(0, a), (0, b), (2, c)],
+            2 * CHUNK + 100,
+            None,
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(committed.chunk_slices, vec![(0, 2), (2, 1)]);
+    let d = f.upload(10, 20);
+    let Committed { chunk_slices, .. } = f
+        .meta
+        .commit_slices(file.ino, &[(0, d)], 0, None, NOW)
+        .unwrap();
+    assert_eq!(
+        chunk_slices,
+        vec![(0, 3)],
+        "counts what the chunk holds now"
+    );
+    // The hole a shrinking truncate leaves counts too.
+    f.meta.truncate(file.ino, 2 * CHUNK + 50, NOW).unwrap();
+    let e = f.upload(10, 0);
+    let committed = f
+        .meta
+        .commit_slices(file.ino, &[(2, e)], 0, None, NOW)
+        .unwrap();
+    assert_eq!(committed.chunk_slices, vec![(2, 3)]);
+    // Each chunk once, whatever the order of the slices.
+    let (g, h, i) = (f.upload(10, 0), f.upload(10, 30), f.upload(10, 40));
+    let committed = f
+        .meta
+        .commit_slices(file.ino, &[(1, g), (0, h), (1, i)], 0, None, NOW)
+        .unwrap();
+    assert_eq!(committed.chunk_slices, vec![(0, 4), (1, 2)]);
+    assert_eq!(
+        f.meta
+            .commit_slices(file.ino, &[], 0, None, NOW)
+            .unwrap()
+            .chunk_slices,
+        vec![]
+    );
+    assert_eq!(
+        f.meta.fragmented_chunks(4, 10).unwrap(),
+        vec![(file.ino, 0)]
+    );
+}
+
+#[test]
+fn data_version_counts_content_changes_but_not_compaction() {
+    let f = Fixture::new();
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    assert_eq!(file.data_version, 0);
+    assert_eq!(f.version(file.ino), 0);
+    let expected = std::cell::Cell::new(0);
+    let bumped = |attr: Attr| {
+        expected.set(expected.get() + 1);
+        assert_eq!(attr.data_version, expected.get());
+        assert_eq!(f.version(file.ino), expected.get());
+    };
+    bumped(
+        f.meta
+            .write_inline(file.ino, &[(0, b"abc")], NOW)
+            .unwrap()
+            .unwrap(),
+    );
+    bumped(
+        f.meta
+            .write_inline(file.ino, &[(1, b"B")], NOW)
+            .unwrap()
+            .unwrap(),
+    );
+    bumped(f.meta.truncate(file.ino, 2, NOW).unwrap());
+    bumped(f.meta.truncate(file.ino, 2, NOW).unwrap());
+    let a = f.upload(10, 0);
+    bumped(
+        f.meta
+            .commit_slices(file.ino, &[(0, a)], 10, Some(4), NOW)
+            .unwrap()
+            .attr,
+    );
+    let b = f.upload(10, 10);
+    bumped(
+        f.meta
+            .commit_slices(file.ino, &[(0, b)], 20, None, NOW)
+            .unwrap()
+            .attr,
+    );
+    assert_eq!(expected.get(), 6);
+
+    // Neither metadata changes, refused writes nor failed commits change the content.
+    let perm = SetAttr {
+        perm: Some(0o600),
+        ..SetAttr::default()
+    };
+    assert_eq!(
+        f.meta.setattr(file.ino, &perm, NOW).unwrap().data_version,
+        6
+    );
+    f.meta
+        .set_xattr(file.ino, b"user.x", b"1", XattrMode::Any, NOW)
+        .unwrap();
+    f.meta.link(file.ino, ROOT_INO, b"g", NOW).unwrap();
+    f.rename((ROOT_INO, "g"), (ROOT_INO, "h"), RenameMode::Replace)
+        .unwrap();
+    assert_eq!(
+        f.meta.write_inline(file.ino, &[(0, b"x")], NOW).unwrap(),
+        None
+    );
+    let forgotten = slice(f.meta.alloc_slice_ids(1).unwrap(), 10, 20);
+    assert!(is_conflict(f.meta.commit_slices(
+        file.ino,
+        &[(0, forgotten)],
+        30,
+        None,
+        NOW
+    )));
+    assert_eq!(f.version(file.ino), 6);
+
+    // Compaction keeps the content, so caches of it stay valid.
+    let merged = f.upload(20, 0);
+    assert!(f
+        .meta
+        .replace_chunk(file.ino, 0, &[a, b], &[merged])
+        .unwrap());
+    assert_eq!(f.version(file.ino), 6);
+
+    bumped(f.meta.truncate(file.ino, 3 * CHUNK, NOW).unwrap());
+    bumped(f.meta.truncate(file.ino, 5, NOW).unwrap());
+    bumped(f.meta.truncate(file.ino, 0, NOW).unwrap());
+    assert_eq!(expected.get(), 9);
+    // Every way of reading attributes reports it, in every process.
+    assert_eq!(f.meta.lookup(ROOT_INO, b"f").unwrap().data_version, 9);
+    let listed = f.meta.readdir(ROOT_INO, 0, 10, true).unwrap();
+    assert!(listed
+        .iter()
+        .all(|entry| entry.attr.as_ref().unwrap().data_version == 9));
+    assert_eq!(
+        f.meta.open_file(f.session, file.ino).unwrap().data_version,
+        9
+    );
+    assert_eq!(f.reopen().getattr(file.ino).unwrap().data_version, 9);
+    // Each file has its own.
+    assert_eq!(f.mk(ROOT_INO, "other", FileKind::Regular).data_version, 0);
+}
+
+#[test]
+fn read_layout_returns_content_unless_the_version_is_known() {
+    let f = Fixture::new();
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let empty = f.meta.read_layout(file.ino, 0..0, None).unwrap();
+    assert_eq!(
+        empty,
+        Layout {
+            attr: f.meta.getattr(file.ino).unwrap(),
+            content: Some(Content::Inline(vec![])),
+        }
+    );
+    f.meta
+        .write_inline(file.ino, &[(0, b"abc")], NOW)
+        .unwrap()
+        .unwrap();
+    let inline = f
+        .meta
+        .read_layout(file.ino, 0..4, Some(empty.attr.data_version))
+        .unwrap();
+    assert_eq!(inline.content, Some(Content::Inline(b"abc".to_vec())));
+    assert_eq!(inline.attr, f.meta.getattr(file.ino).unwrap());
+    assert_eq!(inline.attr.size, 3);
+    let unchanged = f
+        .meta
+        .read_layout(file.ino, 0..4, Some(inline.attr.data_version))
+        .unwrap();
+    assert_eq!(
+        unchanged,
+        Layout {
+            attr: inline.attr.clone(),
+            content: None
+        }
+    );
+
+    // Chunks: the requested range, empty chunks as empty lists.
+    f.meta.truncate(file.ino, 0, NOW).unwrap();
+    let (a, c) = (f.upload(1000, 0), f.upload(100, 0));
+    f.meta
+        .commit_slices(file.ino, &[(0, a), (2, c)], 2 * CHUNK + 100, None, NOW)
+        .unwrap();
+    let chunked = f
+        .meta
+        .read_layout(file.ino, 0..3, Some(inline.attr.data_version))
+        .unwrap();
+    assert_eq!(
+        chunked.content,
+        Some(Content::Chunks(vec![
+            (0, vec![a]),
+            (1, vec![]),
+            (2, vec![c])
+        ]))
+    );
+    assert_eq!(chunked.attr.size, 2 * CHUNK + 100);
+    assert_eq!(
+        f.content(file.ino, 1..2),
+        Some(Content::Chunks(vec![(1, vec![])]))
+    );
+    assert_eq!(
+        f.content(file.ino, 2..5),
+        Some(Content::Chunks(vec![
+            (2, vec![c]),
+            (3, vec![]),
+            (4, vec![])
+        ]))
+    );
+    assert_eq!(
+        f.meta
+            .read_layout(file.ino, 0..3, Some(chunked.attr.data_version))
+            .unwrap()
+            .content,
+        None
+    );
+
+    // A truncate between two layouts: the next one sees the new size and slices together.
+    f.meta.truncate(file.ino, 600, NOW + 1).unwrap();
+    let truncated = f
+        .meta
+        .read_layout(file.ino, 0..3, Some(chunked.attr.data_version))
+        .unwrap();
+    let hole = Slice {
+        id: 0,
+        size: 0,
+        off: 0,
+        len: (CHUNK - 600) as u32,
+        pos: 600,
+    };
+    assert_eq!(
+        truncated.content,
+        Some(Content::Chunks(vec![
+            (0, vec![a, hole]),
+            (1, vec![]),
+            (2, vec![])
+        ]))
+    );
+    assert_eq!(truncated.attr.size, 600);
+    assert_eq!(truncated.attr.data_version, chunked.attr.data_version + 1);
+    assert_eq!(truncated.attr.mtime_ns, NOW + 1);
+    f.meta.truncate(file.ino, 0, NOW).unwrap();
+    assert_eq!(
+        f.meta
+            .read_layout(file.ino, 0..3, Some(truncated.attr.data_version))
+            .unwrap()
+            .content,
+        Some(Content::Inline(vec![]))
+    );
+
+    // Other kinds have no content; a missing inode is an error.
+    let root = f.meta.read_layout(ROOT_INO, 0..1, None).unwrap();
+    assert_eq!((root.attr.kind, root.content), (FileKind::Directory, None));
+    assert_eq!(errno(f.meta.read_layout(999, 0..1, None)), ENOENT);
+}
+
+#[test]
+fn leases_are_exclusive_renewable_and_taken_over_after_expiry() {
+    let f = Fixture::new();
+    let other = open_session(&f.meta, NOW);
+    let long = MAX_AGE;
+    let short = 200_000_000; // 200 ms
+    assert!(f.meta.try_lease("gc", f.session, short).unwrap());
+    assert!(!f.meta.try_lease("gc", other, long).unwrap(), "exclusive");
+    assert!(
+        !f.reopen().try_lease("gc", other, long).unwrap(),
+        "in every process"
+    );
+    assert!(
+        f.meta.try_lease("compact", other, long).unwrap(),
+        "leases are independent"
+    );
+    // The holder renews before its short lease ends: it still holds it after the first expiry.
+    assert!(f.meta.try_lease("gc", f.session, long).unwrap(), "renewal");
+    std::thread::sleep(std::time::Duration::from_nanos(2 * short as u64));
+    assert!(!f.meta.try_lease("gc", other, long).unwrap(), "renewed");
+    assert!(!f.meta.try_lease("compact", f.session, long).unwrap());
+
+    // A lease that ran out is taken over; its old holder then loses it.
+    assert!(f.meta.try_lease("gc", f.session, 1).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert!(f.meta.try_lease("gc", other, long).unwrap(), "takeover");
+    assert!(!f.meta.try_lease("gc", f.session, long).unwrap());
+    assert!(f.meta.try_lease("gc", other, long).unwrap());
+}
+
+#[test]
+fn live_sessions_are_those_with_a_recent_heartbeat() {
+    let f = Fixture::new();
+    // The fixture's session was opened at NOW, ancient by the engine's clock.
+    let fresh = open_session(&f.meta, wall_clock_ns());
+    assert_eq!(f.meta.live_sessions(MAX_AGE).unwrap(), vec![fresh]);
+    // A heartbeat is stamped with the engine's clock.
+    f.meta.heartbeat(f.session).unwrap();
+    assert_eq!(
+        f.meta.live_sessions(MAX_AGE).unwrap(),
+        vec![f.session, fresh]
+    );
+    assert_eq!(f.meta.reap_stale_sessions(MAX_AGE, None).unwrap(), 0);
+    let stale = open_session(&f.meta, 10);
+    assert_eq!(
+        f.reopen().live_sessions(MAX_AGE).unwrap(),
+        vec![f.session, fresh]
+    );
+    f.meta.close_session(fresh).unwrap();
+    assert_eq!(f.meta.live_sessions(MAX_AGE).unwrap(), vec![f.session]);
+    assert_eq!(f.meta.reap_stale_sessions(MAX_AGE, None).unwrap(), 1);
+    assert_eq!(errno(f.meta.heartbeat(stale)), ESTALE);
+    assert_eq!(f.meta.live_sessions(MAX_AGE).unwrap(), vec![f.session]);
+}
+
+#[test]
+fn slice_references_hold_live_and_pending_slices() {
+    let f = Fixture::new();
+    assert_eq!(
+        f.meta.slice_references().unwrap(),
+        SliceReferences::default()
+    );
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let (a, b) = (f.upload(100, 0), f.upload(200, 0));
+    let uploading = f.upload(300, 0);
+    f.meta
+        .commit_slices(file.ino, &[(0, a), (1, b)], CHUNK + 200, None, NOW)
+        .unwrap();
+    assert_eq!(
+        f.meta.slice_references().unwrap(),
+        SliceReferences {
+            live: vec![(a.id, 100), (b.id, 200)],
+            garbage: vec![uploading.id],
+        }
+    );
+    // Truncating moves b from live to garbage; the hole it leaves in chunk 0 is no slice.
+    f.meta.truncate(file.ino, 50, NOW).unwrap();
+    assert_eq!(
+        f.meta.slice_references().unwrap(),
+        SliceReferences {
+            live: vec![(a.id, 100)],
+            garbage: vec![b.id, uploading.id],
+        }
+    );
+    f.unlink(ROOT_INO, "f").unwrap();
+    assert_eq!(
+        f.meta.slice_references().unwrap(),
+        SliceReferences {
+            live: vec![],
+            garbage: vec![a.id, b.id, uploading.id],
+        }
+    );
+}
+
+#[test]
+fn migrating_a_v1_database_keeps_its_data_and_starts_data_versions_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.db");
+    let mut conn = rusqlite::Connection::open(&path).unwrap();
+    schema::migrate(&mut conn, &schema::MIGRATIONS[..1]).unwrap();
+    assert_eq!(schema::version(&conn).unwrap(), 1);
+    // A volume as version 1 stored it: the root, one inline file, a session holding a flock.
+    conn.execute_batch(
+        "INSERT INTO volume (id, name, uuid, chunk_size, block_size, inline_threshold, created_ns)
+             VALUES (1, 'vol', '00000000-0000-0000-0000-000000000001', 1048576, 262144, 64, 1);
+         INSERT INTO inodes (ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent)
+             VALUES (1, 2, 511, 0, 0, 2, 4096, 0, 1, 1, 1, 1);
+         INSERT INTO inodes (ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent, inline_data)
+             VALUES (2, 1, 420, 1000, 1000, 1, 5, 0, 7, 7, 7, 1, x'68656c6c6f');
+         INSERT INTO dentries (parent, name, ino, kind) VALUES (1, x'6f6c64', 2, 1);
+         INSERT INTO sessions (host, pid, mount_point, started_ns, heartbeat_ns)
+             VALUES ('host', 1, '/mnt', 1, 1);
+         INSERT INTO flocks (ino, session, owner, kind) VALUES (2, 1, 7, 2);
+         UPDATE counters SET value = 3 WHERE name = 'next_ino';
+         UPDATE counters SET value = 5 WHERE name = 'used_bytes';
+         UPDATE counters SET value = 2 WHERE name = 'used_inodes';",
+    )
+    .unwrap();
+    drop(conn);
+
+    let meta = SqliteEngine::open(&path).unwrap();
+    assert_eq!(
+        schema::version(&meta.writer.lock()).unwrap(),
+        schema::MIGRATIONS.len() as i64
+    );
+    assert_eq!(meta.volume().unwrap(), Some(volume("vol")));
+    let old = meta.lookup(ROOT_INO, b"old").unwrap();
+    assert_eq!(
+        (old.ino, old.size, old.perm, old.mtime_ns, old.data_version),
+        (2, 5, 0o644, 7, 0)
+    );
+    assert_eq!(meta.getattr(ROOT_INO).unwrap().data_version, 0);
+    assert_eq!(
+        meta.read_layout(old.ino, 0..0, None).unwrap().content,
+        Some(Content::Inline(b"hello".to_vec()))
+    );
+    assert_eq!(meta.check(false).unwrap(), Vec::<String>::new());
+    let usage = meta.usage().unwrap();
+    assert_eq!((usage.bytes, usage.inodes), (5, 2));
+    let tables = |name: &str| -> i64 {
+        meta.writer
+            .lock()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [name],
+                |row| row.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!((tables("flocks"), tables("leases")), (0, 1));
+
+    // The migrated volume works as a new one.
+    let attr = meta
+        .write_inline(old.ino, &[(5, b" world")], NOW)
+        .unwrap()
+        .unwrap();
+    assert_eq!((attr.size, attr.data_version), (11, 1));
+    let new = meta
+        .create_node(ROOT_INO, b"new", &node(FileKind::Regular), NOW)
+        .unwrap();
+    assert_eq!((new.ino, new.data_version), (3, 0));
+    let session = open_session(&meta, NOW);
+    assert!(meta.try_lease("gc", session, MAX_AGE).unwrap());
+    let owner = LockOwner {
+        session: 1,
+        owner: 7,
+    };
+    meta.unlock_all(old.ino, owner).unwrap();
+    assert_eq!(meta.check(false).unwrap(), Vec::<String>::new());
+    drop(meta);
+    // Opening again applies nothing more.
+    let meta = SqliteEngine::open(&path).unwrap();
+    assert_eq!(meta.getattr(old.ino).unwrap().data_version, 1);
+}
+
+#[test]
+fn sync_flushes_only_what_was_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut meta = SqliteEngine::open(&dir.path().join("meta.db")).unwrap();
+    meta.sync().unwrap();
+    meta.format(&volume("vol")).unwrap();
+    meta.sync().unwrap();
+    meta.sync().unwrap();
+    // Concurrent committers share flushes; each sync returns once its commit is durable.
+    std::thread::scope(|scope| {
+        for i in 0..8 {
+            let meta = &meta;
+            scope.spawn(move || {
+                for j in 0..10 {
+                    meta.create_node(
+                        ROOT_INO,
+                        format!("f{i}-{j}").as_bytes(),
+                        &node(FileKind::Regular),
+                        NOW,
+                    )
+                    .unwrap();
+                    meta.sync().unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(meta.usage().unwrap().inodes, 81);
+
+    // Cheap when nothing was committed: no fsync at all. With the database's path pointing
+    // nowhere, an fsync would fail; reads and failed writes commit nothing, so sync succeeds...
+    meta.getattr(ROOT_INO).unwrap();
+    meta.path = dir.path().join("missing/meta.db");
+    meta.getattr(ROOT_INO).unwrap();
+    assert_eq!(
+        errno(meta.create_node(ROOT_INO, b"f0-0", &node(FileKind::Regular), NOW)),
+        EEXIST
+    );
+    meta.sync().unwrap();
+    meta.sync().unwrap();
+    // ...while a commit makes the next sync flush.
+    meta.create_node(ROOT_INO, b"after", &node(FileKind::Regular), NOW)
+        .unwrap();
+    match meta.sync() {
+        Err(MetaError::Engine(message)) => assert!(message.contains("cannot fsync"), "{message}"),
+        other => panic!("expected an fsync attempt, got {other:?}"),
+    }
 }
