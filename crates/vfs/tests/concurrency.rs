@@ -106,10 +106,10 @@ fn disjoint_writes_from_two_mounts_to_one_inline_file_are_not_lost() {
                     let fh = vfs.open(&root(), ino, libc::O_RDWR).unwrap().fh;
                     write_all(&vfs, ino, fh, start, &vec![tag(i); HALF as usize]);
                     vfs.flush(ino, fh, 7).unwrap();
-                    vfs.release(ino, fh, None, false).unwrap();
+                    vfs.release(ino, fh, None).unwrap();
                     let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
                     let back = read_range(&vfs, ino, fh, start, HALF);
-                    vfs.release(ino, fh, None, false).unwrap();
+                    vfs.release(ino, fh, None).unwrap();
                     if back != vec![tag(i); HALF as usize] && overwritten.len() < 5 {
                         overwritten.push(format!(
                             "iteration {i}: wrote {:#04x}, read back: {}",
@@ -128,7 +128,7 @@ fn disjoint_writes_from_two_mounts_to_one_inline_file_are_not_lost() {
     let c = volume.mount();
     let fh = c.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
     let content = read_range(&c, ino, fh, 0, FILE_SIZE + 1);
-    c.release(ino, fh, None, false).unwrap();
+    c.release(ino, fh, None).unwrap();
     let mut problems = Vec::new();
     if content.len() as u64 != FILE_SIZE {
         problems.push(format!("size is {}, not {FILE_SIZE}", content.len()));
@@ -206,7 +206,7 @@ fn truncate_racing_reads(file_size: usize) {
                     Err(e) => failure = Some(format!("{label}: read failed: {e:?}")),
                 }
             }
-            vfs.release(ino, fh, None, false).unwrap();
+            vfs.release(ino, fh, None).unwrap();
             (label, reads, empty, full, failure)
         })
     })
@@ -220,7 +220,7 @@ fn truncate_racing_reads(file_size: usize) {
         a.flush(ino, fh, 7).unwrap();
         rounds += 1;
     }
-    a.release(ino, fh, None, false).unwrap();
+    a.release(ino, fh, None).unwrap();
     stop.store(true, Ordering::SeqCst);
     let mut failures = Vec::new();
     for reader in readers {
@@ -441,7 +441,7 @@ impl Worker {
         } else {
             Ok(())
         };
-        let released = self.vfs.release(h.ino, h.fh, None, false);
+        let released = self.vfs.release(h.ino, h.fh, None);
         flushed.and(released)
     }
 
@@ -835,7 +835,7 @@ fn stress_two_mounts_namespace_and_data_races_never_hang_or_fail() {
         stress.progress.fetch_add(1, Ordering::SeqCst);
     }
     stress.enter(0, "fsck".into());
-    let problems = cellar_vfs::maintenance::fsck(&volume.config, false).unwrap();
+    let problems = cellar_vfs::maintenance::fsck(&volume.config, false, false).unwrap();
     stress.done.store(true, Ordering::SeqCst);
     watchdog.join().unwrap();
 
@@ -979,16 +979,20 @@ fn posix_write_lock_through_one_mount_is_refused_to_another_until_released() {
         a.setlk(ino, fa, 11, write_lock(100), false),
         Err(Errno(libc::EAGAIN))
     );
-    b.release(ino, fb, Some(33), false).unwrap();
+    b.release(ino, fb, Some(33)).unwrap();
     a.setlk(ino, fa, 11, write_lock(100), false)
         .expect("granted after B's last close");
-    a.release(ino, fa, Some(11), false).unwrap();
+    a.release(ino, fa, Some(11)).unwrap();
     a.shutdown().unwrap();
     b.shutdown().unwrap();
 }
 
+/// flock(2) reaches the vfs as a whole-file lock owned by the open file description (the kernel
+/// names that owner); its last close (release naming the owner) drops it.
 #[test]
 fn flock_through_one_mount_is_refused_to_another_until_released() {
+    const FLOCK_OWNER_A: u64 = 0xF10C_A;
+    const FLOCK_OWNER_B: u64 = 0xF10C_B;
     let volume = TestVolume::new();
     let a = volume.mount();
     let b = volume.mount();
@@ -996,22 +1000,27 @@ fn flock_through_one_mount_is_refused_to_another_until_released() {
     close(&a, ino, fh);
     let fa = a.open(&root(), ino, libc::O_RDWR).unwrap().fh;
     let fb = b.open(&root(), ino, libc::O_RDWR).unwrap().fh;
-    a.flock(ino, fa, 0, LockKind::Write, false).unwrap();
+    a.setlk(ino, fa, FLOCK_OWNER_A, write_lock(0), false)
+        .unwrap();
     assert_eq!(
-        b.flock(ino, fb, 0, LockKind::Write, false),
+        b.setlk(ino, fb, FLOCK_OWNER_B, write_lock(0), false),
         Err(Errno(libc::EAGAIN)),
         "LOCK_EX through mount A must be refused to mount B"
     );
+    let shared = LockRange {
+        kind: LockKind::Read,
+        ..write_lock(0)
+    };
     assert_eq!(
-        b.flock(ino, fb, 0, LockKind::Read, false),
+        b.setlk(ino, fb, FLOCK_OWNER_B, shared, false),
         Err(Errno(libc::EAGAIN)),
         "LOCK_SH too"
     );
     // The last close of A's handle drops its flock.
-    a.release(ino, fa, None, true).unwrap();
-    b.flock(ino, fb, 0, LockKind::Write, false)
+    a.release(ino, fa, Some(FLOCK_OWNER_A)).unwrap();
+    b.setlk(ino, fb, FLOCK_OWNER_B, write_lock(0), false)
         .expect("granted after A's close");
-    b.release(ino, fb, None, true).unwrap();
+    b.release(ino, fb, Some(FLOCK_OWNER_B)).unwrap();
     a.shutdown().unwrap();
     b.shutdown().unwrap();
 }
@@ -1049,7 +1058,7 @@ fn file_open_in_one_mount_stays_usable_after_another_mount_unlinks_it() {
         Ok(b"still here and more".to_vec())
     );
     assert_eq!(b.flush(ino, fb, 1).map_err(errno_name), Ok(()));
-    assert_eq!(b.release(ino, fb, None, false).map_err(errno_name), Ok(()));
+    assert_eq!(b.release(ino, fb, None).map_err(errno_name), Ok(()));
     a.shutdown().unwrap();
     b.shutdown().unwrap();
     volume.assert_fsck_clean();
