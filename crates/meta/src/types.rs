@@ -204,3 +204,22 @@ pub struct LockRange {
     pub kind: LockKind,
     pub pid: u32,
 }
+
+/// Longest name of a directory entry (NAME_MAX).
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest xattr name (XATTR_NAME_MAX) and value (XATTR_SIZE_MAX).
+pub const MAX_XATTR_NAME_LEN: usize = 255;
+pub const MAX_XATTR_VALUE_LEN: usize = 64 << 10;
+
+/// The errno for a name a new directory entry may not take: ENAMETOOLONG past
+/// [`MAX_NAME_LEN`]; EINVAL when empty, ".", "..", or holding '/' or NUL.
+pub fn invalid_name(name: &[u8]) -> Option<i32> {
+    if name.len() > MAX_NAME_LEN {
+        return Some(libc::ENAMETOOLONG);
+    }
+    let reserved = name == b"." || name == b"..";
+    if name.is_empty() || reserved || name.contains(&b'/') || name.contains(&0) {
+        return Some(libc::EINVAL);
+    }
+    None
+}

@@ -9,10 +9,9 @@ use crate::handles::{Handle, HandleKind};
 use crate::volume::Inner;
 use crate::{Ctx, DirEntryPlus, SetAttrRequest, StatFs, VfsResult, MAX_FILE_SIZE};
 
-const NAME_MAX: usize = 255;
+use cellar_meta::{MAX_NAME_LEN as NAME_MAX, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
+
 const SYMLINK_MAX: usize = 4095;
-const XATTR_NAME_MAX: usize = 255;
-const XATTR_VALUE_MAX: usize = 64 << 10;
 /// Virtual capacity reported by statfs (the object store has no fixed size).
 const CAPACITY_BYTES: u64 = 1 << 50;
 const CAPACITY_INODES: u64 = 1 << 40;
@@ -23,13 +22,7 @@ const S_ISGID: u32 = libc::S_ISGID;
 const S_IXGRP: u32 = libc::S_IXGRP;
 
 fn check_name(name: &[u8]) -> VfsResult<()> {
-    if name.len() > NAME_MAX {
-        return err(libc::ENAMETOOLONG);
-    }
-    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
-        return err(libc::EINVAL);
-    }
-    Ok(())
+    cellar_meta::invalid_name(name).map_or(Ok(()), err)
 }
 
 /// Whether the caller belongs to `gid`: its primary group, or a supplementary group of its
@@ -414,7 +407,7 @@ impl Inner {
         flags: i32,
     ) -> VfsResult<()> {
         check_xattr_name(name)?;
-        if value.len() > XATTR_VALUE_MAX {
+        if value.len() > MAX_XATTR_VALUE_LEN {
             return err(libc::E2BIG);
         }
         let mode = match flags & (libc::XATTR_CREATE | libc::XATTR_REPLACE) {
@@ -460,7 +453,7 @@ fn new_node(kind: FileKind, perm: u32, rdev: u32, target: Vec<u8>) -> NewNode {
 }
 
 fn check_xattr_name(name: &[u8]) -> VfsResult<()> {
-    if name.is_empty() || name.len() > XATTR_NAME_MAX {
+    if name.is_empty() || name.len() > MAX_XATTR_NAME_LEN {
         return err(libc::ERANGE);
     }
     Ok(())

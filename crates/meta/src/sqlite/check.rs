@@ -4,7 +4,8 @@
 
 use rusqlite::{params, Connection};
 
-use super::namespace::{counter, free_inode, set_counter, DIRECTORY_CODE, REGULAR_CODE};
+use super::namespace::free_inode;
+use super::rows::{counter, set_counter, DIRECTORY_CODE, REGULAR_CODE};
 use crate::{Ino, Result, ROOT_INO};
 
 pub fn check(conn: &Connection, repair: bool, now_ns: i64) -> Result<Vec<String>> {

@@ -3,7 +3,7 @@
 use libc::{EINVAL, EISDIR};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::namespace::{add_counter, get_attr, posix};
+use super::rows::{add_counter, get_attr, posix};
 use crate::{
     Attr, Committed, Content, FileKind, GarbageSlice, Ino, Layout, MetaError, Result, Slice,
     SliceReferences, VolumeInfo,

@@ -5,7 +5,7 @@
 use libc::EINVAL;
 use rusqlite::{params, Connection};
 
-use super::namespace::{get_attr, posix};
+use super::rows::{get_attr, posix};
 use crate::{Ino, LockKind, LockOwner, LockRange, Result};
 
 fn kind_code(kind: LockKind) -> i64 {

@@ -23,6 +23,7 @@ mod check;
 mod data;
 mod locks;
 mod namespace;
+mod rows;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -251,7 +252,7 @@ impl MetaEngine for SqliteEngine {
 
     fn open_file(&self, _session: SessionId, ino: Ino) -> Result<Attr> {
         *self.open_files.lock().count.entry(ino).or_insert(0) += 1;
-        let attr = self.read(|tx| namespace::get_attr(tx, ino));
+        let attr = self.read(|tx| rows::get_attr(tx, ino));
         if attr.is_err() {
             self.forget_open(ino);
         }
@@ -278,7 +279,7 @@ impl MetaEngine for SqliteEngine {
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr> {
-        self.read(|tx| namespace::get_attr(tx, ino))
+        self.read(|tx| rows::get_attr(tx, ino))
     }
 
     fn setattr(&self, ino: Ino, changes: &SetAttr, now_ns: i64) -> Result<Attr> {

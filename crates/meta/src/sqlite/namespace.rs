@@ -7,97 +7,22 @@ use libc::{
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::data::discard_chunks_from;
+use super::rows::{
+    add_counter, attr_from_row, counter, get_attr, kind_code, kind_from_code, posix, set_counter,
+    ATTR_COLUMNS, DIRECTORY_CODE, NEW_INODE_COLUMNS, REGULAR_CODE,
+};
 use crate::{
-    Attr, DirEntry, FileKind, Ino, MetaError, NewNode, Rename, RenameMode, RenameOutcome, Result,
-    SessionId, SessionInfo, SetAttr, TimeSet, Usage, VolumeInfo, XattrMode, ROOT_INO,
+    invalid_name, Attr, DirEntry, FileKind, Ino, MetaError, NewNode, Rename, RenameMode,
+    RenameOutcome, Result, SessionId, SessionInfo, SetAttr, TimeSet, Usage, VolumeInfo, XattrMode,
+    MAX_NAME_LEN, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, ROOT_INO,
 };
 
-/// Longest name of a directory entry (NAME_MAX).
-pub const MAX_NAME_LEN: usize = 255;
-/// Longest xattr name (XATTR_NAME_MAX) and value (XATTR_SIZE_MAX).
-const MAX_XATTR_NAME_LEN: usize = 255;
-const MAX_XATTR_VALUE_LEN: usize = 65536;
 /// The size reported for directories, as most Linux file systems do.
 const DIR_SIZE: u64 = 4096;
 /// Root directory permissions: sandboxes write as unprivileged users.
 const ROOT_PERM: u32 = 0o777;
 /// Bound on parent-pointer walks, so a corrupted cycle cannot hang a rename.
 const MAX_DEPTH: usize = 1 << 20;
-
-/// Columns a new inode row sets (its data version starts at 0).
-const NEW_INODE_COLUMNS: &str =
-    "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent";
-pub const ATTR_COLUMNS: &str =
-    "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent, data_version";
-
-pub fn posix(errno: i32) -> MetaError {
-    MetaError::posix(errno)
-}
-
-pub fn kind_code(kind: FileKind) -> i64 {
-    match kind {
-        FileKind::Regular => 1,
-        FileKind::Directory => 2,
-        FileKind::Symlink => 3,
-        FileKind::Fifo => 4,
-        FileKind::Socket => 5,
-        FileKind::CharDevice => 6,
-        FileKind::BlockDevice => 7,
-    }
-}
-
-pub const REGULAR_CODE: i64 = 1;
-pub const DIRECTORY_CODE: i64 = 2;
-
-fn kind_from_code(code: i64) -> rusqlite::Result<FileKind> {
-    Ok(match code {
-        1 => FileKind::Regular,
-        2 => FileKind::Directory,
-        3 => FileKind::Symlink,
-        4 => FileKind::Fifo,
-        5 => FileKind::Socket,
-        6 => FileKind::CharDevice,
-        7 => FileKind::BlockDevice,
-        other => {
-            return Err(rusqlite::Error::FromSqlConversionFailure(
-                0,
-                rusqlite::types::Type::Integer,
-                format!("unknown inode kind {other}").into(),
-            ))
-        }
-    })
-}
-
-/// Reads [`ATTR_COLUMNS`] starting at column `first`.
-pub fn attr_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Attr> {
-    Ok(Attr {
-        ino: row.get(first)?,
-        kind: kind_from_code(row.get(first + 1)?)?,
-        perm: row.get(first + 2)?,
-        uid: row.get(first + 3)?,
-        gid: row.get(first + 4)?,
-        nlink: row.get(first + 5)?,
-        size: row.get(first + 6)?,
-        rdev: row.get(first + 7)?,
-        atime_ns: row.get(first + 8)?,
-        mtime_ns: row.get(first + 9)?,
-        ctime_ns: row.get(first + 10)?,
-        parent: row.get(first + 11)?,
-        data_version: row.get::<_, i64>(first + 12)? as u64,
-    })
-}
-
-pub fn find_attr(conn: &Connection, ino: Ino) -> Result<Option<Attr>> {
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {ATTR_COLUMNS} FROM inodes WHERE ino = ?1"))?;
-    Ok(stmt
-        .query_row([ino], |row| attr_from_row(row, 0))
-        .optional()?)
-}
-
-pub fn get_attr(conn: &Connection, ino: Ino) -> Result<Attr> {
-    find_attr(conn, ino)?.ok_or_else(|| posix(ENOENT))
-}
 
 fn require_dir(conn: &Connection, ino: Ino) -> Result<Attr> {
     let attr = get_attr(conn, ino)?;
@@ -107,15 +32,8 @@ fn require_dir(conn: &Connection, ino: Ino) -> Result<Attr> {
     Ok(attr)
 }
 
-/// A name a new entry may take: not empty, no '/' or NUL, at most [`MAX_NAME_LEN`] bytes.
 fn check_name(name: &[u8]) -> Result<()> {
-    if name.len() > MAX_NAME_LEN {
-        return Err(posix(ENAMETOOLONG));
-    }
-    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
-        return Err(posix(EINVAL));
-    }
-    Ok(())
+    invalid_name(name).map_or(Ok(()), |errno| Err(posix(errno)))
 }
 
 fn is_dot_or_dotdot(name: &[u8]) -> bool {
@@ -150,24 +68,6 @@ fn has_children(conn: &Connection, dir: Ino) -> Result<bool> {
 }
 
 /// Adds `delta` to a counter; returns the new value.
-pub fn add_counter(conn: &Connection, name: &str, delta: i64) -> Result<i64> {
-    let mut stmt = conn.prepare_cached(
-        "UPDATE counters SET value = MAX(0, value + ?1) WHERE name = ?2 RETURNING value",
-    )?;
-    Ok(stmt.query_row(params![delta, name], |row| row.get(0))?)
-}
-
-pub fn set_counter(conn: &Connection, name: &str, value: i64) -> Result<()> {
-    conn.prepare_cached("UPDATE counters SET value = ?1 WHERE name = ?2")?
-        .execute(params![value, name])?;
-    Ok(())
-}
-
-pub fn counter(conn: &Connection, name: &str) -> Result<i64> {
-    let mut stmt = conn.prepare_cached("SELECT value FROM counters WHERE name = ?1")?;
-    Ok(stmt.query_row([name], |row| row.get(0))?)
-}
-
 /// A directory gained or lost an entry: adjusts its link count (subdirectories) and times.
 fn touch_dir(conn: &Connection, dir: Ino, nlink_delta: i64, now_ns: i64) -> Result<()> {
     conn.prepare_cached(

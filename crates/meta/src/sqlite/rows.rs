@@ -1,0 +1,98 @@
+//! Rows shared by every part of the engine: inode attributes, kind codes, counters, errors.
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::{Attr, FileKind, Ino, MetaError, Result};
+
+/// Columns a new inode row sets (its data version starts at 0).
+pub const NEW_INODE_COLUMNS: &str =
+    "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent";
+pub const ATTR_COLUMNS: &str =
+    "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent, data_version";
+
+pub fn posix(errno: i32) -> MetaError {
+    MetaError::posix(errno)
+}
+
+pub fn kind_code(kind: FileKind) -> i64 {
+    match kind {
+        FileKind::Regular => 1,
+        FileKind::Directory => 2,
+        FileKind::Symlink => 3,
+        FileKind::Fifo => 4,
+        FileKind::Socket => 5,
+        FileKind::CharDevice => 6,
+        FileKind::BlockDevice => 7,
+    }
+}
+
+pub const REGULAR_CODE: i64 = 1;
+pub const DIRECTORY_CODE: i64 = 2;
+
+pub fn kind_from_code(code: i64) -> rusqlite::Result<FileKind> {
+    Ok(match code {
+        1 => FileKind::Regular,
+        2 => FileKind::Directory,
+        3 => FileKind::Symlink,
+        4 => FileKind::Fifo,
+        5 => FileKind::Socket,
+        6 => FileKind::CharDevice,
+        7 => FileKind::BlockDevice,
+        other => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Integer,
+                format!("unknown inode kind {other}").into(),
+            ))
+        }
+    })
+}
+
+/// Reads [`ATTR_COLUMNS`] starting at column `first`.
+pub fn attr_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Attr> {
+    Ok(Attr {
+        ino: row.get(first)?,
+        kind: kind_from_code(row.get(first + 1)?)?,
+        perm: row.get(first + 2)?,
+        uid: row.get(first + 3)?,
+        gid: row.get(first + 4)?,
+        nlink: row.get(first + 5)?,
+        size: row.get(first + 6)?,
+        rdev: row.get(first + 7)?,
+        atime_ns: row.get(first + 8)?,
+        mtime_ns: row.get(first + 9)?,
+        ctime_ns: row.get(first + 10)?,
+        parent: row.get(first + 11)?,
+        data_version: row.get::<_, i64>(first + 12)? as u64,
+    })
+}
+
+pub fn find_attr(conn: &Connection, ino: Ino) -> Result<Option<Attr>> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {ATTR_COLUMNS} FROM inodes WHERE ino = ?1"))?;
+    Ok(stmt
+        .query_row([ino], |row| attr_from_row(row, 0))
+        .optional()?)
+}
+
+pub fn get_attr(conn: &Connection, ino: Ino) -> Result<Attr> {
+    find_attr(conn, ino)?.ok_or_else(|| posix(libc::ENOENT))
+}
+
+pub fn add_counter(conn: &Connection, name: &str, delta: i64) -> Result<i64> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE counters SET value = MAX(0, value + ?1) WHERE name = ?2 RETURNING value",
+    )?;
+    Ok(stmt.query_row(params![delta, name], |row| row.get(0))?)
+}
+
+pub fn set_counter(conn: &Connection, name: &str, value: i64) -> Result<()> {
+    conn.prepare_cached("UPDATE counters SET value = ?1 WHERE name = ?2")?
+        .execute(params![value, name])?;
+    Ok(())
+}
+
+pub fn counter(conn: &Connection, name: &str) -> Result<i64> {
+    let mut stmt = conn.prepare_cached("SELECT value FROM counters WHERE name = ?1")?;
+    Ok(stmt.query_row([name], |row| row.get(0))?)
+}
