@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use cellar_store::BlockStore;
 use cellar_vfs::{maintenance, SetAttrRequest, ROOT_INO};
 use common::*;
 use rand::{RngExt, SeedableRng};
@@ -430,4 +431,114 @@ fn inline_bytes(meta: &dyn cellar_meta::MetaEngine, ino: u64) -> Option<Vec<u8>>
         Some(cellar_meta::Content::Inline(bytes)) => Some(bytes),
         _ => None,
     }
+}
+
+/// A writer stalled past its uploads' expiry (gc deleted their objects and intent records) must
+/// not commit slices whose objects are gone: its commit fails, the data stays buffered and is
+/// uploaded again, and nothing is lost.
+#[test]
+fn an_expired_upload_is_uploaded_again_not_committed() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let meta = volume.meta();
+    let uuid = meta.volume().unwrap().unwrap().uuid;
+    let (ino, fh) = create_in_root(&vfs, "stalled");
+    // 16 MiB buffered starts a background upload; its commit waits for the next flush.
+    let data = pattern(5, 16 * MIB as usize);
+    write_all(&vfs, ino, fh, 0, &data);
+    // Play gc on an expired upload: once the objects of the pending slices have landed, delete
+    // them and their intent records before the writer commits.
+    let pending: Vec<u64> = meta
+        .garbage_slices(i64::MAX, 1000)
+        .unwrap()
+        .iter()
+        .map(|g| g.id)
+        .collect();
+    let pending_objects = || -> Vec<String> {
+        volume
+            .objects()
+            .into_iter()
+            .filter(|key| {
+                BlockStore::parse_block_key(key).is_some_and(|(id, _, _)| pending.contains(&id))
+            })
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    while pending_objects().len() < 4 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Intent records first: from then on no commit of these slices can succeed. Then the
+    // objects of those that were not committed before (the flusher may have been faster).
+    meta.forget_garbage(&pending).unwrap();
+    let live_ids = || -> Vec<u64> {
+        meta.slice_references()
+            .unwrap()
+            .live
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let committed_before = live_ids();
+    let expired: Vec<String> = pending_objects()
+        .into_iter()
+        .filter(|key| {
+            BlockStore::parse_block_key(key)
+                .is_some_and(|(id, _, _)| !committed_before.contains(&id))
+        })
+        .collect();
+    for key in &expired {
+        std::fs::remove_file(volume.dir.path().join("store").join(&uuid).join(key)).unwrap();
+    }
+    eprintln!("expired {} object(s) of an upload in flight", expired.len());
+    vfs.fsync(ino, fh, false).unwrap();
+    let live = live_ids();
+    assert!(
+        pending
+            .iter()
+            .all(|id| committed_before.contains(id) || !live.contains(id)),
+        "an expired slice was committed: live {live:?}, expired {pending:?}"
+    );
+    assert_eq!(read_range(&vfs, ino, fh, 0, data.len() as u64), data);
+    close(&vfs, ino, fh);
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
+/// Whether a mount's kernel keeps its page cache across opens is decided by the data version, not
+/// by (mtime, size): a same-size rewrite that restores the mtime (`rsync -t`, `cp -p`) elsewhere
+/// must drop it.
+#[test]
+fn a_same_size_rewrite_with_restored_mtime_drops_the_page_cache() {
+    let volume = TestVolume::new();
+    let a = volume.mount();
+    let b = volume.mount();
+    let (ino, fh) = create_in_root(&a, "cached");
+    write_all(&a, ino, fh, 0, &[b'a'; 1000]);
+    close(&a, ino, fh);
+    let reopen = |vfs: &cellar_vfs::Vfs| {
+        let reply = vfs.open(&root(), ino, libc::O_RDONLY).unwrap();
+        vfs.release(ino, reply.fh, None).unwrap();
+        reply.keep_cache
+    };
+    reopen(&a);
+    assert!(reopen(&a), "unchanged: the page cache is kept");
+    let mtime = a.getattr(ino).unwrap().mtime_ns;
+
+    let fh_b = b.open(&root(), ino, libc::O_RDWR).unwrap().fh;
+    write_all(&b, ino, fh_b, 0, &[b'b'; 1000]);
+    close(&b, ino, fh_b);
+    let restore = SetAttrRequest {
+        mtime: Some(cellar_meta::TimeSet::At(mtime)),
+        ..SetAttrRequest::default()
+    };
+    b.setattr(&root(), ino, restore).unwrap();
+    let attr = a.getattr(ino).unwrap();
+    assert_eq!((attr.size, attr.mtime_ns), (1000, mtime));
+    assert!(
+        !reopen(&a),
+        "rewritten elsewhere: the page cache must be dropped"
+    );
+    assert!(reopen(&a), "and kept again once seen");
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
 }

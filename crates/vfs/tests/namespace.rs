@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cellar_meta::TimeSet;
-use cellar_vfs::{FileKind, LockKind, LockRange, RenameMode, SetAttrRequest, Vfs, ROOT_INO};
+use cellar_vfs::{Ctx, FileKind, LockKind, LockRange, RenameMode, SetAttrRequest, Vfs, ROOT_INO};
 use common::*;
 
 fn names(vfs: &Vfs, dir: u64) -> Vec<String> {
@@ -377,4 +377,90 @@ fn attributes_reflect_buffered_writes_and_keep_cache_follows_changes() {
     a.shutdown().unwrap();
     b.shutdown().unwrap();
     volume.assert_fsck_clean();
+}
+
+/// Linux lets an owner chgrp to any group it belongs to, supplementary ones included; the FUSE
+/// request carries only the primary gid, so the vfs reads the caller's groups.
+#[test]
+fn owner_may_chgrp_to_a_supplementary_group() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let mut caller = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=1000",
+            "--regid=1000",
+            "--groups=4242,4343",
+            "sleep",
+            "30",
+        ])
+        .spawn()
+        .expect("setpriv (util-linux) starts a process with supplementary groups");
+    // setpriv changes its credentials before it execs sleep: wait until they show.
+    let status = format!("/proc/{}/status", caller.id());
+    let started = Instant::now();
+    while !std::fs::read_to_string(&status)
+        .unwrap()
+        .contains("\nGroups:\t4242 4343")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "groups never set"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let alice = Ctx {
+        uid: 1000,
+        gid: 1000,
+        pid: caller.id(),
+    };
+    let (attr, reply) = vfs
+        .create(&alice, ROOT_INO, b"g", 0o644, 0o022, libc::O_RDWR)
+        .unwrap();
+    let chgrp = |gid| SetAttrRequest {
+        gid: Some(gid),
+        ..SetAttrRequest::default()
+    };
+    assert_eq!(
+        vfs.setattr(&alice, attr.ino, chgrp(4343)).unwrap().gid,
+        4343
+    );
+    assert_eq!(
+        vfs.setattr(&alice, attr.ino, chgrp(5555)).unwrap_err().0,
+        libc::EPERM,
+        "a group the caller does not hold"
+    );
+    caller.kill().unwrap();
+    caller.wait().unwrap();
+    vfs.release(attr.ino, reply.fh, None).unwrap();
+    vfs.shutdown().unwrap();
+}
+
+/// A write by a non-owner to a setuid/setgid file makes the kernel clear those bits through
+/// setattr: that succeeds (as on ext4), while any other mode change by a non-owner does not.
+#[test]
+fn a_non_owner_may_only_drop_setuid_and_setgid() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (attr, reply) = vfs
+        .create(&user(1000), ROOT_INO, b"s", 0o6777, 0, libc::O_RDWR)
+        .unwrap();
+    assert_eq!(attr.perm, 0o6777);
+    let chmod = |mode| SetAttrRequest {
+        mode: Some(mode),
+        ..SetAttrRequest::default()
+    };
+    assert_eq!(
+        vfs.setattr(&user(1001), attr.ino, chmod(0o6666))
+            .unwrap_err()
+            .0,
+        libc::EPERM
+    );
+    assert_eq!(
+        vfs.setattr(&user(1001), attr.ino, chmod(0o0777))
+            .unwrap()
+            .perm,
+        0o777
+    );
+    vfs.release(attr.ino, reply.fh, None).unwrap();
+    vfs.shutdown().unwrap();
 }
