@@ -26,8 +26,9 @@ use crate::convert::{
     time_set, KERNEL_OFFSET_MAX,
 };
 
-/// Entry and attribute cache lifetime in the kernel. Changes by other mounts are pushed as
-/// invalidations; the TTL is only the safety net if one is lost.
+/// Entry and attribute cache lifetime in the kernel: how late this mount's kernel may see a change
+/// made through another mount process (changes are not pushed between processes yet; `open()`
+/// revalidates at once).
 const TTL: Duration = Duration::from_secs(1);
 /// Inode numbers are never reused by the metadata engine, so one generation suffices.
 const GENERATION: Generation = Generation(0);

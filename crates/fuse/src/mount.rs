@@ -256,7 +256,7 @@ fn forward_invalidations(vfs: &Vfs, notifier: Notifier) {
         });
     if let Err(e) = spawned {
         tracing::warn!(
-            "no cache invalidation thread ({e}): other mounts' changes show after the 1 s TTL"
+            "no cache invalidation thread ({e}): background commits show after the 1 s TTL"
         );
     }
 }

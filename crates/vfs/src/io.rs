@@ -2,6 +2,7 @@
 //! fallocate, copy_file_range.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use cellar_meta::{Attr, FileKind, Ino, SetAttr};
 use parking_lot::Mutex;
@@ -9,6 +10,7 @@ use parking_lot::Mutex;
 use crate::backend::now_ns;
 use crate::errno::err;
 use crate::handles::{FileState, Handle, HandleKind, ReadAhead};
+use crate::read_path::{chunk_range, FileLayout};
 use crate::volume::Inner;
 use crate::{Ctx, OpenReply, VfsResult, MAX_FILE_SIZE};
 
@@ -290,5 +292,53 @@ impl Inner {
             copied += u64::from(written);
         }
         Ok(copied)
+    }
+
+    /// The layout for reading `[offset, offset + len)` as of commit generation `generation`:
+    /// the cached one while it is fresh, else confirmed or reloaded in one read transaction.
+    fn layout_for(
+        &self,
+        file: &FileState,
+        generation: u64,
+        offset: u64,
+        len: u64,
+    ) -> VfsResult<Arc<FileLayout>> {
+        let chunks = chunk_range(offset, len, self.core.chunk_size());
+        let cached = file.layout.lock().clone();
+        if let Some(layout) = FileLayout::fresh(&cached, generation, &chunks) {
+            return Ok(layout);
+        }
+        let known = FileLayout::known_version(&cached, generation, &chunks);
+        let fetched = self.core.meta.read_layout(file.ino, chunks, known)?;
+        let layout = Arc::new(FileLayout::from_engine(cached, fetched, generation));
+        // A commit of this mount since `generation` makes the snapshot stale: keep it out of the
+        // cache (the caller sees the generation moved and reads again).
+        if file.data.lock().commit_gen == generation {
+            *file.layout.lock() = Some(Arc::clone(&layout));
+        }
+        Ok(layout)
+    }
+
+    /// Starts fetching `[start, end)` of the file into the block cache.
+    fn prefetch(&self, file: &FileState, generation: u64, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let layout = match self.layout_for(file, generation, start, end - start) {
+            Ok(layout) => layout,
+            Err(e) => {
+                tracing::debug!(ino = file.ino, error = %e, "read-ahead failed");
+                return;
+            }
+        };
+        let _in_runtime = self.core.runtime.enter();
+        for p in layout.data_pieces(self.core.chunk_size(), start, end) {
+            self.core.store.prefetch(
+                p.source.id,
+                p.source.size,
+                p.source_off as u32,
+                (p.end - p.start) as u32,
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Reading committed content: a file's layout (attributes plus inline bytes or chunk maps) comes
-//! from one metadata read transaction, is cached per open inode and reused while neither this
-//! mount committed to the file (its commit generation) nor the engine's data version moved.
+//! from one metadata read transaction, is cached per open inode (by `io`, in the inode's
+//! `FileState`) and reused while neither this mount committed to the file (its commit
+//! generation) nor the engine's data version moved.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,9 +10,7 @@ use std::time::{Duration, Instant};
 use cellar_meta::{Attr, Content, Slice};
 
 use crate::backend::Core;
-use crate::handles::FileState;
 use crate::intervals::{IntervalMap, Piece};
-use crate::volume::Inner;
 use crate::VfsResult;
 
 /// A cached layout is used without asking the engine for this long (the kernel's attribute TTL:
@@ -78,44 +77,53 @@ impl FileLayout {
 }
 
 /// Chunks touched by `[offset, offset + len)` (at least one).
-fn chunk_range(offset: u64, len: u64, chunk_size: u64) -> std::ops::Range<u64> {
+pub(crate) fn chunk_range(offset: u64, len: u64, chunk_size: u64) -> std::ops::Range<u64> {
     let end = offset.saturating_add(len.max(1));
     offset / chunk_size..(end - 1) / chunk_size + 1
 }
 
-impl Inner {
-    /// The layout for reading `[offset, offset + len)` as of commit generation `generation`:
-    /// the cached one while it is fresh, else confirmed or reloaded in one read transaction.
-    pub(crate) fn layout_for(
-        &self,
-        file: &FileState,
+impl FileLayout {
+    /// The cached layout to use for `chunks` at commit generation `generation` without asking
+    /// the engine: fresh, of that generation and covering them.
+    pub fn fresh(
+        cached: &Option<Arc<FileLayout>>,
         generation: u64,
-        offset: u64,
-        len: u64,
-    ) -> VfsResult<Arc<FileLayout>> {
-        let chunks = chunk_range(offset, len, self.core.chunk_size());
-        let cached = file
-            .layout
-            .lock()
-            .clone()
-            .filter(|l| l.generation == generation && l.loaded.elapsed() < LAYOUT_MAX_AGE);
-        if let Some(layout) = &cached {
-            if layout.confirmed.elapsed() < LAYOUT_TTL && layout.covers(&chunks) {
-                return Ok(Arc::clone(layout));
-            }
-        }
-        let known = cached
+        chunks: &std::ops::Range<u64>,
+    ) -> Option<Arc<FileLayout>> {
+        cached
             .as_ref()
-            .filter(|l| l.covers(&chunks))
-            .map(|l| l.attr.data_version);
-        let fetched = self
-            .core
-            .meta
-            .read_layout(file.ino, chunks.clone(), known)?;
+            .filter(|l| Self::reusable(l, generation) && l.confirmed.elapsed() < LAYOUT_TTL)
+            .filter(|l| l.covers(chunks))
+            .cloned()
+    }
+
+    fn reusable(layout: &FileLayout, generation: u64) -> bool {
+        layout.generation == generation && layout.loaded.elapsed() < LAYOUT_MAX_AGE
+    }
+
+    /// The data version to pass as `known_version` to `MetaEngine::read_layout`.
+    pub fn known_version(
+        cached: &Option<Arc<FileLayout>>,
+        generation: u64,
+        chunks: &std::ops::Range<u64>,
+    ) -> Option<u64> {
+        cached
+            .as_ref()
+            .filter(|l| Self::reusable(l, generation) && l.covers(chunks))
+            .map(|l| l.attr.data_version)
+    }
+
+    /// The layout an engine answer describes, reusing what the cached one already holds at the
+    /// same data version.
+    pub fn from_engine(
+        cached: Option<Arc<FileLayout>>,
+        fetched: cellar_meta::Layout,
+        generation: u64,
+    ) -> FileLayout {
         let now = Instant::now();
-        let same_version = cached
-            .as_ref()
-            .filter(|l| l.attr.data_version == fetched.attr.data_version);
+        let same_version = cached.as_ref().filter(|l| {
+            Self::reusable(l, generation) && l.attr.data_version == fetched.attr.data_version
+        });
         let (content, loaded) = match (fetched.content, same_version) {
             (None, Some(layout)) => (layout.content.clone(), layout.loaded),
             (None, None) => (LayoutContent::Chunks(HashMap::new()), now),
@@ -132,76 +140,54 @@ impl Inner {
                 (LayoutContent::Chunks(maps), loaded)
             }
         };
-        let layout = Arc::new(FileLayout {
+        FileLayout {
             attr: fetched.attr,
             generation,
             confirmed: now,
             loaded,
             content,
-        });
-        // A commit of this mount since `generation` makes the snapshot stale: keep it out of the
-        // cache (the caller sees the generation moved and reads again).
-        if file.data.lock().commit_gen == generation {
-            *file.layout.lock() = Some(Arc::clone(&layout));
         }
-        Ok(layout)
     }
 
-    /// Starts fetching `[start, end)` of the file into the block cache.
-    pub(crate) fn prefetch(&self, file: &FileState, generation: u64, start: u64, end: u64) {
-        if start >= end {
-            return;
-        }
-        let layout = match self.layout_for(file, generation, start, end - start) {
-            Ok(layout) => layout,
-            Err(e) => {
-                tracing::debug!(ino = file.ino, error = %e, "read-ahead failed");
-                return;
-            }
-        };
-        let _in_runtime = self.core.runtime.enter();
-        for (_, p) in self.core.visible_pieces(&layout, start, end) {
-            if p.source.id != 0 {
-                self.core.store.prefetch(
-                    p.source.id,
-                    p.source.size,
-                    p.source_off as u32,
-                    (p.end - p.start) as u32,
-                );
-            }
-        }
+    /// The non-hole pieces visible in `[start, end)`, for read-ahead.
+    pub fn data_pieces(&self, chunk_size: u64, start: u64, end: u64) -> Vec<Piece<SliceRef>> {
+        visible_pieces(self, chunk_size, start, end)
+            .into_iter()
+            .map(|(_, p)| p)
+            .filter(|p| p.source.id != 0)
+            .collect()
     }
 }
 
-impl Core {
-    /// The pieces of chunked `layout` visible in `[offset, end)`, each with its position relative
-    /// to `offset`.
-    fn visible_pieces(
-        &self,
-        layout: &FileLayout,
-        offset: u64,
-        end: u64,
-    ) -> Vec<(u64, Piece<SliceRef>)> {
-        let LayoutContent::Chunks(maps) = &layout.content else {
-            return Vec::new();
+/// The pieces of chunked `layout` visible in `[offset, end)`, each with its position relative to
+/// `offset`.
+fn visible_pieces(
+    layout: &FileLayout,
+    chunk_size: u64,
+    offset: u64,
+    end: u64,
+) -> Vec<(u64, Piece<SliceRef>)> {
+    let LayoutContent::Chunks(maps) = &layout.content else {
+        return Vec::new();
+    };
+    let cs = chunk_size;
+    let mut pieces = Vec::new();
+    for index in chunk_range(offset, end - offset, cs) {
+        let Some(map) = maps.get(&index) else {
+            continue;
         };
-        let cs = self.chunk_size();
-        let mut pieces = Vec::new();
-        for index in chunk_range(offset, end - offset, cs) {
-            let Some(map) = maps.get(&index) else {
-                continue;
-            };
-            let chunk_start = index * cs;
-            let from = offset.max(chunk_start) - chunk_start;
-            let to = end.min(chunk_start + cs) - chunk_start;
-            pieces.extend(
-                map.clipped(from, to)
-                    .map(|p| (chunk_start + p.start - offset, p)),
-            );
-        }
-        pieces
+        let chunk_start = index * cs;
+        let from = offset.max(chunk_start) - chunk_start;
+        let to = end.min(chunk_start + cs) - chunk_start;
+        pieces.extend(
+            map.clipped(from, to)
+                .map(|p| (chunk_start + p.start - offset, p)),
+        );
     }
+    pieces
+}
 
+impl Core {
     /// Committed bytes `[offset, offset + len)` of `layout`; bytes past its size (and holes) are
     /// zeros.
     pub fn read_layout_bytes(
@@ -224,7 +210,7 @@ impl Core {
             }
             return Ok(out);
         }
-        let pieces = self.visible_pieces(layout, offset, end);
+        let pieces = visible_pieces(layout, self.chunk_size(), offset, end);
         if let [(0, p)] = pieces.as_slice() {
             if p.source.id != 0 && p.end - p.start == len as u64 {
                 // One slice covers the whole request: its bytes are the answer, no zeroed
