@@ -991,8 +991,8 @@ fn posix_write_lock_through_one_mount_is_refused_to_another_until_released() {
 /// names that owner); its last close (release naming the owner) drops it.
 #[test]
 fn flock_through_one_mount_is_refused_to_another_until_released() {
-    const FLOCK_OWNER_A: u64 = 0xF10C_A;
-    const FLOCK_OWNER_B: u64 = 0xF10C_B;
+    const FLOCK_OWNER_A: u64 = 0xF10CA;
+    const FLOCK_OWNER_B: u64 = 0xF10CB;
     let volume = TestVolume::new();
     let a = volume.mount();
     let b = volume.mount();
