@@ -148,9 +148,11 @@ pub trait MetaEngine: Send + Sync {
     // ---- maintenance: compaction, garbage collection, fsck ----
     /// Chunks holding at least `min_slices` slices, at most `limit`.
     fn fragmented_chunks(&self, min_slices: usize, limit: usize) -> Result<Vec<(Ino, u64)>>;
-    /// Replaces a chunk's slice list by `new` if it is still exactly `expected`; the replaced slices
-    /// become garbage. Returns false (and changes nothing) if the chunk changed meanwhile or a
-    /// slice of `new` is no longer a pending upload (as in [`MetaEngine::commit_slices`]).
+    /// Replaces the first `expected.len()` slices of a chunk by `new` (at most as many) if the
+    /// chunk's slice list still starts with exactly `expected`; slices committed after them are
+    /// kept, after the new ones. The replaced slices become garbage. Returns false (and changes
+    /// nothing) if the chunk changed otherwise meanwhile, or a slice of `new` is no longer a
+    /// pending upload (as in [`MetaEngine::commit_slices`]).
     fn replace_chunk(
         &self,
         ino: Ino,

@@ -770,7 +770,8 @@ fn commit_read_truncate_and_garbage() {
     );
     assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap().len(), 3);
 
-    // Compaction: compare-and-swap on the exact slice list.
+    // Compaction: compare-and-swap on a prefix of the slice list (slices committed after the
+    // compactor read the chunk stay, after the replacement).
     assert_eq!(
         f.meta.fragmented_chunks(3, 10).unwrap(),
         vec![(file.ino, 0)]
@@ -779,7 +780,11 @@ fn commit_read_truncate_and_garbage() {
     let merged = f.upload(600, 0);
     assert!(!f
         .meta
-        .replace_chunk(file.ino, 0, &[s1, s2], &[merged])
+        .replace_chunk(file.ino, 0, &[s2, s1], &[merged])
+        .unwrap());
+    assert!(!f
+        .meta
+        .replace_chunk(file.ino, 0, &[s1, s2, hole, hole], &[merged])
         .unwrap());
     assert!(
         f.garbage_ids().contains(&merged.id),
@@ -787,9 +792,13 @@ fn commit_read_truncate_and_garbage() {
     );
     assert!(f
         .meta
-        .replace_chunk(file.ino, 0, &[s1, s2, hole], &[merged])
+        .replace_chunk(file.ino, 0, &[s1, s2], &[merged])
         .unwrap());
-    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), vec![merged]);
+    assert_eq!(
+        f.meta.read_chunk(file.ino, 0).unwrap(),
+        vec![merged, hole],
+        "the later hole still shadows the replacement"
+    );
     let mut ids: Vec<u64> = f
         .meta
         .garbage_slices(i64::MAX, 10)
