@@ -42,12 +42,12 @@ pub trait MetaEngine: Send + Sync {
 
     // ---- open files ----
     /// Records that this engine's caller opened `ino` (once per handle) and returns its
-    /// attributes. While any open is recorded, removing the inode's last link keeps it (sustained
-    /// by `session`) instead of freeing it. The count lives in the engine, so the engine decides
-    /// "still open" itself and never asks its caller.
+    /// attributes. While any session (any mount, on any host) has an inode open, removing its
+    /// last link keeps it instead of freeing it: the engine decides "still open" itself and never
+    /// asks its caller.
     fn open_file(&self, session: SessionId, ino: Ino) -> Result<Attr>;
-    /// Undoes one [`MetaEngine::open_file`]; the last close of an inode that lost its last link
-    /// frees it.
+    /// Undoes one [`MetaEngine::open_file`]; the last close, by the last session that has it
+    /// open, of an inode that lost its last link frees it.
     fn close_file(&self, session: SessionId, ino: Ino) -> Result<()>;
 
     // ---- namespace ----
@@ -61,22 +61,15 @@ pub trait MetaEngine: Send + Sync {
     /// Hard link; `Perm`-style errors (directories) are `MetaError::Posix(EPERM)`.
     fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8], now_ns: i64) -> Result<Attr>;
     /// Removes a non-directory entry. When the inode's last link goes while it is open (see
-    /// [`MetaEngine::open_file`]), the inode is kept as sustained by `session` until its last
-    /// close; otherwise its data is freed.
-    /// Returns `Some(ino)` when this removed the inode's last link (it is now freed or sustained),
-    /// `None` when other hard links remain.
-    fn unlink(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        session: SessionId,
-        now_ns: i64,
-    ) -> Result<Option<Ino>>;
+    /// [`MetaEngine::open_file`]), the inode is kept until its last close; otherwise its data is
+    /// freed. Returns `Some(ino)` when this removed the inode's last link (it is now freed or
+    /// kept for its openers), `None` when other hard links remain.
+    fn unlink(&self, parent: Ino, name: &[u8], now_ns: i64) -> Result<Option<Ino>>;
     /// Removes an empty directory (`NotEmpty` otherwise).
     fn rmdir(&self, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino>;
     /// Atomic rename with RENAME_NOREPLACE / RENAME_EXCHANGE; refuses to move a directory into its
     /// own subtree (EINVAL). A replaced inode that loses its last link is handled as in `unlink`.
-    fn rename(&self, req: &Rename<'_>, session: SessionId, now_ns: i64) -> Result<RenameOutcome>;
+    fn rename(&self, req: &Rename<'_>, now_ns: i64) -> Result<RenameOutcome>;
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>>;
     /// Entries of a directory with cookie strictly greater than `after`, in cookie order, at most
     /// `limit`. Cookies are stable: an entry keeps its cookie until removed, new entries get larger

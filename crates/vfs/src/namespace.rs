@@ -251,9 +251,7 @@ impl Inner {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
         }
-        self.core
-            .meta
-            .unlink(parent, name, self.session(), now_ns())?;
+        self.core.meta.unlink(parent, name, now_ns())?;
         Ok(())
     }
 
@@ -290,7 +288,7 @@ impl Inner {
             dst_name: new_name,
             mode,
         };
-        self.core.meta.rename(&req, self.session(), now_ns())?;
+        self.core.meta.rename(&req, now_ns())?;
         Ok(())
     }
 

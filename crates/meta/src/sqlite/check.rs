@@ -132,7 +132,7 @@ fn orphans(conn: &Connection, repair: bool, now_ns: i64, problems: &mut Vec<Stri
         .prepare(
             "SELECT i.ino FROM inodes i
              WHERE i.nlink = 0 AND i.kind <> ?1
-               AND NOT EXISTS (SELECT 1 FROM sustained s JOIN sessions ss ON ss.id = s.session WHERE s.ino = i.ino)",
+               AND NOT EXISTS (SELECT 1 FROM open_files s JOIN sessions ss ON ss.id = s.session WHERE s.ino = i.ino)",
         )?
         .query_map([DIRECTORY_CODE], |row| row.get(0))?
         .collect::<rusqlite::Result<_>>()?;
@@ -141,7 +141,7 @@ fn orphans(conn: &Connection, repair: bool, now_ns: i64, problems: &mut Vec<Stri
             "inode {ino} has no links and no session keeps it open"
         ));
         if repair {
-            conn.execute("DELETE FROM sustained WHERE ino = ?1", [ino])?;
+            conn.execute("DELETE FROM open_files WHERE ino = ?1", [ino])?;
             free_inode(conn, ino, now_ns)?;
         }
     }

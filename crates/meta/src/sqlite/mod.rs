@@ -13,10 +13,11 @@
 //! call it, and concurrent callers share one fsync (group commit), so a `git clone` pays one
 //! fsync per written file rather than one per transaction (`synchronous=FULL`).
 //!
-//! Open files: the engine counts the opens of its caller itself (`open_files`), so that unlink
-//! and rename decide "still open here" inside their transaction without calling up.
+//! Open files: the first open of an inode by this engine's caller records it in `open_files`
+//! (one row per session), the last close removes it; unlink and rename keep an inode that any
+//! session has open, inside their transaction, without calling up.
 //!
-//! Lock order: `writer` → `open_files` → `sync_lock`; `readers` is taken alone. None is held
+//! Lock order: `open_files` → `writer` → `sync_lock`; `readers` is taken alone. None is held
 //! while calling out of this crate.
 
 mod check;
@@ -28,7 +29,7 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -71,6 +72,8 @@ pub struct SqliteEngine {
     readers: Mutex<Vec<Connection>>,
     /// Format-time parameters, fixed once formatted.
     volume: OnceLock<VolumeInfo>,
+    /// Held across the database update of a first open or last close, so that concurrent opens
+    /// of one inode see it recorded before they return.
     open_files: Mutex<OpenFiles>,
     /// Write transactions committed, and how many of them the last WAL fsync covered.
     commits: AtomicU64,
@@ -78,12 +81,9 @@ pub struct SqliteEngine {
     sync_lock: Mutex<()>,
 }
 
-/// Opens of inodes by this engine's caller, and which of them lost their last link meanwhile.
-#[derive(Default)]
-struct OpenFiles {
-    count: HashMap<Ino, u32>,
-    sustained: HashSet<Ino>,
-}
+/// Opens of inodes by this engine's caller: the first records the open in the database (where
+/// every mount's unlink sees it), the last removes it.
+type OpenFiles = HashMap<Ino, u32>;
 
 impl SqliteEngine {
     /// Opens (creating the file and its parent directories if missing) and migrates the database.
@@ -107,7 +107,7 @@ impl SqliteEngine {
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
             volume: OnceLock::new(),
-            open_files: Mutex::new(OpenFiles::default()),
+            open_files: Mutex::new(OpenFiles::new()),
             commits: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
@@ -124,26 +124,6 @@ impl SqliteEngine {
         Ok(out)
     }
 
-    /// A writing transaction that may keep an unlinked inode alive while this caller has it open.
-    fn write_unlinking<T>(
-        &self,
-        f: impl FnOnce(&Transaction<'_>, &dyn Fn(Ino) -> bool) -> Result<T>,
-    ) -> Result<T> {
-        self.write(|tx| {
-            let mut open = self.open_files.lock();
-            let kept = std::cell::RefCell::new(Vec::new());
-            let out = f(tx, &|ino| {
-                let is_open = open.count.contains_key(&ino);
-                if is_open {
-                    kept.borrow_mut().push(ino);
-                }
-                is_open
-            })?;
-            open.sustained.extend(kept.into_inner());
-            Ok(out)
-        })
-    }
-
     /// Runs `f` as one read transaction: a consistent snapshot across its statements.
     fn read<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
         let pooled = self.readers.lock().pop();
@@ -157,20 +137,6 @@ impl SqliteEngine {
             idle.push(conn);
         }
         out
-    }
-
-    /// Undoes one open; true if that was the last open of an inode this caller sustains.
-    fn forget_open(&self, ino: Ino) -> bool {
-        let mut open = self.open_files.lock();
-        let Some(count) = open.count.get_mut(&ino) else {
-            return false;
-        };
-        *count -= 1;
-        if *count > 0 {
-            return false;
-        }
-        open.count.remove(&ino);
-        open.sustained.remove(&ino)
     }
 
     /// The volume's parameters (cached: they never change once formatted).
@@ -250,20 +216,31 @@ impl MetaEngine for SqliteEngine {
         self.write(|tx| namespace::try_lease(tx, name, session, ttl_ns, wall_clock_ns()))
     }
 
-    fn open_file(&self, _session: SessionId, ino: Ino) -> Result<Attr> {
-        *self.open_files.lock().count.entry(ino).or_insert(0) += 1;
-        let attr = self.read(|tx| rows::get_attr(tx, ino));
-        if attr.is_err() {
-            self.forget_open(ino);
-        }
-        attr
+    fn open_file(&self, session: SessionId, ino: Ino) -> Result<Attr> {
+        let mut open = self.open_files.lock();
+        let count = open.get(&ino).copied().unwrap_or(0);
+        let attr = if count == 0 {
+            self.write(|tx| namespace::open_file(tx, session, ino))?
+        } else {
+            self.read(|tx| rows::get_attr(tx, ino))?
+        };
+        open.insert(ino, count + 1);
+        Ok(attr)
     }
 
     fn close_file(&self, session: SessionId, ino: Ino) -> Result<()> {
-        if self.forget_open(ino) {
-            self.write(|tx| namespace::release_sustained(tx, session, ino, wall_clock_ns()))?;
+        let mut open = self.open_files.lock();
+        match open.get_mut(&ino) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                Ok(())
+            }
+            Some(_) => {
+                open.remove(&ino);
+                self.write(|tx| namespace::close_file(tx, session, ino, wall_clock_ns()))
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn close_session(&self, session: SessionId) -> Result<()> {
@@ -300,24 +277,16 @@ impl MetaEngine for SqliteEngine {
         self.write(|tx| namespace::link(tx, ino, new_parent, new_name, now_ns))
     }
 
-    fn unlink(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        session: SessionId,
-        now_ns: i64,
-    ) -> Result<Option<Ino>> {
-        self.write_unlinking(|tx, is_open| {
-            namespace::unlink(tx, parent, name, session, is_open, now_ns)
-        })
+    fn unlink(&self, parent: Ino, name: &[u8], now_ns: i64) -> Result<Option<Ino>> {
+        self.write(|tx| namespace::unlink(tx, parent, name, now_ns))
     }
 
     fn rmdir(&self, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino> {
         self.write(|tx| namespace::rmdir(tx, parent, name, now_ns))
     }
 
-    fn rename(&self, req: &Rename<'_>, session: SessionId, now_ns: i64) -> Result<RenameOutcome> {
-        self.write_unlinking(|tx, is_open| namespace::rename(tx, req, session, is_open, now_ns))
+    fn rename(&self, req: &Rename<'_>, now_ns: i64) -> Result<RenameOutcome> {
+        self.write(|tx| namespace::rename(tx, req, now_ns))
     }
 
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {

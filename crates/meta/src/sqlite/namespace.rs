@@ -97,10 +97,10 @@ pub fn free_inode(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> {
     Ok(())
 }
 
-/// Frees an inode without links that no session sustains any more.
+/// Frees an inode without links that no session has open any more.
 fn free_if_unreferenced(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> {
     let mut stmt = conn.prepare_cached(
-        "SELECT nlink = 0 AND NOT EXISTS (SELECT 1 FROM sustained WHERE ino = ?1) FROM inodes WHERE ino = ?1",
+        "SELECT nlink = 0 AND NOT EXISTS (SELECT 1 FROM open_files WHERE ino = ?1) FROM inodes WHERE ino = ?1",
     )?;
     let unreferenced: Option<bool> = stmt.query_row([ino], |row| row.get(0)).optional()?;
     if unreferenced == Some(true) {
@@ -110,15 +110,8 @@ fn free_if_unreferenced(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> 
 }
 
 /// One link of a non-directory inode went away. Returns true if it was the last one: the inode is
-/// then sustained by `session` if `is_open` (the engine's own open-file count) says it is open,
-/// or freed.
-fn drop_link(
-    conn: &Connection,
-    ino: Ino,
-    session: SessionId,
-    is_open: &dyn Fn(Ino) -> bool,
-    now_ns: i64,
-) -> Result<bool> {
+/// then kept while any session (any mount, any host) has it open, or freed.
+fn drop_link(conn: &Connection, ino: Ino, now_ns: i64) -> Result<bool> {
     let mut stmt = conn.prepare_cached(
         "UPDATE inodes SET nlink = MAX(0, nlink - 1), ctime_ns = ?1 WHERE ino = ?2 RETURNING nlink",
     )?;
@@ -126,14 +119,7 @@ fn drop_link(
     if nlink > 0 {
         return Ok(false);
     }
-    if is_open(ino) {
-        conn.prepare_cached(
-            "INSERT INTO sustained (session, ino) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![session, ino])?;
-    } else {
-        free_inode(conn, ino, now_ns)?;
-    }
+    free_if_unreferenced(conn, ino, now_ns)?;
     Ok(true)
 }
 
@@ -216,16 +202,16 @@ pub fn heartbeat(conn: &Connection, session: SessionId, now_ns: i64) -> Result<(
 }
 
 pub fn close_session(conn: &Connection, session: SessionId, now_ns: i64) -> Result<()> {
-    let sustained: Vec<Ino> = conn
-        .prepare_cached("SELECT ino FROM sustained WHERE session = ?1")?
+    let open: Vec<Ino> = conn
+        .prepare_cached("SELECT ino FROM open_files WHERE session = ?1")?
         .query_map([session], |row| row.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    // Locks and sustained rows go with the session (ON DELETE CASCADE), and so do its leases.
+    // Locks and open files go with the session (ON DELETE CASCADE), and so do its leases.
     conn.prepare_cached("DELETE FROM sessions WHERE id = ?1")?
         .execute([session])?;
     conn.prepare_cached("DELETE FROM leases WHERE session = ?1")?
         .execute([session])?;
-    for ino in sustained {
+    for ino in open {
         free_if_unreferenced(conn, ino, now_ns)?;
     }
     Ok(())
@@ -443,14 +429,7 @@ pub fn link(
     })
 }
 
-pub fn unlink(
-    conn: &Connection,
-    parent: Ino,
-    name: &[u8],
-    session: SessionId,
-    is_open: &dyn Fn(Ino) -> bool,
-    now_ns: i64,
-) -> Result<Option<Ino>> {
+pub fn unlink(conn: &Connection, parent: Ino, name: &[u8], now_ns: i64) -> Result<Option<Ino>> {
     check_name(name)?;
     require_dir(conn, parent)?;
     let entry = find_entry(conn, parent, name)?.ok_or_else(|| posix(ENOENT))?;
@@ -459,7 +438,7 @@ pub fn unlink(
     }
     delete_entry(conn, entry.cookie)?;
     touch_dir(conn, parent, 0, now_ns)?;
-    Ok(drop_link(conn, entry.ino, session, is_open, now_ns)?.then_some(entry.ino))
+    Ok(drop_link(conn, entry.ino, now_ns)?.then_some(entry.ino))
 }
 
 fn delete_entry(conn: &Connection, cookie: i64) -> Result<()> {
@@ -514,13 +493,7 @@ fn set_parent(conn: &Connection, ino: Ino, parent: Ino, now_ns: i64) -> Result<(
     Ok(())
 }
 
-pub fn rename(
-    conn: &Connection,
-    req: &Rename<'_>,
-    session: SessionId,
-    is_open: &dyn Fn(Ino) -> bool,
-    now_ns: i64,
-) -> Result<RenameOutcome> {
+pub fn rename(conn: &Connection, req: &Rename<'_>, now_ns: i64) -> Result<RenameOutcome> {
     for name in [req.src_name, req.dst_name] {
         check_name(name)?;
         if is_dot_or_dotdot(name) {
@@ -588,7 +561,7 @@ pub fn rename(
                 touch_dir(conn, req.dst_parent, -1, now_ns)?;
                 free_inode(conn, dst.ino, now_ns)?;
             } else {
-                drop_link(conn, dst.ino, session, is_open, now_ns)?;
+                drop_link(conn, dst.ino, now_ns)?;
             }
             Some(dst.ino)
         }
@@ -663,13 +636,19 @@ pub fn readdir(
     Ok(entries)
 }
 
-pub fn release_sustained(
-    conn: &Connection,
-    session: SessionId,
-    ino: Ino,
-    now_ns: i64,
-) -> Result<()> {
-    conn.prepare_cached("DELETE FROM sustained WHERE session = ?1 AND ino = ?2")?
+/// Records that `session` has `ino` open (an unlink anywhere then keeps the inode).
+pub fn open_file(conn: &Connection, session: SessionId, ino: Ino) -> Result<Attr> {
+    let attr = get_attr(conn, ino)?;
+    conn.prepare_cached(
+        "INSERT INTO open_files (session, ino) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+    )?
+    .execute(params![session, ino])?;
+    Ok(attr)
+}
+
+/// `session` no longer has `ino` open: an inode without links goes with its last opener.
+pub fn close_file(conn: &Connection, session: SessionId, ino: Ino, now_ns: i64) -> Result<()> {
+    conn.prepare_cached("DELETE FROM open_files WHERE session = ?1 AND ino = ?2")?
         .execute(params![session, ino])?;
     free_if_unreferenced(conn, ino, now_ns)
 }

@@ -128,10 +128,15 @@ CREATE INDEX plocks_by_session ON plocks (session);
 ";
 
 /// The per-inode data version (bumped by every content change: layouts and page caches are
-/// cached against it), leases of background work, and no flock table (flock(2) reaches the
-/// engine as whole-file POSIX locks).
+/// cached against it), leases of background work, open files of every session (an unlink on any
+/// mount keeps an inode another mount has open; the sustained rows of V1 were such opens), and no
+/// flock table (flock(2) reaches the engine as whole-file POSIX locks).
 const V2_VERSIONS_LEASES: &str = "
 ALTER TABLE inodes ADD COLUMN data_version BIGINT NOT NULL DEFAULT 0;
+
+ALTER TABLE sustained RENAME TO open_files;
+DROP INDEX sustained_by_ino;
+CREATE INDEX open_files_by_ino ON open_files (ino);
 
 CREATE TABLE leases (
     name TEXT PRIMARY KEY,

@@ -62,8 +62,7 @@ impl Fixture {
     }
 
     fn unlink(&self, parent: Ino, name: &str) -> crate::Result<Option<Ino>> {
-        self.meta
-            .unlink(parent, name.as_bytes(), self.session, NOW + 1)
+        self.meta.unlink(parent, name.as_bytes(), NOW + 1)
     }
 
     /// Records `slices` as pending uploads, as a writer does before uploading them.
@@ -118,7 +117,7 @@ impl Fixture {
             dst_name: dst.1.as_bytes(),
             mode,
         };
-        self.meta.rename(&req, self.session, NOW + 5)
+        self.meta.rename(&req, NOW + 5)
     }
 
     fn nlink(&self, ino: Ino) -> u32 {
@@ -610,7 +609,7 @@ fn unlinked_open_files_are_sustained_until_their_last_close() {
     let fresh = open_session(&f.meta, wall_clock_ns());
     let third = f.mk(ROOT_INO, "third", FileKind::Regular);
     f.meta.open_file(stale, third.ino).unwrap();
-    f.meta.unlink(ROOT_INO, b"third", stale, NOW).unwrap();
+    f.meta.unlink(ROOT_INO, b"third", NOW).unwrap();
     assert_eq!(f.nlink(third.ino), 0);
     // A session never reaps itself, however late its heartbeat.
     assert_eq!(f.meta.reap_stale_sessions(MAX_AGE, Some(stale)).unwrap(), 0);
