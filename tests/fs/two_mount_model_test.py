@@ -28,9 +28,7 @@ show the model's tree.
 
 import errno
 import fcntl
-import hashlib
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -40,19 +38,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "harness"))
+from model_ops import (  # noqa: E402
+    CHMOD_MODES, MIB, Mismatch, ModelOps, describe, describe_differences, errno_name, seed_from_env,
+    snapshot,
+)
 from volume import REPO, Volume, VolumeError, local_mode  # noqa: E402
 
-MIB = 1 << 20
-BLOCK = 4 * MIB
-CHUNK = 64 * MIB
-DIR_NAMES = ["d0", "d1", "d2"]
-FILE_NAMES = ["f0", "f1", "f2", "f3", "f4"]
-MAX_DEPTH = 3
 MAX_OPS_PER_BATCH = 8
 # Beyond the kernel's TTL: the expiry is checked against jiffies, so allow some slack.
 TTL_MARGIN = 0.5
-EQUIVALENT_ERRNOS = {errno.ENOTEMPTY: errno.EEXIST}
 LOCK_REFUSED = (errno.EAGAIN, errno.EACCES)
+# describe_differences(seen, model, ...): labels, indent, and a count of what is not shown.
+DIFFERENCE_FORMAT = (("mount", "model"), "    ", True)
 
 # Holds a lock through one mount until told to let go (a separate process: POSIX locks of one
 # process never conflict with each other).
@@ -75,10 +72,6 @@ print("released", flush=True)
 """
 
 
-class Mismatch(AssertionError):
-    pass
-
-
 def kernel_ttl():
     """The attribute/entry TTL the FUSE adapter gives the kernel, in seconds."""
     source = (REPO / "crates/fuse/src/fs.rs").read_text()
@@ -89,61 +82,31 @@ def kernel_ttl():
     return value if match.group(1) == "secs" else value / 1000
 
 
-def file_hash(path):
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(MIB):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe(path):
-    """What the comparison looks at for one path (None if it does not exist)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    mode = st.st_mode & 0o7777
-    if os.path.islink(path):
-        return ("symlink", os.readlink(path), st.st_nlink)
-    if os.path.isdir(path):
-        return ("dir", oct(mode), st.st_nlink)
-    return ("file", oct(mode), st.st_nlink, st.st_size, file_hash(path))
-
-
-def snapshot(root):
-    """Everything the comparison looks at, keyed by path relative to root."""
-    tree = {}
-    for dir_path, dir_names, file_names in os.walk(root):
-        dir_names.sort()
-        for name in sorted(dir_names + file_names):
-            path = os.path.join(dir_path, name)
-            tree[os.path.relpath(path, root)] = describe(path)
-    return tree
-
-
 def probe(root, paths):
     """The model's paths looked up one by one, before any directory listing: a listing
     (READDIRPLUS) refreshes the kernel's entries and attributes, a path lookup trusts them."""
     return {rel: describe(os.path.join(root, rel)) for rel in paths}
 
 
-def describe_differences(seen, model):
-    lines = []
-    for rel in sorted(set(seen) | set(model)):
-        if seen.get(rel) != model.get(rel):
-            lines.append(f"    {rel}: mount={seen.get(rel)} model={model.get(rel)}")
-    more = f"\n    ... {len(lines) - 30} more" if len(lines) > 30 else ""
-    return "\n".join(lines[:30]) + more
+class TwoMountModelTest(ModelOps):
+    """Fewer names, smaller writes than ModelOps' defaults, to keep a batch and the check of both
+    trees after it quick; symlinks are told apart from files (no operation goes through one)."""
 
+    DIR_NAMES = ["d0", "d1", "d2"]
+    FILE_NAMES = ["f0", "f1", "f2", "f3", "f4"]
+    SYMLINKS_APART = True
+    # Past the 64 KiB inline threshold and the 4 MiB block boundary, rarely the 64 MiB chunk one.
+    NEAR_OFFSETS = 128 * 1024
+    WITHIN_BLOCKS = 0.97
+    CHUNK_SPREAD = MIB
+    MAX_LENGTH = 3 * MIB
+    MAX_APPEND = 100 * 1024
+    MAX_REWRITE = 200 * 1024
+    MAX_TRUNCATE = 200 * 1024
+    SYMLINK_TARGETS = ["f0", "../d1/f2", "nowhere"]
 
-def errno_name(code):
-    return "ok" if code is None else errno.errorcode.get(code, str(code))
-
-
-class TwoMountModelTest:
     def __init__(self, seed, batches, minutes, work_dir):
-        self.rng = random.Random(seed)
+        super().__init__(seed, work_dir / "local")
         self.batches = batches
         self.deadline = time.monotonic() + minutes * 60
         self.a = Volume(work_dir / "a")
@@ -154,8 +117,6 @@ class TwoMountModelTest:
         if local_mode():
             self.b.mount_point = self.a.mount_point
         self.mounts = {"A": self.a, "B": self.b}
-        self.local_root = work_dir / "local"
-        self.local_root.mkdir()
         self.ttl = kernel_ttl()
         self.history = []
         self.lock_probes = 0
@@ -163,136 +124,13 @@ class TwoMountModelTest:
         self.held = []
         self.held_checked = 0
 
-    # ---- choosing paths from the local (reference) tree
-
-    def existing(self, kind=None):
-        entries = [("", "dir")]
-        for dir_path, dir_names, file_names in os.walk(self.local_root):
-            rel_dir = os.path.relpath(dir_path, self.local_root)
-            rel_dir = "" if rel_dir == "." else rel_dir
-            for name in sorted(dir_names):
-                entries.append((os.path.join(rel_dir, name), "dir"))
-            for name in sorted(file_names):
-                path = os.path.join(rel_dir, name)
-                link = os.path.islink(os.path.join(self.local_root, path))
-                entries.append((path, "symlink" if link else "file"))
-        entries.sort()
-        if kind:
-            entries = [e for e in entries if e[1] == kind]
-        return entries
-
-    def some_dir(self):
-        dirs = [p for p, _ in self.existing("dir") if p.count("/") < MAX_DEPTH - 1]
-        return self.rng.choice(dirs)
-
-    def new_path(self, names):
-        return os.path.join(self.some_dir(), self.rng.choice(names))
-
-    def some_file(self):
-        files = [p for p, _ in self.existing("file")]
-        if files and self.rng.random() < 0.9:
-            return self.rng.choice(files)
-        return self.new_path(FILE_NAMES)
-
-    def some_entry(self):
-        entries = [p for p, _ in self.existing() if p]
-        if entries and self.rng.random() < 0.9:
-            return self.rng.choice(entries)
-        return self.new_path(FILE_NAMES + DIR_NAMES)
-
-    # ---- operations: each returns (description, function of a root)
-
-    def offset(self):
-        roll = self.rng.random()
-        if roll < 0.6:
-            return self.rng.randrange(0, 128 * 1024)
-        if roll < 0.8:
-            return BLOCK + self.rng.randrange(-64 * 1024, 64 * 1024)
-        if roll < 0.97:
-            return self.rng.randrange(0, 2 * BLOCK)
-        return CHUNK + self.rng.randrange(-MIB, MIB)
-
-    def length(self):
-        roll = self.rng.random()
-        if roll < 0.7:
-            return self.rng.randrange(1, 64 * 1024)
-        if roll < 0.95:
-            return self.rng.randrange(64 * 1024, MIB)
-        return self.rng.randrange(MIB, 3 * MIB)
-
-    def op_write(self):
-        path, offset = self.some_file(), self.offset()
-        data = self.rng.randbytes(self.length())
-
-        def apply(root):
-            fd = os.open(os.path.join(root, path), os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                os.pwrite(fd, data, offset)
-            finally:
-                os.close(fd)
-
-        return f"write {path} offset={offset} len={len(data)}", apply
-
-    def op_append(self):
-        path = self.some_file()
-        data = self.rng.randbytes(self.rng.randrange(1, 100 * 1024))
-
-        def apply(root):
-            with open(os.path.join(root, path), "ab") as f:
-                f.write(data)
-
-        return f"append {path} len={len(data)}", apply
-
-    def op_rewrite(self):
-        path = self.some_file()
-        data = self.rng.randbytes(self.rng.randrange(0, 200 * 1024))
-
-        def apply(root):
-            with open(os.path.join(root, path), "wb") as f:
-                f.write(data)
-
-        return f"rewrite {path} len={len(data)}", apply
-
-    def op_truncate(self):
-        path = self.some_file()
-        size = self.rng.choice([0, self.rng.randrange(0, 200 * 1024), self.offset()])
-        return f"truncate {path} size={size}", lambda root: os.truncate(os.path.join(root, path), size)
-
-    def op_rename(self):
-        src = self.some_entry()
-        dst = self.new_path(FILE_NAMES + DIR_NAMES) if self.rng.random() < 0.6 else self.some_entry()
-        return f"rename {src} -> {dst}", lambda root: os.rename(
-            os.path.join(root, src), os.path.join(root, dst)
-        )
-
-    def op_link(self):
-        src, dst = self.some_file(), self.new_path(FILE_NAMES)
-        return f"link {src} -> {dst}", lambda root: os.link(
-            os.path.join(root, src), os.path.join(root, dst)
-        )
-
-    def op_symlink(self):
-        target = self.rng.choice(["f0", "../d1/f2", "nowhere"])
-        path = self.new_path(FILE_NAMES)
-        return f"symlink {path} -> {target}", lambda root: os.symlink(target, os.path.join(root, path))
-
-    def op_unlink(self):
-        path = self.some_file()
-        return f"unlink {path}", lambda root: os.unlink(os.path.join(root, path))
-
-    def op_mkdir(self):
-        path = self.new_path(DIR_NAMES)
-        return f"mkdir {path}", lambda root: os.mkdir(os.path.join(root, path))
-
-    def op_rmdir(self):
-        dirs = [p for p, _ in self.existing("dir") if p]
-        path = self.rng.choice(dirs) if dirs else self.new_path(DIR_NAMES)
-        return f"rmdir {path}", lambda root: os.rmdir(os.path.join(root, path))
+    # ---- operations of this suite only (the others are ModelOps'): each returns (description,
+    # function of a root)
 
     def op_chmod(self):
         entries = [p for p, kind in self.existing() if p and kind != "symlink"]
-        path = self.rng.choice(entries) if entries else self.new_path(FILE_NAMES)
-        mode = self.rng.choice([0o600, 0o644, 0o755, 0o700, 0o4755, 0o1777, 0o640])
+        path = self.rng.choice(entries) if entries else self.new_path(self.FILE_NAMES)
+        mode = self.rng.choice(CHMOD_MODES)
         return f"chmod {path} {mode:o}", lambda root: os.chmod(os.path.join(root, path), mode)
 
     OPERATIONS = [
@@ -414,31 +252,22 @@ class TwoMountModelTest:
 
     # ---- running
 
-    def outcome(self, apply, root):
-        try:
-            apply(root)
-            return None
-        except OSError as error:
-            return EQUIVALENT_ERRNOS.get(error.errno, error.errno)
-
     def check(self, when, labels):
         model = snapshot(self.local_root)
         for label in labels[:1] if local_mode() else labels:
             looked_up = probe(self.mounts[label].mount_point, model)
             if looked_up != model:
                 raise Mismatch(f"{when}: paths looked up through mount {label} differ from the "
-                               f"model:\n" + describe_differences(looked_up, model))
+                               f"model:\n" + describe_differences(looked_up, model, *DIFFERENCE_FORMAT))
             seen = snapshot(self.mounts[label].mount_point)
             if seen != model:
                 raise Mismatch(f"{when}: the tree seen through mount {label} differs from the "
-                               f"model:\n" + describe_differences(seen, model))
+                               f"model:\n" + describe_differences(seen, model, *DIFFERENCE_FORMAT))
 
     def run(self):
         self.a.mount()
         if not local_mode():
             self.b.mount()
-        names = [name for name, _ in self.OPERATIONS]
-        weights = [weight for _, weight in self.OPERATIONS]
         done = 0
         operations = 0
         try:
@@ -450,13 +279,12 @@ class TwoMountModelTest:
                 root = self.mounts[label].mount_point
                 probes = 0
                 for _ in range(self.rng.randrange(1, MAX_OPS_PER_BATCH + 1)):
-                    name = self.rng.choices(names, weights)[0]
+                    name = self.next_operation()
                     if name == "lock":
                         probes += 1
                         continue
                     what, apply = getattr(self, name)()
-                    local_result = self.outcome(apply, self.local_root)
-                    mount_result = self.outcome(apply, root)
+                    local_result, mount_result = self.apply_both(apply, root)
                     self.history.append(f"batch {batch} (mount {label}): {what} => "
                                         f"{errno_name(local_result)}")
                     operations += 1
@@ -499,7 +327,7 @@ class TwoMountModelTest:
 
 
 def main():
-    seed = int(os.environ.get("CELLAR_TWO_MOUNT_SEED") or random.SystemRandom().randrange(1 << 32))
+    seed = seed_from_env("CELLAR_TWO_MOUNT_SEED")
     batches = int(os.environ.get("CELLAR_TWO_MOUNT_BATCHES", "60"))
     minutes = float(os.environ.get("CELLAR_TWO_MOUNT_MINUTES", "10"))
     print(f"two_mount_model_test: seed={seed} batches={batches} "
