@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use crate::backend::now_ns;
 use crate::errno::err;
 use crate::handles::{FileState, Handle, HandleKind, ReadAhead};
-use crate::read_path::{chunk_range, FileLayout};
+use crate::read_path::{chunk_range, layout_max_age, FileLayout};
 use crate::volume::Inner;
 use crate::{Ctx, OpenReply, VfsResult, MAX_FILE_SIZE};
 
@@ -304,13 +304,16 @@ impl Inner {
         len: u64,
     ) -> VfsResult<Arc<FileLayout>> {
         let chunks = chunk_range(offset, len, self.core.chunk_size());
+        let max_age = layout_max_age(self.gc_grace);
         let cached = file.layout.lock().clone();
-        if let Some(layout) = FileLayout::fresh(&cached, generation, &chunks) {
+        if let Some(layout) = FileLayout::fresh(&cached, generation, max_age, &chunks) {
             return Ok(layout);
         }
-        let known = FileLayout::known_version(&cached, generation, &chunks);
+        let known = FileLayout::known_version(&cached, generation, max_age, &chunks);
         let fetched = self.core.meta.read_layout(file.ino, chunks, known)?;
-        let layout = Arc::new(FileLayout::from_engine(cached, fetched, generation));
+        let layout = Arc::new(FileLayout::from_engine(
+            cached, fetched, generation, max_age,
+        ));
         // A commit of this mount since `generation` makes the snapshot stale: keep it out of the
         // cache (the caller sees the generation moved and reads again).
         if file.data.lock().commit_gen == generation {

@@ -16,10 +16,15 @@ use crate::VfsResult;
 /// A cached layout is used without asking the engine for this long (the kernel's attribute TTL:
 /// another mount's commit is seen after at most this, as a new open sees it at once).
 const LAYOUT_TTL: Duration = Duration::from_secs(1);
-/// Beyond this age the slices are read again even if the data version did not move: compaction
-/// replaces slices without changing the content, and gc deletes the replaced ones after its
-/// grace period, so a layout must never outlive a fraction of it.
+/// Beyond this age (or half the gc grace, if shorter) the slices are read again even if the data
+/// version did not move: compaction replaces slices without changing the content, and gc deletes
+/// the replaced ones after its grace period, so a layout must never outlive a fraction of it.
 const LAYOUT_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// How long a layout's slices may be used: see [`LAYOUT_MAX_AGE`].
+pub(crate) fn layout_max_age(gc_grace: Duration) -> Duration {
+    LAYOUT_MAX_AGE.min(gc_grace / 2)
+}
 
 /// Where a visible piece of a chunk comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,28 +93,30 @@ impl FileLayout {
     pub fn fresh(
         cached: &Option<Arc<FileLayout>>,
         generation: u64,
+        max_age: Duration,
         chunks: &std::ops::Range<u64>,
     ) -> Option<Arc<FileLayout>> {
         cached
             .as_ref()
-            .filter(|l| Self::reusable(l, generation) && l.confirmed.elapsed() < LAYOUT_TTL)
+            .filter(|l| l.reusable(generation, max_age) && l.confirmed.elapsed() < LAYOUT_TTL)
             .filter(|l| l.covers(chunks))
             .cloned()
     }
 
-    fn reusable(layout: &FileLayout, generation: u64) -> bool {
-        layout.generation == generation && layout.loaded.elapsed() < LAYOUT_MAX_AGE
+    fn reusable(&self, generation: u64, max_age: Duration) -> bool {
+        self.generation == generation && self.loaded.elapsed() < max_age
     }
 
     /// The data version to pass as `known_version` to `MetaEngine::read_layout`.
     pub fn known_version(
         cached: &Option<Arc<FileLayout>>,
         generation: u64,
+        max_age: Duration,
         chunks: &std::ops::Range<u64>,
     ) -> Option<u64> {
         cached
             .as_ref()
-            .filter(|l| Self::reusable(l, generation) && l.covers(chunks))
+            .filter(|l| l.reusable(generation, max_age) && l.covers(chunks))
             .map(|l| l.attr.data_version)
     }
 
@@ -119,10 +126,11 @@ impl FileLayout {
         cached: Option<Arc<FileLayout>>,
         fetched: cellar_meta::Layout,
         generation: u64,
+        max_age: Duration,
     ) -> FileLayout {
         let now = Instant::now();
         let same_version = cached.as_ref().filter(|l| {
-            Self::reusable(l, generation) && l.attr.data_version == fetched.attr.data_version
+            l.reusable(generation, max_age) && l.attr.data_version == fetched.attr.data_version
         });
         let (content, loaded) = match (fetched.content, same_version) {
             (None, Some(layout)) => (layout.content.clone(), layout.loaded),
