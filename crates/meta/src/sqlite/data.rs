@@ -155,20 +155,34 @@ pub fn write_inline(
 }
 
 fn insert_slices(conn: &Connection, ino: Ino, slices: &[(u64, Slice)]) -> Result<()> {
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO chunk_slices (ino, chunk, id, size, off, len, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
     for (chunk, slice) in slices {
-        insert.execute(params![
-            ino,
-            chunk,
-            slice.id as i64,
-            slice.size,
-            slice.off,
-            slice.len,
-            slice.pos
-        ])?;
+        insert_slice(conn, None, ino, *chunk, slice)?;
     }
+    Ok(())
+}
+
+/// Appends a slice to a chunk, or puts it at sequence number `seq` (a NULL `seq` takes the next
+/// one: later in commit order than every slice before).
+fn insert_slice(
+    conn: &Connection,
+    seq: Option<i64>,
+    ino: Ino,
+    chunk: u64,
+    slice: &Slice,
+) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO chunk_slices (seq, ino, chunk, id, size, off, len, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        seq,
+        ino,
+        chunk,
+        slice.id as i64,
+        slice.size,
+        slice.off,
+        slice.len,
+        slice.pos
+    ])?;
     Ok(())
 }
 
@@ -356,20 +370,8 @@ pub fn replace_chunk(
     for (seq, _) in prefix {
         delete.execute([seq])?;
     }
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO chunk_slices (seq, ino, chunk, id, size, off, len, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?;
     for ((seq, _), slice) in prefix.iter().zip(new) {
-        insert.execute(params![
-            seq,
-            ino,
-            chunk,
-            slice.id as i64,
-            slice.size,
-            slice.off,
-            slice.len,
-            slice.pos
-        ])?;
+        insert_slice(conn, Some(*seq), ino, chunk, slice)?;
     }
     let mut still_used =
         conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM chunk_slices WHERE id = ?1)")?;
