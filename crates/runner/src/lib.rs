@@ -72,9 +72,28 @@ pub struct SandboxSpec {
     pub cpu: u32,
     /// Memory limit in GiB; 0 = unlimited.
     pub memory_gib: u32,
-    /// Share the host's network; otherwise the sandbox has only a loopback interface.
-    pub network: bool,
+    /// What the sandbox's own network namespace can reach.
+    pub network: NetworkPolicy,
 }
+
+/// How a sandbox reaches the network. Every sandbox has its own network namespace, so it never
+/// sees the host's interfaces or another sandbox's ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkPolicy {
+    /// Only the sandbox's own loopback interface.
+    Isolated,
+    /// Outbound connections through a user-mode network stack, to the networks in `allow` only
+    /// when it is not empty. The host's loopback and own addresses and link-local addresses
+    /// (cloud metadata services) are never reachable.
+    Outbound { allow: Vec<ipnet::IpNet> },
+}
+
+/// The host directories a sandbox's read-only system is built from; a volume mounted on one of
+/// them, or below one, would hide or shadow the sandbox's own programs and configuration.
+pub const SANDBOX_SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev",
+    "/sys", "/boot",
+];
 
 #[derive(Debug, Clone, Default)]
 pub struct ExecRequest {
@@ -260,7 +279,7 @@ impl Runner {
         let launch = sandbox::Launch {
             id: &spec.id,
             env: &spec.env,
-            network: spec.network,
+            network: !matches!(spec.network, NetworkPolicy::Isolated),
             binds: &binds,
             cgroup_procs: self.cgroups.procs_files(&spec.id),
         };

@@ -25,7 +25,7 @@ fn spec(id: &str) -> SandboxSpec {
         mounts: Vec::new(),
         cpu: 1,
         memory_gib: 1,
-        network: false,
+        network: cellar_runner::NetworkPolicy::Isolated,
     }
 }
 

@@ -88,7 +88,7 @@ impl Fixture {
             }],
             cpu: 0,
             memory_gib: 0,
-            network: false,
+            network: cellar_runner::NetworkPolicy::Isolated,
         }
     }
 

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use cellar_runner::{Runner, RunnerError, SandboxSpec, VolumeMountSpec, VolumeSource};
+use cellar_runner::{
+    NetworkPolicy, Runner, RunnerError, SandboxSpec, VolumeMountSpec, VolumeSource,
+};
 use cellar_vfs::VolumeConfig;
 
 use crate::config::ServerConfig;
@@ -139,7 +141,11 @@ impl Services {
                 .collect(),
             cpu: u32::try_from(sandbox.settings.cpu).unwrap_or(u32::MAX),
             memory_gib: u32::try_from(sandbox.settings.memory).unwrap_or(u32::MAX),
-            network: !sandbox.settings.network_block_all,
+            network: if sandbox.settings.network_block_all {
+                NetworkPolicy::Isolated
+            } else {
+                NetworkPolicy::Outbound { allow: Vec::new() }
+            },
         };
         let id = sandbox.id;
         let (to, error) = match self.runner.create_sandbox(spec).await {
