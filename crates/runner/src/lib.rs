@@ -12,8 +12,10 @@ use serde::{Deserialize, Serialize};
 
 mod cgroup;
 mod mounts;
+mod network;
 mod process;
 mod sandbox;
+mod seccomp;
 mod toolbox;
 
 use mounts::MountManager;
@@ -132,7 +134,7 @@ pub enum RunnerError {
 pub struct Runner {
     sandboxes_dir: PathBuf,
     /// Running sandboxes by id.
-    sandboxes: Mutex<HashMap<String, Arc<SandboxRecord>>>,
+    sandboxes: Arc<Mutex<HashMap<String, Arc<SandboxRecord>>>>,
     /// Serialises sandbox creation and destruction, and with them the mount reference counts.
     lifecycle: tokio::sync::Mutex<()>,
     mounts: Arc<MountManager>,
@@ -151,12 +153,16 @@ impl Runner {
         create_private_dir(&mounts_dir)?;
         let runner = Runner {
             sandboxes_dir,
-            sandboxes: Mutex::new(HashMap::new()),
+            sandboxes: Arc::new(Mutex::new(HashMap::new())),
             lifecycle: tokio::sync::Mutex::new(()),
             mounts: Arc::new(MountManager::new(mounts_dir, config.cellar_bin)),
             cgroups: cgroup::Cgroups::detect(),
         };
         runner.recover()?;
+        watch_host_addresses(
+            runner.sandboxes_dir.clone(),
+            Arc::downgrade(&runner.sandboxes),
+        );
         Ok(runner)
     }
 
@@ -193,6 +199,12 @@ impl Runner {
             let name = entry.file_name().to_string_lossy().into_owned();
             if entry.file_type()?.is_dir() && !running.contains_key(&name) {
                 SandboxPaths::new(&self.sandboxes_dir, &name).remove();
+            }
+            // A network namespace bound before its sandbox's record was saved.
+            if let Some(id) = name.strip_suffix(".netns") {
+                if !running.contains_key(id) {
+                    SandboxPaths::new(&self.sandboxes_dir, id).remove();
+                }
             }
         }
         let running_ids: HashSet<String> = running.keys().cloned().collect();
@@ -279,7 +291,6 @@ impl Runner {
         let launch = sandbox::Launch {
             id: &spec.id,
             env: &spec.env,
-            network: !matches!(spec.network, NetworkPolicy::Isolated),
             binds: &binds,
             cgroup_procs: self.cgroups.procs_files(&spec.id),
         };
@@ -300,7 +311,21 @@ impl Runner {
                     read_only: mount.read_only,
                 })
                 .collect(),
+            network: spec.network.clone(),
         };
+        let (netns, network_log, init_pid) =
+            (paths.netns.clone(), paths.network_log(), record.init_pid);
+        let network = spec.network.clone();
+        let connected = tokio::task::spawn_blocking(move || {
+            network::connect(&netns, init_pid, &network, &network_log)
+        })
+        .await
+        .map_err(|err| RunnerError::Io(std::io::Error::other(err)))
+        .and_then(|connected| connected);
+        if let Err(err) = connected {
+            let _ = record.kill().await;
+            return Err(err);
+        }
         let saved = serde_json::to_vec_pretty(&record)
             .map_err(std::io::Error::other)
             .and_then(|bytes| write_atomically(&paths.record, &bytes));
@@ -448,6 +473,50 @@ fn rebind_volume(mounts: &MountManager, sandboxes: &[Arc<SandboxRecord>], volume
                 }
             }
         }
+    }
+}
+
+/// How often the host's addresses are compared with those outbound sandboxes cannot reach.
+const HOST_ADDRESS_POLL: Duration = Duration::from_secs(2);
+
+/// Keeps addresses the host gains (a new interface, a new lease) unreachable from sandboxes
+/// that started before, until the runner is dropped.
+fn watch_host_addresses(
+    sandboxes_dir: PathBuf,
+    sandboxes: std::sync::Weak<Mutex<HashMap<String, Arc<SandboxRecord>>>>,
+) {
+    let mut known = network::host_addresses();
+    let spawned = std::thread::Builder::new()
+        .name("host-addresses".to_owned())
+        .spawn(move || loop {
+            std::thread::sleep(HOST_ADDRESS_POLL);
+            let Some(sandboxes) = sandboxes.upgrade() else {
+                return;
+            };
+            let current = network::host_addresses();
+            let gained: std::collections::BTreeSet<_> = current.difference(&known).copied().collect();
+            known = current;
+            if gained.is_empty() {
+                continue;
+            }
+            let outbound: Vec<Arc<SandboxRecord>> = sandboxes
+                .lock()
+                .expect("sandbox table poisoned")
+                .values()
+                .filter(|record| matches!(record.network, NetworkPolicy::Outbound { .. }))
+                .cloned()
+                .collect();
+            for record in outbound {
+                let netns = SandboxPaths::new(&sandboxes_dir, &record.id).netns;
+                if record.is_alive() {
+                    if let Err(err) = network::prohibit(&netns, &gained) {
+                        tracing::error!(sandbox = %record.id, "cannot block new host addresses: {err}");
+                    }
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::error!("cannot watch the host's addresses: {err}");
     }
 }
 

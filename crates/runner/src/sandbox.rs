@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
-use crate::{process, RunnerError};
+use crate::{network, process, seccomp, NetworkPolicy, RunnerError};
 
 /// The unprivileged user every sandbox process runs as.
 pub(crate) const SANDBOX_UID: u32 = 1000;
@@ -57,6 +57,13 @@ pub(crate) struct SandboxRecord {
     /// The sandbox's environment, applied to every exec.
     pub env: BTreeMap<String, String>,
     pub volumes: Vec<VolumeBindRecord>,
+    /// Records of runners before sandboxes had their own network namespace lack it.
+    #[serde(default = "isolated")]
+    pub network: NetworkPolicy,
+}
+
+fn isolated() -> NetworkPolicy {
+    NetworkPolicy::Isolated
 }
 
 /// A volume bind of a sandbox, remembered so that it can be renewed if the volume's mount is
@@ -111,6 +118,9 @@ pub(crate) struct SandboxPaths {
     pub dir: PathBuf,
     /// `state_dir/sandboxes/<id>.json`
     pub record: PathBuf,
+    /// `state_dir/sandboxes/<id>.netns`: the bind mount of an outbound sandbox's network
+    /// namespace that pasta joins.
+    pub netns: PathBuf,
 }
 
 impl SandboxPaths {
@@ -118,6 +128,7 @@ impl SandboxPaths {
         SandboxPaths {
             dir: sandboxes_dir.join(id),
             record: sandboxes_dir.join(format!("{id}.json")),
+            netns: sandboxes_dir.join(format!("{id}.netns")),
         }
     }
 
@@ -129,8 +140,13 @@ impl SandboxPaths {
         self.dir.join("bwrap.log")
     }
 
+    pub(crate) fn network_log(&self) -> PathBuf {
+        self.dir.join("pasta.log")
+    }
+
     /// Removes everything the sandbox left on the host (its home included).
     pub(crate) fn remove(&self) {
+        network::disconnect(&self.netns);
         for result in [
             std::fs::remove_dir_all(&self.dir),
             std::fs::remove_file(&self.record),
@@ -155,7 +171,6 @@ pub(crate) struct VolumeBind {
 pub(crate) struct Launch<'a> {
     pub id: &'a str,
     pub env: &'a BTreeMap<String, String>,
-    pub network: bool,
     pub binds: &'a [VolumeBind],
     pub cgroup_procs: Vec<CString>,
 }
@@ -230,14 +245,26 @@ fn with_sandbox_user(file: &str, entry: &str) -> String {
     out
 }
 
-/// The bubblewrap arguments of a sandbox; `status_fd` receives bubblewrap's JSON status.
-fn bwrap_args(launch: &Launch<'_>, paths: &SandboxPaths, status_fd: RawFd) -> Vec<String> {
+/// The bubblewrap arguments of a sandbox; `status_fd` receives bubblewrap's JSON status,
+/// `seccomp_fds` hold the seccomp filters of its processes.
+fn bwrap_args(
+    launch: &Launch<'_>,
+    paths: &SandboxPaths,
+    status_fd: RawFd,
+    seccomp_fds: &[RawFd],
+) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|item| item.to_string()));
-    push(&["--unshare-pid", "--unshare-ipc", "--unshare-uts"]);
-    if !launch.network {
-        push(&["--unshare-net"]);
+    for fd in seccomp_fds {
+        push(&["--add-seccomp-fd", &fd.to_string()]);
     }
+    // Always a network namespace of its own: see network.rs for how an outbound one is wired.
+    push(&[
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-net",
+    ]);
     let hostname: String = launch.id.chars().take(12).collect();
     push(&["--hostname", &hostname]);
     push(&["--clearenv"]);
@@ -316,16 +343,19 @@ pub(crate) async fn launch(
     })?;
     let (status_reader, status_writer) = std::io::pipe()?;
     let status_fd = status_writer.as_raw_fd();
+    let seccomp = seccomp::filters()?.memfds()?;
+    let seccomp_fds: Vec<RawFd> = seccomp.iter().map(AsRawFd::as_raw_fd).collect();
     let inherited_fds: Vec<RawFd> = launch
         .binds
         .iter()
         .map(|bind| bind.source.as_raw_fd())
         .chain([status_fd])
+        .chain(seccomp_fds.iter().copied())
         .collect();
     let log = std::fs::File::create(paths.log())?;
     let mut command = tokio::process::Command::new(bwrap);
     command
-        .args(bwrap_args(&launch, paths, status_fd))
+        .args(bwrap_args(&launch, paths, status_fd, &seccomp_fds))
         .env_clear()
         .current_dir("/")
         .stdin(std::process::Stdio::null())
@@ -348,6 +378,7 @@ pub(crate) async fn launch(
     let mut child = command.spawn()?;
     drop(command);
     drop(status_writer);
+    drop(seccomp);
     let bwrap_pid = child.id().map(|pid| pid as i32).unwrap_or_default();
 
     let started = wait_started(&mut child, status_reader, paths).await;

@@ -69,11 +69,13 @@ impl Target<'_> {
             .process_group(0)
             .kill_on_drop(true);
         let cgroup_procs = self.cgroup_procs.clone();
-        // SAFETY: only async-signal-safe calls between fork and exec (see cgroup::join_self).
+        let seccomp = crate::seccomp::filters()?;
+        // SAFETY: only async-signal-safe calls between fork and exec (see cgroup::join_self,
+        // seccomp::Filters::apply).
         unsafe {
             command.pre_exec(move || {
                 crate::cgroup::join_self(&cgroup_procs);
-                Ok(())
+                seccomp.apply()
             });
         }
         Ok(command)

@@ -22,6 +22,12 @@ impl Drop for StateDir {
             .into_iter()
             .flatten();
         for entry in records.flatten() {
+            // Removing a network namespace's bind mount ends the sandbox's pasta.
+            if entry.path().extension().is_some_and(|ext| ext == "netns") {
+                detach(&entry.path());
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
             let Ok(bytes) = std::fs::read(entry.path()) else {
                 continue;
             };
@@ -61,12 +67,15 @@ impl Drop for StateDir {
             .flatten();
         for entry in mounts.flatten() {
             if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                let path = std::ffi::CString::new(entry.path().as_os_str().as_encoded_bytes());
-                if let Ok(path) = path {
-                    // SAFETY: umount2 on a NUL-terminated path; failure (not mounted) is fine.
-                    unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-                }
+                detach(&entry.path());
             }
         }
+    }
+}
+
+fn detach(path: &Path) {
+    if let Ok(path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: umount2 on a NUL-terminated path; failure (not mounted) is fine.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
 }
