@@ -1,5 +1,7 @@
 //! `cellar server`: the all-in-one API server with its embedded runner.
 
+mod preflight;
+
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -42,6 +44,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
         public_url: args.public_url,
         volume_quota: args.volume_quota,
     })?;
+    preflight::check(&config.data_dir, &config.cellar_bin)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
