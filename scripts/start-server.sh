@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's first command: gives this machine what `cellar server` needs at run time (FUSE,
-# bubblewrap, util-linux's nsenter and setpriv, the user-mode network stack pasta, nftables),
+# bubblewrap, util-linux's nsenter and setpriv, the user-mode network stack pasta, iproute2),
 # installing what is missing with apt-get, then builds and starts the server on its embedded
 # default. Arguments go to `cellar server` (e.g. --listen 127.0.0.1:3986 --data-dir DIR).
 #
@@ -19,9 +19,9 @@ SYSTEM_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # Run-time programs and the Debian package of each.
 declare -A PACKAGE_OF=(
   [fusermount3]=fuse3 [bwrap]=bubblewrap [nsenter]=util-linux [setpriv]=util-linux
-  [pasta]=passt [nft]=nftables
+  [pasta]=passt [ip]=iproute2
 )
-PROGRAMS=(fusermount3 bwrap nsenter setpriv pasta nft)
+PROGRAMS=(fusermount3 bwrap nsenter setpriv pasta ip)
 
 # An executable file, not just any (bash's `command -v` also reports files it cannot run).
 have() {

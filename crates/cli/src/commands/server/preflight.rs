@@ -16,7 +16,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("nsenter", "util-linux"),
     ("setpriv", "util-linux"),
     ("pasta", "passt"),
-    ("nft", "nftables"),
+    ("ip", "iproute2"),
 ];
 
 /// Where the runner, the mount daemons and the sandboxes look programs up: the system
@@ -170,10 +170,10 @@ mod tests {
         assert_eq!(named(&missing), expected);
 
         let report = report(&missing);
-        for package in ["fuse3", "bubblewrap", "util-linux", "passt", "nftables"] {
+        for package in ["fuse3", "bubblewrap", "util-linux", "passt", "iproute2"] {
             assert!(report.contains(package), "{package} in {report}");
         }
-        assert!(report.contains("apt-get install fuse3 bubblewrap util-linux passt nftables`"));
+        assert!(report.contains("apt-get install fuse3 bubblewrap util-linux passt iproute2`"));
         assert!(report.contains(START_SCRIPT));
     }
 
