@@ -1,7 +1,7 @@
 //! The seccomp filter of every sandbox process: the init (through bubblewrap) and every toolbox
 //! process (installed before `nsenter`, so inherited by everything the command starts). It
 //! refuses what a code sandbox does not need and what widens the kernel's attack surface; the
-//! list is documented in docs/SEMANTICS.md ("Sandbox isolation"). Everything else is allowed:
+//! list is documented in docs/CONFIGURATION.md ("Sandbox isolation"). Everything else is allowed:
 //! the sandbox user already has no capabilities, so the kernel's own permission checks (ptrace
 //! of another uid, mounting, ...) stay in force on top.
 
