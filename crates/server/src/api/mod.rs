@@ -137,16 +137,22 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
-        // Every listed endpoint needs the key: each may answer 401.
-        let unauthorized = utoipa::openapi::ResponseBuilder::new()
-            .description("missing or invalid API key")
-            .content(
-                "application/json",
-                utoipa::openapi::ContentBuilder::new()
-                    .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
-                    .build(),
-            )
-            .build();
+        // Every listed endpoint needs the key and reads some input: each may answer 401 and 400.
+        let error = |description: &str| {
+            utoipa::openapi::ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    utoipa::openapi::ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        let common = [
+            ("400", error("invalid input; the message names the field")),
+            ("401", error("missing or invalid API key")),
+        ];
         for item in openapi.paths.paths.values_mut() {
             for operation in [
                 &mut item.get,
@@ -158,11 +164,13 @@ impl Modify for BearerAuth {
             .into_iter()
             .flatten()
             {
-                operation
-                    .responses
-                    .responses
-                    .entry("401".to_string())
-                    .or_insert_with(|| unauthorized.clone().into());
+                for (status, response) in &common {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| response.clone().into());
+                }
             }
         }
     }
