@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests, then the end-to-end suites
 # (tests/fs/) on real FUSE mounts backed by a real S3 server (single-node Ceph RGW started here on
-# a free loopback port), then the Daytona SDK compatibility suites (tests/compat/run.sh).
+# a free loopback port), then the Daytona SDK compatibility suites (tests/compat/run.sh) and the
+# API fuzz test (tests/api/fuzz.sh).
 #
 #   bash tests/run.sh             everything
 #   bash tests/run.sh SUITE...    only these end-to-end suites (e.g. model_test workloads)
@@ -82,6 +83,8 @@ if step "cargo build --release" cargo build --release --locked -p cellar-cli; th
   if [ $# -eq 0 ]; then
     # The timing and concurrency measurements of the compatibility suite are benchmarks, not checks.
     step "compat (official Daytona SDKs)" env COMPAT_MEASURE="${COMPAT_MEASURE:-0}" bash tests/compat/run.sh
+    # Requests generated from the OpenAPI document: no 5xx, every answer as documented.
+    step "api fuzz (schemathesis)" bash tests/api/fuzz.sh
   fi
 else
   e2e_failed=${#suites[@]}

@@ -99,6 +99,9 @@ pub struct SandboxSettings {
     pub disk: i64,
     pub public: bool,
     pub network_block_all: bool,
+    /// Networks outbound connections may reach (empty: any); absent in rows of older servers.
+    #[serde(default)]
+    pub network_allow_list: Vec<ipnet::IpNet>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

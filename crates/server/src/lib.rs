@@ -18,7 +18,7 @@ use cellar_runner::{Runner, RunnerConfig};
 
 pub use api::ApiDoc;
 pub use config::{ConfigOverrides, ServerConfig};
-pub use validate::{NAME_RULE, RESERVED_MOUNT_DIRS};
+pub use validate::NAME_RULE;
 
 use crate::db::ControlDb;
 use crate::lifecycle::Services;

@@ -124,8 +124,9 @@ impl Services {
     }
 
     /// Starts a sandbox in `creating` with the runner: `started`, or `error` with the reason. If
-    /// the sandbox was deleted meanwhile, destroys what was started.
-    pub async fn start_sandbox(self: &Arc<Self>, sandbox: SandboxRow) {
+    /// the sandbox was deleted meanwhile, destroys what was started. Returns the runner's error,
+    /// for a caller that can still answer its client with it.
+    pub async fn start_sandbox(self: &Arc<Self>, sandbox: SandboxRow) -> Result<(), RunnerError> {
         let spec = SandboxSpec {
             id: sandbox.id.clone(),
             env: sandbox.settings.env.clone(),
@@ -144,11 +145,14 @@ impl Services {
             network: if sandbox.settings.network_block_all {
                 NetworkPolicy::Isolated
             } else {
-                NetworkPolicy::Outbound { allow: Vec::new() }
+                NetworkPolicy::Outbound {
+                    allow: sandbox.settings.network_allow_list.clone(),
+                }
             },
         };
         let id = sandbox.id;
-        let (to, error) = match self.runner.create_sandbox(spec).await {
+        let started = self.runner.create_sandbox(spec).await;
+        let (to, error) = match &started {
             Ok(()) => (sandbox_state::STARTED, None),
             Err(e) => {
                 tracing::warn!(sandbox = %id, "starting the sandbox failed: {e}");
@@ -167,6 +171,7 @@ impl Services {
             Ok(false) => self.destroy_sandbox(id).await,
             Err(e) => tracing::error!(sandbox = %id, "recording sandbox state: {e}"),
         }
+        started
     }
 
     /// Destroys a sandbox in `destroying` and marks it `destroyed`.
@@ -213,7 +218,8 @@ impl Services {
                     tracing::warn!(sandbox = %sandbox.id, "cleaning up before restart: {e}");
                 }
             }
-            self.start_sandbox(sandbox).await;
+            // A failure is recorded in the sandbox's state.
+            let _ = self.start_sandbox(sandbox).await;
         }
         for sandbox in self.db.sandboxes_in_state(sandbox_state::STARTED)? {
             if !self.runner.is_running(&sandbox.id) {

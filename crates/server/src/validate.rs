@@ -1,12 +1,22 @@
-//! Input rules: volume names, sandbox mount paths and subpaths. Each violation names its rule.
+//! Input rules: volume names, sandbox mount paths and subpaths, environments, toolbox paths and
+//! network allow lists. Each violation names its field and rule.
+
+use std::collections::BTreeMap;
+
+use cellar_runner::SANDBOX_SYSTEM_DIRS;
 
 pub const NAME_RULE: &str = "a name is 1-63 characters of letters, digits, '.', '_' and '-', \
      and starts with a letter or a digit";
 
-/// System directories no volume may be mounted at or under.
-pub const RESERVED_MOUNT_DIRS: [&str; 9] = [
-    "/proc", "/sys", "/dev", "/boot", "/etc", "/bin", "/sbin", "/lib", "/lib64",
-];
+/// Longest path accepted anywhere (Linux's PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+/// Budget of one environment (`NAME=VALUE` strings): far below the kernel's 128 KiB per argument
+/// and 2 MiB per exec, so a sandbox's and an exec's environments always fit together.
+pub const MAX_ENV_BYTES: usize = 64 << 10;
+/// A command line is one argument of the exec (the kernel's MAX_ARG_STRLEN less the NUL).
+pub const MAX_COMMAND_LEN: usize = (128 << 10) - 1;
+/// Entries of `networkAllowList`.
+pub const MAX_ALLOW_LIST_LEN: usize = 256;
 
 pub fn validate_volume_name(name: &str) -> Result<(), String> {
     validate_name("volume", name)
@@ -47,7 +57,7 @@ pub fn validate_mount_path(path: &str) -> Result<String, String> {
     }
     // Checked on the normalised path so that `//etc` or `/etc/` is refused like `/etc`.
     let normalised = format!("/{}", components.join("/"));
-    if let Some(dir) = RESERVED_MOUNT_DIRS
+    if let Some(dir) = SANDBOX_SYSTEM_DIRS
         .iter()
         .find(|dir| is_at_or_under(&normalised, dir))
     {
@@ -81,23 +91,107 @@ pub fn validate_mount_set(paths: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a subpath and returns it normalised (`None` for the volume's root).
+/// Checks a subpath; `None` for the volume's root (an empty subpath).
 pub fn validate_subpath(subpath: &str) -> Result<Option<String>, String> {
     let fail = |rule: &str| Err(format!("invalid subpath {subpath:?}: {rule}"));
+    if subpath.is_empty() {
+        return Ok(None);
+    }
     if subpath.contains('\0') {
         return fail("must not contain NUL characters");
     }
     if subpath.starts_with('/') {
         return fail("must be a relative path inside the volume");
     }
-    let components: Vec<&str> = subpath
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect();
-    if components.contains(&"..") {
-        return fail("must not contain '..' components");
+    if subpath.len() > MAX_PATH_LEN {
+        return fail(&format!("must be at most {MAX_PATH_LEN} bytes long"));
     }
-    Ok((!components.is_empty()).then(|| components.join("/")))
+    for component in subpath.split('/') {
+        match component {
+            "" => return fail("must not contain empty components ('//' or a trailing '/')"),
+            "." | ".." => return fail("must not contain '.' or '..' components"),
+            name if name.len() > cellar_meta::MAX_NAME_LEN => {
+                return fail(&format!(
+                    "each component must be at most {} bytes long",
+                    cellar_meta::MAX_NAME_LEN
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(Some(subpath.to_string()))
+}
+
+/// Checks a sandbox's or an exec's environment: POSIX names, no NUL, a usable PATH, bounded size.
+pub fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), String> {
+    let mut bytes = 0;
+    for (name, value) in env {
+        let posix = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !posix {
+            return Err(format!(
+                "invalid {field} variable name {name:?}: a name is letters, digits and '_', \
+                 not starting with a digit"
+            ));
+        }
+        if value.contains('\0') {
+            return Err(format!(
+                "invalid {field} variable {name}: the value must not contain NUL characters"
+            ));
+        }
+        if name == "PATH" && value.is_empty() {
+            return Err(format!(
+                "invalid {field} variable PATH: must not be empty (no program could be found)"
+            ));
+        }
+        bytes += name.len() + value.len() + 2;
+    }
+    if bytes > MAX_ENV_BYTES {
+        return Err(format!(
+            "{field} is too large: at most {MAX_ENV_BYTES} bytes of NAME=VALUE in all"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a path given to a toolbox endpoint (relative ones are relative to the home).
+pub fn validate_toolbox_path(field: &str, path: &str) -> Result<(), String> {
+    let fail = |rule: &str| Err(format!("invalid {field} {path:?}: {rule}"));
+    if path.is_empty() {
+        return fail("must not be empty");
+    }
+    if path.contains('\0') {
+        return fail("must not contain NUL characters");
+    }
+    if path.len() > MAX_PATH_LEN {
+        return fail(&format!("must be at most {MAX_PATH_LEN} bytes long"));
+    }
+    Ok(())
+}
+
+/// Parses Daytona's `networkAllowList`: comma-separated CIDRs (blank means no list).
+pub fn parse_allow_list(list: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    if list.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let networks = list
+        .split(',')
+        .map(|entry| {
+            entry.trim().parse::<ipnet::IpNet>().map_err(|_| {
+                format!(
+                    "invalid networkAllowList entry {:?}: expected a CIDR such as 10.0.0.0/8",
+                    entry.trim()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if networks.len() > MAX_ALLOW_LIST_LEN {
+        return Err(format!(
+            "networkAllowList has {} entries: at most {MAX_ALLOW_LIST_LEN}",
+            networks.len()
+        ));
+    }
+    Ok(networks)
 }
 
 fn is_at_or_under(path: &str, dir: &str) -> bool {
@@ -130,6 +224,7 @@ mod tests {
         );
         assert_eq!(validate_mount_path("/data/").unwrap(), "/data");
         assert_eq!(validate_mount_path("/etcetera").unwrap(), "/etcetera");
+        assert_eq!(validate_mount_path("/usrdata").unwrap(), "/usrdata");
         let cases = [
             ("data", "absolute"),
             ("", "absolute"),
@@ -146,6 +241,11 @@ mod tests {
             ("/proc/x", "/proc"),
             ("/lib64", "/lib64"),
             ("/usr/../etc", "'..'"),
+            ("/usr", "/usr"),
+            ("/usr/bin", "/usr"),
+            ("/usr/lib/x", "/usr"),
+            ("/lib32", "/lib32"),
+            ("/libx32", "/libx32"),
         ];
         for (path, rule) in cases {
             let err = validate_mount_path(path).unwrap_err();
@@ -167,9 +267,78 @@ mod tests {
 
     #[test]
     fn subpaths() {
-        assert_eq!(validate_subpath("a/b/").unwrap().as_deref(), Some("a/b"));
-        assert_eq!(validate_subpath("./").unwrap(), None);
-        assert!(validate_subpath("/a").unwrap_err().contains("relative"));
-        assert!(validate_subpath("a/../../b").unwrap_err().contains("'..'"));
+        assert_eq!(validate_subpath("a/b").unwrap().as_deref(), Some("a/b"));
+        assert_eq!(validate_subpath("").unwrap(), None);
+        let long = "x".repeat(cellar_meta::MAX_NAME_LEN + 1);
+        let too_long = format!("{}/x", "a/".repeat(MAX_PATH_LEN / 2));
+        let cases = [
+            ("/a", "relative"),
+            ("a/../../b", "'..'"),
+            ("..", "'..'"),
+            (".", "'.'"),
+            ("./a", "'.'"),
+            ("a/./b", "'.'"),
+            ("a//b", "empty"),
+            ("a/", "empty"),
+            ("a\0b", "NUL"),
+            (long.as_str(), "component"),
+            (too_long.as_str(), "4096"),
+        ];
+        for (subpath, rule) in cases {
+            let err = validate_subpath(subpath).unwrap_err();
+            assert!(err.contains(rule), "{subpath}: {err}");
+        }
+        let ok = format!("{}/x", &long[1..]);
+        assert!(validate_subpath(&ok).is_ok());
+    }
+
+    #[test]
+    fn environments() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert!(validate_env("env", &env(&[("A_1", "x"), ("_b", ""), ("PATH", "/bin")])).is_ok());
+        let cases = [
+            (env(&[("", "x")]), "name"),
+            (env(&[("1A", "x")]), "name"),
+            (env(&[("A=B", "x")]), "name"),
+            (env(&[("A\0", "x")]), "name"),
+            (env(&[("A-B", "x")]), "name"),
+            (env(&[("A", "x\0y")]), "NUL"),
+            (env(&[("PATH", "")]), "PATH"),
+            (env(&[("BIG", &"x".repeat(MAX_ENV_BYTES))]), "too large"),
+        ];
+        for (env, rule) in cases {
+            let err = validate_env("env", &env).unwrap_err();
+            assert!(err.contains(rule), "{env:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn allow_lists() {
+        let nets = parse_allow_list(" 10.0.0.0/8, 192.168.1.0/24,::1/128").unwrap();
+        assert_eq!(nets.len(), 3);
+        assert_eq!(parse_allow_list("  ").unwrap(), Vec::new());
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "x",
+            "10.0.0.0/8,",
+            "10.0.0.0/8,,1.2.3.0/24",
+        ] {
+            let err = parse_allow_list(bad).unwrap_err();
+            assert!(err.contains("networkAllowList"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn toolbox_paths() {
+        assert!(validate_toolbox_path("path", "a b/c").is_ok());
+        for bad in ["", "a\0b", &"a".repeat(MAX_PATH_LEN + 1)] {
+            assert!(validate_toolbox_path("path", bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -262,6 +262,12 @@ async fn every_mount_path_rule_answers_400_naming_the_rule() {
         (json!([mount("/sbin")]), "/sbin"),
         (json!([mount("/lib/x")]), "/lib"),
         (json!([mount("/lib64")]), "/lib64"),
+        (json!([mount("/usr")]), "/usr"),
+        (json!([mount("/usr/bin")]), "/usr"),
+        (json!([mount("/usr/lib")]), "/usr"),
+        (json!([mount("/usr/local/x")]), "/usr"),
+        (json!([mount("/lib32")]), "/lib32"),
+        (json!([mount("/libx32/x")]), "/libx32"),
         (json!([mount("/data"), mount("/data")]), "duplicate"),
         (json!([mount("/data"), mount("/data/inner")]), "nested"),
         (json!([mount("/data/inner"), mount("/data/")]), "nested"),
@@ -278,6 +284,21 @@ async fn every_mount_path_rule_answers_400_naming_the_rule() {
             "volume missing not found",
         ),
     ];
+    let subpath =
+        |subpath: &str| json!([{"volumeId": "vol", "mountPath": "/data", "subpath": subpath}]);
+    let long_component = "c".repeat(256);
+    let long_path = "d/".repeat(2100) + "d";
+    let mut cases = cases;
+    cases.extend([
+        (subpath(".."), "'..'"),
+        (subpath("a/./b"), "'.'"),
+        (subpath("./a"), "'.'"),
+        (subpath("a//b"), "empty"),
+        (subpath("a/"), "empty"),
+        (subpath("a\0b"), "NUL"),
+        (subpath(&long_component), "255"),
+        (subpath(&long_path), "4096"),
+    ]);
     for (volumes, rule) in cases {
         let (status, body) = server
             .post("/api/sandbox", &json!({ "volumes": volumes }))
@@ -440,5 +461,213 @@ async fn sandbox_creation_waits_for_a_volume_still_being_created() {
         "{answer}"
     );
     settle.join().unwrap();
+    server.stop().await;
+}
+
+/// Creates nothing and answers 400 with a message naming `field`.
+async fn assert_refused(server: &TestServer, body: Value, field: &str) {
+    let (status, answer) = server.post("/api/sandbox", &body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+    assert_error_body(&answer, status);
+    let message = answer["message"].as_str().unwrap();
+    assert!(
+        message.contains(field),
+        "{body}: {field:?} not in {message:?}"
+    );
+}
+
+#[tokio::test]
+async fn sandbox_fields_that_cannot_work_are_refused_naming_the_field() {
+    let server = TestServer::start().await;
+    server.create_volume("vol").await;
+    let env = |name: &str, value: &str| json!({ "env": { name: value } });
+    let cases: Vec<(Value, &str)> = vec![
+        (env("", "x"), "name"),
+        (env("A=B", "x"), "\"A=B\""),
+        (env("1A", "x"), "\"1A\""),
+        (env("A-B", "x"), "\"A-B\""),
+        (env("A\0B", "x"), "name"),
+        (env("A", "x\0y"), "NUL"),
+        (env("PATH", ""), "PATH"),
+        (env("BIG", &"x".repeat(70_000)), "env"),
+        (json!({"user": "root"}), "user"),
+        (json!({"user": ""}), "user"),
+        (json!({"snapshot": "ubuntu:22.04"}), "snapshot"),
+        (json!({"target": "us"}), "target"),
+        (json!({"gpu": 1}), "gpu"),
+        (json!({"gpuType": ["H100"]}), "gpuType"),
+        (json!({"spot": true}), "spot"),
+        (json!({"kvm": true}), "kvm"),
+        (json!({"public": true}), "public"),
+        (json!({"disk": 10}), "disk"),
+        (json!({"cpu": -1}), "cpu"),
+        (json!({"memory": -1}), "memory"),
+        (json!({"memory": 1_i64 << 40}), "memory"),
+        (json!({"autoStopInterval": 15}), "autoStopInterval"),
+        (json!({"autoPauseInterval": 60}), "autoPauseInterval"),
+        (json!({"autoArchiveInterval": 60}), "autoArchiveInterval"),
+        (json!({"ttlMinutes": 5}), "ttlMinutes"),
+        (json!({"domainAllowList": "example.com"}), "domainAllowList"),
+        (
+            json!({"outboundProxyUrl": "http://proxy:3128"}),
+            "outboundProxyUrl",
+        ),
+        (
+            json!({"otelEndpointOverride": "http://otel"}),
+            "otelEndpointOverride",
+        ),
+        (
+            json!({"buildInfo": {"dockerfileContent": "FROM alpine"}}),
+            "buildInfo",
+        ),
+        (json!({"linkedSandbox": "other"}), "linkedSandbox"),
+        (json!({"secrets": [{"TOKEN": "vault-name"}]}), "secrets"),
+        (
+            json!({"networkAllowList": "10.0.0.0/8,not-a-cidr"}),
+            "networkAllowList",
+        ),
+        (
+            json!({"networkAllowList": "10.0.0.0/33"}),
+            "networkAllowList",
+        ),
+        (json!({"networkAllowList": "10.0.0.1"}), "networkAllowList"),
+        (
+            json!({"networkBlockAll": true, "networkAllowList": "10.0.0.0/8"}),
+            "networkAllowList",
+        ),
+        (json!({"name": "bad name"}), "sandbox name"),
+    ];
+    for (body, field) in cases {
+        assert_refused(&server, body, field).await;
+    }
+    let (_, sandboxes) = server.get("/api/sandbox").await;
+    assert_eq!(sandboxes["items"], json!([]), "no sandbox was created");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_answer_the_error_body() {
+    let server = TestServer::start().await;
+    let with_key = |request: reqwest::RequestBuilder| request.bearer_auth(&server.key);
+    let cases = [
+        (server.http.get(server.url("/")), StatusCode::NOT_FOUND),
+        (server.http.get(server.url("/api")), StatusCode::NOT_FOUND),
+        (
+            server.http.get(server.url("/toolbox/x/nothing")),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            with_key(server.http.delete(server.url("/api/volumes/by-name/v"))),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            with_key(server.http.put(server.url("/api/volumes"))),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            with_key(server.http.post(server.url("/api/sandbox/x"))),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            with_key(server.http.get(server.url("/toolbox/x/process/execute"))),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            server.http.post(server.url("/api/openapi.json")),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+    ];
+    for (request, want) in cases {
+        let request = request.build().unwrap();
+        let what = format!("{} {}", request.method(), request.url());
+        let response = server.http.execute(request).await.unwrap();
+        let status = response.status();
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, want, "{what}: {body}");
+        assert_eq!(content_type, "application/json", "{what}");
+        assert_error_body(&body, status);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_the_key_is_not() {
+    let server = TestServer::start().await;
+    let with = |authorization: String| {
+        server
+            .http
+            .get(server.url("/api/volumes"))
+            .header("authorization", authorization)
+    };
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let (status, body) = server.send(with(format!("{scheme} {}", server.key))).await;
+        assert_eq!(status, StatusCode::OK, "{scheme}: {body}");
+    }
+    let wrong_keys = [
+        format!("Bearer {}", server.key.to_uppercase()),
+        format!("Bearer {}x", server.key),
+        format!("Basic {}", server.key),
+        format!("Bearer{}", server.key),
+        server.key.clone(),
+    ];
+    for header in wrong_keys {
+        let (status, body) = server.send(with(header.clone())).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{header}: {body}");
+        assert_error_body(&body, status);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn toolbox_input_is_checked_before_the_sandbox() {
+    let server = TestServer::start().await;
+    let toolbox = format!("{}/toolbox/no-such-sandbox", server.base);
+    let execute = format!("{toolbox}/process/execute");
+    let cases = [
+        (json!({"command": "echo \0"}), "command"),
+        (json!({"command": "x".repeat(140_000)}), "command"),
+        (json!({"command": "pwd", "cwd": "/tmp\0x"}), "cwd"),
+        (json!({"command": "pwd", "envs": {"A=B": "x"}}), "envs"),
+        (json!({"command": "pwd", "envs": {"A": "\0"}}), "envs"),
+    ];
+    for (body, field) in cases {
+        let (status, answer) = server.post(&execute, &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(field),
+            "{answer}"
+        );
+    }
+    let (status, answer) = server
+        .post(
+            &format!("{toolbox}/files/bulk-download"),
+            &json!({"paths": ["/ok", "/a\0b"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("paths[1]"),
+        "{answer}"
+    );
+    for url in [
+        format!("{toolbox}/files?path=/a%00b"),
+        format!("{toolbox}/files?path="),
+    ] {
+        let (status, answer) = server.get(&url).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{url}: {answer}");
+        assert_error_body(&answer, status);
+    }
+    for url in [
+        format!("{toolbox}/files/folder?path=/a%00b&mode=755"),
+        format!("{toolbox}/files/folder?path=/a&mode=9"),
+    ] {
+        let (status, answer) = server.post(&url, &json!({})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{url}: {answer}");
+        assert_error_body(&answer, status);
+    }
     server.stop().await;
 }

@@ -416,3 +416,164 @@ async fn sandboxes_share_a_volume_that_outlives_them() {
     assert_eq!(server.block_files(), Vec::<std::path::PathBuf>::new());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn bad_toolbox_input_on_a_running_sandbox_is_400_never_500() {
+    require_runner_prerequisites();
+    let server = TestServer::start().await;
+    let sandbox = create_sandbox(&server, json!({"networkBlockAll": true})).await;
+    let toolbox = format!(
+        "{}/{}",
+        sandbox["toolboxProxyUrl"].as_str().unwrap(),
+        sandbox["id"].as_str().unwrap()
+    );
+    let bad_exec = [
+        json!({"command": "echo a\u{0}b"}),
+        json!({"command": "pwd", "cwd": "/tmp\u{0}"}),
+        json!({"command": "pwd", "envs": {"A\u{0}": "x"}}),
+        json!({"command": "x".repeat(200_000)}),
+    ];
+    for body in bad_exec {
+        let (status, answer) = server
+            .post(&format!("{toolbox}/process/execute"), &body)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    }
+    let with_path = |endpoint: &str, path: &str| {
+        url::Url::parse_with_params(
+            &format!("{toolbox}/{endpoint}"),
+            [("path", path), ("mode", "755")],
+        )
+        .unwrap()
+    };
+    let request = server
+        .http
+        .post(with_path("files/folder", "/tmp/a\u{0}b"))
+        .bearer_auth(&server.key);
+    assert_eq!(server.send(request).await.0, StatusCode::BAD_REQUEST);
+    let request = server
+        .http
+        .get(with_path("files", "/tmp/a\u{0}b"))
+        .bearer_auth(&server.key);
+    assert_eq!(server.send(request).await.0, StatusCode::BAD_REQUEST);
+    let form = reqwest::multipart::Form::new()
+        .text("files[0].path", "/tmp/a\u{0}b")
+        .part(
+            "files[0].file",
+            reqwest::multipart::Part::bytes(b"x".to_vec()).file_name("x"),
+        );
+    let request = server
+        .http
+        .post(format!("{toolbox}/files/bulk-upload"))
+        .bearer_auth(&server.key)
+        .multipart(form);
+    let (status, answer) = server.send(request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("files[0].path"),
+        "{answer}"
+    );
+
+    // A path with CR/LF reaches no header raw: one part, its name percent-encoded.
+    let injected = "/tmp/x\r\nX-Injected: 1\r\n\r\nbody";
+    let response = server
+        .http
+        .post(format!("{toolbox}/files/bulk-download"))
+        .bearer_auth(&server.key)
+        .json(&json!({ "paths": [injected] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = response.bytes().await.unwrap();
+    let parts = multipart_parts(&content_type, &body);
+    assert_eq!(parts.len(), 1, "{}", String::from_utf8_lossy(&body));
+    let disposition = &parts[0].0;
+    assert!(
+        disposition.contains(r#"filename="/tmp/x__X-Injected: 1____body""#)
+            && disposition
+                .contains("filename*=UTF-8''%2Ftmp%2Fx%0D%0AX-Injected%3A%201%0D%0A%0D%0Abody"),
+        "{disposition}"
+    );
+    assert!(!String::from_utf8_lossy(&body).contains("\r\nX-Injected"));
+    destroy(&server, &sandbox).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_subpath_that_is_no_directory_is_400_and_leaves_no_sandbox() {
+    require_runner_prerequisites();
+    let server = TestServer::start().await;
+    server.create_volume("vol").await;
+    let writer = create_sandbox(
+        &server,
+        json!({"volumes": [{"volumeId": "vol", "mountPath": "/home/daytona/v"}]}),
+    )
+    .await;
+    let (code, out) = exec(
+        &server,
+        &writer,
+        "ln -s / v/escape && echo x > v/file && mkdir v/dir",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    for subpath in ["escape", "escape/etc", "file", "dir/../../x"] {
+        let body =
+            json!({"volumes": [{"volumeId": "vol", "mountPath": "/data", "subpath": subpath}]});
+        let (status, answer) = server.post("/api/sandbox", &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{subpath}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("subpath"),
+            "{subpath}: {answer}"
+        );
+    }
+    let (_, list) = server.get("/api/sandbox").await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "only the writer is left: {list}");
+    assert_eq!(items[0]["id"], writer["id"]);
+    // The directory next to them still works.
+    let reader = create_sandbox(
+        &server,
+        json!({"volumes": [{"volumeId": "vol", "mountPath": "/data", "subpath": "dir"}]}),
+    )
+    .await;
+    destroy(&server, &reader).await;
+    destroy(&server, &writer).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_network_allow_list_is_kept_and_echoed() {
+    require_runner_prerequisites();
+    let server = TestServer::start().await;
+    let sandbox = create_sandbox(
+        &server,
+        json!({"networkAllowList": " 10.0.0.0/8, 192.168.1.0/24 ", "networkBlockAll": false}),
+    )
+    .await;
+    assert_eq!(sandbox["networkAllowList"], "10.0.0.0/8,192.168.1.0/24");
+    assert_eq!(sandbox["networkBlockAll"], false);
+    let id = sandbox["id"].as_str().unwrap();
+    let (_, again) = server.get(&format!("/api/sandbox/{id}")).await;
+    assert_eq!(again["networkAllowList"], "10.0.0.0/8,192.168.1.0/24");
+    let isolated = create_sandbox(&server, json!({"networkBlockAll": true})).await;
+    assert_eq!(
+        (&isolated["networkBlockAll"], &isolated["networkAllowList"]),
+        (&json!(true), &Value::Null)
+    );
+    // What is not honoured is not claimed.
+    assert_eq!(
+        (&isolated["disk"], &isolated["gpu"], &isolated["public"]),
+        (&json!(0), &json!(0), &json!(false))
+    );
+    destroy(&server, &isolated).await;
+    destroy(&server, &sandbox).await;
+    server.stop().await;
+}

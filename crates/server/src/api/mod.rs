@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -67,7 +68,21 @@ pub fn router(state: AppState) -> Router {
         .nest("/api", api)
         .nest("/toolbox", toolbox)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+            )
+        })
         .with_state(state)
+}
+
+/// The key of `Authorization: Bearer <key>`; the scheme is case-insensitive (RFC 9110), the key
+/// is not.
+fn bearer_key(header: &str) -> Option<&str> {
+    let (scheme, key) = header.trim_start().split_once([' ', '\t'])?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
 /// Resolves `Authorization: Bearer <key>` to an organisation, or answers 401.
@@ -76,12 +91,8 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|k| k.trim().to_string())
-        .filter(|k| !k.is_empty());
+        .and_then(bearer_key)
+        .map(str::to_string);
     let Some(key) = key else {
         return ApiError::unauthorized().into_response();
     };
@@ -126,6 +137,42 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        // Every listed endpoint needs the key and reads some input: each may answer 401 and 400.
+        let error = |description: &str| {
+            utoipa::openapi::ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    utoipa::openapi::ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        let common = [
+            ("400", error("invalid input; the message names the field")),
+            ("401", error("missing or invalid API key")),
+        ];
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.put,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                for (status, response) in &common {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| response.clone().into());
+                }
+            }
+        }
     }
 }
 
@@ -161,4 +208,26 @@ pub struct ApiDoc;
 
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_key;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_the_key_is_not_touched() {
+        for header in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER k1",
+            "BeArEr   k1 ",
+            "Bearer\tk1",
+        ] {
+            assert_eq!(bearer_key(header), Some("k1"), "{header:?}");
+        }
+        assert_eq!(bearer_key("Bearer K1"), Some("K1"));
+        for header in ["Bearer", "Bearer ", "Basic k1", "Bearerk1", "k1", ""] {
+            assert_eq!(bearer_key(header), None, "{header:?}");
+        }
+    }
 }

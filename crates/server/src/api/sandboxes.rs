@@ -13,15 +13,21 @@ use super::{blocking, AppState, Org};
 use crate::db::{sandbox_state, volume_state, MountRow, SandboxRow, SandboxSettings};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::validate::{
-    validate_mount_path, validate_mount_set, validate_sandbox_name, validate_subpath,
+    parse_allow_list, validate_env, validate_mount_path, validate_mount_set, validate_sandbox_name,
+    validate_subpath,
 };
+use cellar_runner::RunnerError;
 
 /// Defaults for what the create request leaves out (Daytona's defaults).
 const DEFAULT_USER: &str = "daytona";
 const DEFAULT_SNAPSHOT: &str = "cellar-host";
 const DEFAULT_CPU: i64 = 1;
 const DEFAULT_MEMORY_GIB: i64 = 1;
-const DEFAULT_DISK_GIB: i64 = 3;
+/// Upper bounds of the cgroup limits (far beyond any host).
+const MAX_CPU: i64 = 1024;
+const MAX_MEMORY_GIB: i64 = 1 << 20;
+/// Budget of all labels (keys and values).
+const MAX_LABELS_BYTES: usize = 64 << 10;
 /// The single-host runner's target name.
 const TARGET: &str = "local";
 /// How long `POST /sandbox` waits for the sandbox to start before answering `creating`
@@ -42,21 +48,73 @@ pub struct SandboxVolume {
     pub read_only: Option<bool>,
 }
 
+/// Daytona's create body. Fields Cellar cannot honour are refused (400 naming the field) unless
+/// they carry their "off" value; unknown fields are ignored.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct CreateSandbox {
     pub name: Option<String>,
+    /// Only the default snapshot, `cellar-host`.
     pub snapshot: Option<String>,
+    /// Only `daytona` (uid 1000), the user every sandbox process runs as.
     pub user: Option<String>,
+    /// POSIX names; values without NUL; `PATH`, if set, not empty.
     pub env: Option<BTreeMap<String, String>>,
     pub labels: Option<BTreeMap<String, String>>,
+    /// Only false: there are no preview URLs.
     pub public: Option<bool>,
+    /// Only the loopback interface (refused together with `networkAllowList`).
     pub network_block_all: Option<bool>,
+    /// Comma-separated CIDRs outbound connections may reach, e.g. `10.0.0.0/8,192.168.1.0/24`.
+    pub network_allow_list: Option<String>,
+    /// Only empty.
+    pub domain_allow_list: Option<String>,
+    /// Only empty.
+    pub outbound_proxy_url: Option<String>,
+    /// Only empty.
+    pub otel_endpoint_override: Option<String>,
+    /// Only `local`, the single host.
+    pub target: Option<String>,
+    /// CPU cores (a cgroup quota; 0: no limit).
+    #[schema(minimum = 0)]
     pub cpu: Option<i64>,
+    /// Only 0: there are no GPUs.
+    #[schema(minimum = 0)]
     pub gpu: Option<i64>,
+    /// Only empty.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub gpu_type: Option<serde_json::Value>,
+    /// Only false.
+    pub spot: Option<bool>,
+    /// Only false.
+    pub kvm: Option<bool>,
+    /// Memory in GiB (a cgroup limit; 0: no limit).
+    #[schema(minimum = 0)]
     pub memory: Option<i64>,
+    /// Only 0: disk space is not limited per sandbox.
+    #[schema(minimum = 0)]
     pub disk: Option<i64>,
+    /// Only 0: sandboxes are never stopped automatically.
+    pub auto_stop_interval: Option<i64>,
+    /// Only 0.
+    pub auto_pause_interval: Option<i64>,
+    /// Only 0.
+    pub auto_archive_interval: Option<i64>,
+    /// Accepted without effect: a sandbox is never stopped, so never deleted after a stop.
+    pub auto_delete_interval: Option<i64>,
+    /// Only 0: sandboxes live until deleted.
+    pub ttl_minutes: Option<i64>,
+    /// Accepted without effect: sandboxes start at once, never queued.
+    pub queue_timeout: Option<i64>,
     pub volumes: Option<Vec<SandboxVolume>>,
+    /// Refused: only the default snapshot exists.
+    #[schema(value_type = Option<Object>)]
+    pub build_info: Option<serde_json::Value>,
+    /// Refused: there is a single host.
+    pub linked_sandbox: Option<String>,
+    /// Only empty.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub secrets: Option<serde_json::Value>,
 }
 
 /// A sandbox as Daytona's clients expect it.
@@ -72,6 +130,8 @@ pub struct SandboxDto {
     pub labels: BTreeMap<String, String>,
     pub public: bool,
     pub network_block_all: bool,
+    /// The allowed networks as given (normalised), or null for no list.
+    pub network_allow_list: Option<String>,
     pub kvm: bool,
     pub target: String,
     pub cpu: i64,
@@ -104,6 +164,15 @@ impl SandboxDto {
             labels: row.settings.labels,
             public: row.settings.public,
             network_block_all: row.settings.network_block_all,
+            network_allow_list: (!row.settings.network_allow_list.is_empty()).then(|| {
+                let networks: Vec<String> = row
+                    .settings
+                    .network_allow_list
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                networks.join(",")
+            }),
             kvm: false,
             target: TARGET.to_string(),
             cpu: row.settings.cpu,
@@ -160,14 +229,158 @@ fn not_found(key: &str) -> ApiError {
     ApiError::not_found(format!("sandbox {key} not found"))
 }
 
-fn non_negative(value: Option<i64>, default: i64, field: &str) -> ApiResult<i64> {
+/// A cgroup limit: `default` when absent, else within 0..=max.
+fn limit(value: Option<i64>, default: i64, max: i64, field: &str) -> ApiResult<i64> {
     match value {
-        Some(v) if v < 0 => Err(ApiError::bad_request(format!(
-            "{field} must not be negative"
+        Some(v) if !(0..=max).contains(&v) => Err(ApiError::bad_request(format!(
+            "{field} must be between 0 (no limit) and {max}"
         ))),
         Some(v) => Ok(v),
         None => Ok(default),
     }
+}
+
+/// Refuses a field Cellar cannot honour unless it has its "off" value.
+fn refuse_unless(off: bool, field: &str, why: &str) -> ApiResult<()> {
+    if off {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!("{field}: {why}")))
+    }
+}
+
+fn is_empty_json(value: &Option<serde_json::Value>) -> bool {
+    match value {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::Array(items)) => items.is_empty(),
+        Some(serde_json::Value::String(text)) => text.is_empty(),
+        Some(_) => false,
+    }
+}
+
+/// Checks every field of the create body but the mounts; returns the settings to store.
+fn validate_settings(body: &CreateSandbox) -> ApiResult<SandboxSettings> {
+    let unset = |text: &Option<String>| text.as_deref().is_none_or(|t| t.trim().is_empty());
+    if let Some(name) = body.name.as_deref() {
+        validate_sandbox_name(name).map_err(ApiError::bad_request)?;
+    }
+    let snapshot = body.snapshot.as_deref().unwrap_or(DEFAULT_SNAPSHOT);
+    refuse_unless(
+        snapshot == DEFAULT_SNAPSHOT,
+        "snapshot",
+        &format!("only the default snapshot {DEFAULT_SNAPSHOT:?} exists"),
+    )?;
+    let user = body.user.as_deref().unwrap_or(DEFAULT_USER);
+    refuse_unless(
+        user == DEFAULT_USER,
+        "user",
+        &format!("sandbox processes always run as {DEFAULT_USER:?}"),
+    )?;
+    refuse_unless(
+        body.target.as_deref().is_none_or(|t| t == TARGET),
+        "target",
+        &format!("the only target is {TARGET:?}"),
+    )?;
+    let env = body.env.clone().unwrap_or_default();
+    validate_env("env", &env).map_err(ApiError::bad_request)?;
+    let labels = body.labels.clone().unwrap_or_default();
+    let label_bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+    refuse_unless(
+        label_bytes <= MAX_LABELS_BYTES,
+        "labels",
+        &format!("at most {MAX_LABELS_BYTES} bytes in all"),
+    )?;
+    refuse_unless(
+        body.public != Some(true),
+        "public",
+        "there are no preview URLs",
+    )?;
+    refuse_unless(body.gpu.unwrap_or(0) == 0, "gpu", "there are no GPUs")?;
+    refuse_unless(
+        is_empty_json(&body.gpu_type),
+        "gpuType",
+        "there are no GPUs",
+    )?;
+    refuse_unless(body.spot != Some(true), "spot", "there are no GPUs")?;
+    refuse_unless(body.kvm != Some(true), "kvm", "KVM is not available")?;
+    refuse_unless(
+        body.disk.unwrap_or(0) == 0,
+        "disk",
+        "disk space is not limited per sandbox",
+    )?;
+    let never_stopped = "sandboxes are never stopped, paused or archived automatically";
+    refuse_unless(
+        body.auto_stop_interval.unwrap_or(0) == 0,
+        "autoStopInterval",
+        never_stopped,
+    )?;
+    refuse_unless(
+        body.auto_pause_interval.unwrap_or(0) == 0,
+        "autoPauseInterval",
+        never_stopped,
+    )?;
+    refuse_unless(
+        body.auto_archive_interval.unwrap_or(0) == 0,
+        "autoArchiveInterval",
+        never_stopped,
+    )?;
+    refuse_unless(
+        body.ttl_minutes.unwrap_or(0) == 0,
+        "ttlMinutes",
+        "sandboxes live until they are deleted",
+    )?;
+    refuse_unless(
+        unset(&body.domain_allow_list),
+        "domainAllowList",
+        "only networkAllowList (CIDRs) is supported",
+    )?;
+    refuse_unless(
+        unset(&body.outbound_proxy_url),
+        "outboundProxyUrl",
+        "outbound proxies are not supported",
+    )?;
+    refuse_unless(
+        unset(&body.otel_endpoint_override),
+        "otelEndpointOverride",
+        "there is no telemetry",
+    )?;
+    refuse_unless(
+        is_empty_json(&body.build_info),
+        "buildInfo",
+        &format!("images cannot be built; only the snapshot {DEFAULT_SNAPSHOT:?} exists"),
+    )?;
+    refuse_unless(
+        unset(&body.linked_sandbox),
+        "linkedSandbox",
+        "there is a single host",
+    )?;
+    refuse_unless(
+        is_empty_json(&body.secrets),
+        "secrets",
+        "there is no secret store",
+    )?;
+    let network_allow_list =
+        parse_allow_list(body.network_allow_list.as_deref().unwrap_or_default())
+            .map_err(ApiError::bad_request)?;
+    let network_block_all = body.network_block_all.unwrap_or(false);
+    refuse_unless(
+        !network_block_all || network_allow_list.is_empty(),
+        "networkAllowList",
+        "cannot be combined with networkBlockAll: true",
+    )?;
+    Ok(SandboxSettings {
+        user: user.to_string(),
+        snapshot: snapshot.to_string(),
+        env,
+        labels,
+        cpu: limit(body.cpu, DEFAULT_CPU, MAX_CPU, "cpu")?,
+        gpu: 0,
+        memory: limit(body.memory, DEFAULT_MEMORY_GIB, MAX_MEMORY_GIB, "memory")?,
+        disk: 0,
+        public: false,
+        network_block_all,
+        network_allow_list,
+    })
 }
 
 /// Validates every mount of the request; returns them normalised (volume ids still unresolved).
@@ -242,7 +455,7 @@ async fn resolve_volumes(state: &AppState, org: &str, mounts: &mut [MountRow]) -
     post, operation_id = "createSandbox", path = "/api/sandbox", tag = "sandbox", request_body = CreateSandbox,
     responses(
         (status = 200, body = SandboxDto),
-        (status = 400, description = "invalid mount, unknown or unready volume", body = ErrorBody),
+        (status = 400, description = "an invalid or unsupported field, an invalid mount, an unknown or unready volume", body = ErrorBody),
         (status = 409, description = "name in use", body = ErrorBody)
     )
 )]
@@ -251,23 +464,7 @@ pub async fn create(
     Extension(Org(org)): Extension<Org>,
     ApiJson(body): ApiJson<CreateSandbox>,
 ) -> ApiResult<Json<SandboxDto>> {
-    if let Some(name) = body.name.as_deref() {
-        validate_sandbox_name(name).map_err(ApiError::bad_request)?;
-    }
-    let settings = SandboxSettings {
-        user: body.user.unwrap_or_else(|| DEFAULT_USER.to_string()),
-        snapshot: body
-            .snapshot
-            .unwrap_or_else(|| DEFAULT_SNAPSHOT.to_string()),
-        env: body.env.unwrap_or_default(),
-        labels: body.labels.unwrap_or_default(),
-        cpu: non_negative(body.cpu, DEFAULT_CPU, "cpu")?,
-        gpu: non_negative(body.gpu, 0, "gpu")?,
-        memory: non_negative(body.memory, DEFAULT_MEMORY_GIB, "memory")?,
-        disk: non_negative(body.disk, DEFAULT_DISK_GIB, "disk")?,
-        public: body.public.unwrap_or(false),
-        network_block_all: body.network_block_all.unwrap_or(false),
-    };
+    let settings = validate_settings(&body)?;
     let mut mounts = validate_mounts(body.volumes.as_deref().unwrap_or_default())?;
     resolve_volumes(&state, &org, &mut mounts).await?;
 
@@ -281,7 +478,24 @@ pub async fn create(
         let services = state.services.clone();
         async move { services.start_sandbox(sandbox).await }
     });
-    let _ = tokio::time::timeout(START_WAIT, start).await;
+    // Input only the runner can judge (a subpath that is a symlink or a file in the volume) is
+    // the client's error: answered like any other invalid field, leaving no sandbox behind.
+    if let Ok(Ok(Err(RunnerError::InvalidInput(why)))) =
+        tokio::time::timeout(START_WAIT, start).await
+    {
+        let db = state.services.db.clone();
+        let reason = why.clone();
+        blocking(move || {
+            db.transition_sandbox(
+                &id,
+                &[sandbox_state::ERROR],
+                sandbox_state::DESTROYED,
+                Some(&reason),
+            )
+        })
+        .await?;
+        return Err(ApiError::bad_request(why));
+    }
     Ok(Json(load(&state, &org, &id).await?))
 }
 

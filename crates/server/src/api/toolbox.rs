@@ -22,6 +22,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{blocking, AppState, Org};
 use crate::db::sandbox_state;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::validate::{validate_env, validate_toolbox_path, MAX_COMMAND_LEN};
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ExecuteRequest {
@@ -119,11 +120,26 @@ pub async fn execute(
     ApiPath(sandbox_id): ApiPath<String>,
     ApiJson(body): ApiJson<ExecuteRequest>,
 ) -> ApiResult<Json<ExecuteResponse>> {
+    let invalid = |why: String| Err(ApiError::bad_request(why));
+    if body.command.contains('\0') {
+        return invalid("invalid command: must not contain NUL characters".into());
+    }
+    if body.command.len() > MAX_COMMAND_LEN {
+        return invalid(format!(
+            "invalid command: at most {MAX_COMMAND_LEN} bytes (send a longer script as a file)"
+        ));
+    }
+    let cwd = body.cwd.filter(|cwd| !cwd.is_empty());
+    if let Some(cwd) = cwd.as_deref() {
+        validate_toolbox_path("cwd", cwd).map_err(ApiError::bad_request)?;
+    }
+    let env = body.envs.unwrap_or_default();
+    validate_env("envs", &env).map_err(ApiError::bad_request)?;
     let id = started_sandbox(&state, &org, &sandbox_id).await?;
     let request = ExecRequest {
         command: body.command,
-        cwd: body.cwd.filter(|cwd| !cwd.is_empty()),
-        env: body.envs.unwrap_or_default(),
+        cwd,
+        env,
         timeout: body.timeout.filter(|t| *t > 0).map(Duration::from_secs),
     };
     let result = state
@@ -182,14 +198,16 @@ pub async fn create_folder(
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<CreateFolderQuery>,
 ) -> ApiResult<StatusCode> {
-    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    validate_toolbox_path("path", &query.path).map_err(ApiError::bad_request)?;
     let mode_is_octal =
         (3..=4).contains(&query.mode.len()) && query.mode.chars().all(|c| ('0'..='7').contains(&c));
-    if !mode_is_octal || query.path.is_empty() {
-        return Err(ApiError::bad_request(
-            "path must not be empty and mode must be octal, e.g. 755",
-        ));
+    if !mode_is_octal {
+        return Err(ApiError::bad_request(format!(
+            "invalid mode {:?}: must be octal, e.g. 755",
+            query.mode
+        )));
     }
+    let id = started_sandbox(&state, &org, &sandbox_id).await?;
     let command = format!(
         "mkdir -p -m {} -- {} 2>&1",
         query.mode,
@@ -211,6 +229,7 @@ pub async fn list_files(
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<ListFilesQuery>,
 ) -> ApiResult<Json<Vec<FileInfo>>> {
+    validate_toolbox_path("path", &query.path).map_err(ApiError::bad_request)?;
     let id = started_sandbox(&state, &org, &sandbox_id).await?;
     let dir = shell_quote(&query.path);
     // NUL-terminated records, so that any file name survives.
@@ -266,6 +285,36 @@ fn parse_field_name(name: &str) -> Option<UploadField> {
     }
 }
 
+/// A request body being read; remembers a read failure, so that it is told apart from the
+/// runner's own errors.
+struct ClientBody<R> {
+    inner: R,
+    failure: Option<String>,
+}
+
+impl<R> ClientBody<R> {
+    fn new(inner: R) -> ClientBody<R> {
+        ClientBody {
+            inner,
+            failure: None,
+        }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ClientBody<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Err(e)) = &polled {
+            self.failure = Some(e.to_string());
+        }
+        polled
+    }
+}
+
 /// Uploads files: for each i a text field `files[i].path` and a file part `files[i].file`. File
 /// contents are streamed into the sandbox; a file part that arrives before its path is spooled
 /// to a temporary file (never held in memory).
@@ -297,6 +346,8 @@ pub async fn bulk_upload(
         match kind {
             UploadField::Path(index) => {
                 let path = field.text().await.map_err(bad_part)?;
+                validate_toolbox_path(&format!("files[{index}].path"), &path)
+                    .map_err(ApiError::bad_request)?;
                 if let Some(mut file) = spooled.remove(&index) {
                     file.rewind().await.map_err(ApiError::internal)?;
                     runner
@@ -307,12 +358,19 @@ pub async fn bulk_upload(
                 paths.insert(index, path);
             }
             UploadField::File(index) => {
-                let mut body = StreamReader::new(field.map_err(std::io::Error::other));
+                let mut body =
+                    ClientBody::new(StreamReader::new(field.map_err(std::io::Error::other)));
                 match paths.get(&index) {
-                    Some(path) => runner
-                        .upload(&id, path, &mut body)
-                        .await
-                        .map_err(runner_error)?,
+                    Some(path) => {
+                        let written = runner.upload(&id, path, &mut body).await;
+                        // A broken request body is the client's error, not the runner's.
+                        if let Some(e) = body.failure.take() {
+                            return Err(ApiError::bad_request(format!(
+                                "reading files[{index}].file: {e}"
+                            )));
+                        }
+                        written.map_err(runner_error)?
+                    }
                     None => {
                         let spool = tempfile::tempfile().map_err(ApiError::internal)?;
                         let mut spool = tokio::fs::File::from_std(spool);
@@ -347,6 +405,9 @@ pub async fn bulk_download(
     ApiPath(sandbox_id): ApiPath<String>,
     ApiJson(body): ApiJson<BulkDownloadRequest>,
 ) -> ApiResult<Response> {
+    for (i, path) in body.paths.iter().enumerate() {
+        validate_toolbox_path(&format!("paths[{i}]"), path).map_err(ApiError::bad_request)?;
+    }
     let id = started_sandbox(&state, &org, &sandbox_id).await?;
     let boundary = format!("cellar-{}", uuid::Uuid::new_v4().simple());
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
@@ -389,6 +450,33 @@ fn download_error(path: &str, err: RunnerError) -> serde_json::Value {
     serde_json::json!({"message": message, "statusCode": status, "code": code, "source": "DAYTONA_DAEMON"})
 }
 
+/// `filename="<ASCII fallback>"; filename*=UTF-8''<percent-encoded>` (RFC 6266): the user's
+/// path never reaches a header raw. Printable ASCII stays as it is in the fallback (`"` and `\`
+/// escaped), which the clients compare with the requested path; other bytes become `_`.
+fn filename_params(path: &str) -> String {
+    let mut fallback = String::with_capacity(path.len());
+    let mut encoded = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            '"' | '\\' => {
+                fallback.push('\\');
+                fallback.push(c);
+            }
+            ' '..='~' => fallback.push(c),
+            _ => fallback.push('_'),
+        }
+    }
+    for byte in path.bytes() {
+        // RFC 5987 attr-char: ALPHA / DIGIT / "!#$&+-.^_`|~"
+        if byte.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    format!("filename=\"{fallback}\"; filename*=UTF-8''{encoded}")
+}
+
 /// Sends one part; returns false once the receiver is gone or the file failed midway (the
 /// response then ends without its closing boundary, so the client sees a broken body).
 async fn write_part(
@@ -397,14 +485,14 @@ async fn write_part(
     path: &str,
     part: Result<cellar_runner::FileStream, serde_json::Value>,
 ) -> bool {
-    let filename = path.replace('\\', "\\\\").replace('"', "\\\"");
     let (name, content_type) = match &part {
         Ok(_) => ("file", "application/octet-stream"),
         Err(_) => ("error", "application/json"),
     };
     let header = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n\
-         Content-Type: {content_type}\r\n\r\n"
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; {}\r\n\
+         Content-Type: {content_type}\r\n\r\n",
+        filename_params(path)
     );
     if tx.send(Ok(Bytes::from(header))).await.is_err() {
         return false;
