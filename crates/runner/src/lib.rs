@@ -247,14 +247,77 @@ impl Runner {
         }
     }
 
-    /// Mounts the volumes, launches bubblewrap and persists the record; `acquired` collects the
-    /// volumes referenced so far, for the caller to release on failure.
+    /// Creates the network namespace (pasta connects it meanwhile), mounts the volumes,
+    /// launches bubblewrap and persists the record; `acquired` collects the volumes referenced
+    /// so far, for the caller to release on failure.
     async fn start(
         &self,
         spec: &SandboxSpec,
         paths: &SandboxPaths,
         acquired: &mut Vec<String>,
     ) -> Result<SandboxRecord, RunnerError> {
+        paths.remove();
+        // pasta logs there from its start on.
+        std::fs::create_dir_all(&paths.dir)?;
+        let (netns, connecting) = match &spec.network {
+            NetworkPolicy::Isolated => (None, None),
+            NetworkPolicy::Outbound { allow } => {
+                let netns = network::create(&paths.netns)?;
+                let (file, log, allow) = (paths.netns.clone(), paths.network_log(), allow.clone());
+                let connecting =
+                    tokio::task::spawn_blocking(move || network::connect(&file, &allow, &log));
+                (Some(netns), Some(connecting))
+            }
+        };
+        let launched = self.mount_and_launch(spec, paths, acquired, netns).await;
+        let connected = match connecting {
+            Some(task) => task
+                .await
+                .map_err(|err| RunnerError::Io(std::io::Error::other(err)))
+                .and_then(|connected| connected),
+            None => Ok(()),
+        };
+        let started = launched?;
+        let record = SandboxRecord {
+            id: spec.id.clone(),
+            bwrap_pid: started.bwrap_pid,
+            init_pid: started.init_pid,
+            init_start_time: started.init_start_time,
+            env: spec.env.clone(),
+            volumes: spec
+                .mounts
+                .iter()
+                .map(|mount| sandbox::VolumeBindRecord {
+                    volume_id: mount.volume.volume_id.clone(),
+                    mount_path: mount.mount_path.clone(),
+                    subpath: mount.subpath.clone(),
+                    read_only: mount.read_only,
+                })
+                .collect(),
+            network: spec.network.clone(),
+        };
+        let saved = connected.and_then(|()| {
+            serde_json::to_vec_pretty(&record)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| write_atomically(&paths.record, &bytes))
+                .map_err(RunnerError::from)
+        });
+        if let Err(err) = saved {
+            let _ = record.kill().await;
+            return Err(err);
+        }
+        Ok(record)
+    }
+
+    /// Mounts the volumes and launches bubblewrap, in network namespace `netns` if given (else
+    /// in a new, unconnected one).
+    async fn mount_and_launch(
+        &self,
+        spec: &SandboxSpec,
+        paths: &SandboxPaths,
+        acquired: &mut Vec<String>,
+        netns: Option<std::os::fd::OwnedFd>,
+    ) -> Result<sandbox::Started, RunnerError> {
         let mut binds = Vec::with_capacity(spec.mounts.len());
         for mount in &spec.mounts {
             let mounts = Arc::clone(&self.mounts);
@@ -292,48 +355,10 @@ impl Runner {
             id: &spec.id,
             env: &spec.env,
             binds: &binds,
+            netns: netns.as_ref(),
             cgroup_procs: self.cgroups.procs_files(&spec.id),
         };
-        let started = sandbox::launch(launch, paths).await?;
-        let record = SandboxRecord {
-            id: spec.id.clone(),
-            bwrap_pid: started.bwrap_pid,
-            init_pid: started.init_pid,
-            init_start_time: started.init_start_time,
-            env: spec.env.clone(),
-            volumes: spec
-                .mounts
-                .iter()
-                .map(|mount| sandbox::VolumeBindRecord {
-                    volume_id: mount.volume.volume_id.clone(),
-                    mount_path: mount.mount_path.clone(),
-                    subpath: mount.subpath.clone(),
-                    read_only: mount.read_only,
-                })
-                .collect(),
-            network: spec.network.clone(),
-        };
-        let (netns, network_log, init_pid) =
-            (paths.netns.clone(), paths.network_log(), record.init_pid);
-        let network = spec.network.clone();
-        let connected = tokio::task::spawn_blocking(move || {
-            network::connect(&netns, init_pid, &network, &network_log)
-        })
-        .await
-        .map_err(|err| RunnerError::Io(std::io::Error::other(err)))
-        .and_then(|connected| connected);
-        if let Err(err) = connected {
-            let _ = record.kill().await;
-            return Err(err);
-        }
-        let saved = serde_json::to_vec_pretty(&record)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| write_atomically(&paths.record, &bytes));
-        if let Err(err) = saved {
-            let _ = record.kill().await;
-            return Err(err.into());
-        }
-        Ok(record)
+        sandbox::launch(launch, paths).await
     }
 
     /// Kills every process of the sandbox and releases its mounts. Idempotent.

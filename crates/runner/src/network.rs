@@ -10,14 +10,16 @@
 //! everything outside it, before a packet leaves. The sandbox user has no CAP_NET_ADMIN and
 //! cannot change them.
 //!
-//! pasta joins the namespace through a bind mount of it (`<id>.netns` next to the sandbox's
-//! record) and quits by itself when that file is removed, so it lives exactly as long as the
-//! sandbox's network, across runner restarts.
+//! The namespace is made before the sandbox (bound on `<id>.netns` next to the sandbox's record),
+//! so that pasta connects it while the volumes are mounted and bubblewrap sets the sandbox up.
+//! pasta joins it through that file and quits by itself when the file is removed, so it lives
+//! exactly as long as the sandbox's network, across runner restarts.
 
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
 use std::io::Write;
 use std::net::IpAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::{process, NetworkPolicy, RunnerError};
+use crate::{process, RunnerError};
 
 /// How long pasta may take to configure the namespace.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,21 +35,53 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// metadata services hand out the host's credentials.
 const ALWAYS_PROHIBITED: [&str; 1] = ["169.254.0.0/16"];
 
-/// Connects the network namespace of the sandbox whose init is `init_pid` as `policy` says.
-/// Blocking: a few short-lived processes.
-pub(crate) fn connect(
-    netns_file: &Path,
-    init_pid: i32,
-    policy: &NetworkPolicy,
-    log: &Path,
-) -> Result<(), RunnerError> {
-    let NetworkPolicy::Outbound { allow } = policy else {
-        // bubblewrap's namespace has its loopback interface up and nothing else.
-        return Ok(());
-    };
-    bind_netns(init_pid, netns_file)?;
+/// Makes a new network namespace, bound on `netns_file`, and returns it opened (for the
+/// sandbox to enter). Only its loopback interface exists, still down until [`connect`].
+pub(crate) fn create(netns_file: &Path) -> Result<OwnedFd, RunnerError> {
+    disconnect(netns_file);
+    std::fs::File::create(netns_file)?;
+    let target = CString::new(netns_file.as_os_str().as_bytes())
+        .map_err(|_| RunnerError::InvalidInput("state directory path contains NUL".to_owned()))?;
+    // Namespaces belong to threads: a thread of its own enters the new one, binds it and ends.
+    let bound = std::thread::spawn(move || {
+        // SAFETY: unshare and mount(2) with NUL-terminated strings; they affect this thread only.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let source = c"/proc/thread-self/ns/net";
+            let none: &CStr = c"none";
+            let flags = libc::MS_BIND;
+            if libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                none.as_ptr(),
+                flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace thread panicked"))
+    .and_then(|bound| bound);
+    if let Err(err) = bound {
+        let _ = std::fs::remove_file(netns_file);
+        return Err(RunnerError::Unavailable(format!(
+            "cannot create the sandbox's network namespace: {err}"
+        )));
+    }
+    Ok(OwnedFd::from(std::fs::File::open(netns_file)?))
+}
+
+/// Connects the namespace bound on `netns_file` to the outside through pasta, reaching `allow`
+/// only when it is not empty. Blocking: a few short-lived processes.
+pub(crate) fn connect(netns_file: &Path, allow: &[IpNet], log: &Path) -> Result<(), RunnerError> {
     start_pasta(netns_file, log)?;
-    let mut batch = String::new();
+    let mut batch = String::from("link set lo up\n");
     for addr in host_addresses() {
         batch.push_str(&prohibit_route(&IpNet::from(addr)));
     }
@@ -132,35 +166,6 @@ unsafe fn socket_address(addr: *const libc::sockaddr) -> Option<IpAddr> {
         }
         _ => None,
     }
-}
-
-/// Bind-mounts the network namespace of `pid` on `file`, so that pasta (which drops its
-/// privileges before joining) can open it without ptrace rights over the sandbox's init.
-fn bind_netns(pid: i32, file: &Path) -> Result<(), RunnerError> {
-    disconnect(file);
-    std::fs::File::create(file)?;
-    let source = CString::new(format!("/proc/{pid}/ns/net")).expect("no NUL");
-    let target = CString::new(file.as_os_str().as_bytes())
-        .map_err(|_| RunnerError::InvalidInput("state directory path contains NUL".to_owned()))?;
-    let none: &CStr = c"none";
-    // SAFETY: mount(2) with NUL-terminated strings and no data.
-    let mounted = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            none.as_ptr(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if mounted != 0 {
-        let err = std::io::Error::last_os_error();
-        let _ = std::fs::remove_file(file);
-        return Err(RunnerError::Unavailable(format!(
-            "cannot bind the sandbox's network namespace: {err}"
-        )));
-    }
-    Ok(())
 }
 
 /// Starts pasta on the namespace and returns once it has configured it (pasta's foreground

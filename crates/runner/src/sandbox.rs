@@ -172,6 +172,8 @@ pub(crate) struct Launch<'a> {
     pub id: &'a str,
     pub env: &'a BTreeMap<String, String>,
     pub binds: &'a [VolumeBind],
+    /// The network namespace to run in; None: a new one with only loopback.
+    pub netns: Option<&'a OwnedFd>,
     pub cgroup_procs: Vec<CString>,
 }
 
@@ -185,7 +187,6 @@ pub(crate) struct Started {
 /// Prepares the sandbox's private directories: a fresh home owned by the sandbox user, a private
 /// /tmp, and passwd/group files that know the sandbox user.
 pub(crate) fn prepare_dirs(paths: &SandboxPaths, binds: &[VolumeBind]) -> std::io::Result<()> {
-    paths.remove();
     std::fs::create_dir_all(paths.home())?;
     chown(paths.home(), Some(SANDBOX_UID), Some(SANDBOX_UID))?;
     std::fs::set_permissions(paths.home(), std::fs::Permissions::from_mode(0o755))?;
@@ -258,13 +259,12 @@ fn bwrap_args(
     for fd in seccomp_fds {
         push(&["--add-seccomp-fd", &fd.to_string()]);
     }
-    // Always a network namespace of its own: see network.rs for how an outbound one is wired.
-    push(&[
-        "--unshare-pid",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--unshare-net",
-    ]);
+    push(&["--unshare-pid", "--unshare-ipc", "--unshare-uts"]);
+    // Always a network namespace of its own: an outbound one is made beforehand (network.rs)
+    // and entered before bubblewrap runs.
+    if launch.netns.is_none() {
+        push(&["--unshare-net"]);
+    }
     let hostname: String = launch.id.chars().take(12).collect();
     push(&["--hostname", &hostname]);
     push(&["--clearenv"]);
@@ -362,10 +362,16 @@ pub(crate) async fn launch(
         .stdout(log.try_clone()?)
         .stderr(log);
     let cgroup_procs = launch.cgroup_procs;
+    let netns = launch.netns.map(AsRawFd::as_raw_fd);
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
-    // (setsid, open/write/close, fcntl) on data prepared before the fork.
+    // (setns, setsid, open/write/close, fcntl) on data prepared before the fork.
     unsafe {
         command.pre_exec(move || {
+            if let Some(netns) = netns {
+                if libc::setns(netns, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             // Detached from the runner: its own session, so it outlives a runner restart.
             libc::setsid();
             crate::cgroup::join_self(&cgroup_procs);
