@@ -4,7 +4,8 @@
 # `cellar server` (temporary data directory, file:// store). Three runs: with the first
 # organization's key, with a second organization's key (objects of the first must stay hidden),
 # and with an invalid key. Fails on any 5xx and on any response the document does not describe
-# (status code, content type, headers, body schema).
+# (status code, content type, headers, body schema). Then 200 concurrent clients for 30 s
+# (tests/api/load.py): every answer must be the expected one.
 #
 # Environment:
 #   CELLAR_BIN          the cellar binary (default: target/release/cellar of this repository)
@@ -12,6 +13,7 @@
 #   FUZZ_MAX_TIME       seconds each of the three runs may take (default 100)
 #   FUZZ_SEED           hypothesis seed, to reproduce a run
 #   FUZZ_KEEP           1 to keep the data directory, the server log and the reports
+#   LOAD_CLIENTS, LOAD_SECONDS   the concurrent clients' number and duration (200, 30)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -93,6 +95,8 @@ fuzz() { # label key foreign
 fuzz "organization A" "$KEY_A" 0
 fuzz "organization B on A's objects" "$KEY_B" 1
 fuzz "invalid key" "cellar_invalid" 0
+echo "== ${LOAD_CLIENTS:-200} concurrent clients for ${LOAD_SECONDS:-30} s"
+python3 load.py "$BASE" "$KEY_A" "$KEY_B" "$FUZZ_SANDBOX_ID" "$FUZZ_VOLUME_ID" || status=1
 
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     echo "fuzz.sh: the server died during the run" >&2
