@@ -48,14 +48,8 @@ SERVER_LOG=$DATA_DIR.log
 SERVER_PID=
 HELPER_PID=
 API_KEY=
-# PIDs of processes whose command line names this run's data directory (its sandboxes and mounts).
-processes_of_this_run() {
-    local proc
-    for proc in /proc/[0-9]*; do
-        tr '\0' ' ' 2>/dev/null <"$proc/cmdline" | grep -qF -- "$DATA_DIR/" && echo "${proc#/proc/}"
-    done
-    return 0
-}
+# shellcheck source=../tests/harness/server.sh
+source "$REPO/tests/harness/server.sh"
 cleanup() {
     # The measuring helper first, so it creates no sandbox while they are being deleted.
     if [[ -n $HELPER_PID ]] && kill -0 "$HELPER_PID" 2>/dev/null; then
@@ -68,28 +62,9 @@ cleanup() {
             DAYTONA_API_URL="http://127.0.0.1:$PORT/api" DAYTONA_API_KEY=$API_KEY \
                 python3 "$REPO/tests/compat/teardown.py" || true
         fi
-        kill -TERM "$SERVER_PID"
-        for _ in $(seq 1 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$SERVER_PID" 2>/dev/null && kill -KILL "$SERVER_PID"
-        wait "$SERVER_PID" 2>/dev/null || true
+        server_stop "$SERVER_PID"
     fi
-    # Whatever outlived the server: sandboxes first (a PID namespace's init ignores SIGTERM), then
-    # the FUSE mount processes, then any mount point left under the data directory.
-    local leftovers
-    leftovers=$(processes_of_this_run)
-    if [[ -n $leftovers ]]; then
-        echo "sandbox_start.sh: $(wc -w <<<"$leftovers") process(es) of this run outlived the server; ending them" >&2
-        for pid in $leftovers; do
-            [[ $(cat "/proc/$pid/comm" 2>/dev/null) == bwrap ]] && kill -KILL "$pid" 2>/dev/null
-        done
-        sleep 1
-        for pid in $(processes_of_this_run); do kill -TERM "$pid" 2>/dev/null; done
-        sleep 2
-        for pid in $(processes_of_this_run); do kill -KILL "$pid" 2>/dev/null; done
-    fi
-    awk -v d="$DATA_DIR/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r mnt; do
-        fusermount3 -uz "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
-    done
+    server_end_leftovers "$DATA_DIR"
     if [[ ${SANDBOX_START_KEEP:-0} == 1 ]]; then
         echo "kept: data dir $DATA_DIR, server log $SERVER_LOG"
     else
@@ -105,23 +80,9 @@ echo "== starting $CELLAR_BIN server on 127.0.0.1:$PORT (data dir $DATA_DIR)"
     >"$SERVER_LOG" 2>&1 &
 SERVER_PID=$!
 
-# The bootstrap key is printed once, on the first start: `cellar_` and 64 hex digits.
 redacted_log() { sed -E 's/cellar_[0-9a-f]{64}/cellar_<redacted>/g' "$SERVER_LOG"; }
-for _ in $(seq 1 300); do
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        echo "sandbox_start.sh: the server exited during start-up; its log:" >&2
-        redacted_log >&2
-        exit 1
-    fi
-    API_KEY=${API_KEY:-$(grep -oE 'cellar_[0-9a-f]{64}' "$SERVER_LOG" | head -n 1 || true)}
-    if [[ -n $API_KEY ]] && curl -sf -o /dev/null -H "Authorization: Bearer $API_KEY" \
-        "http://127.0.0.1:$PORT/api/volumes"; then
-        break
-    fi
-    sleep 0.1
-done
-if [[ -z $API_KEY ]]; then
-    echo "sandbox_start.sh: no bootstrap API key (cellar_<64 hex>) in the server's output after 30 s; its log:" >&2
+if ! API_KEY=$(server_bootstrap_key "$SERVER_LOG" "$SERVER_PID" "$PORT"); then
+    echo "sandbox_start.sh: the server did not start (no bootstrap key after 30 s); its log:" >&2
     redacted_log >&2
     exit 1
 fi
