@@ -186,6 +186,7 @@ impl Runner {
             };
             if record.is_alive() {
                 tracing::info!(sandbox = %record.id, "adopted running sandbox");
+                self.reconnect(&record);
                 running.insert(record.id.clone(), Arc::new(record));
             } else {
                 tracing::info!(sandbox = %record.id, "cleaning up sandbox that stopped");
@@ -215,6 +216,25 @@ impl Runner {
             rebind_volume(&self.mounts, &records, &volume_id);
         }
         Ok(())
+    }
+
+    /// Gives an adopted outbound sandbox whose pasta died (a crash, a host-wide kill) its
+    /// network back: a new pasta and the routes of its policy.
+    fn reconnect(&self, record: &SandboxRecord) {
+        let NetworkPolicy::Outbound { allow } = &record.network else {
+            return;
+        };
+        let paths = SandboxPaths::new(&self.sandboxes_dir, &record.id);
+        if network::is_connected(&paths.netns) {
+            return;
+        }
+        network::forget_allow_list(&paths.netns);
+        match network::connect(&paths.netns, allow, &paths.network_log()) {
+            Ok(()) => tracing::info!(sandbox = %record.id, "reconnected the sandbox's network"),
+            Err(err) => {
+                tracing::error!(sandbox = %record.id, "cannot reconnect the sandbox's network: {err}")
+            }
+        }
     }
 
     /// Starts a sandbox and returns once it runs. Creating a sandbox that already runs is a

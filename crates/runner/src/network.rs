@@ -94,6 +94,20 @@ pub(crate) fn connect(netns_file: &Path, allow: &[IpNet], log: &Path) -> Result<
     run_ip_batch(netns_file, &batch)
 }
 
+/// Drops the `prohibit` default routes of an allow list from a namespace whose pasta died, so
+/// that a new pasta can set its default routes up again (before [`connect`]).
+pub(crate) fn forget_allow_list(netns_file: &Path) {
+    for (_, everything) in FAMILIES {
+        // An absent route is fine: only a namespace with an allow list has them.
+        let _ = run_ip_batch(netns_file, &format!("route del prohibit {everything}\n"));
+    }
+}
+
+/// Whether the pasta of the namespace bound on `netns_file` still runs.
+pub(crate) fn is_connected(netns_file: &Path) -> bool {
+    process::runs_with_argument("pasta", &netns_file.to_string_lossy())
+}
+
 /// Makes addresses the host gained after the sandbox started unreachable from it too.
 pub(crate) fn prohibit(netns_file: &Path, addrs: &BTreeSet<IpAddr>) -> Result<(), RunnerError> {
     let batch: String = addrs

@@ -35,6 +35,23 @@ pub(crate) fn children(pid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// Whether some process runs `program` (its argv[0]'s file name) with `arg` among its arguments.
+pub(crate) fn runs_with_argument(program: &str, arg: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            return false;
+        };
+        let mut argv = cmdline.split(|byte| *byte == 0);
+        let name = argv
+            .next()
+            .and_then(|argv0| Path::new(std::str::from_utf8(argv0).ok()?).file_name());
+        name.is_some_and(|name| name == program) && argv.any(|item| item == arg.as_bytes())
+    })
+}
+
 /// The kernel's command name of a process (`comm`).
 pub(crate) fn comm(pid: i32) -> Option<String> {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;

@@ -323,6 +323,25 @@ async fn addresses_the_host_gains_later_are_unreachable_too() {
     runner.release_all().await;
 }
 
+/// The pids of the processes whose command line names `netns` (the sandbox's pasta).
+fn pastas_of(netns: &std::path::Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
+                String::from_utf8_lossy(&cmdline).contains(&*netns.to_string_lossy())
+            })
+        })
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+fn netns_file(state: &common::StateDir, id: &str) -> std::path::PathBuf {
+    let dir = state.path().canonicalize().unwrap();
+    dir.join(format!("sandboxes/{id}.netns"))
+}
+
 #[tokio::test]
 async fn pasta_ends_with_its_sandbox() {
     let state = common::StateDir::new();
@@ -331,30 +350,50 @@ async fn pasta_ends_with_its_sandbox() {
         .create_sandbox(spec("net-end", outbound()))
         .await
         .unwrap();
-    let netns = state
-        .path()
-        .canonicalize()
-        .unwrap()
-        .join("sandboxes/net-end.netns");
-    let pastas = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|entry| {
-                std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
-                    String::from_utf8_lossy(&cmdline).contains(&*netns.to_string_lossy())
-                })
-            })
-            .count()
-    };
-    assert_eq!(pastas(), 1, "one pasta per outbound sandbox");
+    let netns = netns_file(&state, "net-end");
+    assert_eq!(pastas_of(&netns).len(), 1, "one pasta per outbound sandbox");
     runner.destroy_sandbox("net-end").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pastas() > 0 {
+    while !pastas_of(&netns).is_empty() {
         assert!(Instant::now() < deadline, "pasta outlived its sandbox");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!netns.exists());
+}
+
+#[tokio::test]
+async fn a_runner_reconnects_an_adopted_sandbox_whose_pasta_died() {
+    let test_host = TestHost::new(3);
+    let state = common::StateDir::new();
+    let allowed = NetworkPolicy::Outbound {
+        allow: vec!["10.231.3.0/30".parse().unwrap()],
+    };
+    {
+        let first = runner(&state);
+        first
+            .create_sandbox(spec("net-again", allowed))
+            .await
+            .unwrap();
+    }
+    let netns = netns_file(&state, "net-again");
+    for pid in pastas_of(&netns) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pastas_of(&netns).is_empty() {
+        assert!(Instant::now() < deadline, "pasta did not die");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = runner(&state);
+    assert_eq!(
+        connect_from(&second, "net-again", test_host.server_addr).await,
+        Ok("hello from the test host".to_owned())
+    );
+    // The allow list holds again too.
+    let elsewhere: SocketAddr = "10.99.0.1:80".parse().unwrap();
+    assert!(connect_from(&second, "net-again", elsewhere).await.is_err());
+    second.release_all().await;
 }
 
 #[tokio::test]
