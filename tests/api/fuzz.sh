@@ -96,7 +96,10 @@ fuzz "organization A" "$KEY_A" 0
 fuzz "organization B on A's objects" "$KEY_B" 1
 fuzz "invalid key" "cellar_invalid" 0
 echo "== ${LOAD_CLIENTS:-200} concurrent clients for ${LOAD_SECONDS:-30} s"
-python3 load.py "$BASE" "$KEY_A" "$KEY_B" "$FUZZ_SANDBOX_ID" "$FUZZ_VOLUME_ID" || status=1
+# Objects of its own: the fuzz runs may well have deleted theirs.
+LOAD_VOLUME_ID=$(api POST /api/volumes "$KEY_A" '{"name":"load-volume"}' | field id)
+LOAD_SANDBOX_ID=$(api POST /api/sandbox "$KEY_A" '{"name":"load-sandbox","networkBlockAll":true}' | field id)
+python3 load.py "$BASE" "$KEY_A" "$KEY_B" "$LOAD_SANDBOX_ID" "$LOAD_VOLUME_ID" || status=1
 
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     echo "fuzz.sh: the server died during the run" >&2
