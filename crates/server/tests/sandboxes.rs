@@ -87,6 +87,24 @@ async fn destroy(server: &TestServer, sandbox: &Value) {
         .await;
 }
 
+/// Downloads `paths` with `files/bulk-download` (200 expected): the content type and body.
+async fn bulk_download(server: &TestServer, url: &str, paths: &[&str]) -> (String, Vec<u8>) {
+    let response = server
+        .http
+        .post(url)
+        .bearer_auth(&server.key)
+        .json(&json!({ "paths": paths }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    (content_type, response.bytes().await.unwrap().to_vec())
+}
+
 /// Splits a multipart body into (Content-Disposition, content) pairs.
 fn multipart_parts(content_type: &str, body: &[u8]) -> Vec<(String, Vec<u8>)> {
     let boundary = content_type
@@ -291,24 +309,12 @@ async fn sandboxes_share_a_volume_that_outlives_them() {
         "/home/daytona/volume/dir/big.bin",
         "/home/daytona/volume/missing",
     ];
-    let response = server
-        .http
-        .post(&download_url)
-        .bearer_auth(&server.key)
-        .json(&json!({ "paths": paths }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let (content_type, body) = bulk_download(&server, &download_url, &paths).await;
     assert!(
         content_type.starts_with("multipart/form-data; boundary="),
         "{content_type}"
     );
-    let parts = multipart_parts(&content_type, &response.bytes().await.unwrap());
+    let parts = multipart_parts(&content_type, &body);
     assert_eq!(parts.len(), 2);
     assert!(
         parts[0].0.contains(r#"name="file""#)
@@ -479,20 +485,8 @@ async fn bad_toolbox_input_on_a_running_sandbox_is_400_never_500() {
 
     // A path with CR/LF reaches no header raw: one part, its name percent-encoded.
     let injected = "/tmp/x\r\nX-Injected: 1\r\n\r\nbody";
-    let response = server
-        .http
-        .post(format!("{toolbox}/files/bulk-download"))
-        .bearer_auth(&server.key)
-        .json(&json!({ "paths": [injected] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let body = response.bytes().await.unwrap();
+    let download_url = format!("{toolbox}/files/bulk-download");
+    let (content_type, body) = bulk_download(&server, &download_url, &[injected]).await;
     let parts = multipart_parts(&content_type, &body);
     assert_eq!(parts.len(), 1, "{}", String::from_utf8_lossy(&body));
     let disposition = &parts[0].0;
