@@ -100,6 +100,10 @@ fn follow(weak: Weak<Inner>, mut position: u64) {
 fn apply(inner: &Inner, change: &Change) {
     if change.ino != 0 {
         inner.forget_seen(change.ino);
+        // Reads through descriptors already open load the new layout at once.
+        if let Some(file) = inner.registry.file(change.ino) {
+            *file.layout.lock() = None;
+        }
         inner.invalidate(Invalidation::Inode(change.ino));
     }
     if let Some((parent, name)) = &change.entry {
