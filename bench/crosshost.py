@@ -39,23 +39,23 @@ def measure(cluster, vol, changes, interval):
     root_a, root_b = vol.path(1) / "x", vol.path(2) / "x"
     a.call("mkdir", path=str(root_a))
     a.call("write", path=str(root_a / "f"), data="-" * 4096)
-    b.call("poll_content", path=str(root_b / "f"), expect="-" * 4096, timeout=60, interval=interval)
+    b.call("poll_content", path=str(root_b / "f"), expect="-" * 4096, within=60, interval=interval)
     rows = {"content (open+read)": [], "size (stat)": [], "listing (readdir)": []}
     for k in range(changes):
         data = f"{k:08d}".ljust(4096, "abcdefgh"[k % 8])
-        b.send("poll_content", path=str(root_b / "f"), expect=data, timeout=30, interval=interval)
+        b.send("poll_content", path=str(root_b / "f"), expect=data, within=30, interval=interval)
         closed = a.call("write", path=str(root_a / "f"), data=data)["closed_ns"]
         seen = b.receive("poll_content", timeout=40)["seen_ns"]
         rows["content (open+read)"].append((seen - closed) / 1e6)
 
         size = 100 + k % 3000
-        b.send("poll_stat", path=str(root_b / "f"), size=size, timeout=30, interval=interval)
+        b.send("poll_stat", path=str(root_b / "f"), size=size, within=30, interval=interval)
         closed = a.call("write", path=str(root_a / "f"), data="s" * size)["closed_ns"]
         seen = b.receive("poll_stat", timeout=40)["seen_ns"]
         rows["size (stat)"].append((seen - closed) / 1e6)
 
         name = f"new-{k}"
-        b.send("poll_listing", path=str(root_b), name=name, timeout=30, interval=interval)
+        b.send("poll_listing", path=str(root_b), name=name, within=30, interval=interval)
         closed = a.call("write", path=str(root_a / name), data="n")["closed_ns"]
         seen = b.receive("poll_listing", timeout=40)["seen_ns"]
         rows["listing (readdir)"].append((seen - closed) / 1e6)

@@ -84,10 +84,10 @@ def op_now():
     return time.monotonic_ns()
 
 
-def op_poll_content(path, expect, timeout, interval=0):
+def op_poll_content(path, expect, within, interval=0):
     """Opens and reads `path` until it holds `expect`; returns when it was first seen."""
     want = expect.encode("latin-1")
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     polls = 0
     while True:
         polls += 1
@@ -97,13 +97,13 @@ def op_poll_content(path, expect, timeout, interval=0):
         except FileNotFoundError:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not hold the expected {len(want)} bytes within {timeout}s")
+            raise TimeoutError(f"{path} did not hold the expected {len(want)} bytes within {within}s")
         time.sleep(interval)
 
 
-def op_poll_stat(path, size, timeout, interval=0):
+def op_poll_stat(path, size, within, interval=0):
     """stat()s `path` until its size is `size`, then reads it; returns when the size was seen."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     polls = 0
     while True:
         polls += 1
@@ -113,20 +113,20 @@ def op_poll_stat(path, size, timeout, interval=0):
         except FileNotFoundError:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not reach size {size} within {timeout}s")
+            raise TimeoutError(f"{path} did not reach size {size} within {within}s")
         time.sleep(interval)
 
 
-def op_poll_listing(path, name, timeout, interval=0):
+def op_poll_listing(path, name, within, interval=0):
     """Lists `path` until `name` is in it."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     polls = 0
     while True:
         polls += 1
         if name in os.listdir(path):
             return {"seen_ns": time.monotonic_ns(), "polls": polls}
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} did not appear in {path} within {timeout}s")
+            raise TimeoutError(f"{name} did not appear in {path} within {within}s")
         time.sleep(interval)
 
 
