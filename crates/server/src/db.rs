@@ -185,6 +185,18 @@ pub struct RunnerTokenRow {
     pub revoked_at: Option<String>,
 }
 
+/// A runner as the server last heard of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerRow {
+    pub id: String,
+    pub url: String,
+    pub capacity: i64,
+    pub state: String,
+    /// Sandboxes it reported running in its last heartbeat (the embedded runner: those started).
+    pub running: i64,
+    pub last_heartbeat_ms: i64,
+}
+
 /// A runner that missed its heartbeats.
 #[derive(Debug)]
 pub struct LostRunner {
@@ -775,6 +787,26 @@ impl ControlDb {
     }
 
     // ---- runners ----
+
+    pub fn list_runners(&self) -> DbResult<Vec<RunnerRow>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT id, url, capacity, state, CASE WHEN id = ?1 THEN \
+             (SELECT count(*) FROM sandboxes s WHERE s.runner_id = ?1 AND s.state = 'started') \
+             ELSE running END, last_heartbeat_ms FROM runners ORDER BY id",
+        )?;
+        let rows = stmt.query_map([EMBEDDED_RUNNER], |r| {
+            Ok(RunnerRow {
+                id: r.get(0)?,
+                url: r.get(1)?,
+                capacity: r.get(2)?,
+                state: r.get(3)?,
+                running: r.get(4)?,
+                last_heartbeat_ms: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
 
     /// Records the embedded runner as live (it cannot miss heartbeats), or, when the server runs
     /// without it, as lost together with the sandboxes it ran.

@@ -211,7 +211,12 @@ pub fn admin_create_runner_token(data_dir: &Path, name: &str) -> anyhow::Result<
     Ok(ControlDb::open(data_dir)?.create_runner_token(name)?)
 }
 
-pub use db::RunnerTokenRow;
+pub use db::{RunnerRow, RunnerTokenRow};
+
+/// `cellar admin runner list`: every runner the server knows, as last heard of.
+pub fn admin_list_runners(data_dir: &Path) -> anyhow::Result<Vec<RunnerRow>> {
+    Ok(ControlDb::open(data_dir)?.list_runners()?)
+}
 
 /// `cellar admin runner-token list`.
 pub fn admin_list_runner_tokens(data_dir: &Path) -> anyhow::Result<Vec<RunnerTokenRow>> {

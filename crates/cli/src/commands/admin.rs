@@ -29,9 +29,18 @@ pub enum AdminCommand {
     /// API keys
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Runners (the embedded one is `local`)
+    #[command(subcommand)]
+    Runner(RunnerCommand),
     /// Tokens `cellar runner` joins the server with
     #[command(subcommand)]
     RunnerToken(RunnerTokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RunnerCommand {
+    /// List the runners the server knows: state, capacity, sandboxes running, last heartbeat
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -86,6 +95,29 @@ pub fn run(args: AdminArgs) -> Result<()> {
             let (id, token) = cellar_server::admin_create_runner_token(&config.data_dir, &name)?;
             eprintln!("created runner token {name} ({id}); it is shown only this once:");
             println!("{token}");
+        }
+        AdminCommand::Runner(RunnerCommand::List) => {
+            println!(
+                "{:<20}  {:<5}  {:>8}  {:>7}  {:<24}  URL",
+                "NAME", "STATE", "CAPACITY", "RUNNING", "LAST HEARTBEAT"
+            );
+            for runner in cellar_server::admin_list_runners(&config.data_dir)? {
+                let heartbeat = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(runner.last_heartbeat_ms.max(0) as u64);
+                println!(
+                    "{:<20}  {:<5}  {:>8}  {:>7}  {:<24}  {}",
+                    runner.id,
+                    runner.state,
+                    runner.capacity,
+                    runner.running,
+                    humantime::format_rfc3339_millis(heartbeat).to_string(),
+                    if runner.url.is_empty() {
+                        "(embedded)"
+                    } else {
+                        &runner.url
+                    }
+                );
+            }
         }
         AdminCommand::RunnerToken(RunnerTokenCommand::List) => {
             println!("{:<36}  {:<20}  {:<24}  REVOKED", "ID", "NAME", "CREATED");
