@@ -182,6 +182,21 @@ pub trait MetaEngine: Send + Sync {
     fn setlk(&self, ino: Ino, owner: LockOwner, range: &LockRange) -> Result<bool>;
     /// Drops every lock `owner` holds on `ino` (close of a descriptor drops POSIX locks).
     fn unlock_all(&self, ino: Ino, owner: LockOwner) -> Result<()>;
+
+    // ---- change log (every mount of the volume follows it to invalidate its caches) ----
+    /// Random per engine instance; stamped on every change its transactions commit.
+    fn origin(&self) -> u64;
+    /// Highest seq in the log (0 if empty): where a new watcher starts.
+    fn last_change(&self) -> Result<u64>;
+    /// Committed changes with seq > after, ascending, at most `limit`; `Lost` if changes after
+    /// `after` were trimmed (the watcher must then drop all its caches and restart at
+    /// [`MetaEngine::last_change`]).
+    fn changes_since(&self, after: u64, limit: usize) -> Result<ChangeBatch>;
+    /// Returns as soon as a change with seq > after may have been committed (by any process or
+    /// host), or after `timeout`.
+    fn wait_for_changes(&self, after: u64, timeout: std::time::Duration) -> Result<()>;
+    /// Drops changes older than `older_than_ns` by the engine's clock; returns how many.
+    fn trim_changes(&self, older_than_ns: i64) -> Result<u64>;
 }
 
 /// Opens the engine named by a metadata URL: `sqlite:///abs/path/volume.db` (the file and its

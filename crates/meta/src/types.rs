@@ -223,3 +223,24 @@ pub fn invalid_name(name: &[u8]) -> Option<i32> {
     }
     None
 }
+
+/// One committed metadata change, from the volume's change log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Log position; assigned in commit order.
+    pub seq: u64,
+    /// [`crate::MetaEngine::origin`] of the engine instance that committed it.
+    pub origin: u64,
+    /// Inode whose attributes, data or links changed (0 if none). For an entry change, the
+    /// inode the entry names (after the change; before it for a removed entry).
+    pub ino: Ino,
+    /// (parent, name) of a directory entry added, removed or replaced.
+    pub entry: Option<(Ino, Vec<u8>)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeBatch {
+    Changes(Vec<Change>),
+    /// Changes the caller had not read yet were trimmed from the log.
+    Lost,
+}

@@ -2,13 +2,15 @@
 //! Repairs run in the same transaction as the checks. Removing a dangling entry can orphan
 //! what it pointed to; a second `check(true)` then frees it.
 
-use rusqlite::{params, Connection};
+use rusqlite::params;
+
+use super::changes::Tx;
 
 use super::namespace::free_inode;
 use super::rows::{counter, set_counter, DIRECTORY_CODE, REGULAR_CODE};
 use crate::{Ino, Result, ROOT_INO};
 
-pub fn check(conn: &Connection, repair: bool, now_ns: i64) -> Result<Vec<String>> {
+pub fn check(conn: &Tx<'_>, repair: bool, now_ns: i64) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     dangling_entries(conn, repair, &mut problems)?;
     directory_parents(conn, repair, &mut problems)?;
@@ -19,7 +21,7 @@ pub fn check(conn: &Connection, repair: bool, now_ns: i64) -> Result<Vec<String>
     Ok(problems)
 }
 
-fn dangling_entries(conn: &Connection, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+fn dangling_entries(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
     let dangling: Vec<(i64, Ino, Vec<u8>, Ino)> = conn
         .prepare(
             "SELECT d.cookie, d.parent, d.name, d.ino FROM dentries d
@@ -37,15 +39,16 @@ fn dangling_entries(conn: &Connection, repair: bool, problems: &mut Vec<String>)
         ));
         if repair {
             conn.execute("DELETE FROM dentries WHERE cookie = ?1", [cookie])?;
+            conn.entry_changed(parent, &name, ino);
         }
     }
-    let mistyped: Vec<i64> = conn
+    let mistyped: Vec<(i64, Ino, Vec<u8>, Ino)> = conn
         .prepare(
-            "SELECT d.cookie FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.kind <> i.kind",
+            "SELECT d.cookie, d.parent, d.name, d.ino FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.kind <> i.kind",
         )?
-        .query_map([], |row| row.get(0))?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    for cookie in mistyped {
+    for (cookie, parent, name, ino) in mistyped {
         problems.push(format!(
             "entry with cookie {cookie} records a kind different from its inode's"
         ));
@@ -54,12 +57,13 @@ fn dangling_entries(conn: &Connection, repair: bool, problems: &mut Vec<String>)
                 "UPDATE dentries SET kind = (SELECT kind FROM inodes WHERE inodes.ino = dentries.ino) WHERE cookie = ?1",
                 [cookie],
             )?;
+            conn.entry_changed(parent, &name, ino);
         }
     }
     Ok(())
 }
 
-fn directory_parents(conn: &Connection, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+fn directory_parents(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
     let wrong: Vec<(Ino, Ino, Ino)> = conn
         .prepare(
             "SELECT i.ino, i.parent, d.parent FROM inodes i JOIN dentries d ON d.ino = i.ino
@@ -78,12 +82,13 @@ fn directory_parents(conn: &Connection, repair: bool, problems: &mut Vec<String>
                 "UPDATE inodes SET parent = ?1 WHERE ino = ?2",
                 params![actual, ino],
             )?;
+            conn.ino_changed(ino);
         }
     }
     Ok(())
 }
 
-fn link_counts(conn: &Connection, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+fn link_counts(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
     // Directories: "." plus the entry in the parent plus each subdirectory's "..".
     let counts: Vec<(Ino, i64, i64, i64, i64)> = conn
         .prepare(
@@ -121,13 +126,14 @@ fn link_counts(conn: &Connection, repair: bool, problems: &mut Vec<String>) -> R
                     "UPDATE inodes SET nlink = ?1 WHERE ino = ?2",
                     params![expected, ino],
                 )?;
+                conn.ino_changed(ino);
             }
         }
     }
     Ok(())
 }
 
-fn orphans(conn: &Connection, repair: bool, now_ns: i64, problems: &mut Vec<String>) -> Result<()> {
+fn orphans(conn: &Tx<'_>, repair: bool, now_ns: i64, problems: &mut Vec<String>) -> Result<()> {
     let orphaned: Vec<Ino> = conn
         .prepare(
             "SELECT i.ino FROM inodes i
@@ -148,7 +154,7 @@ fn orphans(conn: &Connection, repair: bool, now_ns: i64, problems: &mut Vec<Stri
     Ok(())
 }
 
-fn layouts(conn: &Connection, problems: &mut Vec<String>) -> Result<()> {
+fn layouts(conn: &Tx<'_>, problems: &mut Vec<String>) -> Result<()> {
     let mixed: Vec<Ino> = conn
         .prepare(
             "SELECT i.ino FROM inodes i
@@ -162,7 +168,7 @@ fn layouts(conn: &Connection, problems: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn counters(conn: &Connection, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+fn counters(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
     let (inodes, bytes, max_ino): (i64, i64, i64) = conn.query_row(
         "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind = ?1 THEN size ELSE 0 END), 0), COALESCE(MAX(ino), 0)
          FROM inodes",

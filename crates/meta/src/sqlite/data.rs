@@ -1,7 +1,9 @@
 //! File layouts (inline bytes or chunks of slices), slice ids and garbage.
 
 use libc::{EINVAL, EISDIR};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
+
+use super::changes::Tx;
 
 use super::rows::{add_counter, get_attr, posix};
 use crate::{
@@ -11,12 +13,7 @@ use crate::{
 
 /// Moves the slices of chunks `from_chunk..` of `ino` to garbage (unless another chunk still
 /// references the same stored slice) and deletes them from the file.
-pub fn discard_chunks_from(
-    conn: &Connection,
-    ino: Ino,
-    from_chunk: u64,
-    now_ns: i64,
-) -> Result<()> {
+pub fn discard_chunks_from(conn: &Tx<'_>, ino: Ino, from_chunk: u64, now_ns: i64) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO garbage (id, size, since_ns)
          SELECT s.id, MAX(s.size), ?3 FROM chunk_slices s
@@ -33,7 +30,7 @@ pub fn discard_chunks_from(
 }
 
 /// The inode's attributes, which must be those of a regular file.
-fn regular_file(conn: &Connection, ino: Ino) -> Result<Attr> {
+fn regular_file(conn: &Tx<'_>, ino: Ino) -> Result<Attr> {
     let attr = get_attr(conn, ino)?;
     match attr.kind {
         FileKind::Regular => Ok(attr),
@@ -42,7 +39,7 @@ fn regular_file(conn: &Connection, ino: Ino) -> Result<Attr> {
     }
 }
 
-fn inline_bytes(conn: &Connection, ino: Ino) -> Result<Option<Vec<u8>>> {
+fn inline_bytes(conn: &Tx<'_>, ino: Ino) -> Result<Option<Vec<u8>>> {
     let mut stmt = conn.prepare_cached("SELECT inline_data FROM inodes WHERE ino = ?1")?;
     stmt.query_row([ino], |row| row.get(0))
         .optional()?
@@ -52,7 +49,7 @@ fn inline_bytes(conn: &Connection, ino: Ino) -> Result<Option<Vec<u8>>> {
 /// Stores the new size, inline bytes and times of a regular file, bumps its data version and
 /// accounts the size change.
 fn store_content(
-    conn: &Connection,
+    conn: &Tx<'_>,
     attr: &mut Attr,
     size: u64,
     inline: Option<&[u8]>,
@@ -60,6 +57,7 @@ fn store_content(
 ) -> Result<()> {
     conn.prepare_cached("UPDATE inodes SET size = ?1, inline_data = ?2, mtime_ns = ?3, ctime_ns = ?3, data_version = data_version + 1 WHERE ino = ?4")?
         .execute(params![size, inline, now_ns, attr.ino])?;
+    conn.ino_changed(attr.ino);
     add_counter(conn, "used_bytes", size as i64 - attr.size as i64)?;
     attr.size = size;
     attr.mtime_ns = now_ns;
@@ -69,7 +67,7 @@ fn store_content(
 }
 
 pub fn read_layout(
-    conn: &Connection,
+    conn: &Tx<'_>,
     ino: Ino,
     chunks: std::ops::Range<u64>,
     known_version: Option<u64>,
@@ -96,7 +94,7 @@ pub fn read_layout(
 }
 
 /// The slices of a chunk with their sequence numbers, in commit order.
-fn chunk_rows(conn: &Connection, ino: Ino, chunk: u64) -> Result<Vec<(i64, Slice)>> {
+fn chunk_rows(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<Vec<(i64, Slice)>> {
     let rows = conn
         .prepare_cached("SELECT seq, id, size, off, len, pos FROM chunk_slices WHERE ino = ?1 AND chunk = ?2 ORDER BY seq")?
         .query_map(params![ino, chunk], |row| {
@@ -115,7 +113,7 @@ fn chunk_rows(conn: &Connection, ino: Ino, chunk: u64) -> Result<Vec<(i64, Slice
     Ok(rows)
 }
 
-pub fn read_chunk(conn: &Connection, ino: Ino, chunk: u64) -> Result<Vec<Slice>> {
+pub fn read_chunk(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<Vec<Slice>> {
     let slices: Vec<Slice> = chunk_rows(conn, ino, chunk)?
         .into_iter()
         .map(|(_, slice)| slice)
@@ -127,7 +125,7 @@ pub fn read_chunk(conn: &Connection, ino: Ino, chunk: u64) -> Result<Vec<Slice>>
 }
 
 pub fn write_inline(
-    conn: &Connection,
+    conn: &Tx<'_>,
     volume: &VolumeInfo,
     ino: Ino,
     extents: &[(u64, &[u8])],
@@ -154,7 +152,7 @@ pub fn write_inline(
     Ok(Some(attr))
 }
 
-fn insert_slices(conn: &Connection, ino: Ino, slices: &[(u64, Slice)]) -> Result<()> {
+fn insert_slices(conn: &Tx<'_>, ino: Ino, slices: &[(u64, Slice)]) -> Result<()> {
     for (chunk, slice) in slices {
         insert_slice(conn, None, ino, *chunk, slice)?;
     }
@@ -164,7 +162,7 @@ fn insert_slices(conn: &Connection, ino: Ino, slices: &[(u64, Slice)]) -> Result
 /// Appends a slice to a chunk, or puts it at sequence number `seq` (a NULL `seq` takes the next
 /// one: later in commit order than every slice before).
 fn insert_slice(
-    conn: &Connection,
+    conn: &Tx<'_>,
     seq: Option<i64>,
     ino: Ino,
     chunk: u64,
@@ -206,7 +204,7 @@ fn check_slices<'a>(
 /// of rows that expired); the rows are dropped, since the slices become live. On a conflict no row
 /// is dropped (`replace_chunk` commits its transaction even when it refuses).
 fn claim_pending<'a>(
-    conn: &Connection,
+    conn: &Tx<'_>,
     slices: impl IntoIterator<Item = &'a Slice> + Clone,
 ) -> Result<()> {
     let mut pending = conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM garbage WHERE id = ?1)")?;
@@ -225,14 +223,14 @@ fn claim_pending<'a>(
     Ok(())
 }
 
-fn chunk_slice_count(conn: &Connection, ino: Ino, chunk: u64) -> Result<usize> {
+fn chunk_slice_count(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<usize> {
     let mut stmt =
         conn.prepare_cached("SELECT COUNT(*) FROM chunk_slices WHERE ino = ?1 AND chunk = ?2")?;
     Ok(stmt.query_row(params![ino, chunk], |row| row.get::<_, i64>(0))? as usize)
 }
 
 pub fn commit_slices(
-    conn: &Connection,
+    conn: &Tx<'_>,
     volume: &VolumeInfo,
     ino: Ino,
     slices: &[(u64, Slice)],
@@ -272,7 +270,7 @@ pub fn commit_slices(
 }
 
 pub fn truncate(
-    conn: &Connection,
+    conn: &Tx<'_>,
     volume: &VolumeInfo,
     ino: Ino,
     size: u64,
@@ -312,14 +310,14 @@ pub fn truncate(
     Ok(attr)
 }
 
-fn chunk_has_slices(conn: &Connection, ino: Ino, chunk: u64) -> Result<bool> {
+fn chunk_has_slices(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<bool> {
     let mut stmt = conn.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM chunk_slices WHERE ino = ?1 AND chunk = ?2)",
     )?;
     Ok(stmt.query_row(params![ino, chunk], |row| row.get(0))?)
 }
 
-pub fn alloc_slice_ids(conn: &Connection, count: u64) -> Result<u64> {
+pub fn alloc_slice_ids(conn: &Tx<'_>, count: u64) -> Result<u64> {
     if count == 0 {
         return Err(posix(EINVAL));
     }
@@ -328,7 +326,7 @@ pub fn alloc_slice_ids(conn: &Connection, count: u64) -> Result<u64> {
 }
 
 pub fn fragmented_chunks(
-    conn: &Connection,
+    conn: &Tx<'_>,
     min_slices: usize,
     limit: usize,
 ) -> Result<Vec<(Ino, u64)>> {
@@ -344,7 +342,7 @@ pub fn fragmented_chunks(
 }
 
 pub fn replace_chunk(
-    conn: &Connection,
+    conn: &Tx<'_>,
     ino: Ino,
     chunk: u64,
     expected: &[Slice],
@@ -388,11 +386,7 @@ pub fn replace_chunk(
     Ok(true)
 }
 
-pub fn garbage_slices(
-    conn: &Connection,
-    before_ns: i64,
-    limit: usize,
-) -> Result<Vec<GarbageSlice>> {
+pub fn garbage_slices(conn: &Tx<'_>, before_ns: i64, limit: usize) -> Result<Vec<GarbageSlice>> {
     let slices = conn
         .prepare_cached(
             "SELECT id, size FROM garbage WHERE since_ns < ?1 ORDER BY since_ns, id LIMIT ?2",
@@ -410,7 +404,7 @@ pub fn garbage_slices(
     Ok(slices)
 }
 
-pub fn forget_garbage(conn: &Connection, ids: &[u64]) -> Result<()> {
+pub fn forget_garbage(conn: &Tx<'_>, ids: &[u64]) -> Result<()> {
     let mut delete = conn.prepare_cached("DELETE FROM garbage WHERE id = ?1")?;
     for &id in ids {
         delete.execute([id as i64])?;
@@ -420,7 +414,7 @@ pub fn forget_garbage(conn: &Connection, ids: &[u64]) -> Result<()> {
 
 /// Records (or re-dates) garbage slices: a writer records its uploads as pending garbage with a
 /// future `since` before uploading, and re-dates them to now when their commit fails.
-pub fn add_garbage(conn: &Connection, slices: &[GarbageSlice], now_ns: i64) -> Result<()> {
+pub fn add_garbage(conn: &Tx<'_>, slices: &[GarbageSlice], now_ns: i64) -> Result<()> {
     let mut insert = conn.prepare_cached(
         "INSERT INTO garbage (id, size, since_ns) VALUES (?1, ?2, ?3) \
          ON CONFLICT (id) DO UPDATE SET size = excluded.size, since_ns = excluded.since_ns",
@@ -431,7 +425,7 @@ pub fn add_garbage(conn: &Connection, slices: &[GarbageSlice], now_ns: i64) -> R
     Ok(())
 }
 
-pub fn slice_references(conn: &Connection) -> Result<SliceReferences> {
+pub fn slice_references(conn: &Tx<'_>) -> Result<SliceReferences> {
     let live = conn
         .prepare_cached(
             "SELECT id, MAX(size) FROM chunk_slices WHERE id <> 0 GROUP BY id ORDER BY id",

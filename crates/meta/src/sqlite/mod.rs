@@ -20,6 +20,7 @@
 //! Lock order: `open_files` → `writer` → `sync_lock`; `readers` is taken alone. None is held
 //! while calling out of this crate.
 
+mod changes;
 mod check;
 mod data;
 mod locks;
@@ -36,11 +37,13 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use changes::Tx;
 
 use crate::{
-    Attr, Committed, DirEntry, GarbageSlice, Ino, Layout, LockOwner, LockRange, MetaEngine,
-    MetaError, Rename, RenameOutcome, Result, SessionId, SessionInfo, SetAttr, Slice,
+    Attr, ChangeBatch, Committed, DirEntry, GarbageSlice, Ino, Layout, LockOwner, LockRange,
+    MetaEngine, MetaError, Rename, RenameOutcome, Result, SessionId, SessionInfo, SetAttr, Slice,
     SliceReferences, Usage, VolumeInfo, XattrMode,
 };
 
@@ -50,6 +53,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_READERS: usize = 4;
 /// Prepared statements cached per connection (every statement of the engine fits).
 const STATEMENT_CACHE: usize = 128;
+/// How often a waiter for changes polls the database's data version: another process's commit
+/// is noticed within this.
+const CHANGE_POLL: Duration = Duration::from_millis(2);
 
 impl From<rusqlite::Error> for MetaError {
     fn from(e: rusqlite::Error) -> Self {
@@ -79,6 +85,11 @@ pub struct SqliteEngine {
     commits: AtomicU64,
     synced: AtomicU64,
     sync_lock: Mutex<()>,
+    /// Stamped on every change this engine commits.
+    origin: u64,
+    /// Only polls `PRAGMA data_version`, which changes when any other connection (this
+    /// process's writer included) commits.
+    watcher: Mutex<Connection>,
 }
 
 /// Opens of inodes by this engine's caller: the first records the open in the database (where
@@ -102,7 +113,10 @@ impl SqliteEngine {
         if let Some(dir) = path.parent() {
             sync_path(dir)?;
         }
+        let watcher = connect(path)?;
         Ok(SqliteEngine {
+            origin: uuid::Uuid::new_v4().as_u64_pair().0,
+            watcher: Mutex::new(watcher),
             path: path.to_path_buf(),
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
@@ -114,18 +128,24 @@ impl SqliteEngine {
         })
     }
 
-    /// Runs `f` as one writing transaction (`BEGIN IMMEDIATE`); rolls back if it fails.
-    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    /// Runs `f` as one writing transaction (`BEGIN IMMEDIATE`) that ends by appending what it
+    /// changed to the change log; rolls back if it fails.
+    fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         let mut conn = self.writer.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
+        let out = {
+            let changes = Tx::new(&tx);
+            let out = f(&changes)?;
+            changes.record(self.origin)?;
+            out
+        };
         tx.commit()?;
         self.commits.fetch_add(1, Ordering::SeqCst);
         Ok(out)
     }
 
     /// Runs `f` as one read transaction: a consistent snapshot across its statements.
-    fn read<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         let pooled = self.readers.lock().pop();
         let mut conn = match pooled {
             Some(conn) => conn,
@@ -144,18 +164,23 @@ impl SqliteEngine {
         if let Some(volume) = self.volume.get() {
             return Ok(volume);
         }
-        let volume = self
-            .read(|tx| namespace::stored_volume(tx))?
-            .ok_or_else(|| {
-                MetaError::Engine(format!("{} holds no formatted volume", self.path.display()))
-            })?;
+        let volume = self.read(namespace::stored_volume)?.ok_or_else(|| {
+            MetaError::Engine(format!("{} holds no formatted volume", self.path.display()))
+        })?;
         Ok(self.volume.get_or_init(|| volume))
+    }
+
+    fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .watcher
+            .lock()
+            .query_row("PRAGMA data_version", [], |row| row.get(0))?)
     }
 }
 
-fn run_read<T>(conn: &mut Connection, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+fn run_read<T>(conn: &mut Connection, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-    let out = f(&tx)?;
+    let out = f(&Tx::new(&tx))?;
     tx.commit()?;
     Ok(out)
 }
@@ -197,7 +222,7 @@ impl MetaEngine for SqliteEngine {
     }
 
     fn volume(&self) -> Result<Option<VolumeInfo>> {
-        self.read(|tx| namespace::stored_volume(tx))
+        self.read(namespace::stored_volume)
     }
 
     fn open_session(&self, info: &SessionInfo) -> Result<SessionId> {
@@ -298,7 +323,7 @@ impl MetaEngine for SqliteEngine {
     }
 
     fn usage(&self) -> Result<Usage> {
-        self.read(|tx| namespace::usage(tx))
+        self.read(namespace::usage)
     }
 
     fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
@@ -397,7 +422,7 @@ impl MetaEngine for SqliteEngine {
     }
 
     fn slice_references(&self) -> Result<SliceReferences> {
-        self.read(|tx| data::slice_references(tx))
+        self.read(data::slice_references)
     }
 
     fn sync(&self) -> Result<()> {
@@ -435,5 +460,42 @@ impl MetaEngine for SqliteEngine {
 
     fn unlock_all(&self, ino: Ino, owner: LockOwner) -> Result<()> {
         self.write(|tx| locks::unlock_all(tx, ino, owner))
+    }
+
+    fn origin(&self) -> u64 {
+        self.origin
+    }
+
+    fn last_change(&self) -> Result<u64> {
+        self.read(|tx| changes::last_change(tx))
+    }
+
+    fn changes_since(&self, after: u64, limit: usize) -> Result<ChangeBatch> {
+        self.read(|tx| changes::changes_since(tx, after, limit))
+    }
+
+    fn wait_for_changes(&self, after: u64, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            // Read the version before the log: a commit after this read changes the version.
+            let version = self.data_version()?;
+            if self.last_change()? > after {
+                return Ok(());
+            }
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Ok(());
+                }
+                std::thread::sleep(left.min(CHANGE_POLL));
+                if self.data_version()? != version {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn trim_changes(&self, older_than_ns: i64) -> Result<u64> {
+        self.write(|tx| changes::trim_changes(tx, older_than_ns))
     }
 }

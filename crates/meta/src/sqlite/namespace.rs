@@ -4,8 +4,9 @@ use libc::{
     EEXIST, EINVAL, EISDIR, ENAMETOOLONG, ENODATA, ENOENT, ENOTDIR, ENOTEMPTY, EPERM, ERANGE,
     ESTALE,
 };
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, OptionalExtension, Row};
 
+use super::changes::Tx;
 use super::data::discard_chunks_from;
 use super::rows::{
     add_counter, attr_from_row, counter, get_attr, kind_code, kind_from_code, posix, set_counter,
@@ -24,7 +25,7 @@ const ROOT_PERM: u32 = 0o777;
 /// Bound on parent-pointer walks, so a corrupted cycle cannot hang a rename.
 const MAX_DEPTH: usize = 1 << 20;
 
-fn require_dir(conn: &Connection, ino: Ino) -> Result<Attr> {
+fn require_dir(conn: &Tx<'_>, ino: Ino) -> Result<Attr> {
     let attr = get_attr(conn, ino)?;
     if attr.kind != FileKind::Directory {
         return Err(posix(ENOTDIR));
@@ -47,7 +48,7 @@ struct Entry {
     kind: FileKind,
 }
 
-fn find_entry(conn: &Connection, parent: Ino, name: &[u8]) -> Result<Option<Entry>> {
+fn find_entry(conn: &Tx<'_>, parent: Ino, name: &[u8]) -> Result<Option<Entry>> {
     let mut stmt = conn
         .prepare_cached("SELECT cookie, ino, kind FROM dentries WHERE parent = ?1 AND name = ?2")?;
     Ok(stmt
@@ -61,7 +62,7 @@ fn find_entry(conn: &Connection, parent: Ino, name: &[u8]) -> Result<Option<Entr
         .optional()?)
 }
 
-fn has_children(conn: &Connection, dir: Ino) -> Result<bool> {
+fn has_children(conn: &Tx<'_>, dir: Ino) -> Result<bool> {
     let mut stmt =
         conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM dentries WHERE parent = ?1)")?;
     Ok(stmt.query_row([dir], |row| row.get(0))?)
@@ -69,11 +70,12 @@ fn has_children(conn: &Connection, dir: Ino) -> Result<bool> {
 
 /// Adds `delta` to a counter; returns the new value.
 /// A directory gained or lost an entry: adjusts its link count (subdirectories) and times.
-fn touch_dir(conn: &Connection, dir: Ino, nlink_delta: i64, now_ns: i64) -> Result<()> {
+fn touch_dir(conn: &Tx<'_>, dir: Ino, nlink_delta: i64, now_ns: i64) -> Result<()> {
     conn.prepare_cached(
         "UPDATE inodes SET nlink = MAX(0, nlink + ?1), mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?3",
     )?
     .execute(params![nlink_delta, now_ns, dir])?;
+    conn.ino_changed(dir);
     Ok(())
 }
 
@@ -82,13 +84,14 @@ fn subdir_delta(kind: FileKind) -> i64 {
 }
 
 /// Deletes an inode and everything hanging off it; its slices become garbage.
-pub fn free_inode(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> {
+pub fn free_inode(conn: &Tx<'_>, ino: Ino, now_ns: i64) -> Result<()> {
     discard_chunks_from(conn, ino, 0, now_ns)?;
     let mut stmt = conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1 RETURNING kind, size")?;
     let freed: Option<(i64, i64)> = stmt
         .query_row([ino], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     if let Some((kind, size)) = freed {
+        conn.ino_changed(ino);
         add_counter(conn, "used_inodes", -1)?;
         if kind == REGULAR_CODE {
             add_counter(conn, "used_bytes", -size)?;
@@ -98,7 +101,7 @@ pub fn free_inode(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> {
 }
 
 /// Frees an inode without links that no session has open any more.
-fn free_if_unreferenced(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> {
+fn free_if_unreferenced(conn: &Tx<'_>, ino: Ino, now_ns: i64) -> Result<()> {
     let mut stmt = conn.prepare_cached(
         "SELECT nlink = 0 AND NOT EXISTS (SELECT 1 FROM open_files WHERE ino = ?1) FROM inodes WHERE ino = ?1",
     )?;
@@ -111,11 +114,12 @@ fn free_if_unreferenced(conn: &Connection, ino: Ino, now_ns: i64) -> Result<()> 
 
 /// One link of a non-directory inode went away. Returns true if it was the last one: the inode is
 /// then kept while any session (any mount, any host) has it open, or freed.
-fn drop_link(conn: &Connection, ino: Ino, now_ns: i64) -> Result<bool> {
+fn drop_link(conn: &Tx<'_>, ino: Ino, now_ns: i64) -> Result<bool> {
     let mut stmt = conn.prepare_cached(
         "UPDATE inodes SET nlink = MAX(0, nlink - 1), ctime_ns = ?1 WHERE ino = ?2 RETURNING nlink",
     )?;
     let nlink: i64 = stmt.query_row(params![now_ns, ino], |row| row.get(0))?;
+    conn.ino_changed(ino);
     if nlink > 0 {
         return Ok(false);
     }
@@ -125,7 +129,7 @@ fn drop_link(conn: &Connection, ino: Ino, now_ns: i64) -> Result<bool> {
 
 // ---- volume and sessions ----
 
-pub fn stored_volume(conn: &Connection) -> Result<Option<VolumeInfo>> {
+pub fn stored_volume(conn: &Tx<'_>) -> Result<Option<VolumeInfo>> {
     let mut stmt = conn.prepare_cached(
         "SELECT name, uuid, chunk_size, block_size, inline_threshold, created_ns FROM volume WHERE id = 1",
     )?;
@@ -143,7 +147,7 @@ pub fn stored_volume(conn: &Connection) -> Result<Option<VolumeInfo>> {
         .optional()?)
 }
 
-pub fn format(conn: &Connection, volume: &VolumeInfo) -> Result<VolumeInfo> {
+pub fn format(conn: &Tx<'_>, volume: &VolumeInfo) -> Result<VolumeInfo> {
     if let Some(stored) = stored_volume(conn)? {
         if stored.name != volume.name {
             return Err(MetaError::VolumeMismatch {
@@ -180,7 +184,7 @@ pub fn format(conn: &Connection, volume: &VolumeInfo) -> Result<VolumeInfo> {
     Ok(volume.clone())
 }
 
-pub fn open_session(conn: &Connection, info: &SessionInfo) -> Result<SessionId> {
+pub fn open_session(conn: &Tx<'_>, info: &SessionInfo) -> Result<SessionId> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO sessions (host, pid, mount_point, started_ns, heartbeat_ns) VALUES (?1, ?2, ?3, ?4, ?4) RETURNING id",
     )?;
@@ -191,7 +195,7 @@ pub fn open_session(conn: &Connection, info: &SessionInfo) -> Result<SessionId> 
 }
 
 /// Fails with ESTALE when the session is gone (reaped as stale): the caller must open a new one.
-pub fn heartbeat(conn: &Connection, session: SessionId, now_ns: i64) -> Result<()> {
+pub fn heartbeat(conn: &Tx<'_>, session: SessionId, now_ns: i64) -> Result<()> {
     let updated = conn
         .prepare_cached("UPDATE sessions SET heartbeat_ns = ?1 WHERE id = ?2")?
         .execute(params![now_ns, session])?;
@@ -201,7 +205,7 @@ pub fn heartbeat(conn: &Connection, session: SessionId, now_ns: i64) -> Result<(
     Ok(())
 }
 
-pub fn close_session(conn: &Connection, session: SessionId, now_ns: i64) -> Result<()> {
+pub fn close_session(conn: &Tx<'_>, session: SessionId, now_ns: i64) -> Result<()> {
     let open: Vec<Ino> = conn
         .prepare_cached("SELECT ino FROM open_files WHERE session = ?1")?
         .query_map([session], |row| row.get(0))?
@@ -217,7 +221,7 @@ pub fn close_session(conn: &Connection, session: SessionId, now_ns: i64) -> Resu
     Ok(())
 }
 
-pub fn live_sessions(conn: &Connection, now_ns: i64, max_age_ns: i64) -> Result<Vec<SessionId>> {
+pub fn live_sessions(conn: &Tx<'_>, now_ns: i64, max_age_ns: i64) -> Result<Vec<SessionId>> {
     let live = conn
         .prepare_cached("SELECT id FROM sessions WHERE heartbeat_ns >= ?1 ORDER BY id")?
         .query_map([now_ns.saturating_sub(max_age_ns)], |row| row.get(0))?
@@ -226,7 +230,7 @@ pub fn live_sessions(conn: &Connection, now_ns: i64, max_age_ns: i64) -> Result<
 }
 
 pub fn try_lease(
-    conn: &Connection,
+    conn: &Tx<'_>,
     name: &str,
     session: SessionId,
     ttl_ns: i64,
@@ -243,7 +247,7 @@ pub fn try_lease(
 }
 
 pub fn reap_stale_sessions(
-    conn: &Connection,
+    conn: &Tx<'_>,
     now_ns: i64,
     max_age_ns: i64,
     exclude: Option<SessionId>,
@@ -263,7 +267,7 @@ pub fn reap_stale_sessions(
 
 // ---- namespace ----
 
-pub fn lookup(conn: &Connection, parent: Ino, name: &[u8]) -> Result<Attr> {
+pub fn lookup(conn: &Tx<'_>, parent: Ino, name: &[u8]) -> Result<Attr> {
     if name.len() > MAX_NAME_LEN {
         return Err(posix(ENAMETOOLONG));
     }
@@ -299,7 +303,7 @@ fn prefixed_attr_columns(table: &str) -> String {
         .join(", ")
 }
 
-pub fn setattr(conn: &Connection, ino: Ino, changes: &SetAttr, now_ns: i64) -> Result<Attr> {
+pub fn setattr(conn: &Tx<'_>, ino: Ino, changes: &SetAttr, now_ns: i64) -> Result<Attr> {
     let mut attr = get_attr(conn, ino)?;
     let resolve = |time: TimeSet| match time {
         TimeSet::Now => now_ns,
@@ -325,11 +329,12 @@ pub fn setattr(conn: &Connection, ino: Ino, changes: &SetAttr, now_ns: i64) -> R
         "UPDATE inodes SET perm = ?1, uid = ?2, gid = ?3, atime_ns = ?4, mtime_ns = ?5, ctime_ns = ?6 WHERE ino = ?7",
     )?
     .execute(params![attr.perm, attr.uid, attr.gid, attr.atime_ns, attr.mtime_ns, attr.ctime_ns, ino])?;
+    conn.ino_changed(ino);
     Ok(attr)
 }
 
 pub fn create_node(
-    conn: &Connection,
+    conn: &Tx<'_>,
     parent: Ino,
     name: &[u8],
     node: &NewNode,
@@ -390,20 +395,15 @@ pub fn create_node(
     })
 }
 
-fn insert_entry(
-    conn: &Connection,
-    parent: Ino,
-    name: &[u8],
-    ino: Ino,
-    kind: FileKind,
-) -> Result<()> {
+fn insert_entry(conn: &Tx<'_>, parent: Ino, name: &[u8], ino: Ino, kind: FileKind) -> Result<()> {
     conn.prepare_cached("INSERT INTO dentries (parent, name, ino, kind) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![parent, name, ino, kind_code(kind)])?;
+    conn.entry_changed(parent, name, ino);
     Ok(())
 }
 
 pub fn link(
-    conn: &Connection,
+    conn: &Tx<'_>,
     ino: Ino,
     new_parent: Ino,
     new_name: &[u8],
@@ -421,6 +421,7 @@ pub fn link(
     insert_entry(conn, new_parent, new_name, ino, attr.kind)?;
     conn.prepare_cached("UPDATE inodes SET nlink = nlink + 1, ctime_ns = ?1 WHERE ino = ?2")?
         .execute(params![now_ns, ino])?;
+    conn.ino_changed(ino);
     touch_dir(conn, new_parent, 0, now_ns)?;
     Ok(Attr {
         nlink: attr.nlink + 1,
@@ -429,25 +430,26 @@ pub fn link(
     })
 }
 
-pub fn unlink(conn: &Connection, parent: Ino, name: &[u8], now_ns: i64) -> Result<Option<Ino>> {
+pub fn unlink(conn: &Tx<'_>, parent: Ino, name: &[u8], now_ns: i64) -> Result<Option<Ino>> {
     check_name(name)?;
     require_dir(conn, parent)?;
     let entry = find_entry(conn, parent, name)?.ok_or_else(|| posix(ENOENT))?;
     if entry.kind == FileKind::Directory {
         return Err(posix(EISDIR));
     }
-    delete_entry(conn, entry.cookie)?;
+    delete_entry(conn, parent, name, &entry)?;
     touch_dir(conn, parent, 0, now_ns)?;
     Ok(drop_link(conn, entry.ino, now_ns)?.then_some(entry.ino))
 }
 
-fn delete_entry(conn: &Connection, cookie: i64) -> Result<()> {
+fn delete_entry(conn: &Tx<'_>, parent: Ino, name: &[u8], entry: &Entry) -> Result<()> {
     conn.prepare_cached("DELETE FROM dentries WHERE cookie = ?1")?
-        .execute([cookie])?;
+        .execute([entry.cookie])?;
+    conn.entry_changed(parent, name, entry.ino);
     Ok(())
 }
 
-pub fn rmdir(conn: &Connection, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino> {
+pub fn rmdir(conn: &Tx<'_>, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino> {
     if name == b"." {
         return Err(posix(EINVAL));
     }
@@ -463,14 +465,14 @@ pub fn rmdir(conn: &Connection, parent: Ino, name: &[u8], now_ns: i64) -> Result
     if has_children(conn, entry.ino)? {
         return Err(posix(ENOTEMPTY));
     }
-    delete_entry(conn, entry.cookie)?;
+    delete_entry(conn, parent, name, &entry)?;
     touch_dir(conn, parent, -1, now_ns)?;
     free_inode(conn, entry.ino, now_ns)?;
     Ok(entry.ino)
 }
 
 /// EINVAL if `dir` is `start` or one of its ancestors (moving `dir` under `start` would detach it).
-fn ensure_not_ancestor(conn: &Connection, dir: Ino, start: Ino) -> Result<()> {
+fn ensure_not_ancestor(conn: &Tx<'_>, dir: Ino, start: Ino) -> Result<()> {
     let mut stmt = conn.prepare_cached("SELECT parent FROM inodes WHERE ino = ?1")?;
     let mut current = start;
     for _ in 0..MAX_DEPTH {
@@ -487,13 +489,14 @@ fn ensure_not_ancestor(conn: &Connection, dir: Ino, start: Ino) -> Result<()> {
     )))
 }
 
-fn set_parent(conn: &Connection, ino: Ino, parent: Ino, now_ns: i64) -> Result<()> {
+fn set_parent(conn: &Tx<'_>, ino: Ino, parent: Ino, now_ns: i64) -> Result<()> {
     conn.prepare_cached("UPDATE inodes SET parent = ?1, ctime_ns = ?2 WHERE ino = ?3")?
         .execute(params![parent, now_ns, ino])?;
+    conn.ino_changed(ino);
     Ok(())
 }
 
-pub fn rename(conn: &Connection, req: &Rename<'_>, now_ns: i64) -> Result<RenameOutcome> {
+pub fn rename(conn: &Tx<'_>, req: &Rename<'_>, now_ns: i64) -> Result<RenameOutcome> {
     for name in [req.src_name, req.dst_name] {
         check_name(name)?;
         if is_dot_or_dotdot(name) {
@@ -529,6 +532,8 @@ pub fn rename(conn: &Connection, req: &Rename<'_>, now_ns: i64) -> Result<Rename
             conn.prepare_cached("UPDATE dentries SET ino = ?1, kind = ?2 WHERE cookie = ?3")?;
         swap.execute(params![dst.ino, kind_code(dst.kind), src.cookie])?;
         swap.execute(params![src.ino, kind_code(src.kind), dst.cookie])?;
+        conn.entry_changed(req.src_parent, req.src_name, dst.ino);
+        conn.entry_changed(req.dst_parent, req.dst_name, src.ino);
         set_parent(conn, src.ino, req.dst_parent, now_ns)?;
         set_parent(conn, dst.ino, req.src_parent, now_ns)?;
         let moved_subdirs = subdir_delta(dst.kind) - subdir_delta(src.kind);
@@ -556,7 +561,7 @@ pub fn rename(conn: &Connection, req: &Rename<'_>, now_ns: i64) -> Result<Rename
                 (true, true) if has_children(conn, dst.ino)? => return Err(posix(ENOTEMPTY)),
                 _ => {}
             }
-            delete_entry(conn, dst.cookie)?;
+            delete_entry(conn, req.dst_parent, req.dst_name, &dst)?;
             if dst.kind == FileKind::Directory {
                 touch_dir(conn, req.dst_parent, -1, now_ns)?;
                 free_inode(conn, dst.ino, now_ns)?;
@@ -570,6 +575,8 @@ pub fn rename(conn: &Connection, req: &Rename<'_>, now_ns: i64) -> Result<Rename
     // loses it when renamed in place.
     conn.prepare_cached("UPDATE dentries SET parent = ?1, name = ?2 WHERE cookie = ?3")?
         .execute(params![req.dst_parent, req.dst_name, src.cookie])?;
+    conn.entry_changed(req.src_parent, req.src_name, src.ino);
+    conn.entry_changed(req.dst_parent, req.dst_name, src.ino);
     set_parent(conn, src.ino, req.dst_parent, now_ns)?;
     if cross_dir {
         touch_dir(conn, req.src_parent, -subdir_delta(src.kind), now_ns)?;
@@ -583,7 +590,7 @@ pub fn rename(conn: &Connection, req: &Rename<'_>, now_ns: i64) -> Result<Rename
     })
 }
 
-pub fn readlink(conn: &Connection, ino: Ino) -> Result<Vec<u8>> {
+pub fn readlink(conn: &Tx<'_>, ino: Ino) -> Result<Vec<u8>> {
     let mut stmt = conn.prepare_cached("SELECT target FROM inodes WHERE ino = ?1")?;
     let target: Option<Vec<u8>> = stmt
         .query_row([ino], |row| row.get(0))
@@ -596,7 +603,7 @@ pub fn readlink(conn: &Connection, ino: Ino) -> Result<Vec<u8>> {
 const COOKIE_SHIFT: u64 = 2;
 
 pub fn readdir(
-    conn: &Connection,
+    conn: &Tx<'_>,
     dir: Ino,
     after: u64,
     limit: usize,
@@ -637,7 +644,7 @@ pub fn readdir(
 }
 
 /// Records that `session` has `ino` open (an unlink anywhere then keeps the inode).
-pub fn open_file(conn: &Connection, session: SessionId, ino: Ino) -> Result<Attr> {
+pub fn open_file(conn: &Tx<'_>, session: SessionId, ino: Ino) -> Result<Attr> {
     let attr = get_attr(conn, ino)?;
     conn.prepare_cached(
         "INSERT INTO open_files (session, ino) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
@@ -647,13 +654,13 @@ pub fn open_file(conn: &Connection, session: SessionId, ino: Ino) -> Result<Attr
 }
 
 /// `session` no longer has `ino` open: an inode without links goes with its last opener.
-pub fn close_file(conn: &Connection, session: SessionId, ino: Ino, now_ns: i64) -> Result<()> {
+pub fn close_file(conn: &Tx<'_>, session: SessionId, ino: Ino, now_ns: i64) -> Result<()> {
     conn.prepare_cached("DELETE FROM open_files WHERE session = ?1 AND ino = ?2")?
         .execute(params![session, ino])?;
     free_if_unreferenced(conn, ino, now_ns)
 }
 
-pub fn usage(conn: &Connection) -> Result<Usage> {
+pub fn usage(conn: &Tx<'_>) -> Result<Usage> {
     Ok(Usage {
         bytes: counter(conn, "used_bytes")? as u64,
         inodes: counter(conn, "used_inodes")? as u64,
@@ -669,7 +676,7 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
-pub fn get_xattr(conn: &Connection, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+pub fn get_xattr(conn: &Tx<'_>, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
     check_xattr_name(name)?;
     let mut stmt = conn.prepare_cached("SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2")?;
     match stmt
@@ -684,7 +691,7 @@ pub fn get_xattr(conn: &Connection, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
     }
 }
 
-pub fn list_xattr(conn: &Connection, ino: Ino) -> Result<Vec<Vec<u8>>> {
+pub fn list_xattr(conn: &Tx<'_>, ino: Ino) -> Result<Vec<Vec<u8>>> {
     get_attr(conn, ino)?;
     let names = conn
         .prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?
@@ -694,7 +701,7 @@ pub fn list_xattr(conn: &Connection, ino: Ino) -> Result<Vec<Vec<u8>>> {
 }
 
 pub fn set_xattr(
-    conn: &Connection,
+    conn: &Tx<'_>,
     ino: Ino,
     name: &[u8],
     value: &[u8],
@@ -721,10 +728,11 @@ pub fn set_xattr(
     .execute(params![ino, name, value])?;
     conn.prepare_cached("UPDATE inodes SET ctime_ns = ?1 WHERE ino = ?2")?
         .execute(params![now_ns, ino])?;
+    conn.ino_changed(ino);
     Ok(())
 }
 
-pub fn remove_xattr(conn: &Connection, ino: Ino, name: &[u8], now_ns: i64) -> Result<()> {
+pub fn remove_xattr(conn: &Tx<'_>, ino: Ino, name: &[u8], now_ns: i64) -> Result<()> {
     check_xattr_name(name)?;
     get_attr(conn, ino)?;
     let removed = conn
@@ -735,5 +743,6 @@ pub fn remove_xattr(conn: &Connection, ino: Ino, name: &[u8], now_ns: i64) -> Re
     }
     conn.prepare_cached("UPDATE inodes SET ctime_ns = ?1 WHERE ino = ?2")?
         .execute(params![now_ns, ino])?;
+    conn.ino_changed(ino);
     Ok(())
 }

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::wall_clock_ns;
 use crate::{MetaError, Result};
 
-pub const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_VERSIONS_LEASES];
+pub const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_VERSIONS_LEASES, V3_CHANGE_LOG];
 
 /// Kind codes stored in `inodes.kind` and `dentries.kind` (see `namespace::kind_code`):
 /// 1 regular, 2 directory, 3 symlink, 4 fifo, 5 socket, 6 char device, 7 block device.
@@ -145,6 +145,22 @@ CREATE TABLE leases (
 );
 
 DROP TABLE flocks;
+";
+
+/// The change log (see `changes`): seq is assigned in commit order (writers are serialised by
+/// `BEGIN IMMEDIATE`; AUTOINCREMENT never reuses a trimmed seq); `trimmed_changes` is the highest
+/// seq trimmed, so a watcher that had not read that far learns that it lost changes.
+const V3_CHANGE_LOG: &str = "
+CREATE TABLE changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    origin BIGINT NOT NULL,
+    ino BIGINT NOT NULL,
+    parent BIGINT NULL,
+    name BLOB NULL,
+    at_ns BIGINT NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000000000 AS INTEGER))
+);
+CREATE INDEX changes_by_time ON changes (at_ns);
+INSERT INTO counters (name, value) VALUES ('trimmed_changes', 0);
 ";
 
 /// Brings the database up to `migrations.len()`, in one transaction (concurrent openers queue on

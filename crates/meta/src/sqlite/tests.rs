@@ -2028,3 +2028,290 @@ fn sync_flushes_only_what_was_committed() {
         other => panic!("expected an fsync attempt, got {other:?}"),
     }
 }
+
+// ---- change log ----
+
+/// The changes committed after `after`, as (ino, entry) pairs, each checked for its origin.
+fn changes_after(
+    meta: &SqliteEngine,
+    after: u64,
+    origin: u64,
+) -> Vec<(Ino, Option<(Ino, String)>)> {
+    let crate::ChangeBatch::Changes(changes) = meta.changes_since(after, 1000).unwrap() else {
+        panic!("changes after {after} were lost");
+    };
+    let mut out: Vec<_> = changes
+        .into_iter()
+        .map(|change| {
+            assert!(change.seq > after);
+            assert_eq!(change.origin, origin, "origin of {change:?}");
+            let entry = change
+                .entry
+                .map(|(parent, name)| (parent, String::from_utf8(name).unwrap()));
+            (change.ino, entry)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn entry(parent: Ino, name: &str) -> Option<(Ino, String)> {
+    Some((parent, name.to_string()))
+}
+
+#[test]
+fn every_write_records_its_changed_inodes_and_entries() {
+    let f = Fixture::new();
+    let origin = f.meta.origin();
+    let step = |f: &Fixture, op: &dyn Fn(&Fixture)| {
+        let before = f.meta.last_change().unwrap();
+        op(f);
+        changes_after(&f.meta, before, origin)
+    };
+    assert_eq!(
+        step(&f, &|f| {
+            f.mk(ROOT_INO, "d", FileKind::Directory);
+        }),
+        vec![(ROOT_INO, None), (2, entry(ROOT_INO, "d"))]
+    );
+    let dir = f.meta.lookup(ROOT_INO, b"d").unwrap().ino;
+    let created = step(&f, &|f| {
+        f.mk(dir, "a", FileKind::Regular);
+    });
+    let file = f.meta.lookup(dir, b"a").unwrap().ino;
+    assert_eq!(created, vec![(dir, None), (file, entry(dir, "a"))]);
+    // Reads record nothing.
+    assert_eq!(
+        step(&f, &|f| {
+            f.meta.lookup(dir, b"a").unwrap();
+            f.meta.readdir(dir, 0, 10, true).unwrap();
+        }),
+        vec![]
+    );
+    let setattr = SetAttr {
+        perm: Some(0o600),
+        ..SetAttr::default()
+    };
+    assert_eq!(
+        step(&f, &|f| {
+            f.meta.setattr(file, &setattr, NOW).unwrap();
+        }),
+        vec![(file, None)]
+    );
+    assert_eq!(
+        step(&f, &|f| {
+            f.meta.write_inline(file, &[(0, b"hello")], NOW).unwrap();
+        }),
+        vec![(file, None)]
+    );
+    assert_eq!(
+        step(&f, &|f| {
+            f.meta.truncate(file, 2, NOW).unwrap();
+        }),
+        vec![(file, None)]
+    );
+    assert_eq!(
+        step(&f, &|f| {
+            f.meta
+                .set_xattr(file, b"user.k", b"v", XattrMode::Any, NOW)
+                .unwrap();
+            f.meta.remove_xattr(file, b"user.k", NOW).unwrap();
+        }),
+        vec![(file, None), (file, None)],
+        "one change per transaction"
+    );
+    assert_eq!(
+        step(&f, &|f| {
+            f.meta.link(file, ROOT_INO, b"hard", NOW).unwrap();
+        }),
+        vec![(ROOT_INO, None), (file, entry(ROOT_INO, "hard"))]
+    );
+    // A rename that replaces a target: both names, the replaced inode, both directories.
+    let victim = f.mk(ROOT_INO, "victim", FileKind::Regular).ino;
+    assert_eq!(
+        step(&f, &|f| {
+            f.rename((dir, "a"), (ROOT_INO, "victim"), RenameMode::Replace)
+                .unwrap();
+        }),
+        vec![
+            (ROOT_INO, None),
+            (dir, None),
+            (file, entry(ROOT_INO, "victim")),
+            (file, entry(dir, "a")),
+            (victim, None),
+        ]
+    );
+    assert_eq!(f.meta.getattr(victim).map_err(|e| e.errno()), Err(ENOENT));
+    let chunked = f.mk(ROOT_INO, "big", FileKind::Regular).ino;
+    let s = f.upload(100, 0);
+    assert_eq!(
+        step(&f, &|f| {
+            f.meta
+                .commit_slices(chunked, &[(0, s)], 100, None, NOW)
+                .unwrap();
+        }),
+        vec![(chunked, None)]
+    );
+    // The last link of an unopened file: the entry and the freed inode.
+    assert_eq!(
+        step(&f, &|f| {
+            f.unlink(ROOT_INO, "big").unwrap();
+        }),
+        vec![(ROOT_INO, None), (chunked, entry(ROOT_INO, "big"))]
+    );
+    assert_eq!(
+        step(&f, &|f| {
+            f.meta.rmdir(ROOT_INO, b"d", NOW).unwrap();
+        }),
+        vec![(ROOT_INO, None), (dir, entry(ROOT_INO, "d"))]
+    );
+    // A file freed at its last close by another session's engine.
+    let other = f.reopen();
+    let session = open_session(&other, wall_clock_ns());
+    other.open_file(session, file).unwrap();
+    f.unlink(ROOT_INO, "hard").unwrap();
+    f.unlink(ROOT_INO, "victim").unwrap();
+    let before = f.meta.last_change().unwrap();
+    other.close_file(session, file).unwrap();
+    assert_eq!(
+        changes_after(&f.meta, before, other.origin()),
+        vec![(file, None)]
+    );
+    assert_ne!(other.origin(), f.meta.origin());
+}
+
+#[test]
+fn another_engine_sees_the_changes_and_its_wait_returns_at_the_commit() {
+    let f = Fixture::new();
+    let second = f.reopen();
+    let after = second.last_change().unwrap();
+    // Nothing committed: the wait runs out its timeout.
+    let started = std::time::Instant::now();
+    second
+        .wait_for_changes(after, std::time::Duration::from_millis(50))
+        .unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+
+    let writer = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let committed = std::time::Instant::now();
+            f.mk(ROOT_INO, "new", FileKind::Regular);
+            committed
+        });
+        second
+            .wait_for_changes(after, std::time::Duration::from_secs(20))
+            .unwrap();
+        let woke = std::time::Instant::now();
+        let committed = writer.join().unwrap();
+        woke.saturating_duration_since(committed)
+    });
+    assert!(
+        writer < std::time::Duration::from_secs(1),
+        "woke {writer:?} after the commit"
+    );
+    let ino = f.meta.lookup(ROOT_INO, b"new").unwrap().ino;
+    assert_eq!(
+        changes_after(&second, after, f.meta.origin()),
+        vec![(ROOT_INO, None), (ino, entry(ROOT_INO, "new"))]
+    );
+    // Changes already past `after`: no wait at all.
+    let started = std::time::Instant::now();
+    second
+        .wait_for_changes(after, std::time::Duration::from_secs(20))
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn seqs_follow_commit_order_across_engines() {
+    let f = Fixture::new();
+    let engines = [f.reopen(), f.reopen()];
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let seen = std::thread::scope(|scope| {
+        for (e, meta) in engines.iter().enumerate() {
+            let done = &done;
+            scope.spawn(move || {
+                for i in 0..100 {
+                    let name = format!("e{e}-{i}");
+                    meta.create_node(ROOT_INO, name.as_bytes(), &node(FileKind::Regular), NOW)
+                        .unwrap();
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        // A watcher reading while they commit never finds a seq below one it has seen.
+        let mut seen = Vec::new();
+        let mut last = 0;
+        loop {
+            let finished = done.load(std::sync::atomic::Ordering::SeqCst) == engines.len();
+            let crate::ChangeBatch::Changes(batch) = f.meta.changes_since(last, 37).unwrap() else {
+                panic!("lost changes");
+            };
+            for change in batch {
+                assert!(change.seq > last);
+                last = change.seq;
+                seen.push(change);
+            }
+            if finished && f.meta.last_change().unwrap() == last {
+                break seen;
+            }
+        }
+    });
+    let crate::ChangeBatch::Changes(all) = f.meta.changes_since(0, 10_000).unwrap() else {
+        panic!("lost changes");
+    };
+    assert!(
+        seen == all,
+        "the watcher saw {} of {} changes",
+        seen.len(),
+        all.len()
+    );
+    // Both engines' creates: one entry and one root row each.
+    assert_eq!(all.len(), 2 * 2 * 100);
+    let origins: std::collections::BTreeSet<u64> = all.iter().map(|c| c.origin).collect();
+    assert_eq!(
+        origins,
+        engines
+            .iter()
+            .map(|e| e.origin())
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+}
+
+#[test]
+fn trimmed_changes_are_reported_lost_to_watchers_behind_them() {
+    let f = Fixture::new();
+    f.mk(ROOT_INO, "a", FileKind::Regular);
+    let behind = f.meta.last_change().unwrap();
+    f.mk(ROOT_INO, "b", FileKind::Regular);
+    let caught_up = f.meta.last_change().unwrap();
+    assert_eq!(f.meta.trim_changes(0).unwrap(), 0, "nothing is that old");
+    // Everything up to now is older than a second from now.
+    assert_eq!(
+        f.meta
+            .trim_changes(wall_clock_ns() + 1_000_000_000)
+            .unwrap(),
+        4
+    );
+    assert_eq!(
+        f.meta.changes_since(0, 10).unwrap(),
+        crate::ChangeBatch::Lost
+    );
+    assert_eq!(
+        f.meta.changes_since(behind, 10).unwrap(),
+        crate::ChangeBatch::Lost
+    );
+    assert_eq!(
+        f.meta.changes_since(caught_up, 10).unwrap(),
+        crate::ChangeBatch::Changes(vec![])
+    );
+    // The log goes on after the trimmed seqs (never reusing them).
+    assert_eq!(f.meta.last_change().unwrap(), caught_up);
+    let c = f.mk(ROOT_INO, "c", FileKind::Regular).ino;
+    assert_eq!(
+        changes_after(&f.meta, caught_up, f.meta.origin()),
+        vec![(ROOT_INO, None), (c, entry(ROOT_INO, "c"))]
+    );
+    assert!(f.meta.last_change().unwrap() > caught_up);
+}

@@ -1,0 +1,122 @@
+//! The change log: every write transaction appends one row per inode and per directory entry it
+//! changed, stamped with the origin of the engine instance that wrote it. Mounts follow the log to
+//! invalidate what they cached.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Deref;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::rows::{counter, set_counter};
+use crate::{Change, ChangeBatch, Ino, Result};
+
+/// What one write transaction changed (one row per inode / entry is enough).
+#[derive(Default)]
+pub struct ChangeSet {
+    inos: BTreeSet<Ino>,
+    /// (parent, name) → the inode the entry names (or named, if removed).
+    entries: BTreeMap<(Ino, Vec<u8>), Ino>,
+}
+
+/// A transaction plus the changes it made so far.
+pub struct Tx<'a> {
+    conn: &'a Connection,
+    changes: RefCell<ChangeSet>,
+}
+
+impl<'a> Tx<'a> {
+    pub fn new(conn: &'a Connection) -> Tx<'a> {
+        Tx {
+            conn,
+            changes: RefCell::default(),
+        }
+    }
+
+    /// The inode's row changed (attributes, size, data version, links) or was freed.
+    pub fn ino_changed(&self, ino: Ino) {
+        self.changes.borrow_mut().inos.insert(ino);
+    }
+
+    /// The entry `name` in `parent` (naming `ino`) was added, removed or replaced.
+    pub fn entry_changed(&self, parent: Ino, name: &[u8], ino: Ino) {
+        self.changes
+            .borrow_mut()
+            .entries
+            .insert((parent, name.to_vec()), ino);
+    }
+
+    /// Appends the recorded changes to the log (at the end of the transaction).
+    pub fn record(&self, origin: u64) -> Result<()> {
+        let changes = self.changes.take();
+        let mut insert = self.conn.prepare_cached(
+            "INSERT INTO changes (origin, ino, parent, name) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let named: BTreeSet<Ino> = changes.entries.values().copied().collect();
+        for ((parent, name), ino) in &changes.entries {
+            insert.execute(params![origin as i64, ino, parent, name])?;
+        }
+        for ino in changes.inos.difference(&named) {
+            insert.execute(params![origin as i64, ino, None::<i64>, None::<Vec<u8>>])?;
+        }
+        Ok(())
+    }
+}
+
+impl Deref for Tx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+/// The newest seq, also when trimming emptied the log.
+pub fn last_change(conn: &Connection) -> Result<u64> {
+    let seq: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM changes")?
+        .query_row([], |row| row.get(0))?;
+    Ok(seq.max(counter(conn, "trimmed_changes")?) as u64)
+}
+
+pub fn changes_since(conn: &Connection, after: u64, limit: usize) -> Result<ChangeBatch> {
+    if counter(conn, "trimmed_changes")? as u64 > after {
+        return Ok(ChangeBatch::Lost);
+    }
+    let changes = conn
+        .prepare_cached(
+            "SELECT seq, origin, ino, parent, name FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?
+        .query_map(
+            params![after as i64, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |row| {
+                let parent: Option<Ino> = row.get(3)?;
+                let name: Option<Vec<u8>> = row.get(4)?;
+                Ok(Change {
+                    seq: row.get::<_, i64>(0)? as u64,
+                    origin: row.get::<_, i64>(1)? as u64,
+                    ino: row.get(2)?,
+                    entry: parent.zip(name),
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(ChangeBatch::Changes(changes))
+}
+
+/// Drops the log's prefix up to the newest change older than `older_than_ns`: watchers that had
+/// not read that far get `Lost`.
+pub fn trim_changes(conn: &Connection, older_than_ns: i64) -> Result<u64> {
+    let upto: Option<i64> = conn
+        .prepare_cached("SELECT MAX(seq) FROM changes WHERE at_ns < ?1")?
+        .query_row([older_than_ns], |row| row.get(0))
+        .optional()?
+        .flatten();
+    let Some(upto) = upto else { return Ok(0) };
+    let removed = conn
+        .prepare_cached("DELETE FROM changes WHERE seq <= ?1")?
+        .execute([upto])?;
+    if upto > counter(conn, "trimmed_changes")? {
+        set_counter(conn, "trimmed_changes", upto)?;
+    }
+    Ok(removed as u64)
+}
