@@ -485,3 +485,62 @@ fn usage_errors_exit_with_2() {
     let output = cellar(&["no-such-command".into()]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// Polls `check` until it holds; returns how long that took. Fails after `within`.
+fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < within,
+            "{what}: not seen within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn changes_of_one_mount_reach_the_kernel_caches_of_another_at_once() {
+    // The kernel caches entries and attributes for a minute; only the pushed change feed can
+    // make these show within the bound.
+    const PUSHED: Duration = Duration::from_secs(5);
+    let volume = TestVolume::new("pushed");
+    let first = volume.mount(&volume.new_mount_point("a"));
+    let second = volume.mount(&volume.new_mount_point("b"));
+
+    fs::write(first.path("notes"), b"one").unwrap();
+    eventually(PUSHED, "a new file", || {
+        fs::metadata(second.path("notes")).is_ok_and(|m| m.len() == 3)
+    });
+    // Cached attributes: the size grows under the second mount's stat.
+    let mut appending = fs::OpenOptions::new()
+        .append(true)
+        .open(first.path("notes"))
+        .unwrap();
+    appending.write_all(b", two").unwrap();
+    drop(appending);
+    eventually(PUSHED, "a grown size", || {
+        fs::metadata(second.path("notes")).is_ok_and(|m| m.len() == 8)
+    });
+    // Cached entries: a rename removes the old name and shows the new one.
+    fs::rename(first.path("notes"), first.path("renamed")).unwrap();
+    eventually(PUSHED, "a rename", || {
+        !second.path("notes").exists() && second.path("renamed").exists()
+    });
+    // A directory listed before it gains an entry lists it afterwards.
+    fs::create_dir(first.path("dir")).unwrap();
+    eventually(PUSHED, "a new directory", || second.path("dir").is_dir());
+    assert!(sorted_names(&second.path("dir")).is_empty());
+    fs::write(first.path("dir/inside"), b"x").unwrap();
+    eventually(PUSHED, "a new entry in a listed directory", || {
+        sorted_names(&second.path("dir")) == ["inside"]
+    });
+    // Removing it from the second mount shows on the first.
+    fs::remove_file(second.path("dir/inside")).unwrap();
+    eventually(PUSHED, "a removal", || {
+        !first.path("dir/inside").exists() && sorted_names(&first.path("dir")).is_empty()
+    });
+
+    first.unmount();
+    second.unmount();
+}

@@ -25,11 +25,12 @@ use crate::convert::{
     file_attr, file_type, lock_kind, lock_type, nanos, range_end_from_kernel, range_end_to_kernel,
     time_set, KERNEL_OFFSET_MAX,
 };
+use crate::kernel_cache::KernelCache;
 
-/// Entry and attribute cache lifetime in the kernel: how late this mount's kernel may see a change
-/// made through another mount process (changes are not pushed between processes yet; `open()`
-/// revalidates at once).
-const TTL: Duration = Duration::from_secs(1);
+/// Entry and attribute cache lifetime in the kernel. Long, because what other mounts and hosts
+/// change is pushed: the vfs's change feed invalidates the kernel's entries and attributes as
+/// soon as a change commits. The TTL only bounds staleness when that feed is broken.
+const TTL: Duration = Duration::from_secs(60);
 /// Inode numbers are never reused by the metadata engine, so one generation suffices.
 const GENERATION: Generation = Generation(0);
 /// Entries asked from the vfs per READDIR / READDIRPLUS request. The kernel's buffer (up to
@@ -45,11 +46,23 @@ const CONGESTION_THRESHOLD: u16 = 96;
 
 pub(crate) struct CellarFs {
     vfs: Arc<Vfs>,
+    kernel: Arc<KernelCache>,
 }
 
 impl CellarFs {
-    pub(crate) fn new(vfs: Arc<Vfs>) -> Self {
-        CellarFs { vfs }
+    pub(crate) fn new(vfs: Arc<Vfs>, kernel: Arc<KernelCache>) -> Self {
+        CellarFs { vfs, kernel }
+    }
+
+    /// Answers an entry request, remembering what the kernel now holds.
+    fn reply_entry(&self, reply: ReplyEntry, parent: u64, name: &[u8], result: VfsResult<Attr>) {
+        match result {
+            Ok(attr) => {
+                self.kernel.entered(parent, name, attr.ino);
+                reply.entry(&TTL, &file_attr(&attr), GENERATION)
+            }
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     /// Lookup that also answers "." and ".." (asked by the kernel for NFS export support).
@@ -75,13 +88,6 @@ fn ctx(req: &Request) -> Ctx {
 
 fn errno(error: cellar_vfs::Errno) -> Errno {
     Errno::from_i32(error.0)
-}
-
-fn reply_entry(reply: ReplyEntry, result: VfsResult<Attr>) {
-    match result {
-        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), GENERATION),
-        Err(e) => reply.error(errno(e)),
-    }
 }
 
 fn reply_attr(reply: ReplyAttr, result: VfsResult<Attr>) {
@@ -181,10 +187,17 @@ impl Filesystem for CellarFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.lookup_entry(req, parent.0, name.as_bytes()));
+        let name = name.as_bytes();
+        self.reply_entry(
+            reply,
+            parent.0,
+            name,
+            self.lookup_entry(req, parent.0, name),
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.kernel.forgot(ino.0, nlookup);
         self.vfs.forget(ino.0, nlookup);
     }
 
@@ -244,7 +257,7 @@ impl Filesystem for CellarFs {
         let result = self
             .vfs
             .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, rdev);
-        reply_entry(reply, result);
+        self.reply_entry(reply, parent.0, name.as_bytes(), result);
     }
 
     fn mkdir(
@@ -259,7 +272,7 @@ impl Filesystem for CellarFs {
         let result = self
             .vfs
             .mkdir(&ctx(req), parent.0, name.as_bytes(), mode, umask);
-        reply_entry(reply, result);
+        self.reply_entry(reply, parent.0, name.as_bytes(), result);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -284,7 +297,7 @@ impl Filesystem for CellarFs {
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
         );
-        reply_entry(reply, result);
+        self.reply_entry(reply, parent.0, link_name.as_bytes(), result);
     }
 
     fn rename(
@@ -323,7 +336,7 @@ impl Filesystem for CellarFs {
         let result = self
             .vfs
             .link(&ctx(req), ino.0, newparent.0, newname.as_bytes());
-        reply_entry(reply, result);
+        self.reply_entry(reply, newparent.0, newname.as_bytes(), result);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -475,6 +488,10 @@ impl Filesystem for CellarFs {
             if full {
                 break;
             }
+            // The kernel counts a lookup for every entry it took but "." and "..".
+            if entry.name != b"." && entry.name != b".." {
+                self.kernel.entered(ino.0, &entry.name, entry.ino);
+            }
         }
         reply.ok();
     }
@@ -561,13 +578,16 @@ impl Filesystem for CellarFs {
             .vfs
             .create(&ctx(req), parent.0, name.as_bytes(), mode, umask, flags);
         match result {
-            Ok((attr, open)) => reply.created(
-                &TTL,
-                &file_attr(&attr),
-                GENERATION,
-                FileHandle(open.fh),
-                open_flags(open.keep_cache),
-            ),
+            Ok((attr, open)) => {
+                self.kernel.entered(parent.0, name.as_bytes(), attr.ino);
+                reply.created(
+                    &TTL,
+                    &file_attr(&attr),
+                    GENERATION,
+                    FileHandle(open.fh),
+                    open_flags(open.keep_cache),
+                )
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -10,6 +10,7 @@
 
 mod convert;
 mod fs;
+mod kernel_cache;
 mod mount;
 
 pub use mount::{

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{mpsc, Arc};
 
-use cellar_vfs::{Invalidation, Vfs};
+use cellar_vfs::{Invalidation, Vfs, ROOT_INO};
 use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, Session, SessionACL};
 
 use crate::fs::CellarFs;
+use crate::kernel_cache::KernelCache;
 
 const FUSE_DEVICE: &str = "/dev/fuse";
 /// Kernel read-ahead of the mount. FUSE starts every mount at 128 KiB; larger read-ahead turns
@@ -193,14 +194,13 @@ pub fn mount(
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
 
-    let session =
-        Session::new(CellarFs::new(Arc::clone(&vfs)), &mount_point, &config).map_err(|source| {
-            MountError::Mount {
-                path: mount_point.clone(),
-                source,
-            }
-        })?;
-    forward_invalidations(&vfs, session.notifier());
+    let kernel = Arc::new(KernelCache::default());
+    let fs = CellarFs::new(Arc::clone(&vfs), Arc::clone(&kernel));
+    let session = Session::new(fs, &mount_point, &config).map_err(|source| MountError::Mount {
+        path: mount_point.clone(),
+        source,
+    })?;
+    forward_invalidations(&vfs, session.notifier(), kernel);
     let session = session.spawn().map_err(|source| MountError::Session {
         path: mount_point.clone(),
         source,
@@ -230,7 +230,7 @@ fn raise_read_ahead(mount_point: &Path) -> io::Result<()> {
 
 /// Sends the vfs's invalidations to the kernel from a thread of their own: a notification can
 /// wait for locks the kernel holds while one of our request handlers is running.
-fn forward_invalidations(vfs: &Vfs, notifier: Notifier) {
+fn forward_invalidations(vfs: &Vfs, notifier: Notifier, kernel: Arc<KernelCache>) {
     let (sender, receiver) = mpsc::channel::<Invalidation>();
     vfs.set_invalidator(Box::new(move |invalidation| {
         // The receiver is gone only after unmount, when there is nothing left to invalidate.
@@ -240,24 +240,36 @@ fn forward_invalidations(vfs: &Vfs, notifier: Notifier) {
         .name("cellar-invalidate".into())
         .spawn(move || {
             for invalidation in receiver {
-                // ENOENT: the kernel does not cache that inode or entry; nothing to do.
-                let result = match &invalidation {
-                    Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                match invalidation {
+                    Invalidation::Inode(ino) => report(notifier.inval_inode(INodeNo(ino), 0, 0)),
                     Invalidation::Entry { parent, name } => {
-                        notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+                        report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)))
                     }
-                };
-                if let Err(e) = result {
-                    if e.raw_os_error() != Some(libc::ENOENT) {
-                        tracing::debug!("kernel cache invalidation failed: {e}");
+                    Invalidation::All => {
+                        let held = kernel.held();
+                        tracing::info!(entries = held.len(), "dropping every kernel cache entry");
+                        for (ino, parent, name) in held {
+                            report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)));
+                            report(notifier.inval_inode(INodeNo(ino), 0, 0));
+                        }
+                        report(notifier.inval_inode(INodeNo(ROOT_INO), 0, 0));
                     }
                 }
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(
-            "no cache invalidation thread ({e}): background commits show after the 1 s TTL"
+            "no cache invalidation thread ({e}): other mounts' changes show only after the TTL"
         );
+    }
+}
+
+fn report(result: io::Result<()>) {
+    // ENOENT: the kernel does not cache that inode or entry; nothing to do.
+    if let Err(e) = result {
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            tracing::debug!("kernel cache invalidation failed: {e}");
+        }
     }
 }
 

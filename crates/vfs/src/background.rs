@@ -1,7 +1,8 @@
 //! Background threads of a mounted volume: session heartbeat, idle-buffer flusher, compactor of
-//! the chunks writers asked for, and the maintenance sweep (compaction leftovers, garbage
-//! collection), which runs only in the mount holding the volume's maintenance lease. Each holds
-//! only a weak reference, so dropping the volume ends them.
+//! the chunks writers asked for, the change feed (see [`crate::change_feed`]), and the
+//! maintenance sweep (compaction leftovers, garbage collection, trimming the change log), which
+//! runs only in the mount holding the volume's maintenance lease. Each holds only a weak
+//! reference, so dropping the volume ends them.
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::backend::now_ns;
+use crate::change_feed::{self, CHANGE_LOG_RETENTION};
 use crate::compaction::COMPACT_BACKGROUND_SLICES;
 use crate::flush::IDLE_FLUSH_AFTER;
 use crate::maintenance::MAINTENANCE_LEASE;
@@ -27,7 +29,8 @@ const COMPACT_PER_ROUND: usize = 64;
 
 /// Starts the threads; [`Inner::shutdown`] stops and joins them.
 pub(crate) fn start(inner: &Arc<Inner>) -> anyhow::Result<()> {
-    let threads = threads(inner).context("starting background threads")?;
+    let mut threads = threads(inner).context("starting background threads")?;
+    threads.push(change_feed::start(inner).context("starting the change feed")?);
     *inner.threads.lock() = threads;
     Ok(())
 }
@@ -88,6 +91,12 @@ fn maintain(inner: &Inner) {
     let before = now_ns() - inner.gc_grace.as_nanos() as i64;
     if let Err(e) = inner.core.collect_garbage(before) {
         tracing::warn!(error = %e, "garbage collection failed");
+    }
+    let trim_before = now_ns() - CHANGE_LOG_RETENTION.as_nanos() as i64;
+    match inner.core.meta.trim_changes(trim_before) {
+        Ok(0) => {}
+        Ok(trimmed) => tracing::debug!(trimmed, "trimmed the change log"),
+        Err(e) => tracing::warn!(error = %e, "trimming the change log failed"),
     }
 }
 

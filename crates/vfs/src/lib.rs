@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 mod backend;
 mod background;
+mod change_feed;
 mod compaction;
 mod errno;
 mod flush;
@@ -117,8 +118,12 @@ pub struct StatFs {
 
 /// Kinds of change a mount must drop from the kernel caches (pushed by the vfs to its adapter).
 pub enum Invalidation {
+    /// Attributes and page cache of one inode.
     Inode(Ino),
+    /// One directory entry (a name added, removed or replaced).
     Entry { parent: Ino, name: Vec<u8> },
+    /// Everything the kernel caches: this mount missed changes it cannot name.
+    All,
 }
 
 /// The contract. A facade over [`volume::Inner`] because the background threads hold the volume

@@ -220,6 +220,10 @@ impl Inner {
         self.seen.lock().remove(&ino);
     }
 
+    pub fn forget_all_seen(&self) {
+        self.seen.lock().clear();
+    }
+
     /// Attributes as this mount sees them: buffered writes count toward size and mtime.
     pub fn overlay_attr(&self, mut attr: Attr) -> Attr {
         if let Some(file) = self.registry.file(attr.ino) {
