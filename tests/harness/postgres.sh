@@ -51,9 +51,11 @@ start)
         -o "-c listen_addresses=$addresses -p $port -c unix_socket_directories=$dir -c max_connections=300 -c fsync=off" start >/dev/null
     (
         umask 077
-        echo "export CELLAR_TEST_POSTGRES_URL=postgres://cellar:$password@127.0.0.1:$port/postgres"
-        [ -z "$listen" ] || echo "export CELLAR_TEST_POSTGRES_HOSTS_URL=postgres://cellar:$password@$extra_addr:$port/postgres"
-    ) >"$dir/env"
+        {
+            echo "export CELLAR_TEST_POSTGRES_URL=postgres://cellar:$password@127.0.0.1:$port/postgres"
+            [ -z "$listen" ] || echo "export CELLAR_TEST_POSTGRES_HOSTS_URL=postgres://cellar:$password@$extra_addr:$port/postgres"
+        } >"$dir/env"
+    )
     echo "postgres.sh: PostgreSQL ready on $addresses port $port; env in $dir/env"
     ;;
 stop)
