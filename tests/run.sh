@@ -61,8 +61,10 @@ bash tests/harness/rgw.sh start "$rgw_dir" || { echo "tests/run.sh: could not st
 # shellcheck disable=SC1091
 source "$rgw_dir/env"
 bash tests/harness/postgres.sh start "$pg_dir/pg" || { echo "tests/run.sh: could not start PostgreSQL"; exit 1; }
+set -a # the env file holds plain NAME=VALUE lines
 # shellcheck disable=SC1091
 source "$pg_dir/pg/env"
+set +a
 
 suites=("$@")
 if [ ${#suites[@]} -eq 0 ]; then

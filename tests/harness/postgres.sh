@@ -5,7 +5,8 @@
 #   bash tests/harness/postgres.sh start DIR [--listen ADDR/PREFIX]
 #   bash tests/harness/postgres.sh stop DIR
 #
-# DIR/env (mode 0600; source it) exports CELLAR_TEST_POSTGRES_URL=postgres://cellar:PASS@127.0.0.1:PORT/postgres.
+# DIR/env (mode 0600) holds NAME=VALUE lines (read them, or `set -a; source DIR/env; set +a`):
+# CELLAR_TEST_POSTGRES_URL=postgres://cellar:PASS@127.0.0.1:PORT/postgres.
 # --listen also listens on ADDR (an address of this machine, e.g. the host side of the network of
 # tests/harness/hosts.sh), accepts password logins from ADDR/PREFIX, and adds
 # CELLAR_TEST_POSTGRES_HOSTS_URL (the same database through ADDR) to DIR/env.
@@ -52,8 +53,8 @@ start)
     (
         umask 077
         {
-            echo "export CELLAR_TEST_POSTGRES_URL=postgres://cellar:$password@127.0.0.1:$port/postgres"
-            [ -z "$listen" ] || echo "export CELLAR_TEST_POSTGRES_HOSTS_URL=postgres://cellar:$password@$extra_addr:$port/postgres"
+            echo "CELLAR_TEST_POSTGRES_URL=postgres://cellar:$password@127.0.0.1:$port/postgres"
+            [ -z "$listen" ] || echo "CELLAR_TEST_POSTGRES_HOSTS_URL=postgres://cellar:$password@$extra_addr:$port/postgres"
         } >"$dir/env"
     )
     echo "postgres.sh: PostgreSQL ready on $addresses port $port; env in $dir/env"
