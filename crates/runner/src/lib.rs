@@ -63,7 +63,7 @@ pub struct VolumeMountSpec {
     pub read_only: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxSpec {
     /// Letters, digits, `-`, `_`, `.`; names the sandbox's files and cgroup.
     pub id: String,
@@ -97,7 +97,7 @@ pub const SANDBOX_SYSTEM_DIRS: &[&str] = &[
     "/sys", "/boot",
 ];
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ExecRequest {
     /// A shell line, run with `/bin/sh -c`.
     pub command: String,
@@ -109,7 +109,7 @@ pub struct ExecRequest {
     pub timeout: Option<Duration>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecResult {
     pub exit_code: i32,
     /// stdout and stderr interleaved (one pipe), capped at [`EXEC_OUTPUT_LIMIT`] bytes.
@@ -427,6 +427,24 @@ impl Runner {
 
     pub fn is_running(&self, id: &str) -> bool {
         self.record(id).is_some()
+    }
+
+    /// Ids of the sandboxes whose processes are alive, sorted.
+    pub fn running_ids(&self) -> Vec<String> {
+        let records: Vec<Arc<SandboxRecord>> = self
+            .sandboxes
+            .lock()
+            .expect("sandbox table poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let mut ids: Vec<String> = records
+            .iter()
+            .filter(|record| record.is_alive())
+            .map(|record| record.id.clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// The record of a sandbox whose processes are alive.

@@ -8,6 +8,10 @@ use serde::Deserialize;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3986";
 pub const DEFAULT_VOLUME_QUOTA: u32 = 100;
+/// How long a runner may go without a heartbeat before it counts as lost.
+pub const DEFAULT_RUNNER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How many sandboxes a runner (the embedded one, or `cellar runner` by default) takes.
+pub const DEFAULT_RUNNER_CAPACITY: u32 = 1024;
 
 /// Values given on the command line; `None` falls through to the environment, the file, the default.
 #[derive(Clone, Debug, Default)]
@@ -18,6 +22,9 @@ pub struct ConfigOverrides {
     pub store: Option<String>,
     pub public_url: Option<String>,
     pub volume_quota: Option<u32>,
+    /// `Some(false)`: run without the embedded runner (`--no-embedded-runner`).
+    pub embedded_runner: Option<bool>,
+    pub runner_timeout: Option<std::time::Duration>,
 }
 
 /// The TOML file (every key optional).
@@ -29,6 +36,9 @@ struct ConfigFile {
     store: Option<String>,
     public_url: Option<String>,
     volume_quota: Option<u32>,
+    embedded_runner: Option<bool>,
+    /// E.g. "10s".
+    runner_timeout: Option<String>,
     s3: Option<S3Credentials>,
 }
 
@@ -61,6 +71,12 @@ pub struct ServerConfig {
     /// The `cellar` binary the embedded runner starts mount daemons with (`CELLAR_BIN`, else
     /// this executable).
     pub cellar_bin: PathBuf,
+    /// Whether this server runs sandboxes itself (the runner named `local`).
+    pub embedded_runner: bool,
+    /// Sandboxes the embedded runner takes.
+    pub runner_capacity: u32,
+    /// A runner without a heartbeat for this long is lost, and so are its sandboxes.
+    pub runner_timeout: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -107,12 +123,30 @@ impl ServerConfig {
                 None => file.volume_quota.unwrap_or(DEFAULT_VOLUME_QUOTA),
             },
         };
+        let embedded_runner = match flags.embedded_runner {
+            Some(on) => on,
+            None => match env("CELLAR_EMBEDDED_RUNNER") {
+                Some(v) => parse_bool(&v).context("CELLAR_EMBEDDED_RUNNER")?,
+                None => file.embedded_runner.unwrap_or(true),
+            },
+        };
+        let runner_timeout = match flags.runner_timeout {
+            Some(timeout) => timeout,
+            None => match env("CELLAR_RUNNER_TIMEOUT").or(file.runner_timeout) {
+                Some(v) => humantime::parse_duration(&v)
+                    .with_context(|| format!("runner timeout {v:?} is not a duration like 10s"))?,
+                None => DEFAULT_RUNNER_TIMEOUT,
+            },
+        };
         Ok(ServerConfig {
             listen,
             data_dir,
             store_url,
             public_url,
             volume_quota,
+            embedded_runner,
+            runner_capacity: DEFAULT_RUNNER_CAPACITY,
+            runner_timeout,
             s3_credentials: file.s3.unwrap_or_default(),
             cellar_bin: match env("CELLAR_BIN") {
                 Some(bin) => PathBuf::from(bin),
@@ -131,6 +165,9 @@ impl ServerConfig {
             volume_quota: DEFAULT_VOLUME_QUOTA,
             s3_credentials: S3Credentials::default(),
             cellar_bin: cellar_bin.to_path_buf(),
+            embedded_runner: true,
+            runner_capacity: DEFAULT_RUNNER_CAPACITY,
+            runner_timeout: DEFAULT_RUNNER_TIMEOUT,
         }
     }
 
@@ -156,6 +193,14 @@ impl ServerConfig {
             }
         }
         vars
+    }
+}
+
+fn parse_bool(value: &str) -> anyhow::Result<bool> {
+    match value {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" => Ok(false),
+        other => anyhow::bail!("{other:?} is not true or false"),
     }
 }
 

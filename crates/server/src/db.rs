@@ -1,4 +1,5 @@
-//! The control database (SQLite, `<data>/control.db`): organisations, API keys, volumes, sandboxes.
+//! The control database (SQLite, `<data>/control.db`): organisations, API keys, volumes,
+//! sandboxes, runners and runner tokens.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE orgs (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -53,7 +55,36 @@ CREATE TABLE sandbox_volumes (
     PRIMARY KEY (sandbox_id, mount_path)
 );
 CREATE INDEX sandbox_volumes_volume ON sandbox_volumes(volume_id);
-"#];
+"#,
+    r#"
+-- A runner is identified by its name. last_heartbeat_ms is on the server's clock.
+CREATE TABLE runners (
+    id TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    url TEXT NOT NULL,
+    capacity INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    running INTEGER NOT NULL,
+    last_heartbeat_ms INTEGER NOT NULL,
+    token_id TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE runner_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+-- Sandboxes of servers before runners existed ran on the embedded runner.
+ALTER TABLE sandboxes ADD COLUMN runner_id TEXT NOT NULL DEFAULT 'local';
+CREATE INDEX sandboxes_runner ON sandboxes(runner_id, state);
+"#,
+];
+
+/// The name of the runner embedded in `cellar server`.
+pub const EMBEDDED_RUNNER: &str = "local";
 
 /// Volume states (Daytona's names).
 pub mod volume_state {
@@ -72,6 +103,14 @@ pub mod sandbox_state {
     pub const DESTROYING: &str = "destroying";
     pub const DESTROYED: &str = "destroyed";
     pub const ERROR: &str = "error";
+    /// Its runner stopped heartbeating; answered as `error` (a state Daytona's clients know).
+    pub const LOST: &str = "lost";
+}
+
+/// Runner states.
+pub mod runner_state {
+    pub const LIVE: &str = "live";
+    pub const LOST: &str = "lost";
 }
 
 #[derive(Clone, Debug)]
@@ -123,6 +162,66 @@ pub struct SandboxRow {
     pub created_at: String,
     pub updated_at: String,
     pub mounts: Vec<MountRow>,
+    /// Name of the runner the sandbox is scheduled on.
+    pub runner_id: String,
+}
+
+/// Where a new sandbox may run.
+pub struct Placement<'a> {
+    /// Runners the server can reach now (registered in this process).
+    pub connected: &'a [String],
+    /// The runner the request pins, if any.
+    pub pinned: Option<&'a str>,
+    /// Whether a remote runner can mount the sandbox's volumes (their metadata is not in an
+    /// SQLite file on the server's disk).
+    pub remote_volumes: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerTokenRow {
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+/// A runner as the server last heard of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerRow {
+    pub id: String,
+    pub url: String,
+    pub capacity: i64,
+    pub state: String,
+    /// Sandboxes it reported running in its last heartbeat (the embedded runner: those started).
+    pub running: i64,
+    pub last_heartbeat_ms: i64,
+}
+
+/// A runner that missed its heartbeats.
+#[derive(Debug)]
+pub struct LostRunner {
+    pub id: String,
+    pub last_heartbeat_ms: i64,
+    pub sandboxes: usize,
+}
+
+/// What a runner reports: who it is and what it runs.
+pub struct RunnerReport<'a> {
+    pub name: &'a str,
+    pub instance: &'a str,
+    pub capacity: u32,
+    pub sandboxes: &'a [String],
+}
+
+/// What a heartbeat found.
+pub enum HeartbeatOutcome {
+    /// The sandboxes the runner must destroy (the server no longer wants them).
+    Accepted {
+        destroy: Vec<String>,
+        rejoined: bool,
+    },
+    /// The server does not know this runner instance: it must register.
+    Unknown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +234,9 @@ pub enum DbError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// No runner can take the work now.
+    #[error("{0}")]
+    Unavailable(String),
 }
 pub type DbResult<T> = Result<T, DbError>;
 
@@ -167,7 +269,7 @@ pub fn hash_key(key: &str) -> String {
 }
 
 /// A fresh API key: 244 random bits from two v4 UUIDs.
-fn generate_key() -> String {
+pub(crate) fn generate_key() -> String {
     format!(
         "cellar_{}{}",
         uuid::Uuid::new_v4().simple(),
@@ -178,7 +280,15 @@ fn generate_key() -> String {
 const VOLUME_COLUMNS: &str =
     "id, org_id, name, state, error_reason, created_at, updated_at, last_used_at";
 const SANDBOX_COLUMNS: &str =
-    "id, org_id, name, state, error_reason, settings, created_at, updated_at";
+    "id, org_id, name, state, error_reason, settings, created_at, updated_at, runner_id";
+
+/// Milliseconds since the epoch on this host's clock.
+pub fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
 
 fn volume_from_row(row: &Row<'_>) -> rusqlite::Result<VolumeRow> {
     Ok(VolumeRow {
@@ -461,6 +571,7 @@ impl ControlDb {
                         created_at: r.get(6)?,
                         updated_at: r.get(7)?,
                         mounts: Vec::new(),
+                        runner_id: r.get(8)?,
                     },
                     r.get::<_, String>(5)?,
                 ))
@@ -475,13 +586,16 @@ impl ControlDb {
             .collect()
     }
 
-    /// Inserts a sandbox in state `creating` with its mounts, provided every volume is ready.
+    /// Inserts a sandbox in state `creating` with its mounts, provided every volume is ready,
+    /// scheduled on the least loaded live runner with room that `placement` allows. Choosing
+    /// and inserting in one transaction keeps concurrent creates within every capacity.
     pub fn insert_sandbox(
         &self,
         org_id: &str,
         name: Option<&str>,
         settings: &SandboxSettings,
         mounts: &[MountRow],
+        placement: &Placement<'_>,
     ) -> DbResult<SandboxRow> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
@@ -501,6 +615,9 @@ impl ControlDb {
                     state.as_deref().unwrap_or("deleted")
                 )));
             }
+        }
+        let runner_id = choose_runner(&tx, placement, !mounts.is_empty())?;
+        for mount in mounts {
             tx.execute(
                 "UPDATE volumes SET last_used_at = ?2 WHERE id = ?1",
                 params![mount.volume_id, now],
@@ -509,15 +626,16 @@ impl ControlDb {
         let id = new_id();
         let name = name.unwrap_or(&id).to_string();
         let inserted = tx.execute(
-            "INSERT INTO sandboxes (id, org_id, name, state, settings, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+            "INSERT INTO sandboxes (id, org_id, name, state, settings, created_at, updated_at, runner_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
             params![
                 id,
                 org_id,
                 name,
                 sandbox_state::CREATING,
                 serde_json::to_string(settings)?,
-                now
+                now,
+                runner_id
             ],
         );
         unique_insert(inserted, || {
@@ -541,6 +659,7 @@ impl ControlDb {
             created_at: now.clone(),
             updated_at: now,
             mounts: mounts.to_vec(),
+            runner_id,
         })
     }
 
@@ -614,6 +733,402 @@ impl ControlDb {
         args.extend(from.iter().map(|s| s as &dyn rusqlite::ToSql));
         Ok(self.lock().execute(&sql, args.as_slice())? > 0)
     }
+}
+
+impl ControlDb {
+    // ---- runner tokens ----
+
+    /// Mints a runner token (returned once; only its hash is stored).
+    pub fn create_runner_token(&self, name: &str) -> DbResult<(String, String)> {
+        let id = new_id();
+        let token = format!("cellar_runner_{}", &generate_key()["cellar_".len()..]);
+        self.lock().execute(
+            "INSERT INTO runner_tokens (id, name, token_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, name, hash_key(&token), now()],
+        )?;
+        Ok((id, token))
+    }
+
+    pub fn list_runner_tokens(&self) -> DbResult<Vec<RunnerTokenRow>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, created_at, revoked_at FROM runner_tokens ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RunnerTokenRow {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                created_at: r.get(2)?,
+                revoked_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes the token with this id, or every unrevoked token with this name; returns how many.
+    pub fn revoke_runner_token(&self, id_or_name: &str) -> DbResult<usize> {
+        Ok(self.lock().execute(
+            "UPDATE runner_tokens SET revoked_at = ?2 \
+             WHERE (id = ?1 OR name = ?1) AND revoked_at IS NULL",
+            params![id_or_name, now()],
+        )?)
+    }
+
+    /// The id of the unrevoked runner token `token`.
+    pub fn runner_token_id(&self, token: &str) -> DbResult<Option<String>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT id FROM runner_tokens WHERE token_hash = ?1 AND revoked_at IS NULL",
+                [hash_key(token)],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    // ---- runners ----
+
+    pub fn list_runners(&self) -> DbResult<Vec<RunnerRow>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT id, url, capacity, state, CASE WHEN id = ?1 THEN \
+             (SELECT count(*) FROM sandboxes s WHERE s.runner_id = ?1 AND s.state = 'started') \
+             ELSE running END, last_heartbeat_ms FROM runners ORDER BY id",
+        )?;
+        let rows = stmt.query_map([EMBEDDED_RUNNER], |r| {
+            Ok(RunnerRow {
+                id: r.get(0)?,
+                url: r.get(1)?,
+                capacity: r.get(2)?,
+                state: r.get(3)?,
+                running: r.get(4)?,
+                last_heartbeat_ms: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records the embedded runner as live (it cannot miss heartbeats), or, when the server runs
+    /// without it, as lost together with the sandboxes it ran.
+    pub fn set_embedded_runner(&self, capacity: Option<u32>, now_ms: i64) -> DbResult<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        match capacity {
+            Some(capacity) => {
+                tx.execute(
+                    "INSERT INTO runners (id, instance, url, capacity, state, running, last_heartbeat_ms, created_at, updated_at) \
+                     VALUES (?1, ?1, '', ?2, ?3, 0, ?4, ?5, ?5) \
+                     ON CONFLICT (id) DO UPDATE SET capacity = ?2, state = ?3, last_heartbeat_ms = ?4, updated_at = ?5",
+                    params![EMBEDDED_RUNNER, capacity, runner_state::LIVE, now_ms, now()],
+                )?;
+            }
+            None => {
+                tx.execute(
+                    "UPDATE runners SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                    params![EMBEDDED_RUNNER, runner_state::LOST, now()],
+                )?;
+                mark_sandboxes_lost(
+                    &tx,
+                    EMBEDDED_RUNNER,
+                    "the server runs without its embedded runner",
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// After a server restart: remote runners get a full timeout to heartbeat again before they
+    /// count as lost (the server's downtime is not theirs).
+    pub fn restart_runner_clocks(&self, now_ms: i64) -> DbResult<()> {
+        self.lock().execute(
+            "UPDATE runners SET last_heartbeat_ms = ?2 WHERE id <> ?1 AND state = ?3",
+            params![EMBEDDED_RUNNER, now_ms, runner_state::LIVE],
+        )?;
+        Ok(())
+    }
+
+    /// A runner joins (or rejoins after a restart, a lost period or a server restart). Another
+    /// live instance under the same name is a conflict. Returns the sandboxes it must destroy.
+    pub fn register_runner(
+        &self,
+        report: &RunnerReport<'_>,
+        url: &str,
+        token_id: &str,
+        now_ms: i64,
+        timeout_ms: i64,
+    ) -> DbResult<Vec<String>> {
+        if report.name == EMBEDDED_RUNNER {
+            return Err(DbError::Conflict(format!(
+                "the runner name {EMBEDDED_RUNNER:?} is reserved for the server's embedded runner"
+            )));
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let existing: Option<(String, String, i64)> = tx
+            .query_row(
+                "SELECT instance, state, last_heartbeat_ms FROM runners WHERE id = ?1",
+                [report.name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        if let Some((instance, state, last)) = &existing {
+            if instance != report.instance
+                && state == runner_state::LIVE
+                && now_ms - last < timeout_ms
+            {
+                return Err(DbError::Conflict(format!(
+                    "another runner named {:?} is live; give this one another --name",
+                    report.name
+                )));
+            }
+        }
+        tx.execute(
+            "INSERT INTO runners (id, instance, url, capacity, state, running, last_heartbeat_ms, token_id, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9) \
+             ON CONFLICT (id) DO UPDATE SET instance = ?2, url = ?3, capacity = ?4, state = ?5, \
+             running = ?6, last_heartbeat_ms = ?7, token_id = ?8, updated_at = ?9",
+            params![
+                report.name,
+                report.instance,
+                url,
+                report.capacity,
+                runner_state::LIVE,
+                report.sandboxes.len() as i64,
+                now_ms,
+                token_id,
+                now()
+            ],
+        )?;
+        let destroy = reconcile_runner(&tx, report.name, report.sandboxes, true)?;
+        tx.commit()?;
+        Ok(destroy)
+    }
+
+    /// A heartbeat of a registered runner instance, on the server's clock. A runner that was lost
+    /// is live again and reconciled.
+    pub fn heartbeat_runner(
+        &self,
+        report: &RunnerReport<'_>,
+        token_id: &str,
+        now_ms: i64,
+    ) -> DbResult<HeartbeatOutcome> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let state: Option<String> = tx
+            .query_row(
+                "SELECT state FROM runners WHERE id = ?1 AND instance = ?2 AND token_id = ?3",
+                params![report.name, report.instance, token_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(state) = state else {
+            return Ok(HeartbeatOutcome::Unknown);
+        };
+        tx.execute(
+            "UPDATE runners SET capacity = ?2, state = ?3, running = ?4, last_heartbeat_ms = ?5, updated_at = ?6 \
+             WHERE id = ?1",
+            params![
+                report.name,
+                report.capacity,
+                runner_state::LIVE,
+                report.sandboxes.len() as i64,
+                now_ms,
+                now()
+            ],
+        )?;
+        let rejoined = state == runner_state::LOST;
+        let destroy = reconcile_runner(&tx, report.name, report.sandboxes, rejoined)?;
+        tx.commit()?;
+        Ok(HeartbeatOutcome::Accepted { destroy, rejoined })
+    }
+
+    /// Marks every live remote runner whose last heartbeat is older than `timeout_ms` lost, and
+    /// its sandboxes with it.
+    pub fn mark_lost_runners(&self, now_ms: i64, timeout_ms: i64) -> DbResult<Vec<LostRunner>> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let overdue: Vec<(String, i64)> = {
+            let mut stmt = tx.prepare(
+                "SELECT id, last_heartbeat_ms FROM runners \
+                 WHERE state = ?1 AND id <> ?2 AND last_heartbeat_ms < ?3 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(
+                params![runner_state::LIVE, EMBEDDED_RUNNER, now_ms - timeout_ms],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut lost = Vec::with_capacity(overdue.len());
+        for (id, last_heartbeat_ms) in overdue {
+            tx.execute(
+                "UPDATE runners SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, runner_state::LOST, now()],
+            )?;
+            let reason = format!(
+                "runner {id} lost: no heartbeat since {}",
+                humantime::format_rfc3339_millis(
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_millis(last_heartbeat_ms.max(0) as u64)
+                )
+            );
+            let sandboxes = mark_sandboxes_lost(&tx, &id, &reason)?;
+            lost.push(LostRunner {
+                id,
+                last_heartbeat_ms,
+                sandboxes,
+            });
+        }
+        tx.commit()?;
+        Ok(lost)
+    }
+
+    /// Sandboxes of a runner in one of these states.
+    pub fn sandboxes_on_runner(&self, runner_id: &str, state: &str) -> DbResult<Vec<SandboxRow>> {
+        Self::query_sandboxes(
+            &self.lock(),
+            "runner_id = ?1 AND state = ?2",
+            &[&runner_id, &state],
+        )
+    }
+}
+
+/// The least loaded (running sandboxes / capacity) live, connected runner with room that the
+/// placement allows; the embedded runner wins ties (no network in between).
+fn choose_runner(
+    tx: &rusqlite::Transaction<'_>,
+    placement: &Placement<'_>,
+    has_volumes: bool,
+) -> DbResult<String> {
+    let mut stmt = tx.prepare(
+        "SELECT r.id, r.capacity, \
+         (SELECT count(*) FROM sandboxes s WHERE s.runner_id = r.id AND s.state IN ('creating', 'started')) \
+         FROM runners r WHERE r.state = ?1 ORDER BY r.id",
+    )?;
+    let rows = stmt.query_map([runner_state::LIVE], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let live: Vec<(String, i64, i64)> = rows
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|(id, _, _)| placement.connected.contains(id))
+        .collect();
+    let can_mount = |id: &str| !has_volumes || placement.remote_volumes || id == EMBEDDED_RUNNER;
+    if let Some(pinned) = placement.pinned {
+        let Some((id, capacity, running)) = live.iter().find(|(id, _, _)| id == pinned) else {
+            return Err(DbError::Unavailable(format!(
+                "runner {pinned:?} (pinned by the label {PIN_LABEL}) is not live"
+            )));
+        };
+        if !can_mount(id) {
+            return Err(DbError::Conflict(format!(
+                "runner {pinned:?} runs on another host and cannot mount volumes whose metadata \
+                 is in SQLite on the server's disk; run the server with --database postgres://..."
+            )));
+        }
+        if running >= capacity {
+            return Err(DbError::Unavailable(format!(
+                "runner {pinned:?} is full ({running} of {capacity} sandboxes)"
+            )));
+        }
+        return Ok(id.clone());
+    }
+    let best = live
+        .iter()
+        .filter(|(id, capacity, running)| can_mount(id) && running < capacity)
+        .min_by(|a, b| {
+            // a.running / a.capacity < b.running / b.capacity, without division.
+            let (left, right) = (a.2 * b.1, b.2 * a.1);
+            left.cmp(&right)
+                .then_with(|| (a.0 != EMBEDDED_RUNNER).cmp(&(b.0 != EMBEDDED_RUNNER)))
+        });
+    match best {
+        Some((id, _, _)) => Ok(id.clone()),
+        None if live.iter().any(|(_, capacity, running)| running < capacity) => {
+            Err(DbError::Unavailable(
+                "no live runner can mount these volumes: their metadata is in SQLite on the \
+                 server's disk and the server has no embedded runner; run the server with \
+                 --database postgres://... to mount volumes on other hosts"
+                    .into(),
+            ))
+        }
+        None if live.is_empty() => Err(DbError::Unavailable(
+            "no live runner: start `cellar runner` on a host, or the server with its embedded runner"
+                .into(),
+        )),
+        None => Err(DbError::Unavailable(
+            "every live runner is at its capacity; retry later or add runners".into(),
+        )),
+    }
+}
+
+/// The label of a create request that pins the sandbox to a runner (a Cellar extension).
+pub const PIN_LABEL: &str = "cellar.io/runner";
+
+/// Marks the runner's started and creating sandboxes lost; returns how many.
+fn mark_sandboxes_lost(
+    tx: &rusqlite::Transaction<'_>,
+    runner_id: &str,
+    reason: &str,
+) -> DbResult<usize> {
+    Ok(tx.execute(
+        "UPDATE sandboxes SET state = ?2, error_reason = ?3, updated_at = ?4 \
+         WHERE runner_id = ?1 AND state IN ('started', 'creating')",
+        params![runner_id, sandbox_state::LOST, reason, now()],
+    )?)
+}
+
+/// Squares what a runner runs with what the server wants of it. Reported sandboxes that the
+/// server no longer wants on it are returned, for the runner to destroy; lost sandboxes it still
+/// runs are started again. When `rejoined` (a registration, or the first heartbeat after being
+/// lost), its sandboxes the server believes running that it no longer runs become errors.
+fn reconcile_runner(
+    tx: &rusqlite::Transaction<'_>,
+    runner_id: &str,
+    reported: &[String],
+    rejoined: bool,
+) -> DbResult<Vec<String>> {
+    let wanted: Vec<(String, String)> = {
+        let mut stmt = tx.prepare(
+            "SELECT id, state FROM sandboxes WHERE runner_id = ?1 \
+             AND state IN ('creating', 'started', 'lost', 'destroying')",
+        )?;
+        let rows = stmt.query_map([runner_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let now = now();
+    let destroy = reported
+        .iter()
+        .filter(|id| !wanted.iter().any(|(wanted, _)| wanted == *id))
+        .cloned()
+        .collect();
+    for (id, state) in &wanted {
+        let runs = reported.contains(id);
+        if runs && state == sandbox_state::LOST {
+            tx.execute(
+                "UPDATE sandboxes SET state = ?2, error_reason = NULL, updated_at = ?3 WHERE id = ?1",
+                params![id, sandbox_state::STARTED, now],
+            )?;
+        }
+        let believed_running =
+            state == sandbox_state::LOST || (state == sandbox_state::STARTED && rejoined);
+        if !runs && rejoined && believed_running {
+            tx.execute(
+                "UPDATE sandboxes SET state = ?2, error_reason = ?3, updated_at = ?4 WHERE id = ?1",
+                params![
+                    id,
+                    sandbox_state::ERROR,
+                    format!("the sandbox stopped while runner {runner_id} was away"),
+                    now
+                ],
+            )?;
+        }
+    }
+    Ok(destroy)
 }
 
 /// The outcome of an INSERT whose unique constraint guards a name: a violation is a conflict.

@@ -93,6 +93,7 @@ fn code_for(status: StatusCode) -> &'static str {
         StatusCode::NOT_FOUND => "NOT_FOUND",
         StatusCode::CONFLICT => "CONFLICT",
         StatusCode::REQUEST_TIMEOUT => "TIMEOUT",
+        StatusCode::SERVICE_UNAVAILABLE => "SERVICE_UNAVAILABLE",
         _ => "INTERNAL_ERROR",
     }
 }

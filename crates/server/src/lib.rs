@@ -7,6 +7,7 @@ pub mod config;
 mod db;
 mod error;
 mod lifecycle;
+pub mod runners;
 mod validate;
 
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ pub use validate::NAME_RULE;
 
 use crate::db::ControlDb;
 use crate::lifecycle::Services;
+use crate::runners::{Registry, RunnerHandle};
 
 /// A running server.
 pub struct Server {
@@ -31,6 +33,7 @@ pub struct Server {
     shutdown: tokio::sync::oneshot::Sender<()>,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
     reconciling: tokio::task::JoinHandle<()>,
+    watching_runners: tokio::task::JoinHandle<()>,
     /// Held while serving: one server per data directory.
     _data_dir_lock: std::fs::File,
 }
@@ -48,11 +51,24 @@ impl Server {
             )
         })?;
         let bootstrap_key = db.bootstrap()?;
-        let runner = Runner::new(RunnerConfig {
-            state_dir: config.data_dir.join("runner"),
-            cellar_bin: config.cellar_bin.clone(),
-        })
-        .context("starting the embedded runner")?;
+        let runners = Registry::default();
+        if config.embedded_runner {
+            let runner = Runner::new(RunnerConfig {
+                state_dir: config.data_dir.join("runner"),
+                cellar_bin: config.cellar_bin.clone(),
+            })
+            .context("starting the embedded runner")?;
+            runners.insert(
+                db::EMBEDDED_RUNNER,
+                RunnerHandle::Embedded(Arc::new(runner)),
+            );
+        }
+        let now = db::now_ms();
+        db.set_embedded_runner(
+            config.embedded_runner.then_some(config.runner_capacity),
+            now,
+        )?;
+        db.restart_runner_clocks(now)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -61,11 +77,16 @@ impl Server {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{addr}"));
-        let services = Arc::new(Services { db, runner, config });
+        let services = Arc::new(Services {
+            db,
+            runners,
+            config,
+        });
         let state = api::AppState {
             services: services.clone(),
             toolbox_url: format!("{base_url}/toolbox"),
         };
+        let watching_runners = tokio::spawn(services.clone().watch_runners());
         let reconciling = tokio::spawn(async move {
             if let Err(e) = services.reconcile().await {
                 tracing::error!("reconciling interrupted work: {e:#}");
@@ -88,6 +109,7 @@ impl Server {
             shutdown,
             serving,
             reconciling,
+            watching_runners,
             _data_dir_lock: data_dir_lock,
         })
     }
@@ -123,6 +145,7 @@ impl Server {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
         self.reconciling.abort();
+        self.watching_runners.abort();
         self.serving
             .await
             .context("server task")?
@@ -132,18 +155,27 @@ impl Server {
 
 /// Takes `<data dir>/server.lock`, so that a second server cannot run on the same state.
 fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    let path = data_dir.join("server.lock");
-    let file =
-        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; the lock goes with the file.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!(
+    lock_file(&data_dir.join("server.lock"), || {
+        format!(
             "another cellar server is running on the data directory {}",
             data_dir.display()
-        );
+        )
+    })
+}
+
+/// Takes an exclusive lock on `path` (created), held as long as the file is open.
+pub(crate) fn lock_file(
+    path: &Path,
+    held: impl FnOnce() -> String,
+) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; the lock goes with the file.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(held());
     }
     Ok(file)
 }
@@ -171,4 +203,31 @@ pub fn admin_create_key(data_dir: &Path, org_name: &str) -> anyhow::Result<Strin
         .org_id_by_name(org_name)?
         .with_context(|| format!("organization {org_name:?} does not exist"))?;
     Ok(db.create_key(&org_id)?)
+}
+
+/// `cellar admin runner-token create`: returns (id, token); the token is shown once, only its
+/// hash is stored.
+pub fn admin_create_runner_token(data_dir: &Path, name: &str) -> anyhow::Result<(String, String)> {
+    Ok(ControlDb::open(data_dir)?.create_runner_token(name)?)
+}
+
+pub use db::{RunnerRow, RunnerTokenRow};
+
+/// `cellar admin runner list`: every runner the server knows, as last heard of.
+pub fn admin_list_runners(data_dir: &Path) -> anyhow::Result<Vec<RunnerRow>> {
+    Ok(ControlDb::open(data_dir)?.list_runners()?)
+}
+
+/// `cellar admin runner-token list`.
+pub fn admin_list_runner_tokens(data_dir: &Path) -> anyhow::Result<Vec<RunnerTokenRow>> {
+    Ok(ControlDb::open(data_dir)?.list_runner_tokens()?)
+}
+
+/// `cellar admin runner-token revoke ID|NAME`: fails if nothing was revoked.
+pub fn admin_revoke_runner_token(data_dir: &Path, id_or_name: &str) -> anyhow::Result<usize> {
+    let revoked = ControlDb::open(data_dir)?.revoke_runner_token(id_or_name)?;
+    if revoked == 0 {
+        anyhow::bail!("no unrevoked runner token has the id or name {id_or_name:?}");
+    }
+    Ok(revoked)
 }

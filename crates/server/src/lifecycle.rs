@@ -6,18 +6,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use cellar_runner::{
-    NetworkPolicy, Runner, RunnerError, SandboxSpec, VolumeMountSpec, VolumeSource,
-};
+use cellar_runner::{NetworkPolicy, RunnerError, SandboxSpec, VolumeMountSpec, VolumeSource};
 use cellar_vfs::VolumeConfig;
 
 use crate::config::ServerConfig;
-use crate::db::{sandbox_state, volume_state, ControlDb, SandboxRow};
+use crate::db::{sandbox_state, volume_state, ControlDb, SandboxRow, EMBEDDED_RUNNER};
+use crate::runners::{Registry, RunnerHandle};
 
 /// What the lifecycle tasks and the API handlers share.
 pub struct Services {
     pub db: ControlDb,
-    pub runner: Runner,
+    /// The runners this process can call: the embedded one, and those that registered.
+    pub runners: Registry,
     pub config: ServerConfig,
 }
 
@@ -53,6 +53,19 @@ impl Services {
             volume_name: config.volume,
             store_env: self.config.store_env(),
         }
+    }
+
+    /// Whether runners on other hosts can mount the volumes: not while their metadata is in
+    /// SQLite files on the server's disk.
+    pub fn volumes_reach_other_hosts(&self) -> bool {
+        !self.volume_config("probe").meta_url.starts_with("sqlite:")
+    }
+
+    /// The runner a sandbox is scheduled on, if this process can call it.
+    pub fn runner(&self, name: &str) -> Result<Arc<RunnerHandle>, RunnerError> {
+        self.runners
+            .get(name)
+            .ok_or_else(|| RunnerError::Unavailable(format!("runner {name} is not connected")))
     }
 
     /// Formats a volume in `creating` and makes it `ready` (or `error` with the reason).
@@ -151,7 +164,11 @@ impl Services {
             },
         };
         let id = sandbox.id;
-        let started = self.runner.create_sandbox(spec).await;
+        let runner_id = sandbox.runner_id;
+        let started = match self.runner(&runner_id) {
+            Ok(runner) => runner.create_sandbox(spec).await,
+            Err(e) => Err(e),
+        };
         let (to, error) = match &started {
             Ok(()) => (sandbox_state::STARTED, None),
             Err(e) => {
@@ -168,16 +185,29 @@ impl Services {
         {
             Ok(true) => tracing::info!(sandbox = %id, "sandbox {to}"),
             // Deleted while starting: the delete left the destroying to us.
-            Ok(false) => self.destroy_sandbox(id).await,
+            Ok(false) => self.destroy_sandbox(id, runner_id).await,
             Err(e) => tracing::error!(sandbox = %id, "recording sandbox state: {e}"),
         }
         started
     }
 
     /// Destroys a sandbox in `destroying` and marks it `destroyed`.
-    pub async fn destroy_sandbox(self: &Arc<Self>, id: String) {
-        let (to, error) = match self.runner.destroy_sandbox(&id).await {
+    pub async fn destroy_sandbox(self: &Arc<Self>, id: String, runner_id: String) {
+        let destroyed = match self.runner(&runner_id) {
+            Ok(runner) => runner.destroy_sandbox(&id).await,
+            Err(e) => Err(e),
+        };
+        let (to, error) = match destroyed {
             Ok(()) | Err(RunnerError::NotFound(_)) => (sandbox_state::DESTROYED, None),
+            // A remote runner that cannot do it now destroys the sandbox when it next reports
+            // it: the server no longer wants it.
+            Err(RunnerError::Unavailable(why)) if runner_id != EMBEDDED_RUNNER => {
+                tracing::warn!(
+                    sandbox = %id,
+                    "runner {runner_id} cannot destroy the sandbox now ({why}); it will once it reports it"
+                );
+                (sandbox_state::DESTROYED, None)
+            }
             Err(e) => {
                 tracing::warn!(sandbox = %id, "destroying the sandbox failed: {e}");
                 (
@@ -195,6 +225,41 @@ impl Services {
         }
     }
 
+    /// Marks runners that missed their heartbeats lost (and their sandboxes with them), for as
+    /// long as the server runs.
+    pub async fn watch_runners(self: Arc<Self>) {
+        let timeout = self.config.runner_timeout;
+        let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        // Detection lags the timeout by at most a tenth of it (and at most 250 ms).
+        let period = (timeout / 10).clamp(
+            std::time::Duration::from_millis(10),
+            std::time::Duration::from_millis(250),
+        );
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            ticks.tick().await;
+            let db = self.db.clone();
+            let now = crate::db::now_ms();
+            let lost =
+                tokio::task::spawn_blocking(move || db.mark_lost_runners(now, timeout_ms)).await;
+            match lost {
+                Ok(Ok(lost)) => {
+                    for runner in lost {
+                        tracing::warn!(
+                            runner = %runner.id,
+                            "runner lost: no heartbeat for {} ms (timeout {} ms); {} sandbox(es) marked lost",
+                            now - runner.last_heartbeat_ms,
+                            timeout_ms,
+                            runner.sandboxes
+                        );
+                    }
+                }
+                Ok(Err(e)) => tracing::error!("checking runner heartbeats: {e}"),
+                Err(e) => tracing::error!("checking runner heartbeats: {e}"),
+            }
+        }
+    }
+
     /// Finishes whatever a previous run of the server left half done.
     pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
         for volume in self.db.volumes_in_states(&[volume_state::CREATING])? {
@@ -208,12 +273,27 @@ impl Services {
         }
         for sandbox in self.db.sandboxes_in_state(sandbox_state::DESTROYING)? {
             tracing::info!(sandbox = %sandbox.id, "resuming destruction");
-            self.destroy_sandbox(sandbox.id).await;
+            self.destroy_sandbox(sandbox.id, sandbox.runner_id).await;
         }
         for sandbox in self.db.sandboxes_in_state(sandbox_state::CREATING)? {
+            let embedded = match self.runners.get(&sandbox.runner_id) {
+                Some(runner) if sandbox.runner_id == EMBEDDED_RUNNER => runner,
+                // A remote runner reports the sandbox if it got to start it, and then destroys it.
+                _ => {
+                    let reason = "the server restarted while the sandbox was being created";
+                    tracing::warn!(sandbox = %sandbox.id, "{reason}");
+                    self.db.transition_sandbox(
+                        &sandbox.id,
+                        &[sandbox_state::CREATING],
+                        sandbox_state::ERROR,
+                        Some(reason),
+                    )?;
+                    continue;
+                }
+            };
             tracing::info!(sandbox = %sandbox.id, "restarting interrupted creation");
             // Whatever the runner got to before the crash goes first.
-            if let Err(e) = self.runner.destroy_sandbox(&sandbox.id).await {
+            if let Err(e) = embedded.destroy_sandbox(&sandbox.id).await {
                 if !matches!(e, RunnerError::NotFound(_)) {
                     tracing::warn!(sandbox = %sandbox.id, "cleaning up before restart: {e}");
                 }
@@ -221,16 +301,20 @@ impl Services {
             // A failure is recorded in the sandbox's state.
             let _ = self.start_sandbox(sandbox).await;
         }
-        for sandbox in self.db.sandboxes_in_state(sandbox_state::STARTED)? {
-            if !self.runner.is_running(&sandbox.id) {
-                let reason = "the sandbox is no longer running (its host restarted)";
-                tracing::warn!(sandbox = %sandbox.id, "{reason}");
-                self.db.transition_sandbox(
-                    &sandbox.id,
-                    &[sandbox_state::STARTED],
-                    sandbox_state::ERROR,
-                    Some(reason),
-                )?;
+        if let Some(RunnerHandle::Embedded(runner)) = self.runners.get(EMBEDDED_RUNNER).as_deref() {
+            let running = runner.running_ids();
+            for state in [sandbox_state::STARTED, sandbox_state::LOST] {
+                for sandbox in self.db.sandboxes_on_runner(EMBEDDED_RUNNER, state)? {
+                    let (to, reason) = if running.contains(&sandbox.id) {
+                        (sandbox_state::STARTED, None)
+                    } else {
+                        let reason = "the sandbox is no longer running (its host restarted)";
+                        tracing::warn!(sandbox = %sandbox.id, "{reason}");
+                        (sandbox_state::ERROR, Some(reason))
+                    };
+                    self.db
+                        .transition_sandbox(&sandbox.id, &[state], to, reason)?;
+                }
             }
         }
         Ok(())

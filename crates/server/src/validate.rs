@@ -26,6 +26,10 @@ pub fn validate_sandbox_name(name: &str) -> Result<(), String> {
     validate_name("sandbox", name)
 }
 
+pub fn validate_runner_name(name: &str) -> Result<(), String> {
+    validate_name("runner", name)
+}
+
 fn validate_name(kind: &str, name: &str) -> Result<(), String> {
     let valid = (1..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())

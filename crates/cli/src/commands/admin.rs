@@ -1,4 +1,5 @@
-//! `cellar admin`: organizations and API keys, written straight into the server's data directory.
+//! `cellar admin`: organizations, API keys and runner tokens, written straight into the server's
+//! data directory.
 
 use std::path::PathBuf;
 
@@ -6,7 +7,8 @@ use anyhow::Result;
 use cellar_server::{ConfigOverrides, ServerConfig};
 use clap::{Args, Subcommand};
 
-/// Manage organizations and API keys (works on the data directory; the server may be running).
+/// Manage organizations, API keys and runner tokens (works on the data directory; the server may
+/// be running).
 #[derive(Args, Debug)]
 pub struct AdminArgs {
     /// TOML configuration file [env: CELLAR_CONFIG]
@@ -27,6 +29,36 @@ pub enum AdminCommand {
     /// API keys
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Runners (the embedded one is `local`)
+    #[command(subcommand)]
+    Runner(RunnerCommand),
+    /// Tokens `cellar runner` joins the server with
+    #[command(subcommand)]
+    RunnerToken(RunnerTokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RunnerCommand {
+    /// List the runners the server knows: state, capacity, sandboxes running, last heartbeat
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RunnerTokenCommand {
+    /// Mint a runner token and print it (shown only this once; only its hash is stored)
+    Create {
+        /// A label to tell tokens apart
+        #[arg(long, value_name = "NAME", default_value = "runner")]
+        name: String,
+    },
+    /// List runner tokens (never the tokens themselves)
+    List,
+    /// Revoke a token by id, or every token with that name: runners using it can no longer
+    /// register or heartbeat
+    Revoke {
+        #[arg(value_name = "ID|NAME")]
+        token: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -58,6 +90,50 @@ pub fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::Key(KeyCommand::Create { org }) => {
             let key = cellar_server::admin_create_key(&config.data_dir, &org)?;
             println!("{key}");
+        }
+        AdminCommand::RunnerToken(RunnerTokenCommand::Create { name }) => {
+            let (id, token) = cellar_server::admin_create_runner_token(&config.data_dir, &name)?;
+            eprintln!("created runner token {name} ({id}); it is shown only this once:");
+            println!("{token}");
+        }
+        AdminCommand::Runner(RunnerCommand::List) => {
+            println!(
+                "{:<20}  {:<5}  {:>8}  {:>7}  {:<24}  URL",
+                "NAME", "STATE", "CAPACITY", "RUNNING", "LAST HEARTBEAT"
+            );
+            for runner in cellar_server::admin_list_runners(&config.data_dir)? {
+                let heartbeat = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(runner.last_heartbeat_ms.max(0) as u64);
+                println!(
+                    "{:<20}  {:<5}  {:>8}  {:>7}  {:<24}  {}",
+                    runner.id,
+                    runner.state,
+                    runner.capacity,
+                    runner.running,
+                    humantime::format_rfc3339_millis(heartbeat).to_string(),
+                    if runner.url.is_empty() {
+                        "(embedded)"
+                    } else {
+                        &runner.url
+                    }
+                );
+            }
+        }
+        AdminCommand::RunnerToken(RunnerTokenCommand::List) => {
+            println!("{:<36}  {:<20}  {:<24}  REVOKED", "ID", "NAME", "CREATED");
+            for token in cellar_server::admin_list_runner_tokens(&config.data_dir)? {
+                println!(
+                    "{:<36}  {:<20}  {:<24}  {}",
+                    token.id,
+                    token.name,
+                    token.created_at,
+                    token.revoked_at.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        AdminCommand::RunnerToken(RunnerTokenCommand::Revoke { token }) => {
+            let revoked = cellar_server::admin_revoke_runner_token(&config.data_dir, &token)?;
+            println!("revoked {revoked} runner token(s)");
         }
     }
     Ok(())

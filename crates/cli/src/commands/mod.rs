@@ -5,6 +5,7 @@ mod api_client;
 pub mod fsck;
 pub mod gc;
 pub mod mount;
+pub mod runner;
 pub mod sandbox;
 pub mod server;
 pub mod umount;

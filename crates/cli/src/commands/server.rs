@@ -1,6 +1,6 @@
-//! `cellar server`: the all-in-one API server with its embedded runner.
+//! `cellar server`: the API server, with its embedded runner unless --no-embedded-runner.
 
-mod preflight;
+pub(crate) mod preflight;
 
 use std::path::PathBuf;
 
@@ -33,6 +33,14 @@ pub struct ServerArgs {
     /// Most volumes one organization may have [env: CELLAR_VOLUME_QUOTA] [default: 100]
     #[arg(long, value_name = "N")]
     pub volume_quota: Option<u32>,
+    /// Run no sandboxes here: only runners that join (`cellar runner`) run them [env:
+    /// CELLAR_EMBEDDED_RUNNER=false]
+    #[arg(long)]
+    pub no_embedded_runner: bool,
+    /// A runner without a heartbeat for this long is lost, with its sandboxes [env:
+    /// CELLAR_RUNNER_TIMEOUT] [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub runner_timeout: Option<std::time::Duration>,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -43,8 +51,13 @@ pub fn run(args: ServerArgs) -> Result<()> {
         store: args.store,
         public_url: args.public_url,
         volume_quota: args.volume_quota,
+        embedded_runner: args.no_embedded_runner.then_some(false),
+        runner_timeout: args.runner_timeout,
     })?;
-    preflight::check(&config.data_dir, &config.cellar_bin)?;
+    // Without its runner the server starts no sandboxes and mounts nothing.
+    if config.embedded_runner {
+        preflight::check(&config.data_dir, &config.cellar_bin)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -61,7 +74,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
 }
 
 /// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

@@ -1,7 +1,8 @@
 //! HTTP surface: the Daytona REST subset under `/api`, the toolbox under `/toolbox`.
 
 mod extract;
-mod sandboxes;
+mod runners;
+pub(crate) mod sandboxes;
 mod toolbox;
 mod volumes;
 
@@ -64,9 +65,17 @@ pub fn router(state: AppState) -> Router {
         .route("/{sandbox_id}/files/folder", post(toolbox::create_folder))
         .route("/{sandbox_id}/files", get(toolbox::list_files))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let runner_api = Router::new()
+        .route("/register", post(runners::register))
+        .route("/heartbeat", post(runners::heartbeat))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            runners::authenticate,
+        ));
     Router::new()
         .nest("/api", api)
         .nest("/toolbox", toolbox)
+        .nest("/runner-api/v1", runner_api)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -79,7 +88,7 @@ pub fn router(state: AppState) -> Router {
 
 /// The key of `Authorization: Bearer <key>`; the scheme is case-insensitive (RFC 9110), the key
 /// is not.
-fn bearer_key(header: &str) -> Option<&str> {
+pub(crate) fn bearer_key(header: &str) -> Option<&str> {
     let (scheme, key) = header.trim_start().split_once([' ', '\t'])?;
     let key = key.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
@@ -123,6 +132,9 @@ impl From<crate::db::DbError> for ApiError {
         match err {
             DbError::Conflict(message) => ApiError::conflict(message),
             DbError::Invalid(message) => ApiError::bad_request(message),
+            DbError::Unavailable(message) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+            }
             other => ApiError::internal(other),
         }
     }

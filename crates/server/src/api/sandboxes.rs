@@ -10,7 +10,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{blocking, AppState, Org};
-use crate::db::{sandbox_state, volume_state, MountRow, SandboxRow, SandboxSettings};
+use crate::db::{
+    sandbox_state, volume_state, MountRow, Placement, SandboxRow, SandboxSettings, PIN_LABEL,
+};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::validate::{
     parse_allow_list, validate_env, validate_mount_path, validate_mount_set, validate_sandbox_name,
@@ -138,7 +140,7 @@ pub struct SandboxDto {
     pub gpu: i64,
     pub memory: i64,
     pub disk: i64,
-    /// creating, started, destroying, destroyed or error.
+    /// creating, started, destroying, destroyed or error (also when its runner is lost).
     pub state: String,
     pub desired_state: String,
     pub error_reason: Option<String>,
@@ -146,6 +148,16 @@ pub struct SandboxDto {
     pub created_at: String,
     pub updated_at: String,
     pub toolbox_proxy_url: String,
+    /// The runner the sandbox is scheduled on (pin one with the label `cellar.io/runner`).
+    pub runner_id: String,
+}
+
+/// The state Daytona's clients see: a sandbox whose runner is lost is an error (with the reason).
+pub fn api_state(state: &str) -> &str {
+    match state {
+        sandbox_state::LOST => sandbox_state::ERROR,
+        other => other,
+    }
 }
 
 impl SandboxDto {
@@ -179,7 +191,7 @@ impl SandboxDto {
             gpu: row.settings.gpu,
             memory: row.settings.memory,
             disk: row.settings.disk,
-            state: row.state,
+            state: api_state(&row.state).to_string(),
             desired_state: desired_state.to_string(),
             error_reason: row.error_reason,
             volumes: row
@@ -195,6 +207,7 @@ impl SandboxDto {
             created_at: row.created_at,
             updated_at: row.updated_at,
             toolbox_proxy_url: toolbox_url.to_string(),
+            runner_id: row.runner_id,
         }
     }
 }
@@ -284,6 +297,10 @@ fn validate_settings(body: &CreateSandbox) -> ApiResult<SandboxSettings> {
     let env = body.env.clone().unwrap_or_default();
     validate_env("env", &env).map_err(ApiError::bad_request)?;
     let labels = body.labels.clone().unwrap_or_default();
+    if let Some(runner) = labels.get(PIN_LABEL) {
+        crate::validate::validate_runner_name(runner)
+            .map_err(|why| ApiError::bad_request(format!("labels.{PIN_LABEL}: {why}")))?;
+    }
     let label_bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
     refuse_unless(
         label_bytes <= MAX_LABELS_BYTES,
@@ -456,7 +473,8 @@ async fn resolve_volumes(state: &AppState, org: &str, mounts: &mut [MountRow]) -
     responses(
         (status = 200, body = SandboxDto),
         (status = 400, description = "an invalid or unsupported field, an invalid mount, an unknown or unready volume", body = ErrorBody),
-        (status = 409, description = "name in use", body = ErrorBody)
+        (status = 409, description = "name in use, or the pinned runner cannot mount the volumes", body = ErrorBody),
+        (status = 503, description = "no live runner has room", body = ErrorBody)
     )
 )]
 pub async fn create(
@@ -468,10 +486,19 @@ pub async fn create(
     let mut mounts = validate_mounts(body.volumes.as_deref().unwrap_or_default())?;
     resolve_volumes(&state, &org, &mut mounts).await?;
 
-    let db = state.services.db.clone();
+    let services = state.services.clone();
     let (org_id, name) = (org.clone(), body.name);
-    let sandbox =
-        blocking(move || db.insert_sandbox(&org_id, name.as_deref(), &settings, &mounts)).await?;
+    let sandbox = blocking(move || {
+        let placement = Placement {
+            connected: &services.runners.names(),
+            pinned: settings.labels.get(PIN_LABEL).map(String::as_str),
+            remote_volumes: services.volumes_reach_other_hosts(),
+        };
+        services
+            .db
+            .insert_sandbox(&org_id, name.as_deref(), &settings, &mounts, &placement)
+    })
+    .await?;
     let id = sandbox.id.clone();
     // Its own task, so the sandbox starts even if the client disconnects.
     let start = tokio::spawn({
@@ -595,7 +622,11 @@ pub async fn delete(
     };
     // A sandbox still starting is destroyed by its start task once the runner returns.
     if !from_creating {
-        let settled = [sandbox_state::STARTED, sandbox_state::ERROR];
+        let settled = [
+            sandbox_state::STARTED,
+            sandbox_state::ERROR,
+            sandbox_state::LOST,
+        ];
         let moved = {
             let id = id.clone();
             blocking(move || db.transition_sandbox(&id, &settled, sandbox_state::DESTROYING, None))
@@ -603,7 +634,8 @@ pub async fn delete(
         };
         if moved {
             let services = state.services.clone();
-            tokio::spawn(async move { services.destroy_sandbox(id).await });
+            let runner_id = sandbox.runner_id.clone();
+            tokio::spawn(async move { services.destroy_sandbox(id, runner_id).await });
         }
     }
     Ok(Json(load(&state, &org, &sandbox.id).await?))

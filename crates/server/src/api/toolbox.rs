@@ -1,6 +1,7 @@
 //! `/toolbox/{sandboxId}/...`: exec and file transfer, streamed through the runner.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -22,6 +23,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{blocking, AppState, Org};
 use crate::db::sandbox_state;
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::runners::{ByteStream, RunnerHandle};
 use crate::validate::{validate_env, validate_toolbox_path, MAX_COMMAND_LEN};
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -92,8 +94,13 @@ fn runner_error(err: RunnerError) -> ApiError {
     }
 }
 
-/// The sandbox must belong to the caller's organisation and be started.
-async fn started_sandbox(state: &AppState, org: &str, id: &str) -> ApiResult<String> {
+/// The sandbox must belong to the caller's organisation and be started; returns its id and the
+/// runner it runs on.
+async fn started_sandbox(
+    state: &AppState,
+    org: &str,
+    id: &str,
+) -> ApiResult<(String, Arc<RunnerHandle>)> {
     let db = state.services.db.clone();
     let (org, key) = (org.to_string(), id.to_string());
     let sandbox = blocking(move || db.sandbox(&org, &key)).await?;
@@ -101,10 +108,14 @@ async fn started_sandbox(state: &AppState, org: &str, id: &str) -> ApiResult<Str
     if sandbox.state != sandbox_state::STARTED {
         return Err(ApiError::bad_request(format!(
             "sandbox {id} is not started (state {})",
-            sandbox.state
+            crate::api::sandboxes::api_state(&sandbox.state)
         )));
     }
-    Ok(sandbox.id)
+    let runner = state
+        .services
+        .runner(&sandbox.runner_id)
+        .map_err(runner_error)?;
+    Ok((sandbox.id, runner))
 }
 
 /// Runs a shell line in the sandbox; a non-zero exit is a normal answer.
@@ -135,19 +146,14 @@ pub async fn execute(
     }
     let env = body.envs.unwrap_or_default();
     validate_env("envs", &env).map_err(ApiError::bad_request)?;
-    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    let (id, runner) = started_sandbox(&state, &org, &sandbox_id).await?;
     let request = ExecRequest {
         command: body.command,
         cwd,
         env,
         timeout: body.timeout.filter(|t| *t > 0).map(Duration::from_secs),
     };
-    let result = state
-        .services
-        .runner
-        .exec(&id, request)
-        .await
-        .map_err(runner_error)?;
+    let result = runner.exec(&id, request).await.map_err(runner_error)?;
     Ok(Json(ExecuteResponse {
         exit_code: result.exit_code,
         result: result.output,
@@ -157,8 +163,7 @@ pub async fn execute(
 /// Runs a fixed command line in the sandbox, as its user, and returns its output; a failure
 /// becomes `failure_status` with the command's output as the message.
 async fn run_in_sandbox(
-    state: &AppState,
-    id: &str,
+    (id, runner): &(String, Arc<RunnerHandle>),
     command: String,
     failure_status: StatusCode,
 ) -> ApiResult<String> {
@@ -166,12 +171,7 @@ async fn run_in_sandbox(
         command,
         ..ExecRequest::default()
     };
-    let result = state
-        .services
-        .runner
-        .exec(id, request)
-        .await
-        .map_err(runner_error)?;
+    let result = runner.exec(id, request).await.map_err(runner_error)?;
     if result.exit_code != 0 {
         return Err(ApiError::new(
             failure_status,
@@ -207,13 +207,13 @@ pub async fn create_folder(
             query.mode
         )));
     }
-    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    let target = started_sandbox(&state, &org, &sandbox_id).await?;
     let command = format!(
         "mkdir -p -m {} -- {} 2>&1",
         query.mode,
         shell_quote(&query.path)
     );
-    run_in_sandbox(&state, &id, command, StatusCode::BAD_REQUEST).await?;
+    run_in_sandbox(&target, command, StatusCode::BAD_REQUEST).await?;
     Ok(StatusCode::CREATED)
 }
 
@@ -230,14 +230,14 @@ pub async fn list_files(
     ApiQuery(query): ApiQuery<ListFilesQuery>,
 ) -> ApiResult<Json<Vec<FileInfo>>> {
     validate_toolbox_path("path", &query.path).map_err(ApiError::bad_request)?;
-    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    let target = started_sandbox(&state, &org, &sandbox_id).await?;
     let dir = shell_quote(&query.path);
     // NUL-terminated records, so that any file name survives.
     let command = format!(
         "test -d {dir} || {{ echo 'no such directory: '{dir}; exit 1; }}; \
          find {dir} -mindepth 1 -maxdepth 1 -printf '%y\\t%s\\t%M\\t%m\\t%u\\t%g\\t%T@\\t%p\\0' 2>&1"
     );
-    let output = run_in_sandbox(&state, &id, command, StatusCode::NOT_FOUND).await?;
+    let output = run_in_sandbox(&target, command, StatusCode::NOT_FOUND).await?;
     let mut files: Vec<FileInfo> = output
         .split('\0')
         .filter_map(|record| {
@@ -332,8 +332,7 @@ pub async fn bulk_upload(
 ) -> ApiResult<()> {
     let mut multipart =
         multipart.map_err(|e| ApiError::bad_request(format!("invalid multipart body: {e}")))?;
-    let id = started_sandbox(&state, &org, &sandbox_id).await?;
-    let runner = &state.services.runner;
+    let (id, runner) = started_sandbox(&state, &org, &sandbox_id).await?;
     let mut paths: HashMap<usize, String> = HashMap::new();
     let mut spooled: HashMap<usize, tokio::fs::File> = HashMap::new();
     let bad_part = |e: axum::extract::multipart::MultipartError| {
@@ -408,14 +407,13 @@ pub async fn bulk_download(
     for (i, path) in body.paths.iter().enumerate() {
         validate_toolbox_path(&format!("paths[{i}]"), path).map_err(ApiError::bad_request)?;
     }
-    let id = started_sandbox(&state, &org, &sandbox_id).await?;
+    let (id, runner) = started_sandbox(&state, &org, &sandbox_id).await?;
     let boundary = format!("cellar-{}", uuid::Uuid::new_v4().simple());
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
-    let services = state.services.clone();
     let part_boundary = boundary.clone();
     tokio::spawn(async move {
         for path in body.paths {
-            let part = match services.runner.download(&id, &path).await {
+            let part = match runner.download(&id, &path).await {
                 Ok(file) => Ok(file),
                 Err(e) => Err(download_error(&path, e)),
             };
@@ -483,7 +481,7 @@ async fn write_part(
     tx: &mpsc::Sender<std::io::Result<Bytes>>,
     boundary: &str,
     path: &str,
-    part: Result<cellar_runner::FileStream, serde_json::Value>,
+    part: Result<ByteStream, serde_json::Value>,
 ) -> bool {
     let (name, content_type) = match &part {
         Ok(_) => ("file", "application/octet-stream"),

@@ -1,0 +1,480 @@
+//! Runners on "other hosts": a server without its embedded runner and `cellar runner` processes
+//! on loopback, each with its own data directory. Scheduling (least loaded, pinned), the toolbox
+//! through a remote runner, `kill -9` of a runner (its sandboxes become lost, the other runner
+//! goes on) and its return (reconciled). Needs root, bwrap and the cellar binary (CELLAR_BIN or
+//! target/debug/cellar; `cargo build -p cellar-cli`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// Short, so that the lost-runner cases take seconds.
+const RUNNER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A `cellar runner` process.
+struct RunnerProcess {
+    name: String,
+    dir: PathBuf,
+    port: u16,
+    token: String,
+    server: String,
+    child: Child,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RunnerProcess {
+    fn start(server: &TestServer, name: &str, token: &str, dir: &Path) -> RunnerProcess {
+        let (name, dir, port) = (name.to_string(), dir.to_path_buf(), free_port());
+        let (token, server) = (token.to_string(), server.base.clone());
+        let child = spawn_runner(&name, &dir, port, &token, &server);
+        RunnerProcess {
+            name,
+            dir,
+            port,
+            token,
+            server,
+            child,
+        }
+    }
+
+    fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn restart(&mut self) {
+        self.child = spawn_runner(&self.name, &self.dir, self.port, &self.token, &self.server);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("runner.log")).unwrap_or_default()
+    }
+
+    /// Whether the runner still keeps a record of the sandbox (it runs it).
+    fn holds(&self, sandbox_id: &str) -> bool {
+        self.dir
+            .join("runner/sandboxes")
+            .join(format!("{sandbox_id}.json"))
+            .exists()
+    }
+}
+
+fn spawn_runner(name: &str, dir: &Path, port: u16, token: &str, server: &str) -> Child {
+    let bin = common::cellar_bin();
+    assert!(bin.is_file(), "no cellar binary at {}", bin.display());
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("runner.log"))
+        .unwrap();
+    Command::new(bin)
+        .args(["runner", "--server", server, "--name", name])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir)
+        // The token travels in the environment, never on the command line.
+        .env("CELLAR_RUNNER_TOKEN", token)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_server() -> TestServer {
+    TestServer::start_with(|config| {
+        config.embedded_runner = false;
+        config.runner_timeout = RUNNER_TIMEOUT;
+    })
+    .await
+}
+
+/// Waits until the server lists every runner of `names` in `state`.
+async fn wait_for_runners(server: &TestServer, names: &[&str], state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let runners = cellar_server::admin_list_runners(server.dir.path()).unwrap();
+        let ready = names.iter().all(|name| {
+            runners
+                .iter()
+                .any(|runner| runner.id == *name && runner.state == state)
+        });
+        if ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runners {names:?} never became {state}: {runners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn create(server: &TestServer, body: Value) -> Value {
+    let (status, sandbox) = server.post("/api/sandbox", &body).await;
+    assert_eq!(status, StatusCode::OK, "{sandbox}");
+    assert_eq!(sandbox["state"], "started", "{sandbox}");
+    sandbox
+}
+
+async fn exec(server: &TestServer, id: &str, command: &str) -> (i64, String) {
+    let (status, body) = server
+        .post(
+            &format!("/toolbox/{id}/process/execute"),
+            &json!({ "command": command }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{command}: {body}");
+    (
+        body["exitCode"].as_i64().unwrap(),
+        body["result"].as_str().unwrap().to_string(),
+    )
+}
+
+fn id(sandbox: &Value) -> String {
+    sandbox["id"].as_str().unwrap().to_string()
+}
+
+/// Checks the sandbox runs on `runner`, records it in `all` and returns its id.
+fn on(runner: &str, sandbox: &Value, all: &mut Vec<String>) -> String {
+    assert_eq!(sandbox["runnerId"], runner, "{sandbox}");
+    all.push(id(sandbox));
+    id(sandbox)
+}
+
+async fn destroy_all(server: &TestServer, sandboxes: &[String]) {
+    for id in sandboxes {
+        let (status, body) = server.delete(&format!("/api/sandbox/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    for id in sandboxes {
+        server
+            .wait_for(&format!("/api/sandbox/{id}"), "state", "destroyed")
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn sandboxes_spread_pin_and_survive_a_lost_runner() {
+    let server = start_server().await;
+    let (_, token) =
+        cellar_server::admin_create_runner_token(server.dir.path(), "test runners").unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dirs.path().join("a")).unwrap();
+    std::fs::create_dir(dirs.path().join("b")).unwrap();
+    let mut a = RunnerProcess::start(&server, "a", &token, &dirs.path().join("a"));
+    let b = RunnerProcess::start(&server, "b", &token, &dirs.path().join("b"));
+    wait_for_runners(&server, &["a", "b"], "live").await;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", a.child.id())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(&token),
+        "the token is not on the runner's command line"
+    );
+
+    // Least loaded: four sandboxes, two on each runner.
+    let mut all = Vec::new();
+    let mut placed = Vec::new();
+    for _ in 0..4 {
+        let sandbox = create(&server, json!({})).await;
+        placed.push(sandbox["runnerId"].as_str().unwrap().to_string());
+        all.push(id(&sandbox));
+    }
+    placed.sort();
+    assert_eq!(placed, ["a", "a", "b", "b"], "spread least loaded");
+
+    // Pinned, twice on b: b now runs two more than a.
+    let pinned = json!({ "labels": { "cellar.io/runner": "b" } });
+    let on_b = on("b", &create(&server, pinned.clone()).await, &mut all);
+    on("b", &create(&server, pinned).await, &mut all);
+    // The next two unpinned ones go to a, the less loaded one.
+    let first_on_a = on("a", &create(&server, json!({})).await, &mut all);
+    let second_on_a = on("a", &create(&server, json!({})).await, &mut all);
+    let (status, body) = server
+        .post(
+            "/api/sandbox",
+            &json!({ "labels": { "cellar.io/runner": "nowhere" } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("nowhere"),
+        "{body}"
+    );
+    let (status, body) = server
+        .post(
+            "/api/sandbox",
+            &json!({ "labels": { "cellar.io/runner": "not a name" } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // Volumes whose metadata is SQLite on the server's disk cannot be mounted on another host.
+    let volume = server.create_volume("runner-vol").await;
+    let mount = json!([{ "volumeId": volume["id"], "mountPath": "/home/daytona/vol" }]);
+    let (status, body) = server
+        .post("/api/sandbox", &json!({ "volumes": mount }))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("SQLite"),
+        "{body}"
+    );
+    let (status, body) = server
+        .post(
+            "/api/sandbox",
+            &json!({ "volumes": mount, "labels": { "cellar.io/runner": "a" } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    // The toolbox through a remote runner: exec, upload (streamed), download.
+    assert_eq!(
+        exec(&server, &first_on_a, "echo $((6 * 7)); exit 3").await,
+        (3, "42\n".to_string())
+    );
+    let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "files[0].file",
+            reqwest::multipart::Part::bytes(big.clone()).file_name("x"),
+        )
+        .text("files[0].path", "dir/big.bin")
+        .text("files[1].path", "/home/daytona/small.txt")
+        .part(
+            "files[1].file",
+            reqwest::multipart::Part::bytes(b"small".to_vec()).file_name("y"),
+        );
+    let response = server
+        .http
+        .post(server.url(&format!("/toolbox/{first_on_a}/files/bulk-upload")))
+        .bearer_auth(&server.key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{}",
+        response.text().await.unwrap()
+    );
+    assert_eq!(
+        exec(
+            &server,
+            &first_on_a,
+            "stat -c %s dir/big.bin && cat small.txt"
+        )
+        .await,
+        (0, format!("{}\nsmall", big.len()))
+    );
+    let response = server
+        .http
+        .post(server.url(&format!("/toolbox/{first_on_a}/files/bulk-download")))
+        .bearer_auth(&server.key)
+        .json(&json!({ "paths": ["dir/big.bin", "missing"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.bytes().await.unwrap();
+    assert!(
+        body.windows(big.len())
+            .any(|window| window == big.as_slice()),
+        "the 3 MiB file came back whole"
+    );
+    assert!(String::from_utf8_lossy(&body).contains("FILE_NOT_FOUND"));
+
+    // kill -9 of runner a: its sandboxes become lost within the timeout; b goes on.
+    let a_sandboxes: Vec<String> = {
+        let (_, list) = server.get("/api/sandbox").await;
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["runnerId"] == "a")
+            .map(id)
+            .collect()
+    };
+    assert_eq!(a_sandboxes.len(), 4);
+    let killed = Instant::now();
+    a.kill_9();
+    let lost = server
+        .wait_for(&format!("/api/sandbox/{first_on_a}"), "state", "error")
+        .await;
+    let detected = killed.elapsed();
+    println!("dead runner detected after {} ms", detected.as_millis());
+    assert!(
+        detected < RUNNER_TIMEOUT + Duration::from_secs(3),
+        "detected after {detected:?}"
+    );
+    assert!(
+        lost["errorReason"]
+            .as_str()
+            .unwrap()
+            .contains("runner a lost"),
+        "{lost}"
+    );
+    for id in &a_sandboxes {
+        let (_, sandbox) = server.get(&format!("/api/sandbox/{id}")).await;
+        assert_eq!(sandbox["state"], "error", "{sandbox}");
+    }
+    let (status, body) = server
+        .post(
+            &format!("/toolbox/{first_on_a}/process/execute"),
+            &json!({ "command": "true" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(exec(&server, &on_b, "echo still here").await.0, 0);
+    // New sandboxes go to b only, even unpinned; pinning the lost runner is refused.
+    on("b", &create(&server, json!({})).await, &mut all);
+    let (status, body) = server
+        .post(
+            "/api/sandbox",
+            &json!({ "labels": { "cellar.io/runner": "a" } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    // Deleted while its runner is away: destroyed for the server now, on the runner once it
+    // reports the sandbox.
+    let (status, _) = server.delete(&format!("/api/sandbox/{second_on_a}")).await;
+    assert_eq!(status, StatusCode::OK);
+    server
+        .wait_for(&format!("/api/sandbox/{second_on_a}"), "state", "destroyed")
+        .await;
+    assert!(a.holds(&second_on_a));
+
+    // The runner comes back (same data directory): it adopts its sandboxes and reconciles.
+    a.restart();
+    let back = server
+        .wait_for(&format!("/api/sandbox/{first_on_a}"), "state", "started")
+        .await;
+    assert_eq!(back["errorReason"], Value::Null, "{back}");
+    assert_eq!(
+        exec(&server, &first_on_a, "cat small.txt").await,
+        (0, "small".into())
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.holds(&second_on_a) {
+        assert!(
+            Instant::now() < deadline,
+            "the runner never destroyed the deleted sandbox: {}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in a_sandboxes.iter().filter(|id| **id != second_on_a) {
+        let (_, sandbox) = server.get(&format!("/api/sandbox/{id}")).await;
+        assert_eq!(sandbox["state"], "started", "{sandbox}");
+    }
+
+    all.retain(|id| *id != second_on_a);
+    destroy_all(&server, &all).await;
+    assert!(all.iter().all(|id| !a.holds(id) && !b.holds(id)));
+    drop((a, b));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn runner_tokens_are_checked_and_revocable() {
+    let server = start_server().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (token_id, token) =
+        cellar_server::admin_create_runner_token(server.dir.path(), "revocable").unwrap();
+
+    // A wrong token never joins, and the runner says why without echoing it.
+    std::fs::create_dir(dirs.path().join("wrong")).unwrap();
+    let wrong_token = "cellar_runner_0123456789abcdef";
+    let wrong = RunnerProcess::start(&server, "wrong", wrong_token, &dirs.path().join("wrong"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !wrong.log().contains("runner token") {
+        assert!(Instant::now() < deadline, "{}", wrong.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!wrong.log().contains(wrong_token), "{}", wrong.log());
+    assert!(cellar_server::admin_list_runners(server.dir.path())
+        .unwrap()
+        .iter()
+        .all(|runner| runner.id != "wrong"));
+    drop(wrong);
+
+    // The name of the embedded runner is reserved.
+    std::fs::create_dir(dirs.path().join("local")).unwrap();
+    let local = RunnerProcess::start(&server, "local", &token, &dirs.path().join("local"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !local.log().contains("reserved") {
+        assert!(Instant::now() < deadline, "{}", local.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(local);
+
+    std::fs::create_dir(dirs.path().join("r")).unwrap();
+    let runner = RunnerProcess::start(&server, "r", &token, &dirs.path().join("r"));
+    wait_for_runners(&server, &["r"], "live").await;
+    // A second runner under the same name (another data directory) is refused while r lives.
+    std::fs::create_dir(dirs.path().join("twin")).unwrap();
+    let twin = RunnerProcess::start(&server, "r", &token, &dirs.path().join("twin"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !twin.log().contains("another runner named") {
+        assert!(Instant::now() < deadline, "{}", twin.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(twin);
+    let sandbox = create(&server, json!({})).await;
+    assert_eq!(sandbox["runnerId"], "r");
+
+    let tokens = cellar_server::admin_list_runner_tokens(server.dir.path()).unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].revoked_at, None);
+    assert_eq!(
+        cellar_server::admin_revoke_runner_token(server.dir.path(), &token_id).unwrap(),
+        1
+    );
+    assert!(cellar_server::admin_revoke_runner_token(server.dir.path(), &token_id).is_err());
+    // Its heartbeats are refused from now on: the runner and its sandbox are lost.
+    let lost = server
+        .wait_for(&format!("/api/sandbox/{}", id(&sandbox)), "state", "error")
+        .await;
+    assert!(
+        lost["errorReason"].as_str().unwrap().contains("lost"),
+        "{lost}"
+    );
+    wait_for_runners(&server, &["r"], "lost").await;
+
+    // A new token brings it back; the sandbox is started again.
+    let (_, renewed) = cellar_server::admin_create_runner_token(server.dir.path(), "new").unwrap();
+    drop(runner);
+    let runner = RunnerProcess::start(&server, "r", &renewed, &dirs.path().join("r"));
+    server
+        .wait_for(
+            &format!("/api/sandbox/{}", id(&sandbox)),
+            "state",
+            "started",
+        )
+        .await;
+    destroy_all(&server, &[id(&sandbox)]).await;
+    assert!(!runner.holds(&id(&sandbox)));
+    drop(runner);
+    server.stop().await;
+}
