@@ -2436,6 +2436,19 @@ fn postgres_waiters_are_woken_after_the_listener_reconnects() {
     assert!(wait_for_a_commit("again") < std::time::Duration::from_secs(1));
 }
 
+fn destroy_deletes_the_volume_metadata(engine: Engine) {
+    let f = Fixture::new(engine);
+    f.mk(ROOT_INO, "file", FileKind::Regular);
+    let other = Fixture::new(engine);
+    other.mk(ROOT_INO, "kept", FileKind::Regular);
+    crate::destroy(&f.url).unwrap();
+    crate::destroy(&f.url).unwrap();
+    // Opened again, the volume is new; another volume of the database is untouched.
+    let reopened = f.reopen();
+    assert_eq!(reopened.volume().unwrap(), None);
+    assert_eq!(other.meta.lookup(ROOT_INO, b"kept").unwrap().nlink, 1);
+}
+
 /// Every test above that takes an engine, once per engine.
 macro_rules! on_every_engine {
     ($($name:ident),* $(,)?) => {
@@ -2455,6 +2468,7 @@ macro_rules! on_every_engine {
 }
 
 on_every_engine!(
+    destroy_deletes_the_volume_metadata,
     renames_that_together_would_close_a_loop_cannot_both_commit,
     concurrent_cross_directory_renames_never_create_a_loop_or_lose_a_directory,
     migrations_apply_from_empty_and_refuse_newer_databases,
