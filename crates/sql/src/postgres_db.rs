@@ -510,6 +510,7 @@ impl PgDb {
                 }
             }
             drop(pooled);
+            RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let cap = Duration::from_millis(1 << attempt.min(16)).min(MAX_BACKOFF);
             std::thread::sleep(cap.mul_f64(rand::random::<f64>()));
         }
@@ -630,11 +631,21 @@ impl PgListener {
     }
 }
 
-/// The payload of this transaction's notification of `key`, sent at COMMIT.
-pub(crate) fn notify(tx: &Tx<'_>, key: &str) -> Result<()> {
-    tx.execute("SELECT pg_notify(?1, ?2)", crate::params![CHANNEL, key])?;
+/// See [`Tx::publish`]: one statement, the lock and the notification (sent at COMMIT).
+pub(crate) fn publish(tx: &Tx<'_>, key: &str) -> Result<()> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(?1)), pg_notify(?2, ?1)",
+        crate::params![key, CHANNEL],
+    )?;
     Ok(())
 }
+
+/// Transactions of this process re-run after losing a race (serialization failure, deadlock).
+pub fn retries() -> u64 {
+    RETRIES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn listen_loop(config: &postgres::Config, redacted: &str, listener: &std::sync::Weak<PgListener>) {
     let mut failures = 0u32;

@@ -1220,7 +1220,7 @@ fn check_finds_and_repairs_damage(engine: Engine) {
         .raw(&format!("DELETE FROM dentries WHERE ino = {}", orphan.ino))
         .unwrap();
     f.meta
-        .raw("UPDATE counters SET value = 99 WHERE name = 'used_bytes'")
+        .raw("UPDATE usage_shards SET bytes = bytes + 99 WHERE shard = 3")
         .unwrap();
     let problems = f.meta.check(false).unwrap();
     assert_eq!(problems.len(), 3, "{problems:?}");
