@@ -84,16 +84,28 @@ pub fn add_counter(conn: &cellar_sql::Tx<'_>, name: &str, delta: i64) -> Result<
     Ok(stmt.query_row(params![delta, name], |row| row.get(0))?)
 }
 
-/// Usage (bytes, inodes) is spread over this many rows of `usage_shards`, and each change goes
-/// to a random one: concurrent writers (on PostgreSQL) rarely update the same row. The sum is
-/// the volume's usage.
-const USAGE_SHARDS: u64 = 16;
+/// Usage (bytes, inodes) is spread over this many rows of `usage_shards` (the sum is the
+/// volume's usage), so that concurrent writers (on PostgreSQL) rarely update the same row: each
+/// thread writes to a shard of its own, the threads of a process to consecutive shards from a
+/// random start.
+const USAGE_SHARDS: u64 = 64;
+
+fn usage_shard() -> u64 {
+    static FIRST: std::sync::LazyLock<u64> = std::sync::LazyLock::new(rand::random);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    thread_local! {
+        static SHARD: u64 = FIRST
+            .wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            % USAGE_SHARDS;
+    }
+    SHARD.with(|shard| *shard)
+}
 
 pub fn add_usage(conn: &cellar_sql::Tx<'_>, bytes: i64, inodes: i64) -> Result<()> {
     conn.prepare_cached(
         "UPDATE usage_shards SET bytes = bytes + ?1, inodes = inodes + ?2 WHERE shard = ?3",
     )?
-    .execute(params![bytes, inodes, rand::random::<u64>() % USAGE_SHARDS])?;
+    .execute(params![bytes, inodes, usage_shard()])?;
     Ok(())
 }
 

@@ -167,7 +167,7 @@ CREATE INDEX changes_by_time ON changes (at_ns);
 INSERT INTO counters (name, value) VALUES ('trimmed_changes', 0);
 ";
 
-/// Usage counters spread over 16 rows (see `rows::add_usage`): concurrent writers rarely update
+/// Usage counters spread over 64 rows (see `rows::add_usage`): concurrent writers rarely update
 /// the same one.
 const V4_USAGE_SHARDS: &str = "
 CREATE TABLE usage_shards (
@@ -175,9 +175,8 @@ CREATE TABLE usage_shards (
     bytes BIGINT NOT NULL,
     inodes BIGINT NOT NULL
 );
-INSERT INTO usage_shards (shard, bytes, inodes) VALUES
-    (0, 0, 0), (1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0), (5, 0, 0), (6, 0, 0), (7, 0, 0),
-    (8, 0, 0), (9, 0, 0), (10, 0, 0), (11, 0, 0), (12, 0, 0), (13, 0, 0), (14, 0, 0), (15, 0, 0);
+WITH RECURSIVE n (shard) AS (SELECT 0 UNION ALL SELECT shard + 1 FROM n WHERE shard < 63)
+INSERT INTO usage_shards (shard, bytes, inodes) SELECT shard, 0, 0 FROM n;
 UPDATE usage_shards SET
     bytes = (SELECT value FROM counters WHERE name = 'used_bytes'),
     inodes = (SELECT value FROM counters WHERE name = 'used_inodes')
@@ -211,7 +210,7 @@ CREATE TABLE usage_shards (
     bytes BIGINT NOT NULL,
     inodes BIGINT NOT NULL
 );
-INSERT INTO usage_shards (shard, bytes, inodes) SELECT g, 0, 0 FROM generate_series(0, 15) g;
+INSERT INTO usage_shards (shard, bytes, inodes) SELECT g, 0, 0 FROM generate_series(0, 63) g;
 
 CREATE TABLE inodes (
     ino BIGINT PRIMARY KEY,

@@ -2449,6 +2449,50 @@ fn destroy_deletes_the_volume_metadata(engine: Engine) {
     assert_eq!(other.meta.lookup(ROOT_INO, b"kept").unwrap().nlink, 1);
 }
 
+fn locks_hold_across_engines_until_the_holders_session_is_reaped(engine: Engine) {
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "locked", FileKind::Regular);
+    let other_host = f.reopen();
+    // The holder's session (its heartbeat is from long ago by the engine's clock) and a live one.
+    let holder = LockOwner {
+        session: f.session,
+        owner: 1,
+    };
+    let waiter = LockOwner {
+        session: open_session(&other_host, wall_clock_ns()),
+        owner: 2,
+    };
+    let whole = |kind| LockRange {
+        start: 0,
+        end: u64::MAX,
+        kind,
+        pid: 9,
+    };
+    assert!(f
+        .meta
+        .setlk(file.ino, holder, &whole(LockKind::Write))
+        .unwrap());
+    assert!(!other_host
+        .setlk(file.ino, waiter, &whole(LockKind::Read))
+        .unwrap());
+    assert_eq!(
+        other_host
+            .getlk(file.ino, waiter, &whole(LockKind::Read))
+            .unwrap(),
+        Some(whole(LockKind::Write))
+    );
+    assert_eq!(
+        other_host
+            .reap_stale_sessions(MAX_AGE, Some(waiter.session))
+            .unwrap(),
+        1
+    );
+    assert!(other_host
+        .setlk(file.ino, waiter, &whole(LockKind::Read))
+        .unwrap());
+    assert_eq!(errno(f.meta.heartbeat(holder.session)), ESTALE);
+}
+
 /// Every test above that takes an engine, once per engine.
 macro_rules! on_every_engine {
     ($($name:ident),* $(,)?) => {
@@ -2468,6 +2512,7 @@ macro_rules! on_every_engine {
 }
 
 on_every_engine!(
+    locks_hold_across_engines_until_the_holders_session_is_reaped,
     destroy_deletes_the_volume_metadata,
     renames_that_together_would_close_a_loop_cannot_both_commit,
     concurrent_cross_directory_renames_never_create_a_loop_or_lose_a_directory,
