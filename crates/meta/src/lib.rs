@@ -1,13 +1,15 @@
 //! The metadata engine of a volume: inodes, directory entries, file layouts (chunks of slices, or
 //! inline bytes), xattrs, locks, sessions and usage counters.
 //!
-//! Every method of [`MetaEngine`] is one transaction. The trait is engine-neutral: the SQLite engine
-//! ([`sqlite::SqliteEngine`], the embedded default) implements it, and a PostgreSQL engine can
-//! implement it without changing it. Permission checks are not done here (the kernel does them with
+//! Every method of [`MetaEngine`] is one transaction. The trait is engine-neutral: one SQL
+//! implementation ([`sql::SqlEngine`]) serves SQLite (the embedded default, one file per volume)
+//! and PostgreSQL (one schema per volume in a shared database, for volumes mounted on many
+//! hosts). Permission checks are not done here (the kernel does them with
 //! `default_permissions`; the vfs does the rest); this layer enforces namespace invariants only.
 
 mod error;
-pub mod sqlite;
+pub mod sql;
+pub mod testing;
 mod types;
 
 pub use error::{Errno, MetaError, Result};
@@ -199,24 +201,71 @@ pub trait MetaEngine: Send + Sync {
     fn trim_changes(&self, older_than_ns: i64) -> Result<u64>;
 }
 
-/// Opens the engine named by a metadata URL: `sqlite:///abs/path/volume.db` (the file and its
-/// parent directories are created if missing). Other schemes (for example `postgres://`) are
-/// answered with `MetaError::UnsupportedUrl`.
+/// Opens the engine named by a metadata URL:
+/// - `sqlite:///abs/path/volume.db` (the file and its parent directories are created if
+///   missing);
+/// - `postgres://USER:PASS@HOST:PORT/DB?volume=ID` (also `postgresql://`): the volume `ID` of a
+///   database that may hold many; its schema is created if missing. Every volume of one database
+///   that this process opens shares one connection pool (`&pool_size=N`, default 16).
+///
+/// Errors never show a password.
 pub fn open(url: &str) -> Result<std::sync::Arc<dyn MetaEngine>> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        if !path.starts_with('/') {
-            return Err(MetaError::UnsupportedUrl(format!(
-                "{url}: expected sqlite:///absolute/path.db"
-            )));
+    Ok(match Location::parse(url)? {
+        Location::Sqlite(path) => std::sync::Arc::new(sql::SqlEngine::open_sqlite(&path)?),
+        Location::Postgres(url) => std::sync::Arc::new(sql::SqlEngine::open_postgres(&url)?),
+    })
+}
+
+/// Deletes the metadata of the volume named by `url` (as for [`open`]): the SQLite file with its
+/// WAL, shared-memory and journal files, or the volume's PostgreSQL schema. Nothing to delete is no error.
+/// No engine may be open on it any more.
+pub fn destroy(url: &str) -> Result<()> {
+    match Location::parse(url)? {
+        Location::Sqlite(path) => {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                match std::fs::remove_file(&file) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(MetaError::Engine(format!(
+                            "cannot remove {}: {e}",
+                            std::path::Path::new(&file).display()
+                        )))
+                    }
+                }
+            }
+            Ok(())
         }
-        return Ok(std::sync::Arc::new(sqlite::SqliteEngine::open(
-            std::path::Path::new(path),
-        )?));
+        Location::Postgres(url) => sql::destroy_postgres(&url),
     }
-    let parsed =
-        url::Url::parse(url).map_err(|e| MetaError::UnsupportedUrl(format!("{url}: {e}")))?;
-    Err(MetaError::UnsupportedUrl(format!(
-        "scheme {:?} (supported: sqlite)",
-        parsed.scheme()
-    )))
+}
+
+enum Location {
+    Sqlite(std::path::PathBuf),
+    Postgres(cellar_sql::PgUrl),
+}
+
+impl Location {
+    fn parse(url: &str) -> Result<Location> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if !path.starts_with('/') {
+                return Err(MetaError::UnsupportedUrl(format!(
+                    "{url}: expected sqlite:///absolute/path.db"
+                )));
+            }
+            return Ok(Location::Sqlite(path.into()));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let url = cellar_sql::PgUrl::parse(url)
+                .map_err(|e| MetaError::UnsupportedUrl(e.to_string()))?;
+            return Ok(Location::Postgres(url));
+        }
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        Err(MetaError::UnsupportedUrl(format!(
+            "{}: scheme {scheme:?} (supported: sqlite, postgres)",
+            cellar_sql::redact(url)
+        )))
+    }
 }

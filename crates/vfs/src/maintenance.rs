@@ -130,11 +130,9 @@ fn gc_with_lease(
     Ok((deleted, compacted))
 }
 
-/// Deletes every object and all metadata of a volume (volume deletion by the server). For SQLite
-/// metadata the database file and its -wal/-shm companions are removed; other engines are not
-/// supported yet.
+/// Deletes every object and all metadata of a volume (volume deletion by the server): see
+/// [`cellar_meta::destroy`].
 pub fn destroy(config: &VolumeConfig) -> anyhow::Result<()> {
-    let db_path = sqlite_path(&config.meta_url)?;
     let (meta, volume) = open_meta(config)?;
     if let Some(volume) = volume {
         let core = Core::connect(meta, volume, config)?;
@@ -148,29 +146,8 @@ pub fn destroy(config: &VolumeConfig) -> anyhow::Result<()> {
     } else {
         drop(meta);
     }
-    for suffix in ["", "-wal", "-shm", "-journal"] {
-        let mut path = db_path.clone().into_os_string();
-        path.push(suffix);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("removing {}", std::path::Path::new(&path).display()))
-            }
-        }
-    }
+    cellar_meta::destroy(&config.meta_url).context("deleting the volume's metadata")?;
     Ok(())
-}
-
-fn sqlite_path(meta_url: &str) -> anyhow::Result<std::path::PathBuf> {
-    let url = url::Url::parse(meta_url).context("parsing the metadata URL")?;
-    anyhow::ensure!(
-        url.scheme() == "sqlite",
-        "destroy supports sqlite metadata only, not {:?}",
-        url.scheme()
-    );
-    Ok(std::path::PathBuf::from(url.path()))
 }
 
 #[cfg(test)]

@@ -3,7 +3,10 @@ use libc::{
 };
 use tempfile::TempDir;
 
-use super::{schema, wall_clock_ns, SqliteEngine};
+use cellar_sql::wall_clock_ns;
+
+use super::{schema, SqlEngine};
+use crate::testing::{fresh_meta_url, Engine};
 use crate::{
     Attr, Committed, Content, FileKind, GarbageSlice, Ino, Layout, LockKind, LockOwner, LockRange,
     MetaEngine, MetaError, NewNode, Rename, RenameMode, SessionId, SessionInfo, SetAttr, Slice,
@@ -31,28 +34,40 @@ fn volume(name: &str) -> VolumeInfo {
     }
 }
 
+/// Opens the engine of a URL of [`fresh_meta_url`].
+fn open_engine(url: &str) -> SqlEngine {
+    match url.strip_prefix("sqlite://") {
+        Some(path) => SqlEngine::open_sqlite(std::path::Path::new(path)).unwrap(),
+        None => SqlEngine::open_postgres(&cellar_sql::PgUrl::parse(url).unwrap()).unwrap(),
+    }
+}
+
+/// A formatted volume of its own on `engine`, with a session.
 struct Fixture {
-    dir: TempDir,
-    meta: SqliteEngine,
+    _dir: TempDir,
+    url: String,
+    meta: SqlEngine,
     session: SessionId,
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    fn new(engine: Engine) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let meta = SqliteEngine::open(&dir.path().join("meta.db")).unwrap();
+        let url = fresh_meta_url(engine, dir.path());
+        let meta = open_engine(&url);
         meta.format(&volume("vol")).unwrap();
         let session = open_session(&meta, NOW);
-        Fixture { dir, meta, session }
+        Fixture {
+            _dir: dir,
+            url,
+            meta,
+            session,
+        }
     }
 
-    /// A second engine on the same file, as another process would open it.
-    fn reopen(&self) -> SqliteEngine {
-        SqliteEngine::open(&self.dir.path().join("meta.db")).unwrap()
-    }
-
-    fn raw(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.dir.path().join("meta.db")).unwrap()
+    /// A second engine on the same volume, as another process (or host) would open it.
+    fn reopen(&self) -> SqlEngine {
+        open_engine(&self.url)
     }
 
     fn mk(&self, parent: Ino, name: &str, kind: FileKind) -> Attr {
@@ -133,7 +148,7 @@ impl Fixture {
     }
 }
 
-fn open_session(meta: &SqliteEngine, now_ns: i64) -> SessionId {
+fn open_session(meta: &SqlEngine, now_ns: i64) -> SessionId {
     let info = SessionInfo {
         host: "host".into(),
         pid: 42,
@@ -178,32 +193,35 @@ fn slice(id: u64, len: u32, pos: u32) -> Slice {
     }
 }
 
-#[test]
-fn migrations_apply_from_empty_and_refuse_newer_databases() {
+fn migrations_apply_from_empty_and_refuse_newer_databases(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("nested/deeper/meta.db");
-    let meta = SqliteEngine::open(&path).unwrap();
-    assert_eq!(
-        schema::version(&meta.writer.lock()).unwrap(),
-        schema::MIGRATIONS.len() as i64
-    );
+    let url = fresh_meta_url(engine, &dir.path().join("nested/deeper"));
+    let meta = open_engine(&url);
+    let dialect = meta.db.dialect();
+    let known = schema::MIGRATIONS.for_dialect(dialect);
+    assert_eq!(meta.schema_version().unwrap(), known.len() as i64);
     assert_eq!(meta.volume().unwrap(), None);
-    drop(meta);
 
     // An older database gets the missing migrations on open.
-    let mut conn = rusqlite::Connection::open(&path).unwrap();
-    let mut newer = schema::MIGRATIONS.to_vec();
+    let mut newer = known.to_vec();
     newer.push("CREATE TABLE later_feature (id BIGINT PRIMARY KEY)");
-    schema::migrate(&mut conn, &newer).unwrap();
-    assert_eq!(schema::version(&conn).unwrap(), newer.len() as i64);
-    conn.execute("INSERT INTO later_feature (id) VALUES (1)", [])
+    let migrations = cellar_sql::Migrations {
+        sqlite: &newer,
+        postgres: &newer,
+    };
+    meta.db.migrate(&migrations).unwrap();
+    assert_eq!(meta.schema_version().unwrap(), newer.len() as i64);
+    meta.raw("INSERT INTO later_feature (id) VALUES (1)")
         .unwrap();
-    drop(conn);
+    drop(meta);
 
     // This binary knows fewer migrations than the database has.
-    let err = SqliteEngine::open(&path)
-        .err()
-        .expect("newer schema must be refused");
+    let err = match url.strip_prefix("sqlite://") {
+        Some(path) => SqlEngine::open_sqlite(std::path::Path::new(path)),
+        None => SqlEngine::open_postgres(&cellar_sql::PgUrl::parse(&url).unwrap()),
+    }
+    .err()
+    .expect("newer schema must be refused");
     assert!(err.to_string().contains("newer than this binary"), "{err}");
 }
 
@@ -218,10 +236,21 @@ fn open_by_url() {
         crate::open("sqlite://relative.db"),
         Err(MetaError::UnsupportedUrl(_))
     ));
-    assert!(matches!(
-        crate::open("postgres://db/x"),
-        Err(MetaError::UnsupportedUrl(_))
-    ));
+    // A PostgreSQL URL must name its volume, by a valid id; no error shows the password.
+    for url in [
+        "postgres://user:s3cret@127.0.0.1:1/db",
+        "postgres://user:s3cret@127.0.0.1:1/db?volume=a/b",
+        "mysql://user:s3cret@127.0.0.1:1/db",
+    ] {
+        let err = crate::open(url).err().unwrap();
+        assert!(matches!(err, MetaError::UnsupportedUrl(_)), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+    let err = crate::open("postgres://user:s3cret@127.0.0.1:1/db?volume=v")
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("user:***@127.0.0.1:1"), "{err}");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
     let blocked = dir.path().join("file");
     std::fs::write(&blocked, b"x").unwrap();
     let err = crate::open(&format!("sqlite://{}/sub/volume.db", blocked.display()))
@@ -230,9 +259,8 @@ fn open_by_url() {
     assert!(err.to_string().contains("cannot create directory"), "{err}");
 }
 
-#[test]
-fn format_is_idempotent_and_refuses_another_volume() {
-    let f = Fixture::new();
+fn format_is_idempotent_and_refuses_another_volume(engine: Engine) {
+    let f = Fixture::new(engine);
     assert_eq!(f.meta.format(&volume("vol")).unwrap(), volume("vol"));
     assert!(matches!(
         f.meta.format(&volume("other")),
@@ -246,9 +274,8 @@ fn format_is_idempotent_and_refuses_another_volume() {
     assert_eq!(f.meta.usage().unwrap().inodes, 1);
 }
 
-#[test]
-fn create_lookup_and_their_errors() {
-    let f = Fixture::new();
+fn create_lookup_and_their_errors(engine: Engine) {
+    let f = Fixture::new(engine);
     let dir = f.mk(ROOT_INO, "dir", FileKind::Directory);
     assert_eq!(dir.nlink, 2);
     assert_eq!(f.nlink(ROOT_INO), 3);
@@ -306,9 +333,8 @@ fn create_lookup_and_their_errors() {
     assert_eq!(f.meta.usage().unwrap().inodes, 5);
 }
 
-#[test]
-fn setattr_changes_mode_owner_and_times() {
-    let f = Fixture::new();
+fn setattr_changes_mode_owner_and_times(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     let changes = SetAttr {
         perm: Some(0o104755),
@@ -327,9 +353,8 @@ fn setattr_changes_mode_owner_and_times() {
     assert_eq!(errno(f.meta.setattr(999, &changes, 1)), ENOENT);
 }
 
-#[test]
-fn unlink_rmdir_and_link_rules() {
-    let f = Fixture::new();
+fn unlink_rmdir_and_link_rules(engine: Engine) {
+    let f = Fixture::new(engine);
     let dir = f.mk(ROOT_INO, "dir", FileKind::Directory);
     let file = f.mk(dir.ino, "file", FileKind::Regular);
     assert_eq!(errno(f.unlink(ROOT_INO, "dir")), EISDIR);
@@ -360,9 +385,8 @@ fn unlink_rmdir_and_link_rules() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn rename_moves_and_replaces() {
-    let f = Fixture::new();
+fn rename_moves_and_replaces(engine: Engine) {
+    let f = Fixture::new(engine);
     let a = f.mk(ROOT_INO, "a", FileKind::Directory);
     let b = f.mk(ROOT_INO, "b", FileKind::Directory);
     let sub = f.mk(a.ino, "sub", FileKind::Directory);
@@ -435,9 +459,8 @@ fn rename_moves_and_replaces() {
     );
 }
 
-#[test]
-fn rename_refuses_moving_a_directory_into_its_own_subtree() {
-    let f = Fixture::new();
+fn rename_refuses_moving_a_directory_into_its_own_subtree(engine: Engine) {
+    let f = Fixture::new(engine);
     let a = f.mk(ROOT_INO, "a", FileKind::Directory);
     let b = f.mk(a.ino, "b", FileKind::Directory);
     let c = f.mk(b.ino, "c", FileKind::Directory);
@@ -460,9 +483,8 @@ fn rename_refuses_moving_a_directory_into_its_own_subtree() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn rename_exchange_swaps_entries_and_link_counts() {
-    let f = Fixture::new();
+fn rename_exchange_swaps_entries_and_link_counts(engine: Engine) {
+    let f = Fixture::new(engine);
     let a = f.mk(ROOT_INO, "a", FileKind::Directory);
     let b = f.mk(ROOT_INO, "b", FileKind::Directory);
     let dir = f.mk(a.ino, "x", FileKind::Directory);
@@ -482,9 +504,8 @@ fn rename_exchange_swaps_entries_and_link_counts() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn rename_between_hard_links_of_one_inode_does_nothing() {
-    let f = Fixture::new();
+fn rename_between_hard_links_of_one_inode_does_nothing(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "one", FileKind::Regular);
     f.meta.link(file.ino, ROOT_INO, b"two", NOW).unwrap();
     let outcome = f
@@ -499,9 +520,8 @@ fn rename_between_hard_links_of_one_inode_does_nothing() {
     assert_eq!(f.names(ROOT_INO), ["one", "two"]);
 }
 
-#[test]
-fn readdir_cookies_stay_stable_while_the_directory_changes() {
-    let f = Fixture::new();
+fn readdir_cookies_stay_stable_while_the_directory_changes(engine: Engine) {
+    let f = Fixture::new(engine);
     for name in ["a", "b", "c"] {
         f.mk(ROOT_INO, name, FileKind::Regular);
     }
@@ -531,9 +551,8 @@ fn readdir_cookies_stay_stable_while_the_directory_changes() {
     assert_eq!(errno(f.meta.readdir(file.ino, 0, 10, false)), ENOTDIR);
 }
 
-#[test]
-fn unlinked_open_files_are_sustained_until_their_last_close() {
-    let f = Fixture::new();
+fn unlinked_open_files_are_sustained_until_their_last_close(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "open", FileKind::Regular);
     let s = f.upload(100, 0);
     f.meta
@@ -620,9 +639,8 @@ fn unlinked_open_files_are_sustained_until_their_last_close() {
     assert_eq!(f.meta.usage().unwrap().inodes, 1);
 }
 
-#[test]
-fn an_open_file_replaced_by_rename_is_sustained_until_its_last_close() {
-    let f = Fixture::new();
+fn an_open_file_replaced_by_rename_is_sustained_until_its_last_close(engine: Engine) {
+    let f = Fixture::new(engine);
     let victim = f.mk(ROOT_INO, "victim", FileKind::Regular);
     f.meta
         .write_inline(victim.ino, &[(0, b"old bytes")], NOW)
@@ -679,9 +697,8 @@ fn an_open_file_replaced_by_rename_is_sustained_until_its_last_close() {
     assert_eq!(f.meta.usage().unwrap().bytes, 0);
 }
 
-#[test]
-fn commit_read_truncate_and_garbage() {
-    let f = Fixture::new();
+fn commit_read_truncate_and_garbage(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "big", FileKind::Regular);
     let first = f.meta.alloc_slice_ids(3).unwrap();
     assert!(first >= 1);
@@ -851,9 +868,8 @@ fn commit_read_truncate_and_garbage() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn committing_a_pending_upload_removes_its_garbage_row() {
-    let f = Fixture::new();
+fn committing_a_pending_upload_removes_its_garbage_row(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     let first = f.meta.alloc_slice_ids(3).unwrap();
     let (committed, compacted, crashed) = (first, first + 1, first + 2);
@@ -910,9 +926,8 @@ fn committing_a_pending_upload_removes_its_garbage_row() {
     assert_eq!(listed(NOW + 1), vec![crashed]);
 }
 
-#[test]
-fn inline_files() {
-    let f = Fixture::new();
+fn inline_files(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "small", FileKind::Regular);
     assert_eq!(f.inline(file.ino), Some(vec![]));
     let attr = f
@@ -999,9 +1014,8 @@ fn inline_files() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn xattrs() {
-    let f = Fixture::new();
+fn xattrs(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     assert_eq!(errno(f.meta.get_xattr(file.ino, b"user.a")), ENODATA);
     assert_eq!(
@@ -1041,9 +1055,8 @@ fn xattrs() {
     assert_eq!(errno(f.meta.list_xattr(999)), ENOENT);
 }
 
-#[test]
-fn posix_locks_split_merge_and_conflict() {
-    let f = Fixture::new();
+fn posix_locks_split_merge_and_conflict(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     let a = LockOwner {
         session: f.session,
@@ -1138,9 +1151,8 @@ fn posix_locks_split_merge_and_conflict() {
         .unwrap());
 }
 
-#[test]
-fn two_engines_on_one_file_see_each_others_commits() {
-    let f = Fixture::new();
+fn two_engines_on_one_file_see_each_others_commits(engine: Engine) {
+    let f = Fixture::new(engine);
     let second = f.reopen();
     assert_eq!(second.volume().unwrap(), Some(volume("vol")));
     let file = f.mk(ROOT_INO, "from-first", FileKind::Regular);
@@ -1187,9 +1199,8 @@ fn two_engines_on_one_file_see_each_others_commits() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn check_finds_and_repairs_damage() {
-    let f = Fixture::new();
+fn check_finds_and_repairs_damage(engine: Engine) {
+    let f = Fixture::new(engine);
     let dir = f.mk(ROOT_INO, "dir", FileKind::Directory);
     let file = f.mk(dir.ino, "file", FileKind::Regular);
     let orphan = f.mk(ROOT_INO, "orphan", FileKind::Regular);
@@ -1199,16 +1210,18 @@ fn check_finds_and_repairs_damage() {
         .unwrap();
     assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
 
-    let raw = f.raw();
-    raw.execute("UPDATE inodes SET nlink = 7 WHERE ino = ?1", [dir.ino])
+    f.meta
+        .raw(&format!(
+            "UPDATE inodes SET nlink = 7 WHERE ino = {}",
+            dir.ino
+        ))
         .unwrap();
-    raw.execute("DELETE FROM dentries WHERE ino = ?1", [orphan.ino])
+    f.meta
+        .raw(&format!("DELETE FROM dentries WHERE ino = {}", orphan.ino))
         .unwrap();
-    raw.execute(
-        "UPDATE counters SET value = 99 WHERE name = 'used_bytes'",
-        [],
-    )
-    .unwrap();
+    f.meta
+        .raw("UPDATE counters SET value = 99 WHERE name = 'used_bytes'")
+        .unwrap();
     let problems = f.meta.check(false).unwrap();
     assert_eq!(problems.len(), 3, "{problems:?}");
     assert_eq!(
@@ -1226,9 +1239,8 @@ fn check_finds_and_repairs_damage() {
     assert_eq!(f.meta.usage().unwrap().inodes, 3);
 }
 
-#[test]
-fn write_inline_merges_the_extents_of_writers_without_losing_bytes() {
-    let f = Fixture::new();
+fn write_inline_merges_the_extents_of_writers_without_losing_bytes(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "shared", FileKind::Regular);
     let a = f
         .meta
@@ -1281,9 +1293,8 @@ fn write_inline_merges_the_extents_of_writers_without_losing_bytes() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn write_inline_declines_past_the_threshold_and_for_chunked_files() {
-    let f = Fixture::new();
+fn write_inline_declines_past_the_threshold_and_for_chunked_files(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "small", FileKind::Regular);
     let sixty = [b's'; 60];
     let attr = f
@@ -1354,9 +1365,8 @@ fn write_inline_declines_past_the_threshold_and_for_chunked_files() {
     assert_eq!(errno(f.meta.write_inline(999, &[(0, b"x")], NOW)), ENOENT);
 }
 
-#[test]
-fn commit_without_a_pending_row_conflicts_and_changes_nothing() {
-    let f = Fixture::new();
+fn commit_without_a_pending_row_conflicts_and_changes_nothing(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     let a = f.upload(100, 0);
     f.meta
@@ -1435,9 +1445,8 @@ fn commit_without_a_pending_row_conflicts_and_changes_nothing() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn replace_chunk_refuses_a_slice_without_pending_row_and_changes_nothing() {
-    let f = Fixture::new();
+fn replace_chunk_refuses_a_slice_without_pending_row_and_changes_nothing(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     let (a, b) = (f.upload(100, 0), f.upload(100, 100));
     f.meta
@@ -1476,9 +1485,8 @@ fn replace_chunk_refuses_a_slice_without_pending_row_and_changes_nothing() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn commit_drops_inline_bytes_only_at_the_version_it_read() {
-    let f = Fixture::new();
+fn commit_drops_inline_bytes_only_at_the_version_it_read(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     let read = f
         .meta
@@ -1541,9 +1549,8 @@ fn commit_drops_inline_bytes_only_at_the_version_it_read() {
     assert!(f.meta.check(false).unwrap().is_empty());
 }
 
-#[test]
-fn commit_reports_the_slice_count_of_each_chunk_written() {
-    let f = Fixture::new();
+fn commit_reports_the_slice_count_of_each_chunk_written(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     let (a, b, c) = (f.upload(10, 0), f.upload(10, 10), f.upload(100, 0));
     let committed = f
@@ -1595,9 +1602,8 @@ fn commit_reports_the_slice_count_of_each_chunk_written() {
     );
 }
 
-#[test]
-fn data_version_counts_content_changes_but_not_compaction() {
-    let f = Fixture::new();
+fn data_version_counts_content_changes_but_not_compaction(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     assert_eq!(file.data_version, 0);
     assert_eq!(f.version(file.ino), 0);
@@ -1693,9 +1699,8 @@ fn data_version_counts_content_changes_but_not_compaction() {
     assert_eq!(f.mk(ROOT_INO, "other", FileKind::Regular).data_version, 0);
 }
 
-#[test]
-fn read_layout_returns_content_unless_the_version_is_known() {
-    let f = Fixture::new();
+fn read_layout_returns_content_unless_the_version_is_known(engine: Engine) {
+    let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     let empty = f.meta.read_layout(file.ino, 0..0, None).unwrap();
     assert_eq!(
@@ -1806,9 +1811,8 @@ fn read_layout_returns_content_unless_the_version_is_known() {
     assert_eq!(errno(f.meta.read_layout(999, 0..1, None)), ENOENT);
 }
 
-#[test]
-fn leases_are_exclusive_renewable_and_taken_over_after_expiry() {
-    let f = Fixture::new();
+fn leases_are_exclusive_renewable_and_taken_over_after_expiry(engine: Engine) {
+    let f = Fixture::new(engine);
     let other = open_session(&f.meta, NOW);
     let long = MAX_AGE;
     let short = 200_000_000; // 200 ms
@@ -1836,9 +1840,8 @@ fn leases_are_exclusive_renewable_and_taken_over_after_expiry() {
     assert!(f.meta.try_lease("gc", other, long).unwrap());
 }
 
-#[test]
-fn live_sessions_are_those_with_a_recent_heartbeat() {
-    let f = Fixture::new();
+fn live_sessions_are_those_with_a_recent_heartbeat(engine: Engine) {
+    let f = Fixture::new(engine);
     // The fixture's session was opened at NOW, ancient by the engine's clock.
     let fresh = open_session(&f.meta, wall_clock_ns());
     assert_eq!(f.meta.live_sessions(MAX_AGE).unwrap(), vec![fresh]);
@@ -1861,9 +1864,8 @@ fn live_sessions_are_those_with_a_recent_heartbeat() {
     assert_eq!(f.meta.live_sessions(MAX_AGE).unwrap(), vec![f.session]);
 }
 
-#[test]
-fn slice_references_hold_live_and_pending_slices() {
-    let f = Fixture::new();
+fn slice_references_hold_live_and_pending_slices(engine: Engine) {
+    let f = Fixture::new(engine);
     assert_eq!(
         f.meta.slice_references().unwrap(),
         SliceReferences::default()
@@ -1904,11 +1906,16 @@ fn slice_references_hold_live_and_pending_slices() {
 fn migrating_a_v1_database_keeps_its_data_and_starts_data_versions_at_zero() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta.db");
-    let mut conn = rusqlite::Connection::open(&path).unwrap();
-    schema::migrate(&mut conn, &schema::MIGRATIONS[..1]).unwrap();
-    assert_eq!(schema::version(&conn).unwrap(), 1);
+    let db = cellar_sql::Database::open_sqlite(&path).unwrap();
+    let v1 = cellar_sql::Migrations {
+        sqlite: &schema::MIGRATIONS.sqlite[..1],
+        postgres: &[],
+    };
+    db.migrate(&v1).unwrap();
+    assert_eq!(db.schema_version().unwrap(), 1);
     // A volume as version 1 stored it: the root, one inline file, a session holding a flock.
-    conn.execute_batch(
+    db.write(|tx| {
+        tx.batch(
         "INSERT INTO volume (id, name, uuid, chunk_size, block_size, inline_threshold, created_ns)
              VALUES (1, 'vol', '00000000-0000-0000-0000-000000000001', 1048576, 262144, 64, 1);
          INSERT INTO inodes (ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent)
@@ -1922,14 +1929,15 @@ fn migrating_a_v1_database_keeps_its_data_and_starts_data_versions_at_zero() {
          UPDATE counters SET value = 3 WHERE name = 'next_ino';
          UPDATE counters SET value = 5 WHERE name = 'used_bytes';
          UPDATE counters SET value = 2 WHERE name = 'used_inodes';",
-    )
+        )
+    })
     .unwrap();
-    drop(conn);
+    drop(db);
 
-    let meta = SqliteEngine::open(&path).unwrap();
+    let meta = SqlEngine::open_sqlite(&path).unwrap();
     assert_eq!(
-        schema::version(&meta.writer.lock()).unwrap(),
-        schema::MIGRATIONS.len() as i64
+        meta.schema_version().unwrap(),
+        schema::MIGRATIONS.sqlite.len() as i64
     );
     assert_eq!(meta.volume().unwrap(), Some(volume("vol")));
     let old = meta.lookup(ROOT_INO, b"old").unwrap();
@@ -1946,13 +1954,14 @@ fn migrating_a_v1_database_keeps_its_data_and_starts_data_versions_at_zero() {
     let usage = meta.usage().unwrap();
     assert_eq!((usage.bytes, usage.inodes), (5, 2));
     let tables = |name: &str| -> i64 {
-        meta.writer
-            .lock()
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                [name],
-                |row| row.get(0),
-            )
+        meta.db
+            .read(|tx| {
+                tx.query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [name],
+                    |row| row.get(0),
+                )
+            })
             .unwrap()
     };
     assert_eq!((tables("flocks"), tables("leases")), (0, 1));
@@ -1977,66 +1986,14 @@ fn migrating_a_v1_database_keeps_its_data_and_starts_data_versions_at_zero() {
     assert_eq!(meta.check(false).unwrap(), Vec::<String>::new());
     drop(meta);
     // Opening again applies nothing more.
-    let meta = SqliteEngine::open(&path).unwrap();
+    let meta = SqlEngine::open_sqlite(&path).unwrap();
     assert_eq!(meta.getattr(old.ino).unwrap().data_version, 1);
-}
-
-#[test]
-fn sync_flushes_only_what_was_committed() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut meta = SqliteEngine::open(&dir.path().join("meta.db")).unwrap();
-    meta.sync().unwrap();
-    meta.format(&volume("vol")).unwrap();
-    meta.sync().unwrap();
-    meta.sync().unwrap();
-    // Concurrent committers share flushes; each sync returns once its commit is durable.
-    std::thread::scope(|scope| {
-        for i in 0..8 {
-            let meta = &meta;
-            scope.spawn(move || {
-                for j in 0..10 {
-                    meta.create_node(
-                        ROOT_INO,
-                        format!("f{i}-{j}").as_bytes(),
-                        &node(FileKind::Regular),
-                        NOW,
-                    )
-                    .unwrap();
-                    meta.sync().unwrap();
-                }
-            });
-        }
-    });
-    assert_eq!(meta.usage().unwrap().inodes, 81);
-
-    // Cheap when nothing was committed: no fsync at all. With the database's path pointing
-    // nowhere, an fsync would fail; reads and failed writes commit nothing, so sync succeeds...
-    meta.getattr(ROOT_INO).unwrap();
-    meta.path = dir.path().join("missing/meta.db");
-    meta.getattr(ROOT_INO).unwrap();
-    assert_eq!(
-        errno(meta.create_node(ROOT_INO, b"f0-0", &node(FileKind::Regular), NOW)),
-        EEXIST
-    );
-    meta.sync().unwrap();
-    meta.sync().unwrap();
-    // ...while a commit makes the next sync flush.
-    meta.create_node(ROOT_INO, b"after", &node(FileKind::Regular), NOW)
-        .unwrap();
-    match meta.sync() {
-        Err(MetaError::Engine(message)) => assert!(message.contains("cannot fsync"), "{message}"),
-        other => panic!("expected an fsync attempt, got {other:?}"),
-    }
 }
 
 // ---- change log ----
 
 /// The changes committed after `after`, as (ino, entry) pairs, each checked for its origin.
-fn changes_after(
-    meta: &SqliteEngine,
-    after: u64,
-    origin: u64,
-) -> Vec<(Ino, Option<(Ino, String)>)> {
+fn changes_after(meta: &SqlEngine, after: u64, origin: u64) -> Vec<(Ino, Option<(Ino, String)>)> {
     let crate::ChangeBatch::Changes(changes) = meta.changes_since(after, 1000).unwrap() else {
         panic!("changes after {after} were lost");
     };
@@ -2059,9 +2016,8 @@ fn entry(parent: Ino, name: &str) -> Option<(Ino, String)> {
     Some((parent, name.to_string()))
 }
 
-#[test]
-fn every_write_records_its_changed_inodes_and_entries() {
-    let f = Fixture::new();
+fn every_write_records_its_changed_inodes_and_entries(engine: Engine) {
+    let f = Fixture::new(engine);
     let origin = f.meta.origin();
     let step = |f: &Fixture, op: &dyn Fn(&Fixture)| {
         let before = f.meta.last_change().unwrap();
@@ -2180,9 +2136,8 @@ fn every_write_records_its_changed_inodes_and_entries() {
     assert_ne!(other.origin(), f.meta.origin());
 }
 
-#[test]
-fn another_engine_sees_the_changes_and_its_wait_returns_at_the_commit() {
-    let f = Fixture::new();
+fn another_engine_sees_the_changes_and_its_wait_returns_at_the_commit(engine: Engine) {
+    let f = Fixture::new(engine);
     let second = f.reopen();
     let after = second.last_change().unwrap();
     // Nothing committed: the wait runs out its timeout.
@@ -2223,9 +2178,8 @@ fn another_engine_sees_the_changes_and_its_wait_returns_at_the_commit() {
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
 }
 
-#[test]
-fn seqs_follow_commit_order_across_engines() {
-    let f = Fixture::new();
+fn seqs_follow_commit_order_across_engines(engine: Engine) {
+    let f = Fixture::new(engine);
     let engines = [f.reopen(), f.reopen()];
     let done = std::sync::atomic::AtomicUsize::new(0);
     let seen = std::thread::scope(|scope| {
@@ -2279,9 +2233,8 @@ fn seqs_follow_commit_order_across_engines() {
     );
 }
 
-#[test]
-fn trimmed_changes_are_reported_lost_to_watchers_behind_them() {
-    let f = Fixture::new();
+fn trimmed_changes_are_reported_lost_to_watchers_behind_them(engine: Engine) {
+    let f = Fixture::new(engine);
     f.mk(ROOT_INO, "a", FileKind::Regular);
     let behind = f.meta.last_change().unwrap();
     f.mk(ROOT_INO, "b", FileKind::Regular);
@@ -2315,3 +2268,58 @@ fn trimmed_changes_are_reported_lost_to_watchers_behind_them() {
     );
     assert!(f.meta.last_change().unwrap() > caught_up);
 }
+
+/// Every test above that takes an engine, once per engine.
+macro_rules! on_every_engine {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(crate::testing::Engine::Sqlite)
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $name() {
+                super::$name(crate::testing::Engine::Postgres)
+            })*
+        }
+    };
+}
+
+on_every_engine!(
+    migrations_apply_from_empty_and_refuse_newer_databases,
+    format_is_idempotent_and_refuses_another_volume,
+    create_lookup_and_their_errors,
+    setattr_changes_mode_owner_and_times,
+    unlink_rmdir_and_link_rules,
+    rename_moves_and_replaces,
+    rename_refuses_moving_a_directory_into_its_own_subtree,
+    rename_exchange_swaps_entries_and_link_counts,
+    rename_between_hard_links_of_one_inode_does_nothing,
+    readdir_cookies_stay_stable_while_the_directory_changes,
+    unlinked_open_files_are_sustained_until_their_last_close,
+    an_open_file_replaced_by_rename_is_sustained_until_its_last_close,
+    commit_read_truncate_and_garbage,
+    committing_a_pending_upload_removes_its_garbage_row,
+    inline_files,
+    xattrs,
+    posix_locks_split_merge_and_conflict,
+    two_engines_on_one_file_see_each_others_commits,
+    check_finds_and_repairs_damage,
+    write_inline_merges_the_extents_of_writers_without_losing_bytes,
+    write_inline_declines_past_the_threshold_and_for_chunked_files,
+    commit_without_a_pending_row_conflicts_and_changes_nothing,
+    replace_chunk_refuses_a_slice_without_pending_row_and_changes_nothing,
+    commit_drops_inline_bytes_only_at_the_version_it_read,
+    commit_reports_the_slice_count_of_each_chunk_written,
+    data_version_counts_content_changes_but_not_compaction,
+    read_layout_returns_content_unless_the_version_is_known,
+    leases_are_exclusive_renewable_and_taken_over_after_expiry,
+    live_sessions_are_those_with_a_recent_heartbeat,
+    slice_references_hold_live_and_pending_slices,
+    every_write_records_its_changed_inodes_and_entries,
+    another_engine_sees_the_changes_and_its_wait_returns_at_the_commit,
+    seqs_follow_commit_order_across_engines,
+    trimmed_changes_are_reported_lost_to_watchers_behind_them,
+);

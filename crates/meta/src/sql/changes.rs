@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use cellar_sql::{params, OptionalExtension};
 
 use super::rows::{counter, set_counter};
 use crate::{Change, ChangeBatch, Ino, Result};
@@ -20,13 +20,13 @@ pub struct ChangeSet {
 }
 
 /// A transaction plus the changes it made so far.
-pub struct Tx<'a> {
-    conn: &'a Connection,
+pub struct Tx<'t, 'a> {
+    conn: &'t cellar_sql::Tx<'a>,
     changes: RefCell<ChangeSet>,
 }
 
-impl<'a> Tx<'a> {
-    pub fn new(conn: &'a Connection) -> Tx<'a> {
+impl<'t, 'a> Tx<'t, 'a> {
+    pub fn new(conn: &'t cellar_sql::Tx<'a>) -> Tx<'t, 'a> {
         Tx {
             conn,
             changes: RefCell::default(),
@@ -46,9 +46,15 @@ impl<'a> Tx<'a> {
             .insert((parent, name.to_vec()), ino);
     }
 
-    /// Appends the recorded changes to the log (at the end of the transaction).
-    pub fn record(&self, origin: u64) -> Result<()> {
+    /// Appends the recorded changes to the log, at the very end of the transaction: under the
+    /// volume's lock `key`, so that seqs (taken from the table's sequence) follow commit order
+    /// on PostgreSQL too; the commit then notifies the volume's listeners.
+    pub fn record(&self, origin: u64, key: &str) -> Result<()> {
         let changes = self.changes.take();
+        if changes.inos.is_empty() && changes.entries.is_empty() {
+            return Ok(());
+        }
+        self.conn.lock_key(key)?;
         let mut insert = self.conn.prepare_cached(
             "INSERT INTO changes (origin, ino, parent, name) VALUES (?1, ?2, ?3, ?4)",
         )?;
@@ -59,26 +65,27 @@ impl<'a> Tx<'a> {
         for ino in changes.inos.difference(&named) {
             insert.execute(params![origin as i64, ino, None::<i64>, None::<Vec<u8>>])?;
         }
+        self.conn.notify(key)?;
         Ok(())
     }
 }
 
-impl Deref for Tx<'_> {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
+impl<'a> Deref for Tx<'_, 'a> {
+    type Target = cellar_sql::Tx<'a>;
+    fn deref(&self) -> &cellar_sql::Tx<'a> {
         self.conn
     }
 }
 
 /// The newest seq, also when trimming emptied the log.
-pub fn last_change(conn: &Connection) -> Result<u64> {
+pub fn last_change(conn: &cellar_sql::Tx<'_>) -> Result<u64> {
     let seq: i64 = conn
         .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM changes")?
-        .query_row([], |row| row.get(0))?;
+        .query_row((), |row| row.get(0))?;
     Ok(seq.max(counter(conn, "trimmed_changes")?) as u64)
 }
 
-pub fn changes_since(conn: &Connection, after: u64, limit: usize) -> Result<ChangeBatch> {
+pub fn changes_since(conn: &cellar_sql::Tx<'_>, after: u64, limit: usize) -> Result<ChangeBatch> {
     if counter(conn, "trimmed_changes")? as u64 > after {
         return Ok(ChangeBatch::Lost);
     }
@@ -99,13 +106,13 @@ pub fn changes_since(conn: &Connection, after: u64, limit: usize) -> Result<Chan
                 })
             },
         )?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     Ok(ChangeBatch::Changes(changes))
 }
 
 /// Drops the log's prefix up to the newest change older than `older_than_ns`: watchers that had
 /// not read that far get `Lost`.
-pub fn trim_changes(conn: &Connection, older_than_ns: i64) -> Result<u64> {
+pub fn trim_changes(conn: &cellar_sql::Tx<'_>, older_than_ns: i64) -> Result<u64> {
     let upto: Option<i64> = conn
         .prepare_cached("SELECT MAX(seq) FROM changes WHERE at_ns < ?1")?
         .query_row([older_than_ns], |row| row.get(0))

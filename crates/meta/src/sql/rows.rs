@@ -1,6 +1,6 @@
 //! Rows shared by every part of the engine: inode attributes, kind codes, counters, errors.
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use cellar_sql::{params, OptionalExtension, Row};
 
 use crate::{Attr, FileKind, Ino, MetaError, Result};
 
@@ -29,7 +29,7 @@ pub fn kind_code(kind: FileKind) -> i64 {
 pub const REGULAR_CODE: i64 = 1;
 pub const DIRECTORY_CODE: i64 = 2;
 
-pub fn kind_from_code(code: i64) -> rusqlite::Result<FileKind> {
+pub fn kind_from_code(code: i64) -> cellar_sql::Result<FileKind> {
     Ok(match code {
         1 => FileKind::Regular,
         2 => FileKind::Directory,
@@ -39,17 +39,15 @@ pub fn kind_from_code(code: i64) -> rusqlite::Result<FileKind> {
         6 => FileKind::CharDevice,
         7 => FileKind::BlockDevice,
         other => {
-            return Err(rusqlite::Error::FromSqlConversionFailure(
-                0,
-                rusqlite::types::Type::Integer,
-                format!("unknown inode kind {other}").into(),
-            ))
+            return Err(cellar_sql::Error::new(format!(
+                "unknown inode kind {other}"
+            )))
         }
     })
 }
 
 /// Reads [`ATTR_COLUMNS`] starting at column `first`.
-pub fn attr_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Attr> {
+pub fn attr_from_row(row: &Row, first: usize) -> cellar_sql::Result<Attr> {
     Ok(Attr {
         ino: row.get(first)?,
         kind: kind_from_code(row.get(first + 1)?)?,
@@ -67,7 +65,7 @@ pub fn attr_from_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Attr> {
     })
 }
 
-pub fn find_attr(conn: &Connection, ino: Ino) -> Result<Option<Attr>> {
+pub fn find_attr(conn: &cellar_sql::Tx<'_>, ino: Ino) -> Result<Option<Attr>> {
     let mut stmt =
         conn.prepare_cached(&format!("SELECT {ATTR_COLUMNS} FROM inodes WHERE ino = ?1"))?;
     Ok(stmt
@@ -75,24 +73,24 @@ pub fn find_attr(conn: &Connection, ino: Ino) -> Result<Option<Attr>> {
         .optional()?)
 }
 
-pub fn get_attr(conn: &Connection, ino: Ino) -> Result<Attr> {
+pub fn get_attr(conn: &cellar_sql::Tx<'_>, ino: Ino) -> Result<Attr> {
     find_attr(conn, ino)?.ok_or_else(|| posix(libc::ENOENT))
 }
 
-pub fn add_counter(conn: &Connection, name: &str, delta: i64) -> Result<i64> {
+pub fn add_counter(conn: &cellar_sql::Tx<'_>, name: &str, delta: i64) -> Result<i64> {
     let mut stmt = conn.prepare_cached(
-        "UPDATE counters SET value = MAX(0, value + ?1) WHERE name = ?2 RETURNING value",
+        "UPDATE counters SET value = CASE WHEN value + ?1 < 0 THEN 0 ELSE value + ?1 END WHERE name = ?2 RETURNING value",
     )?;
     Ok(stmt.query_row(params![delta, name], |row| row.get(0))?)
 }
 
-pub fn set_counter(conn: &Connection, name: &str, value: i64) -> Result<()> {
+pub fn set_counter(conn: &cellar_sql::Tx<'_>, name: &str, value: i64) -> Result<()> {
     conn.prepare_cached("UPDATE counters SET value = ?1 WHERE name = ?2")?
         .execute(params![value, name])?;
     Ok(())
 }
 
-pub fn counter(conn: &Connection, name: &str) -> Result<i64> {
+pub fn counter(conn: &cellar_sql::Tx<'_>, name: &str) -> Result<i64> {
     let mut stmt = conn.prepare_cached("SELECT value FROM counters WHERE name = ?1")?;
     Ok(stmt.query_row([name], |row| row.get(0))?)
 }

@@ -1,10 +1,10 @@
 //! Volume, sessions, inodes, directory entries and xattrs.
 
+use cellar_sql::{params, OptionalExtension, Row};
 use libc::{
     EEXIST, EINVAL, EISDIR, ENAMETOOLONG, ENODATA, ENOENT, ENOTDIR, ENOTEMPTY, EPERM, ERANGE,
     ESTALE,
 };
-use rusqlite::{params, OptionalExtension, Row};
 
 use super::changes::Tx;
 use super::data::discard_chunks_from;
@@ -25,7 +25,7 @@ const ROOT_PERM: u32 = 0o777;
 /// Bound on parent-pointer walks, so a corrupted cycle cannot hang a rename.
 const MAX_DEPTH: usize = 1 << 20;
 
-fn require_dir(conn: &Tx<'_>, ino: Ino) -> Result<Attr> {
+fn require_dir(conn: &Tx<'_, '_>, ino: Ino) -> Result<Attr> {
     let attr = get_attr(conn, ino)?;
     if attr.kind != FileKind::Directory {
         return Err(posix(ENOTDIR));
@@ -48,7 +48,7 @@ struct Entry {
     kind: FileKind,
 }
 
-fn find_entry(conn: &Tx<'_>, parent: Ino, name: &[u8]) -> Result<Option<Entry>> {
+fn find_entry(conn: &Tx<'_, '_>, parent: Ino, name: &[u8]) -> Result<Option<Entry>> {
     let mut stmt = conn
         .prepare_cached("SELECT cookie, ino, kind FROM dentries WHERE parent = ?1 AND name = ?2")?;
     Ok(stmt
@@ -62,7 +62,7 @@ fn find_entry(conn: &Tx<'_>, parent: Ino, name: &[u8]) -> Result<Option<Entry>> 
         .optional()?)
 }
 
-fn has_children(conn: &Tx<'_>, dir: Ino) -> Result<bool> {
+fn has_children(conn: &Tx<'_, '_>, dir: Ino) -> Result<bool> {
     let mut stmt =
         conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM dentries WHERE parent = ?1)")?;
     Ok(stmt.query_row([dir], |row| row.get(0))?)
@@ -70,9 +70,9 @@ fn has_children(conn: &Tx<'_>, dir: Ino) -> Result<bool> {
 
 /// Adds `delta` to a counter; returns the new value.
 /// A directory gained or lost an entry: adjusts its link count (subdirectories) and times.
-fn touch_dir(conn: &Tx<'_>, dir: Ino, nlink_delta: i64, now_ns: i64) -> Result<()> {
+fn touch_dir(conn: &Tx<'_, '_>, dir: Ino, nlink_delta: i64, now_ns: i64) -> Result<()> {
     conn.prepare_cached(
-        "UPDATE inodes SET nlink = MAX(0, nlink + ?1), mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?3",
+        "UPDATE inodes SET nlink = CASE WHEN nlink + ?1 < 0 THEN 0 ELSE nlink + ?1 END, mtime_ns = ?2, ctime_ns = ?2 WHERE ino = ?3",
     )?
     .execute(params![nlink_delta, now_ns, dir])?;
     conn.ino_changed(dir);
@@ -84,7 +84,7 @@ fn subdir_delta(kind: FileKind) -> i64 {
 }
 
 /// Deletes an inode and everything hanging off it; its slices become garbage.
-pub fn free_inode(conn: &Tx<'_>, ino: Ino, now_ns: i64) -> Result<()> {
+pub fn free_inode(conn: &Tx<'_, '_>, ino: Ino, now_ns: i64) -> Result<()> {
     discard_chunks_from(conn, ino, 0, now_ns)?;
     let mut stmt = conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1 RETURNING kind, size")?;
     let freed: Option<(i64, i64)> = stmt
@@ -101,7 +101,7 @@ pub fn free_inode(conn: &Tx<'_>, ino: Ino, now_ns: i64) -> Result<()> {
 }
 
 /// Frees an inode without links that no session has open any more.
-fn free_if_unreferenced(conn: &Tx<'_>, ino: Ino, now_ns: i64) -> Result<()> {
+fn free_if_unreferenced(conn: &Tx<'_, '_>, ino: Ino, now_ns: i64) -> Result<()> {
     let mut stmt = conn.prepare_cached(
         "SELECT nlink = 0 AND NOT EXISTS (SELECT 1 FROM open_files WHERE ino = ?1) FROM inodes WHERE ino = ?1",
     )?;
@@ -114,9 +114,9 @@ fn free_if_unreferenced(conn: &Tx<'_>, ino: Ino, now_ns: i64) -> Result<()> {
 
 /// One link of a non-directory inode went away. Returns true if it was the last one: the inode is
 /// then kept while any session (any mount, any host) has it open, or freed.
-fn drop_link(conn: &Tx<'_>, ino: Ino, now_ns: i64) -> Result<bool> {
+fn drop_link(conn: &Tx<'_, '_>, ino: Ino, now_ns: i64) -> Result<bool> {
     let mut stmt = conn.prepare_cached(
-        "UPDATE inodes SET nlink = MAX(0, nlink - 1), ctime_ns = ?1 WHERE ino = ?2 RETURNING nlink",
+        "UPDATE inodes SET nlink = CASE WHEN nlink > 0 THEN nlink - 1 ELSE 0 END, ctime_ns = ?1 WHERE ino = ?2 RETURNING nlink",
     )?;
     let nlink: i64 = stmt.query_row(params![now_ns, ino], |row| row.get(0))?;
     conn.ino_changed(ino);
@@ -129,12 +129,12 @@ fn drop_link(conn: &Tx<'_>, ino: Ino, now_ns: i64) -> Result<bool> {
 
 // ---- volume and sessions ----
 
-pub fn stored_volume(conn: &Tx<'_>) -> Result<Option<VolumeInfo>> {
+pub fn stored_volume(conn: &Tx<'_, '_>) -> Result<Option<VolumeInfo>> {
     let mut stmt = conn.prepare_cached(
         "SELECT name, uuid, chunk_size, block_size, inline_threshold, created_ns FROM volume WHERE id = 1",
     )?;
     Ok(stmt
-        .query_row([], |row| {
+        .query_row((), |row| {
             Ok(VolumeInfo {
                 name: row.get(0)?,
                 uuid: row.get(1)?,
@@ -147,7 +147,7 @@ pub fn stored_volume(conn: &Tx<'_>) -> Result<Option<VolumeInfo>> {
         .optional()?)
 }
 
-pub fn format(conn: &Tx<'_>, volume: &VolumeInfo) -> Result<VolumeInfo> {
+pub fn format(conn: &Tx<'_, '_>, volume: &VolumeInfo) -> Result<VolumeInfo> {
     if let Some(stored) = stored_volume(conn)? {
         if stored.name != volume.name {
             return Err(MetaError::VolumeMismatch {
@@ -184,7 +184,7 @@ pub fn format(conn: &Tx<'_>, volume: &VolumeInfo) -> Result<VolumeInfo> {
     Ok(volume.clone())
 }
 
-pub fn open_session(conn: &Tx<'_>, info: &SessionInfo) -> Result<SessionId> {
+pub fn open_session(conn: &Tx<'_, '_>, info: &SessionInfo) -> Result<SessionId> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO sessions (host, pid, mount_point, started_ns, heartbeat_ns) VALUES (?1, ?2, ?3, ?4, ?4) RETURNING id",
     )?;
@@ -195,7 +195,7 @@ pub fn open_session(conn: &Tx<'_>, info: &SessionInfo) -> Result<SessionId> {
 }
 
 /// Fails with ESTALE when the session is gone (reaped as stale): the caller must open a new one.
-pub fn heartbeat(conn: &Tx<'_>, session: SessionId, now_ns: i64) -> Result<()> {
+pub fn heartbeat(conn: &Tx<'_, '_>, session: SessionId, now_ns: i64) -> Result<()> {
     let updated = conn
         .prepare_cached("UPDATE sessions SET heartbeat_ns = ?1 WHERE id = ?2")?
         .execute(params![now_ns, session])?;
@@ -205,11 +205,11 @@ pub fn heartbeat(conn: &Tx<'_>, session: SessionId, now_ns: i64) -> Result<()> {
     Ok(())
 }
 
-pub fn close_session(conn: &Tx<'_>, session: SessionId, now_ns: i64) -> Result<()> {
+pub fn close_session(conn: &Tx<'_, '_>, session: SessionId, now_ns: i64) -> Result<()> {
     let open: Vec<Ino> = conn
         .prepare_cached("SELECT ino FROM open_files WHERE session = ?1")?
         .query_map([session], |row| row.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     // Locks and open files go with the session (ON DELETE CASCADE), and so do its leases.
     conn.prepare_cached("DELETE FROM sessions WHERE id = ?1")?
         .execute([session])?;
@@ -221,16 +221,16 @@ pub fn close_session(conn: &Tx<'_>, session: SessionId, now_ns: i64) -> Result<(
     Ok(())
 }
 
-pub fn live_sessions(conn: &Tx<'_>, now_ns: i64, max_age_ns: i64) -> Result<Vec<SessionId>> {
+pub fn live_sessions(conn: &Tx<'_, '_>, now_ns: i64, max_age_ns: i64) -> Result<Vec<SessionId>> {
     let live = conn
         .prepare_cached("SELECT id FROM sessions WHERE heartbeat_ns >= ?1 ORDER BY id")?
         .query_map([now_ns.saturating_sub(max_age_ns)], |row| row.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     Ok(live)
 }
 
 pub fn try_lease(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     name: &str,
     session: SessionId,
     ttl_ns: i64,
@@ -247,17 +247,19 @@ pub fn try_lease(
 }
 
 pub fn reap_stale_sessions(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     now_ns: i64,
     max_age_ns: i64,
     exclude: Option<SessionId>,
 ) -> Result<usize> {
     let stale: Vec<SessionId> = conn
-        .prepare_cached("SELECT id FROM sessions WHERE heartbeat_ns < ?1 AND id IS NOT ?2")?
+        .prepare_cached(
+            "SELECT id FROM sessions WHERE heartbeat_ns < ?1 AND id IS DISTINCT FROM ?2",
+        )?
         .query_map(params![now_ns.saturating_sub(max_age_ns), exclude], |row| {
             row.get(0)
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     for &session in &stale {
         tracing::warn!(session, "closing stale metadata session");
         close_session(conn, session, now_ns)?;
@@ -267,7 +269,7 @@ pub fn reap_stale_sessions(
 
 // ---- namespace ----
 
-pub fn lookup(conn: &Tx<'_>, parent: Ino, name: &[u8]) -> Result<Attr> {
+pub fn lookup(conn: &Tx<'_, '_>, parent: Ino, name: &[u8]) -> Result<Attr> {
     if name.len() > MAX_NAME_LEN {
         return Err(posix(ENAMETOOLONG));
     }
@@ -303,7 +305,7 @@ fn prefixed_attr_columns(table: &str) -> String {
         .join(", ")
 }
 
-pub fn setattr(conn: &Tx<'_>, ino: Ino, changes: &SetAttr, now_ns: i64) -> Result<Attr> {
+pub fn setattr(conn: &Tx<'_, '_>, ino: Ino, changes: &SetAttr, now_ns: i64) -> Result<Attr> {
     let mut attr = get_attr(conn, ino)?;
     let resolve = |time: TimeSet| match time {
         TimeSet::Now => now_ns,
@@ -334,7 +336,7 @@ pub fn setattr(conn: &Tx<'_>, ino: Ino, changes: &SetAttr, now_ns: i64) -> Resul
 }
 
 pub fn create_node(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     parent: Ino,
     name: &[u8],
     node: &NewNode,
@@ -395,7 +397,13 @@ pub fn create_node(
     })
 }
 
-fn insert_entry(conn: &Tx<'_>, parent: Ino, name: &[u8], ino: Ino, kind: FileKind) -> Result<()> {
+fn insert_entry(
+    conn: &Tx<'_, '_>,
+    parent: Ino,
+    name: &[u8],
+    ino: Ino,
+    kind: FileKind,
+) -> Result<()> {
     conn.prepare_cached("INSERT INTO dentries (parent, name, ino, kind) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![parent, name, ino, kind_code(kind)])?;
     conn.entry_changed(parent, name, ino);
@@ -403,7 +411,7 @@ fn insert_entry(conn: &Tx<'_>, parent: Ino, name: &[u8], ino: Ino, kind: FileKin
 }
 
 pub fn link(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     ino: Ino,
     new_parent: Ino,
     new_name: &[u8],
@@ -430,7 +438,7 @@ pub fn link(
     })
 }
 
-pub fn unlink(conn: &Tx<'_>, parent: Ino, name: &[u8], now_ns: i64) -> Result<Option<Ino>> {
+pub fn unlink(conn: &Tx<'_, '_>, parent: Ino, name: &[u8], now_ns: i64) -> Result<Option<Ino>> {
     check_name(name)?;
     require_dir(conn, parent)?;
     let entry = find_entry(conn, parent, name)?.ok_or_else(|| posix(ENOENT))?;
@@ -442,14 +450,14 @@ pub fn unlink(conn: &Tx<'_>, parent: Ino, name: &[u8], now_ns: i64) -> Result<Op
     Ok(drop_link(conn, entry.ino, now_ns)?.then_some(entry.ino))
 }
 
-fn delete_entry(conn: &Tx<'_>, parent: Ino, name: &[u8], entry: &Entry) -> Result<()> {
+fn delete_entry(conn: &Tx<'_, '_>, parent: Ino, name: &[u8], entry: &Entry) -> Result<()> {
     conn.prepare_cached("DELETE FROM dentries WHERE cookie = ?1")?
         .execute([entry.cookie])?;
     conn.entry_changed(parent, name, entry.ino);
     Ok(())
 }
 
-pub fn rmdir(conn: &Tx<'_>, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino> {
+pub fn rmdir(conn: &Tx<'_, '_>, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino> {
     if name == b"." {
         return Err(posix(EINVAL));
     }
@@ -472,7 +480,7 @@ pub fn rmdir(conn: &Tx<'_>, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino
 }
 
 /// EINVAL if `dir` is `start` or one of its ancestors (moving `dir` under `start` would detach it).
-fn ensure_not_ancestor(conn: &Tx<'_>, dir: Ino, start: Ino) -> Result<()> {
+fn ensure_not_ancestor(conn: &Tx<'_, '_>, dir: Ino, start: Ino) -> Result<()> {
     let mut stmt = conn.prepare_cached("SELECT parent FROM inodes WHERE ino = ?1")?;
     let mut current = start;
     for _ in 0..MAX_DEPTH {
@@ -489,14 +497,14 @@ fn ensure_not_ancestor(conn: &Tx<'_>, dir: Ino, start: Ino) -> Result<()> {
     )))
 }
 
-fn set_parent(conn: &Tx<'_>, ino: Ino, parent: Ino, now_ns: i64) -> Result<()> {
+fn set_parent(conn: &Tx<'_, '_>, ino: Ino, parent: Ino, now_ns: i64) -> Result<()> {
     conn.prepare_cached("UPDATE inodes SET parent = ?1, ctime_ns = ?2 WHERE ino = ?3")?
         .execute(params![parent, now_ns, ino])?;
     conn.ino_changed(ino);
     Ok(())
 }
 
-pub fn rename(conn: &Tx<'_>, req: &Rename<'_>, now_ns: i64) -> Result<RenameOutcome> {
+pub fn rename(conn: &Tx<'_, '_>, req: &Rename<'_>, now_ns: i64) -> Result<RenameOutcome> {
     for name in [req.src_name, req.dst_name] {
         check_name(name)?;
         if is_dot_or_dotdot(name) {
@@ -590,7 +598,7 @@ pub fn rename(conn: &Tx<'_>, req: &Rename<'_>, now_ns: i64) -> Result<RenameOutc
     })
 }
 
-pub fn readlink(conn: &Tx<'_>, ino: Ino) -> Result<Vec<u8>> {
+pub fn readlink(conn: &Tx<'_, '_>, ino: Ino) -> Result<Vec<u8>> {
     let mut stmt = conn.prepare_cached("SELECT target FROM inodes WHERE ino = ?1")?;
     let target: Option<Vec<u8>> = stmt
         .query_row([ino], |row| row.get(0))
@@ -603,7 +611,7 @@ pub fn readlink(conn: &Tx<'_>, ino: Ino) -> Result<Vec<u8>> {
 const COOKIE_SHIFT: u64 = 2;
 
 pub fn readdir(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     dir: Ino,
     after: u64,
     limit: usize,
@@ -612,7 +620,7 @@ pub fn readdir(
     require_dir(conn, dir)?;
     let after_stored = after.saturating_sub(COOKIE_SHIFT) as i64;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let read_entry = |row: &Row<'_>| -> rusqlite::Result<DirEntry> {
+    let read_entry = |row: &Row| -> cellar_sql::Result<DirEntry> {
         Ok(DirEntry {
             cookie: row.get::<_, u64>(0)? + COOKIE_SHIFT,
             name: row.get(1)?,
@@ -632,19 +640,19 @@ pub fn readdir(
             prefixed_attr_columns("i")
         ))?
         .query_map(params![dir, after_stored, limit], read_entry)?
-        .collect::<rusqlite::Result<_>>()?
+        .collect::<cellar_sql::Result<_>>()?
     } else {
         conn.prepare_cached(
             "SELECT cookie, name, ino, kind FROM dentries WHERE parent = ?1 AND cookie > ?2 ORDER BY cookie LIMIT ?3",
         )?
         .query_map(params![dir, after_stored, limit], read_entry)?
-        .collect::<rusqlite::Result<_>>()?
+        .collect::<cellar_sql::Result<_>>()?
     };
     Ok(entries)
 }
 
 /// Records that `session` has `ino` open (an unlink anywhere then keeps the inode).
-pub fn open_file(conn: &Tx<'_>, session: SessionId, ino: Ino) -> Result<Attr> {
+pub fn open_file(conn: &Tx<'_, '_>, session: SessionId, ino: Ino) -> Result<Attr> {
     let attr = get_attr(conn, ino)?;
     conn.prepare_cached(
         "INSERT INTO open_files (session, ino) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
@@ -654,13 +662,13 @@ pub fn open_file(conn: &Tx<'_>, session: SessionId, ino: Ino) -> Result<Attr> {
 }
 
 /// `session` no longer has `ino` open: an inode without links goes with its last opener.
-pub fn close_file(conn: &Tx<'_>, session: SessionId, ino: Ino, now_ns: i64) -> Result<()> {
+pub fn close_file(conn: &Tx<'_, '_>, session: SessionId, ino: Ino, now_ns: i64) -> Result<()> {
     conn.prepare_cached("DELETE FROM open_files WHERE session = ?1 AND ino = ?2")?
         .execute(params![session, ino])?;
     free_if_unreferenced(conn, ino, now_ns)
 }
 
-pub fn usage(conn: &Tx<'_>) -> Result<Usage> {
+pub fn usage(conn: &Tx<'_, '_>) -> Result<Usage> {
     Ok(Usage {
         bytes: counter(conn, "used_bytes")? as u64,
         inodes: counter(conn, "used_inodes")? as u64,
@@ -676,7 +684,7 @@ fn check_xattr_name(name: &[u8]) -> Result<()> {
     Ok(())
 }
 
-pub fn get_xattr(conn: &Tx<'_>, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+pub fn get_xattr(conn: &Tx<'_, '_>, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
     check_xattr_name(name)?;
     let mut stmt = conn.prepare_cached("SELECT value FROM xattrs WHERE ino = ?1 AND name = ?2")?;
     match stmt
@@ -691,17 +699,17 @@ pub fn get_xattr(conn: &Tx<'_>, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
     }
 }
 
-pub fn list_xattr(conn: &Tx<'_>, ino: Ino) -> Result<Vec<Vec<u8>>> {
+pub fn list_xattr(conn: &Tx<'_, '_>, ino: Ino) -> Result<Vec<Vec<u8>>> {
     get_attr(conn, ino)?;
     let names = conn
         .prepare_cached("SELECT name FROM xattrs WHERE ino = ?1 ORDER BY name")?
         .query_map([ino], |row| row.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     Ok(names)
 }
 
 pub fn set_xattr(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     ino: Ino,
     name: &[u8],
     value: &[u8],
@@ -732,7 +740,7 @@ pub fn set_xattr(
     Ok(())
 }
 
-pub fn remove_xattr(conn: &Tx<'_>, ino: Ino, name: &[u8], now_ns: i64) -> Result<()> {
+pub fn remove_xattr(conn: &Tx<'_, '_>, ino: Ino, name: &[u8], now_ns: i64) -> Result<()> {
     check_xattr_name(name)?;
     get_attr(conn, ino)?;
     let removed = conn

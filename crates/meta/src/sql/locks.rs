@@ -2,8 +2,8 @@
 //! owners conflict. The u64 owner hashes and range ends are stored as their two's complement
 //! BIGINT (so `u64::MAX`, "to end of file", is stored as -1) and compared in Rust, never in SQL.
 
+use cellar_sql::params;
 use libc::EINVAL;
-use rusqlite::{params, Connection};
 
 use super::rows::{get_attr, posix};
 use crate::{Ino, LockKind, LockOwner, LockRange, Result};
@@ -30,7 +30,7 @@ fn conflicting(a: LockKind, b: LockKind) -> bool {
 }
 
 /// Every POSIX lock on `ino` with its owner.
-fn posix_locks(conn: &Connection, ino: Ino) -> Result<Vec<(LockOwner, LockRange)>> {
+fn posix_locks(conn: &cellar_sql::Tx<'_>, ino: Ino) -> Result<Vec<(LockOwner, LockRange)>> {
     let locks = conn
         .prepare_cached(
             "SELECT session, owner, range_start, range_end, kind, pid FROM plocks WHERE ino = ?1",
@@ -49,7 +49,7 @@ fn posix_locks(conn: &Connection, ino: Ino) -> Result<Vec<(LockOwner, LockRange)
                 },
             ))
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     Ok(locks)
 }
 
@@ -83,7 +83,7 @@ fn check_range(range: &LockRange) -> Result<()> {
 }
 
 pub fn getlk(
-    conn: &Connection,
+    conn: &cellar_sql::Tx<'_>,
     ino: Ino,
     owner: LockOwner,
     range: &LockRange,
@@ -93,7 +93,12 @@ pub fn getlk(
     Ok(first_conflict(&posix_locks(conn, ino)?, owner, range))
 }
 
-pub fn setlk(conn: &Connection, ino: Ino, owner: LockOwner, range: &LockRange) -> Result<bool> {
+pub fn setlk(
+    conn: &cellar_sql::Tx<'_>,
+    ino: Ino,
+    owner: LockOwner,
+    range: &LockRange,
+) -> Result<bool> {
     check_range(range)?;
     get_attr(conn, ino)?;
     let locks = posix_locks(conn, ino)?;
@@ -167,7 +172,7 @@ fn apply_range(mine: Vec<LockRange>, new: LockRange) -> Vec<LockRange> {
     kept
 }
 
-pub fn unlock_all(conn: &Connection, ino: Ino, owner: LockOwner) -> Result<()> {
+pub fn unlock_all(conn: &cellar_sql::Tx<'_>, ino: Ino, owner: LockOwner) -> Result<()> {
     conn.prepare_cached("DELETE FROM plocks WHERE ino = ?1 AND session = ?2 AND owner = ?3")?
         .execute(params![ino, owner.session, owner.owner as i64])?;
     Ok(())

@@ -2,7 +2,7 @@
 //! Repairs run in the same transaction as the checks. Removing a dangling entry can orphan
 //! what it pointed to; a second `check(true)` then frees it.
 
-use rusqlite::params;
+use cellar_sql::params;
 
 use super::changes::Tx;
 
@@ -10,7 +10,7 @@ use super::namespace::free_inode;
 use super::rows::{counter, set_counter, DIRECTORY_CODE, REGULAR_CODE};
 use crate::{Ino, Result, ROOT_INO};
 
-pub fn check(conn: &Tx<'_>, repair: bool, now_ns: i64) -> Result<Vec<String>> {
+pub fn check(conn: &Tx<'_, '_>, repair: bool, now_ns: i64) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     dangling_entries(conn, repair, &mut problems)?;
     directory_parents(conn, repair, &mut problems)?;
@@ -21,9 +21,9 @@ pub fn check(conn: &Tx<'_>, repair: bool, now_ns: i64) -> Result<Vec<String>> {
     Ok(problems)
 }
 
-fn dangling_entries(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+fn dangling_entries(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
     let dangling: Vec<(i64, Ino, Vec<u8>, Ino)> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT d.cookie, d.parent, d.name, d.ino FROM dentries d
              LEFT JOIN inodes p ON p.ino = d.parent LEFT JOIN inodes i ON i.ino = d.ino
              WHERE p.ino IS NULL OR i.ino IS NULL OR p.kind <> ?1",
@@ -31,7 +31,7 @@ fn dangling_entries(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> 
         .query_map([DIRECTORY_CODE], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     for (cookie, parent, name, ino) in dangling {
         problems.push(format!(
             "entry {:?} in {parent} points to inode {ino}, but the inode or its parent directory is missing",
@@ -43,11 +43,11 @@ fn dangling_entries(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> 
         }
     }
     let mistyped: Vec<(i64, Ino, Vec<u8>, Ino)> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT d.cookie, d.parent, d.name, d.ino FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.kind <> i.kind",
         )?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+        .query_map((), |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
+        .collect::<cellar_sql::Result<_>>()?;
     for (cookie, parent, name, ino) in mistyped {
         problems.push(format!(
             "entry with cookie {cookie} records a kind different from its inode's"
@@ -63,16 +63,16 @@ fn dangling_entries(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> 
     Ok(())
 }
 
-fn directory_parents(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+fn directory_parents(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
     let wrong: Vec<(Ino, Ino, Ino)> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT i.ino, i.parent, d.parent FROM inodes i JOIN dentries d ON d.ino = i.ino
              WHERE i.kind = ?1 AND i.parent <> d.parent",
         )?
         .query_map([DIRECTORY_CODE], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?))
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     for (ino, recorded, actual) in wrong {
         problems.push(format!(
             "directory {ino} records parent {recorded} but its entry is in {actual}"
@@ -88,10 +88,10 @@ fn directory_parents(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) ->
     Ok(())
 }
 
-fn link_counts(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+fn link_counts(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
     // Directories: "." plus the entry in the parent plus each subdirectory's "..".
     let counts: Vec<(Ino, i64, i64, i64, i64)> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT i.ino, i.kind, i.nlink,
                     (SELECT COUNT(*) FROM dentries d WHERE d.ino = i.ino),
                     (SELECT COUNT(*) FROM dentries c WHERE c.parent = i.ino AND c.kind = ?1)
@@ -106,7 +106,7 @@ fn link_counts(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Resul
                 row.get(4)?,
             ))
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     for (ino, kind, nlink, entries, subdirs) in counts {
         let expected = if kind == DIRECTORY_CODE {
             if ino != ROOT_INO && entries == 0 {
@@ -133,15 +133,15 @@ fn link_counts(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Resul
     Ok(())
 }
 
-fn orphans(conn: &Tx<'_>, repair: bool, now_ns: i64, problems: &mut Vec<String>) -> Result<()> {
+fn orphans(conn: &Tx<'_, '_>, repair: bool, now_ns: i64, problems: &mut Vec<String>) -> Result<()> {
     let orphaned: Vec<Ino> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT i.ino FROM inodes i
              WHERE i.nlink = 0 AND i.kind <> ?1
                AND NOT EXISTS (SELECT 1 FROM open_files s JOIN sessions ss ON ss.id = s.session WHERE s.ino = i.ino)",
         )?
         .query_map([DIRECTORY_CODE], |row| row.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     for ino in orphaned {
         problems.push(format!(
             "inode {ino} has no links and no session keeps it open"
@@ -154,31 +154,31 @@ fn orphans(conn: &Tx<'_>, repair: bool, now_ns: i64, problems: &mut Vec<String>)
     Ok(())
 }
 
-fn layouts(conn: &Tx<'_>, problems: &mut Vec<String>) -> Result<()> {
+fn layouts(conn: &Tx<'_, '_>, problems: &mut Vec<String>) -> Result<()> {
     let mixed: Vec<Ino> = conn
-        .prepare(
+        .prepare_cached(
             "SELECT i.ino FROM inodes i
              WHERE i.inline_data IS NOT NULL AND EXISTS (SELECT 1 FROM chunk_slices s WHERE s.ino = i.ino)",
         )?
-        .query_map([], |row| row.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+        .query_map((), |row| row.get(0))?
+        .collect::<cellar_sql::Result<_>>()?;
     for ino in mixed {
         problems.push(format!("file {ino} has both inline bytes and chunk slices"));
     }
     Ok(())
 }
 
-fn counters(conn: &Tx<'_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
+fn counters(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
     let (inodes, bytes, max_ino): (i64, i64, i64) = conn.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN kind = ?1 THEN size ELSE 0 END), 0), COALESCE(MAX(ino), 0)
+        "SELECT COUNT(*), CAST(COALESCE(SUM(CASE WHEN kind = ?1 THEN size ELSE 0 END), 0) AS BIGINT), COALESCE(MAX(ino), 0)
          FROM inodes",
         [REGULAR_CODE],
         |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
     )?;
     let max_slice: i64 = conn.query_row(
-        "SELECT MAX(COALESCE((SELECT MAX(id) FROM chunk_slices), 0), COALESCE((SELECT MAX(id) FROM garbage), 0))",
-        [],
-        |row| row.get(0),
+        "SELECT COALESCE((SELECT MAX(id) FROM chunk_slices), 0), COALESCE((SELECT MAX(id) FROM garbage), 0)",
+        (),
+        |row| Ok(row.get::<_, i64>(0)?.max(row.get(1)?)),
     )?;
     let expectations = [
         (

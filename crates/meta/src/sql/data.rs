@@ -1,7 +1,7 @@
 //! File layouts (inline bytes or chunks of slices), slice ids and garbage.
 
+use cellar_sql::{params, OptionalExtension, ToValue};
 use libc::{EINVAL, EISDIR};
-use rusqlite::{params, OptionalExtension};
 
 use super::changes::Tx;
 
@@ -13,10 +13,15 @@ use crate::{
 
 /// Moves the slices of chunks `from_chunk..` of `ino` to garbage (unless another chunk still
 /// references the same stored slice) and deletes them from the file.
-pub fn discard_chunks_from(conn: &Tx<'_>, ino: Ino, from_chunk: u64, now_ns: i64) -> Result<()> {
+pub fn discard_chunks_from(
+    conn: &Tx<'_, '_>,
+    ino: Ino,
+    from_chunk: u64,
+    now_ns: i64,
+) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO garbage (id, size, since_ns)
-         SELECT s.id, MAX(s.size), ?3 FROM chunk_slices s
+         SELECT s.id, MAX(s.size), CAST(?3 AS BIGINT) FROM chunk_slices s
          WHERE s.ino = ?1 AND s.chunk >= ?2 AND s.id <> 0
            AND NOT EXISTS (SELECT 1 FROM chunk_slices o
                            WHERE o.id = s.id AND NOT (o.ino = ?1 AND o.chunk >= ?2))
@@ -30,7 +35,7 @@ pub fn discard_chunks_from(conn: &Tx<'_>, ino: Ino, from_chunk: u64, now_ns: i64
 }
 
 /// The inode's attributes, which must be those of a regular file.
-fn regular_file(conn: &Tx<'_>, ino: Ino) -> Result<Attr> {
+fn regular_file(conn: &Tx<'_, '_>, ino: Ino) -> Result<Attr> {
     let attr = get_attr(conn, ino)?;
     match attr.kind {
         FileKind::Regular => Ok(attr),
@@ -39,7 +44,7 @@ fn regular_file(conn: &Tx<'_>, ino: Ino) -> Result<Attr> {
     }
 }
 
-fn inline_bytes(conn: &Tx<'_>, ino: Ino) -> Result<Option<Vec<u8>>> {
+fn inline_bytes(conn: &Tx<'_, '_>, ino: Ino) -> Result<Option<Vec<u8>>> {
     let mut stmt = conn.prepare_cached("SELECT inline_data FROM inodes WHERE ino = ?1")?;
     stmt.query_row([ino], |row| row.get(0))
         .optional()?
@@ -49,7 +54,7 @@ fn inline_bytes(conn: &Tx<'_>, ino: Ino) -> Result<Option<Vec<u8>>> {
 /// Stores the new size, inline bytes and times of a regular file, bumps its data version and
 /// accounts the size change.
 fn store_content(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     attr: &mut Attr,
     size: u64,
     inline: Option<&[u8]>,
@@ -67,7 +72,7 @@ fn store_content(
 }
 
 pub fn read_layout(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     ino: Ino,
     chunks: std::ops::Range<u64>,
     known_version: Option<u64>,
@@ -94,7 +99,7 @@ pub fn read_layout(
 }
 
 /// The slices of a chunk with their sequence numbers, in commit order.
-fn chunk_rows(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<Vec<(i64, Slice)>> {
+fn chunk_rows(conn: &Tx<'_, '_>, ino: Ino, chunk: u64) -> Result<Vec<(i64, Slice)>> {
     let rows = conn
         .prepare_cached("SELECT seq, id, size, off, len, pos FROM chunk_slices WHERE ino = ?1 AND chunk = ?2 ORDER BY seq")?
         .query_map(params![ino, chunk], |row| {
@@ -109,11 +114,11 @@ fn chunk_rows(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<Vec<(i64, Slice)>> 
                 },
             ))
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     Ok(rows)
 }
 
-pub fn read_chunk(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<Vec<Slice>> {
+pub fn read_chunk(conn: &Tx<'_, '_>, ino: Ino, chunk: u64) -> Result<Vec<Slice>> {
     let slices: Vec<Slice> = chunk_rows(conn, ino, chunk)?
         .into_iter()
         .map(|(_, slice)| slice)
@@ -125,7 +130,7 @@ pub fn read_chunk(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<Vec<Slice>> {
 }
 
 pub fn write_inline(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     volume: &VolumeInfo,
     ino: Ino,
     extents: &[(u64, &[u8])],
@@ -152,27 +157,28 @@ pub fn write_inline(
     Ok(Some(attr))
 }
 
-fn insert_slices(conn: &Tx<'_>, ino: Ino, slices: &[(u64, Slice)]) -> Result<()> {
+fn insert_slices(conn: &Tx<'_, '_>, ino: Ino, slices: &[(u64, Slice)]) -> Result<()> {
     for (chunk, slice) in slices {
         insert_slice(conn, None, ino, *chunk, slice)?;
     }
     Ok(())
 }
 
-/// Appends a slice to a chunk, or puts it at sequence number `seq` (a NULL `seq` takes the next
-/// one: later in commit order than every slice before).
+/// Appends a slice to a chunk, or puts it at sequence number `seq` (without one it takes the
+/// next: later in commit order than every slice before).
 fn insert_slice(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     seq: Option<i64>,
     ino: Ino,
     chunk: u64,
     slice: &Slice,
 ) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO chunk_slices (seq, ino, chunk, id, size, off, len, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
-        seq,
+    // The sequence is the table's own (a generated column on PostgreSQL, which refuses NULL).
+    let sql = match seq {
+        Some(_) => "INSERT INTO chunk_slices (seq, ino, chunk, id, size, off, len, pos) VALUES (?8, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        None => "INSERT INTO chunk_slices (ino, chunk, id, size, off, len, pos) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    };
+    let mut values = params![
         ino,
         chunk,
         slice.id as i64,
@@ -180,7 +186,10 @@ fn insert_slice(
         slice.off,
         slice.len,
         slice.pos
-    ])?;
+    ]
+    .to_vec();
+    values.extend(seq.map(|seq| seq.to_value()));
+    conn.execute(sql, values)?;
     Ok(())
 }
 
@@ -204,7 +213,7 @@ fn check_slices<'a>(
 /// of rows that expired); the rows are dropped, since the slices become live. On a conflict no row
 /// is dropped (`replace_chunk` commits its transaction even when it refuses).
 fn claim_pending<'a>(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     slices: impl IntoIterator<Item = &'a Slice> + Clone,
 ) -> Result<()> {
     let mut pending = conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM garbage WHERE id = ?1)")?;
@@ -223,14 +232,14 @@ fn claim_pending<'a>(
     Ok(())
 }
 
-fn chunk_slice_count(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<usize> {
+fn chunk_slice_count(conn: &Tx<'_, '_>, ino: Ino, chunk: u64) -> Result<usize> {
     let mut stmt =
         conn.prepare_cached("SELECT COUNT(*) FROM chunk_slices WHERE ino = ?1 AND chunk = ?2")?;
     Ok(stmt.query_row(params![ino, chunk], |row| row.get::<_, i64>(0))? as usize)
 }
 
 pub fn commit_slices(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     volume: &VolumeInfo,
     ino: Ino,
     slices: &[(u64, Slice)],
@@ -270,7 +279,7 @@ pub fn commit_slices(
 }
 
 pub fn truncate(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     volume: &VolumeInfo,
     ino: Ino,
     size: u64,
@@ -310,14 +319,14 @@ pub fn truncate(
     Ok(attr)
 }
 
-fn chunk_has_slices(conn: &Tx<'_>, ino: Ino, chunk: u64) -> Result<bool> {
+fn chunk_has_slices(conn: &Tx<'_, '_>, ino: Ino, chunk: u64) -> Result<bool> {
     let mut stmt = conn.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM chunk_slices WHERE ino = ?1 AND chunk = ?2)",
     )?;
     Ok(stmt.query_row(params![ino, chunk], |row| row.get(0))?)
 }
 
-pub fn alloc_slice_ids(conn: &Tx<'_>, count: u64) -> Result<u64> {
+pub fn alloc_slice_ids(conn: &Tx<'_, '_>, count: u64) -> Result<u64> {
     if count == 0 {
         return Err(posix(EINVAL));
     }
@@ -326,7 +335,7 @@ pub fn alloc_slice_ids(conn: &Tx<'_>, count: u64) -> Result<u64> {
 }
 
 pub fn fragmented_chunks(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     min_slices: usize,
     limit: usize,
 ) -> Result<Vec<(Ino, u64)>> {
@@ -337,12 +346,12 @@ pub fn fragmented_chunks(
         .query_map(params![min_slices as i64, i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
             Ok((row.get(0)?, row.get(1)?))
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     Ok(chunks)
 }
 
 pub fn replace_chunk(
-    conn: &Tx<'_>,
+    conn: &Tx<'_, '_>,
     ino: Ino,
     chunk: u64,
     expected: &[Slice],
@@ -386,7 +395,11 @@ pub fn replace_chunk(
     Ok(true)
 }
 
-pub fn garbage_slices(conn: &Tx<'_>, before_ns: i64, limit: usize) -> Result<Vec<GarbageSlice>> {
+pub fn garbage_slices(
+    conn: &Tx<'_, '_>,
+    before_ns: i64,
+    limit: usize,
+) -> Result<Vec<GarbageSlice>> {
     let slices = conn
         .prepare_cached(
             "SELECT id, size FROM garbage WHERE since_ns < ?1 ORDER BY since_ns, id LIMIT ?2",
@@ -400,11 +413,11 @@ pub fn garbage_slices(conn: &Tx<'_>, before_ns: i64, limit: usize) -> Result<Vec
                 })
             },
         )?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<cellar_sql::Result<_>>()?;
     Ok(slices)
 }
 
-pub fn forget_garbage(conn: &Tx<'_>, ids: &[u64]) -> Result<()> {
+pub fn forget_garbage(conn: &Tx<'_, '_>, ids: &[u64]) -> Result<()> {
     let mut delete = conn.prepare_cached("DELETE FROM garbage WHERE id = ?1")?;
     for &id in ids {
         delete.execute([id as i64])?;
@@ -414,7 +427,7 @@ pub fn forget_garbage(conn: &Tx<'_>, ids: &[u64]) -> Result<()> {
 
 /// Records (or re-dates) garbage slices: a writer records its uploads as pending garbage with a
 /// future `since` before uploading, and re-dates them to now when their commit fails.
-pub fn add_garbage(conn: &Tx<'_>, slices: &[GarbageSlice], now_ns: i64) -> Result<()> {
+pub fn add_garbage(conn: &Tx<'_, '_>, slices: &[GarbageSlice], now_ns: i64) -> Result<()> {
     let mut insert = conn.prepare_cached(
         "INSERT INTO garbage (id, size, since_ns) VALUES (?1, ?2, ?3) \
          ON CONFLICT (id) DO UPDATE SET size = excluded.size, since_ns = excluded.since_ns",
@@ -425,16 +438,16 @@ pub fn add_garbage(conn: &Tx<'_>, slices: &[GarbageSlice], now_ns: i64) -> Resul
     Ok(())
 }
 
-pub fn slice_references(conn: &Tx<'_>) -> Result<SliceReferences> {
+pub fn slice_references(conn: &Tx<'_, '_>) -> Result<SliceReferences> {
     let live = conn
         .prepare_cached(
             "SELECT id, MAX(size) FROM chunk_slices WHERE id <> 0 GROUP BY id ORDER BY id",
         )?
-        .query_map([], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+        .query_map((), |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))?
+        .collect::<cellar_sql::Result<_>>()?;
     let garbage = conn
         .prepare_cached("SELECT id FROM garbage ORDER BY id")?
-        .query_map([], |row| Ok(row.get::<_, i64>(0)? as u64))?
-        .collect::<rusqlite::Result<_>>()?;
+        .query_map((), |row| Ok(row.get::<_, i64>(0)? as u64))?
+        .collect::<cellar_sql::Result<_>>()?;
     Ok(SliceReferences { live, garbage })
 }

@@ -1,24 +1,23 @@
-//! The SQLite engine: one database file per volume, shared by every process that opens it (the
-//! server, each `cellar mount`, `cellar fsck`).
+//! The SQL engine: one implementation of every operation over [`cellar_sql`], for both
+//! dialects.
 //!
-//! Concurrency: one connection guarded by a mutex runs the writing transactions of this process,
-//! each as `BEGIN IMMEDIATE` so writers of different processes queue on the database lock (with a
-//! busy timeout) instead of failing with `SQLITE_BUSY` halfway through. Reads run on a small pool
-//! of extra connections; in WAL mode they never block the writer nor each other.
+//! - SQLite (the embedded default): one database file per volume, shared by every process of
+//!   the host that opens it (the server, each `cellar mount`, `cellar fsck`).
+//! - PostgreSQL: one schema per volume in a database shared by many volumes and hosts (see
+//!   [`SqlEngine::open_postgres`]); this process's connections to the database are one pool,
+//!   whatever the number of volumes.
 //!
-//! Durability: WAL with `synchronous=NORMAL`. A committed transaction is in the WAL file (in the OS
-//! page cache) before `COMMIT` returns, so it survives a crash or SIGKILL of any process, and the
-//! database stays consistent whatever happens. [`MetaEngine::sync`] fsyncs the WAL, which makes
-//! every transaction committed before it durable against power loss too: fsync(2) and close(2)
-//! call it, and concurrent callers share one fsync (group commit), so a `git clone` pays one
-//! fsync per written file rather than one per transaction (`synchronous=FULL`).
+//! Every method is one transaction (PostgreSQL: SERIALIZABLE, re-run after losing a race, so
+//! concurrent renames from different hosts serialise as if one ran after the other and cannot
+//! create a loop or detach a directory). Every write transaction ends by appending what it
+//! changed to the volume's change log (see `changes`).
 //!
 //! Open files: the first open of an inode by this engine's caller records it in `open_files`
 //! (one row per session), the last close removes it; unlink and rename keep an inode that any
 //! session has open, inside their transaction, without calling up.
 //!
-//! Lock order: `open_files` → `writer` → `sync_lock`; `readers` is taken alone. None is held
-//! while calling out of this crate.
+//! Lock order: `open_files` → the database's own locks. None is held while calling out of this
+//! crate.
 
 mod changes;
 mod check;
@@ -31,13 +30,12 @@ mod schema;
 mod tests;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
+use cellar_sql::{Database, PgUrl};
 use parking_lot::Mutex;
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use changes::Tx;
 
@@ -47,116 +45,124 @@ use crate::{
     SliceReferences, Usage, VolumeInfo, XattrMode,
 };
 
-/// How long a transaction waits for another process's write transaction before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Idle read connections kept open for reuse.
-const IDLE_READERS: usize = 4;
-/// Prepared statements cached per connection (every statement of the engine fits).
-const STATEMENT_CACHE: usize = 128;
-/// How often a waiter for changes polls the database's data version: another process's commit
-/// is noticed within this.
+/// How often a waiter for changes of a SQLite volume polls the database's data version: another
+/// process's commit is noticed within this.
 const CHANGE_POLL: Duration = Duration::from_millis(2);
+/// Longest volume id of a PostgreSQL URL (a schema name has at most 63 bytes).
+const MAX_VOLUME_ID: usize = 56;
 
-impl From<rusqlite::Error> for MetaError {
-    fn from(e: rusqlite::Error) -> Self {
+impl From<cellar_sql::Error> for MetaError {
+    fn from(e: cellar_sql::Error) -> Self {
         MetaError::Engine(e.to_string())
     }
 }
 
-/// The engine's clock: session heartbeats, leases and garbage times are all stamped with it, so
-/// that they are compared with each other, never with a caller's clock. A SQLite database is only
-/// shared by the processes of one host, so that host's wall clock is the engine's clock.
-fn wall_clock_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
-
-pub struct SqliteEngine {
-    path: PathBuf,
-    writer: Mutex<Connection>,
-    readers: Mutex<Vec<Connection>>,
+pub struct SqlEngine {
+    db: Database,
     /// Format-time parameters, fixed once formatted.
     volume: OnceLock<VolumeInfo>,
     /// Held across the database update of a first open or last close, so that concurrent opens
     /// of one inode see it recorded before they return.
     open_files: Mutex<OpenFiles>,
-    /// Write transactions committed, and how many of them the last WAL fsync covered.
-    commits: AtomicU64,
-    synced: AtomicU64,
-    sync_lock: Mutex<()>,
     /// Stamped on every change this engine commits.
     origin: u64,
-    /// Only polls `PRAGMA data_version`, which changes when any other connection (this
-    /// process's writer included) commits.
-    watcher: Mutex<Connection>,
+    /// The key of the volume's change notifications and of the lock that orders its change log.
+    changes_key: String,
+    watch: ChangeWatch,
+}
+
+/// How a waiter learns that another engine may have committed.
+enum ChangeWatch {
+    /// `PRAGMA data_version` of a connection of its own.
+    Sqlite(cellar_sql::SqliteWatch),
+    /// This process's LISTEN connection's signal for the volume.
+    Postgres(Arc<cellar_sql::Signal>),
 }
 
 /// Opens of inodes by this engine's caller: the first records the open in the database (where
 /// every mount's unlink sees it), the last removes it.
 type OpenFiles = HashMap<Ino, u32>;
 
-impl SqliteEngine {
-    /// Opens (creating the file and its parent directories if missing) and migrates the database.
-    pub fn open(path: &Path) -> Result<SqliteEngine> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                MetaError::Engine(format!(
-                    "cannot create directory {} for the metadata database: {e}",
-                    dir.display()
-                ))
-            })?;
-        }
-        let mut writer = connect(path)?;
-        schema::migrate(&mut writer, schema::MIGRATIONS)?;
-        // The WAL's directory entry must be durable before `sync` relies on fsyncing the WAL.
-        if let Some(dir) = path.parent() {
-            sync_path(dir)?;
-        }
-        let watcher = connect(path)?;
-        Ok(SqliteEngine {
-            origin: uuid::Uuid::new_v4().as_u64_pair().0,
-            watcher: Mutex::new(watcher),
-            path: path.to_path_buf(),
-            writer: Mutex::new(writer),
-            readers: Mutex::new(Vec::new()),
+/// The schema of a volume of a PostgreSQL database.
+fn volume_schema(volume: &str) -> Result<String> {
+    let valid = !volume.is_empty()
+        && volume.len() <= MAX_VOLUME_ID
+        && volume
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(MetaError::UnsupportedUrl(format!(
+            "volume id {volume:?}: expected 1 to {MAX_VOLUME_ID} letters, digits, '-' or '_'"
+        )));
+    }
+    Ok(format!("vol_{volume}"))
+}
+
+fn volume_of(url: &PgUrl) -> Result<&str> {
+    url.volume().ok_or_else(|| {
+        MetaError::UnsupportedUrl(format!(
+            "{}: add ?volume=ID (one database holds many volumes)",
+            url.redacted()
+        ))
+    })
+}
+
+/// Drops the metadata of the PostgreSQL volume named by `url` (its schema), if any.
+pub fn destroy_postgres(url: &PgUrl) -> Result<()> {
+    let schema = volume_schema(volume_of(url)?)?;
+    Ok(cellar_sql::destroy_schema(url, &schema)?)
+}
+
+impl SqlEngine {
+    /// Opens (creating the file and its parent directories if missing) and migrates a SQLite
+    /// database.
+    pub fn open_sqlite(path: &Path) -> Result<SqlEngine> {
+        let db = Database::open_sqlite(path)?;
+        let watch = db
+            .sqlite_watch()
+            .expect("a SQLite database has a data version")?;
+        SqlEngine::new(db, String::new(), ChangeWatch::Sqlite(watch))
+    }
+
+    /// Opens the volume `?volume=ID` of a PostgreSQL database (`postgres://USER:PASS@HOST:PORT/DB`)
+    /// through this process's pool for that database, creating and migrating its schema
+    /// `vol_ID` if needed.
+    pub fn open_postgres(url: &PgUrl) -> Result<SqlEngine> {
+        let schema = volume_schema(volume_of(url)?)?;
+        let db = Database::open_postgres(url, Some(&schema))?;
+        let listener = db
+            .pg_listener()
+            .expect("a PostgreSQL database has a listener");
+        let signal = listener.subscribe(&schema);
+        SqlEngine::new(db, schema, ChangeWatch::Postgres(signal))
+    }
+
+    fn new(db: Database, changes_key: String, watch: ChangeWatch) -> Result<SqlEngine> {
+        db.migrate(&schema::MIGRATIONS)?;
+        Ok(SqlEngine {
+            db,
             volume: OnceLock::new(),
             open_files: Mutex::new(OpenFiles::new()),
-            commits: AtomicU64::new(0),
-            synced: AtomicU64::new(0),
-            sync_lock: Mutex::new(()),
+            origin: rand::random(),
+            changes_key,
+            watch,
         })
     }
 
-    /// Runs `f` as one writing transaction (`BEGIN IMMEDIATE`) that ends by appending what it
-    /// changed to the change log; rolls back if it fails.
-    fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
-        let mut conn = self.writer.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = {
-            let changes = Tx::new(&tx);
+    /// Runs `f` as one writing transaction that ends by appending what it changed to the change
+    /// log; rolls back if it fails (PostgreSQL: re-runs it if it lost a race).
+    fn write<T>(&self, mut f: impl FnMut(&Tx<'_, '_>) -> Result<T>) -> Result<T> {
+        self.db.write(|tx| {
+            let changes = Tx::new(tx);
             let out = f(&changes)?;
-            changes.record(self.origin)?;
-            out
-        };
-        tx.commit()?;
-        self.commits.fetch_add(1, Ordering::SeqCst);
-        Ok(out)
+            changes.record(self.origin, &self.changes_key)?;
+            Ok(out)
+        })
     }
 
     /// Runs `f` as one read transaction: a consistent snapshot across its statements.
-    fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
-        let pooled = self.readers.lock().pop();
-        let mut conn = match pooled {
-            Some(conn) => conn,
-            None => connect(&self.path)?,
-        };
-        let out = run_read(&mut conn, f);
-        let mut idle = self.readers.lock();
-        if idle.len() < IDLE_READERS {
-            idle.push(conn);
-        }
-        out
+    fn read<T>(&self, mut f: impl FnMut(&Tx<'_, '_>) -> Result<T>) -> Result<T> {
+        self.db.read(|tx| f(&Tx::new(tx)))
     }
 
     /// The volume's parameters (cached: they never change once formatted).
@@ -164,59 +170,52 @@ impl SqliteEngine {
         if let Some(volume) = self.volume.get() {
             return Ok(volume);
         }
-        let volume = self.read(namespace::stored_volume)?.ok_or_else(|| {
-            MetaError::Engine(format!("{} holds no formatted volume", self.path.display()))
-        })?;
+        let volume = self
+            .read(namespace::stored_volume)?
+            .ok_or_else(|| {
+                MetaError::Engine(format!("{} holds no formatted volume", self.db.describe()))
+            })?;
         Ok(self.volume.get_or_init(|| volume))
     }
 
-    fn data_version(&self) -> Result<i64> {
-        Ok(self
-            .watcher
-            .lock()
-            .query_row("PRAGMA data_version", [], |row| row.get(0))?)
+    /// Something that tells whether another commit may have happened since.
+    fn watch_mark(&self) -> Result<i64> {
+        match &self.watch {
+            ChangeWatch::Sqlite(watch) => Ok(watch.data_version()?),
+            ChangeWatch::Postgres(signal) => Ok(signal.generation() as i64),
+        }
+    }
+
+    /// Waits until the mark moved past `mark`, or `deadline`.
+    fn wait_past(&self, mark: i64, deadline: Instant) -> Result<()> {
+        match &self.watch {
+            ChangeWatch::Sqlite(watch) => loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || watch.data_version()? != mark {
+                    return Ok(());
+                }
+                std::thread::sleep(left.min(CHANGE_POLL));
+            },
+            ChangeWatch::Postgres(signal) => {
+                signal.wait_past(mark as u64, deadline);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs raw SQL in a write transaction (tests corrupt the metadata with it).
+    #[cfg(test)]
+    fn raw(&self, sql: &str) -> Result<usize> {
+        self.db.write(|tx| Ok(tx.execute(sql, ())?))
+    }
+
+    #[cfg(test)]
+    fn schema_version(&self) -> Result<i64> {
+        Ok(self.db.schema_version()?)
     }
 }
 
-fn run_read<T>(conn: &mut Connection, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-    let out = f(&Tx::new(&tx))?;
-    tx.commit()?;
-    Ok(out)
-}
-
-fn sync_path(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .and_then(|file| file.sync_all())
-        .map_err(|e| MetaError::Engine(format!("cannot fsync {}: {e}", path.display())))
-}
-
-fn connect(path: &Path) -> Result<Connection> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-        MetaError::Engine(format!(
-            "cannot open metadata database {}: {e}",
-            path.display()
-        ))
-    })?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    let mode: String =
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(MetaError::Engine(format!(
-            "{} cannot use WAL mode (got {mode})",
-            path.display()
-        )));
-    }
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "foreign_keys", true)?;
-    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    Ok(conn)
-}
-
-impl MetaEngine for SqliteEngine {
+impl MetaEngine for SqlEngine {
     fn format(&self, volume: &VolumeInfo) -> Result<VolumeInfo> {
         self.write(|tx| namespace::format(tx, volume))
     }
@@ -230,15 +229,15 @@ impl MetaEngine for SqliteEngine {
     }
 
     fn heartbeat(&self, session: SessionId) -> Result<()> {
-        self.write(|tx| namespace::heartbeat(tx, session, wall_clock_ns()))
+        self.write(|tx| namespace::heartbeat(tx, session, tx.now_ns()?))
     }
 
     fn live_sessions(&self, max_age_ns: i64) -> Result<Vec<SessionId>> {
-        self.read(|tx| namespace::live_sessions(tx, wall_clock_ns(), max_age_ns))
+        self.read(|tx| namespace::live_sessions(tx, tx.now_ns()?, max_age_ns))
     }
 
     fn try_lease(&self, name: &str, session: SessionId, ttl_ns: i64) -> Result<bool> {
-        self.write(|tx| namespace::try_lease(tx, name, session, ttl_ns, wall_clock_ns()))
+        self.write(|tx| namespace::try_lease(tx, name, session, ttl_ns, tx.now_ns()?))
     }
 
     fn open_file(&self, session: SessionId, ino: Ino) -> Result<Attr> {
@@ -262,18 +261,18 @@ impl MetaEngine for SqliteEngine {
             }
             Some(_) => {
                 open.remove(&ino);
-                self.write(|tx| namespace::close_file(tx, session, ino, wall_clock_ns()))
+                self.write(|tx| namespace::close_file(tx, session, ino, tx.now_ns()?))
             }
             None => Ok(()),
         }
     }
 
     fn close_session(&self, session: SessionId) -> Result<()> {
-        self.write(|tx| namespace::close_session(tx, session, wall_clock_ns()))
+        self.write(|tx| namespace::close_session(tx, session, tx.now_ns()?))
     }
 
     fn reap_stale_sessions(&self, max_age_ns: i64, exclude: Option<SessionId>) -> Result<usize> {
-        self.write(|tx| namespace::reap_stale_sessions(tx, wall_clock_ns(), max_age_ns, exclude))
+        self.write(|tx| namespace::reap_stale_sessions(tx, tx.now_ns()?, max_age_ns, exclude))
     }
 
     fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
@@ -355,7 +354,7 @@ impl MetaEngine for SqliteEngine {
         chunks: std::ops::Range<u64>,
         known_version: Option<u64>,
     ) -> Result<Layout> {
-        self.read(|tx| data::read_layout(tx, ino, chunks, known_version))
+        self.read(|tx| data::read_layout(tx, ino, chunks.clone(), known_version))
     }
 
     fn read_chunk(&self, ino: Ino, chunk: u64) -> Result<Vec<Slice>> {
@@ -406,7 +405,7 @@ impl MetaEngine for SqliteEngine {
         expected: &[Slice],
         new: &[Slice],
     ) -> Result<bool> {
-        self.write(|tx| data::replace_chunk(tx, ino, chunk, expected, new, wall_clock_ns()))
+        self.write(|tx| data::replace_chunk(tx, ino, chunk, expected, new, tx.now_ns()?))
     }
 
     fn garbage_slices(&self, before_ns: i64, limit: usize) -> Result<Vec<GarbageSlice>> {
@@ -425,28 +424,17 @@ impl MetaEngine for SqliteEngine {
         self.read(data::slice_references)
     }
 
+    /// SQLite: fsyncs the WAL (group commit). PostgreSQL: nothing beyond COMMIT, which returns
+    /// once the server flushed the commit record (with the server's `synchronous_commit`).
     fn sync(&self) -> Result<()> {
-        let target = self.commits.load(Ordering::SeqCst);
-        let _syncing = self.sync_lock.lock();
-        if self.synced.load(Ordering::SeqCst) >= target {
-            return Ok(()); // another caller's fsync, started after our commit, covered it
-        }
-        let covered = self.commits.load(Ordering::SeqCst);
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        let wal = PathBuf::from(wal);
-        // Without a WAL (never written, or removed at the last close) everything is in the
-        // database file itself.
-        sync_path(if wal.exists() { &wal } else { &self.path })?;
-        self.synced.store(covered, Ordering::SeqCst);
-        Ok(())
+        Ok(self.db.sync()?)
     }
 
     fn check(&self, repair: bool) -> Result<Vec<String>> {
         if repair {
-            self.write(|tx| check::check(tx, true, wall_clock_ns()))
+            self.write(|tx| check::check(tx, true, tx.now_ns()?))
         } else {
-            self.read(|tx| check::check(tx, false, wall_clock_ns()))
+            self.read(|tx| check::check(tx, false, tx.now_ns()?))
         }
     }
 
@@ -475,23 +463,14 @@ impl MetaEngine for SqliteEngine {
     }
 
     fn wait_for_changes(&self, after: u64, timeout: Duration) -> Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
-            // Read the version before the log: a commit after this read changes the version.
-            let version = self.data_version()?;
-            if self.last_change()? > after {
+            // The mark before the log: a commit after this read moves the mark.
+            let mark = self.watch_mark()?;
+            if self.last_change()? > after || Instant::now() >= deadline {
                 return Ok(());
             }
-            loop {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return Ok(());
-                }
-                std::thread::sleep(left.min(CHANGE_POLL));
-                if self.data_version()? != version {
-                    break;
-                }
-            }
+            self.wait_past(mark, deadline)?;
         }
     }
 
