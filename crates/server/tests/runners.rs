@@ -114,7 +114,7 @@ async fn start_server() -> TestServer {
 async fn wait_for_runners(server: &TestServer, names: &[&str], state: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let runners = cellar_server::admin_list_runners(server.dir.path()).unwrap();
+        let runners = server.admin(cellar_server::admin_list_runners).unwrap();
         let ready = names.iter().all(|name| {
             runners
                 .iter()
@@ -178,8 +178,9 @@ async fn destroy_all(server: &TestServer, sandboxes: &[String]) {
 #[tokio::test]
 async fn sandboxes_spread_pin_and_survive_a_lost_runner() {
     let server = start_server().await;
-    let (_, token) =
-        cellar_server::admin_create_runner_token(server.dir.path(), "test runners").unwrap();
+    let (_, token) = server
+        .admin(|c| cellar_server::admin_create_runner_token(c, "test runners"))
+        .unwrap();
     let dirs = tempfile::tempdir().unwrap();
     std::fs::create_dir(dirs.path().join("a")).unwrap();
     std::fs::create_dir(dirs.path().join("b")).unwrap();
@@ -400,8 +401,9 @@ async fn sandboxes_spread_pin_and_survive_a_lost_runner() {
 async fn runner_tokens_are_checked_and_revocable() {
     let server = start_server().await;
     let dirs = tempfile::tempdir().unwrap();
-    let (token_id, token) =
-        cellar_server::admin_create_runner_token(server.dir.path(), "revocable").unwrap();
+    let (token_id, token) = server
+        .admin(|c| cellar_server::admin_create_runner_token(c, "revocable"))
+        .unwrap();
 
     // A wrong token never joins, and the runner says why without echoing it.
     std::fs::create_dir(dirs.path().join("wrong")).unwrap();
@@ -413,7 +415,8 @@ async fn runner_tokens_are_checked_and_revocable() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!wrong.log().contains(wrong_token), "{}", wrong.log());
-    assert!(cellar_server::admin_list_runners(server.dir.path())
+    assert!(server
+        .admin(cellar_server::admin_list_runners)
         .unwrap()
         .iter()
         .all(|runner| runner.id != "wrong"));
@@ -444,14 +447,20 @@ async fn runner_tokens_are_checked_and_revocable() {
     let sandbox = create(&server, json!({})).await;
     assert_eq!(sandbox["runnerId"], "r");
 
-    let tokens = cellar_server::admin_list_runner_tokens(server.dir.path()).unwrap();
+    let tokens = server
+        .admin(cellar_server::admin_list_runner_tokens)
+        .unwrap();
     assert_eq!(tokens.len(), 1);
     assert_eq!(tokens[0].revoked_at, None);
     assert_eq!(
-        cellar_server::admin_revoke_runner_token(server.dir.path(), &token_id).unwrap(),
+        server
+            .admin(|c| cellar_server::admin_revoke_runner_token(c, &token_id))
+            .unwrap(),
         1
     );
-    assert!(cellar_server::admin_revoke_runner_token(server.dir.path(), &token_id).is_err());
+    assert!(server
+        .admin(|c| cellar_server::admin_revoke_runner_token(c, &token_id))
+        .is_err());
     // Its heartbeats are refused from now on: the runner and its sandbox are lost.
     let lost = server
         .wait_for(&format!("/api/sandbox/{}", id(&sandbox)), "state", "error")
@@ -463,7 +472,9 @@ async fn runner_tokens_are_checked_and_revocable() {
     wait_for_runners(&server, &["r"], "lost").await;
 
     // A new token brings it back; the sandbox is started again.
-    let (_, renewed) = cellar_server::admin_create_runner_token(server.dir.path(), "new").unwrap();
+    let (_, renewed) = server
+        .admin(|c| cellar_server::admin_create_runner_token(c, "new"))
+        .unwrap();
     drop(runner);
     let runner = RunnerProcess::start(&server, "r", &renewed, &dirs.path().join("r"));
     server

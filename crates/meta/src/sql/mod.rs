@@ -170,11 +170,9 @@ impl SqlEngine {
         if let Some(volume) = self.volume.get() {
             return Ok(volume);
         }
-        let volume = self
-            .read(namespace::stored_volume)?
-            .ok_or_else(|| {
-                MetaError::Engine(format!("{} holds no formatted volume", self.db.describe()))
-            })?;
+        let volume = self.read(namespace::stored_volume)?.ok_or_else(|| {
+            MetaError::Engine(format!("{} holds no formatted volume", self.db.describe()))
+        })?;
         Ok(self.volume.get_or_init(|| volume))
     }
 
