@@ -489,3 +489,107 @@ async fn runner_tokens_are_checked_and_revocable() {
     drop(runner);
     server.stop().await;
 }
+
+/// With PostgreSQL, volumes are mounted on any runner: one volume, sandboxes on two runners
+/// ("hosts"), written on one, read on the other. The mount daemons get the metadata URL (which
+/// holds the database password) through their environment, never their command line.
+#[tokio::test]
+async fn with_postgres_a_volume_is_shared_by_sandboxes_on_two_runners() {
+    let server = TestServer::start_on_with(common::Control::Postgres, |config| {
+        config.embedded_runner = false;
+        config.runner_timeout = RUNNER_TIMEOUT;
+    })
+    .await;
+    let (_, token) = server
+        .admin(|c| cellar_server::admin_create_runner_token(c, "pg runners"))
+        .unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dirs.path().join("a")).unwrap();
+    std::fs::create_dir(dirs.path().join("b")).unwrap();
+    let a = RunnerProcess::start(&server, "a", &token, &dirs.path().join("a"));
+    let b = RunnerProcess::start(&server, "b", &token, &dirs.path().join("b"));
+    wait_for_runners(&server, &["a", "b"], "live").await;
+
+    let volume = server.create_volume("shared").await;
+    let mount = |runner: &str| {
+        json!({
+            "volumes": [{ "volumeId": "shared", "mountPath": "/home/daytona/shared" }],
+            "labels": { "cellar.io/runner": runner }
+        })
+    };
+    let writer = create(&server, mount("a")).await;
+    let reader = create(&server, mount("b")).await;
+    assert_eq!(
+        (writer["runnerId"].as_str(), reader["runnerId"].as_str()),
+        (Some("a"), Some("b"))
+    );
+    assert_eq!(
+        exec(
+            &server,
+            &id(&writer),
+            "echo across hosts > shared/note && sync"
+        )
+        .await
+        .0,
+        0
+    );
+    assert_eq!(
+        exec(&server, &id(&reader), "cat shared/note").await,
+        (0, "across hosts\n".to_string())
+    );
+    // Unpinned sandboxes with volumes are scheduled on remote runners too.
+    let third = create(
+        &server,
+        json!({ "volumes": [{ "volumeId": volume["id"], "mountPath": "/v" }] }),
+    )
+    .await;
+    assert_eq!(
+        exec(&server, &id(&third), "cat /v/note").await.1,
+        "across hosts\n"
+    );
+
+    let password = url::Url::parse(&server.config.database.as_ref().unwrap().0)
+        .unwrap()
+        .password()
+        .unwrap()
+        .to_string();
+    let mut daemons = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(" mount ") && cmdline.contains(&dirs.path().display().to_string()) {
+            daemons += 1;
+            assert!(!cmdline.contains(&password), "{cmdline}");
+            assert!(!cmdline.contains("postgres://"), "{cmdline}");
+        }
+    }
+    assert!(daemons >= 2, "a mount daemon on each runner");
+    for runner in [&a, &b] {
+        assert!(!runner.log().contains(&password));
+        // The mount daemons' logs too.
+        for entry in std::fs::read_dir(runner.dir.join("runner/mounts")).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|ext| ext == "log") {
+                let log = std::fs::read_to_string(entry.path()).unwrap();
+                assert!(!log.contains(&password), "{log}");
+            }
+        }
+    }
+
+    destroy_all(&server, &[id(&writer), id(&reader), id(&third)]).await;
+    let (status, body) = server
+        .delete(&format!("/api/volumes/{}", volume["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server
+        .wait_for(
+            &format!("/api/volumes/{}", volume["id"].as_str().unwrap()),
+            "state",
+            "deleted",
+        )
+        .await;
+    assert!(!server.has_volume_metadata(volume["id"].as_str().unwrap()));
+    drop((a, b));
+    server.stop().await;
+}
