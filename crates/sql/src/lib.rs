@@ -20,7 +20,7 @@ mod value;
 use std::cell::{Cell, RefCell};
 use std::path::Path;
 
-pub use postgres_db::{destroy_schema, redact, PgListener, PgUrl, Signal};
+pub use postgres_db::{destroy_schema, redact, PgListener, PgUrl, Signal, LISTENER_NAME};
 pub use sqlite_db::SqliteWatch;
 pub use value::{ColumnIndex, FromValue, Params, Row, ToValue, Value};
 

@@ -27,6 +27,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 const CHANNEL: &str = "cellar_changes";
 /// The listener checks that its quiet connection still works this often.
 const LISTENER_PING: Duration = Duration::from_secs(2);
+/// The listener's `application_name` (operators find it in `pg_stat_activity`).
+pub const LISTENER_NAME: &str = "cellar-listen";
 /// `subscribe` waits this long for the listener's first connection.
 const LISTENER_START: Duration = Duration::from_secs(10);
 
@@ -566,7 +568,8 @@ pub struct PgListener {
 }
 
 impl PgListener {
-    fn start(config: postgres::Config, redacted: String) -> Arc<PgListener> {
+    fn start(mut config: postgres::Config, redacted: String) -> Arc<PgListener> {
+        config.application_name(LISTENER_NAME);
         let listener = Arc::new(PgListener {
             signals: Mutex::default(),
             connected: Mutex::new(false),
