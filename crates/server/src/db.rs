@@ -764,7 +764,7 @@ impl ControlDb {
         );
         self.write(|tx| {
             let mut args = params![id, to, error, now()].to_vec();
-            args.extend(from.iter().map(|s| cellar_sql::ToValue::to_value(s)));
+            args.extend(from.iter().map(cellar_sql::ToValue::to_value));
             Ok(tx.execute(&sql, args)? > 0)
         })
     }

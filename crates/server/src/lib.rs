@@ -193,7 +193,7 @@ fn export_file_credentials(config: &ServerConfig) {
 }
 
 fn admin_db(config: &ServerConfig) -> anyhow::Result<ControlDb> {
-    Ok(ControlDb::open(&config.control_location()?).context("opening the control database")?)
+    ControlDb::open(&config.control_location()?).context("opening the control database")
 }
 
 /// `cellar admin org create NAME`: returns the new organisation's id.

@@ -361,14 +361,14 @@ impl Services {
             let _ = self.start_sandbox(sandbox).await;
         }
         if let Some(RunnerHandle::Embedded(runner)) = self.runners.get(EMBEDDED_RUNNER).as_deref() {
-            let running = runner.running_ids();
             const SETTLED: [&[&str]; 2] = [&[sandbox_state::STARTED], &[sandbox_state::LOST]];
             for from in SETTLED {
                 let listed = db
                     .run(move |db| db.sandboxes_on_runner(EMBEDDED_RUNNER, from[0]))
                     .await?;
                 for sandbox in listed {
-                    let (to, reason) = if running.contains(&sandbox.id) {
+                    // Asked after listing: a sandbox started meanwhile is running by now.
+                    let (to, reason) = if runner.is_running(&sandbox.id) {
                         (sandbox_state::STARTED, None)
                     } else {
                         let reason = "the sandbox is no longer running (its host restarted)";

@@ -569,7 +569,10 @@ async fn with_postgres_a_volume_is_shared_by_sandboxes_on_two_runners() {
     for runner in [&a, &b] {
         assert!(!runner.log().contains(&password));
         // The mount daemons' logs too.
-        for entry in std::fs::read_dir(runner.dir.join("runner/mounts")).unwrap().flatten() {
+        for entry in std::fs::read_dir(runner.dir.join("runner/mounts"))
+            .unwrap()
+            .flatten()
+        {
             if entry.path().extension().is_some_and(|ext| ext == "log") {
                 let log = std::fs::read_to_string(entry.path()).unwrap();
                 assert!(!log.contains(&password), "{log}");
