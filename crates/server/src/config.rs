@@ -25,6 +25,18 @@ pub struct ConfigOverrides {
     /// `Some(false)`: run without the embedded runner (`--no-embedded-runner`).
     pub embedded_runner: Option<bool>,
     pub runner_timeout: Option<std::time::Duration>,
+    /// `postgres://...`: control state and volume metadata in PostgreSQL.
+    pub database: Option<String>,
+}
+
+/// A database URL; it may hold a password, so Debug shows it redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&cellar_sql::redact(&self.0))
+    }
 }
 
 /// The TOML file (every key optional).
@@ -39,6 +51,7 @@ struct ConfigFile {
     embedded_runner: Option<bool>,
     /// E.g. "10s".
     runner_timeout: Option<String>,
+    database: Option<String>,
     s3: Option<S3Credentials>,
 }
 
@@ -77,6 +90,9 @@ pub struct ServerConfig {
     pub runner_capacity: u32,
     /// A runner without a heartbeat for this long is lost, and so are its sandboxes.
     pub runner_timeout: std::time::Duration,
+    /// PostgreSQL database of the control state and of every volume's metadata; `None`: SQLite
+    /// files in the data directory.
+    pub database: Option<DatabaseUrl>,
 }
 
 impl ServerConfig {
@@ -138,7 +154,21 @@ impl ServerConfig {
                 None => DEFAULT_RUNNER_TIMEOUT,
             },
         };
+        let database = flags
+            .database
+            .or_else(|| env("CELLAR_DATABASE"))
+            .or(file.database)
+            .map(DatabaseUrl);
+        if let Some(url) = &database {
+            if !(url.0.starts_with("postgres://") || url.0.starts_with("postgresql://")) {
+                anyhow::bail!(
+                    "the database {:?} is not a postgres:// URL (leave it unset for SQLite in the data directory)",
+                    url
+                );
+            }
+        }
         Ok(ServerConfig {
+            database,
             listen,
             data_dir,
             store_url,
@@ -168,6 +198,7 @@ impl ServerConfig {
             embedded_runner: true,
             runner_capacity: DEFAULT_RUNNER_CAPACITY,
             runner_timeout: DEFAULT_RUNNER_TIMEOUT,
+            database: None,
         }
     }
 
@@ -193,6 +224,16 @@ impl ServerConfig {
             }
         }
         vars
+    }
+}
+
+impl ServerConfig {
+    /// Where the control state lives.
+    pub(crate) fn control_location(&self) -> anyhow::Result<crate::db::Location> {
+        Ok(crate::db::Location::new(
+            &self.data_dir,
+            self.database.as_ref().map(|url| url.0.as_str()),
+        )?)
     }
 }
 

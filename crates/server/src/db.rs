@@ -1,14 +1,18 @@
-//! The control database (SQLite, `<data>/control.db`): organisations, API keys, volumes,
-//! sandboxes, runners and runner tokens.
+//! The control database: organisations, API keys, volumes, sandboxes, runners and runner
+//! tokens. SQLite (`<data dir>/control.db`) by default, or PostgreSQL (`--database
+//! postgres://...`, the schema `cellar_control`): one implementation over `cellar_sql` serves
+//! both. On PostgreSQL a writing transaction is SERIALIZABLE and may be run again after losing a
+//! race, so every closure passed to `write` is re-runnable.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use cellar_sql::{params, Database, Migrations, OptionalExtension, PgUrl, Row, Tx};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
+/// Schema versions, applied in order (`schema_migrations` records them). The statements are
+/// valid in both dialects.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE orgs (
@@ -65,7 +69,7 @@ CREATE TABLE runners (
     capacity INTEGER NOT NULL,
     state TEXT NOT NULL,
     running INTEGER NOT NULL,
-    last_heartbeat_ms INTEGER NOT NULL,
+    last_heartbeat_ms BIGINT NOT NULL,
     token_id TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
@@ -227,7 +231,7 @@ pub enum HeartbeatOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("{0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(#[from] cellar_sql::Error),
     #[error("stored sandbox settings are not valid JSON: {0}")]
     Settings(#[from] serde_json::Error),
     #[error("{0}")]
@@ -251,9 +255,40 @@ pub enum DeleteVolume {
     NotFound,
 }
 
+/// Where the control state lives.
+#[derive(Clone, Debug)]
+pub enum Location {
+    /// `<data dir>/control.db`.
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database (its URL may hold a password: Debug shows it redacted).
+    Postgres(PgUrl),
+}
+
+impl Location {
+    /// `database` (`postgres://...`) if given, else the SQLite file of the data directory.
+    pub fn new(data_dir: &Path, database: Option<&str>) -> DbResult<Location> {
+        match database {
+            None => Ok(Location::Sqlite(data_dir.join("control.db"))),
+            Some(url) => {
+                let url = PgUrl::parse(url)?;
+                if url.volume().is_some() {
+                    return Err(DbError::Invalid(format!(
+                        "--database {} must not name a volume",
+                        url.redacted()
+                    )));
+                }
+                Ok(Location::Postgres(url))
+            }
+        }
+    }
+}
+
+/// The schema of the control tables in a PostgreSQL database (volumes have `vol_<id>`).
+pub const CONTROL_SCHEMA: &str = "cellar_control";
+
 #[derive(Clone)]
 pub struct ControlDb {
-    conn: Arc<Mutex<Connection>>,
+    db: Arc<Database>,
 }
 
 pub fn now() -> String {
@@ -290,7 +325,7 @@ pub fn now_ms() -> i64 {
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn volume_from_row(row: &Row<'_>) -> rusqlite::Result<VolumeRow> {
+fn volume_from_row(row: &Row) -> cellar_sql::Result<VolumeRow> {
     Ok(VolumeRow {
         id: row.get(0)?,
         org_id: row.get(1)?,
@@ -303,36 +338,56 @@ fn volume_from_row(row: &Row<'_>) -> rusqlite::Result<VolumeRow> {
     })
 }
 
+/// Collects mapped rows.
+fn collect<T>(rows: std::vec::IntoIter<cellar_sql::Result<T>>) -> DbResult<Vec<T>> {
+    Ok(rows.collect::<cellar_sql::Result<Vec<T>>>()?)
+}
+
 impl ControlDb {
-    /// Opens (creating and migrating) `<data_dir>/control.db`.
-    pub fn open(data_dir: &Path) -> DbResult<ControlDb> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            DbError::Invalid(format!(
-                "cannot create data directory {}: {e}",
-                data_dir.display()
-            ))
+    /// Opens (creating and migrating) the control database.
+    pub fn open(location: &Location) -> DbResult<ControlDb> {
+        let db = match location {
+            Location::Sqlite(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        DbError::Invalid(format!(
+                            "cannot create data directory {}: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                }
+                let db = Database::open_sqlite(path)?;
+                adopt_user_version(&db)?;
+                db
+            }
+            Location::Postgres(url) => Database::open_postgres(url, Some(CONTROL_SCHEMA))?,
+        };
+        db.migrate(&Migrations {
+            sqlite: MIGRATIONS,
+            postgres: MIGRATIONS,
         })?;
-        let mut conn = Connection::open(data_dir.join("control.db"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "foreign_keys", true)?;
-        let applied: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        for (version, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
-            let tx = conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", version + 1)?;
-            tx.commit()?;
-        }
-        Ok(ControlDb {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(ControlDb { db: Arc::new(db) })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite half-written (transactions roll back).
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Runs `work` on a blocking thread: the database calls block (PostgreSQL's client must
+    /// never run on an async worker).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&ControlDb) -> DbResult<T> + Send + 'static,
+    ) -> DbResult<T> {
+        let db = self.clone();
+        match tokio::task::spawn_blocking(move || work(&db)).await {
+            Ok(result) => result,
+            Err(e) => Err(DbError::Invalid(format!("database task failed: {e}"))),
+        }
+    }
+
+    fn write<T>(&self, f: impl FnMut(&Tx<'_>) -> DbResult<T>) -> DbResult<T> {
+        self.db.write(f)
+    }
+
+    fn read<T>(&self, f: impl FnMut(&Tx<'_>) -> DbResult<T>) -> DbResult<T> {
+        self.db.read(f)
     }
 
     // ---- organisations and keys ----
@@ -343,114 +398,135 @@ impl ControlDb {
                 "organization name must not be empty".into(),
             ));
         }
-        let conn = self.lock();
-        let id = new_id();
-        unique_insert(
-            conn.execute(
+        self.write(|tx| {
+            ensure_free(
+                tx,
+                "SELECT count(*) FROM orgs WHERE name = ?1",
+                params![name],
+                || format!("organization {name:?} already exists"),
+            )?;
+            let id = new_id();
+            tx.execute(
                 "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)",
                 params![id, name, now()],
-            ),
-            || format!("organization {name:?} already exists"),
-        )?;
-        Ok(id)
+            )?;
+            Ok(id)
+        })
     }
 
     pub fn org_id_by_name(&self, name: &str) -> DbResult<Option<String>> {
-        let conn = self.lock();
-        Ok(conn
-            .query_row("SELECT id FROM orgs WHERE name = ?1", [name], |r| r.get(0))
-            .optional()?)
+        self.read(|tx| {
+            Ok(tx
+                .query_row("SELECT id FROM orgs WHERE name = ?1", params![name], |r| {
+                    r.get(0)
+                })
+                .optional()?)
+        })
     }
 
     /// Creates an API key for the organisation and returns it (only its hash is stored).
     pub fn create_key(&self, org_id: &str) -> DbResult<String> {
         let key = generate_key();
-        self.lock().execute(
-            "INSERT INTO api_keys (id, org_id, key_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![new_id(), org_id, hash_key(&key), now()],
-        )?;
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO api_keys (id, org_id, key_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![new_id(), org_id, hash_key(&key), now()],
+            )?;
+            Ok(())
+        })?;
         Ok(key)
     }
 
     pub fn org_for_key(&self, key: &str) -> DbResult<Option<String>> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT org_id FROM api_keys WHERE key_hash = ?1",
-                [hash_key(key)],
-                |r| r.get(0),
-            )
-            .optional()?)
+        let hash = hash_key(key);
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT org_id FROM api_keys WHERE key_hash = ?1",
+                    params![hash],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
     }
 
     /// On the very first start: the organisation `default` and a key for it (returned once).
     pub fn bootstrap(&self) -> DbResult<Option<String>> {
-        let orgs: i64 = self
-            .lock()
-            .query_row("SELECT count(*) FROM orgs", [], |r| r.get(0))?;
-        if orgs > 0 {
-            return Ok(None);
-        }
-        let org_id = self.create_org("default")?;
-        Ok(Some(self.create_key(&org_id)?))
+        let key = generate_key();
+        let created = self.write(|tx| {
+            let orgs: i64 = tx.query_row("SELECT count(*) FROM orgs", (), |r| r.get(0))?;
+            if orgs > 0 {
+                return Ok(false);
+            }
+            let org_id = new_id();
+            tx.execute(
+                "INSERT INTO orgs (id, name, created_at) VALUES (?1, 'default', ?2)",
+                params![org_id, now()],
+            )?;
+            tx.execute(
+                "INSERT INTO api_keys (id, org_id, key_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![new_id(), org_id, hash_key(&key), now()],
+            )?;
+            Ok(true)
+        })?;
+        Ok(created.then_some(key))
     }
 
     // ---- volumes ----
 
     /// Inserts a volume in state `creating`, enforcing the name's uniqueness and the quota.
     pub fn insert_volume(&self, org_id: &str, name: &str, quota: u32) -> DbResult<VolumeRow> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let live: i64 = tx.query_row(
-            "SELECT count(*) FROM volumes WHERE org_id = ?1 AND state <> 'deleted'",
-            [org_id],
-            |r| r.get(0),
-        )?;
-        if live >= i64::from(quota) {
-            return Err(DbError::Invalid(format!(
-                "volume quota exceeded: an organization may have at most {quota} volumes"
-            )));
-        }
-        let now = now();
-        let row = VolumeRow {
-            id: new_id(),
-            org_id: org_id.to_string(),
-            name: name.to_string(),
-            state: volume_state::CREATING.to_string(),
-            error_reason: None,
-            created_at: now.clone(),
-            updated_at: now,
-            last_used_at: None,
-        };
-        let inserted = tx.execute(
-            "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-            params![row.id, row.org_id, row.name, row.state, row.created_at],
-        );
-        unique_insert(inserted, || {
-            format!("volume with name {name:?} already exists")
-        })?;
-        tx.commit()?;
-        Ok(row)
+        self.write(|tx| {
+            let live: i64 = tx.query_row(
+                "SELECT count(*) FROM volumes WHERE org_id = ?1 AND state <> 'deleted'",
+                params![org_id],
+                |r| r.get(0),
+            )?;
+            if live >= i64::from(quota) {
+                return Err(DbError::Invalid(format!(
+                    "volume quota exceeded: an organization may have at most {quota} volumes"
+                )));
+            }
+            ensure_free(
+                tx,
+                "SELECT count(*) FROM volumes WHERE org_id = ?1 AND name = ?2 AND state <> 'deleted'",
+                params![org_id, name],
+                || format!("volume with name {name:?} already exists"),
+            )?;
+            let now = now();
+            let row = VolumeRow {
+                id: new_id(),
+                org_id: org_id.to_string(),
+                name: name.to_string(),
+                state: volume_state::CREATING.to_string(),
+                error_reason: None,
+                created_at: now.clone(),
+                updated_at: now,
+                last_used_at: None,
+            };
+            tx.execute(
+                "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                params![row.id, row.org_id, row.name, row.state, row.created_at],
+            )?;
+            Ok(row)
+        })
     }
 
     pub fn volume(&self, org_id: &str, id: &str) -> DbResult<Option<VolumeRow>> {
-        let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND id = ?2");
-        Ok(self
-            .lock()
-            .query_row(&sql, [org_id, id], volume_from_row)
-            .optional()?)
+        self.read(|tx| volume_by_id(tx, org_id, id))
     }
 
     /// The volume with this name that is not deleted.
     pub fn volume_by_name(&self, org_id: &str, name: &str) -> DbResult<Option<VolumeRow>> {
-        let sql = format!(
-            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND name = ?2 AND state <> 'deleted'"
-        );
-        Ok(self
-            .lock()
-            .query_row(&sql, [org_id, name], volume_from_row)
-            .optional()?)
+        self.read(|tx| {
+            let sql = format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND name = ?2 AND state <> 'deleted'"
+            );
+            Ok(tx
+                .query_row(&sql, params![org_id, name], volume_from_row)
+                .optional()?)
+        })
     }
 
     /// A volume by id, else by (live) name.
@@ -470,121 +546,62 @@ impl ControlDb {
         let sql = format!(
             "SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1{filter} ORDER BY created_at, id"
         );
-        let conn = self.lock();
-        let mut stmt = conn.prepare(&sql)?;
-        let rows = stmt.query_map([org_id], volume_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.read(|tx| collect(tx.query_map(&sql, params![org_id], volume_from_row)?))
     }
 
     /// Volumes of every organisation in one of these states (for the reconciler).
     pub fn volumes_in_states(&self, states: &[&str]) -> DbResult<Vec<VolumeRow>> {
         let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE state = ?1");
-        let conn = self.lock();
-        let mut stmt = conn.prepare(&sql)?;
-        let mut volumes = Vec::new();
-        for state in states {
-            for row in stmt.query_map([state], volume_from_row)? {
-                volumes.push(row?);
+        self.read(|tx| {
+            let mut volumes = Vec::new();
+            for state in states {
+                volumes.extend(collect(tx.query_map(
+                    &sql,
+                    params![state],
+                    volume_from_row,
+                )?)?);
             }
-        }
-        Ok(volumes)
+            Ok(volumes)
+        })
     }
 
     /// Marks a volume pending_delete unless a sandbox that is not being destroyed mounts it.
     pub fn begin_volume_delete(&self, org_id: &str, id: &str) -> DbResult<DeleteVolume> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND id = ?2");
-        let Some(mut volume) = tx
-            .query_row(&sql, [org_id, id], volume_from_row)
-            .optional()?
-        else {
-            return Ok(DeleteVolume::NotFound);
-        };
-        if volume.state == volume_state::DELETED {
-            return Ok(DeleteVolume::NotFound);
-        }
-        let users: Vec<String> = {
-            let mut stmt = tx.prepare(
+        self.write(|tx| {
+            let Some(mut volume) = volume_by_id(tx, org_id, id)? else {
+                return Ok(DeleteVolume::NotFound);
+            };
+            if volume.state == volume_state::DELETED {
+                return Ok(DeleteVolume::NotFound);
+            }
+            let users: Vec<String> = collect(tx.query_map(
                 "SELECT DISTINCT s.id FROM sandbox_volumes m JOIN sandboxes s ON s.id = m.sandbox_id \
                  WHERE m.volume_id = ?1 AND s.state NOT IN ('destroying', 'destroyed') ORDER BY s.id",
-            )?;
-            let ids = stmt.query_map([id], |r| r.get(0))?;
-            ids.collect::<Result<_, _>>()?
-        };
-        if !users.is_empty() {
-            return Ok(DeleteVolume::InUse(users));
-        }
-        if volume.state == volume_state::CREATING {
-            return Ok(DeleteVolume::Creating);
-        }
-        if matches!(
-            volume.state.as_str(),
-            volume_state::READY | volume_state::ERROR
-        ) {
-            volume.state = volume_state::PENDING_DELETE.to_string();
-            volume.updated_at = now();
-            tx.execute(
-                "UPDATE volumes SET state = ?2, updated_at = ?3 WHERE id = ?1",
-                params![volume.id, volume.state, volume.updated_at],
-            )?;
-        }
-        tx.commit()?;
-        Ok(DeleteVolume::Accepted(volume))
+                params![id],
+                |r| r.get(0),
+            )?)?;
+            if !users.is_empty() {
+                return Ok(DeleteVolume::InUse(users));
+            }
+            if volume.state == volume_state::CREATING {
+                return Ok(DeleteVolume::Creating);
+            }
+            if matches!(
+                volume.state.as_str(),
+                volume_state::READY | volume_state::ERROR
+            ) {
+                volume.state = volume_state::PENDING_DELETE.to_string();
+                volume.updated_at = now();
+                tx.execute(
+                    "UPDATE volumes SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                    params![volume.id, volume.state, volume.updated_at],
+                )?;
+            }
+            Ok(DeleteVolume::Accepted(volume))
+        })
     }
 
     // ---- sandboxes ----
-
-    fn load_mounts(conn: &Connection, sandbox_id: &str) -> DbResult<Vec<MountRow>> {
-        let mut stmt = conn.prepare(
-            "SELECT volume_id, mount_path, subpath, read_only FROM sandbox_volumes \
-             WHERE sandbox_id = ?1 ORDER BY position",
-        )?;
-        let rows = stmt.query_map([sandbox_id], |r| {
-            Ok(MountRow {
-                volume_id: r.get(0)?,
-                mount_path: r.get(1)?,
-                subpath: r.get(2)?,
-                read_only: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    fn query_sandboxes(
-        conn: &Connection,
-        condition: &str,
-        args: &[&dyn rusqlite::ToSql],
-    ) -> DbResult<Vec<SandboxRow>> {
-        let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {condition}");
-        let mut stmt = conn.prepare(&sql)?;
-        let raw: Vec<(SandboxRow, String)> = stmt
-            .query_map(args, |r| {
-                Ok((
-                    SandboxRow {
-                        id: r.get(0)?,
-                        org_id: r.get(1)?,
-                        name: r.get(2)?,
-                        state: r.get(3)?,
-                        error_reason: r.get(4)?,
-                        settings: SandboxSettings::default(),
-                        created_at: r.get(6)?,
-                        updated_at: r.get(7)?,
-                        mounts: Vec::new(),
-                        runner_id: r.get(8)?,
-                    },
-                    r.get::<_, String>(5)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
-        raw.into_iter()
-            .map(|(mut sandbox, settings)| {
-                sandbox.settings = serde_json::from_str(&settings)?;
-                sandbox.mounts = Self::load_mounts(conn, &sandbox.id)?;
-                Ok(sandbox)
-            })
-            .collect()
-    }
 
     /// Inserts a sandbox in state `creating` with its mounts, provided every volume is ready,
     /// scheduled on the least loaded live runner with room that `placement` allows. Choosing
@@ -597,99 +614,116 @@ impl ControlDb {
         mounts: &[MountRow],
         placement: &Placement<'_>,
     ) -> DbResult<SandboxRow> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let now = now();
-        for mount in mounts {
-            let state: Option<String> = tx
-                .query_row(
-                    "SELECT state FROM volumes WHERE id = ?1 AND org_id = ?2",
-                    [&mount.volume_id, org_id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if state.as_deref() != Some(volume_state::READY) {
-                return Err(DbError::Invalid(format!(
-                    "volume {} is not ready (state {})",
-                    mount.volume_id,
-                    state.as_deref().unwrap_or("deleted")
-                )));
+        let settings_json = serde_json::to_string(settings)?;
+        self.write(|tx| {
+            let now = now();
+            for mount in mounts {
+                let state: Option<String> = tx
+                    .query_row(
+                        "SELECT state FROM volumes WHERE id = ?1 AND org_id = ?2",
+                        params![mount.volume_id, org_id],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if state.as_deref() != Some(volume_state::READY) {
+                    return Err(DbError::Invalid(format!(
+                        "volume {} is not ready (state {})",
+                        mount.volume_id,
+                        state.as_deref().unwrap_or("deleted")
+                    )));
+                }
             }
-        }
-        let runner_id = choose_runner(&tx, placement, !mounts.is_empty())?;
-        for mount in mounts {
-            tx.execute(
-                "UPDATE volumes SET last_used_at = ?2 WHERE id = ?1",
-                params![mount.volume_id, now],
+            let runner_id = choose_runner(tx, placement, !mounts.is_empty())?;
+            for mount in mounts {
+                tx.execute(
+                    "UPDATE volumes SET last_used_at = ?2 WHERE id = ?1",
+                    params![mount.volume_id, now],
+                )?;
+            }
+            let id = new_id();
+            let name = name.unwrap_or(&id).to_string();
+            ensure_free(
+                tx,
+                "SELECT count(*) FROM sandboxes WHERE org_id = ?1 AND name = ?2 AND state <> 'destroyed'",
+                params![org_id, name],
+                || format!("sandbox with name {name:?} already exists"),
             )?;
-        }
-        let id = new_id();
-        let name = name.unwrap_or(&id).to_string();
-        let inserted = tx.execute(
-            "INSERT INTO sandboxes (id, org_id, name, state, settings, created_at, updated_at, runner_id) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
-            params![
+            tx.execute(
+                "INSERT INTO sandboxes (id, org_id, name, state, settings, created_at, updated_at, runner_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
+                params![
+                    id,
+                    org_id,
+                    name,
+                    sandbox_state::CREATING,
+                    settings_json,
+                    now,
+                    runner_id
+                ],
+            )?;
+            for (position, mount) in mounts.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO sandbox_volumes (sandbox_id, volume_id, mount_path, subpath, read_only, position) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![id, mount.volume_id, mount.mount_path, mount.subpath, mount.read_only, position],
+                )?;
+            }
+            Ok(SandboxRow {
                 id,
-                org_id,
+                org_id: org_id.to_string(),
                 name,
-                sandbox_state::CREATING,
-                serde_json::to_string(settings)?,
-                now,
-                runner_id
-            ],
-        );
-        unique_insert(inserted, || {
-            format!("sandbox with name {name:?} already exists")
-        })?;
-        for (position, mount) in mounts.iter().enumerate() {
-            tx.execute(
-                "INSERT INTO sandbox_volumes (sandbox_id, volume_id, mount_path, subpath, read_only, position) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, mount.volume_id, mount.mount_path, mount.subpath, mount.read_only, position as i64],
-            )?;
-        }
-        tx.commit()?;
-        Ok(SandboxRow {
-            id,
-            org_id: org_id.to_string(),
-            name,
-            state: sandbox_state::CREATING.to_string(),
-            error_reason: None,
-            settings: settings.clone(),
-            created_at: now.clone(),
-            updated_at: now,
-            mounts: mounts.to_vec(),
-            runner_id,
+                state: sandbox_state::CREATING.to_string(),
+                error_reason: None,
+                settings: settings.clone(),
+                created_at: now.clone(),
+                updated_at: now,
+                mounts: mounts.to_vec(),
+                runner_id,
+            })
         })
     }
 
     /// A sandbox by id (any state), else by the name of a sandbox not destroyed.
     pub fn sandbox(&self, org_id: &str, id_or_name: &str) -> DbResult<Option<SandboxRow>> {
-        let conn = self.lock();
-        let by_id =
-            Self::query_sandboxes(&conn, "org_id = ?1 AND id = ?2", &[&org_id, &id_or_name])?;
-        if let Some(sandbox) = by_id.into_iter().next() {
-            return Ok(Some(sandbox));
-        }
-        let by_name = Self::query_sandboxes(
-            &conn,
-            "org_id = ?1 AND name = ?2 AND state <> 'destroyed'",
-            &[&org_id, &id_or_name],
-        )?;
-        Ok(by_name.into_iter().next())
+        self.read(|tx| {
+            let by_id =
+                query_sandboxes(tx, "org_id = ?1 AND id = ?2", params![org_id, id_or_name])?;
+            if let Some(sandbox) = by_id.into_iter().next() {
+                return Ok(Some(sandbox));
+            }
+            let by_name = query_sandboxes(
+                tx,
+                "org_id = ?1 AND name = ?2 AND state <> 'destroyed'",
+                params![org_id, id_or_name],
+            )?;
+            Ok(by_name.into_iter().next())
+        })
     }
 
     /// Sandboxes of the organisation that are not destroyed, oldest first.
     pub fn list_sandboxes(&self, org_id: &str) -> DbResult<Vec<SandboxRow>> {
-        Self::query_sandboxes(
-            &self.lock(),
-            "org_id = ?1 AND state <> 'destroyed' ORDER BY created_at, id",
-            &[&org_id],
-        )
+        self.read(|tx| {
+            query_sandboxes(
+                tx,
+                "org_id = ?1 AND state <> 'destroyed' ORDER BY created_at, id",
+                params![org_id],
+            )
+        })
     }
 
     pub fn sandboxes_in_state(&self, state: &str) -> DbResult<Vec<SandboxRow>> {
-        Self::query_sandboxes(&self.lock(), "state = ?1", &[&state])
+        self.read(|tx| query_sandboxes(tx, "state = ?1", params![state]))
+    }
+
+    /// Sandboxes of a runner in this state.
+    pub fn sandboxes_on_runner(&self, runner_id: &str, state: &str) -> DbResult<Vec<SandboxRow>> {
+        self.read(|tx| {
+            query_sandboxes(
+                tx,
+                "runner_id = ?1 AND state = ?2",
+                params![runner_id, state],
+            )
+        })
     }
 
     /// Moves a sandbox to `to` only if it is in one of `from`; returns whether it did.
@@ -728,124 +762,133 @@ impl ControlDb {
              WHERE id = ?1 AND state IN ({})",
             placeholders.join(", ")
         );
-        let now = now();
-        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&id, &to, &error, &now];
-        args.extend(from.iter().map(|s| s as &dyn rusqlite::ToSql));
-        Ok(self.lock().execute(&sql, args.as_slice())? > 0)
+        self.write(|tx| {
+            let mut args = params![id, to, error, now()].to_vec();
+            args.extend(from.iter().map(cellar_sql::ToValue::to_value));
+            Ok(tx.execute(&sql, args)? > 0)
+        })
     }
-}
 
-impl ControlDb {
     // ---- runner tokens ----
 
     /// Mints a runner token (returned once; only its hash is stored).
     pub fn create_runner_token(&self, name: &str) -> DbResult<(String, String)> {
         let id = new_id();
         let token = format!("cellar_runner_{}", &generate_key()["cellar_".len()..]);
-        self.lock().execute(
-            "INSERT INTO runner_tokens (id, name, token_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![id, name, hash_key(&token), now()],
-        )?;
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO runner_tokens (id, name, token_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, name, hash_key(&token), now()],
+            )?;
+            Ok(())
+        })?;
         Ok((id, token))
     }
 
     pub fn list_runner_tokens(&self) -> DbResult<Vec<RunnerTokenRow>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT id, name, created_at, revoked_at FROM runner_tokens ORDER BY created_at, id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(RunnerTokenRow {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                created_at: r.get(2)?,
-                revoked_at: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.read(|tx| {
+            collect(tx.query_map(
+                "SELECT id, name, created_at, revoked_at FROM runner_tokens ORDER BY created_at, id",
+                (),
+                |r| {
+                    Ok(RunnerTokenRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        created_at: r.get(2)?,
+                        revoked_at: r.get(3)?,
+                    })
+                },
+            )?)
+        })
     }
 
     /// Revokes the token with this id, or every unrevoked token with this name; returns how many.
     pub fn revoke_runner_token(&self, id_or_name: &str) -> DbResult<usize> {
-        Ok(self.lock().execute(
-            "UPDATE runner_tokens SET revoked_at = ?2 \
-             WHERE (id = ?1 OR name = ?1) AND revoked_at IS NULL",
-            params![id_or_name, now()],
-        )?)
+        self.write(|tx| {
+            Ok(tx.execute(
+                "UPDATE runner_tokens SET revoked_at = ?2 \
+                 WHERE (id = ?1 OR name = ?1) AND revoked_at IS NULL",
+                params![id_or_name, now()],
+            )?)
+        })
     }
 
     /// The id of the unrevoked runner token `token`.
     pub fn runner_token_id(&self, token: &str) -> DbResult<Option<String>> {
-        Ok(self
-            .lock()
-            .query_row(
-                "SELECT id FROM runner_tokens WHERE token_hash = ?1 AND revoked_at IS NULL",
-                [hash_key(token)],
-                |r| r.get(0),
-            )
-            .optional()?)
+        let hash = hash_key(token);
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    "SELECT id FROM runner_tokens WHERE token_hash = ?1 AND revoked_at IS NULL",
+                    params![hash],
+                    |r| r.get(0),
+                )
+                .optional()?)
+        })
     }
 
     // ---- runners ----
 
     pub fn list_runners(&self) -> DbResult<Vec<RunnerRow>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT id, url, capacity, state, CASE WHEN id = ?1 THEN \
-             (SELECT count(*) FROM sandboxes s WHERE s.runner_id = ?1 AND s.state = 'started') \
-             ELSE running END, last_heartbeat_ms FROM runners ORDER BY id",
-        )?;
-        let rows = stmt.query_map([EMBEDDED_RUNNER], |r| {
-            Ok(RunnerRow {
-                id: r.get(0)?,
-                url: r.get(1)?,
-                capacity: r.get(2)?,
-                state: r.get(3)?,
-                running: r.get(4)?,
-                last_heartbeat_ms: r.get(5)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.read(|tx| {
+            collect(tx.query_map(
+                "SELECT id, url, capacity, state, CASE WHEN id = ?1 THEN \
+                 (SELECT count(*) FROM sandboxes s WHERE s.runner_id = ?1 AND s.state = 'started') \
+                 ELSE running END, last_heartbeat_ms FROM runners ORDER BY id",
+                params![EMBEDDED_RUNNER],
+                |r| {
+                    Ok(RunnerRow {
+                        id: r.get(0)?,
+                        url: r.get(1)?,
+                        capacity: r.get(2)?,
+                        state: r.get(3)?,
+                        running: r.get(4)?,
+                        last_heartbeat_ms: r.get(5)?,
+                    })
+                },
+            )?)
+        })
     }
 
     /// Records the embedded runner as live (it cannot miss heartbeats), or, when the server runs
     /// without it, as lost together with the sandboxes it ran.
     pub fn set_embedded_runner(&self, capacity: Option<u32>, now_ms: i64) -> DbResult<()> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        match capacity {
-            Some(capacity) => {
-                tx.execute(
-                    "INSERT INTO runners (id, instance, url, capacity, state, running, last_heartbeat_ms, created_at, updated_at) \
-                     VALUES (?1, ?1, '', ?2, ?3, 0, ?4, ?5, ?5) \
-                     ON CONFLICT (id) DO UPDATE SET capacity = ?2, state = ?3, last_heartbeat_ms = ?4, updated_at = ?5",
-                    params![EMBEDDED_RUNNER, capacity, runner_state::LIVE, now_ms, now()],
-                )?;
+        self.write(|tx| {
+            match capacity {
+                Some(capacity) => {
+                    tx.execute(
+                        "INSERT INTO runners (id, instance, url, capacity, state, running, last_heartbeat_ms, created_at, updated_at) \
+                         VALUES (?1, ?1, '', ?2, ?3, 0, ?4, ?5, ?5) \
+                         ON CONFLICT (id) DO UPDATE SET capacity = ?2, state = ?3, last_heartbeat_ms = ?4, updated_at = ?5",
+                        params![EMBEDDED_RUNNER, capacity, runner_state::LIVE, now_ms, now()],
+                    )?;
+                }
+                None => {
+                    tx.execute(
+                        "UPDATE runners SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                        params![EMBEDDED_RUNNER, runner_state::LOST, now()],
+                    )?;
+                    mark_sandboxes_lost(
+                        tx,
+                        EMBEDDED_RUNNER,
+                        "the server runs without its embedded runner",
+                    )?;
+                }
             }
-            None => {
-                tx.execute(
-                    "UPDATE runners SET state = ?2, updated_at = ?3 WHERE id = ?1",
-                    params![EMBEDDED_RUNNER, runner_state::LOST, now()],
-                )?;
-                mark_sandboxes_lost(
-                    &tx,
-                    EMBEDDED_RUNNER,
-                    "the server runs without its embedded runner",
-                )?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// After a server restart: remote runners get a full timeout to heartbeat again before they
     /// count as lost (the server's downtime is not theirs).
     pub fn restart_runner_clocks(&self, now_ms: i64) -> DbResult<()> {
-        self.lock().execute(
-            "UPDATE runners SET last_heartbeat_ms = ?2 WHERE id <> ?1 AND state = ?3",
-            params![EMBEDDED_RUNNER, now_ms, runner_state::LIVE],
-        )?;
-        Ok(())
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runners SET last_heartbeat_ms = ?2 WHERE id <> ?1 AND state = ?3",
+                params![EMBEDDED_RUNNER, now_ms, runner_state::LIVE],
+            )?;
+            Ok(())
+        })
     }
 
     /// A runner joins (or rejoins after a restart, a lost period or a server restart). Another
@@ -863,46 +906,44 @@ impl ControlDb {
                 "the runner name {EMBEDDED_RUNNER:?} is reserved for the server's embedded runner"
             )));
         }
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let existing: Option<(String, String, i64)> = tx
-            .query_row(
-                "SELECT instance, state, last_heartbeat_ms FROM runners WHERE id = ?1",
-                [report.name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        if let Some((instance, state, last)) = &existing {
-            if instance != report.instance
-                && state == runner_state::LIVE
-                && now_ms - last < timeout_ms
-            {
-                return Err(DbError::Conflict(format!(
-                    "another runner named {:?} is live; give this one another --name",
-                    report.name
-                )));
+        self.write(|tx| {
+            let existing: Option<(String, String, i64)> = tx
+                .query_row(
+                    "SELECT instance, state, last_heartbeat_ms FROM runners WHERE id = ?1",
+                    params![report.name],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((instance, state, last)) = &existing {
+                if instance != report.instance
+                    && state == runner_state::LIVE
+                    && now_ms - last < timeout_ms
+                {
+                    return Err(DbError::Conflict(format!(
+                        "another runner named {:?} is live; give this one another --name",
+                        report.name
+                    )));
+                }
             }
-        }
-        tx.execute(
-            "INSERT INTO runners (id, instance, url, capacity, state, running, last_heartbeat_ms, token_id, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9) \
-             ON CONFLICT (id) DO UPDATE SET instance = ?2, url = ?3, capacity = ?4, state = ?5, \
-             running = ?6, last_heartbeat_ms = ?7, token_id = ?8, updated_at = ?9",
-            params![
-                report.name,
-                report.instance,
-                url,
-                report.capacity,
-                runner_state::LIVE,
-                report.sandboxes.len() as i64,
-                now_ms,
-                token_id,
-                now()
-            ],
-        )?;
-        let destroy = reconcile_runner(&tx, report.name, report.sandboxes, true)?;
-        tx.commit()?;
-        Ok(destroy)
+            tx.execute(
+                "INSERT INTO runners (id, instance, url, capacity, state, running, last_heartbeat_ms, token_id, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9) \
+                 ON CONFLICT (id) DO UPDATE SET instance = ?2, url = ?3, capacity = ?4, state = ?5, \
+                 running = ?6, last_heartbeat_ms = ?7, token_id = ?8, updated_at = ?9",
+                params![
+                    report.name,
+                    report.instance,
+                    url,
+                    report.capacity,
+                    runner_state::LIVE,
+                    report.sandboxes.len(),
+                    now_ms,
+                    token_id,
+                    now()
+                ],
+            )?;
+            reconcile_runner(tx, report.name, report.sandboxes, true)
+        })
     }
 
     /// A heartbeat of a registered runner instance, on the server's clock. A runner that was lost
@@ -913,110 +954,181 @@ impl ControlDb {
         token_id: &str,
         now_ms: i64,
     ) -> DbResult<HeartbeatOutcome> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let state: Option<String> = tx
-            .query_row(
-                "SELECT state FROM runners WHERE id = ?1 AND instance = ?2 AND token_id = ?3",
-                params![report.name, report.instance, token_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let Some(state) = state else {
-            return Ok(HeartbeatOutcome::Unknown);
-        };
-        tx.execute(
-            "UPDATE runners SET capacity = ?2, state = ?3, running = ?4, last_heartbeat_ms = ?5, updated_at = ?6 \
-             WHERE id = ?1",
-            params![
-                report.name,
-                report.capacity,
-                runner_state::LIVE,
-                report.sandboxes.len() as i64,
-                now_ms,
-                now()
-            ],
-        )?;
-        let rejoined = state == runner_state::LOST;
-        let destroy = reconcile_runner(&tx, report.name, report.sandboxes, rejoined)?;
-        tx.commit()?;
-        Ok(HeartbeatOutcome::Accepted { destroy, rejoined })
+        self.write(|tx| {
+            let state: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM runners WHERE id = ?1 AND instance = ?2 AND token_id = ?3",
+                    params![report.name, report.instance, token_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(state) = state else {
+                return Ok(HeartbeatOutcome::Unknown);
+            };
+            tx.execute(
+                "UPDATE runners SET capacity = ?2, state = ?3, running = ?4, last_heartbeat_ms = ?5, updated_at = ?6 \
+                 WHERE id = ?1",
+                params![
+                    report.name,
+                    report.capacity,
+                    runner_state::LIVE,
+                    report.sandboxes.len(),
+                    now_ms,
+                    now()
+                ],
+            )?;
+            let rejoined = state == runner_state::LOST;
+            let destroy = reconcile_runner(tx, report.name, report.sandboxes, rejoined)?;
+            Ok(HeartbeatOutcome::Accepted { destroy, rejoined })
+        })
     }
 
     /// Marks every live remote runner whose last heartbeat is older than `timeout_ms` lost, and
     /// its sandboxes with it.
     pub fn mark_lost_runners(&self, now_ms: i64, timeout_ms: i64) -> DbResult<Vec<LostRunner>> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let overdue: Vec<(String, i64)> = {
-            let mut stmt = tx.prepare(
+        // Most checks find nothing: a read does not contend with the heartbeats.
+        let overdue = |tx: &Tx<'_>| -> DbResult<Vec<(String, i64)>> {
+            collect(tx.query_map(
                 "SELECT id, last_heartbeat_ms FROM runners \
                  WHERE state = ?1 AND id <> ?2 AND last_heartbeat_ms < ?3 ORDER BY id",
-            )?;
-            let rows = stmt.query_map(
                 params![runner_state::LIVE, EMBEDDED_RUNNER, now_ms - timeout_ms],
                 |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            rows.collect::<Result<_, _>>()?
+            )?)
         };
-        let mut lost = Vec::with_capacity(overdue.len());
-        for (id, last_heartbeat_ms) in overdue {
-            tx.execute(
-                "UPDATE runners SET state = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, runner_state::LOST, now()],
-            )?;
-            let reason = format!(
-                "runner {id} lost: no heartbeat since {}",
-                humantime::format_rfc3339_millis(
-                    std::time::UNIX_EPOCH
-                        + std::time::Duration::from_millis(last_heartbeat_ms.max(0) as u64)
-                )
-            );
-            let sandboxes = mark_sandboxes_lost(&tx, &id, &reason)?;
-            lost.push(LostRunner {
-                id,
-                last_heartbeat_ms,
-                sandboxes,
-            });
+        if self.read(overdue)?.is_empty() {
+            return Ok(Vec::new());
         }
-        tx.commit()?;
-        Ok(lost)
+        self.write(|tx| {
+            let mut lost = Vec::new();
+            for (id, last_heartbeat_ms) in overdue(tx)? {
+                tx.execute(
+                    "UPDATE runners SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                    params![id, runner_state::LOST, now()],
+                )?;
+                let reason = format!(
+                    "runner {id} lost: no heartbeat since {}",
+                    humantime::format_rfc3339_millis(
+                        std::time::UNIX_EPOCH
+                            + std::time::Duration::from_millis(last_heartbeat_ms.max(0) as u64)
+                    )
+                );
+                let sandboxes = mark_sandboxes_lost(tx, &id, &reason)?;
+                lost.push(LostRunner {
+                    id,
+                    last_heartbeat_ms,
+                    sandboxes,
+                });
+            }
+            Ok(lost)
+        })
     }
+}
 
-    /// Sandboxes of a runner in one of these states.
-    pub fn sandboxes_on_runner(&self, runner_id: &str, state: &str) -> DbResult<Vec<SandboxRow>> {
-        Self::query_sandboxes(
-            &self.lock(),
-            "runner_id = ?1 AND state = ?2",
-            &[&runner_id, &state],
-        )
+/// Before `cellar_sql`, the SQLite control database counted its migrations in
+/// `PRAGMA user_version`: such a database gets the same count in `schema_migrations`.
+fn adopt_user_version(db: &Database) -> DbResult<()> {
+    db.write(|tx| {
+        let applied: i64 = tx.query_row("PRAGMA user_version", (), |r| r.get(0))?;
+        if applied == 0 {
+            return Ok(());
+        }
+        tx.batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ns BIGINT NOT NULL)",
+        )?;
+        for version in 1..=applied {
+            tx.execute(
+                "INSERT OR IGNORE INTO schema_migrations (version, applied_ns) VALUES (?1, ?2)",
+                params![version, cellar_sql::wall_clock_ns()],
+            )?;
+        }
+        tx.batch("PRAGMA user_version = 0")?;
+        Ok(())
+    })
+}
+
+fn volume_by_id(tx: &Tx<'_>, org_id: &str, id: &str) -> DbResult<Option<VolumeRow>> {
+    let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND id = ?2");
+    Ok(tx
+        .query_row(&sql, params![org_id, id], volume_from_row)
+        .optional()?)
+}
+
+/// A name is free if the count query finds no row using it; checked in the transaction that
+/// inserts it (the unique index stays the last guard).
+fn ensure_free(
+    tx: &Tx<'_>,
+    count_sql: &str,
+    args: impl cellar_sql::Params,
+    conflict: impl FnOnce() -> String,
+) -> DbResult<()> {
+    let taken: i64 = tx.query_row(count_sql, args, |r| r.get(0))?;
+    if taken > 0 {
+        return Err(DbError::Conflict(conflict()));
     }
+    Ok(())
+}
+
+fn load_mounts(tx: &Tx<'_>, sandbox_id: &str) -> DbResult<Vec<MountRow>> {
+    collect(tx.query_map(
+        "SELECT volume_id, mount_path, subpath, read_only FROM sandbox_volumes \
+         WHERE sandbox_id = ?1 ORDER BY position",
+        params![sandbox_id],
+        |r| {
+            Ok(MountRow {
+                volume_id: r.get(0)?,
+                mount_path: r.get(1)?,
+                subpath: r.get(2)?,
+                read_only: r.get(3)?,
+            })
+        },
+    )?)
+}
+
+fn query_sandboxes(
+    tx: &Tx<'_>,
+    condition: &str,
+    args: impl cellar_sql::Params,
+) -> DbResult<Vec<SandboxRow>> {
+    let sql = format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {condition}");
+    let raw: Vec<(SandboxRow, String)> = collect(tx.query_map(&sql, args, |r| {
+        Ok((
+            SandboxRow {
+                id: r.get(0)?,
+                org_id: r.get(1)?,
+                name: r.get(2)?,
+                state: r.get(3)?,
+                error_reason: r.get(4)?,
+                settings: SandboxSettings::default(),
+                created_at: r.get(6)?,
+                updated_at: r.get(7)?,
+                mounts: Vec::new(),
+                runner_id: r.get(8)?,
+            },
+            r.get::<_, String>(5)?,
+        ))
+    })?)?;
+    raw.into_iter()
+        .map(|(mut sandbox, settings)| {
+            sandbox.settings = serde_json::from_str(&settings)?;
+            sandbox.mounts = load_mounts(tx, &sandbox.id)?;
+            Ok(sandbox)
+        })
+        .collect()
 }
 
 /// The least loaded (running sandboxes / capacity) live, connected runner with room that the
 /// placement allows; the embedded runner wins ties (no network in between).
-fn choose_runner(
-    tx: &rusqlite::Transaction<'_>,
-    placement: &Placement<'_>,
-    has_volumes: bool,
-) -> DbResult<String> {
-    let mut stmt = tx.prepare(
+fn choose_runner(tx: &Tx<'_>, placement: &Placement<'_>, has_volumes: bool) -> DbResult<String> {
+    let live: Vec<(String, i64, i64)> = collect(tx.query_map(
         "SELECT r.id, r.capacity, \
          (SELECT count(*) FROM sandboxes s WHERE s.runner_id = r.id AND s.state IN ('creating', 'started')) \
          FROM runners r WHERE r.state = ?1 ORDER BY r.id",
-    )?;
-    let rows = stmt.query_map([runner_state::LIVE], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    let live: Vec<(String, i64, i64)> = rows
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .filter(|(id, _, _)| placement.connected.contains(id))
-        .collect();
+        params![runner_state::LIVE],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?)?
+    .into_iter()
+    .filter(|(id, _, _)| placement.connected.contains(id))
+    .collect();
     let can_mount = |id: &str| !has_volumes || placement.remote_volumes || id == EMBEDDED_RUNNER;
     if let Some(pinned) = placement.pinned {
         let Some((id, capacity, running)) = live.iter().find(|(id, _, _)| id == pinned) else {
@@ -1070,11 +1182,7 @@ fn choose_runner(
 pub const PIN_LABEL: &str = "cellar.io/runner";
 
 /// Marks the runner's started and creating sandboxes lost; returns how many.
-fn mark_sandboxes_lost(
-    tx: &rusqlite::Transaction<'_>,
-    runner_id: &str,
-    reason: &str,
-) -> DbResult<usize> {
+fn mark_sandboxes_lost(tx: &Tx<'_>, runner_id: &str, reason: &str) -> DbResult<usize> {
     Ok(tx.execute(
         "UPDATE sandboxes SET state = ?2, error_reason = ?3, updated_at = ?4 \
          WHERE runner_id = ?1 AND state IN ('started', 'creating')",
@@ -1087,19 +1195,17 @@ fn mark_sandboxes_lost(
 /// runs are started again. When `rejoined` (a registration, or the first heartbeat after being
 /// lost), its sandboxes the server believes running that it no longer runs become errors.
 fn reconcile_runner(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Tx<'_>,
     runner_id: &str,
     reported: &[String],
     rejoined: bool,
 ) -> DbResult<Vec<String>> {
-    let wanted: Vec<(String, String)> = {
-        let mut stmt = tx.prepare(
-            "SELECT id, state FROM sandboxes WHERE runner_id = ?1 \
-             AND state IN ('creating', 'started', 'lost', 'destroying')",
-        )?;
-        let rows = stmt.query_map([runner_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<Result<_, _>>()?
-    };
+    let wanted: Vec<(String, String)> = collect(tx.query_map(
+        "SELECT id, state FROM sandboxes WHERE runner_id = ?1 \
+         AND state IN ('creating', 'started', 'lost', 'destroying')",
+        params![runner_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)?;
     let now = now();
     let destroy = reported
         .iter()
@@ -1129,20 +1235,4 @@ fn reconcile_runner(
         }
     }
     Ok(destroy)
-}
-
-/// The outcome of an INSERT whose unique constraint guards a name: a violation is a conflict.
-fn unique_insert(
-    inserted: rusqlite::Result<usize>,
-    conflict: impl FnOnce() -> String,
-) -> Result<(), DbError> {
-    match inserted {
-        Ok(_) => Ok(()),
-        Err(rusqlite::Error::SqliteFailure(e, _))
-            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
-        {
-            Err(DbError::Conflict(conflict()))
-        }
-        Err(e) => Err(e.into()),
-    }
 }

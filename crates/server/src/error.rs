@@ -60,12 +60,6 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
-impl From<rusqlite::Error> for ApiError {
-    fn from(err: rusqlite::Error) -> ApiError {
-        ApiError::internal(err)
-    }
-}
-
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> ApiError {
         ApiError::bad_request(format!("invalid JSON body: {}", rejection.body_text()))

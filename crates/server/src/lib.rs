@@ -44,13 +44,10 @@ impl Server {
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
         export_file_credentials(&config);
         let data_dir_lock = lock_data_dir(&config.data_dir)?;
-        let db = ControlDb::open(&config.data_dir).with_context(|| {
-            format!(
-                "opening the control database in {}",
-                config.data_dir.display()
-            )
-        })?;
-        let bootstrap_key = db.bootstrap()?;
+        let location = config.control_location()?;
+        let db = tokio::task::spawn_blocking(move || ControlDb::open(&location))
+            .await?
+            .context("opening the control database")?;
         let runners = Registry::default();
         if config.embedded_runner {
             let runner = Runner::new(RunnerConfig {
@@ -63,12 +60,16 @@ impl Server {
                 RunnerHandle::Embedded(Arc::new(runner)),
             );
         }
-        let now = db::now_ms();
-        db.set_embedded_runner(
-            config.embedded_runner.then_some(config.runner_capacity),
-            now,
-        )?;
-        db.restart_runner_clocks(now)?;
+        let capacity = config.embedded_runner.then_some(config.runner_capacity);
+        let bootstrap_key = db
+            .run(move |db| {
+                let key = db.bootstrap()?;
+                let now = db::now_ms();
+                db.set_embedded_runner(capacity, now)?;
+                db.restart_runner_clocks(now)?;
+                Ok(key)
+            })
+            .await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -191,14 +192,18 @@ fn export_file_credentials(config: &ServerConfig) {
     }
 }
 
+fn admin_db(config: &ServerConfig) -> anyhow::Result<ControlDb> {
+    ControlDb::open(&config.control_location()?).context("opening the control database")
+}
+
 /// `cellar admin org create NAME`: returns the new organisation's id.
-pub fn admin_create_org(data_dir: &Path, name: &str) -> anyhow::Result<String> {
-    Ok(ControlDb::open(data_dir)?.create_org(name)?)
+pub fn admin_create_org(config: &ServerConfig, name: &str) -> anyhow::Result<String> {
+    Ok(admin_db(config)?.create_org(name)?)
 }
 
 /// `cellar admin key create --org NAME`: returns the key (shown once; only its hash is stored).
-pub fn admin_create_key(data_dir: &Path, org_name: &str) -> anyhow::Result<String> {
-    let db = ControlDb::open(data_dir)?;
+pub fn admin_create_key(config: &ServerConfig, org_name: &str) -> anyhow::Result<String> {
+    let db = admin_db(config)?;
     let org_id = db
         .org_id_by_name(org_name)?
         .with_context(|| format!("organization {org_name:?} does not exist"))?;
@@ -207,25 +212,28 @@ pub fn admin_create_key(data_dir: &Path, org_name: &str) -> anyhow::Result<Strin
 
 /// `cellar admin runner-token create`: returns (id, token); the token is shown once, only its
 /// hash is stored.
-pub fn admin_create_runner_token(data_dir: &Path, name: &str) -> anyhow::Result<(String, String)> {
-    Ok(ControlDb::open(data_dir)?.create_runner_token(name)?)
+pub fn admin_create_runner_token(
+    config: &ServerConfig,
+    name: &str,
+) -> anyhow::Result<(String, String)> {
+    Ok(admin_db(config)?.create_runner_token(name)?)
 }
 
-pub use db::{RunnerRow, RunnerTokenRow};
+pub use db::{RunnerRow, RunnerTokenRow, CONTROL_SCHEMA};
 
 /// `cellar admin runner list`: every runner the server knows, as last heard of.
-pub fn admin_list_runners(data_dir: &Path) -> anyhow::Result<Vec<RunnerRow>> {
-    Ok(ControlDb::open(data_dir)?.list_runners()?)
+pub fn admin_list_runners(config: &ServerConfig) -> anyhow::Result<Vec<RunnerRow>> {
+    Ok(admin_db(config)?.list_runners()?)
 }
 
 /// `cellar admin runner-token list`.
-pub fn admin_list_runner_tokens(data_dir: &Path) -> anyhow::Result<Vec<RunnerTokenRow>> {
-    Ok(ControlDb::open(data_dir)?.list_runner_tokens()?)
+pub fn admin_list_runner_tokens(config: &ServerConfig) -> anyhow::Result<Vec<RunnerTokenRow>> {
+    Ok(admin_db(config)?.list_runner_tokens()?)
 }
 
 /// `cellar admin runner-token revoke ID|NAME`: fails if nothing was revoked.
-pub fn admin_revoke_runner_token(data_dir: &Path, id_or_name: &str) -> anyhow::Result<usize> {
-    let revoked = ControlDb::open(data_dir)?.revoke_runner_token(id_or_name)?;
+pub fn admin_revoke_runner_token(config: &ServerConfig, id_or_name: &str) -> anyhow::Result<usize> {
+    let revoked = admin_db(config)?.revoke_runner_token(id_or_name)?;
     if revoked == 0 {
         anyhow::bail!("no unrevoked runner token has the id or name {id_or_name:?}");
     }

@@ -32,9 +32,21 @@ impl Services {
             .join(format!("{volume_id}.db"))
     }
 
+    /// A volume's metadata URL: `<database>?volume=<id>` with PostgreSQL (control state and
+    /// metadata share the database), else its SQLite file in the data directory.
+    fn volume_meta_url(&self, volume_id: &str) -> String {
+        match &self.config.database {
+            Some(url) => {
+                let separator = if url.0.contains('?') { '&' } else { '?' };
+                format!("{}{separator}volume={volume_id}", url.0)
+            }
+            None => format!("sqlite://{}", self.volume_db_path(volume_id).display()),
+        }
+    }
+
     fn volume_config(&self, volume_id: &str) -> VolumeConfig {
         VolumeConfig {
-            meta_url: format!("sqlite://{}", self.volume_db_path(volume_id).display()),
+            meta_url: self.volume_meta_url(volume_id),
             store_url: self.config.store_url.clone(),
             volume: volume_id.to_string(),
             cache_mem_bytes: MAINTENANCE_CACHE_BYTES,
@@ -58,7 +70,7 @@ impl Services {
     /// Whether runners on other hosts can mount the volumes: not while their metadata is in
     /// SQLite files on the server's disk.
     pub fn volumes_reach_other_hosts(&self) -> bool {
-        !self.volume_config("probe").meta_url.starts_with("sqlite:")
+        self.config.database.is_some()
     }
 
     /// The runner a sandbox is scheduled on, if this process can call it.
@@ -79,20 +91,24 @@ impl Services {
         })
         .await;
         match outcome {
-            Ok(()) => self.move_volume(
-                &volume_id,
-                &[volume_state::CREATING],
-                volume_state::READY,
-                None,
-            ),
+            Ok(()) => {
+                self.move_volume(
+                    &volume_id,
+                    &[volume_state::CREATING],
+                    volume_state::READY,
+                    None,
+                )
+                .await
+            }
             Err(e) => {
                 let reason = format!("formatting the volume failed: {e:#}");
                 self.move_volume(
                     &volume_id,
                     &[volume_state::CREATING],
                     volume_state::ERROR,
-                    Some(&reason),
+                    Some(reason),
                 )
+                .await
             }
         }
     }
@@ -100,33 +116,49 @@ impl Services {
     /// Deletes every object and the metadata of a volume in `pending_delete`/`deleting`, then
     /// marks it `deleted` (its name is free again).
     pub async fn delete_volume(self: &Arc<Self>, volume_id: String) {
-        let deleting = [volume_state::PENDING_DELETE, volume_state::DELETING];
-        self.move_volume(&volume_id, &deleting, volume_state::DELETING, None);
+        const DELETING: &[&str] = &[volume_state::PENDING_DELETE, volume_state::DELETING];
+        self.move_volume(&volume_id, DELETING, volume_state::DELETING, None)
+            .await;
         let config = self.volume_config(&volume_id);
         // Removes the objects first and the metadata file last, so a retry after a crash
         // still finds what is left.
         let outcome = run_blocking(move || cellar_vfs::maintenance::destroy(&config)).await;
         match outcome {
-            Ok(()) => self.move_volume(
-                &volume_id,
-                &[volume_state::DELETING],
-                volume_state::DELETED,
-                None,
-            ),
+            Ok(()) => {
+                self.move_volume(
+                    &volume_id,
+                    &[volume_state::DELETING],
+                    volume_state::DELETED,
+                    None,
+                )
+                .await
+            }
             Err(e) => {
                 let reason = format!("deleting the volume failed: {e:#}");
                 self.move_volume(
                     &volume_id,
                     &[volume_state::DELETING],
                     volume_state::ERROR,
-                    Some(&reason),
+                    Some(reason),
                 )
+                .await
             }
         }
     }
 
-    fn move_volume(&self, volume_id: &str, from: &[&str], to: &str, error: Option<&str>) {
-        match self.db.transition_volume(volume_id, from, to, error) {
+    async fn move_volume(
+        &self,
+        volume_id: &str,
+        from: &'static [&'static str],
+        to: &'static str,
+        error: Option<String>,
+    ) {
+        let (id, reason) = (volume_id.to_string(), error.clone());
+        let moved = self
+            .db
+            .run(move |db| db.transition_volume(&id, from, to, reason.as_deref()))
+            .await;
+        match moved {
             Ok(true) if to == volume_state::ERROR => {
                 tracing::warn!(volume = %volume_id, "volume error: {}", error.unwrap_or_default())
             }
@@ -134,6 +166,20 @@ impl Services {
             Ok(false) => tracing::debug!(volume = %volume_id, "volume left {from:?} meanwhile"),
             Err(e) => tracing::error!(volume = %volume_id, "recording volume state {to}: {e}"),
         }
+    }
+
+    /// Moves a sandbox to `to` if it is in one of `from` (see `ControlDb::transition_sandbox`).
+    async fn move_sandbox(
+        &self,
+        id: &str,
+        from: &'static [&'static str],
+        to: &'static str,
+        error: Option<String>,
+    ) -> crate::db::DbResult<bool> {
+        let id = id.to_string();
+        self.db
+            .run(move |db| db.transition_sandbox(&id, from, to, error.as_deref()))
+            .await
     }
 
     /// Starts a sandbox in `creating` with the runner: `started`, or `error` with the reason. If
@@ -180,8 +226,8 @@ impl Services {
             }
         };
         match self
-            .db
-            .transition_sandbox(&id, &[sandbox_state::CREATING], to, error.as_deref())
+            .move_sandbox(&id, &[sandbox_state::CREATING], to, error)
+            .await
         {
             Ok(true) => tracing::info!(sandbox = %id, "sandbox {to}"),
             // Deleted while starting: the delete left the destroying to us.
@@ -217,8 +263,8 @@ impl Services {
             }
         };
         match self
-            .db
-            .transition_sandbox(&id, &[sandbox_state::DESTROYING], to, error.as_deref())
+            .move_sandbox(&id, &[sandbox_state::DESTROYING], to, error)
+            .await
         {
             Ok(_) => tracing::info!(sandbox = %id, "sandbox {to}"),
             Err(e) => tracing::error!(sandbox = %id, "recording sandbox state: {e}"),
@@ -238,12 +284,13 @@ impl Services {
         let mut ticks = tokio::time::interval(period);
         loop {
             ticks.tick().await;
-            let db = self.db.clone();
             let now = crate::db::now_ms();
-            let lost =
-                tokio::task::spawn_blocking(move || db.mark_lost_runners(now, timeout_ms)).await;
+            let lost = self
+                .db
+                .run(move |db| db.mark_lost_runners(now, timeout_ms))
+                .await;
             match lost {
-                Ok(Ok(lost)) => {
+                Ok(lost) => {
                     for runner in lost {
                         tracing::warn!(
                             runner = %runner.id,
@@ -254,7 +301,6 @@ impl Services {
                         );
                     }
                 }
-                Ok(Err(e)) => tracing::error!("checking runner heartbeats: {e}"),
                 Err(e) => tracing::error!("checking runner heartbeats: {e}"),
             }
         }
@@ -262,32 +308,45 @@ impl Services {
 
     /// Finishes whatever a previous run of the server left half done.
     pub async fn reconcile(self: &Arc<Self>) -> anyhow::Result<()> {
-        for volume in self.db.volumes_in_states(&[volume_state::CREATING])? {
+        let db = &self.db;
+        for volume in db
+            .run(|db| db.volumes_in_states(&[volume_state::CREATING]))
+            .await?
+        {
             tracing::info!(volume = %volume.id, "resuming provisioning");
             self.provision_volume(volume.id).await;
         }
-        let deleting = [volume_state::PENDING_DELETE, volume_state::DELETING];
-        for volume in self.db.volumes_in_states(&deleting)? {
+        let deleting = |db: &ControlDb| {
+            db.volumes_in_states(&[volume_state::PENDING_DELETE, volume_state::DELETING])
+        };
+        for volume in db.run(deleting).await? {
             tracing::info!(volume = %volume.id, "resuming deletion");
             self.delete_volume(volume.id).await;
         }
-        for sandbox in self.db.sandboxes_in_state(sandbox_state::DESTROYING)? {
+        for sandbox in db
+            .run(|db| db.sandboxes_in_state(sandbox_state::DESTROYING))
+            .await?
+        {
             tracing::info!(sandbox = %sandbox.id, "resuming destruction");
             self.destroy_sandbox(sandbox.id, sandbox.runner_id).await;
         }
-        for sandbox in self.db.sandboxes_in_state(sandbox_state::CREATING)? {
+        for sandbox in db
+            .run(|db| db.sandboxes_in_state(sandbox_state::CREATING))
+            .await?
+        {
             let embedded = match self.runners.get(&sandbox.runner_id) {
                 Some(runner) if sandbox.runner_id == EMBEDDED_RUNNER => runner,
                 // A remote runner reports the sandbox if it got to start it, and then destroys it.
                 _ => {
                     let reason = "the server restarted while the sandbox was being created";
                     tracing::warn!(sandbox = %sandbox.id, "{reason}");
-                    self.db.transition_sandbox(
+                    self.move_sandbox(
                         &sandbox.id,
                         &[sandbox_state::CREATING],
                         sandbox_state::ERROR,
-                        Some(reason),
-                    )?;
+                        Some(reason.to_string()),
+                    )
+                    .await?;
                     continue;
                 }
             };
@@ -302,18 +361,21 @@ impl Services {
             let _ = self.start_sandbox(sandbox).await;
         }
         if let Some(RunnerHandle::Embedded(runner)) = self.runners.get(EMBEDDED_RUNNER).as_deref() {
-            let running = runner.running_ids();
-            for state in [sandbox_state::STARTED, sandbox_state::LOST] {
-                for sandbox in self.db.sandboxes_on_runner(EMBEDDED_RUNNER, state)? {
-                    let (to, reason) = if running.contains(&sandbox.id) {
+            const SETTLED: [&[&str]; 2] = [&[sandbox_state::STARTED], &[sandbox_state::LOST]];
+            for from in SETTLED {
+                let listed = db
+                    .run(move |db| db.sandboxes_on_runner(EMBEDDED_RUNNER, from[0]))
+                    .await?;
+                for sandbox in listed {
+                    // Asked after listing: a sandbox started meanwhile is running by now.
+                    let (to, reason) = if runner.is_running(&sandbox.id) {
                         (sandbox_state::STARTED, None)
                     } else {
                         let reason = "the sandbox is no longer running (its host restarted)";
                         tracing::warn!(sandbox = %sandbox.id, "{reason}");
-                        (sandbox_state::ERROR, Some(reason))
+                        (sandbox_state::ERROR, Some(reason.to_string()))
                     };
-                    self.db
-                        .transition_sandbox(&sandbox.id, &[state], to, reason)?;
+                    self.move_sandbox(&sandbox.id, from, to, reason).await?;
                 }
             }
         }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{Control, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -17,9 +17,8 @@ fn assert_error_body(body: &Value, status: StatusCode) {
     assert!(body["source"].is_string(), "{body}");
 }
 
-#[tokio::test]
-async fn requests_need_a_valid_key_and_see_only_their_organization() {
-    let server = TestServer::start().await;
+async fn requests_need_a_valid_key_and_see_only_their_organization(control: Control) {
+    let server = TestServer::start_on(control).await;
     let volume = server.create_volume("private").await;
     let id = volume["id"].as_str().unwrap();
 
@@ -40,10 +39,18 @@ async fn requests_need_a_valid_key_and_see_only_their_organization() {
     assert_eq!(server.send(toolbox).await.0, StatusCode::UNAUTHORIZED);
 
     // A second organization, made with the admin functions while the server runs.
-    cellar_server::admin_create_org(server.dir.path(), "other").unwrap();
-    let other_key = cellar_server::admin_create_key(server.dir.path(), "other").unwrap();
-    assert!(cellar_server::admin_create_org(server.dir.path(), "other").is_err());
-    assert!(cellar_server::admin_create_key(server.dir.path(), "nobody").is_err());
+    server
+        .admin(|c| cellar_server::admin_create_org(c, "other"))
+        .unwrap();
+    let other_key = server
+        .admin(|c| cellar_server::admin_create_key(c, "other"))
+        .unwrap();
+    assert!(server
+        .admin(|c| cellar_server::admin_create_org(c, "other"))
+        .is_err());
+    assert!(server
+        .admin(|c| cellar_server::admin_create_key(c, "nobody"))
+        .is_err());
     let as_other = |request: reqwest::RequestBuilder| request.bearer_auth(&other_key);
     for (request, key) in [
         (
@@ -93,9 +100,8 @@ async fn requests_need_a_valid_key_and_see_only_their_organization() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn volume_lifecycle_removes_every_object_and_frees_the_name() {
-    let server = TestServer::start().await;
+async fn volume_lifecycle_removes_every_object_and_frees_the_name(control: Control) {
+    let server = TestServer::start_on(control).await;
     let volume = server.create_volume("data-1").await;
     for field in [
         "id",
@@ -133,14 +139,14 @@ async fn volume_lifecycle_removes_every_object_and_frees_the_name() {
         !server.block_files().is_empty(),
         "the write reached the block store"
     );
-    assert!(server.volume_db(&id).exists());
+    assert!(server.has_volume_metadata(&id));
     let (status, _) = server.delete(&format!("/api/volumes/{id}")).await;
     assert_eq!(status, StatusCode::OK);
     server
         .wait_for(&format!("/api/volumes/{id}"), "state", "deleted")
         .await;
     assert_eq!(server.block_files(), Vec::<std::path::PathBuf>::new());
-    assert!(!server.volume_db(&id).exists());
+    assert!(!server.has_volume_metadata(&id));
     assert_eq!(
         server.get("/api/volumes/by-name/data-1").await.0,
         StatusCode::NOT_FOUND
@@ -161,9 +167,8 @@ async fn volume_lifecycle_removes_every_object_and_frees_the_name() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn volume_names_follow_the_rule_and_the_quota_holds() {
-    let server = TestServer::start_with(|config| config.volume_quota = 2).await;
+async fn volume_names_follow_the_rule_and_the_quota_holds(control: Control) {
+    let server = TestServer::start_on_with(control, |config| config.volume_quota = 2).await;
     let long = "a".repeat(64);
     for bad in ["", "-x", ".x", "a b", "a/b", "ü", long.as_str()] {
         let (status, body) = server.post("/api/volumes", &json!({ "name": bad })).await;
@@ -194,9 +199,8 @@ async fn volume_names_follow_the_rule_and_the_quota_holds() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn bad_input_is_400_never_500() {
-    let server = TestServer::start().await;
+async fn bad_input_is_400_never_500(control: Control) {
+    let server = TestServer::start_on(control).await;
     let malformed = [
         ("/api/volumes", "{\"name\": "),
         ("/api/volumes", "[]"),
@@ -237,9 +241,8 @@ async fn bad_input_is_400_never_500() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn every_mount_path_rule_answers_400_naming_the_rule() {
-    let server = TestServer::start().await;
+async fn every_mount_path_rule_answers_400_naming_the_rule(control: Control) {
+    let server = TestServer::start_on(control).await;
     server.create_volume("vol").await;
     let mount = |path: &str| json!({"volumeId": "vol", "mountPath": path});
     let cases: Vec<(Value, &str)> = vec![
@@ -315,9 +318,8 @@ async fn every_mount_path_rule_answers_400_naming_the_rule() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn openapi_document_lists_every_endpoint() {
-    let server = TestServer::start().await;
+async fn openapi_document_lists_every_endpoint(control: Control) {
+    let server = TestServer::start_on(control).await;
     let (status, doc) = server
         .send(server.http.get(server.url("/api/openapi.json")))
         .await;
@@ -377,9 +379,8 @@ async fn openapi_document_lists_every_endpoint() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_restart_finishes_interrupted_volume_transitions() {
-    let mut server = TestServer::start().await;
+async fn a_restart_finishes_interrupted_volume_transitions(control: Control) {
+    let mut server = TestServer::start_on(control).await;
     let doomed = server.create_volume("doomed").await;
     let doomed_id = doomed["id"].as_str().unwrap().to_string();
     common::write_into_volume(&server, &doomed_id, "file", vec![1u8; 1 << 20]);
@@ -400,53 +401,50 @@ async fn a_restart_finishes_interrupted_volume_transitions() {
 
     // As if the server had died mid-deletion, and mid-creation of another volume.
     server
-        .restart(|data_dir| {
-            let db = rusqlite::Connection::open(data_dir.join("control.db")).unwrap();
-            db.execute(
+        .restart(|config| {
+            common::control_sql(
+                config,
                 "UPDATE volumes SET state = 'deleting' WHERE id = ?1",
-                [&doomed_id],
-            )
-            .unwrap();
-            db.execute(
+                cellar_sql::params![doomed_id].to_vec(),
+            );
+            common::control_sql(
+                config,
                 "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at) \
                  VALUES ('half-made', ?1, 'half-made', 'creating', '2026-01-01T00:00:00.000Z', \
                  '2026-01-01T00:00:00.000Z')",
-                [&org_id],
-            )
-            .unwrap();
+                cellar_sql::params![org_id].to_vec(),
+            );
         })
         .await;
     server
         .wait_for(&format!("/api/volumes/{doomed_id}"), "state", "deleted")
         .await;
     assert_eq!(server.block_files(), Vec::<std::path::PathBuf>::new());
-    assert!(!server.volume_db(&doomed_id).exists());
+    assert!(!server.has_volume_metadata(&doomed_id));
     server
         .wait_for("/api/volumes/half-made", "state", "ready")
         .await;
-    assert!(server.volume_db("half-made").exists());
+    assert!(server.has_volume_metadata("half-made"));
     server.stop().await;
 }
 
-#[tokio::test]
-async fn sandbox_creation_waits_for_a_volume_still_being_created() {
-    let server = TestServer::start().await;
+async fn sandbox_creation_waits_for_a_volume_still_being_created(control: Control) {
+    let server = TestServer::start_on(control).await;
     let existing = server.create_volume("existing").await;
-    let control_db = server.dir.path().join("control.db");
-    let db = rusqlite::Connection::open(&control_db).unwrap();
-    db.execute(
+    common::control_sql(
+        &server.config,
         "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at) \
          VALUES ('slow', ?1, 'slow', 'creating', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')",
-        [existing["organizationId"].as_str().unwrap()],
-    )
-    .unwrap();
+        cellar_sql::params![existing["organizationId"].as_str().unwrap()].to_vec(),
+    );
+    let config = server.config.clone();
     let settle = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_millis(400));
-        db.execute(
+        common::control_sql(
+            &config,
             "UPDATE volumes SET state = 'error', error_reason = 'boom' WHERE id = 'slow'",
-            [],
-        )
-        .unwrap();
+            Vec::new(),
+        );
     });
     let started = std::time::Instant::now();
     let body = json!({"volumes": [{"volumeId": "slow", "mountPath": "/data"}]});
@@ -476,9 +474,8 @@ async fn assert_refused(server: &TestServer, body: Value, field: &str) {
     );
 }
 
-#[tokio::test]
-async fn sandbox_fields_that_cannot_work_are_refused_naming_the_field() {
-    let server = TestServer::start().await;
+async fn sandbox_fields_that_cannot_work_are_refused_naming_the_field(control: Control) {
+    let server = TestServer::start_on(control).await;
     server.create_volume("vol").await;
     let env = |name: &str, value: &str| json!({ "env": { name: value } });
     let cases: Vec<(Value, &str)> = vec![
@@ -545,9 +542,8 @@ async fn sandbox_fields_that_cannot_work_are_refused_naming_the_field() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn unknown_routes_and_wrong_methods_answer_the_error_body() {
-    let server = TestServer::start().await;
+async fn unknown_routes_and_wrong_methods_answer_the_error_body(control: Control) {
+    let server = TestServer::start_on(control).await;
     let with_key = |request: reqwest::RequestBuilder| request.bearer_auth(&server.key);
     let cases = [
         (server.http.get(server.url("/")), StatusCode::NOT_FOUND),
@@ -594,9 +590,8 @@ async fn unknown_routes_and_wrong_methods_answer_the_error_body() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn the_bearer_scheme_is_case_insensitive_and_the_key_is_not() {
-    let server = TestServer::start().await;
+async fn the_bearer_scheme_is_case_insensitive_and_the_key_is_not(control: Control) {
+    let server = TestServer::start_on(control).await;
     let with = |authorization: String| {
         server
             .http
@@ -622,9 +617,8 @@ async fn the_bearer_scheme_is_case_insensitive_and_the_key_is_not() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn toolbox_input_is_checked_before_the_sandbox() {
-    let server = TestServer::start().await;
+async fn toolbox_input_is_checked_before_the_sandbox(control: Control) {
+    let server = TestServer::start_on(control).await;
     let toolbox = format!("{}/toolbox/no-such-sandbox", server.base);
     let execute = format!("{toolbox}/process/execute");
     let cases = [
@@ -671,3 +665,18 @@ async fn toolbox_input_is_checked_before_the_sandbox() {
     }
     server.stop().await;
 }
+
+on_both_databases!(
+    requests_need_a_valid_key_and_see_only_their_organization,
+    volume_lifecycle_removes_every_object_and_frees_the_name,
+    volume_names_follow_the_rule_and_the_quota_holds,
+    bad_input_is_400_never_500,
+    every_mount_path_rule_answers_400_naming_the_rule,
+    openapi_document_lists_every_endpoint,
+    a_restart_finishes_interrupted_volume_transitions,
+    sandbox_creation_waits_for_a_volume_still_being_created,
+    sandbox_fields_that_cannot_work_are_refused_naming_the_field,
+    unknown_routes_and_wrong_methods_answer_the_error_body,
+    the_bearer_scheme_is_case_insensitive_and_the_key_is_not,
+    toolbox_input_is_checked_before_the_sandbox,
+);

@@ -114,7 +114,7 @@ async fn start_server() -> TestServer {
 async fn wait_for_runners(server: &TestServer, names: &[&str], state: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let runners = cellar_server::admin_list_runners(server.dir.path()).unwrap();
+        let runners = server.admin(cellar_server::admin_list_runners).unwrap();
         let ready = names.iter().all(|name| {
             runners
                 .iter()
@@ -178,8 +178,9 @@ async fn destroy_all(server: &TestServer, sandboxes: &[String]) {
 #[tokio::test]
 async fn sandboxes_spread_pin_and_survive_a_lost_runner() {
     let server = start_server().await;
-    let (_, token) =
-        cellar_server::admin_create_runner_token(server.dir.path(), "test runners").unwrap();
+    let (_, token) = server
+        .admin(|c| cellar_server::admin_create_runner_token(c, "test runners"))
+        .unwrap();
     let dirs = tempfile::tempdir().unwrap();
     std::fs::create_dir(dirs.path().join("a")).unwrap();
     std::fs::create_dir(dirs.path().join("b")).unwrap();
@@ -400,8 +401,9 @@ async fn sandboxes_spread_pin_and_survive_a_lost_runner() {
 async fn runner_tokens_are_checked_and_revocable() {
     let server = start_server().await;
     let dirs = tempfile::tempdir().unwrap();
-    let (token_id, token) =
-        cellar_server::admin_create_runner_token(server.dir.path(), "revocable").unwrap();
+    let (token_id, token) = server
+        .admin(|c| cellar_server::admin_create_runner_token(c, "revocable"))
+        .unwrap();
 
     // A wrong token never joins, and the runner says why without echoing it.
     std::fs::create_dir(dirs.path().join("wrong")).unwrap();
@@ -413,7 +415,8 @@ async fn runner_tokens_are_checked_and_revocable() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!wrong.log().contains(wrong_token), "{}", wrong.log());
-    assert!(cellar_server::admin_list_runners(server.dir.path())
+    assert!(server
+        .admin(cellar_server::admin_list_runners)
         .unwrap()
         .iter()
         .all(|runner| runner.id != "wrong"));
@@ -444,14 +447,20 @@ async fn runner_tokens_are_checked_and_revocable() {
     let sandbox = create(&server, json!({})).await;
     assert_eq!(sandbox["runnerId"], "r");
 
-    let tokens = cellar_server::admin_list_runner_tokens(server.dir.path()).unwrap();
+    let tokens = server
+        .admin(cellar_server::admin_list_runner_tokens)
+        .unwrap();
     assert_eq!(tokens.len(), 1);
     assert_eq!(tokens[0].revoked_at, None);
     assert_eq!(
-        cellar_server::admin_revoke_runner_token(server.dir.path(), &token_id).unwrap(),
+        server
+            .admin(|c| cellar_server::admin_revoke_runner_token(c, &token_id))
+            .unwrap(),
         1
     );
-    assert!(cellar_server::admin_revoke_runner_token(server.dir.path(), &token_id).is_err());
+    assert!(server
+        .admin(|c| cellar_server::admin_revoke_runner_token(c, &token_id))
+        .is_err());
     // Its heartbeats are refused from now on: the runner and its sandbox are lost.
     let lost = server
         .wait_for(&format!("/api/sandbox/{}", id(&sandbox)), "state", "error")
@@ -463,7 +472,9 @@ async fn runner_tokens_are_checked_and_revocable() {
     wait_for_runners(&server, &["r"], "lost").await;
 
     // A new token brings it back; the sandbox is started again.
-    let (_, renewed) = cellar_server::admin_create_runner_token(server.dir.path(), "new").unwrap();
+    let (_, renewed) = server
+        .admin(|c| cellar_server::admin_create_runner_token(c, "new"))
+        .unwrap();
     drop(runner);
     let runner = RunnerProcess::start(&server, "r", &renewed, &dirs.path().join("r"));
     server
@@ -476,5 +487,112 @@ async fn runner_tokens_are_checked_and_revocable() {
     destroy_all(&server, &[id(&sandbox)]).await;
     assert!(!runner.holds(&id(&sandbox)));
     drop(runner);
+    server.stop().await;
+}
+
+/// With PostgreSQL, volumes are mounted on any runner: one volume, sandboxes on two runners
+/// ("hosts"), written on one, read on the other. The mount daemons get the metadata URL (which
+/// holds the database password) through their environment, never their command line.
+#[tokio::test]
+async fn with_postgres_a_volume_is_shared_by_sandboxes_on_two_runners() {
+    let server = TestServer::start_on_with(common::Control::Postgres, |config| {
+        config.embedded_runner = false;
+        config.runner_timeout = RUNNER_TIMEOUT;
+    })
+    .await;
+    let (_, token) = server
+        .admin(|c| cellar_server::admin_create_runner_token(c, "pg runners"))
+        .unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dirs.path().join("a")).unwrap();
+    std::fs::create_dir(dirs.path().join("b")).unwrap();
+    let a = RunnerProcess::start(&server, "a", &token, &dirs.path().join("a"));
+    let b = RunnerProcess::start(&server, "b", &token, &dirs.path().join("b"));
+    wait_for_runners(&server, &["a", "b"], "live").await;
+
+    let volume = server.create_volume("shared").await;
+    let mount = |runner: &str| {
+        json!({
+            "volumes": [{ "volumeId": "shared", "mountPath": "/home/daytona/shared" }],
+            "labels": { "cellar.io/runner": runner }
+        })
+    };
+    let writer = create(&server, mount("a")).await;
+    let reader = create(&server, mount("b")).await;
+    assert_eq!(
+        (writer["runnerId"].as_str(), reader["runnerId"].as_str()),
+        (Some("a"), Some("b"))
+    );
+    assert_eq!(
+        exec(
+            &server,
+            &id(&writer),
+            "echo across hosts > shared/note && sync"
+        )
+        .await
+        .0,
+        0
+    );
+    assert_eq!(
+        exec(&server, &id(&reader), "cat shared/note").await,
+        (0, "across hosts\n".to_string())
+    );
+    // Unpinned sandboxes with volumes are scheduled on remote runners too.
+    let third = create(
+        &server,
+        json!({ "volumes": [{ "volumeId": volume["id"], "mountPath": "/v" }] }),
+    )
+    .await;
+    assert_eq!(
+        exec(&server, &id(&third), "cat /v/note").await.1,
+        "across hosts\n"
+    );
+
+    let password = url::Url::parse(&server.config.database.as_ref().unwrap().0)
+        .unwrap()
+        .password()
+        .unwrap()
+        .to_string();
+    let mut daemons = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(" mount ") && cmdline.contains(&dirs.path().display().to_string()) {
+            daemons += 1;
+            assert!(!cmdline.contains(&password), "{cmdline}");
+            assert!(!cmdline.contains("postgres://"), "{cmdline}");
+        }
+    }
+    assert!(daemons >= 2, "a mount daemon on each runner");
+    for runner in [&a, &b] {
+        assert!(!runner.log().contains(&password));
+        // The mount daemons' logs too.
+        for entry in std::fs::read_dir(runner.dir.join("runner/mounts"))
+            .unwrap()
+            .flatten()
+        {
+            if entry.path().extension().is_some_and(|ext| ext == "log") {
+                let log = std::fs::read_to_string(entry.path()).unwrap();
+                assert!(!log.contains(&password), "{log}");
+            }
+        }
+    }
+
+    destroy_all(&server, &[id(&writer), id(&reader), id(&third)]).await;
+    let (status, body) = server
+        .delete(&format!("/api/volumes/{}", volume["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server
+        .wait_for(
+            &format!("/api/volumes/{}", volume["id"].as_str().unwrap()),
+            "state",
+            "deleted",
+        )
+        .await;
+    assert!(!server.has_volume_metadata(volume["id"].as_str().unwrap()));
+    drop((a, b));
     server.stop().await;
 }

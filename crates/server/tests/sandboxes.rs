@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{Control, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -147,10 +147,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-#[tokio::test]
-async fn sandboxes_share_a_volume_that_outlives_them() {
+async fn sandboxes_share_a_volume_that_outlives_them(control: Control) {
     require_runner_prerequisites();
-    let mut server = TestServer::start().await;
+    let mut server = TestServer::start_on(control).await;
     let volume = server.create_volume("shared").await;
     let volume_id = volume["id"].as_str().unwrap().to_string();
 
@@ -353,8 +352,12 @@ async fn sandboxes_share_a_volume_that_outlives_them() {
     assert!(out.contains("Read-only"), "{out}");
 
     // Another organization sees neither sandbox nor toolbox.
-    cellar_server::admin_create_org(server.dir.path(), "other").unwrap();
-    let other_key = cellar_server::admin_create_key(server.dir.path(), "other").unwrap();
+    server
+        .admin(|c| cellar_server::admin_create_org(c, "other"))
+        .unwrap();
+    let other_key = server
+        .admin(|c| cellar_server::admin_create_key(c, "other"))
+        .unwrap();
     let request = server
         .http
         .get(server.url(&format!("/api/sandbox/{first_id}")))
@@ -401,13 +404,12 @@ async fn sandboxes_share_a_volume_that_outlives_them() {
     // As if the server had died while destroying it: the restart finishes the job.
     let third_id = third["id"].as_str().unwrap().to_string();
     server
-        .restart(|data_dir| {
-            let db = rusqlite::Connection::open(data_dir.join("control.db")).unwrap();
-            db.execute(
+        .restart(|config| {
+            common::control_sql(
+                config,
                 "UPDATE sandboxes SET state = 'destroying' WHERE id = ?1",
-                [&third_id],
-            )
-            .unwrap();
+                cellar_sql::params![third_id].to_vec(),
+            );
         })
         .await;
     server
@@ -423,10 +425,9 @@ async fn sandboxes_share_a_volume_that_outlives_them() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn bad_toolbox_input_on_a_running_sandbox_is_400_never_500() {
+async fn bad_toolbox_input_on_a_running_sandbox_is_400_never_500(control: Control) {
     require_runner_prerequisites();
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(control).await;
     let sandbox = create_sandbox(&server, json!({"networkBlockAll": true})).await;
     let toolbox = format!(
         "{}/{}",
@@ -501,10 +502,9 @@ async fn bad_toolbox_input_on_a_running_sandbox_is_400_never_500() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_subpath_that_is_no_directory_is_400_and_leaves_no_sandbox() {
+async fn a_subpath_that_is_no_directory_is_400_and_leaves_no_sandbox(control: Control) {
     require_runner_prerequisites();
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(control).await;
     server.create_volume("vol").await;
     let writer = create_sandbox(
         &server,
@@ -543,10 +543,9 @@ async fn a_subpath_that_is_no_directory_is_400_and_leaves_no_sandbox() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn the_network_allow_list_is_kept_and_echoed() {
+async fn the_network_allow_list_is_kept_and_echoed(control: Control) {
     require_runner_prerequisites();
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(control).await;
     let sandbox = create_sandbox(
         &server,
         json!({"networkAllowList": " 10.0.0.0/8, 192.168.1.0/24 ", "networkBlockAll": false}),
@@ -571,3 +570,10 @@ async fn the_network_allow_list_is_kept_and_echoed() {
     destroy(&server, &sandbox).await;
     server.stop().await;
 }
+
+on_both_databases!(
+    sandboxes_share_a_volume_that_outlives_them,
+    bad_toolbox_input_on_a_running_sandbox_is_400_never_500,
+    a_subpath_that_is_no_directory_is_400_and_leaves_no_sandbox,
+    the_network_allow_list_is_kept_and_echoed,
+);

@@ -20,7 +20,7 @@ mod value;
 use std::cell::{Cell, RefCell};
 use std::path::Path;
 
-pub use postgres_db::{destroy_schema, redact, PgListener, PgUrl, Signal};
+pub use postgres_db::{destroy_schema, redact, retries, PgListener, PgUrl, Signal, LISTENER_NAME};
 pub use sqlite_db::SqliteWatch;
 pub use value::{ColumnIndex, FromValue, Params, Row, ToValue, Value};
 
@@ -377,20 +377,14 @@ impl<'a> Tx<'a> {
         }
     }
 
-    /// Holds the lock `key` until the transaction ends: writers of one key that take it commit
-    /// one after the other from that point. SQLite's writers are serialised already.
-    pub fn lock_key(&self, key: &str) -> Result<()> {
-        if let TxConn::Postgres(_) = self.conn {
-            self.execute("SELECT pg_advisory_xact_lock(hashtext(?1))", params![key])?;
-        }
-        Ok(())
-    }
-
-    /// Notifies the [`PgListener`]s of every process, at COMMIT, that `key` changed. SQLite has
-    /// no notifications: its waiters watch the data version ([`SqliteWatch`]).
-    pub fn notify(&self, key: &str) -> Result<()> {
+    /// Publishes a change of `key`: holds the lock `key` until the transaction ends (publishers
+    /// of one key commit one after the other from this point, so what they write next is in
+    /// commit order) and notifies the [`PgListener`]s of every process at COMMIT. SQLite's
+    /// writers are serialised already, and its waiters watch the data version
+    /// ([`SqliteWatch`]) instead of notifications.
+    pub fn publish(&self, key: &str) -> Result<()> {
         match self.conn {
-            TxConn::Postgres(_) => postgres_db::notify(self, key),
+            TxConn::Postgres(_) => postgres_db::publish(self, key),
             TxConn::Sqlite(_) => Ok(()),
         }
     }

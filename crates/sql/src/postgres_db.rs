@@ -27,6 +27,8 @@ const MAX_BACKOFF: Duration = Duration::from_millis(50);
 const CHANNEL: &str = "cellar_changes";
 /// The listener checks that its quiet connection still works this often.
 const LISTENER_PING: Duration = Duration::from_secs(2);
+/// The listener's `application_name` (operators find it in `pg_stat_activity`).
+pub const LISTENER_NAME: &str = "cellar-listen";
 /// `subscribe` waits this long for the listener's first connection.
 const LISTENER_START: Duration = Duration::from_secs(10);
 
@@ -508,6 +510,7 @@ impl PgDb {
                 }
             }
             drop(pooled);
+            RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let cap = Duration::from_millis(1 << attempt.min(16)).min(MAX_BACKOFF);
             std::thread::sleep(cap.mul_f64(rand::random::<f64>()));
         }
@@ -566,7 +569,8 @@ pub struct PgListener {
 }
 
 impl PgListener {
-    fn start(config: postgres::Config, redacted: String) -> Arc<PgListener> {
+    fn start(mut config: postgres::Config, redacted: String) -> Arc<PgListener> {
+        config.application_name(LISTENER_NAME);
         let listener = Arc::new(PgListener {
             signals: Mutex::default(),
             connected: Mutex::new(false),
@@ -627,11 +631,21 @@ impl PgListener {
     }
 }
 
-/// The payload of this transaction's notification of `key`, sent at COMMIT.
-pub(crate) fn notify(tx: &Tx<'_>, key: &str) -> Result<()> {
-    tx.execute("SELECT pg_notify(?1, ?2)", crate::params![CHANNEL, key])?;
+/// See [`Tx::publish`]: one statement, the lock and the notification (sent at COMMIT).
+pub(crate) fn publish(tx: &Tx<'_>, key: &str) -> Result<()> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(?1)), pg_notify(?2, ?1)",
+        crate::params![key, CHANNEL],
+    )?;
     Ok(())
 }
+
+/// Transactions of this process re-run after losing a race (serialization failure, deadlock).
+pub fn retries() -> u64 {
+    RETRIES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn listen_loop(config: &postgres::Config, redacted: &str, listener: &std::sync::Weak<PgListener>) {
     let mut failures = 0u32;

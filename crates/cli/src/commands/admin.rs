@@ -17,6 +17,10 @@ pub struct AdminArgs {
     /// Data directory [env: CELLAR_DATA_DIR]
     #[arg(long, global = true, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The server's PostgreSQL database, if it runs on one (prefer CELLAR_DATABASE) [env:
+    /// CELLAR_DATABASE]
+    #[arg(long, global = true, value_name = "URL")]
+    pub database: Option<String>,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -80,19 +84,20 @@ pub fn run(args: AdminArgs) -> Result<()> {
     let config = ServerConfig::resolve(ConfigOverrides {
         config_file: args.config,
         data_dir: args.data_dir,
+        database: args.database,
         ..ConfigOverrides::default()
     })?;
     match args.command {
         AdminCommand::Org(OrgCommand::Create { name }) => {
-            let id = cellar_server::admin_create_org(&config.data_dir, &name)?;
+            let id = cellar_server::admin_create_org(&config, &name)?;
             println!("created organization {name} ({id})");
         }
         AdminCommand::Key(KeyCommand::Create { org }) => {
-            let key = cellar_server::admin_create_key(&config.data_dir, &org)?;
+            let key = cellar_server::admin_create_key(&config, &org)?;
             println!("{key}");
         }
         AdminCommand::RunnerToken(RunnerTokenCommand::Create { name }) => {
-            let (id, token) = cellar_server::admin_create_runner_token(&config.data_dir, &name)?;
+            let (id, token) = cellar_server::admin_create_runner_token(&config, &name)?;
             eprintln!("created runner token {name} ({id}); it is shown only this once:");
             println!("{token}");
         }
@@ -101,7 +106,7 @@ pub fn run(args: AdminArgs) -> Result<()> {
                 "{:<20}  {:<5}  {:>8}  {:>7}  {:<24}  URL",
                 "NAME", "STATE", "CAPACITY", "RUNNING", "LAST HEARTBEAT"
             );
-            for runner in cellar_server::admin_list_runners(&config.data_dir)? {
+            for runner in cellar_server::admin_list_runners(&config)? {
                 let heartbeat = std::time::UNIX_EPOCH
                     + std::time::Duration::from_millis(runner.last_heartbeat_ms.max(0) as u64);
                 println!(
@@ -121,7 +126,7 @@ pub fn run(args: AdminArgs) -> Result<()> {
         }
         AdminCommand::RunnerToken(RunnerTokenCommand::List) => {
             println!("{:<36}  {:<20}  {:<24}  REVOKED", "ID", "NAME", "CREATED");
-            for token in cellar_server::admin_list_runner_tokens(&config.data_dir)? {
+            for token in cellar_server::admin_list_runner_tokens(&config)? {
                 println!(
                     "{:<36}  {:<20}  {:<24}  {}",
                     token.id,
@@ -132,7 +137,7 @@ pub fn run(args: AdminArgs) -> Result<()> {
             }
         }
         AdminCommand::RunnerToken(RunnerTokenCommand::Revoke { token }) => {
-            let revoked = cellar_server::admin_revoke_runner_token(&config.data_dir, &token)?;
+            let revoked = cellar_server::admin_revoke_runner_token(&config, &token)?;
             println!("revoked {revoked} runner token(s)");
         }
     }

@@ -41,6 +41,11 @@ pub struct ServerArgs {
     /// CELLAR_RUNNER_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub runner_timeout: Option<std::time::Duration>,
+    /// Keep the control state and every volume's metadata in PostgreSQL,
+    /// postgres://USER:PASS@HOST:PORT/DB (prefer CELLAR_DATABASE: a command line is readable by
+    /// every user) [env: CELLAR_DATABASE] [default: SQLite files in the data directory]
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -53,6 +58,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
         volume_quota: args.volume_quota,
         embedded_runner: args.no_embedded_runner.then_some(false),
         runner_timeout: args.runner_timeout,
+        database: args.database,
     })?;
     // Without its runner the server starts no sandboxes and mounts nothing.
     if config.embedded_runner {

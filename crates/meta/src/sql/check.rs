@@ -7,13 +7,16 @@ use cellar_sql::params;
 use super::changes::Tx;
 
 use super::namespace::free_inode;
-use super::rows::{counter, set_counter, DIRECTORY_CODE, REGULAR_CODE};
+use super::rows::{counter, set_counter, set_usage, usage_totals, DIRECTORY_CODE, REGULAR_CODE};
+use std::collections::{HashMap, HashSet};
+
 use crate::{Ino, Result, ROOT_INO};
 
 pub fn check(conn: &Tx<'_, '_>, repair: bool, now_ns: i64) -> Result<Vec<String>> {
     let mut problems = Vec::new();
     dangling_entries(conn, repair, &mut problems)?;
     directory_parents(conn, repair, &mut problems)?;
+    loops(conn, &mut problems)?;
     link_counts(conn, repair, &mut problems)?;
     orphans(conn, repair, now_ns, &mut problems)?;
     layouts(conn, &mut problems)?;
@@ -84,6 +87,45 @@ fn directory_parents(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>
             )?;
             conn.ino_changed(ino);
         }
+    }
+    Ok(())
+}
+
+/// Directories whose parent chain does not lead to the root: a loop (two renames that each moved
+/// a directory under the other's subtree) detaches them with everything below.
+fn loops(conn: &Tx<'_, '_>, problems: &mut Vec<String>) -> Result<()> {
+    let parents: HashMap<Ino, Ino> = conn
+        .prepare_cached("SELECT ino, parent FROM inodes WHERE kind = ?1")?
+        .query_map([DIRECTORY_CODE], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<cellar_sql::Result<_>>()?;
+    let mut rooted: HashSet<Ino> = HashSet::from([ROOT_INO]);
+    let mut detached: Vec<Ino> = Vec::new();
+    for &dir in parents.keys() {
+        let mut chain = vec![dir];
+        let mut current = dir;
+        let reaches_root = loop {
+            if rooted.contains(&current) {
+                break true;
+            }
+            match parents.get(&current) {
+                Some(&parent) if !chain.contains(&parent) && chain.len() <= parents.len() => {
+                    chain.push(parent);
+                    current = parent;
+                }
+                _ => break false,
+            }
+        };
+        if reaches_root {
+            rooted.extend(chain);
+        } else {
+            detached.push(dir);
+        }
+    }
+    detached.sort_unstable();
+    for dir in detached {
+        problems.push(format!(
+            "directory {dir} is detached from the root (its parents form a loop or end nowhere)"
+        ));
     }
     Ok(())
 }
@@ -180,13 +222,16 @@ fn counters(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>) -> Resu
         (),
         |row| Ok(row.get::<_, i64>(0)?.max(row.get(1)?)),
     )?;
+    let (used_bytes, used_inodes) = usage_totals(conn)?;
+    if (used_bytes, used_inodes) != (bytes, inodes) {
+        problems.push(format!(
+            "usage is {used_bytes} bytes in {used_inodes} inodes, expected {bytes} bytes in {inodes} inodes"
+        ));
+        if repair {
+            set_usage(conn, bytes, inodes)?;
+        }
+    }
     let expectations = [
-        (
-            "used_inodes",
-            inodes,
-            counter(conn, "used_inodes")? == inodes,
-        ),
-        ("used_bytes", bytes, counter(conn, "used_bytes")? == bytes),
         (
             "next_ino",
             max_ino + 1,

@@ -16,7 +16,7 @@
 //! (one row per session), the last close removes it; unlink and rename keep an inode that any
 //! session has open, inside their transaction, without calling up.
 //!
-//! Lock order: `open_files` → the database's own locks. None is held while calling out of this
+//! Lock order: `open_files` or `inos` → the database's own locks. None is held while calling out of this
 //! crate.
 
 mod changes;
@@ -48,6 +48,8 @@ use crate::{
 /// How often a waiter for changes of a SQLite volume polls the database's data version: another
 /// process's commit is noticed within this.
 const CHANGE_POLL: Duration = Duration::from_millis(2);
+/// Inode numbers an engine reserves at a time (see `namespace::reserve_inos`).
+const INO_BATCH: u64 = 64;
 /// Longest volume id of a PostgreSQL URL (a schema name has at most 63 bytes).
 const MAX_VOLUME_ID: usize = 56;
 
@@ -69,6 +71,8 @@ pub struct SqlEngine {
     /// The key of the volume's change notifications and of the lock that orders its change log.
     changes_key: String,
     watch: ChangeWatch,
+    /// Inode numbers reserved for this engine's creates.
+    inos: Mutex<std::ops::Range<Ino>>,
 }
 
 /// How a waiter learns that another engine may have committed.
@@ -146,6 +150,7 @@ impl SqlEngine {
             origin: rand::random(),
             changes_key,
             watch,
+            inos: Mutex::new(0..0),
         })
     }
 
@@ -170,12 +175,22 @@ impl SqlEngine {
         if let Some(volume) = self.volume.get() {
             return Ok(volume);
         }
-        let volume = self
-            .read(namespace::stored_volume)?
-            .ok_or_else(|| {
-                MetaError::Engine(format!("{} holds no formatted volume", self.db.describe()))
-            })?;
+        let volume = self.read(namespace::stored_volume)?.ok_or_else(|| {
+            MetaError::Engine(format!("{} holds no formatted volume", self.db.describe()))
+        })?;
         Ok(self.volume.get_or_init(|| volume))
+    }
+
+    /// The number of the next inode this engine creates.
+    fn next_ino(&self) -> Result<Ino> {
+        let mut inos = self.inos.lock();
+        if inos.is_empty() {
+            let first = self
+                .db
+                .write(|tx| namespace::reserve_inos(&Tx::new(tx), INO_BATCH))?;
+            *inos = first..first + INO_BATCH;
+        }
+        Ok(inos.next().expect("refilled"))
     }
 
     /// Something that tells whether another commit may have happened since.
@@ -294,7 +309,8 @@ impl MetaEngine for SqlEngine {
         node: &crate::NewNode,
         now_ns: i64,
     ) -> Result<Attr> {
-        self.write(|tx| namespace::create_node(tx, parent, name, node, now_ns))
+        let ino = self.next_ino()?;
+        self.write(|tx| namespace::create_node(tx, ino, parent, name, node, now_ns))
     }
 
     fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8], now_ns: i64) -> Result<Attr> {

@@ -1220,7 +1220,7 @@ fn check_finds_and_repairs_damage(engine: Engine) {
         .raw(&format!("DELETE FROM dentries WHERE ino = {}", orphan.ino))
         .unwrap();
     f.meta
-        .raw("UPDATE counters SET value = 99 WHERE name = 'used_bytes'")
+        .raw("UPDATE usage_shards SET bytes = bytes + 99 WHERE shard = 3")
         .unwrap();
     let problems = f.meta.check(false).unwrap();
     assert_eq!(problems.len(), 3, "{problems:?}");
@@ -2269,6 +2269,230 @@ fn trimmed_changes_are_reported_lost_to_watchers_behind_them(engine: Engine) {
     assert!(f.meta.last_change().unwrap() > caught_up);
 }
 
+fn concurrent_cross_directory_renames_never_create_a_loop_or_lose_a_directory(engine: Engine) {
+    let f = Fixture::new(engine);
+    // A tree of directories, renamed into each other by four "hosts" at once: each rename that
+    // would put a directory under itself must fail, whatever the others do meanwhile.
+    let mut dirs = vec![ROOT_INO];
+    for i in 0..12 {
+        let parent = dirs[i / 3];
+        dirs.push(f.mk(parent, &format!("d{i}"), FileKind::Directory).ino);
+    }
+    let engines: Vec<SqlEngine> = (0..4).map(|_| f.reopen()).collect();
+    let moved = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for meta in &engines {
+            let (dirs, moved) = (&dirs, &moved);
+            scope.spawn(move || {
+                for _ in 0..60 {
+                    let pick = |n: usize| (rand::random::<u64>() % n as u64) as usize;
+                    let dir = dirs[1 + pick(dirs.len() - 1)];
+                    let target = dirs[pick(dirs.len())];
+                    let Ok(attr) = meta.getattr(dir) else {
+                        continue;
+                    };
+                    let Ok(entries) = meta.readdir(attr.parent, 0, 1000, false) else {
+                        continue;
+                    };
+                    let Some(entry) = entries.into_iter().find(|e| e.ino == dir) else {
+                        continue;
+                    };
+                    let name = format!("m{}", rand::random::<u32>());
+                    let req = Rename {
+                        src_parent: attr.parent,
+                        src_name: &entry.name,
+                        dst_parent: target,
+                        dst_name: name.as_bytes(),
+                        mode: RenameMode::NoReplace,
+                    };
+                    match meta.rename(&req, NOW) {
+                        Ok(_) => {
+                            moved.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        // Moved meanwhile by another host, or under itself: refused.
+                        Err(e) if [EINVAL, ENOENT].contains(&e.errno()) => {}
+                        Err(e) => panic!("rename: {e}"),
+                    }
+                }
+            });
+        }
+    });
+    assert!(moved.load(std::sync::atomic::Ordering::SeqCst) > 20);
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+    // Every directory is still reachable from the root.
+    let mut reachable = vec![ROOT_INO];
+    let mut next = 0;
+    while next < reachable.len() {
+        let dir = reachable[next];
+        next += 1;
+        for entry in f.meta.readdir(dir, 0, 1000, false).unwrap() {
+            reachable.push(entry.ino);
+        }
+    }
+    reachable.sort_unstable();
+    let mut all = dirs.clone();
+    all.sort_unstable();
+    assert_eq!(reachable, all);
+}
+
+fn renames_that_together_would_close_a_loop_cannot_both_commit(engine: Engine) {
+    let f = Fixture::new(engine);
+    let (one, two) = (f.reopen(), f.reopen());
+    for round in 0..20 {
+        // root/pa/a/a1/a2 and root/pb/b/b1/b2: moving a under b2 and b under a2 at once writes
+        // disjoint rows; only the ancestor walks of each read what the other writes.
+        let chain = |prefix: &str| {
+            let mut parent = f
+                .mk(ROOT_INO, &format!("p{prefix}{round}"), FileKind::Directory)
+                .ino;
+            let mut inos = Vec::new();
+            for level in 0..3 {
+                parent = f
+                    .mk(parent, &format!("{prefix}{level}"), FileKind::Directory)
+                    .ino;
+                inos.push(parent);
+            }
+            inos
+        };
+        let (a, b) = (chain("a"), chain("b"));
+        let barrier = std::sync::Barrier::new(2);
+        let results: Vec<bool> = std::thread::scope(|scope| {
+            let moves = [(&one, &a, &b, "a"), (&two, &b, &a, "b")];
+            let handles: Vec<_> = moves
+                .into_iter()
+                .map(|(meta, mine, theirs, prefix)| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        let parent = meta.getattr(mine[0]).unwrap().parent;
+                        let name = format!("{prefix}0");
+                        let req = Rename {
+                            src_parent: parent,
+                            src_name: name.as_bytes(),
+                            dst_parent: theirs[2],
+                            dst_name: b"moved",
+                            mode: RenameMode::NoReplace,
+                        };
+                        barrier.wait();
+                        match meta.rename(&req, NOW) {
+                            Ok(_) => true,
+                            Err(e) if e.errno() == EINVAL => false,
+                            Err(e) => panic!("rename: {e}"),
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            results.iter().filter(|moved| **moved).count(),
+            1,
+            "round {round}: exactly one of the two renames may commit"
+        );
+    }
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn postgres_waiters_are_woken_after_the_listener_reconnects() {
+    let f = Fixture::new(Engine::Postgres);
+    let writer = f.reopen();
+    let wait_for_a_commit = |name: &str| {
+        let after = f.meta.last_change().unwrap();
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| {
+                f.meta
+                    .wait_for_changes(after, std::time::Duration::from_secs(30))
+                    .unwrap();
+                std::time::Instant::now()
+            });
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            writer
+                .create_node(ROOT_INO, name.as_bytes(), &node(FileKind::Regular), NOW)
+                .unwrap();
+            let committed = std::time::Instant::now();
+            let woke = waiter.join().unwrap();
+            woke.saturating_duration_since(committed)
+        })
+    };
+    assert!(wait_for_a_commit("before") < std::time::Duration::from_secs(1));
+    // Cut the listener's connection: it reconnects, and notifications reach waiters again.
+    let killed = f
+        .meta
+        .db
+        .write(|tx| {
+            tx.query_row(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = ?1",
+                cellar_sql::params![cellar_sql::LISTENER_NAME],
+                |row| row.get::<_, i64>(0),
+            )
+        })
+        .unwrap();
+    assert!(killed >= 1);
+    let delay = wait_for_a_commit("after");
+    assert!(
+        delay < std::time::Duration::from_secs(3),
+        "woke {delay:?} after the commit"
+    );
+    assert!(wait_for_a_commit("again") < std::time::Duration::from_secs(1));
+}
+
+fn destroy_deletes_the_volume_metadata(engine: Engine) {
+    let f = Fixture::new(engine);
+    f.mk(ROOT_INO, "file", FileKind::Regular);
+    let other = Fixture::new(engine);
+    other.mk(ROOT_INO, "kept", FileKind::Regular);
+    crate::destroy(&f.url).unwrap();
+    crate::destroy(&f.url).unwrap();
+    // Opened again, the volume is new; another volume of the database is untouched.
+    let reopened = f.reopen();
+    assert_eq!(reopened.volume().unwrap(), None);
+    assert_eq!(other.meta.lookup(ROOT_INO, b"kept").unwrap().nlink, 1);
+}
+
+fn locks_hold_across_engines_until_the_holders_session_is_reaped(engine: Engine) {
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "locked", FileKind::Regular);
+    let other_host = f.reopen();
+    // The holder's session (its heartbeat is from long ago by the engine's clock) and a live one.
+    let holder = LockOwner {
+        session: f.session,
+        owner: 1,
+    };
+    let waiter = LockOwner {
+        session: open_session(&other_host, wall_clock_ns()),
+        owner: 2,
+    };
+    let whole = |kind| LockRange {
+        start: 0,
+        end: u64::MAX,
+        kind,
+        pid: 9,
+    };
+    assert!(f
+        .meta
+        .setlk(file.ino, holder, &whole(LockKind::Write))
+        .unwrap());
+    assert!(!other_host
+        .setlk(file.ino, waiter, &whole(LockKind::Read))
+        .unwrap());
+    assert_eq!(
+        other_host
+            .getlk(file.ino, waiter, &whole(LockKind::Read))
+            .unwrap(),
+        Some(whole(LockKind::Write))
+    );
+    assert_eq!(
+        other_host
+            .reap_stale_sessions(MAX_AGE, Some(waiter.session))
+            .unwrap(),
+        1
+    );
+    assert!(other_host
+        .setlk(file.ino, waiter, &whole(LockKind::Read))
+        .unwrap());
+    assert_eq!(errno(f.meta.heartbeat(holder.session)), ESTALE);
+}
+
 /// Every test above that takes an engine, once per engine.
 macro_rules! on_every_engine {
     ($($name:ident),* $(,)?) => {
@@ -2288,6 +2512,10 @@ macro_rules! on_every_engine {
 }
 
 on_every_engine!(
+    locks_hold_across_engines_until_the_holders_session_is_reaped,
+    destroy_deletes_the_volume_metadata,
+    renames_that_together_would_close_a_loop_cannot_both_commit,
+    concurrent_cross_directory_renames_never_create_a_loop_or_lose_a_directory,
     migrations_apply_from_empty_and_refuse_newer_databases,
     format_is_idempotent_and_refuses_another_volume,
     create_lookup_and_their_errors,

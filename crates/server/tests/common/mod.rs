@@ -1,5 +1,7 @@
 //! A real server, in-process on a free loopback port, with a temporary data directory and the
-//! default file:// block store.
+//! default file:// block store; its control state (and volume metadata) in SQLite files of the
+//! data directory, or in a PostgreSQL database of its own (`Control::Postgres`: the harness's
+//! server, see `cellar_meta::testing::postgres_url`).
 
 #![allow(dead_code)] // Each test binary uses a different part of this helper.
 
@@ -17,6 +19,105 @@ pub fn cellar_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/cellar"))
 }
 
+/// Where a test server keeps its control state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs an async test once per control database: `mod NAME { sqlite, postgres }`.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::common::Control::Sqlite).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::common::Control::Postgres).await
+            }
+        }
+    )*};
+}
+
+/// A database of its own in the test PostgreSQL server, so tests run in parallel.
+fn fresh_postgres_database() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = cellar_meta::testing::postgres_url();
+    let name = format!(
+        "control_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut url = url::Url::parse(&base).unwrap();
+    // The postgres client blocks on a runtime of its own: not on the test's.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut client = postgres::Client::connect(&base, postgres::NoTls).unwrap();
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .unwrap();
+            })
+            .join()
+            .unwrap()
+    });
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+/// Runs one statement on the server's control database (as an operator with a SQL shell
+/// would); returns how many rows it changed.
+pub fn control_sql(config: &ServerConfig, sql: &str, params: Vec<cellar_sql::Value>) -> usize {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let db = match &config.database {
+                    None => cellar_sql::Database::open_sqlite(&config.data_dir.join("control.db"))
+                        .unwrap(),
+                    Some(url) => cellar_sql::Database::open_postgres(
+                        &cellar_sql::PgUrl::parse(&url.0).unwrap(),
+                        Some(cellar_server::CONTROL_SCHEMA),
+                    )
+                    .unwrap(),
+                };
+                db.write(|tx| tx.execute(sql, params.clone())).unwrap()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// Whether the volume's metadata exists: its SQLite file, or its PostgreSQL schema.
+pub fn volume_metadata_exists(config: &ServerConfig, volume_id: &str) -> bool {
+    match &config.database {
+        None => config
+            .data_dir
+            .join("volumes")
+            .join(format!("{volume_id}.db"))
+            .exists(),
+        Some(url) => std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut client = postgres::Client::connect(&url.0, postgres::NoTls).unwrap();
+                    let row = client
+                        .query_one(
+                            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1",
+                            &[&format!("vol_{volume_id}")],
+                        )
+                        .unwrap();
+                    row.get::<_, i64>(0) > 0
+                })
+                .join()
+                .unwrap()
+        }),
+    }
+}
+
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub config: ServerConfig,
@@ -31,10 +132,28 @@ impl TestServer {
         TestServer::start_with(|_| {}).await
     }
 
+    pub async fn start_on(control: Control) -> TestServer {
+        TestServer::start_on_with(control, |_| {}).await
+    }
+
     pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        TestServer::start_on_with(Control::Sqlite, adjust).await
+    }
+
+    pub async fn start_on_with(
+        control: Control,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = ServerConfig::with_data_dir(dir.path(), &cellar_bin());
         config.listen = "127.0.0.1:0".parse().unwrap();
+        if control == Control::Postgres {
+            config.database = Some(cellar_server::config::DatabaseUrl(
+                tokio::task::spawn_blocking(fresh_postgres_database)
+                    .await
+                    .unwrap(),
+            ));
+        }
         adjust(&mut config);
         let server = Server::start(config.clone()).await.expect("server starts");
         let key = server
@@ -54,9 +173,9 @@ impl TestServer {
 
     /// Stops the server (sandboxes keep running), runs `while_stopped`, starts it again on the
     /// same data directory.
-    pub async fn restart(&mut self, while_stopped: impl FnOnce(&Path)) {
+    pub async fn restart(&mut self, while_stopped: impl FnOnce(&ServerConfig)) {
         self.server.take().unwrap().shutdown().await.unwrap();
-        while_stopped(self.dir.path());
+        while_stopped(&self.config);
         let server = Server::start(self.config.clone())
             .await
             .expect("server restarts");
@@ -142,6 +261,17 @@ impl TestServer {
             .join(format!("{volume_id}.db"))
     }
 
+    /// Runs an admin function (`cellar admin ...`) on the server's configuration, on a thread of
+    /// its own (a database client may block on a runtime of its own).
+    pub fn admin<T: Send>(&self, work: impl FnOnce(&ServerConfig) -> T + Send) -> T {
+        std::thread::scope(|scope| scope.spawn(|| work(&self.config)).join().unwrap())
+    }
+
+    /// Whether the volume's metadata exists (in whichever database the server uses).
+    pub fn has_volume_metadata(&self, volume_id: &str) -> bool {
+        volume_metadata_exists(&self.config, volume_id)
+    }
+
     /// Every regular file under the block store directory.
     pub fn block_files(&self) -> Vec<PathBuf> {
         fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -171,8 +301,12 @@ impl TestServer {
 
 /// Writes a file into a volume through the vfs (as a mount would), so the store holds objects.
 pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data: Vec<u8>) {
+    let meta_url = match &server.config.database {
+        Some(url) => format!("{}?volume={volume_id}", url.0),
+        None => format!("sqlite://{}", server.volume_db(volume_id).display()),
+    };
     let config = cellar_vfs::VolumeConfig {
-        meta_url: format!("sqlite://{}", server.volume_db(volume_id).display()),
+        meta_url,
         store_url: server.config.store_url.clone(),
         volume: volume_id.to_string(),
         cache_mem_bytes: 16 << 20,

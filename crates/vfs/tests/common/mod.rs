@@ -1,9 +1,12 @@
-//! Shared fixtures: a volume on a SQLite metadata file and a file:// store in a temp dir.
+//! Shared fixtures: a volume with a file:// store in a temp dir and its metadata on SQLite (a
+//! file in the temp dir) or, with `CELLAR_TEST_META=postgres`, on PostgreSQL (a volume of its
+//! own in `CELLAR_TEST_POSTGRES_URL`, or in a server the test process starts itself).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cellar_meta::testing::Engine;
 use cellar_meta::MetaEngine;
 use cellar_store::{BlockStore, StoreOptions};
 use cellar_vfs::{Attr, Ctx, Ino, Vfs, VolumeConfig, ROOT_INO};
@@ -14,12 +17,22 @@ pub struct TestVolume {
 }
 
 impl TestVolume {
+    /// A volume on the engine `CELLAR_TEST_META` names (`sqlite`, the default, or `postgres`).
     pub fn new() -> TestVolume {
+        let engine = match std::env::var("CELLAR_TEST_META").as_deref() {
+            Ok("postgres") => Engine::Postgres,
+            Ok("sqlite") | Err(_) => Engine::Sqlite,
+            Ok(other) => panic!("CELLAR_TEST_META={other}: expected sqlite or postgres"),
+        };
+        TestVolume::new_on(engine)
+    }
+
+    pub fn new_on(engine: Engine) -> TestVolume {
         let dir = tempfile::tempdir().unwrap();
         let store_dir = dir.path().join("store");
         std::fs::create_dir_all(&store_dir).unwrap();
         let config = VolumeConfig {
-            meta_url: format!("sqlite://{}", dir.path().join("meta.db").display()),
+            meta_url: cellar_meta::testing::fresh_meta_url(engine, dir.path()),
             store_url: format!("file://{}", store_dir.display()),
             volume: "test".into(),
             cache_mem_bytes: 64 << 20,
