@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Several "hosts" on this machine for the multi-host tests: each host is a network namespace
-# (one veth on a bridge private to this run, no route anywhere else), a mount namespace (its FUSE
+# (one veth on a bridge private to this run, nothing reachable beyond it), a mount namespace (its FUSE
 # mounts are invisible to the other hosts and to this machine), a PID namespace (killing its init
 # kills everything that runs on it at once, like a crashed machine) and a data directory.
 #
@@ -116,6 +116,9 @@ start() { # n
     ip -n "$ns" addr add "$addr/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
+    # Sandbox networking (pasta) wants an interface with a default gateway; .254 is nobody, so
+    # a packet for any other network finds no next hop and never leaves the hosts' network.
+    ip -n "$ns" route add default via "10.89.$k.254" dev eth0
     start_init "$host"
     echo "export HOST${host}_ADDR=$addr" >>"$dir/env"
   done
