@@ -478,7 +478,15 @@ impl PgDb {
         loop {
             attempt += 1;
             let mut pooled = self.pool.get()?;
-            pooled.conn().batch(&begin)?;
+            if let Err(e) = pooled.conn().batch(&begin) {
+                // An idle connection the server dropped (a restart): nothing was done yet, so
+                // take another one (the pool only keeps connections that are still open).
+                if pooled.conn().client.is_closed() && attempt < MAX_ATTEMPTS {
+                    tracing::debug!(database = %self.pool.redacted, error = %e, "pooled connection was closed; reconnecting");
+                    continue;
+                }
+                return Err(e.into());
+            }
             let (result, lost_race, failed) = {
                 let tx = Tx::postgres(pooled.conn());
                 let result = f(&tx);

@@ -2493,6 +2493,54 @@ fn locks_hold_across_engines_until_the_holders_session_is_reaped(engine: Engine)
     assert_eq!(errno(f.meta.heartbeat(holder.session)), ESTALE);
 }
 
+#[test]
+fn postgres_transactions_survive_the_server_closing_idle_connections() {
+    // A pool of its own (the URL differs), whose connections alone are cut.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "{}&application_name=cellar-restart-test",
+        fresh_meta_url(Engine::Postgres, dir.path())
+    );
+    let meta = open_engine(&url);
+    meta.format(&volume("vol")).unwrap();
+    let mk = |name: &str| {
+        meta.create_node(ROOT_INO, name.as_bytes(), &node(FileKind::Regular), NOW)
+            .unwrap()
+    };
+    mk("before");
+    // As a restart of the server would, with the pool holding idle connections.
+    std::thread::scope(|scope| {
+        for i in 0..4 {
+            let mk = &mk;
+            scope.spawn(move || mk(&format!("busy{i}")));
+        }
+    });
+    let cut: i64 = meta
+        .db
+        .write(|tx| {
+            tx.query_row(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND application_name = 'cellar-restart-test'",
+                (),
+                |row| row.get(0),
+            )
+        })
+        .unwrap();
+    assert!(cut >= 1, "no idle connection to cut");
+    // Concurrent transactions take the cut connections out of the pool too.
+    std::thread::scope(|scope| {
+        for i in 0..4 {
+            let mk = &mk;
+            scope.spawn(move || {
+                for j in 0..5 {
+                    mk(&format!("after{i}-{j}"));
+                }
+            });
+        }
+    });
+    assert_eq!(meta.readdir(ROOT_INO, 0, 100, false).unwrap().len(), 25);
+    crate::destroy(&url).unwrap();
+}
+
 /// Every test above that takes an engine, once per engine.
 macro_rules! on_every_engine {
     ($($name:ident),* $(,)?) => {
