@@ -2541,6 +2541,38 @@ fn postgres_transactions_survive_the_server_closing_idle_connections() {
     crate::destroy(&url).unwrap();
 }
 
+#[test]
+fn postgres_commits_wake_the_waiters_of_another_host() {
+    // Two "hosts": the URLs differ, so each has its own pool and LISTEN connection.
+    let f = Fixture::new(Engine::Postgres);
+    let other_host = open_engine(&format!("{}&application_name=cellar-other-host", f.url));
+    let after = other_host.last_change().unwrap();
+    let delay = std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| {
+            other_host
+                .wait_for_changes(after, std::time::Duration::from_secs(30))
+                .unwrap();
+            std::time::Instant::now()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let file = f.mk(ROOT_INO, "pushed", FileKind::Regular);
+        let committed = std::time::Instant::now();
+        (
+            waiter.join().unwrap().saturating_duration_since(committed),
+            file,
+        )
+    });
+    assert!(
+        delay.0 < std::time::Duration::from_secs(1),
+        "woke {:?} after the commit",
+        delay.0
+    );
+    assert_eq!(
+        changes_after(&other_host, after, f.meta.origin()),
+        vec![(ROOT_INO, None), (delay.1.ino, entry(ROOT_INO, "pushed"))]
+    );
+}
+
 /// Every test above that takes an engine, once per engine.
 macro_rules! on_every_engine {
     ($($name:ident),* $(,)?) => {
