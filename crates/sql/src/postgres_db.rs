@@ -485,6 +485,10 @@ impl PgDb {
                     tracing::debug!(database = %self.pool.redacted, error = %e, "pooled connection was closed; reconnecting");
                     continue;
                 }
+                // BEGIN may have opened a transaction that a later statement of the batch aborted.
+                if pooled.conn().batch("ROLLBACK").is_err() {
+                    pooled.discard();
+                }
                 return Err(e.into());
             }
             let (result, lost_race, failed) = {
