@@ -245,7 +245,7 @@ impl MetaEngine for SqlEngine {
     }
 
     fn open_session(&self, info: &SessionInfo) -> Result<SessionId> {
-        self.write(|tx| namespace::open_session(tx, info))
+        self.write(|tx| namespace::open_session(tx, info, tx.now_ns()?))
     }
 
     fn heartbeat(&self, session: SessionId) -> Result<()> {

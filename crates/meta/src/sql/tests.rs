@@ -148,6 +148,8 @@ impl Fixture {
     }
 }
 
+/// A session whose last heartbeat was at `now_ns` (the engine stamps the first one with its own
+/// clock; the tests set it back to make a session stale).
 fn open_session(meta: &SqlEngine, now_ns: i64) -> SessionId {
     let info = SessionInfo {
         host: "host".into(),
@@ -155,7 +157,14 @@ fn open_session(meta: &SqlEngine, now_ns: i64) -> SessionId {
         mount_point: "/mnt".into(),
         now_ns,
     };
-    meta.open_session(&info).unwrap()
+    let session = meta.open_session(&info).unwrap();
+    if now_ns < wall_clock_ns() - MAX_AGE {
+        meta.raw(&format!(
+            "UPDATE sessions SET heartbeat_ns = {now_ns} WHERE id = {session}"
+        ))
+        .unwrap();
+    }
+    session
 }
 
 fn node(kind: FileKind) -> NewNode {
@@ -2573,6 +2582,24 @@ fn postgres_commits_wake_the_waiters_of_another_host() {
     );
 }
 
+fn a_session_opened_by_a_host_whose_clock_lags_is_live(engine: Engine) {
+    let f = Fixture::new(engine);
+    let lagging = SessionInfo {
+        host: "behind".into(),
+        pid: 1,
+        mount_point: "/mnt".into(),
+        now_ns: wall_clock_ns() - 10 * MAX_AGE,
+    };
+    let session = f.meta.open_session(&lagging).unwrap();
+    assert_eq!(f.meta.live_sessions(MAX_AGE).unwrap(), vec![session]);
+    assert_eq!(
+        f.reopen().reap_stale_sessions(MAX_AGE, None).unwrap(),
+        1,
+        "only the fixture's stale session"
+    );
+    f.meta.heartbeat(session).unwrap();
+}
+
 /// Every test above that takes an engine, once per engine.
 macro_rules! on_every_engine {
     ($($name:ident),* $(,)?) => {
@@ -2592,6 +2619,7 @@ macro_rules! on_every_engine {
 }
 
 on_every_engine!(
+    a_session_opened_by_a_host_whose_clock_lags_is_live,
     locks_hold_across_engines_until_the_holders_session_is_reaped,
     destroy_deletes_the_volume_metadata,
     renames_that_together_would_close_a_loop_cannot_both_commit,
