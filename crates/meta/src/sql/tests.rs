@@ -2535,7 +2535,8 @@ fn postgres_transactions_survive_the_server_closing_idle_connections() {
         })
         .unwrap();
     assert!(cut >= 1, "no idle connection to cut");
-    // Concurrent transactions take the cut connections out of the pool too.
+    // Concurrent transactions take the cut connections out of the pool too (the cut is
+    // asynchronous: some find out at BEGIN, some in the middle of their transaction).
     std::thread::scope(|scope| {
         for i in 0..4 {
             let mk = &mk;
