@@ -7,8 +7,9 @@
 //! - SQLite: writers take `BEGIN IMMEDIATE` on one connection per [`Database`] (writers of other
 //!   processes queue on the database lock); readers use a small pool of WAL connections.
 //! - PostgreSQL: writers run `SERIALIZABLE` and are retried after a serialization failure or a
-//!   deadlock (SQLSTATE 40001 / 40P01) with a bounded, jittered backoff, so a transaction's closure
-//!   must be re-runnable: it may run several times, only the last run commits. Readers run
+//!   deadlock (SQLSTATE 40001 / 40P01), or a connection lost before COMMIT, with a bounded,
+//!   jittered backoff, so a transaction's closure must be re-runnable: it may run several times,
+//!   only the last run commits. Readers run
 //!   `REPEATABLE READ READ ONLY` (one snapshot). Connections come from one pool per process per
 //!   database (see [`postgres::PgUrl`]), shared by every [`Database`] opened on it; each
 //!   `Database` may name a schema, set as the `search_path` of each of its transactions.
@@ -36,6 +37,9 @@ pub struct Error {
     message: String,
     /// The transaction lost a race (serialization failure, deadlock) and may succeed if re-run.
     retryable: bool,
+    /// The connection broke (the server closed it, restarted...): a transaction that had not
+    /// sent its COMMIT yet did not commit and may be re-run on another connection.
+    connection_lost: bool,
     /// A query that had to return a row returned none.
     no_rows: bool,
 }
@@ -45,6 +49,7 @@ impl Error {
         Error {
             message: message.into(),
             retryable: false,
+            connection_lost: false,
             no_rows: false,
         }
     }
@@ -53,6 +58,7 @@ impl Error {
         Error {
             message: "query returned no rows".into(),
             retryable: false,
+            connection_lost: false,
             no_rows: true,
         }
     }
@@ -260,8 +266,9 @@ fn migrate(tx: &Tx<'_>, migrations: &[&str]) -> Result<()> {
 /// One transaction. Statements are prepared once per connection and cached.
 pub struct Tx<'a> {
     conn: TxConn<'a>,
-    /// Set when a statement failed because the transaction lost a race: the caller's closure
-    /// then fails (with whatever error it makes of it) and the transaction is re-run.
+    /// Set when a statement failed because the transaction lost a race or its connection: the
+    /// caller's closure then fails (with whatever error it makes of it) and the transaction is
+    /// re-run.
     lost_race: Cell<bool>,
     /// Set when any statement failed (a PostgreSQL transaction is then aborted).
     failed: Cell<bool>,
@@ -299,7 +306,7 @@ impl<'a> Tx<'a> {
     fn note<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(e) = &result {
             self.failed.set(true);
-            if e.retryable {
+            if e.retryable || e.connection_lost {
                 self.lost_race.set(true);
             }
         }

@@ -122,10 +122,15 @@ impl SqlEngine {
     /// database.
     pub fn open_sqlite(path: &Path) -> Result<SqlEngine> {
         let db = Database::open_sqlite(path)?;
+        db.migrate(&schema::MIGRATIONS)?;
         let watch = db
             .sqlite_watch()
             .expect("a SQLite database has a data version")?;
-        SqlEngine::new(db, String::new(), ChangeWatch::Sqlite(watch))
+        Ok(SqlEngine::new(
+            db,
+            String::new(),
+            ChangeWatch::Sqlite(watch),
+        ))
     }
 
     /// Opens the volume `?volume=ID` of a PostgreSQL database (`postgres://USER:PASS@HOST:PORT/DB`)
@@ -134,16 +139,16 @@ impl SqlEngine {
     pub fn open_postgres(url: &PgUrl) -> Result<SqlEngine> {
         let schema = volume_schema(volume_of(url)?)?;
         let db = Database::open_postgres(url, Some(&schema))?;
+        db.migrate(&schema::MIGRATIONS)?;
         let listener = db
             .pg_listener()
             .expect("a PostgreSQL database has a listener");
         let signal = listener.subscribe(&schema);
-        SqlEngine::new(db, schema, ChangeWatch::Postgres(signal))
+        Ok(SqlEngine::new(db, schema, ChangeWatch::Postgres(signal)))
     }
 
-    fn new(db: Database, changes_key: String, watch: ChangeWatch) -> Result<SqlEngine> {
-        db.migrate(&schema::MIGRATIONS)?;
-        Ok(SqlEngine {
+    fn new(db: Database, changes_key: String, watch: ChangeWatch) -> SqlEngine {
+        SqlEngine {
             db,
             volume: OnceLock::new(),
             open_files: Mutex::new(OpenFiles::new()),
@@ -151,7 +156,7 @@ impl SqlEngine {
             changes_key,
             watch,
             inos: Mutex::new(0..0),
-        })
+        }
     }
 
     /// Runs `f` as one writing transaction that ends by appending what it changed to the change
@@ -240,7 +245,7 @@ impl MetaEngine for SqlEngine {
     }
 
     fn open_session(&self, info: &SessionInfo) -> Result<SessionId> {
-        self.write(|tx| namespace::open_session(tx, info))
+        self.write(|tx| namespace::open_session(tx, info, tx.now_ns()?))
     }
 
     fn heartbeat(&self, session: SessionId) -> Result<()> {

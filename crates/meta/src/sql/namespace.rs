@@ -190,12 +190,14 @@ pub fn reserve_inos(conn: &Tx<'_, '_>, count: u64) -> Result<Ino> {
     Ok(add_counter(conn, "next_ino", count as i64)? as u64 - count)
 }
 
-pub fn open_session(conn: &Tx<'_, '_>, info: &SessionInfo) -> Result<SessionId> {
+/// The first heartbeat is `now_ns` by the engine's clock, as every later one: a host whose clock
+/// lags must not open a session that others already take for stale.
+pub fn open_session(conn: &Tx<'_, '_>, info: &SessionInfo, now_ns: i64) -> Result<SessionId> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO sessions (host, pid, mount_point, started_ns, heartbeat_ns) VALUES (?1, ?2, ?3, ?4, ?4) RETURNING id",
+        "INSERT INTO sessions (host, pid, mount_point, started_ns, heartbeat_ns) VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
     )?;
     Ok(stmt.query_row(
-        params![info.host, info.pid, info.mount_point, info.now_ns],
+        params![info.host, info.pid, info.mount_point, info.now_ns, now_ns],
         |row| row.get(0),
     )?)
 }
