@@ -25,6 +25,9 @@ POSTGRES_SUITES=(two_mount_model_test pjdfstest workloads)
 # Minutes each end-to-end suite may take before it counts as failed (a hung mount must not hang CI).
 declare -A SUITE_MINUTES=([model_test]=20 [two_mount_model_test]=15 [pjdfstest]=30 [fsx_fio]=40 [workloads]=20 [crash_test]=20 [multihost]=20)
 
+# shellcheck source=harness/server.sh
+source tests/harness/server.sh
+
 failed_steps=()
 e2e_passed=0
 e2e_failed=0
@@ -103,6 +106,14 @@ if step "cargo build --release" cargo build --release --locked -p cellar-cli; th
     fi
     # A suite killed by its timeout cannot unmount: detach whatever it left mounted.
     awk -v dir="$e2e_tmp/" 'index($2, dir) == 1 {print $2}' /proc/self/mounts | xargs -r -n1 fusermount3 -u -z
+    # The multi-host tests killed by their timeout leave hosts, a server, PostgreSQL and RGW.
+    for left in "$e2e_tmp"/mh-*; do
+      [ -d "$left" ] || continue
+      for pid in $(server_processes "$left"); do kill -KILL "$pid" 2>/dev/null; done
+      bash tests/harness/hosts.sh stop "$left/hosts"
+      bash tests/harness/rgw.sh stop "$left/rgw"
+      bash tests/harness/postgres.sh stop "$left/pg"
+    done
   done
   rmdir "$e2e_tmp" 2>/dev/null || echo "scratch directories of failed suites: $e2e_tmp"
   if [ $# -eq 0 ]; then
