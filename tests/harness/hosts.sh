@@ -144,7 +144,7 @@ while True:
 
 check_host() { # host
   [ -e "$dir/tag" ] || die "no hosts in $dir"
-  [[ $1 =~ ^[0-9]+$ ]] && [ -d "$dir/host$1" ] || die "no host $1 in $dir"
+  if ! [[ $1 =~ ^[0-9]+$ ]] || [ ! -d "$dir/host$1" ]; then die "no host $1 in $dir"; fi
 }
 
 enter() { # host cmd...

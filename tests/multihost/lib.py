@@ -152,8 +152,8 @@ class Cluster:
         return worker
 
     def run_everywhere(self, commands, timeout):
-        """Runs {host: argv} (a list of (host, argv)) at once; returns their outputs; fails if any
-        fails or all have not finished within timeout."""
+        """Runs every (host, argv) of `commands` at once; returns their outputs (in that order);
+        fails if any fails or they have not all finished within `timeout` seconds."""
         procs = [(host, argv, self.start_on(host, argv)) for host, argv in commands]
         deadline = time.monotonic() + timeout
         outputs = []

@@ -36,7 +36,7 @@ import traceback
 
 from runners import SANDBOX_VOLUME, Runners, RunnerVolume, Server
 from lib import (
-    WORKER, Cluster, MountVolume, TestFailure, WorkerError, check, fresh_work_dir, note,
+    WORKER, Cluster, MountVolume, TestFailure, check, fresh_work_dir, note,
     remove_work_dir,
 )
 
