@@ -45,6 +45,25 @@ step() { # name command...
   fi
 }
 
+# The cellar-vfs test binaries of the workspace build, run again with PostgreSQL metadata
+# (its integration tests pick the engine; `cargo test -p cellar-vfs` would rebuild half the
+# dependencies with other features).
+vfs_tests_on_postgres() {
+  local bins bin
+  bins=$(cargo test --workspace --locked --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"] \
+            and m["target"]["src_path"].startswith(sys.argv[1]):
+        print(m["executable"])
+' "$PWD/crates/vfs/") || return 1
+  [ -n "$bins" ] || { echo "no cellar-vfs test binaries found"; return 1; }
+  for bin in $bins; do
+    (cd crates/vfs && CELLAR_TEST_META=postgres "$bin" -q) || return 1
+  done
+}
+
 suite_command() { # suite
   if [ "$1" = multihost ]; then echo python3 tests/multihost/run.py
   elif [ -f "tests/fs/$1.py" ]; then echo python3 "tests/fs/$1.py"
@@ -78,7 +97,7 @@ if [ ${#suites[@]} -eq 0 ]; then
   step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
   step "cargo test" cargo test --workspace --locked
   # The metadata engine's suite runs on both engines by itself; the vfs suite on the one it is told.
-  step "cargo test (vfs on PostgreSQL)" env CELLAR_TEST_META=postgres cargo test -p cellar-vfs --locked
+  step "cargo test (vfs on PostgreSQL)" vfs_tests_on_postgres
 fi
 
 # The end-to-end suites use the optimized binary: fsx and fio are far too slow on a debug build.
