@@ -54,9 +54,13 @@ fn main() {
                 .ino
         })
         .collect();
-    let dirs: Vec<u64> = dirs.iter().map(|&d| if d == 0 { dirs[0] } else { d }).collect();
+    let dirs: Vec<u64> = dirs
+        .iter()
+        .map(|&d| if d == 0 { dirs[0] } else { d })
+        .collect();
     let phase = |name: &str, op: &(dyn Fn(&dyn MetaEngine, u64, usize, usize) + Sync)| {
         let started = Instant::now();
+        let retries_before = cellar_sql::retries();
         std::thread::scope(|scope| {
             for (t, &dir) in dirs.iter().enumerate() {
                 let meta = &meta;
@@ -69,7 +73,11 @@ fn main() {
         });
         let secs = started.elapsed().as_secs_f64();
         let ops = (threads * files) as f64;
-        println!("{name:>7}: {:>8.0} ops/s ({ops} in {secs:.2}s)", ops / secs);
+        let retries = cellar_sql::retries() - retries_before;
+        println!(
+            "{name:>7}: {:>8.0} ops/s ({ops} in {secs:.2}s, {retries} transactions re-run)",
+            ops / secs
+        );
     };
     phase("create", &|meta, dir, t, i| {
         meta.create_node(dir, format!("f{t}-{i}").as_bytes(), &node, 2)

@@ -24,7 +24,9 @@ pub trait MetaEngine: Send + Sync {
     fn format(&self, volume: &VolumeInfo) -> Result<VolumeInfo>;
     /// The stored volume, if formatted.
     fn volume(&self) -> Result<Option<VolumeInfo>>;
-    /// Registers a mount (or other client) session; locks and sustained inodes belong to it.
+    /// Registers a mount (or other client) session; locks and sustained inodes belong to it. Its
+    /// first heartbeat is stamped with the engine's clock (`info.now_ns` is its start time, as the
+    /// caller saw it).
     fn open_session(&self, info: &SessionInfo) -> Result<SessionId>;
     /// Refreshes the session's heartbeat, stamped with the engine's clock (never the caller's: the
     /// sessions of many hosts are compared with each other). `MetaError::Posix(ESTALE)` if the

@@ -7,8 +7,9 @@
 //! - SQLite: writers take `BEGIN IMMEDIATE` on one connection per [`Database`] (writers of other
 //!   processes queue on the database lock); readers use a small pool of WAL connections.
 //! - PostgreSQL: writers run `SERIALIZABLE` and are retried after a serialization failure or a
-//!   deadlock (SQLSTATE 40001 / 40P01) with a bounded, jittered backoff, so a transaction's closure
-//!   must be re-runnable: it may run several times, only the last run commits. Readers run
+//!   deadlock (SQLSTATE 40001 / 40P01), or a connection lost before COMMIT, with a bounded,
+//!   jittered backoff, so a transaction's closure must be re-runnable: it may run several times,
+//!   only the last run commits. Readers run
 //!   `REPEATABLE READ READ ONLY` (one snapshot). Connections come from one pool per process per
 //!   database (see [`postgres::PgUrl`]), shared by every [`Database`] opened on it; each
 //!   `Database` may name a schema, set as the `search_path` of each of its transactions.
@@ -20,7 +21,7 @@ mod value;
 use std::cell::{Cell, RefCell};
 use std::path::Path;
 
-pub use postgres_db::{destroy_schema, redact, PgListener, PgUrl, Signal, LISTENER_NAME};
+pub use postgres_db::{destroy_schema, redact, retries, PgListener, PgUrl, Signal, LISTENER_NAME};
 pub use sqlite_db::SqliteWatch;
 pub use value::{ColumnIndex, FromValue, Params, Row, ToValue, Value};
 
@@ -36,6 +37,9 @@ pub struct Error {
     message: String,
     /// The transaction lost a race (serialization failure, deadlock) and may succeed if re-run.
     retryable: bool,
+    /// The connection broke (the server closed it, restarted...): a transaction that had not
+    /// sent its COMMIT yet did not commit and may be re-run on another connection.
+    connection_lost: bool,
     /// A query that had to return a row returned none.
     no_rows: bool,
 }
@@ -45,6 +49,7 @@ impl Error {
         Error {
             message: message.into(),
             retryable: false,
+            connection_lost: false,
             no_rows: false,
         }
     }
@@ -53,6 +58,7 @@ impl Error {
         Error {
             message: "query returned no rows".into(),
             retryable: false,
+            connection_lost: false,
             no_rows: true,
         }
     }
@@ -260,8 +266,9 @@ fn migrate(tx: &Tx<'_>, migrations: &[&str]) -> Result<()> {
 /// One transaction. Statements are prepared once per connection and cached.
 pub struct Tx<'a> {
     conn: TxConn<'a>,
-    /// Set when a statement failed because the transaction lost a race: the caller's closure
-    /// then fails (with whatever error it makes of it) and the transaction is re-run.
+    /// Set when a statement failed because the transaction lost a race or its connection: the
+    /// caller's closure then fails (with whatever error it makes of it) and the transaction is
+    /// re-run.
     lost_race: Cell<bool>,
     /// Set when any statement failed (a PostgreSQL transaction is then aborted).
     failed: Cell<bool>,
@@ -299,7 +306,7 @@ impl<'a> Tx<'a> {
     fn note<T>(&self, result: Result<T>) -> Result<T> {
         if let Err(e) = &result {
             self.failed.set(true);
-            if e.retryable {
+            if e.retryable || e.connection_lost {
                 self.lost_race.set(true);
             }
         }
@@ -377,20 +384,14 @@ impl<'a> Tx<'a> {
         }
     }
 
-    /// Holds the lock `key` until the transaction ends: writers of one key that take it commit
-    /// one after the other from that point. SQLite's writers are serialised already.
-    pub fn lock_key(&self, key: &str) -> Result<()> {
-        if let TxConn::Postgres(_) = self.conn {
-            self.execute("SELECT pg_advisory_xact_lock(hashtext(?1))", params![key])?;
-        }
-        Ok(())
-    }
-
-    /// Notifies the [`PgListener`]s of every process, at COMMIT, that `key` changed. SQLite has
-    /// no notifications: its waiters watch the data version ([`SqliteWatch`]).
-    pub fn notify(&self, key: &str) -> Result<()> {
+    /// Publishes a change of `key`: holds the lock `key` until the transaction ends (publishers
+    /// of one key commit one after the other from this point, so what they write next is in
+    /// commit order) and notifies the [`PgListener`]s of every process at COMMIT. SQLite's
+    /// writers are serialised already, and its waiters watch the data version
+    /// ([`SqliteWatch`]) instead of notifications.
+    pub fn publish(&self, key: &str) -> Result<()> {
         match self.conn {
-            TxConn::Postgres(_) => postgres_db::notify(self, key),
+            TxConn::Postgres(_) => postgres_db::publish(self, key),
             TxConn::Sqlite(_) => Ok(()),
         }
     }

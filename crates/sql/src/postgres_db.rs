@@ -123,6 +123,19 @@ fn error(e: postgres::Error) -> Error {
         e.code(),
         Some(&SqlState::T_R_SERIALIZATION_FAILURE) | Some(&SqlState::T_R_DEADLOCK_DETECTED)
     );
+    // Class 08 (connection exception), 57P01..57P03 (the server shutting down or restarting),
+    // or no answer at all.
+    let connection_lost = e.is_closed()
+        || std::error::Error::source(&e).is_some_and(|source| source.is::<std::io::Error>())
+        || e.code().is_some_and(|code| {
+            code.code().starts_with("08")
+                || [
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                ]
+                .contains(code)
+        });
     let message = match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => match std::error::Error::source(&e) {
@@ -133,6 +146,7 @@ fn error(e: postgres::Error) -> Error {
     Error {
         message,
         retryable,
+        connection_lost,
         no_rows: false,
     }
 }
@@ -478,7 +492,20 @@ impl PgDb {
         loop {
             attempt += 1;
             let mut pooled = self.pool.get()?;
-            pooled.conn().batch(&begin)?;
+            if let Err(e) = pooled.conn().batch(&begin) {
+                // An idle connection the server dropped (a restart): nothing was done yet, so
+                // take another one.
+                if e.connection_lost && attempt < MAX_ATTEMPTS {
+                    tracing::debug!(database = %self.pool.redacted, error = %e, "pooled connection was lost; reconnecting");
+                    pooled.discard();
+                    continue;
+                }
+                // BEGIN may have opened a transaction that a later statement of the batch aborted.
+                if pooled.conn().batch("ROLLBACK").is_err() {
+                    pooled.discard();
+                }
+                return Err(e.into());
+            }
             let (result, lost_race, failed) = {
                 let tx = Tx::postgres(pooled.conn());
                 let result = f(&tx);
@@ -492,6 +519,8 @@ impl PgDb {
                 )),
                 Ok(value) => match pooled.conn().batch("COMMIT") {
                     Ok(()) => return Ok(value),
+                    // Whether a COMMIT whose connection broke committed is unknown: not re-run.
+                    Err(e) if e.connection_lost => return Err(e.into()),
                     Err(e) => Err(e),
                 },
                 Err(e) => {
@@ -510,6 +539,7 @@ impl PgDb {
                 }
             }
             drop(pooled);
+            RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let cap = Duration::from_millis(1 << attempt.min(16)).min(MAX_BACKOFF);
             std::thread::sleep(cap.mul_f64(rand::random::<f64>()));
         }
@@ -630,11 +660,21 @@ impl PgListener {
     }
 }
 
-/// The payload of this transaction's notification of `key`, sent at COMMIT.
-pub(crate) fn notify(tx: &Tx<'_>, key: &str) -> Result<()> {
-    tx.execute("SELECT pg_notify(?1, ?2)", crate::params![CHANNEL, key])?;
+/// See [`Tx::publish`]: one statement, the lock and the notification (sent at COMMIT).
+pub(crate) fn publish(tx: &Tx<'_>, key: &str) -> Result<()> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(?1)), pg_notify(?2, ?1)",
+        crate::params![key, CHANNEL],
+    )?;
     Ok(())
 }
+
+/// Transactions of this process re-run after losing a race (serialization failure, deadlock).
+pub fn retries() -> u64 {
+    RETRIES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn listen_loop(config: &postgres::Config, redacted: &str, listener: &std::sync::Weak<PgListener>) {
     let mut failures = 0u32;

@@ -6,10 +6,13 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
 
-use cellar_sql::{params, OptionalExtension};
+use cellar_sql::{params, OptionalExtension, ToValue, Value};
 
 use super::rows::{counter, set_counter};
 use crate::{Change, ChangeBatch, Ino, Result};
+
+/// Change rows inserted by one statement.
+const ROWS_PER_INSERT: usize = 64;
 
 /// What one write transaction changed (one row per inode / entry is enough).
 #[derive(Default)]
@@ -54,18 +57,32 @@ impl<'t, 'a> Tx<'t, 'a> {
         if changes.inos.is_empty() && changes.entries.is_empty() {
             return Ok(());
         }
-        self.conn.lock_key(key)?;
-        let mut insert = self.conn.prepare_cached(
-            "INSERT INTO changes (origin, ino, parent, name) VALUES (?1, ?2, ?3, ?4)",
-        )?;
+        self.conn.publish(key)?;
         let named: BTreeSet<Ino> = changes.entries.values().copied().collect();
-        for ((parent, name), ino) in &changes.entries {
-            insert.execute(params![origin as i64, ino, parent, name])?;
+        let rows: Vec<[Value; 3]> = changes
+            .entries
+            .iter()
+            .map(|((parent, name), ino)| params![ino, parent, name])
+            .chain(
+                changes
+                    .inos
+                    .difference(&named)
+                    .map(|ino| params![ino, None::<i64>, None::<Vec<u8>>]),
+            )
+            .collect();
+        // A few rows per statement (one round trip each on PostgreSQL).
+        for batch in rows.chunks(ROWS_PER_INSERT) {
+            let values: Vec<String> = (0..batch.len())
+                .map(|i| format!("(?1, ?{}, ?{}, ?{})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
+                .collect();
+            let sql = format!(
+                "INSERT INTO changes (origin, ino, parent, name) VALUES {}",
+                values.join(", ")
+            );
+            let mut bound = vec![(origin as i64).to_value()];
+            bound.extend(batch.iter().flatten().cloned());
+            self.conn.execute(&sql, bound)?;
         }
-        for ino in changes.inos.difference(&named) {
-            insert.execute(params![origin as i64, ino, None::<i64>, None::<Vec<u8>>])?;
-        }
-        self.conn.notify(key)?;
         Ok(())
     }
 }

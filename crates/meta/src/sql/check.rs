@@ -7,7 +7,7 @@ use cellar_sql::params;
 use super::changes::Tx;
 
 use super::namespace::free_inode;
-use super::rows::{counter, set_counter, DIRECTORY_CODE, REGULAR_CODE};
+use super::rows::{counter, set_counter, set_usage, usage_totals, DIRECTORY_CODE, REGULAR_CODE};
 use std::collections::{HashMap, HashSet};
 
 use crate::{Ino, Result, ROOT_INO};
@@ -222,13 +222,16 @@ fn counters(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>) -> Resu
         (),
         |row| Ok(row.get::<_, i64>(0)?.max(row.get(1)?)),
     )?;
+    let (used_bytes, used_inodes) = usage_totals(conn)?;
+    if (used_bytes, used_inodes) != (bytes, inodes) {
+        problems.push(format!(
+            "usage is {used_bytes} bytes in {used_inodes} inodes, expected {bytes} bytes in {inodes} inodes"
+        ));
+        if repair {
+            set_usage(conn, bytes, inodes)?;
+        }
+    }
     let expectations = [
-        (
-            "used_inodes",
-            inodes,
-            counter(conn, "used_inodes")? == inodes,
-        ),
-        ("used_bytes", bytes, counter(conn, "used_bytes")? == bytes),
         (
             "next_ino",
             max_ino + 1,

@@ -5,7 +5,7 @@ use libc::{EINVAL, EISDIR};
 
 use super::changes::Tx;
 
-use super::rows::{add_counter, get_attr, posix};
+use super::rows::{add_counter, add_usage, get_attr, posix};
 use crate::{
     Attr, Committed, Content, FileKind, GarbageSlice, Ino, Layout, MetaError, Result, Slice,
     SliceReferences, VolumeInfo,
@@ -63,7 +63,7 @@ fn store_content(
     conn.prepare_cached("UPDATE inodes SET size = ?1, inline_data = ?2, mtime_ns = ?3, ctime_ns = ?3, data_version = data_version + 1 WHERE ino = ?4")?
         .execute(params![size, inline, now_ns, attr.ino])?;
     conn.ino_changed(attr.ino);
-    add_counter(conn, "used_bytes", size as i64 - attr.size as i64)?;
+    add_usage(conn, size as i64 - attr.size as i64, 0)?;
     attr.size = size;
     attr.mtime_ns = now_ns;
     attr.ctime_ns = now_ns;

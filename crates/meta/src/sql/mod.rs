@@ -16,7 +16,7 @@
 //! (one row per session), the last close removes it; unlink and rename keep an inode that any
 //! session has open, inside their transaction, without calling up.
 //!
-//! Lock order: `open_files` → the database's own locks. None is held while calling out of this
+//! Lock order: `open_files` or `inos` → the database's own locks. None is held while calling out of this
 //! crate.
 
 mod changes;
@@ -48,6 +48,8 @@ use crate::{
 /// How often a waiter for changes of a SQLite volume polls the database's data version: another
 /// process's commit is noticed within this.
 const CHANGE_POLL: Duration = Duration::from_millis(2);
+/// Inode numbers an engine reserves at a time (see `namespace::reserve_inos`).
+const INO_BATCH: u64 = 64;
 /// Longest volume id of a PostgreSQL URL (a schema name has at most 63 bytes).
 const MAX_VOLUME_ID: usize = 56;
 
@@ -69,6 +71,8 @@ pub struct SqlEngine {
     /// The key of the volume's change notifications and of the lock that orders its change log.
     changes_key: String,
     watch: ChangeWatch,
+    /// Inode numbers reserved for this engine's creates.
+    inos: Mutex<std::ops::Range<Ino>>,
 }
 
 /// How a waiter learns that another engine may have committed.
@@ -118,10 +122,15 @@ impl SqlEngine {
     /// database.
     pub fn open_sqlite(path: &Path) -> Result<SqlEngine> {
         let db = Database::open_sqlite(path)?;
+        db.migrate(&schema::MIGRATIONS)?;
         let watch = db
             .sqlite_watch()
             .expect("a SQLite database has a data version")?;
-        SqlEngine::new(db, String::new(), ChangeWatch::Sqlite(watch))
+        Ok(SqlEngine::new(
+            db,
+            String::new(),
+            ChangeWatch::Sqlite(watch),
+        ))
     }
 
     /// Opens the volume `?volume=ID` of a PostgreSQL database (`postgres://USER:PASS@HOST:PORT/DB`)
@@ -130,23 +139,24 @@ impl SqlEngine {
     pub fn open_postgres(url: &PgUrl) -> Result<SqlEngine> {
         let schema = volume_schema(volume_of(url)?)?;
         let db = Database::open_postgres(url, Some(&schema))?;
+        db.migrate(&schema::MIGRATIONS)?;
         let listener = db
             .pg_listener()
             .expect("a PostgreSQL database has a listener");
         let signal = listener.subscribe(&schema);
-        SqlEngine::new(db, schema, ChangeWatch::Postgres(signal))
+        Ok(SqlEngine::new(db, schema, ChangeWatch::Postgres(signal)))
     }
 
-    fn new(db: Database, changes_key: String, watch: ChangeWatch) -> Result<SqlEngine> {
-        db.migrate(&schema::MIGRATIONS)?;
-        Ok(SqlEngine {
+    fn new(db: Database, changes_key: String, watch: ChangeWatch) -> SqlEngine {
+        SqlEngine {
             db,
             volume: OnceLock::new(),
             open_files: Mutex::new(OpenFiles::new()),
             origin: rand::random(),
             changes_key,
             watch,
-        })
+            inos: Mutex::new(0..0),
+        }
     }
 
     /// Runs `f` as one writing transaction that ends by appending what it changed to the change
@@ -174,6 +184,18 @@ impl SqlEngine {
             MetaError::Engine(format!("{} holds no formatted volume", self.db.describe()))
         })?;
         Ok(self.volume.get_or_init(|| volume))
+    }
+
+    /// The number of the next inode this engine creates.
+    fn next_ino(&self) -> Result<Ino> {
+        let mut inos = self.inos.lock();
+        if inos.is_empty() {
+            let first = self
+                .db
+                .write(|tx| namespace::reserve_inos(&Tx::new(tx), INO_BATCH))?;
+            *inos = first..first + INO_BATCH;
+        }
+        Ok(inos.next().expect("refilled"))
     }
 
     /// Something that tells whether another commit may have happened since.
@@ -223,7 +245,7 @@ impl MetaEngine for SqlEngine {
     }
 
     fn open_session(&self, info: &SessionInfo) -> Result<SessionId> {
-        self.write(|tx| namespace::open_session(tx, info))
+        self.write(|tx| namespace::open_session(tx, info, tx.now_ns()?))
     }
 
     fn heartbeat(&self, session: SessionId) -> Result<()> {
@@ -292,7 +314,8 @@ impl MetaEngine for SqlEngine {
         node: &crate::NewNode,
         now_ns: i64,
     ) -> Result<Attr> {
-        self.write(|tx| namespace::create_node(tx, parent, name, node, now_ns))
+        let ino = self.next_ino()?;
+        self.write(|tx| namespace::create_node(tx, ino, parent, name, node, now_ns))
     }
 
     fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8], now_ns: i64) -> Result<Attr> {

@@ -9,8 +9,8 @@ use libc::{
 use super::changes::Tx;
 use super::data::discard_chunks_from;
 use super::rows::{
-    add_counter, attr_from_row, counter, get_attr, kind_code, kind_from_code, posix, set_counter,
-    ATTR_COLUMNS, DIRECTORY_CODE, NEW_INODE_COLUMNS, REGULAR_CODE,
+    add_counter, add_usage, attr_from_row, get_attr, kind_code, kind_from_code, posix, set_usage,
+    usage_totals, ATTR_COLUMNS, DIRECTORY_CODE, NEW_INODE_COLUMNS, REGULAR_CODE,
 };
 use crate::{
     invalid_name, Attr, DirEntry, FileKind, Ino, MetaError, NewNode, Rename, RenameMode,
@@ -92,10 +92,8 @@ pub fn free_inode(conn: &Tx<'_, '_>, ino: Ino, now_ns: i64) -> Result<()> {
         .optional()?;
     if let Some((kind, size)) = freed {
         conn.ino_changed(ino);
-        add_counter(conn, "used_inodes", -1)?;
-        if kind == REGULAR_CODE {
-            add_counter(conn, "used_bytes", -size)?;
-        }
+        let bytes = if kind == REGULAR_CODE { size } else { 0 };
+        add_usage(conn, -bytes, -1)?;
     }
     Ok(())
 }
@@ -180,16 +178,26 @@ pub fn format(conn: &Tx<'_, '_>, volume: &VolumeInfo) -> Result<VolumeInfo> {
         &format!("INSERT INTO inodes ({NEW_INODE_COLUMNS}) VALUES (?1, ?2, ?3, 0, 0, 2, ?4, 0, ?5, ?5, ?5, ?1)"),
         params![ROOT_INO, DIRECTORY_CODE, ROOT_PERM, DIR_SIZE, now],
     )?;
-    set_counter(conn, "used_inodes", 1)?;
+    set_usage(conn, 0, 1)?;
     Ok(volume.clone())
 }
 
-pub fn open_session(conn: &Tx<'_, '_>, info: &SessionInfo) -> Result<SessionId> {
+/// Reserves `count` inode numbers for one engine instance; returns the first. Creates then take
+/// numbers from the reservation without touching the `next_ino` row that every create would
+/// otherwise update (a hot row that serialises concurrent creates on PostgreSQL). Numbers of a
+/// reservation left unused (the engine closed) are never taken: gaps are harmless.
+pub fn reserve_inos(conn: &Tx<'_, '_>, count: u64) -> Result<Ino> {
+    Ok(add_counter(conn, "next_ino", count as i64)? as u64 - count)
+}
+
+/// The first heartbeat is `now_ns` by the engine's clock, as every later one: a host whose clock
+/// lags must not open a session that others already take for stale.
+pub fn open_session(conn: &Tx<'_, '_>, info: &SessionInfo, now_ns: i64) -> Result<SessionId> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO sessions (host, pid, mount_point, started_ns, heartbeat_ns) VALUES (?1, ?2, ?3, ?4, ?4) RETURNING id",
+        "INSERT INTO sessions (host, pid, mount_point, started_ns, heartbeat_ns) VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
     )?;
     Ok(stmt.query_row(
-        params![info.host, info.pid, info.mount_point, info.now_ns],
+        params![info.host, info.pid, info.mount_point, info.now_ns, now_ns],
         |row| row.get(0),
     )?)
 }
@@ -335,8 +343,10 @@ pub fn setattr(conn: &Tx<'_, '_>, ino: Ino, changes: &SetAttr, now_ns: i64) -> R
     Ok(attr)
 }
 
+/// Creates `node` as inode `ino` (a number the engine reserved: see `reserve_inos`).
 pub fn create_node(
     conn: &Tx<'_, '_>,
+    ino: Ino,
     parent: Ino,
     name: &[u8],
     node: &NewNode,
@@ -350,7 +360,6 @@ pub fn create_node(
     if node.kind == FileKind::Symlink && node.target.is_empty() {
         return Err(posix(ENOENT));
     }
-    let ino: Ino = add_counter(conn, "next_ino", 1)? as u64 - 1;
     let (nlink, size) = match node.kind {
         FileKind::Directory => (2, DIR_SIZE),
         FileKind::Symlink => (1, node.target.len() as u64),
@@ -379,7 +388,7 @@ pub fn create_node(
     ])?;
     insert_entry(conn, parent, name, ino, node.kind)?;
     touch_dir(conn, parent, subdir_delta(node.kind), now_ns)?;
-    add_counter(conn, "used_inodes", 1)?;
+    add_usage(conn, 0, 1)?;
     Ok(Attr {
         ino,
         kind: node.kind,
@@ -669,9 +678,10 @@ pub fn close_file(conn: &Tx<'_, '_>, session: SessionId, ino: Ino, now_ns: i64) 
 }
 
 pub fn usage(conn: &Tx<'_, '_>) -> Result<Usage> {
+    let (bytes, inodes) = usage_totals(conn)?;
     Ok(Usage {
-        bytes: counter(conn, "used_bytes")? as u64,
-        inodes: counter(conn, "used_inodes")? as u64,
+        bytes: bytes.max(0) as u64,
+        inodes: inodes.max(0) as u64,
     })
 }
 

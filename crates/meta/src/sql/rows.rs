@@ -84,6 +84,48 @@ pub fn add_counter(conn: &cellar_sql::Tx<'_>, name: &str, delta: i64) -> Result<
     Ok(stmt.query_row(params![delta, name], |row| row.get(0))?)
 }
 
+/// Usage (bytes, inodes) is spread over this many rows of `usage_shards` (the sum is the
+/// volume's usage), so that concurrent writers (on PostgreSQL) rarely update the same row: each
+/// thread writes to a shard of its own, the threads of a process to consecutive shards from a
+/// random start.
+const USAGE_SHARDS: u64 = 64;
+
+fn usage_shard() -> u64 {
+    static FIRST: std::sync::LazyLock<u64> = std::sync::LazyLock::new(rand::random);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    thread_local! {
+        static SHARD: u64 = FIRST
+            .wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            % USAGE_SHARDS;
+    }
+    SHARD.with(|shard| *shard)
+}
+
+pub fn add_usage(conn: &cellar_sql::Tx<'_>, bytes: i64, inodes: i64) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE usage_shards SET bytes = bytes + ?1, inodes = inodes + ?2 WHERE shard = ?3",
+    )?
+    .execute(params![bytes, inodes, usage_shard()])?;
+    Ok(())
+}
+
+/// (bytes, inodes) of the volume.
+pub fn usage_totals(conn: &cellar_sql::Tx<'_>) -> Result<(i64, i64)> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT), CAST(COALESCE(SUM(inodes), 0) AS BIGINT) FROM usage_shards",
+        )?
+        .query_row((), |row| Ok((row.get(0)?, row.get(1)?)))?)
+}
+
+pub fn set_usage(conn: &cellar_sql::Tx<'_>, bytes: i64, inodes: i64) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE usage_shards SET bytes = CASE WHEN shard = 0 THEN ?1 ELSE 0 END, inodes = CASE WHEN shard = 0 THEN ?2 ELSE 0 END",
+    )?
+    .execute(params![bytes, inodes])?;
+    Ok(())
+}
+
 pub fn set_counter(conn: &cellar_sql::Tx<'_>, name: &str, value: i64) -> Result<()> {
     conn.prepare_cached("UPDATE counters SET value = ?1 WHERE name = ?2")?
         .execute(params![value, name])?;

@@ -5,7 +5,12 @@
 //! BLOB is BYTEA, and every PostgreSQL integer is BIGINT (values are bound as 64-bit).
 
 pub const MIGRATIONS: cellar_sql::Migrations<'static> = cellar_sql::Migrations {
-    sqlite: &[V1_INITIAL, V2_VERSIONS_LEASES, V3_CHANGE_LOG],
+    sqlite: &[
+        V1_INITIAL,
+        V2_VERSIONS_LEASES,
+        V3_CHANGE_LOG,
+        V4_USAGE_SHARDS,
+    ],
     postgres: &[PG_V1],
 };
 
@@ -162,7 +167,24 @@ CREATE INDEX changes_by_time ON changes (at_ns);
 INSERT INTO counters (name, value) VALUES ('trimmed_changes', 0);
 ";
 
-/// The PostgreSQL schema, one per volume: the tables of SQLite's V1..V3. Changes: `seq` comes
+/// Usage counters spread over 64 rows (see `rows::add_usage`): concurrent writers rarely update
+/// the same one.
+const V4_USAGE_SHARDS: &str = "
+CREATE TABLE usage_shards (
+    shard BIGINT PRIMARY KEY,
+    bytes BIGINT NOT NULL,
+    inodes BIGINT NOT NULL
+);
+WITH RECURSIVE n (shard) AS (SELECT 0 UNION ALL SELECT shard + 1 FROM n WHERE shard < 63)
+INSERT INTO usage_shards (shard, bytes, inodes) SELECT shard, 0, 0 FROM n;
+UPDATE usage_shards SET
+    bytes = (SELECT value FROM counters WHERE name = 'used_bytes'),
+    inodes = (SELECT value FROM counters WHERE name = 'used_inodes')
+    WHERE shard = 0;
+DELETE FROM counters WHERE name IN ('used_bytes', 'used_inodes');
+";
+
+/// The PostgreSQL schema, one per volume: the tables of SQLite's V1..V4. Changes: `seq` comes
 /// from the identity's sequence (never rolled back: no conflict between writers), taken after
 /// the volume's lock in the transaction's last statements so that seqs follow commit order.
 const PG_V1: &str = "
@@ -181,8 +203,14 @@ CREATE TABLE counters (
     value BIGINT NOT NULL
 );
 INSERT INTO counters (name, value) VALUES
-    ('next_ino', 2), ('next_slice', 1), ('used_bytes', 0), ('used_inodes', 0),
-    ('trimmed_changes', 0);
+    ('next_ino', 2), ('next_slice', 1), ('trimmed_changes', 0);
+
+CREATE TABLE usage_shards (
+    shard BIGINT PRIMARY KEY,
+    bytes BIGINT NOT NULL,
+    inodes BIGINT NOT NULL
+);
+INSERT INTO usage_shards (shard, bytes, inodes) SELECT g, 0, 0 FROM generate_series(0, 63) g;
 
 CREATE TABLE inodes (
     ino BIGINT PRIMARY KEY,

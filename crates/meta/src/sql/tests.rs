@@ -148,6 +148,8 @@ impl Fixture {
     }
 }
 
+/// A session whose last heartbeat was at `now_ns` (the engine stamps the first one with its own
+/// clock; the tests set it back to make a session stale).
 fn open_session(meta: &SqlEngine, now_ns: i64) -> SessionId {
     let info = SessionInfo {
         host: "host".into(),
@@ -155,7 +157,14 @@ fn open_session(meta: &SqlEngine, now_ns: i64) -> SessionId {
         mount_point: "/mnt".into(),
         now_ns,
     };
-    meta.open_session(&info).unwrap()
+    let session = meta.open_session(&info).unwrap();
+    if now_ns < wall_clock_ns() - MAX_AGE {
+        meta.raw(&format!(
+            "UPDATE sessions SET heartbeat_ns = {now_ns} WHERE id = {session}"
+        ))
+        .unwrap();
+    }
+    session
 }
 
 fn node(kind: FileKind) -> NewNode {
@@ -1220,7 +1229,7 @@ fn check_finds_and_repairs_damage(engine: Engine) {
         .raw(&format!("DELETE FROM dentries WHERE ino = {}", orphan.ino))
         .unwrap();
     f.meta
-        .raw("UPDATE counters SET value = 99 WHERE name = 'used_bytes'")
+        .raw("UPDATE usage_shards SET bytes = bytes + 99 WHERE shard = 3")
         .unwrap();
     let problems = f.meta.check(false).unwrap();
     assert_eq!(problems.len(), 3, "{problems:?}");
@@ -2449,6 +2458,149 @@ fn destroy_deletes_the_volume_metadata(engine: Engine) {
     assert_eq!(other.meta.lookup(ROOT_INO, b"kept").unwrap().nlink, 1);
 }
 
+fn locks_hold_across_engines_until_the_holders_session_is_reaped(engine: Engine) {
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "locked", FileKind::Regular);
+    let other_host = f.reopen();
+    // The holder's session (its heartbeat is from long ago by the engine's clock) and a live one.
+    let holder = LockOwner {
+        session: f.session,
+        owner: 1,
+    };
+    let waiter = LockOwner {
+        session: open_session(&other_host, wall_clock_ns()),
+        owner: 2,
+    };
+    let whole = |kind| LockRange {
+        start: 0,
+        end: u64::MAX,
+        kind,
+        pid: 9,
+    };
+    assert!(f
+        .meta
+        .setlk(file.ino, holder, &whole(LockKind::Write))
+        .unwrap());
+    assert!(!other_host
+        .setlk(file.ino, waiter, &whole(LockKind::Read))
+        .unwrap());
+    assert_eq!(
+        other_host
+            .getlk(file.ino, waiter, &whole(LockKind::Read))
+            .unwrap(),
+        Some(whole(LockKind::Write))
+    );
+    assert_eq!(
+        other_host
+            .reap_stale_sessions(MAX_AGE, Some(waiter.session))
+            .unwrap(),
+        1
+    );
+    assert!(other_host
+        .setlk(file.ino, waiter, &whole(LockKind::Read))
+        .unwrap());
+    assert_eq!(errno(f.meta.heartbeat(holder.session)), ESTALE);
+}
+
+#[test]
+fn postgres_transactions_survive_the_server_closing_idle_connections() {
+    // A pool of its own (the URL differs), whose connections alone are cut.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "{}&application_name=cellar-restart-test",
+        fresh_meta_url(Engine::Postgres, dir.path())
+    );
+    let meta = open_engine(&url);
+    meta.format(&volume("vol")).unwrap();
+    let mk = |name: &str| {
+        meta.create_node(ROOT_INO, name.as_bytes(), &node(FileKind::Regular), NOW)
+            .unwrap()
+    };
+    mk("before");
+    // As a restart of the server would, with the pool holding idle connections.
+    std::thread::scope(|scope| {
+        for i in 0..4 {
+            let mk = &mk;
+            scope.spawn(move || mk(&format!("busy{i}")));
+        }
+    });
+    let cut: i64 = meta
+        .db
+        .write(|tx| {
+            tx.query_row(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND application_name = 'cellar-restart-test'",
+                (),
+                |row| row.get(0),
+            )
+        })
+        .unwrap();
+    assert!(cut >= 1, "no idle connection to cut");
+    // Concurrent transactions take the cut connections out of the pool too (the cut is
+    // asynchronous: some find out at BEGIN, some in the middle of their transaction).
+    std::thread::scope(|scope| {
+        for i in 0..4 {
+            let mk = &mk;
+            scope.spawn(move || {
+                for j in 0..5 {
+                    mk(&format!("after{i}-{j}"));
+                }
+            });
+        }
+    });
+    assert_eq!(meta.readdir(ROOT_INO, 0, 100, false).unwrap().len(), 25);
+    crate::destroy(&url).unwrap();
+}
+
+#[test]
+fn postgres_commits_wake_the_waiters_of_another_host() {
+    // Two "hosts": the URLs differ, so each has its own pool and LISTEN connection.
+    let f = Fixture::new(Engine::Postgres);
+    let other_host = open_engine(&format!("{}&application_name=cellar-other-host", f.url));
+    let after = other_host.last_change().unwrap();
+    let delay = std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| {
+            other_host
+                .wait_for_changes(after, std::time::Duration::from_secs(30))
+                .unwrap();
+            std::time::Instant::now()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let file = f.mk(ROOT_INO, "pushed", FileKind::Regular);
+        let committed = std::time::Instant::now();
+        (
+            waiter.join().unwrap().saturating_duration_since(committed),
+            file,
+        )
+    });
+    assert!(
+        delay.0 < std::time::Duration::from_secs(1),
+        "woke {:?} after the commit",
+        delay.0
+    );
+    assert_eq!(
+        changes_after(&other_host, after, f.meta.origin()),
+        vec![(ROOT_INO, None), (delay.1.ino, entry(ROOT_INO, "pushed"))]
+    );
+}
+
+fn a_session_opened_by_a_host_whose_clock_lags_is_live(engine: Engine) {
+    let f = Fixture::new(engine);
+    let lagging = SessionInfo {
+        host: "behind".into(),
+        pid: 1,
+        mount_point: "/mnt".into(),
+        now_ns: wall_clock_ns() - 10 * MAX_AGE,
+    };
+    let session = f.meta.open_session(&lagging).unwrap();
+    assert_eq!(f.meta.live_sessions(MAX_AGE).unwrap(), vec![session]);
+    assert_eq!(
+        f.reopen().reap_stale_sessions(MAX_AGE, None).unwrap(),
+        1,
+        "only the fixture's stale session"
+    );
+    f.meta.heartbeat(session).unwrap();
+}
+
 /// Every test above that takes an engine, once per engine.
 macro_rules! on_every_engine {
     ($($name:ident),* $(,)?) => {
@@ -2468,6 +2620,8 @@ macro_rules! on_every_engine {
 }
 
 on_every_engine!(
+    a_session_opened_by_a_host_whose_clock_lags_is_live,
+    locks_hold_across_engines_until_the_holders_session_is_reaped,
     destroy_deletes_the_volume_metadata,
     renames_that_together_would_close_a_loop_cannot_both_commit,
     concurrent_cross_directory_renames_never_create_a_loop_or_lose_a_directory,
