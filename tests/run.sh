@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests, then the end-to-end suites
 # (tests/fs/) on real FUSE mounts backed by a real S3 server (single-node Ceph RGW started here on
-# a free loopback port), then the Daytona SDK compatibility suites (tests/compat/run.sh) and the
-# API fuzz test (tests/api/fuzz.sh).
+# a free loopback port) with the SQLite metadata engine, a subset of them again on PostgreSQL
+# (a throw-away server from tests/harness/postgres.sh, also given to `cargo test` through
+# CELLAR_TEST_POSTGRES_URL), the multi-host tests (tests/multihost/run.py: three hosts as network
+# namespaces), then the Daytona SDK compatibility suites (tests/compat/run.sh) and the API fuzz
+# test (tests/api/fuzz.sh).
 #
 #   bash tests/run.sh             everything
-#   bash tests/run.sh SUITE...    only these end-to-end suites (e.g. model_test workloads)
+#   bash tests/run.sh SUITE...    only these end-to-end suites (e.g. model_test workloads);
+#                                 SUITE:postgres runs one on PostgreSQL, `multihost` the multi-host tests
 #
 # Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
 # Needs root, /dev/fuse and the tools .ci/run installs. Seeds of the randomized suites are printed
@@ -15,8 +19,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # fsx_fio last: it writes the most, and the in-memory OSD frees deleted objects lazily.
 ALL_SUITES=(model_test two_mount_model_test pjdfstest workloads crash_test fsx_fio)
+# The suites that also run on PostgreSQL in a full run: the ones that exercise the metadata engine
+# most per minute (fsx_fio and crash_test mostly measure the data path, which is engine-neutral).
+POSTGRES_SUITES=(two_mount_model_test pjdfstest workloads)
 # Minutes each end-to-end suite may take before it counts as failed (a hung mount must not hang CI).
-declare -A SUITE_MINUTES=([model_test]=20 [two_mount_model_test]=15 [pjdfstest]=30 [fsx_fio]=40 [workloads]=20 [crash_test]=20)
+declare -A SUITE_MINUTES=([model_test]=20 [two_mount_model_test]=15 [pjdfstest]=30 [fsx_fio]=40 [workloads]=20 [crash_test]=20 [multihost]=20)
 
 failed_steps=()
 e2e_passed=0
@@ -36,25 +43,39 @@ step() { # name command...
 }
 
 suite_command() { # suite
-  if [ -f "tests/fs/$1.py" ]; then echo python3 "tests/fs/$1.py"; else echo bash "tests/fs/$1.sh"; fi
+  if [ "$1" = multihost ]; then echo python3 tests/multihost/run.py
+  elif [ -f "tests/fs/$1.py" ]; then echo python3 "tests/fs/$1.py"
+  else echo bash "tests/fs/$1.sh"; fi
 }
 
 rgw_dir=$(mktemp -d /tmp/cellar-rgw-XXXXXX)
+pg_dir=$(mktemp -d /tmp/cellar-pg-XXXXXX)
+chmod 0755 "$pg_dir" # PostgreSQL runs as user postgres
 cleanup() {
   bash tests/harness/rgw.sh stop "$rgw_dir"
-  rm -rf "$rgw_dir"
+  bash tests/harness/postgres.sh stop "$pg_dir/pg"
+  rm -rf "$rgw_dir" "$pg_dir"
 }
 trap cleanup EXIT
 bash tests/harness/rgw.sh start "$rgw_dir" || { echo "tests/run.sh: could not start Ceph RGW"; exit 1; }
 # shellcheck disable=SC1091
 source "$rgw_dir/env"
+bash tests/harness/postgres.sh start "$pg_dir/pg" || { echo "tests/run.sh: could not start PostgreSQL"; exit 1; }
+set -a # the env file holds plain NAME=VALUE lines
+# shellcheck disable=SC1091
+source "$pg_dir/pg/env"
+set +a
 
 suites=("$@")
 if [ ${#suites[@]} -eq 0 ]; then
   suites=("${ALL_SUITES[@]}")
+  for suite in "${POSTGRES_SUITES[@]}"; do suites+=("$suite:postgres"); done
+  suites+=(multihost)
   step "cargo fmt" cargo fmt --all --check
   step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
   step "cargo test" cargo test --workspace --locked
+  # The metadata engine's suite runs on both engines by itself; the vfs suite on the one it is told.
+  step "cargo test (vfs on PostgreSQL)" env CELLAR_TEST_META=postgres cargo test -p cellar-vfs --locked
 fi
 
 # The end-to-end suites use the optimized binary: fsx and fio are far too slow on a debug build.
@@ -67,11 +88,15 @@ if step "cargo build --release" cargo build --release --locked -p cellar-cli; th
   # suite leaves its scratch directory there for inspection.
   e2e_tmp=$(mktemp -d /tmp/ce-XXXXXX)
   chmod 0755 "$e2e_tmp" # pjdfstest runs parts of itself as user nobody
-  for suite in "${suites[@]}"; do
-    [ -n "${SUITE_MINUTES[$suite]:-}" ] || { echo "unknown suite $suite (one of: ${ALL_SUITES[*]})"; exit 2; }
+  for entry in "${suites[@]}"; do
+    suite=${entry%:postgres}
+    engine=sqlite
+    [ "$suite" = "$entry" ] || engine=postgres
+    [ -n "${SUITE_MINUTES[$suite]:-}" ] && { [ "$engine" = sqlite ] || [ "$suite" != multihost ]; } ||
+      { echo "unknown suite $entry (one of: ${ALL_SUITES[*]} multihost, or SUITE:postgres)"; exit 2; }
     # shellcheck disable=SC2046
-    if step "e2e $suite" env TMPDIR="$e2e_tmp" timeout --kill-after=60 "$((SUITE_MINUTES[$suite] * 60))" \
-      $(suite_command "$suite"); then
+    if step "e2e $entry" env TMPDIR="$e2e_tmp" CELLAR_TEST_META="$engine" \
+      timeout --kill-after=60 "$((SUITE_MINUTES[$suite] * 60))" $(suite_command "$suite"); then
       e2e_passed=$((e2e_passed + 1))
     else
       e2e_failed=$((e2e_failed + 1))

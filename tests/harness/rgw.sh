@@ -2,11 +2,14 @@
 # Single-node Ceph RGW for tests: one monitor, one in-memory (memstore) OSD, one radosgw, all on
 # loopback, all state under one directory.
 #
-#   rgw.sh start DIR   start the cluster, create a user and the bucket `cellar-test`, write DIR/env
-#   rgw.sh stop DIR    stop the daemons (by their pid files; SIGKILL if they linger)
+#   rgw.sh start DIR [--listen ADDR]   start the cluster, create a user and the bucket
+#                                      `cellar-test`, write DIR/env
+#   rgw.sh stop DIR                    stop the daemons (by their pid files; SIGKILL if they linger)
 #
 # DIR/env exports CELLAR_TEST_S3_URL, CELLAR_TEST_S3_ENDPOINT, AWS_ACCESS_KEY_ID and
 # AWS_SECRET_ACCESS_KEY; source it. Several clusters may run at once (every port is picked free).
+# --listen: radosgw also listens on ADDR (an address of this machine, e.g. the host side of the
+# network of tests/harness/hosts.sh, same port), and DIR/env also exports CELLAR_TEST_S3_HOSTS_URL.
 # CELLAR_RGW_MEMSTORE_BYTES sizes the RAM-backed OSD (default 6 GiB): a full OSD makes PUTs hang.
 # Needs: radosgw ceph-mon ceph-osd ceph-common curl python3.
 set -euo pipefail
@@ -85,7 +88,7 @@ osd journal size = 0
 
 [client.rgw]
 rgw data = $dir/rgw
-rgw frontends = beast endpoint=127.0.0.1:$2
+rgw frontends = beast endpoint=127.0.0.1:$2${listen:+ endpoint=$listen:$2}
 rgw gc obj min wait = 5
 rgw gc processor period = 5
 rgw gc processor max time = 5
@@ -160,6 +163,10 @@ export CELLAR_TEST_S3_ENDPOINT='${endpoint}'
 export AWS_ACCESS_KEY_ID='${access_key}'
 export AWS_SECRET_ACCESS_KEY='${secret_key}'
 EOF
+  if [ -n "$listen" ]; then
+    echo "export CELLAR_TEST_S3_HOSTS_URL='s3://${BUCKET}?endpoint=http://${listen}:${rgw_port}&region=${REGION}'" >>"$dir/env"
+    wait_for 30 "radosgw to listen on $listen:$rgw_port" curl -sS -o /dev/null --max-time 2 "http://$listen:$rgw_port/"
+  fi
   echo "rgw.sh: RGW ready at $endpoint (bucket $BUCKET) in $((SECONDS - started))s; env in $dir/env"
 }
 
@@ -184,11 +191,13 @@ stop() {
   stop_daemon "$dir/run/mon.a.pid"
 }
 
-[ $# -eq 2 ] || die "usage: rgw.sh start|stop DIR"
+usage="usage: rgw.sh start DIR [--listen ADDR] | rgw.sh stop DIR"
+[ $# -eq 2 ] || { [ $# -eq 4 ] && [ "$1" = start ] && [ "$3" = --listen ]; } || die "$usage"
+listen=${4:-}
 dir=$(realpath -m "$2")
 conf="$dir/ceph.conf"
 case "$1" in
   start) start ;;
   stop) stop ;;
-  *) die "usage: rgw.sh start|stop DIR" ;;
+  *) die "$usage" ;;
 esac

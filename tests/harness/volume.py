@@ -8,8 +8,11 @@ CLI (for shell suites):  volume.py mount|umount|remount|fsck|kill|destroy|cleanu
 `mount` prints the mount point. Everything fails loudly (non-zero exit, one clear line).
 
 Environment: CELLAR_TEST_S3_URL (+ AWS keys) from tests/harness/rgw.sh; CELLAR_BIN (default
-target/release/cellar). CELLAR_E2E_LOCAL=1 replaces the mount by a plain local directory, to
-debug a suite without Cellar (kill and fsck then do nothing).
+target/release/cellar). CELLAR_TEST_META picks the metadata engine: `sqlite` (the default: a
+database file in work_dir) or `postgres` (the database CELLAR_TEST_POSTGRES_URL from
+tests/harness/postgres.sh, `?volume=NAME`; the URL, password included, reaches `cellar` through
+its environment, never its command line). CELLAR_E2E_LOCAL=1 replaces the mount by a plain
+local directory, to debug a suite without Cellar (kill and fsck then do nothing).
 """
 
 import os
@@ -45,6 +48,26 @@ def is_mounted(path):
     return False
 
 
+def meta_engine():
+    engine = os.environ.get("CELLAR_TEST_META", "sqlite")
+    if engine not in ("sqlite", "postgres"):
+        raise VolumeError(f"CELLAR_TEST_META={engine}: expected sqlite or postgres")
+    return engine
+
+
+def meta_url(work_dir, name):
+    """The metadata engine URL of volume `name` kept under work_dir, per CELLAR_TEST_META."""
+    if meta_engine() == "sqlite":
+        return f"sqlite://{work_dir / 'meta.db'}"
+    base = os.environ.get("CELLAR_TEST_POSTGRES_URL")
+    if not base:
+        raise VolumeError(
+            "CELLAR_TEST_META=postgres but CELLAR_TEST_POSTGRES_URL is not set: start PostgreSQL "
+            "with tests/harness/postgres.sh and source its env file (or run tests/run.sh)"
+        )
+    return f"{base}{'&' if '?' in base else '?'}volume={name}"
+
+
 class Volume:
     def __init__(self, work_dir):
         self.work_dir = Path(work_dir).resolve()
@@ -57,7 +80,7 @@ class Volume:
         self.mount_point = self.work_dir / "mnt"
         self.mount_point.mkdir(exist_ok=True)
         self.log_file = self.work_dir / "mount.log"
-        self.meta_url = f"sqlite://{self.work_dir / 'meta.db'}"
+        self.meta_url = meta_url(self.work_dir, self.name)
         self.cellar = os.environ.get("CELLAR_BIN", str(REPO / "target/release/cellar"))
 
     def volume_args(self):
@@ -67,7 +90,7 @@ class Volume:
                 "CELLAR_TEST_S3_URL is not set: start RGW with tests/harness/rgw.sh and "
                 "source its env file (or run tests/run.sh)"
             )
-        return ["--meta", self.meta_url, "--store", store_url, "--volume", self.name]
+        return ["--store", store_url, "--volume", self.name]
 
     def run_cellar(self, *args, check=True, timeout=300):
         if not os.access(self.cellar, os.X_OK):
@@ -76,7 +99,11 @@ class Volume:
                 "`cargo build --release -p cellar-cli` (or set CELLAR_BIN)"
             )
         result = subprocess.run(
-            [self.cellar, *args], capture_output=True, text=True, timeout=timeout
+            [self.cellar, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "CELLAR_META_URL": self.meta_url},
         )
         if check and result.returncode != 0:
             raise VolumeError(
