@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use cellar_vfs::{Attr, Ctx, LockRange, RenameMode, SetAttrRequest, Vfs, VfsResult};
+use cellar_vfs::{Attr, Ctx, LockRange, RenameMode, SetAttrRequest, Vfs, VfsResult, ROOT_INO};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
@@ -31,6 +31,17 @@ use crate::kernel_cache::KernelCache;
 /// change is pushed: the vfs's change feed invalidates the kernel's entries and attributes as
 /// soon as a change commits. The TTL only bounds staleness when that feed is broken.
 const TTL: Duration = Duration::from_secs(60);
+/// The volume root's attributes expire quickly: whoever checks that a mount is alive stats its
+/// root, and after the daemon died the kernel would answer that from its cache for a whole TTL.
+const ROOT_TTL: Duration = Duration::from_secs(1);
+
+fn ttl(attr: &Attr) -> &'static Duration {
+    if attr.ino == ROOT_INO {
+        &ROOT_TTL
+    } else {
+        &TTL
+    }
+}
 /// Inode numbers are never reused by the metadata engine, so one generation suffices.
 const GENERATION: Generation = Generation(0);
 /// Entries asked from the vfs per READDIR / READDIRPLUS request. The kernel's buffer (up to
@@ -59,7 +70,7 @@ impl CellarFs {
         match result {
             Ok(attr) => {
                 self.kernel.entered(parent, name, attr.ino);
-                reply.entry(&TTL, &file_attr(&attr), GENERATION)
+                reply.entry(ttl(&attr), &file_attr(&attr), GENERATION)
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -92,7 +103,7 @@ fn errno(error: cellar_vfs::Errno) -> Errno {
 
 fn reply_attr(reply: ReplyAttr, result: VfsResult<Attr>) {
     match result {
-        Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+        Ok(attr) => reply.attr(ttl(&attr), &file_attr(&attr)),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -481,7 +492,7 @@ impl Filesystem for CellarFs {
                 INodeNo(entry.ino),
                 entry.offset,
                 name,
-                &TTL,
+                ttl(&attr),
                 &file_attr(&attr),
                 GENERATION,
             );
@@ -581,7 +592,7 @@ impl Filesystem for CellarFs {
             Ok((attr, open)) => {
                 self.kernel.entered(parent.0, name.as_bytes(), attr.ino);
                 reply.created(
-                    &TTL,
+                    ttl(&attr),
                     &file_attr(&attr),
                     GENERATION,
                     FileHandle(open.fh),

@@ -44,6 +44,7 @@ impl Server {
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
         export_file_credentials(&config);
         let data_dir_lock = lock_data_dir(&config.data_dir)?;
+        let started_at = db::now();
         let location = config.control_location()?;
         let db = tokio::task::spawn_blocking(move || ControlDb::open(&location))
             .await?
@@ -82,6 +83,7 @@ impl Server {
             db,
             runners,
             config,
+            started_at,
         });
         let state = api::AppState {
             services: services.clone(),

@@ -19,6 +19,9 @@ pub struct Services {
     /// The runners this process can call: the embedded one, and those that registered.
     pub runners: Registry,
     pub config: ServerConfig,
+    /// When this process started (RFC 3339, like the rows' timestamps): the reconciler leaves
+    /// newer work to the tasks doing it.
+    pub started_at: String,
 }
 
 /// Memory budget of the block cache used by volume maintenance in the server process.
@@ -330,10 +333,12 @@ impl Services {
             tracing::info!(sandbox = %sandbox.id, "resuming destruction");
             self.destroy_sandbox(sandbox.id, sandbox.runner_id).await;
         }
-        for sandbox in db
+        let interrupted = db
             .run(|db| db.sandboxes_in_state(sandbox_state::CREATING))
             .await?
-        {
+            .into_iter()
+            .filter(|sandbox| sandbox.created_at < self.started_at);
+        for sandbox in interrupted {
             let embedded = match self.runners.get(&sandbox.runner_id) {
                 Some(runner) if sandbox.runner_id == EMBEDDED_RUNNER => runner,
                 // A remote runner reports the sandbox if it got to start it, and then destroys it.
