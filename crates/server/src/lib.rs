@@ -168,6 +168,9 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
     })
 }
 
+/// How long a lock file may look held after its holder let go (see [`lock_file`]).
+const LOCK_RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Takes an exclusive lock on `path` (created), held as long as the file is open.
 pub(crate) fn lock_file(
     path: &Path,
@@ -176,9 +179,15 @@ pub(crate) fn lock_file(
     use std::os::fd::AsRawFd;
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    // A child being forked (a mount daemon, a sandbox) holds a copy of the previous holder's
+    // descriptor until it execs, so a lock just released may look held for a moment.
+    let deadline = std::time::Instant::now() + LOCK_RELEASE_GRACE;
     // SAFETY: flock on a descriptor we own; the lock goes with the file.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!(held());
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(held());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Ok(file)
 }

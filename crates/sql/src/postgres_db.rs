@@ -512,11 +512,21 @@ impl PgDb {
                 (result, tx.lost_race.get(), tx.failed.get())
             };
             let outcome = match result {
-                // A statement that failed aborted the transaction: COMMIT would roll it back
-                // without an error.
-                Ok(_) if failed => Err(Error::new(
-                    "a statement failed inside the transaction".to_string(),
-                )),
+                // A statement that failed aborted the transaction (COMMIT would roll it back
+                // without an error), even when the closure handled its error: roll back, and
+                // re-run it if that statement lost a serialization race.
+                Ok(_) if failed => {
+                    if pooled.conn().batch("ROLLBACK").is_err() {
+                        pooled.discard();
+                    }
+                    if !lost_race || attempt >= MAX_ATTEMPTS {
+                        return Err(Error::new(
+                            "a statement failed inside the transaction".to_string(),
+                        )
+                        .into());
+                    }
+                    Ok(())
+                }
                 Ok(value) => match pooled.conn().batch("COMMIT") {
                     Ok(()) => return Ok(value),
                     // Whether a COMMIT whose connection broke committed is unknown: not re-run.
