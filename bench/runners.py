@@ -26,34 +26,16 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 
-TIMEOUT = 120.0
+import sandbox_start  # same directory: the Daytona API client of the other benchmark
+from sandbox_start import TIMEOUT
 
 
-class Api:
-    def __init__(self, base: str, key: str):
-        self.base = base.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-
-    def request(self, method: str, path: str, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers=self.headers)
-        try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as err:
-            raw = err.read()
-            try:
-                return err.code, json.loads(raw) if raw else None
-            except ValueError:
-                return err.code, raw.decode(errors="replace")
+class Api(sandbox_start.Api):
+    """The benchmark client of sandbox_start.py, plus waiting for a sandbox state."""
 
     def wait_state(self, sandbox_id: str, want: str, poll: float = 0.05) -> dict:
         deadline = time.monotonic() + TIMEOUT
