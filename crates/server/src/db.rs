@@ -85,6 +85,17 @@ CREATE TABLE runner_tokens (
 ALTER TABLE sandboxes ADD COLUMN runner_id TEXT NOT NULL DEFAULT 'local';
 CREATE INDEX sandboxes_runner ON sandboxes(runner_id, state);
 "#,
+    r#"
+-- Secrets of the server (the key signed URLs are made with), created on first use.
+CREATE TABLE server_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+-- The byte quota a volume was created with (the volume's metadata enforces it); provisioning
+-- after a crash applies it again.
+ALTER TABLE volumes ADD COLUMN quota_bytes BIGINT;
+"#,
 ];
 
 /// The name of the runner embedded in `cellar server`.
@@ -472,6 +483,23 @@ impl ControlDb {
         Ok(created.then_some(key))
     }
 
+    /// The server secret `name`; `candidate` becomes it if no server of this database has
+    /// made it yet.
+    pub fn server_secret(&self, name: &str, candidate: &str) -> DbResult<String> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO server_secrets (name, value, created_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO NOTHING",
+                params![name, candidate, now()],
+            )?;
+            Ok(tx.query_row(
+                "SELECT value FROM server_secrets WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
     // ---- volumes ----
 
     /// Inserts a volume in state `creating`, enforcing the name's uniqueness and the quota.
@@ -510,6 +538,16 @@ impl ControlDb {
                 params![row.id, row.org_id, row.name, row.state, row.created_at],
             )?;
             Ok(row)
+        })
+    }
+
+    /// A volume by id in whichever organisation (a signed URL names the volume, not the org).
+    pub fn volume_by_id_in_any_org(&self, id: &str) -> DbResult<Option<VolumeRow>> {
+        self.read(|tx| {
+            let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1");
+            Ok(tx
+                .query_row(&sql, params![id], volume_from_row)
+                .optional()?)
         })
     }
 

@@ -22,6 +22,10 @@ pub struct Services {
     /// When this process started (RFC 3339, like the rows' timestamps): the reconciler leaves
     /// newer work to the tasks doing it.
     pub started_at: String,
+    /// The volumes the file API has open.
+    pub files: Arc<crate::files::VolumeFiles>,
+    /// Signs and checks the file API's signed URLs.
+    pub signer: crate::files::signing::UrlSigner,
 }
 
 /// Memory budget of the block cache used by volume maintenance in the server process.
@@ -47,7 +51,7 @@ impl Services {
         }
     }
 
-    fn volume_config(&self, volume_id: &str) -> VolumeConfig {
+    pub(crate) fn volume_config(&self, volume_id: &str) -> VolumeConfig {
         VolumeConfig {
             meta_url: self.volume_meta_url(volume_id),
             store_url: self.config.store_url.clone(),
@@ -122,6 +126,8 @@ impl Services {
         const DELETING: &[&str] = &[volume_state::PENDING_DELETE, volume_state::DELETING];
         self.move_volume(&volume_id, DELETING, volume_state::DELETING, None)
             .await;
+        // The file API's instance of the volume goes first: nothing may write while it goes.
+        self.files.retire(&volume_id).await;
         let config = self.volume_config(&volume_id);
         // Removes the objects first and the metadata file last, so a retry after a crash
         // still finds what is left.

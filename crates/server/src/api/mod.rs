@@ -1,6 +1,7 @@
 //! HTTP surface: the Daytona REST subset under `/api`, the toolbox under `/toolbox`.
 
 mod extract;
+mod files;
 mod runners;
 pub(crate) mod sandboxes;
 mod toolbox;
@@ -13,7 +14,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -26,6 +27,8 @@ pub struct AppState {
     pub services: Arc<Services>,
     /// Absolute base of the toolbox endpoints, without a trailing slash.
     pub toolbox_url: String,
+    /// `http://host:port` clients reach this server at (signed URLs start with it).
+    pub base_url: String,
 }
 
 /// The organisation the request's API key belongs to.
@@ -40,6 +43,15 @@ pub fn router(state: AppState) -> Router {
             "/volumes/{volume_id}",
             get(volumes::get).delete(volumes::delete),
         )
+        .route(
+            "/volumes/{volume_id}/files",
+            get(files::list).delete(files::delete),
+        )
+        .route("/volumes/{volume_id}/files/stat", get(files::stat))
+        .route("/volumes/{volume_id}/files/mkdir", post(files::mkdir))
+        .route("/volumes/{volume_id}/files/move", post(files::move_file))
+        .route("/volumes/{volume_id}/files/mode", post(files::set_mode))
+        .route("/volumes/{volume_id}/files/url", post(files::sign_url))
         .route("/sandbox", get(sandboxes::list).post(sandboxes::create))
         .route(
             "/sandbox/{id_or_name}",
@@ -50,6 +62,11 @@ pub fn router(state: AppState) -> Router {
             get(sandboxes::toolbox_proxy_url),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        // An API key or a signed URL: the handlers check which.
+        .route(
+            "/volumes/{volume_id}/files/content",
+            get(files::download).merge(put(files::upload).layer(DefaultBodyLimit::disable())),
+        )
         .route("/openapi.json", get(openapi_json));
     let toolbox = Router::new()
         .route("/{sandbox_id}/process/execute", post(toolbox::execute))
@@ -193,7 +210,8 @@ impl Modify for BearerAuth {
     info(
         title = "Cellar API",
         description = "Volumes and sandboxes behind the Daytona REST subset. Every endpoint \
-                       except this document needs `Authorization: Bearer <api key>`."
+                       except this document needs `Authorization: Bearer <api key>`; a file's \
+                       content may instead be transferred with a signed URL."
     ),
     paths(
         volumes::list,
@@ -201,6 +219,15 @@ impl Modify for BearerAuth {
         volumes::get_by_name,
         volumes::get,
         volumes::delete,
+        files::list,
+        files::stat,
+        files::download,
+        files::upload,
+        files::mkdir,
+        files::move_file,
+        files::delete,
+        files::set_mode,
+        files::sign_url,
         sandboxes::list,
         sandboxes::create,
         sandboxes::get,
