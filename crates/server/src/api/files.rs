@@ -485,6 +485,7 @@ pub async fn download(
             refused
                 .headers_mut()
                 .insert(CONTENT_RANGE, header(&format!("bytes */{size}")));
+            close_off_thread(reader);
             return Ok(refused);
         }
     };
@@ -492,11 +493,17 @@ pub async fn download(
         .header(CONTENT_TYPE, "application/octet-stream")
         .header(CONTENT_LENGTH, end - start);
     let body = if method == Method::HEAD {
+        close_off_thread(reader);
         Body::empty()
     } else {
         stream_file(reader, start, end)
     };
     response.body(body).map_err(ApiError::internal)
+}
+
+/// Closing a file is a metadata transaction: not on an async worker.
+fn close_off_thread(reader: files::Reader) {
+    tokio::task::spawn_blocking(move || drop(reader));
 }
 
 /// `[start, end)` of an open file as a body, read a piece at a time on the blocking pool.

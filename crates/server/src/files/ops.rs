@@ -11,8 +11,8 @@ use super::{FileError, FileResult, Lease, API_CTX, OWNER_CTX};
 pub const MAX_LIST_LIMIT: usize = 10_000;
 /// Directory entries read per readdir call.
 const READDIR_BATCH: usize = 1024;
-/// Uploads are named like this until they are complete (and only for an instant: see
-/// [`Upload::finish`]).
+/// Names with this prefix are reserved: an upload that replaces a file has one for an instant
+/// (see [`Upload::replace`]); listings skip them.
 const UPLOAD_PREFIX: &str = ".cellar-upload-";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,11 +89,20 @@ pub fn list(
     cursor: Option<&VolumePath>,
 ) -> FileResult<Listing> {
     let attr = resolve(vfs, path, false)?.existing(path)?;
-    if attr.kind != FileKind::Directory {
-        return Err(FileError::NotADirectory(format!(
-            "{} is not a directory",
-            path.as_string()
-        )));
+    match attr.kind {
+        FileKind::Directory => {}
+        FileKind::Symlink => {
+            return Err(FileError::NotADirectory(format!(
+                "{} is a symbolic link: the API does not follow a link a call names",
+                path.as_string()
+            )))
+        }
+        _ => {
+            return Err(FileError::NotADirectory(format!(
+                "{} is not a directory",
+                path.as_string()
+            )))
+        }
     }
     // The cursor's components below `path`; a cursor elsewhere is a client error.
     let after = match cursor {
@@ -146,7 +155,7 @@ fn walk(
     limit: usize,
     out: &mut Vec<Entry>,
 ) -> FileResult<()> {
-    for (name, attr) in read_dir(vfs, ino, dir)? {
+    for (name, attr) in read_dir(vfs, ino, dir, false)? {
         if out.len() >= limit {
             return Ok(());
         }
@@ -176,8 +185,13 @@ fn walk(
     Ok(())
 }
 
-/// A directory's entries (without "." and ".."), sorted by name.
-fn read_dir(vfs: &Vfs, ino: Ino, path: &VolumePath) -> FileResult<Vec<(Vec<u8>, Attr)>> {
+/// A directory's entries (without "." and "..", and reserved upload names), sorted by name.
+fn read_dir(
+    vfs: &Vfs,
+    ino: Ino,
+    path: &VolumePath,
+    with_reserved: bool,
+) -> FileResult<Vec<(Vec<u8>, Attr)>> {
     let fh = vfs
         .opendir(&API_CTX, ino, libc::O_RDONLY)
         .map_err(|e| FileError::errno(e, path))?;
@@ -193,7 +207,8 @@ fn read_dir(vfs: &Vfs, ino: Ino, path: &VolumePath) -> FileResult<Vec<(Vec<u8>, 
             };
             offset = last.offset;
             for e in batch {
-                if e.name == b"." || e.name == b".." {
+                if e.name == b"." || e.name == b".." || (!with_reserved && is_upload_name(&e.name))
+                {
                     continue;
                 }
                 let attr = match e.attr {
@@ -318,7 +333,7 @@ fn remove_entry(
             .map_err(|e| FileError::errno(e, path));
     }
     if recursive {
-        for (child, child_attr) in read_dir(vfs, attr.ino, path)? {
+        for (child, child_attr) in read_dir(vfs, attr.ino, path, true)? {
             let child_path = path.join(&String::from_utf8_lossy(&child));
             match remove_entry(vfs, attr.ino, &child, &child_attr, &child_path, true) {
                 Err(FileError::NotFound(_)) => {}
@@ -357,45 +372,52 @@ pub struct Reader {
     path: VolumePath,
 }
 
+/// Times a read looks its file up again when the inode it found is gone before the open (a
+/// replace that raced it).
+const OPEN_ATTEMPTS: usize = 5;
+
 /// Opens the regular file at `path` for reading; returns its attributes as opened.
 pub fn open_for_read(vfs: Lease, path: &VolumePath) -> FileResult<(Reader, Attr)> {
-    let attr = resolve(&vfs, path, false)?.existing(path)?;
-    match attr.kind {
-        FileKind::Regular => {}
-        FileKind::Directory => {
-            return Err(FileError::IsADirectory(format!(
-                "{} is a directory: list it, or download its files",
-                path.as_string()
-            )))
-        }
-        FileKind::Symlink => {
-            return Err(FileError::NotAFile(format!(
-                "{} is a symbolic link (to {}): the API does not follow a link a call names",
-                path.as_string(),
-                String::from_utf8_lossy(&vfs.readlink(attr.ino).unwrap_or_default())
-            )))
-        }
-        _ => {
-            return Err(FileError::NotAFile(format!(
-                "{} is not a regular file",
-                path.as_string()
-            )))
-        }
-    }
-    let opened = vfs
-        .open(&API_CTX, attr.ino, libc::O_RDONLY)
-        .map_err(|e| FileError::errno(e, path))?;
-    // The attributes as of the open: a download reads this version's size.
-    let attr = vfs.getattr(attr.ino).unwrap_or(attr);
-    Ok((
-        Reader {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let attr = resolve(&vfs, path, false)?.existing(path)?;
+        check_readable(&vfs, path, &attr)?;
+        let opened = match vfs.open(&API_CTX, attr.ino, libc::O_RDONLY) {
+            Ok(opened) => opened,
+            Err(e) if e.0 == libc::ENOENT && attempt < OPEN_ATTEMPTS => continue,
+            Err(e) => return Err(FileError::errno(e, path)),
+        };
+        // The attributes as of the open: a download reads this version's size.
+        let attr = vfs.getattr(attr.ino).unwrap_or(attr);
+        let reader = Reader {
             ino: attr.ino,
             fh: opened.fh,
             vfs,
             path: path.clone(),
-        },
-        attr,
-    ))
+        };
+        return Ok((reader, attr));
+    }
+}
+
+/// Only regular files have content to download.
+fn check_readable(vfs: &Vfs, path: &VolumePath, attr: &Attr) -> FileResult<()> {
+    match attr.kind {
+        FileKind::Regular => Ok(()),
+        FileKind::Directory => Err(FileError::IsADirectory(format!(
+            "{} is a directory: list it, or download its files",
+            path.as_string()
+        ))),
+        FileKind::Symlink => Err(FileError::NotAFile(format!(
+            "{} is a symbolic link (to {}): the API does not follow a link a call names",
+            path.as_string(),
+            String::from_utf8_lossy(&vfs.readlink(attr.ino).unwrap_or_default())
+        ))),
+        _ => Err(FileError::NotAFile(format!(
+            "{} is not a regular file",
+            path.as_string()
+        ))),
+    }
 }
 
 impl Reader {
@@ -455,7 +477,7 @@ pub fn begin_upload(
         }
         _ => {}
     }
-    let temp = format!("{UPLOAD_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    let temp = temp_name();
     let (created, opened) = vfs
         .create(&API_CTX, parent, temp.as_bytes(), mode, 0, libc::O_WRONLY)
         .map_err(|e| FileError::errno(e, path))?;
@@ -497,36 +519,51 @@ impl Upload {
         Ok(())
     }
 
-    /// Commits the data and gives the file its name in one step: a rename over whatever is
-    /// there (or, without `overwrite`, only if nothing is). Returns the new entry.
+    /// Commits the data and gives the file its name in one step: a link under the free name,
+    /// or a link under a reserved name renamed over the file there (with `overwrite`).
     pub fn finish(self) -> FileResult<Entry> {
         vfs_call(&self, |vfs| vfs.flush(self.ino, self.fh, 0))?;
-        let temp = format!("{UPLOAD_PREFIX}{}", uuid::Uuid::new_v4().simple());
-        vfs_call(&self, |vfs| {
+        let linked = self.vfs.link(&API_CTX, self.ino, self.parent, &self.name);
+        match linked {
+            Ok(_) => {}
+            Err(e) if e.0 == libc::EEXIST && self.overwrite => self.replace()?,
+            Err(e) => return Err(FileError::errno(e, &self.path)),
+        }
+        let attr = vfs_call(&self, |vfs| vfs.getattr(self.ino))?;
+        entry_of(&self.vfs, &self.path, &attr)
+    }
+
+    /// Puts the file in place of the one at its name. For the instant between the link and the
+    /// rename the complete file also has a reserved name, which listings skip.
+    fn replace(&self) -> FileResult<()> {
+        let temp = temp_name();
+        vfs_call(self, |vfs| {
             vfs.link(&API_CTX, self.ino, self.parent, temp.as_bytes())
         })?;
-        let mode = if self.overwrite {
-            RenameMode::Replace
-        } else {
-            RenameMode::NoReplace
-        };
-        let renamed = vfs_call(&self, |vfs| {
+        let renamed = vfs_call(self, |vfs| {
             vfs.rename(
                 &API_CTX,
                 self.parent,
                 temp.as_bytes(),
                 self.parent,
                 &self.name,
-                mode,
+                RenameMode::Replace,
             )
         });
-        if let Err(e) = renamed {
+        if renamed.is_err() {
             let _ = self.vfs.unlink(&API_CTX, self.parent, temp.as_bytes());
-            return Err(e);
         }
-        let attr = vfs_call(&self, |vfs| vfs.getattr(self.ino))?;
-        entry_of(&self.vfs, &self.path, &attr)
+        renamed
     }
+}
+
+fn temp_name() -> String {
+    format!("{UPLOAD_PREFIX}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Whether a directory entry is an upload's reserved name.
+fn is_upload_name(name: &[u8]) -> bool {
+    name.starts_with(UPLOAD_PREFIX.as_bytes())
 }
 
 impl Drop for Upload {

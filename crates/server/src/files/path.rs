@@ -44,11 +44,13 @@ impl VolumePath {
             match component {
                 "" | "." => {}
                 ".." => return invalid("contains a '..' component"),
-                name if name.len() > MAX_NAME_LEN => return Err(FileError::InvalidPath(format!(
+                name if name.len() > MAX_NAME_LEN => {
+                    return Err(FileError::InvalidPath(format!(
                     "path component {:?}... is {} bytes long; at most {MAX_NAME_LEN} are allowed",
                     &name[..name.floor_char_boundary(32)],
                     name.len()
-                ))),
+                )))
+                }
                 name => components.push(name.to_string()),
             }
         }

@@ -299,13 +299,13 @@ impl TestServer {
     }
 }
 
-/// Writes a file into a volume through the vfs (as a mount would), so the store holds objects.
-pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data: Vec<u8>) {
+/// How a process other than the server (a mount, this test) opens the volume.
+pub fn volume_config(server: &TestServer, volume_id: &str) -> cellar_vfs::VolumeConfig {
     let meta_url = match &server.config.database {
         Some(url) => format!("{}?volume={volume_id}", url.0),
         None => format!("sqlite://{}", server.volume_db(volume_id).display()),
     };
-    let config = cellar_vfs::VolumeConfig {
+    cellar_vfs::VolumeConfig {
         meta_url,
         store_url: server.config.store_url.clone(),
         volume: volume_id.to_string(),
@@ -313,11 +313,31 @@ pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data:
         cache_dir: None,
         cache_disk_bytes: 0,
         mount_point: String::new(),
-    };
-    let name = name.as_bytes().to_vec();
-    // The vfs drives its own runtime: use a thread outside the test's.
+    }
+}
+
+/// Runs `work` on the volume opened by the vfs as a second client (like a mount), on a thread
+/// outside the test's runtime (the vfs drives its own).
+pub fn with_vfs<T: Send + 'static>(
+    server: &TestServer,
+    volume_id: &str,
+    work: impl FnOnce(&cellar_vfs::Vfs) -> T + Send + 'static,
+) -> T {
+    let config = volume_config(server, volume_id);
     std::thread::spawn(move || {
         let vfs = cellar_vfs::Vfs::open_volume(config).unwrap();
+        let result = work(&vfs);
+        vfs.shutdown().unwrap();
+        result
+    })
+    .join()
+    .unwrap()
+}
+
+/// Writes a file into a volume through the vfs (as a mount would), so the store holds objects.
+pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data: Vec<u8>) {
+    let name = name.as_bytes().to_vec();
+    with_vfs(server, volume_id, move |vfs| {
         let ctx = cellar_vfs::Ctx {
             uid: 0,
             gid: 0,
@@ -339,8 +359,5 @@ pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data:
         );
         vfs.flush(attr.ino, open.fh, 0).unwrap();
         vfs.release(attr.ino, open.fh, None).unwrap();
-        vfs.shutdown().unwrap();
     })
-    .join()
-    .unwrap();
 }
