@@ -299,6 +299,27 @@ impl TestServer {
     }
 }
 
+/// The test store URL with a prefix of its own, so the bucket listing sees only this test.
+pub fn s3_store_url() -> String {
+    let base = std::env::var("CELLAR_TEST_S3_URL").expect(
+        "CELLAR_TEST_S3_URL is not set: start tests/harness/rgw.sh and source its env file",
+    );
+    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(
+            std::env::var_os(var).is_some(),
+            "{var} is not set (source the rgw.sh env file)"
+        );
+    }
+    let mut url = url::Url::parse(&base).expect("CELLAR_TEST_S3_URL is a URL");
+    let prefix = format!(
+        "{}/server-{}",
+        url.path().trim_end_matches('/'),
+        uuid::Uuid::new_v4()
+    );
+    url.set_path(&prefix);
+    url.to_string()
+}
+
 /// How a process other than the server (a mount, this test) opens the volume.
 pub fn volume_config(server: &TestServer, volume_id: &str) -> cellar_vfs::VolumeConfig {
     let meta_url = match &server.config.database {
