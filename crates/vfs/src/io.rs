@@ -153,6 +153,9 @@ impl Inner {
             Some(end) if end <= MAX_FILE_SIZE => {}
             _ => return err(libc::EFBIG),
         }
+        let dirty = self.dirty_bytes.load(Ordering::SeqCst);
+        self.quota
+            .check(&*self.core.meta, dirty, data.len() as u64)?;
         if handle.uid != 0 && !privileges_dropped.swap(true, Ordering::Relaxed) {
             self.drop_privileges(handle.ino)?;
         }
@@ -224,7 +227,12 @@ impl Inner {
     /// acknowledges nothing. `always_sync`: sync the metadata even if this inode committed
     /// nothing since the last sync (fsync also covers the file's creation).
     fn flush_durably(&self, file: &FileState, always_sync: bool) -> VfsResult<()> {
-        self.flush_file(file)?;
+        // Writes dropped by an earlier flush (the background flusher's) are reported once.
+        let flushed = self.flush_file(file);
+        if let Some(e) = file.data.lock().lost_writes.take() {
+            return Err(flushed.err().unwrap_or(e));
+        }
+        flushed?;
         let unsynced = std::mem::take(&mut file.data.lock().unsynced);
         if unsynced || always_sync {
             if let Err(e) = self.sync_metadata() {

@@ -252,6 +252,7 @@ impl Inner {
             return err(libc::ENAMETOOLONG);
         }
         self.core.meta.unlink(parent, name, now_ns())?;
+        self.quota.space_freed();
         Ok(())
     }
 
@@ -288,7 +289,9 @@ impl Inner {
             dst_name: new_name,
             mode,
         };
-        self.core.meta.rename(&req, now_ns())?;
+        if self.core.meta.rename(&req, now_ns())?.replaced.is_some() {
+            self.quota.space_freed();
+        }
         Ok(())
     }
 
@@ -382,8 +385,20 @@ impl Inner {
 
     pub(crate) fn statfs(&self) -> VfsResult<StatFs> {
         let usage = self.core.meta.usage()?;
-        let blocks = CAPACITY_BYTES / STATFS_BSIZE;
-        let bfree = blocks.saturating_sub(usage.bytes.div_ceil(STATFS_BSIZE));
+        // With a quota, `df` shows it as the size.
+        let (blocks, bfree) = match self.core.meta.quota()? {
+            Some(quota) => (
+                quota / STATFS_BSIZE,
+                quota.saturating_sub(usage.bytes) / STATFS_BSIZE,
+            ),
+            None => {
+                let blocks = CAPACITY_BYTES / STATFS_BSIZE;
+                (
+                    blocks,
+                    blocks.saturating_sub(usage.bytes.div_ceil(STATFS_BSIZE)),
+                )
+            }
+        };
         let ffree = CAPACITY_INODES.saturating_sub(usage.inodes);
         Ok(StatFs {
             blocks,

@@ -12,6 +12,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::backend::{now_ns, Core};
 use crate::handles::Registry;
+use crate::quota::QuotaView;
 use crate::{Errno, Invalidation, VfsResult, VolumeConfig};
 
 /// Sessions whose heartbeat is older than this are considered crashed and reaped.
@@ -77,6 +78,7 @@ pub(crate) struct Inner {
     pub compaction_requests: Mutex<HashSet<(Ino, u64)>>,
     /// Bytes buffered or uploading across the mount.
     pub dirty_bytes: AtomicU64,
+    pub quota: QuotaView,
     invalidator: RwLock<Option<Invalidator>>,
     pub stopper: Arc<Stopper>,
     pub threads: Mutex<Vec<JoinHandle<()>>>,
@@ -106,6 +108,7 @@ impl Inner {
             last_heartbeat: Mutex::new(Instant::now()),
             compaction_requests: Mutex::new(HashSet::new()),
             dirty_bytes: AtomicU64::new(0),
+            quota: QuotaView::default(),
             invalidator: RwLock::new(None),
             stopper: Arc::new(Stopper::default()),
             threads: Mutex::new(Vec::new()),

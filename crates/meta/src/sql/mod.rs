@@ -127,11 +127,7 @@ impl SqlEngine {
         let watch = db
             .sqlite_watch()
             .expect("a SQLite database has a data version")?;
-        Ok(SqlEngine::new(
-            db,
-            String::new(),
-            ChangeWatch::Sqlite(watch),
-        ))
+        SqlEngine::new(db, String::new(), ChangeWatch::Sqlite(watch)).migrated()
     }
 
     /// Opens the volume `?volume=ID` of a PostgreSQL database (`postgres://USER:PASS@HOST:PORT/DB`)
@@ -145,7 +141,15 @@ impl SqlEngine {
             .pg_listener()
             .expect("a PostgreSQL database has a listener");
         let signal = listener.subscribe(&schema);
-        Ok(SqlEngine::new(db, schema, ChangeWatch::Postgres(signal)))
+        SqlEngine::new(db, schema, ChangeWatch::Postgres(signal)).migrated()
+    }
+
+    /// Finishes what a migration left to the engine (held bytes, computed once).
+    fn migrated(self) -> Result<SqlEngine> {
+        if self.read(check::needs_held_recount)? {
+            self.write(check::recount_held)?;
+        }
+        Ok(self)
     }
 
     fn new(db: Database, changes_key: String, watch: ChangeWatch) -> SqlEngine {
@@ -345,6 +349,14 @@ impl MetaEngine for SqlEngine {
 
     fn usage(&self) -> Result<Usage> {
         self.read(namespace::usage)
+    }
+
+    fn quota(&self) -> Result<Option<u64>> {
+        self.read(namespace::quota)
+    }
+
+    fn set_quota(&self, bytes: Option<u64>) -> Result<()> {
+        self.write(|tx| namespace::set_quota(tx, bytes))
     }
 
     fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
