@@ -80,7 +80,15 @@ impl Inner {
             let generation = file.data.lock().commit_gen;
             let layout = self.layout_for(file, generation, offset, u64::from(size))?;
             let committed_size = layout.attr.size;
-            let size_now = committed_size.max(file.data.lock().dirty_end());
+            let size_now = {
+                let d = file.data.lock();
+                // A commit since `generation` moved bytes out of the overlay that the layout
+                // (read before it) may lack: the size would come out short. Read again.
+                if d.commit_gen != generation {
+                    continue;
+                }
+                committed_size.max(d.dirty_end())
+            };
             if offset >= size_now {
                 return Ok(Vec::new());
             }

@@ -66,11 +66,14 @@ impl Inner {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
         }
-        Ok(self.overlay_attr(self.core.meta.lookup(parent, name)?))
+        self.overlay_attr(self.core.meta.lookup(parent, name)?)
     }
 
     pub(crate) fn getattr(&self, ino: Ino) -> VfsResult<Attr> {
-        Ok(self.overlay_attr(self.core.meta.getattr(ino)?))
+        match self.registry.file(ino) {
+            Some(file) => self.open_file_attr(&file),
+            None => Ok(self.core.meta.getattr(ino)?),
+        }
     }
 
     pub(crate) fn setattr(&self, ctx: &Ctx, ino: Ino, req: SetAttrRequest) -> VfsResult<Attr> {
@@ -298,7 +301,7 @@ impl Inner {
     pub(crate) fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> VfsResult<Attr> {
         check_name(new_name)?;
         let attr = self.core.meta.link(ino, new_parent, new_name, now_ns())?;
-        Ok(self.overlay_attr(attr))
+        self.overlay_attr(attr)
     }
 
     pub(crate) fn opendir(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<u64> {
@@ -372,7 +375,7 @@ impl Inner {
                     offset: e.cookie,
                     kind: e.kind,
                     name: e.name,
-                    attr: e.attr.map(|a| self.overlay_attr(a)),
+                    attr: e.attr.map(|a| self.overlay_attr(a)).transpose()?,
                 });
             }
         }

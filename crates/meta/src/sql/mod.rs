@@ -166,13 +166,26 @@ impl SqlEngine {
 
     /// Runs `f` as one writing transaction that ends by appending what it changed to the change
     /// log; rolls back if it fails (PostgreSQL: re-runs it if it lost a race).
-    fn write<T>(&self, mut f: impl FnMut(&Tx<'_, '_>) -> Result<T>) -> Result<T> {
-        self.db.write(|tx| {
+    fn write<T>(&self, f: impl FnMut(&Tx<'_, '_>) -> Result<T>) -> Result<T> {
+        self.write_excluding(None, f)
+    }
+
+    /// [`Self::write`], keeping every other writer of `table` out when one is named.
+    fn write_excluding<T>(
+        &self,
+        table: Option<&'static str>,
+        mut f: impl FnMut(&Tx<'_, '_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut run = |tx: &cellar_sql::Tx<'_>| {
             let changes = Tx::new(tx);
             let out = f(&changes)?;
             changes.record(self.origin, &self.changes_key)?;
             Ok(out)
-        })
+        };
+        match table {
+            Some(table) => self.db.write_excluding(table, run),
+            None => self.db.write(&mut run),
+        }
     }
 
     /// Runs `f` as one read transaction: a consistent snapshot across its statements.
@@ -439,7 +452,11 @@ impl MetaEngine for SqlEngine {
         expected: &[Slice],
         new: &[Slice],
     ) -> Result<bool> {
-        self.write(|tx| data::replace_chunk(tx, ino, chunk, expected, new, tx.now_ns()?))
+        // Writers of the file append slices to this chunk all the time (an SQLite journal):
+        // without excluding them the compactor could lose every retry.
+        self.write_excluding(Some("chunk_slices"), |tx| {
+            data::replace_chunk(tx, ino, chunk, expected, new, tx.now_ns()?)
+        })
     }
 
     fn garbage_slices(&self, before_ns: i64, limit: usize) -> Result<Vec<GarbageSlice>> {
