@@ -87,14 +87,25 @@ impl Services {
             .ok_or_else(|| RunnerError::Unavailable(format!("runner {name} is not connected")))
     }
 
-    /// Formats a volume in `creating` and makes it `ready` (or `error` with the reason).
+    /// Formats a volume in `creating`, gives it the byte quota it was created with, and makes it
+    /// `ready` (or `error` with the reason).
     pub async fn provision_volume(self: &Arc<Self>, volume_id: String) {
         let config = self.volume_config(&volume_id);
         let volumes_dir = self.config.data_dir.join("volumes");
+        let db = self.db.clone();
+        let id = volume_id.clone();
         let outcome = run_blocking(move || {
+            let quota = db
+                .volume_by_id_in_any_org(&id)
+                .context("reading the volume's row")?
+                .and_then(|row| row.quota_bytes);
             std::fs::create_dir_all(&volumes_dir)
                 .with_context(|| format!("creating {}", volumes_dir.display()))?;
-            cellar_vfs::maintenance::format(&config)
+            cellar_vfs::maintenance::format(&config)?;
+            if quota.is_some() {
+                cellar_vfs::maintenance::set_quota(&config, quota)?;
+            }
+            Ok(())
         })
         .await;
         match outcome {

@@ -949,6 +949,9 @@ async fn uploads_replace_atomically_and_interrupted_ones_leave_nothing() {
     assert!(failed.is_err() || failed.unwrap().status().is_client_error());
     assert_eq!(content(&server, &v, "/f").await, new);
     assert_eq!(paths(&list_all(&server, &v, "/", true, 100).await), ["/f"]);
+    // Nothing of the interrupted uploads is held once the server noticed (at once, though the
+    // client may see its request end first).
+    wait_for_usage(&server, &v, SIZE, 1).await;
     server.stop().await;
 }
 
@@ -1125,3 +1128,184 @@ async fn a_2_gib_file_round_trips_on_s3_in_bounded_memory() {
         .await;
     server.stop().await;
 }
+
+/// The volume's `usage` as the API reports it.
+async fn usage(server: &TestServer, volume: &str) -> (u64, u64) {
+    let (status, dto) = server.get(&format!("/api/volumes/{volume}")).await;
+    assert_eq!(status, StatusCode::OK, "{dto}");
+    (
+        dto["usage"]["bytes"].as_u64().unwrap(),
+        dto["usage"]["files"].as_u64().unwrap(),
+    )
+}
+
+/// Waits (10 s at most) for the usage to be `bytes` held by `files` inodes: what a failed
+/// upload held goes when the server closes it, just after answering.
+async fn wait_for_usage(server: &TestServer, volume: &str, bytes: u64, files: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = usage(server, volume).await;
+        if now == (bytes, files) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage is {now:?}, not {:?}",
+            (bytes, files)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Usage follows writes, overwrites, truncates and deletes exactly; past the quota an upload is
+/// refused with 507 and what was stored before is intact; the quota is set at creation and
+/// changed with PATCH.
+async fn usage_is_exact_and_the_quota_holds(control: Control) {
+    const MIB: u64 = 1 << 20;
+    let server = TestServer::start_on(control).await;
+    let (status, dto) = server
+        .post(
+            "/api/volumes",
+            &json!({"name": "quota", "quotaBytes": 10 * MIB}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{dto}");
+    assert_eq!(dto["quotaBytes"], 10 * MIB);
+    assert_eq!(dto["usage"], json!({"bytes": 0, "files": 0}));
+    let v = dto["id"].as_str().unwrap().to_string();
+    let v = v.as_str();
+    let (_, plain) = server.post("/api/volumes", &json!({"name": "plain"})).await;
+    assert!(plain["quotaBytes"].is_null(), "{plain}");
+    let (_, listed) = server.get("/api/volumes").await;
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["usage"]["files"] == 0),
+        "{listed}"
+    );
+
+    let a = pattern(1, 0, 3 * MIB as usize);
+    assert_eq!(
+        put(&server, v, "/a", "", a.clone()).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(usage(&server, v).await, (3 * MIB, 1));
+    assert_eq!(
+        put(
+            &server,
+            v,
+            "/dir/b",
+            "&parents=true",
+            pattern(2, 0, MIB as usize)
+        )
+        .await
+        .0,
+        StatusCode::CREATED
+    );
+    assert_eq!(usage(&server, v).await, (4 * MIB, 3));
+    let a = pattern(3, 0, 2 * MIB as usize);
+    assert_eq!(put(&server, v, "/a", "", a.clone()).await.0, StatusCode::OK);
+    wait_for_usage(&server, v, 3 * MIB, 3).await;
+    assert_eq!(
+        put(&server, v, "/small", "", "tiny").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(usage(&server, v).await, (3 * MIB + 4, 4));
+    // Truncated in place, as a sandbox would.
+    common::with_vfs(&server, v, |vfs| {
+        let ctx = cellar_vfs::Ctx {
+            uid: 1000,
+            gid: 1000,
+            pid: 1,
+        };
+        let dir = vfs.lookup(&ctx, cellar_vfs::ROOT_INO, b"dir").unwrap();
+        let b = vfs.lookup(&ctx, dir.ino, b"b").unwrap();
+        let request = cellar_vfs::SetAttrRequest {
+            size: Some(1000),
+            ..Default::default()
+        };
+        vfs.setattr(&ctx, b.ino, request).unwrap();
+    });
+    assert_eq!(usage(&server, v).await, (2 * MIB + 1000 + 4, 4));
+    let rm = server
+        .delete(&files_url(v, "?path=/dir&recursive=true"))
+        .await;
+    assert_eq!(rm.0, StatusCode::NO_CONTENT);
+    assert_eq!(usage(&server, v).await, (2 * MIB + 4, 2));
+
+    // Past the quota: 507, and the files stored before are whole.
+    let refused = put(&server, v, "/big", "", pattern(4, 0, 9 * MIB as usize)).await;
+    assert_error(&refused, StatusCode::INSUFFICIENT_STORAGE, "QUOTA_EXCEEDED");
+    let refused = put(&server, v, "/a", "", pattern(4, 0, 9 * MIB as usize)).await;
+    assert_error(&refused, StatusCode::INSUFFICIENT_STORAGE, "QUOTA_EXCEEDED");
+    assert_eq!(content(&server, v, "/a").await, a);
+    assert_eq!(content(&server, v, "/small").await, b"tiny");
+    assert_error(
+        &stat(&server, v, "/big").await,
+        StatusCode::NOT_FOUND,
+        "FILE_NOT_FOUND",
+    );
+    wait_for_usage(&server, v, 2 * MIB + 4, 2).await;
+
+    // PATCH: raise it (by name), remove it; bad bodies are 400.
+    let patch = async |volume: &str, body: Value| {
+        server
+            .send(
+                server
+                    .http
+                    .patch(server.url(&format!("/api/volumes/{volume}")))
+                    .bearer_auth(&server.key)
+                    .json(&body),
+            )
+            .await
+    };
+    let (status, dto) = patch("quota", json!({"quotaBytes": 20 * MIB})).await;
+    assert_eq!(status, StatusCode::OK, "{dto}");
+    assert_eq!(dto["quotaBytes"], 20 * MIB);
+    assert_eq!(dto["usage"], json!({"bytes": 2 * MIB + 4, "files": 2}));
+    // Mounts (the server's own instance too) pick a new quota up within about a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        put(&server, v, "/big", "", pattern(4, 0, 9 * MIB as usize))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    let (status, dto) = patch(v, json!({"quotaBytes": null})).await;
+    assert_eq!(status, StatusCode::OK, "{dto}");
+    assert!(dto["quotaBytes"].is_null(), "{dto}");
+    let (_, dto) = server.get(&format!("/api/volumes/{v}")).await;
+    assert!(dto["quotaBytes"].is_null(), "{dto}");
+    for bad in [
+        json!({}),
+        json!({"quotaBytes": -1}),
+        json!({"quotaBytes": "lots"}),
+        json!({"quotaBytes": 1.5}),
+    ] {
+        assert_eq!(
+            patch(v, bad.clone()).await.0,
+            StatusCode::BAD_REQUEST,
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        patch("nope", json!({"quotaBytes": 1})).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, _) = server
+        .post("/api/volumes", &json!({"name": "neg", "quotaBytes": -5}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = server
+        .post(
+            "/api/volumes",
+            &json!({"name": "huge", "quotaBytes": u64::MAX}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    server.stop().await;
+}
+
+on_both_databases!(usage_is_exact_and_the_quota_holds);

@@ -41,7 +41,9 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes/by-name/{name}", get(volumes::get_by_name))
         .route(
             "/volumes/{volume_id}",
-            get(volumes::get).delete(volumes::delete),
+            get(volumes::get)
+                .patch(volumes::update)
+                .delete(volumes::delete),
         )
         .route(
             "/volumes/{volume_id}/files",
@@ -218,6 +220,7 @@ impl Modify for BearerAuth {
         volumes::create,
         volumes::get_by_name,
         volumes::get,
+        volumes::update,
         volumes::delete,
         files::list,
         files::stat,
