@@ -1309,3 +1309,86 @@ async fn usage_is_exact_and_the_quota_holds(control: Control) {
 }
 
 on_both_databases!(usage_is_exact_and_the_quota_holds);
+
+/// The API and running sandboxes share the volume: an upload is visible in the sandbox at once
+/// (the change feed drops what the sandbox's kernel cached), and a file a sandbox closes can be
+/// downloaded at once. Files the API creates belong to the sandbox user.
+#[tokio::test]
+async fn sandboxes_and_the_api_see_each_others_files_at_once() {
+    common::require_runner_prerequisites();
+    let server = TestServer::start().await;
+    let vol = volume_id(&server, "shared").await;
+    let v = vol.as_str();
+    assert_eq!(
+        put(&server, v, "/before", "", "one").await.0,
+        StatusCode::CREATED
+    );
+    let (status, sandbox) = server
+        .post(
+            "/api/sandbox",
+            &json!({"volumes": [{"volumeId": v, "mountPath": "/home/daytona/vol"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{sandbox}");
+    let run = async |command: &str| {
+        let (code, out) = common::exec(&server, &sandbox, command).await;
+        assert_eq!(code, 0, "{command}: {out}");
+        out
+    };
+    assert_eq!(run("cat vol/before").await, "one");
+    // Cached by the sandbox's kernel first, then changed through the API.
+    assert_eq!(run("ls vol; stat -c %s vol/before").await, "before\n3\n");
+    assert_eq!(
+        put(&server, v, "/during", "", "two").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(run("cat vol/during").await, "two");
+    assert_eq!(
+        put(&server, v, "/before", "", "three!").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(run("cat vol/before").await, "three!");
+    let moved = server
+        .post(
+            &files_url(v, "/move"),
+            &json!({"from": "/during", "to": "/moved"}),
+        )
+        .await;
+    assert_eq!(moved.0, StatusCode::OK, "{}", moved.1);
+    assert_eq!(run("ls vol").await, "before\nmoved\n");
+    let made = server
+        .post(&files_url(v, "/mkdir"), &json!({"path": "/made"}))
+        .await;
+    assert_eq!(made.0, StatusCode::CREATED);
+    // Owned by the sandbox user: writable there.
+    assert_eq!(
+        run("stat -c '%u:%g' vol/before vol/made; printf more >> vol/before; echo hi > vol/made/f; id -u").await,
+        "1000:1000\n1000:1000\n1000\n"
+    );
+    assert_eq!(content(&server, v, "/before").await, b"three!more");
+    assert_eq!(content(&server, v, "/made/f").await, b"hi\n");
+    // Written in the sandbox: downloadable as soon as it is closed.
+    run("head -c 3000000 /dev/urandom > vol/random; sha256sum vol/random > vol/random.sum").await;
+    let random = content(&server, v, "/random").await;
+    let sum = String::from_utf8(content(&server, v, "/random.sum").await).unwrap();
+    assert_eq!(random.len(), 3_000_000);
+    assert!(
+        sum.starts_with(&hex::encode(Sha256::digest(&random))),
+        "{sum}"
+    );
+    assert_eq!(
+        server.delete(&files_url(v, "?path=/moved")).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(run("ls vol").await, "before\nmade\nrandom\nrandom.sum\n");
+
+    let id = sandbox["id"].as_str().unwrap();
+    assert_eq!(
+        server.delete(&format!("/api/sandbox/{id}")).await.0,
+        StatusCode::OK
+    );
+    server
+        .wait_for(&format!("/api/sandbox/{id}"), "state", "destroyed")
+        .await;
+    server.stop().await;
+}

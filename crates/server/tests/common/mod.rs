@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cellar_server::{Server, ServerConfig};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The `cellar` binary the embedded runner starts mount daemons with.
 pub fn cellar_bin() -> PathBuf {
@@ -318,6 +318,38 @@ pub fn s3_store_url() -> String {
     );
     url.set_path(&prefix);
     url.to_string()
+}
+
+/// The embedded runner needs the cellar binary (for mount daemons) and bubblewrap.
+pub fn require_runner_prerequisites() {
+    let bin = cellar_bin();
+    assert!(
+        bin.is_file(),
+        "cellar binary not found at {} (run `cargo build -p cellar-cli` or set CELLAR_BIN)",
+        bin.display()
+    );
+    assert!(
+        std::process::Command::new("bwrap")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "bubblewrap (bwrap) is required"
+    );
+}
+
+/// Runs `command` in the sandbox through the toolbox: (exit code, output).
+pub async fn exec(server: &TestServer, sandbox: &Value, command: &str) -> (i64, String) {
+    let url = format!(
+        "{}/{}/process/execute",
+        sandbox["toolboxProxyUrl"].as_str().unwrap(),
+        sandbox["id"].as_str().unwrap()
+    );
+    let (status, body) = server.post(&url, &json!({ "command": command })).await;
+    assert_eq!(status, StatusCode::OK, "{command}: {body}");
+    (
+        body["exitCode"].as_i64().unwrap(),
+        body["result"].as_str().unwrap().to_string(),
+    )
 }
 
 /// How a process other than the server (a mount, this test) opens the volume.
