@@ -5,8 +5,7 @@
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header::{
-    ACCEPT_RANGES, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LAST_MODIFIED,
-    RANGE,
+    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, LAST_MODIFIED, RANGE,
 };
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,11 +14,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{ApiJson, ApiPath, ApiQuery};
-use super::{bearer_key, blocking, AppState, Org};
+use super::{blocking, org_of, AppState, Org};
 use crate::db::{volume_state, VolumeRow};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::files::signing::{SignatureError, MAX_EXPIRY_SECS};
-use crate::files::{self, Entry, EntryKind, FileError, FileResult, Lease, VolumePath};
+use crate::files::{self, Entry, EntryKind, FileError, Lease, VolumePath};
 
 /// Bytes moved per vfs call and per body piece of a transfer; a transfer holds a few of them.
 const PIECE: usize = 1 << 20;
@@ -201,16 +200,6 @@ impl From<FileError> for ApiError {
     }
 }
 
-/// Runs file work on the blocking pool.
-async fn run<T: Send + 'static>(
-    work: impl FnOnce() -> FileResult<T> + Send + 'static,
-) -> ApiResult<T> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(ApiError::from),
-        Err(e) => Err(ApiError::internal(e)),
-    }
-}
-
 fn parse_path(path: &str) -> ApiResult<VolumePath> {
     Ok(VolumePath::parse(path)?)
 }
@@ -312,16 +301,7 @@ async fn authorize_transfer(
             .map_err(forbidden)?;
         return Ok(volume);
     }
-    let key = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_key)
-        .map(str::to_string)
-        .ok_or_else(ApiError::unauthorized)?;
-    let db = state.services.db.clone();
-    let org = blocking(move || db.org_for_key(&key))
-        .await?
-        .ok_or_else(ApiError::unauthorized)?;
+    let org = org_of(state, headers).await?;
     org_volume(state, org, volume_key).await
 }
 
@@ -351,7 +331,7 @@ pub async fn list(
     }
     let vfs = org_volume_files(&state, org, &volume_key).await?;
     let listing =
-        run(move || files::list(&vfs, &path, query.recursive, limit, cursor.as_ref())).await?;
+        blocking(move || files::list(&vfs, &path, query.recursive, limit, cursor.as_ref())).await?;
     Ok(Json(FileListing {
         entries: listing.entries.into_iter().map(FileEntry::from).collect(),
         next_cursor: listing.next_cursor,
@@ -371,7 +351,9 @@ pub async fn stat(
 ) -> ApiResult<Json<FileEntry>> {
     let path = parse_path(&query.path)?;
     let vfs = org_volume_files(&state, org, &volume_key).await?;
-    Ok(Json(run(move || files::stat(&vfs, &path)).await?.into()))
+    Ok(Json(
+        blocking(move || files::stat(&vfs, &path)).await?.into(),
+    ))
 }
 
 /// A `Range` header, for a file of `size` bytes.
@@ -452,7 +434,7 @@ pub async fn download(
     )
     .await?;
     let vfs = open_volume(&state, &volume).await?;
-    let (reader, attr) = run(move || files::open_for_read(vfs, &path)).await?;
+    let (reader, attr) = blocking(move || files::open_for_read(vfs, &path)).await?;
     let size = attr.size;
     let range = parse_range(headers.get(RANGE).and_then(|v| v.to_str().ok()), size);
     let modified =
@@ -578,7 +560,8 @@ pub async fn upload(
     .await?;
     let vfs = open_volume(&state, &volume).await?;
     let (parents, overwrite) = (query.parents, query.overwrite);
-    let upload = run(move || files::begin_upload(vfs, &path, parents, overwrite, mode)).await?;
+    let upload =
+        blocking(move || files::begin_upload(vfs, &path, parents, overwrite, mode)).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(QUEUED_PIECES);
     let writer = tokio::task::spawn_blocking(move || {
         let mut upload = upload;
@@ -669,7 +652,8 @@ pub async fn mkdir(
     let path = parse_path(&body.path)?;
     let mode = parse_mode(body.mode.as_deref(), 0o755)?;
     let vfs = org_volume_files(&state, org, &volume_key).await?;
-    let (entry, created) = run(move || files::make_dir(&vfs, &path, body.parents, mode)).await?;
+    let (entry, created) =
+        blocking(move || files::make_dir(&vfs, &path, body.parents, mode)).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -698,7 +682,7 @@ pub async fn move_file(
     let to = parse_path(&body.to)?;
     let vfs = org_volume_files(&state, org, &volume_key).await?;
     Ok(Json(
-        run(move || files::rename(&vfs, &from, &to, body.overwrite))
+        blocking(move || files::rename(&vfs, &from, &to, body.overwrite))
             .await?
             .into(),
     ))
@@ -721,7 +705,7 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let path = parse_path(&query.path)?;
     let vfs = org_volume_files(&state, org, &volume_key).await?;
-    run(move || files::remove(&vfs, &path, query.recursive)).await?;
+    blocking(move || files::remove(&vfs, &path, query.recursive)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -741,7 +725,7 @@ pub async fn set_mode(
     let mode = parse_mode(Some(&body.mode), 0)?;
     let vfs = org_volume_files(&state, org, &volume_key).await?;
     Ok(Json(
-        run(move || files::set_mode(&vfs, &path, mode))
+        blocking(move || files::set_mode(&vfs, &path, mode))
             .await?
             .into(),
     ))

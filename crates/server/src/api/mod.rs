@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -113,34 +113,37 @@ pub(crate) fn bearer_key(header: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
-/// Resolves `Authorization: Bearer <key>` to an organisation, or answers 401.
-async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let key = request
-        .headers()
+/// The organisation of the request's `Authorization: Bearer <key>`, or 401.
+pub(crate) async fn org_of(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
+    let key = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_key)
-        .map(str::to_string);
-    let Some(key) = key else {
-        return ApiError::unauthorized().into_response();
-    };
+        .map(str::to_string)
+        .ok_or_else(ApiError::unauthorized)?;
     let db = state.services.db.clone();
-    let org = match tokio::task::spawn_blocking(move || db.org_for_key(&key)).await {
-        Ok(Ok(Some(org))) => org,
-        Ok(Ok(None)) => return ApiError::unauthorized().into_response(),
-        Ok(Err(e)) => return ApiError::internal(e).into_response(),
-        Err(e) => return ApiError::internal(e).into_response(),
-    };
-    request.extensions_mut().insert(Org(org));
-    next.run(request).await
+    blocking(move || db.org_for_key(&key))
+        .await?
+        .ok_or_else(ApiError::unauthorized)
 }
 
-/// Runs a control-database call off the async workers.
-pub async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> crate::db::DbResult<T> + Send + 'static,
+/// Resolves `Authorization: Bearer <key>` to an organisation, or answers 401.
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    match org_of(&state, request.headers()).await {
+        Ok(org) => {
+            request.extensions_mut().insert(Org(org));
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Runs a blocking call (the control database, the vfs) off the async workers.
+pub async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> ApiResult<T> {
     match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(ApiError::from),
+        Ok(result) => result.map_err(Into::into),
         Err(e) => Err(ApiError::internal(e)),
     }
 }

@@ -79,13 +79,14 @@ impl VolumeDto {
 /// Volume rows as DTOs, their usage read off the async workers.
 async fn dtos(state: &AppState, rows: Vec<VolumeRow>) -> ApiResult<Vec<VolumeDto>> {
     let services = state.services.clone();
-    tokio::task::spawn_blocking(move || {
-        rows.into_iter()
-            .map(|row| VolumeDto::of(&services, row))
-            .collect()
+    blocking(move || {
+        Ok::<_, ApiError>(
+            rows.into_iter()
+                .map(|row| VolumeDto::of(&services, row))
+                .collect(),
+        )
     })
     .await
-    .map_err(ApiError::internal)
 }
 
 async fn dto(state: &AppState, row: VolumeRow) -> ApiResult<Json<VolumeDto>> {
@@ -256,7 +257,7 @@ pub async fn update(
         )));
     }
     let services = state.services.clone();
-    let updated = tokio::task::spawn_blocking(move || -> anyhow::Result<VolumeRow> {
+    let updated = blocking(move || -> anyhow::Result<VolumeRow> {
         cellar_vfs::maintenance::set_quota(&services.volume_config(&row.id), quota)?;
         services.db.set_volume_quota(&row.id, quota)?;
         Ok(VolumeRow {
@@ -264,8 +265,7 @@ pub async fn update(
             ..row
         })
     })
-    .await
-    .map_err(ApiError::internal)??;
+    .await?;
     dto(&state, updated).await
 }
 

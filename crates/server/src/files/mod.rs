@@ -278,3 +278,58 @@ async fn shut_down(volume_id: &str, slot: Arc<Slot>, why: &str) {
         Err(e) => tracing::error!(volume = %volume_id, "closing the volume: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl VolumeFiles {
+        fn open_volumes(&self) -> usize {
+            self.slots().open.len()
+        }
+    }
+
+    fn volume_in(dir: &std::path::Path) -> VolumeConfig {
+        let store = dir.join("blocks");
+        std::fs::create_dir_all(&store).unwrap();
+        VolumeConfig {
+            meta_url: format!("sqlite://{}", dir.join("meta.db").display()),
+            store_url: format!("file://{}", store.display()),
+            volume: "v".into(),
+            cache_mem_bytes: 1 << 20,
+            cache_dir: None,
+            cache_disk_bytes: 0,
+            mount_point: String::new(),
+        }
+    }
+
+    /// A volume stays open while leased, closes once idle, and a retired one never reopens.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn volumes_close_when_idle_and_stay_closed_once_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = volume_in(dir.path());
+        let files = Arc::new(VolumeFiles::new(Duration::from_millis(300)));
+        let reaper = tokio::spawn(files.clone().close_idle_volumes());
+
+        let lease = files.acquire("v", config.clone()).await.unwrap();
+        let again = files.acquire("v", config.clone()).await.unwrap();
+        assert!(Arc::ptr_eq(&lease.vfs, &again.vfs), "opened once");
+        drop(again);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(files.open_volumes(), 1, "a leased volume stays open");
+        drop(lease);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(files.open_volumes(), 0, "an idle volume is closed");
+
+        let lease = files.acquire("v", config.clone()).await.unwrap();
+        assert_eq!(files.open_volumes(), 1, "reopened on demand");
+        drop(lease);
+        files.retire("v").await;
+        assert_eq!(files.open_volumes(), 0);
+        assert!(matches!(
+            files.acquire("v", config).await,
+            Err(FileError::Unavailable(_))
+        ));
+        reaper.abort();
+    }
+}
