@@ -423,7 +423,7 @@ pub async fn find_in_files(
     // `-Z`: the file name ends with a NUL, so `name\0line:content\n` records parse whatever the
     // name holds. grep exits 1 when nothing matches and 2 when a file could not be read.
     let script = r#"need "$1"
-grep -rnIZsF -e "$2" -- "$1"
+grep -rnIZsF -D skip -e "$2" -- "$1"
 [ $? -le 2 ] || fail 1 "grep failed"
 exit 0"#;
     let output = run_script(&sandbox, script, vec![path, pattern]).await?;
@@ -543,16 +543,32 @@ pub async fn replace_in_files(
     ApiPath(sandbox_id): ApiPath<String>,
     ApiJson(body): ApiJson<ReplaceRequest>,
 ) -> ApiResult<Json<Vec<ReplaceResult>>> {
-    for (i, file) in body.files.iter().enumerate() {
-        validate_toolbox_path(&format!("files[{i}]"), file).map_err(ApiError::bad_request)?;
-    }
+    let args = body
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, file)| path_arg(&format!("files[{i}]"), file))
+        .collect::<ApiResult<Vec<_>>>()?;
     if body.pattern.is_empty() {
         return Err(ApiError::bad_request("invalid pattern: must not be empty"));
     }
     let sandbox = started_sandbox(&state, &org, &sandbox_id).await?;
+    // Only regular files the user may read and write: never a device or FIFO without an end.
+    let script = r#"for f; do
+    if [ ! -e "$f" ]; then printf N
+    elif [ ! -f "$f" ]; then printf D
+    elif [ ! -r "$f" ] || [ ! -w "$f" ]; then printf P
+    else printf K; fi
+done"#;
+    let verdicts = run_script(&sandbox, script, args).await?;
     let mut results = Vec::with_capacity(body.files.len());
-    for file in body.files {
-        let outcome = replace_in_file(&sandbox, &file, &body.pattern, &body.new_value).await;
+    for (file, verdict) in body.files.into_iter().zip(verdicts.chars()) {
+        let outcome = match verdict {
+            'K' => replace_in_file(&sandbox, &file, &body.pattern, &body.new_value).await,
+            'N' => Err(format!("no such file or directory: {file}")),
+            'D' => Err(format!("not a regular file: {file}")),
+            _ => Err(format!("{file}: permission denied")),
+        };
         results.push(ReplaceResult {
             file,
             success: outcome.is_ok(),
