@@ -84,6 +84,9 @@ impl Toolbox<'_> {
     }
 }
 
+/// What is tried, the call (method, endpoint, query) and the status it must answer.
+type Case<'a> = (&'a str, Method, &'a str, &'a [(&'a str, &'a str)], StatusCode);
+
 /// An error answer in the API's shape, with the expected status.
 fn assert_error(what: &str, (status, body): (StatusCode, Value), expected: StatusCode) {
     assert_eq!(status, expected, "{what}: {body}");
@@ -106,7 +109,7 @@ async fn bad_input_missing_and_forbidden_paths_answer_4xx() {
         StatusCode::FORBIDDEN,
         StatusCode::CONFLICT,
     );
-    let cases: &[(&str, Method, &str, &[(&str, &str)], StatusCode)] = &[
+    let cases: &[Case] = &[
         (
             "info: empty path",
             M::GET,
