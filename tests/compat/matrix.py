@@ -22,7 +22,7 @@ CASES = OrderedDict(
         ("g", "mount-path rules -> bad-request error"),
         ("h", "read-only mount; subpath cannot be escaped"),
         ("i", "no store/DB credentials in the sandbox"),
-        ("j", "sandbox file calls: info, find, search, replace, mode, move, delete"),
+        ("j", "sandbox fs calls: info/find/search/replace/mode/move/delete"),
         ("k", "a large file streamed in and out (upload_file/download_file)"),
     ]
 )
