@@ -85,7 +85,13 @@ impl Toolbox<'_> {
 }
 
 /// What is tried, the call (method, endpoint, query) and the status it must answer.
-type Case<'a> = (&'a str, Method, &'a str, &'a [(&'a str, &'a str)], StatusCode);
+type Case<'a> = (
+    &'a str,
+    Method,
+    &'a str,
+    &'a [(&'a str, &'a str)],
+    StatusCode,
+);
 
 /// An error answer in the API's shape, with the expected status.
 fn assert_error(what: &str, (status, body): (StatusCode, Value), expected: StatusCode) {
