@@ -28,7 +28,11 @@ impl Mounted {
             "these tests need /dev/fuse (modprobe fuse, or --device /dev/fuse in a container)"
         );
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "these tests mount: run them as root");
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "these tests mount: run them as root"
+        );
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join("store")).unwrap();
         let mount_point = dir.path().join("mnt");
@@ -80,10 +84,8 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = run(Command::new(env!("CARGO_BIN_EXE_cellar")).args([
-            "umount",
-            &self.mount_point.display().to_string(),
-        ]));
+        let _ = run(Command::new(env!("CARGO_BIN_EXE_cellar"))
+            .args(["umount", &self.mount_point.display().to_string()]));
     }
 }
 
@@ -184,7 +186,10 @@ fn du_counts_the_data_of_a_sparse_file_and_agrees_with_the_usage() {
 fn df_shows_the_quota_and_dd_past_it_fails_with_edquot_leaving_earlier_files_intact() {
     let mount = Mounted::new();
     let (size, _, _) = df(&mount);
-    assert!(size >= 1 << 50, "without a quota the size is the virtual capacity: {size}");
+    assert!(
+        size >= 1 << 50,
+        "without a quota the size is the virtual capacity: {size}"
+    );
     sh_ok(&format!(
         "dd if=/dev/urandom of='{}' bs=1M count=10 status=none",
         mount.path("first").display()
