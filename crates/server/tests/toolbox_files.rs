@@ -93,13 +93,26 @@ type Case<'a> = (
     StatusCode,
 );
 
-/// An error answer in the API's shape, with the expected status.
+/// An error answer in the API's shape, with the expected status. A missing or forbidden file
+/// carries the toolbox daemon's code, which the clients turn into their precise error classes.
 fn assert_error(what: &str, (status, body): (StatusCode, Value), expected: StatusCode) {
     assert_eq!(status, expected, "{what}: {body}");
     assert_eq!(body["statusCode"], expected.as_u16(), "{what}: {body}");
     let message = body["message"].as_str().unwrap_or_default();
     assert!(!message.is_empty(), "{what}: {body}");
-    assert!(body["code"].is_string(), "{what}: {body}");
+    let daemon_code = match expected {
+        StatusCode::NOT_FOUND => Some("FILE_NOT_FOUND"),
+        StatusCode::FORBIDDEN => Some("FILE_ACCESS_DENIED"),
+        _ => None,
+    };
+    match daemon_code {
+        Some(code) => assert_eq!(
+            (&body["code"], &body["source"]),
+            (&json!(code), &json!("DAYTONA_DAEMON")),
+            "{what}: {body}"
+        ),
+        None => assert!(body["code"].is_string(), "{what}: {body}"),
+    }
 }
 
 #[tokio::test]
@@ -411,12 +424,13 @@ async fn bad_input_missing_and_forbidden_paths_answer_4xx() {
         server: &server,
         base: "/toolbox/no-such-sandbox".to_string(),
     };
-    assert_error(
-        "unknown sandbox",
-        other
-            .call(Method::GET, "files/info", &[("path", "d")])
-            .await,
-        missing,
+    let (status, body) = other
+        .call(Method::GET, "files/info", &[("path", "d")])
+        .await;
+    assert_eq!(
+        (status, &body["code"]),
+        (missing, &json!("NOT_FOUND")),
+        "not a file's code: {body}"
     );
     // No path or pattern ever reached a shell.
     assert_eq!(

@@ -17,8 +17,8 @@ import pytest
 from daytona import (
     DaytonaBadRequestError,
     DaytonaConflictError,
-    DaytonaForbiddenError,
-    DaytonaNotFoundError,
+    DaytonaFileAccessDeniedError,
+    DaytonaFileNotFoundError,
 )
 
 from test_volumes import create_sandbox, get_volume, ok, sh
@@ -48,7 +48,7 @@ def test_j_file_calls(daytona, rec, cleanup, unique):
     assert info.mod_time and info.modified_at, info
     directory = rec.call("fs.get_file_info", fs.get_file_info, "vol/tree/src")
     assert (directory.name, directory.is_dir) == ("src", True), directory
-    rec.expect_error("fs.get_file_info (missing) -> 404", DaytonaNotFoundError, 404, fs.get_file_info, f"{base}/absent")
+    rec.expect_error("fs.get_file_info (missing) -> 404", DaytonaFileNotFoundError, 404, fs.get_file_info, f"{base}/absent")
 
     # find_files: lines that contain the text; the binary file is skipped.
     matches = rec.call("fs.find_files", fs.find_files, base, "hello")
@@ -60,7 +60,7 @@ def test_j_file_calls(daytona, rec, cleanup, unique):
         (f"{base}/src/b.py", 1, "print('hello')"),
     ], found
     assert rec.call("fs.find_files", fs.find_files, base, "no such text") == []
-    rec.expect_error("fs.find_files (missing) -> 404", DaytonaNotFoundError, 404, fs.find_files, f"{base}/x", "a")
+    rec.expect_error("fs.find_files (missing) -> 404", DaytonaFileNotFoundError, 404, fs.find_files, f"{base}/x", "a")
 
     # search_files: names at any depth, or paths relative to the searched directory.
     result = rec.call("fs.search_files", fs.search_files, base, "*.txt")
@@ -90,7 +90,7 @@ def test_j_file_calls(daytona, rec, cleanup, unique):
     rec.call("fs.set_file_permissions", fs.set_file_permissions, f"{base}/a.txt", owner="daytona", group="daytona")
     rec.expect_error(
         "fs.set_file_permissions (owner root) -> 403",
-        DaytonaForbiddenError,
+        DaytonaFileAccessDeniedError,
         403,
         fs.set_file_permissions,
         f"{base}/a.txt",
@@ -98,7 +98,7 @@ def test_j_file_calls(daytona, rec, cleanup, unique):
     )
     rec.expect_error(
         "fs.set_file_permissions (missing) -> 404",
-        DaytonaNotFoundError,
+        DaytonaFileNotFoundError,
         404,
         fs.set_file_permissions,
         f"{base}/absent",
@@ -118,7 +118,7 @@ def test_j_file_calls(daytona, rec, cleanup, unique):
         f"{base}/src/b.py",
     )
     rec.expect_error(
-        "fs.move_files (missing) -> 404", DaytonaNotFoundError, 404, fs.move_files, f"{base}/absent", f"{base}/x"
+        "fs.move_files (missing) -> 404", DaytonaFileNotFoundError, 404, fs.move_files, f"{base}/absent", f"{base}/x"
     )
     # Into the home, off the volume: a move across file systems.
     rec.call("fs.move_files", fs.move_files, f"{base}/src/deep", "/home/daytona/deep")
@@ -130,9 +130,9 @@ def test_j_file_calls(daytona, rec, cleanup, unique):
     rec.expect_error("fs.delete_file (directory) -> 400", DaytonaBadRequestError, 400, fs.delete_file, f"{base}/src")
     rec.call("fs.delete_file", fs.delete_file, f"{base}/src", recursive=True)
     assert ok(rec, sandbox, f"ls -A {base}") == "blob.bin\n"
-    rec.expect_error("fs.delete_file (missing) -> 404", DaytonaNotFoundError, 404, fs.delete_file, f"{base}/src")
+    rec.expect_error("fs.delete_file (missing) -> 404", DaytonaFileNotFoundError, 404, fs.delete_file, f"{base}/src")
     rec.expect_error(
-        "fs.delete_file (read-only system) -> 403", DaytonaForbiddenError, 403, fs.delete_file, "/etc/hostname"
+        "fs.delete_file (read-only system) -> 403", DaytonaFileAccessDeniedError, 403, fs.delete_file, "/etc/hostname"
     )
 
     # No path ever reached a shell unquoted.

@@ -7,8 +7,8 @@ import { createReadStream, mkdtempSync, readFileSync, rmSync, statSync, writeSyn
 import {
   DaytonaBadRequestError,
   DaytonaConflictError,
-  DaytonaForbiddenError,
-  DaytonaNotFoundError,
+  DaytonaFileAccessDeniedError,
+  DaytonaFileNotFoundError,
 } from '@daytonaio/sdk'
 import { assert, assertEqual, unique } from './lib.mjs'
 
@@ -37,7 +37,7 @@ async function fileCalls(t) {
   assert(info.modTime && info.modifiedAt, `times in ${JSON.stringify(info)}`)
   const dir = await t.rec.call('fs.getFileDetails', () => fs.getFileDetails('vol/tree/src'))
   assertEqual([dir.name, dir.isDir], ['src', true], 'a directory')
-  await t.rec.expectError('fs.getFileDetails (missing) -> 404', DaytonaNotFoundError, 404, () =>
+  await t.rec.expectError('fs.getFileDetails (missing) -> 404', DaytonaFileNotFoundError, 404, () =>
     fs.getFileDetails(`${base}/absent`),
   )
 
@@ -54,7 +54,7 @@ async function fileCalls(t) {
     'findFiles matches',
   )
   assertEqual(await t.rec.call('fs.findFiles', () => fs.findFiles(base, 'no such text')), [], 'no match')
-  await t.rec.expectError('fs.findFiles (missing) -> 404', DaytonaNotFoundError, 404, () =>
+  await t.rec.expectError('fs.findFiles (missing) -> 404', DaytonaFileNotFoundError, 404, () =>
     fs.findFiles(`${base}/x`, 'a'),
   )
 
@@ -90,10 +90,10 @@ async function fileCalls(t) {
   await t.rec.call('fs.setFilePermissions', () =>
     fs.setFilePermissions(`${base}/a.txt`, { owner: 'daytona', group: 'daytona' }),
   )
-  await t.rec.expectError('fs.setFilePermissions (owner root) -> 403', DaytonaForbiddenError, 403, () =>
+  await t.rec.expectError('fs.setFilePermissions (owner root) -> 403', DaytonaFileAccessDeniedError, 403, () =>
     fs.setFilePermissions(`${base}/a.txt`, { owner: 'root' }),
   )
-  await t.rec.expectError('fs.setFilePermissions (missing) -> 404', DaytonaNotFoundError, 404, () =>
+  await t.rec.expectError('fs.setFilePermissions (missing) -> 404', DaytonaFileNotFoundError, 404, () =>
     fs.setFilePermissions(`${base}/absent`, { mode: '644' }),
   )
 
@@ -104,7 +104,7 @@ async function fileCalls(t) {
   await t.rec.expectError('fs.moveFiles (destination exists) -> 409', DaytonaConflictError, 409, () =>
     fs.moveFiles(`${base}/src/moved.txt`, `${base}/src/b.py`),
   )
-  await t.rec.expectError('fs.moveFiles (missing) -> 404', DaytonaNotFoundError, 404, () =>
+  await t.rec.expectError('fs.moveFiles (missing) -> 404', DaytonaFileNotFoundError, 404, () =>
     fs.moveFiles(`${base}/absent`, `${base}/x`),
   )
   // Into the home, off the volume: a move across file systems.
@@ -119,10 +119,10 @@ async function fileCalls(t) {
   )
   await t.rec.call('fs.deleteFile', () => fs.deleteFile(`${base}/src`, true))
   assertEqual(await t.ok(sandbox, `ls -A ${base}`), 'blob.bin\n', 'what is left')
-  await t.rec.expectError('fs.deleteFile (missing) -> 404', DaytonaNotFoundError, 404, () =>
+  await t.rec.expectError('fs.deleteFile (missing) -> 404', DaytonaFileNotFoundError, 404, () =>
     fs.deleteFile(`${base}/src`),
   )
-  await t.rec.expectError('fs.deleteFile (read-only system) -> 403', DaytonaForbiddenError, 403, () =>
+  await t.rec.expectError('fs.deleteFile (read-only system) -> 403', DaytonaFileAccessDeniedError, 403, () =>
     fs.deleteFile('/etc/hostname'),
   )
 

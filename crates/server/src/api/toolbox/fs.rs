@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use cellar_runner::{ExecRequest, EXEC_OUTPUT_LIMIT};
 use serde::{Deserialize, Serialize};
@@ -43,22 +44,61 @@ need() {
 }
 "#;
 
+/// A file call's failure. A missing or forbidden path answers with the codes of Daytona's
+/// toolbox daemon (`FILE_NOT_FOUND`, `FILE_ACCESS_DENIED`, source `DAYTONA_DAEMON`), as the
+/// bulk-download error parts do, so that the clients raise their `DaytonaFileNotFoundError` and
+/// `DaytonaFileAccessDeniedError`; any other failure is a plain [`ApiError`].
+pub struct FileError {
+    error: ApiError,
+    daemon_code: Option<&'static str>,
+}
+
+type FileResult<T> = Result<T, FileError>;
+
+impl From<ApiError> for FileError {
+    fn from(error: ApiError) -> FileError {
+        FileError {
+            error,
+            daemon_code: None,
+        }
+    }
+}
+
+impl IntoResponse for FileError {
+    fn into_response(self) -> Response {
+        let Some(code) = self.daemon_code else {
+            return self.error.into_response();
+        };
+        let body = ErrorBody {
+            status_code: self.error.status.as_u16(),
+            message: self.error.message,
+            code: code.to_string(),
+            source: "DAYTONA_DAEMON".to_string(),
+        };
+        (self.error.status, Json(body)).into_response()
+    }
+}
+
 /// What a script's exit code means to the client: 1 bad request (the message says why), 2 not
 /// found, 3 permission denied, 4 conflict. Anything else is the sandbox failing, not the input.
-fn script_error(code: i32, output: &str) -> ApiError {
+fn script_error(code: i32, output: &str) -> FileError {
     let message = output.trim().to_string();
+    let daemon = |status, code| FileError {
+        error: ApiError::new(status, message.clone()),
+        daemon_code: Some(code),
+    };
     match code {
-        1 => ApiError::bad_request(message),
-        2 => ApiError::not_found(message),
-        3 => ApiError::new(StatusCode::FORBIDDEN, message),
-        4 => ApiError::conflict(message),
-        _ => ApiError::internal(format!("a toolbox script exited with {code}: {message}")),
+        1 => ApiError::bad_request(message).into(),
+        2 => daemon(StatusCode::NOT_FOUND, "FILE_NOT_FOUND"),
+        3 => daemon(StatusCode::FORBIDDEN, "FILE_ACCESS_DENIED"),
+        4 => ApiError::conflict(message).into(),
+        _ => ApiError::internal(format!("a toolbox script exited with {code}: {message}")).into(),
     }
 }
 
 /// Runs `script` (after [`PRELUDE`]) in the sandbox as its user, with `args` as `$1`, `$2`, ...;
 /// returns its output.
-async fn run_script(sandbox: &Sandbox, script: &str, args: Vec<String>) -> ApiResult<String> {
+async fn run_script(sandbox: &Sandbox, script: &str, args: Vec<String>) -> FileResult<String> {
     let (id, runner) = sandbox;
     let request = ExecRequest {
         command: format!("{PRELUDE}{script}"),
@@ -74,7 +114,8 @@ async fn run_script(sandbox: &Sandbox, script: &str, args: Vec<String>) -> ApiRe
         return Err(ApiError::bad_request(format!(
             "the answer is over {} MiB: search a narrower path or pattern",
             EXEC_OUTPUT_LIMIT >> 20
-        )));
+        ))
+        .into());
     }
     Ok(result.output)
 }
@@ -176,7 +217,7 @@ pub async fn create_folder(
     Extension(Org(org)): Extension<Org>,
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<CreateFolderQuery>,
-) -> ApiResult<StatusCode> {
+) -> FileResult<StatusCode> {
     let path = path_arg("path", &query.path)?;
     let mode = octal_mode(&query.mode, 3..=4)?;
     let sandbox = started_sandbox(&state, &org, &sandbox_id).await?;
@@ -219,11 +260,11 @@ pub async fn list_files(
     Extension(Org(org)): Extension<Org>,
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<ListFilesQuery>,
-) -> ApiResult<Json<Vec<FileInfo>>> {
+) -> FileResult<Json<Vec<FileInfo>>> {
     let path = path_arg("path", &query.path)?;
     let depth = query.depth.unwrap_or(1);
     if depth == 0 {
-        return Err(ApiError::bad_request("invalid depth: must be at least 1"));
+        return Err(ApiError::bad_request("invalid depth: must be at least 1").into());
     }
     let sandbox = started_sandbox(&state, &org, &sandbox_id).await?;
     // A symlink given as the path is followed (`-H`), those below it are not; unreadable
@@ -256,17 +297,17 @@ pub async fn get_file_info(
     Extension(Org(org)): Extension<Org>,
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<PathQuery>,
-) -> ApiResult<Json<FileInfo>> {
+) -> FileResult<Json<FileInfo>> {
     let path = path_arg("path", &query.path)?;
     let sandbox = started_sandbox(&state, &org, &sandbox_id).await?;
     let script = r#"need "$1"
 [ -e "$1" ] || fail 2 "dangling symbolic link: $1"
 exec find -L "$1" -maxdepth 0 -printf "$2""#;
     let output = run_script(&sandbox, script, vec![path, FILE_INFO_FORMAT.to_string()]).await?;
-    parse_file_infos(&output)
+    let info = parse_file_infos(&output)
         .pop()
-        .map(Json)
-        .ok_or_else(|| ApiError::internal(format!("unreadable file information: {output:?}")))
+        .ok_or_else(|| ApiError::internal(format!("unreadable file information: {output:?}")))?;
+    Ok(Json(info))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -288,7 +329,7 @@ pub async fn delete_file(
     Extension(Org(org)): Extension<Org>,
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<DeleteQuery>,
-) -> ApiResult<StatusCode> {
+) -> FileResult<StatusCode> {
     let path = path_arg("path", &query.path)?;
     let recursive = query.recursive.unwrap_or(false).to_string();
     let sandbox = started_sandbox(&state, &org, &sandbox_id).await?;
@@ -321,7 +362,7 @@ pub async fn move_file(
     Extension(Org(org)): Extension<Org>,
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<MoveQuery>,
-) -> ApiResult<()> {
+) -> FileResult<()> {
     let source = path_arg("source", &query.source)?;
     let destination = path_arg("destination", &query.destination)?;
     let sandbox = started_sandbox(&state, &org, &sandbox_id).await?;
@@ -372,7 +413,7 @@ pub async fn set_file_permissions(
     Extension(Org(org)): Extension<Org>,
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<PermissionsQuery>,
-) -> ApiResult<()> {
+) -> FileResult<()> {
     let path = path_arg("path", &query.path)?;
     let mode = match query.mode.as_deref() {
         None | Some("") => String::new(),
@@ -417,7 +458,7 @@ pub async fn find_in_files(
     Extension(Org(org)): Extension<Org>,
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<SearchQuery>,
-) -> ApiResult<Json<Vec<Match>>> {
+) -> FileResult<Json<Vec<Match>>> {
     let path = path_arg("path", &query.path)?;
     let pattern = pattern_arg(&query.pattern)?;
     let sandbox = started_sandbox(&state, &org, &sandbox_id).await?;
@@ -480,7 +521,7 @@ pub async fn search_files(
     Extension(Org(org)): Extension<Org>,
     ApiPath(sandbox_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<SearchQuery>,
-) -> ApiResult<Json<SearchFilesResponse>> {
+) -> FileResult<Json<SearchFilesResponse>> {
     let path = path_arg("path", &query.path)?;
     let pattern = pattern_arg(&query.pattern)?;
     let (matcher, by_path) = name_matcher(&pattern)?;
@@ -543,7 +584,7 @@ pub async fn replace_in_files(
     Extension(Org(org)): Extension<Org>,
     ApiPath(sandbox_id): ApiPath<String>,
     ApiJson(body): ApiJson<ReplaceRequest>,
-) -> ApiResult<Json<Vec<ReplaceResult>>> {
+) -> FileResult<Json<Vec<ReplaceResult>>> {
     let args = body
         .files
         .iter()
@@ -551,7 +592,7 @@ pub async fn replace_in_files(
         .map(|(i, file)| path_arg(&format!("files[{i}]"), file))
         .collect::<ApiResult<Vec<_>>>()?;
     if body.pattern.is_empty() {
-        return Err(ApiError::bad_request("invalid pattern: must not be empty"));
+        return Err(ApiError::bad_request("invalid pattern: must not be empty").into());
     }
     let sandbox = started_sandbox(&state, &org, &sandbox_id).await?;
     // Only regular files the user may read and write: never a device or FIFO without an end.
