@@ -473,7 +473,7 @@ async fn file_calls_and_a_large_transfer_through_a_remote_runner() {
     let _runner = RunnerProcess::start(&server, "remote", &token, dir.path());
     wait_for_runners(&server, &["remote"], "live").await;
     let tb = Toolbox::create(&server).await;
-    tb.ok("mkdir -p t/src && printf 'one\\ntwo one\\n' > t/a.txt && printf 'one\\n' > t/src/b.rs")
+    tb.ok("mkdir -p t/src && printf 'one\\ntwo one\\n' > t/a.txt && printf 'one\\n' > t/src/b.rs && ln -s t tlink")
         .await;
 
     let (status, info) = tb
@@ -520,6 +520,29 @@ async fn file_calls_and_a_large_transfer_through_a_remote_runner() {
     assert_eq!(
         (status, &search["files"]),
         (StatusCode::OK, &json!(["t/src/b.rs"]))
+    );
+    // A symlink named as the directory is followed.
+    let (status, listed) = tb
+        .call(Method::GET, "files", &[("path", "tlink"), ("depth", "2")])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let paths: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["tlink/a.txt", "tlink/src", "tlink/src/b.rs"]);
+    let (status, search) = tb
+        .call(
+            Method::GET,
+            "files/search",
+            &[("path", "tlink"), ("pattern", "*.rs")],
+        )
+        .await;
+    assert_eq!(
+        (status, &search["files"]),
+        (StatusCode::OK, &json!(["tlink/src/b.rs"]))
     );
     let (status, results) = tb
         .replace(json!({"files": ["t/a.txt"], "pattern": "one", "newValue": "1"}))

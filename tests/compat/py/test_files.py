@@ -1,6 +1,7 @@
 """The sandbox file calls of the official `daytona` Python client (issue 9, point 5): case j, every
 `fs` call on a volume and in the home with real results; case k, a large file streamed in with
-`upload_file` and out with `download_file`, checksums equal, the server's memory bounded.
+`upload_file`/`upload_file_stream` and out with `download_file`/`download_file_stream`, checksums
+equal, the server's memory bounded.
 """
 
 from __future__ import annotations
@@ -173,7 +174,17 @@ def test_k_large_file_streams(daytona, rec, cleanup, unique, scratch):
     upload_seconds = time.monotonic() - started
     remote_sum = ok(rec, sandbox, f"sha256sum {remote}").split()[0]
     assert remote_sum == expected, "the uploaded file differs"
+    # The streaming variants: from an open file, chunked, and back as an iterator of chunks.
+    streamed = "/home/daytona/vol/streamed.bin"
+    with open(local, "rb") as source:
+        rec.call("fs.upload_file_stream (large)", sandbox.fs.upload_file_stream, source, streamed, 1800)
+    assert ok(rec, sandbox, f"sha256sum {streamed}").split()[0] == expected, "the stream-uploaded file differs"
     local.unlink()
+    digest, size = hashlib.sha256(), 0
+    for block in rec.call("fs.download_file_stream (large)", sandbox.fs.download_file_stream, streamed, 1800):
+        digest.update(block)
+        size += len(block)
+    assert (size, digest.hexdigest()) == (LARGE_MIB << 20, expected), "the stream-downloaded file differs"
 
     back = scratch / "back.bin"
     started = time.monotonic()

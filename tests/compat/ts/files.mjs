@@ -1,6 +1,7 @@
 // The sandbox file calls of the official @daytonaio/sdk client (issue 9, point 5): case j, every
 // `fs` call on a volume and in the home with real results; case k, a large file streamed in with
-// uploadFile and out with downloadFile, checksums equal, the server's memory bounded.
+// uploadFile/uploadFileStream and out with downloadFile/downloadFileStream, checksums equal, the
+// server's memory bounded.
 import { createHash, randomBytes } from 'node:crypto'
 import { createReadStream, mkdtempSync, readFileSync, rmSync, statSync, writeSync, openSync, closeSync } from 'node:fs'
 import {
@@ -172,7 +173,24 @@ async function largeFileStreams(t) {
     const uploadSeconds = (Date.now() - started) / 1000
     const remoteSum = (await t.ok(sandbox, `sha256sum ${remote}`)).split(/\s+/)[0]
     assertEqual(remoteSum, expected, 'checksum of the uploaded file')
+    // The streaming variants: from a read stream, chunked, and back as a readable stream.
+    const streamed = '/home/daytona/vol/streamed.bin'
+    await t.rec.call('fs.uploadFileStream (large)', () =>
+      sandbox.fs.uploadFileStream(createReadStream(local), streamed, { timeout: 1800 }),
+    )
+    const streamedSum = (await t.ok(sandbox, `sha256sum ${streamed}`)).split(/\s+/)[0]
+    assertEqual(streamedSum, expected, 'checksum of the stream-uploaded file')
     rmSync(local)
+    const readable = await t.rec.call('fs.downloadFileStream (large)', () =>
+      sandbox.fs.downloadFileStream(streamed, { timeout: 1800 }),
+    )
+    const streamHash = createHash('sha256')
+    let streamSize = 0
+    for await (const block of readable) {
+      streamHash.update(block)
+      streamSize += block.length
+    }
+    assertEqual([streamSize, streamHash.digest('hex')], [LARGE_MIB * 1048576, expected], 'the stream-downloaded file')
 
     const back = `${scratch}/back.bin`
     started = Date.now()

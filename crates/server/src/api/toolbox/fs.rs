@@ -226,11 +226,12 @@ pub async fn list_files(
         return Err(ApiError::bad_request("invalid depth: must be at least 1"));
     }
     let sandbox = started_sandbox(&state, &org, &sandbox_id).await?;
-    // Unreadable directories below the first level are left out, as Daytona does.
+    // A symlink given as the path is followed (`-H`), those below it are not; unreadable
+    // directories below the first level are left out, as Daytona does.
     let script = r#"need "$1"
 [ -d "$1" ] || fail 1 "not a directory: $1"
 [ -r "$1" ] && [ -x "$1" ] || fail 3 "$1: permission denied"
-find "$1" -mindepth 1 -maxdepth "$2" -printf "$3" 2>/dev/null
+find -H "$1" -mindepth 1 -maxdepth "$2" -printf "$3" 2>/dev/null
 exit 0"#;
     let args = vec![path, depth.to_string(), FILE_INFO_FORMAT.to_string()];
     let mut files = parse_file_infos(&run_script(&sandbox, script, args).await?);
@@ -487,7 +488,7 @@ pub async fn search_files(
     let script = r#"need "$1"
 [ -d "$1" ] || fail 1 "not a directory: $1"
 [ -r "$1" ] && [ -x "$1" ] || fail 3 "$1: permission denied"
-find "$1" ! -type d -print0 2>/dev/null
+find -H "$1" ! -type d -print0 2>/dev/null
 exit 0"#;
     let output = run_script(&sandbox, script, vec![path.clone()]).await?;
     let mut files: Vec<String> = output
