@@ -2699,6 +2699,50 @@ fn held_bytes_follow_writes_overwrites_holes_truncates_and_compaction(engine: En
     assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
 }
 
+/// Held bytes against a byte map (in cells of 256 bytes) through random commits of data and
+/// holes over three chunks, overlapping each other, and random truncates.
+fn held_bytes_match_a_model_through_random_commits_holes_and_truncates(engine: Engine) {
+    const CELL: u64 = 256;
+    const PER_CHUNK: u64 = CHUNK / CELL;
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let mut model = vec![false; (3 * PER_CHUNK) as usize];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for step in 0..400 {
+        if next(10) == 0 {
+            let size = next(3 * PER_CHUNK + 1) * CELL;
+            f.meta.truncate(file.ino, size, NOW).unwrap();
+            model[(size / CELL) as usize..].fill(false);
+        } else {
+            let chunk = next(3);
+            let start = next(PER_CHUNK);
+            let len = 1 + next((PER_CHUNK - start).min(256));
+            let is_hole = next(4) == 0;
+            let (pos, bytes) = ((start * CELL) as u32, (len * CELL) as u32);
+            let piece = if is_hole {
+                hole(bytes, pos)
+            } else {
+                f.upload(bytes, pos)
+            };
+            let end = chunk * CHUNK + (start + len) * CELL;
+            f.meta
+                .commit_slices(file.ino, &[(chunk, piece)], end, None, NOW)
+                .unwrap();
+            let first = (chunk * PER_CHUNK + start) as usize;
+            model[first..first + len as usize].fill(!is_hole);
+        }
+        let expected = model.iter().filter(|&&held| held).count() as u64 * CELL;
+        assert_eq!(held(&f, file.ino), expected, "step {step}");
+    }
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+}
+
 fn quota_refuses_growth_past_it_and_keeps_what_was_committed(engine: Engine) {
     let f = Fixture::new(engine);
     assert_eq!(f.meta.quota().unwrap(), None);
@@ -2890,6 +2934,7 @@ macro_rules! on_every_engine {
 
 on_every_engine!(
     held_bytes_follow_writes_overwrites_holes_truncates_and_compaction,
+    held_bytes_match_a_model_through_random_commits_holes_and_truncates,
     quota_refuses_growth_past_it_and_keeps_what_was_committed,
     check_repairs_held_bytes_and_usage,
     a_volume_from_before_held_bytes_gets_them_on_open,
