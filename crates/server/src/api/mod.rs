@@ -81,8 +81,26 @@ pub fn router(state: AppState) -> Router {
             "/{sandbox_id}/files/bulk-download",
             post(toolbox::bulk_download),
         )
-        .route("/{sandbox_id}/files/folder", post(toolbox::create_folder))
-        .route("/{sandbox_id}/files", get(toolbox::list_files))
+        .route(
+            "/{sandbox_id}/files/folder",
+            post(toolbox::fs::create_folder),
+        )
+        .route(
+            "/{sandbox_id}/files",
+            get(toolbox::fs::list_files).delete(toolbox::fs::delete_file),
+        )
+        .route("/{sandbox_id}/files/info", get(toolbox::fs::get_file_info))
+        .route("/{sandbox_id}/files/move", post(toolbox::fs::move_file))
+        .route(
+            "/{sandbox_id}/files/permissions",
+            post(toolbox::fs::set_file_permissions),
+        )
+        .route("/{sandbox_id}/files/find", get(toolbox::fs::find_in_files))
+        .route("/{sandbox_id}/files/search", get(toolbox::fs::search_files))
+        .route(
+            "/{sandbox_id}/files/replace",
+            post(toolbox::fs::replace_in_files),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let runner_api = Router::new()
         .route("/register", post(runners::register))
@@ -242,8 +260,15 @@ impl Modify for BearerAuth {
         toolbox::execute,
         toolbox::bulk_upload,
         toolbox::bulk_download,
-        toolbox::create_folder,
-        toolbox::list_files,
+        toolbox::fs::create_folder,
+        toolbox::fs::list_files,
+        toolbox::fs::get_file_info,
+        toolbox::fs::delete_file,
+        toolbox::fs::move_file,
+        toolbox::fs::set_file_permissions,
+        toolbox::fs::find_in_files,
+        toolbox::fs::search_files,
+        toolbox::fs::replace_in_files,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of this helper.
 
+pub mod runner;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
