@@ -1335,9 +1335,11 @@ async fn sandboxes_and_the_api_see_each_others_files_at_once() {
         assert_eq!(code, 0, "{command}: {out}");
         out
     };
-    assert_eq!(run("cat vol/before").await, "one");
     // Cached by the sandbox's kernel first, then changed through the API.
-    assert_eq!(run("ls vol; stat -c %s vol/before").await, "before\n3\n");
+    assert_eq!(
+        run("pwd; ls vol; stat -c %s vol/before; cat vol/before").await,
+        "/home/daytona\nbefore\n3\none"
+    );
     assert_eq!(
         put(&server, v, "/during", "", "two").await.0,
         StatusCode::CREATED
