@@ -1394,3 +1394,31 @@ async fn sandboxes_and_the_api_see_each_others_files_at_once() {
         .await;
     server.stop().await;
 }
+
+/// The served OpenAPI document describes every file endpoint and the volume changes.
+#[tokio::test]
+async fn the_openapi_document_lists_the_file_endpoints() {
+    let server = TestServer::start().await;
+    let (status, doc) = server.get("/api/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    for (path, methods) in [
+        ("/api/volumes/{volumeId}", &["get", "patch", "delete"][..]),
+        ("/api/volumes/{volumeId}/files", &["get", "delete"]),
+        ("/api/volumes/{volumeId}/files/stat", &["get"]),
+        ("/api/volumes/{volumeId}/files/content", &["get", "put"]),
+        ("/api/volumes/{volumeId}/files/mkdir", &["post"]),
+        ("/api/volumes/{volumeId}/files/move", &["post"]),
+        ("/api/volumes/{volumeId}/files/mode", &["post"]),
+        ("/api/volumes/{volumeId}/files/url", &["post"]),
+    ] {
+        for method in methods {
+            assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+        }
+    }
+    let volume = &doc["components"]["schemas"]["VolumeDto"]["properties"];
+    assert!(
+        volume["usage"].is_object() && volume["quotaBytes"].is_object(),
+        "{volume}"
+    );
+    server.stop().await;
+}
