@@ -73,8 +73,8 @@ impl TransferOptions {
             let bytes: u64 = done.iter().filter_map(|d| d["size"].as_u64()).sum();
             let seconds = progress.started.elapsed().as_secs_f64();
             println!(
-                "{verb} {} files, {} in {seconds:.1} s ({}/s)",
-                done.len(),
+                "{verb} {}, {} in {seconds:.1} s ({}/s)",
+                plural_files(done.len()),
                 human(bytes),
                 human((bytes as f64 / seconds.max(0.001)) as u64)
             );
@@ -99,8 +99,12 @@ struct Progress {
 impl Progress {
     fn file_done(&self, count: usize) {
         let done = self.done.fetch_add(count, Ordering::Relaxed) + count;
-        self.bar.set_message(format!("{done}/{} files", self.files));
+        self.bar.set_message(format!("{done}/{}", plural_files(self.files)));
     }
+}
+
+fn plural_files(n: usize) -> String {
+    format!("{n} file{}", if n == 1 { "" } else { "s" })
 }
 
 /// One local file to upload.
