@@ -99,7 +99,8 @@ struct Progress {
 impl Progress {
     fn file_done(&self, count: usize) {
         let done = self.done.fetch_add(count, Ordering::Relaxed) + count;
-        self.bar.set_message(format!("{done}/{}", plural_files(self.files)));
+        self.bar
+            .set_message(format!("{done}/{}", plural_files(self.files)));
     }
 }
 
@@ -117,7 +118,7 @@ struct Upload {
 
 #[derive(Default)]
 struct PutPlan {
-    /// Directories to create, parents first, with their local modes.
+    /// Directories to create, with their local modes.
     dirs: Vec<(String, u32)>,
     files: Vec<Upload>,
     /// What each source becomes: (remote path, whether it is a directory).
@@ -145,11 +146,25 @@ pub fn put(
             refuse_overwrite_remote(&files, &plan, destination).await?;
         }
         let progress = options.progress(plan.files.len(), plan.files.iter().map(|u| u.size).sum());
-        for (dir, mode) in &plan.dirs {
-            files
-                .mkdir(dir, *mode)
-                .await
-                .with_context(|| destination.with_path(dir.clone()).to_string())?;
+        // Parents before children (each with its own mode), the directories of one depth at once.
+        let mut dirs: Vec<&(String, u32)> = plan.dirs.iter().collect();
+        dirs.sort_by_key(|(dir, _)| dir.matches('/').count());
+        for level in
+            dirs.chunk_by(|(a, _), (b, _)| a.matches('/').count() == b.matches('/').count())
+        {
+            futures::stream::iter(level)
+                .map(|(dir, mode)| {
+                    let files = &files;
+                    async move {
+                        files
+                            .mkdir(dir, *mode)
+                            .await
+                            .with_context(|| destination.with_path(dir.clone()).to_string())
+                    }
+                })
+                .buffer_unordered(usize::from(options.jobs))
+                .try_collect::<Vec<_>>()
+                .await?;
         }
         let done: Vec<Value> = futures::stream::iter(&plan.files)
             .map(|upload| upload_one(&files, upload, destination, options.force, &progress))
