@@ -30,7 +30,7 @@ pub(crate) fn file_attr(attr: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(attr.ino),
         size: attr.size,
-        blocks: attr.size.div_ceil(512),
+        blocks: attr.blocks,
         atime: system_time(attr.atime_ns),
         mtime: system_time(attr.mtime_ns),
         ctime,

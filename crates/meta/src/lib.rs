@@ -80,8 +80,14 @@ pub trait MetaEngine: Send + Sync {
     /// ones. Cookies start above 2 (0..=2 are reserved for the caller's "." and "..").
     /// With `plus`, each entry carries its attributes.
     fn readdir(&self, dir: Ino, after: u64, limit: usize, plus: bool) -> Result<Vec<DirEntry>>;
-    /// Used bytes and inodes of the volume.
+    /// Held bytes and inodes of the volume (see [`Usage`]), from counters (no tree walk).
     fn usage(&self) -> Result<Usage>;
+    /// The volume's byte quota, if any: commits that would take the held bytes past it fail
+    /// with `Posix(EDQUOT)` (shrinking and overwriting writes never do).
+    fn quota(&self) -> Result<Option<u64>>;
+    /// Sets or (`None`) removes the quota. Every engine of the volume enforces it from its
+    /// next commit on. A quota below the usage refuses growth until enough is freed.
+    fn set_quota(&self, bytes: Option<u64>) -> Result<()>;
 
     // ---- xattrs ----
     fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>>;
@@ -143,7 +149,8 @@ pub trait MetaEngine: Send + Sync {
     fn alloc_slice_ids(&self, count: u64) -> Result<u64>;
 
     // ---- maintenance: compaction, garbage collection, fsck ----
-    /// Chunks holding at least `min_slices` slices, at most `limit`.
+    /// Chunks whose slices read from at least `min_slices` stored objects (a hole counting as
+    /// one), at most `limit`.
     fn fragmented_chunks(&self, min_slices: usize, limit: usize) -> Result<Vec<(Ino, u64)>>;
     /// Replaces the first `expected.len()` slices of a chunk by `new` (at most as many) if the
     /// chunk's slice list still starts with exactly `expected`; slices committed after them are

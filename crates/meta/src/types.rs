@@ -26,6 +26,9 @@ pub struct Attr {
     pub gid: u32,
     pub nlink: u32,
     pub size: u64,
+    /// 512-byte units the file really holds (`st_blocks`): its bytes backed by stored data,
+    /// rounded up; holes and never-written ranges of a sparse file do not count.
+    pub blocks: u64,
     pub rdev: u32,
     pub atime_ns: i64,
     pub mtime_ns: i64,
@@ -57,8 +60,9 @@ pub enum Content {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Committed {
     pub attr: Attr,
-    /// (chunk, number of slices it now holds) for each chunk written to: callers compact
-    /// chunks that grow fragmented.
+    /// (chunk, number of stored objects its slices now read from, a hole counting as one) for
+    /// each chunk written to: callers compact chunks that grow fragmented. (A compacted chunk
+    /// is one object, read by one slice per run of data.)
     pub chunk_slices: Vec<(u64, usize)>,
 }
 
@@ -147,10 +151,19 @@ pub struct RenameOutcome {
     pub replaced: Option<Ino>,
 }
 
+/// What a volume holds, from counters kept in the transactions that change it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Bytes the files really hold (see [`held_blocks`]): not their sizes, so a sparse file
+    /// counts only its data. Inline files count their stored bytes; directories and symlinks 0.
     pub bytes: u64,
+    /// Inodes other than the root directory.
     pub inodes: u64,
+}
+
+/// `st_blocks` of a file holding `held` bytes.
+pub fn held_blocks(held: u64) -> u64 {
+    held.div_ceil(512)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

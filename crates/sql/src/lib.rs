@@ -165,6 +165,22 @@ impl Database {
         }
     }
 
+    /// Like [`Database::write`], with every other writer of `table` kept out for the duration:
+    /// for background work that a stream of short writers would otherwise make lose its race
+    /// on every try (SQLite's single writer already excludes them).
+    pub fn write_excluding<T, E: From<Error>>(
+        &self,
+        table: &'static str,
+        mut f: impl FnMut(&Tx<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        match &self.backend {
+            Backend::Sqlite(db) => db.write(&mut f),
+            Backend::Postgres(db) => {
+                db.transaction(postgres_db::Mode::WriteExcluding(table), &mut f)
+            }
+        }
+    }
+
     /// Runs `f` as one read-only transaction: a consistent snapshot across its statements.
     pub fn read<T, E: From<Error>>(
         &self,

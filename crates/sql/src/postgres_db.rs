@@ -423,6 +423,9 @@ impl Drop for Pooled<'_> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
     Write,
+    /// A write that first locks out every other writer of one table (`LOCK TABLE` runs before
+    /// the transaction's snapshot is taken, so no writer that commits first can make it lose).
+    WriteExcluding(&'static str),
     Read,
     /// READ COMMITTED, behind a lock on the schema: each statement sees what the migrator before
     /// it committed.
@@ -479,15 +482,18 @@ impl PgDb {
         mode: Mode,
         f: &mut dyn FnMut(&Tx<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        let begin = match mode {
-            Mode::Write => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        let isolation = match mode {
+            Mode::Write | Mode::WriteExcluding(_) => "BEGIN ISOLATION LEVEL SERIALIZABLE",
             Mode::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
             Mode::Migrate => "BEGIN ISOLATION LEVEL READ COMMITTED",
         };
-        let begin = match &self.schema {
-            Some((quoted, _)) => format!("{begin}; SET LOCAL search_path TO {quoted}"),
-            None => begin.to_string(),
+        let mut begin = match &self.schema {
+            Some((quoted, _)) => format!("{isolation}; SET LOCAL search_path TO {quoted}"),
+            None => isolation.to_string(),
         };
+        if let Mode::WriteExcluding(table) = mode {
+            begin.push_str(&format!("; LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"));
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -1,4 +1,5 @@
-//! Compaction: a chunk whose slices pile up (random writes, appends) is rewritten as one slice.
+//! Compaction: a chunk whose slices pile up (random writes, appends) is rewritten as one object
+//! (one slice per run of data, so holes stay holes).
 //! Writers ask for it by need, from the slice count each commit returns: in the background past
 //! [`COMPACT_BACKGROUND_SLICES`], synchronously past [`COMPACT_SYNC_SLICES`] (so no chunk grows
 //! without bound while the background falls behind). The periodic sweep for chunks left
@@ -17,7 +18,7 @@ pub(crate) const COMPACT_BACKGROUND_SLICES: usize = 100;
 pub(crate) const COMPACT_SYNC_SLICES: usize = 2500;
 
 impl Core {
-    /// Rewrites one fragmented chunk as a single slice. Returns whether the chunk was replaced
+    /// Rewrites one fragmented chunk as a single object. Returns whether the chunk was replaced
     /// (false when it changed meanwhile or is not fragmented).
     pub fn compact_chunk(&self, ino: Ino, index: u64) -> VfsResult<bool> {
         // Size and slices from one snapshot: the rewrite must not resurrect truncated bytes.
@@ -32,36 +33,58 @@ impl Core {
         let Some((_, slices)) = chunks.pop() else {
             return Ok(false);
         };
-        if slices.len() < 2 {
+        let objects: std::collections::HashSet<u64> = slices.iter().map(|s| s.id).collect();
+        if objects.len() < 2 {
             return Ok(false);
         }
         let cs = self.chunk_size();
         let chunk_start = index * cs;
         let visible_end = layout.attr.size.saturating_sub(chunk_start).min(cs);
         let map = chunk_map(&slices);
-        let data_pieces: Vec<_> = map
-            .clipped(0, visible_end)
-            .filter(|p| p.source.id != 0)
-            .collect();
-        let new = match (data_pieces.first(), data_pieces.last()) {
-            (Some(first), Some(last)) => {
-                let (start, end) = (first.start, last.end);
-                let mut data = vec![0u8; (end - start) as usize];
-                self.fill_from_store(
-                    map.clipped(start, end).map(|p| (p.start - start, p)),
-                    &mut data,
-                )?;
-                let len = data.len() as u32;
-                let id = self.put_new_slice(Bytes::from(data))?;
-                vec![Slice {
-                    id,
-                    size: len,
-                    off: 0,
-                    len,
-                    pos: start as u32,
-                }]
+        // The runs of visible data, holes between them left out: what the chunk holds (its
+        // `st_blocks`, the volume's usage) must not change.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for p in map.clipped(0, visible_end).filter(|p| p.source.id != 0) {
+            match runs.last_mut() {
+                Some((_, end)) if *end == p.start => *end = p.end,
+                _ => runs.push((p.start, p.end)),
             }
-            _ => Vec::new(),
+        }
+        if runs.len() > slices.len() {
+            return Ok(false);
+        }
+        let new = if runs.is_empty() {
+            Vec::new()
+        } else {
+            // One object with the runs back to back, one slice per run.
+            let offsets: Vec<u64> = runs
+                .iter()
+                .scan(0, |at, (start, end)| {
+                    let here = *at;
+                    *at += end - start;
+                    Some(here)
+                })
+                .collect();
+            let total: u64 = runs.iter().map(|(start, end)| end - start).sum();
+            let mut data = vec![0u8; total as usize];
+            self.fill_from_store(
+                runs.iter().zip(&offsets).flat_map(|(&(start, end), &at)| {
+                    map.clipped(start, end)
+                        .map(move |p| (at + p.start - start, p))
+                }),
+                &mut data,
+            )?;
+            let id = self.put_new_slice(Bytes::from(data))?;
+            runs.iter()
+                .zip(&offsets)
+                .map(|(&(start, end), &at)| Slice {
+                    id,
+                    size: total as u32,
+                    off: at as u32,
+                    len: (end - start) as u32,
+                    pos: start as u32,
+                })
+                .collect()
         };
         let replaced = self.meta.replace_chunk(ino, index, &slices, &new)?;
         if !replaced {

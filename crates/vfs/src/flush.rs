@@ -119,11 +119,14 @@ impl Inner {
     /// Sets the size of a file: its buffered writes are committed first so none lands past it.
     pub(crate) fn truncate_file(&self, ino: Ino, size: u64) -> VfsResult<Attr> {
         let Some(file) = self.registry.file(ino) else {
-            return Ok(self.core.meta.truncate(ino, size, now_ns())?);
+            let attr = self.core.meta.truncate(ino, size, now_ns())?;
+            self.quota.space_freed();
+            return Ok(attr);
         };
         let _flushing = file.flush_lock.lock();
         self.flush_locked(&file)?;
         let attr = self.core.meta.truncate(ino, size, now_ns())?;
+        self.quota.space_freed();
         file.data.lock().commit_gen += 1;
         self.note_seen(&attr);
         Ok(attr)
@@ -202,10 +205,7 @@ impl Inner {
                 Ok(true)
             }
             Ok(None) => Ok(false),
-            Err(e) => {
-                self.fail_inflight(file);
-                Err(Failure::Failed(e.into()))
-            }
+            Err(e) => Err(self.commit_failed(file, e)),
         }
     }
 
@@ -362,11 +362,57 @@ impl Inner {
                 self.fail_inflight(file);
                 Err(Failure::Retry)
             }
-            Err(e) => {
-                self.fail_inflight(file);
-                Err(Failure::Failed(e.into()))
-            }
+            Err(e) => Err(self.commit_failed(file, e)),
         }
+    }
+
+    /// A commit failed for good. Past the quota, retrying cannot help: the inode's unflushed
+    /// writes are dropped (what was committed before stays) and the error is kept for the next
+    /// flush or fsync to report. Otherwise they stay buffered for the next flush.
+    fn commit_failed(&self, file: &FileState, e: MetaError) -> Failure {
+        let errno = Errno::from(e);
+        if errno.0 == libc::EDQUOT {
+            self.drop_unflushed(file, errno);
+        } else {
+            self.fail_inflight(file);
+        }
+        Failure::Failed(errno)
+    }
+
+    fn drop_unflushed(&self, file: &FileState, errno: Errno) {
+        let uploads: Vec<_> = file
+            .data
+            .lock()
+            .inflight
+            .iter_mut()
+            .filter_map(|s| s.upload.take())
+            .collect();
+        for upload in uploads {
+            let _ = self.core.runtime.block_on(upload);
+        }
+        let mut d = file.data.lock();
+        let segments: Vec<Segment> = d.inflight.drain(..).collect();
+        let garbage: Vec<GarbageSlice> = segments
+            .iter()
+            .flat_map(|segment| &segment.slices)
+            .map(|(_, s)| GarbageSlice {
+                id: s.id,
+                size: s.size,
+            })
+            .collect();
+        let dropped = segments.iter().map(|s| s.bytes).sum::<u64>() + d.buffer_bytes;
+        d.buffer.clear();
+        d.buffer_bytes = 0;
+        d.buffer_end = 0;
+        d.lost_writes = Some(errno);
+        drop(d);
+        self.dirty_bytes.fetch_sub(dropped, Ordering::SeqCst);
+        tracing::warn!(
+            ino = file.ino,
+            bytes = dropped,
+            "the volume's quota refused a commit; the file's unflushed writes are dropped"
+        );
+        self.core.discard_slices(&garbage);
     }
 
     /// The front segment is committed: drop it from the overlay.
@@ -380,6 +426,7 @@ impl Inner {
         d.unsynced = true;
         self.dirty_bytes
             .fetch_sub(committed.bytes, Ordering::SeqCst);
+        self.quota.committed(committed.bytes);
         drop(d);
         self.note_seen(attr);
     }

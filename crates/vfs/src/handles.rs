@@ -84,6 +84,8 @@ pub(crate) struct FileData {
     pub commit_gen: u64,
     /// A commit since the last metadata sync: close must make it durable.
     pub unsynced: bool,
+    /// Why buffered writes were dropped (a commit past the quota), until a flush reports it.
+    pub lost_writes: Option<Errno>,
 }
 
 impl FileData {

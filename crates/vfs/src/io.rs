@@ -80,7 +80,15 @@ impl Inner {
             let generation = file.data.lock().commit_gen;
             let layout = self.layout_for(file, generation, offset, u64::from(size))?;
             let committed_size = layout.attr.size;
-            let size_now = committed_size.max(file.data.lock().dirty_end());
+            let size_now = {
+                let d = file.data.lock();
+                // A commit since `generation` moved bytes out of the overlay that the layout
+                // (read before it) may lack: the size would come out short. Read again.
+                if d.commit_gen != generation {
+                    continue;
+                }
+                committed_size.max(d.dirty_end())
+            };
             if offset >= size_now {
                 return Ok(Vec::new());
             }
@@ -153,6 +161,9 @@ impl Inner {
             Some(end) if end <= MAX_FILE_SIZE => {}
             _ => return err(libc::EFBIG),
         }
+        let dirty = self.dirty_bytes.load(Ordering::SeqCst);
+        self.quota
+            .check(&*self.core.meta, dirty, data.len() as u64)?;
         if handle.uid != 0 && !privileges_dropped.swap(true, Ordering::Relaxed) {
             self.drop_privileges(handle.ino)?;
         }
@@ -224,7 +235,12 @@ impl Inner {
     /// acknowledges nothing. `always_sync`: sync the metadata even if this inode committed
     /// nothing since the last sync (fsync also covers the file's creation).
     fn flush_durably(&self, file: &FileState, always_sync: bool) -> VfsResult<()> {
-        self.flush_file(file)?;
+        // Writes dropped by an earlier flush (the background flusher's) are reported once.
+        let flushed = self.flush_file(file);
+        if let Some(e) = file.data.lock().lost_writes.take() {
+            return Err(flushed.err().unwrap_or(e));
+        }
+        flushed?;
         let unsynced = std::mem::take(&mut file.data.lock().unsynced);
         if unsynced || always_sync {
             if let Err(e) = self.sync_metadata() {

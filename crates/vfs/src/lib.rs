@@ -37,6 +37,7 @@ mod io;
 mod locks;
 pub mod maintenance;
 mod namespace;
+mod quota;
 mod read_path;
 mod volume;
 mod write_buffer;

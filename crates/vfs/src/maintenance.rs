@@ -20,6 +20,39 @@ const GC_COMPACT_MIN_SLICES: usize = 16;
 /// The lease that makes one client at a time the volume's compactor and garbage collector.
 pub(crate) const MAINTENANCE_LEASE: &str = "maintenance";
 
+/// What a volume holds and may hold (see [`usage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeUsage {
+    /// Bytes the files really hold (a sparse file counts its data only).
+    pub bytes: u64,
+    /// Files, directories, symlinks and other inodes, the root directory not counted.
+    pub files: u64,
+    pub quota_bytes: Option<u64>,
+}
+
+/// The volume's usage counters and quota, read from its metadata alone (no store, no tree
+/// walk; PostgreSQL volumes share this process's pool). An unformatted volume holds nothing.
+pub fn usage(config: &VolumeConfig) -> anyhow::Result<VolumeUsage> {
+    let (meta, volume) = open_meta(config)?;
+    let usage = match volume {
+        Some(_) => meta.usage().context("reading the volume's usage")?,
+        None => cellar_meta::Usage::default(),
+    };
+    Ok(VolumeUsage {
+        bytes: usage.bytes,
+        files: usage.inodes,
+        quota_bytes: meta.quota().context("reading the volume's quota")?,
+    })
+}
+
+/// Sets (or, with `None`, removes) the volume's byte quota in its metadata: every mount, on
+/// every host, enforces it within about a second, without remounting. May precede the
+/// volume's formatting.
+pub fn set_quota(config: &VolumeConfig, bytes: Option<u64>) -> anyhow::Result<()> {
+    let (meta, _) = open_meta(config)?;
+    meta.set_quota(bytes).context("storing the volume's quota")
+}
+
 /// Formats a new volume (metadata + store probe) without mounting it; idempotent.
 pub fn format(config: &VolumeConfig) -> anyhow::Result<()> {
     Core::open(config, true).map(drop)

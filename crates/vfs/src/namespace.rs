@@ -66,11 +66,14 @@ impl Inner {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
         }
-        Ok(self.overlay_attr(self.core.meta.lookup(parent, name)?))
+        self.overlay_attr(self.core.meta.lookup(parent, name)?)
     }
 
     pub(crate) fn getattr(&self, ino: Ino) -> VfsResult<Attr> {
-        Ok(self.overlay_attr(self.core.meta.getattr(ino)?))
+        match self.registry.file(ino) {
+            Some(file) => self.open_file_attr(&file),
+            None => Ok(self.core.meta.getattr(ino)?),
+        }
     }
 
     pub(crate) fn setattr(&self, ctx: &Ctx, ino: Ino, req: SetAttrRequest) -> VfsResult<Attr> {
@@ -252,6 +255,7 @@ impl Inner {
             return err(libc::ENAMETOOLONG);
         }
         self.core.meta.unlink(parent, name, now_ns())?;
+        self.quota.space_freed();
         Ok(())
     }
 
@@ -288,14 +292,16 @@ impl Inner {
             dst_name: new_name,
             mode,
         };
-        self.core.meta.rename(&req, now_ns())?;
+        if self.core.meta.rename(&req, now_ns())?.replaced.is_some() {
+            self.quota.space_freed();
+        }
         Ok(())
     }
 
     pub(crate) fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> VfsResult<Attr> {
         check_name(new_name)?;
         let attr = self.core.meta.link(ino, new_parent, new_name, now_ns())?;
-        Ok(self.overlay_attr(attr))
+        self.overlay_attr(attr)
     }
 
     pub(crate) fn opendir(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<u64> {
@@ -369,7 +375,7 @@ impl Inner {
                     offset: e.cookie,
                     kind: e.kind,
                     name: e.name,
-                    attr: e.attr.map(|a| self.overlay_attr(a)),
+                    attr: e.attr.map(|a| self.overlay_attr(a)).transpose()?,
                 });
             }
         }
@@ -382,8 +388,20 @@ impl Inner {
 
     pub(crate) fn statfs(&self) -> VfsResult<StatFs> {
         let usage = self.core.meta.usage()?;
-        let blocks = CAPACITY_BYTES / STATFS_BSIZE;
-        let bfree = blocks.saturating_sub(usage.bytes.div_ceil(STATFS_BSIZE));
+        // With a quota, `df` shows it as the size.
+        let (blocks, bfree) = match self.core.meta.quota()? {
+            Some(quota) => (
+                quota / STATFS_BSIZE,
+                quota.saturating_sub(usage.bytes) / STATFS_BSIZE,
+            ),
+            None => {
+                let blocks = CAPACITY_BYTES / STATFS_BSIZE;
+                (
+                    blocks,
+                    blocks.saturating_sub(usage.bytes.div_ceil(STATFS_BSIZE)),
+                )
+            }
+        };
         let ffree = CAPACITY_INODES.saturating_sub(usage.inodes);
         Ok(StatFs {
             blocks,

@@ -11,7 +11,8 @@ use cellar_meta::{Attr, Ino, SessionId, SessionInfo};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::backend::{now_ns, Core};
-use crate::handles::Registry;
+use crate::handles::{FileState, Registry};
+use crate::quota::QuotaView;
 use crate::{Errno, Invalidation, VfsResult, VolumeConfig};
 
 /// Sessions whose heartbeat is older than this are considered crashed and reaped.
@@ -77,6 +78,7 @@ pub(crate) struct Inner {
     pub compaction_requests: Mutex<HashSet<(Ino, u64)>>,
     /// Bytes buffered or uploading across the mount.
     pub dirty_bytes: AtomicU64,
+    pub quota: QuotaView,
     invalidator: RwLock<Option<Invalidator>>,
     pub stopper: Arc<Stopper>,
     pub threads: Mutex<Vec<JoinHandle<()>>>,
@@ -106,6 +108,7 @@ impl Inner {
             last_heartbeat: Mutex::new(Instant::now()),
             compaction_requests: Mutex::new(HashSet::new()),
             dirty_bytes: AtomicU64::new(0),
+            quota: QuotaView::default(),
             invalidator: RwLock::new(None),
             stopper: Arc::new(Stopper::default()),
             threads: Mutex::new(Vec::new()),
@@ -225,16 +228,33 @@ impl Inner {
     }
 
     /// Attributes as this mount sees them: buffered writes count toward size and mtime.
-    pub fn overlay_attr(&self, mut attr: Attr) -> Attr {
-        if let Some(file) = self.registry.file(attr.ino) {
+    /// `attr` came from the engine; for a file open here it is read again between two looks
+    /// at the commit generation: a commit of this mount after the engine read moves bytes out
+    /// of the buffer that the read lacks, and the size would come out short (readers then see
+    /// a false end of file).
+    pub fn overlay_attr(&self, attr: Attr) -> VfsResult<Attr> {
+        match self.registry.file(attr.ino) {
+            Some(file) => self.open_file_attr(&file),
+            None => Ok(attr),
+        }
+    }
+
+    /// The attributes of a file open here, buffered writes included (see [`Self::overlay_attr`]).
+    pub fn open_file_attr(&self, file: &FileState) -> VfsResult<Attr> {
+        loop {
+            let generation = file.data.lock().commit_gen;
+            let mut attr = self.core.meta.getattr(file.ino)?;
             let d = file.data.lock();
+            if d.commit_gen != generation {
+                continue;
+            }
             if d.is_dirty() {
                 attr.size = attr.size.max(d.dirty_end());
                 attr.mtime_ns = attr.mtime_ns.max(d.mtime_ns);
                 attr.ctime_ns = attr.ctime_ns.max(d.mtime_ns);
             }
+            return Ok(attr);
         }
-        attr
     }
 
     pub fn set_invalidator(&self, f: Invalidator) {

@@ -1063,3 +1063,55 @@ fn file_open_in_one_mount_stays_usable_after_another_mount_unlinks_it() {
     b.shutdown().unwrap();
     volume.assert_fsck_clean();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Readers of a file that this mount keeps appending to and committing (an SQLite WAL).
+
+/// Every getattr and read in the same mount sees at least the bytes whose write returned:
+/// a commit that moves bytes from the buffer to the engine between the engine read and the
+/// buffer overlay must not make the size look short (SQLite then fails with a short read).
+#[test]
+fn readers_never_see_a_file_shorter_than_its_acknowledged_writes() {
+    const PIECE: usize = 4096;
+    let secs = env_u64("CELLAR_RACE_SECS", 3);
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "journal");
+    // Bytes acknowledged so far: readers may never see less.
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (vfs, acknowledged, stop) = (vfs.clone(), acknowledged.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
+                let mut checks = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let floor = acknowledged.load(Ordering::SeqCst);
+                    let size = vfs.getattr(ino).unwrap().size;
+                    assert!(
+                        size >= floor,
+                        "getattr saw {size} bytes after {floor} were written"
+                    );
+                    let data = vfs.read(ino, fh, 0, floor as u32).unwrap();
+                    assert_eq!(data.len() as u64, floor, "short read of acknowledged bytes");
+                    checks += 1;
+                }
+                vfs.release(ino, fh, None).unwrap();
+                checks
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut offset = 0u64;
+    while Instant::now() < deadline && offset < (48 << 20) {
+        write_all(&vfs, ino, fh, offset, &[0x5a; PIECE]);
+        offset += PIECE as u64;
+        acknowledged.store(offset, Ordering::SeqCst);
+        vfs.fsync(ino, fh, false).unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let checks: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    close(&vfs, ino, fh);
+    assert!(checks > 0, "the readers never ran");
+}

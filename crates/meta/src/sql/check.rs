@@ -1,4 +1,5 @@
-//! fsck of the metadata: link counts, dangling entries, parent pointers, orphans, counters.
+//! fsck of the metadata: link counts, dangling entries, parent pointers, orphans, held bytes,
+//! counters.
 //! Repairs run in the same transaction as the checks. Removing a dangling entry can orphan
 //! what it pointed to; a second `check(true)` then frees it.
 
@@ -6,7 +7,8 @@ use cellar_sql::params;
 
 use super::changes::Tx;
 
-use super::namespace::free_inode;
+use super::data::computed_held;
+use super::namespace::{free_inode, stored_volume};
 use super::rows::{counter, set_counter, set_usage, usage_totals, DIRECTORY_CODE, REGULAR_CODE};
 use std::collections::{HashMap, HashSet};
 
@@ -20,8 +22,71 @@ pub fn check(conn: &Tx<'_, '_>, repair: bool, now_ns: i64) -> Result<Vec<String>
     link_counts(conn, repair, &mut problems)?;
     orphans(conn, repair, now_ns, &mut problems)?;
     layouts(conn, &mut problems)?;
-    counters(conn, repair, &mut problems)?;
+    let held = held_bytes(conn, repair, &mut problems)?;
+    counters(conn, repair, held, &mut problems)?;
     Ok(problems)
+}
+
+/// Whether the migration that added held bytes (see `schema::V5_HELD_BYTES`) left them to be
+/// computed.
+pub fn needs_held_recount(conn: &Tx<'_, '_>) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM counters WHERE name = 'held_recount')",
+        (),
+        |row| row.get(0),
+    )?)
+}
+
+/// Computes every file's held bytes and the volume's usage from them, once.
+pub fn recount_held(conn: &Tx<'_, '_>) -> Result<()> {
+    if !needs_held_recount(conn)? {
+        return Ok(());
+    }
+    let held = held_bytes(conn, true, &mut Vec::new())?;
+    let (_, inodes) = usage_totals(conn)?;
+    set_usage(conn, held, inodes)?;
+    conn.execute("DELETE FROM counters WHERE name = 'held_recount'", ())?;
+    Ok(())
+}
+
+/// Checks each file's held bytes against its slices (inline files: their stored bytes);
+/// returns the volume's total.
+fn held_bytes(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>) -> Result<i64> {
+    let Some(volume) = stored_volume(conn)? else {
+        return Ok(0);
+    };
+    let chunked: HashMap<Ino, u64> = computed_held(conn, &volume, None)?
+        .into_iter()
+        .map(|(ino, _, held)| (ino, held))
+        .collect();
+    let files: Vec<(Ino, i64, i64, Option<i64>)> = conn
+        .prepare_cached("SELECT ino, kind, held, length(inline_data) FROM inodes")?
+        .query_map((), |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?
+        .collect::<cellar_sql::Result<_>>()?;
+    let mut total = 0;
+    for (ino, kind, stored, inline_len) in files {
+        let expected = match inline_len {
+            _ if kind != REGULAR_CODE => 0,
+            Some(len) => len,
+            None => chunked.get(&ino).copied().unwrap_or(0) as i64,
+        };
+        total += expected;
+        if stored != expected {
+            problems.push(format!(
+                "inode {ino} records {stored} held bytes, its data holds {expected}"
+            ));
+            if repair {
+                conn.execute(
+                    "UPDATE inodes SET held = ?1 WHERE ino = ?2",
+                    params![expected, ino],
+                )?;
+                conn.ino_changed(ino);
+            }
+        }
+    }
+    Ok(total)
 }
 
 fn dangling_entries(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
@@ -210,12 +275,12 @@ fn layouts(conn: &Tx<'_, '_>, problems: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn counters(conn: &Tx<'_, '_>, repair: bool, problems: &mut Vec<String>) -> Result<()> {
-    let (inodes, bytes, max_ino): (i64, i64, i64) = conn.query_row(
-        "SELECT COUNT(*), CAST(COALESCE(SUM(CASE WHEN kind = ?1 THEN size ELSE 0 END), 0) AS BIGINT), COALESCE(MAX(ino), 0)
-         FROM inodes",
-        [REGULAR_CODE],
-        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+/// `bytes`: the volume's held bytes, as counted from the files.
+fn counters(conn: &Tx<'_, '_>, repair: bool, bytes: i64, problems: &mut Vec<String>) -> Result<()> {
+    let (inodes, max_ino): (i64, i64) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(MAX(ino), 0) FROM inodes",
+        (),
+        |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
     let max_slice: i64 = conn.query_row(
         "SELECT COALESCE((SELECT MAX(id) FROM chunk_slices), 0), COALESCE((SELECT MAX(id) FROM garbage), 0)",

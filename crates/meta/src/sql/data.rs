@@ -5,10 +5,12 @@ use libc::{EINVAL, EISDIR};
 
 use super::changes::Tx;
 
-use super::rows::{add_counter, add_usage, get_attr, posix};
+use std::collections::{BTreeMap, HashSet};
+
+use super::rows::{add_counter, add_usage, get_attr, posix, usage_totals};
 use crate::{
-    Attr, Committed, Content, FileKind, GarbageSlice, Ino, Layout, MetaError, Result, Slice,
-    SliceReferences, VolumeInfo,
+    held_blocks, Attr, Committed, Content, FileKind, GarbageSlice, Ino, Layout, MetaError, Result,
+    Slice, SliceReferences, VolumeInfo,
 };
 
 /// Moves the slices of chunks `from_chunk..` of `ino` to garbage (unless another chunk still
@@ -44,31 +46,170 @@ fn regular_file(conn: &Tx<'_, '_>, ino: Ino) -> Result<Attr> {
     }
 }
 
-fn inline_bytes(conn: &Tx<'_, '_>, ino: Ino) -> Result<Option<Vec<u8>>> {
-    let mut stmt = conn.prepare_cached("SELECT inline_data FROM inodes WHERE ino = ?1")?;
-    stmt.query_row([ino], |row| row.get(0))
-        .optional()?
-        .ok_or_else(|| posix(libc::ENOENT))
+/// A file's stored content: its inline bytes (`None` when its data lives in chunks) and the
+/// bytes it holds.
+struct Stored {
+    inline: Option<Vec<u8>>,
+    held: u64,
 }
 
-/// Stores the new size, inline bytes and times of a regular file, bumps its data version and
-/// accounts the size change.
+fn stored(conn: &Tx<'_, '_>, ino: Ino) -> Result<Stored> {
+    let mut stmt = conn.prepare_cached("SELECT inline_data, held FROM inodes WHERE ino = ?1")?;
+    stmt.query_row([ino], |row| {
+        Ok(Stored {
+            inline: row.get(0)?,
+            held: row.get::<_, i64>(1)?.max(0) as u64,
+        })
+    })
+    .optional()?
+    .ok_or_else(|| posix(libc::ENOENT))
+}
+
+/// EDQUOT if the volume has a quota and `growth` more held bytes would pass it. Reads the
+/// usage of every shard: on PostgreSQL, concurrent commits that grow a volume with a quota
+/// then serialise (one of two racing ones is re-run), so no two of them overshoot it together.
+fn check_quota(conn: &Tx<'_, '_>, growth: u64) -> Result<()> {
+    if let Some(quota) = super::namespace::quota(conn)? {
+        let (used, _) = usage_totals(conn)?;
+        if (used.max(0) as u64).saturating_add(growth) > quota {
+            return Err(posix(libc::EDQUOT));
+        }
+    }
+    Ok(())
+}
+
+/// Stores the new size, inline bytes, held bytes and times of a regular file, bumps its data
+/// version and accounts the held bytes (refusing with EDQUOT to grow them past the quota).
 fn store_content(
     conn: &Tx<'_, '_>,
     attr: &mut Attr,
+    old_held: u64,
     size: u64,
     inline: Option<&[u8]>,
+    held: u64,
     now_ns: i64,
 ) -> Result<()> {
-    conn.prepare_cached("UPDATE inodes SET size = ?1, inline_data = ?2, mtime_ns = ?3, ctime_ns = ?3, data_version = data_version + 1 WHERE ino = ?4")?
-        .execute(params![size, inline, now_ns, attr.ino])?;
+    if held > old_held {
+        check_quota(conn, held - old_held)?;
+    }
+    conn.prepare_cached("UPDATE inodes SET size = ?1, inline_data = ?2, held = ?3, mtime_ns = ?4, ctime_ns = ?4, data_version = data_version + 1 WHERE ino = ?5")?
+        .execute(params![size, inline, held, now_ns, attr.ino])?;
     conn.ino_changed(attr.ino);
-    add_usage(conn, size as i64 - attr.size as i64, 0)?;
+    if held != old_held {
+        add_usage(conn, held as i64 - old_held as i64, 0)?;
+    }
     attr.size = size;
+    attr.blocks = held_blocks(held);
     attr.mtime_ns = now_ns;
     attr.ctime_ns = now_ns;
     attr.data_version += 1;
     Ok(())
+}
+
+/// Bytes of `[0, limit)` of a chunk whose visible slice holds data. `slices` are in commit
+/// order: a later slice shadows earlier ones where they overlap; holes (id 0) and ranges no
+/// slice covers hold nothing.
+pub fn chunk_held<'a>(slices: impl DoubleEndedIterator<Item = &'a Slice>, limit: u64) -> u64 {
+    // Latest first: each range is decided by the first slice that covers it. `covered` holds
+    // the ranges decided so far, disjoint, as start -> end.
+    let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut held = 0;
+    for slice in slices.rev() {
+        let start = u64::from(slice.pos);
+        let end = (start + u64::from(slice.len)).min(limit);
+        if start >= end {
+            continue;
+        }
+        let before = covered
+            .range(..start)
+            .next_back()
+            .filter(|(_, &e)| e >= start)
+            .map(|(&s, &e)| (s, e));
+        let touching: Vec<(u64, u64)> = before
+            .into_iter()
+            .chain(covered.range(start..=end).map(|(&s, &e)| (s, e)))
+            .collect();
+        let (mut merged_start, mut merged_end, mut decided) = (start, end, 0);
+        for (s, e) in touching {
+            decided += e.min(end).saturating_sub(s.max(start));
+            merged_start = merged_start.min(s);
+            merged_end = merged_end.max(e);
+            covered.remove(&s);
+        }
+        covered.insert(merged_start, merged_end);
+        if slice.id != 0 {
+            held += end - start - decided;
+        }
+    }
+    held
+}
+
+/// How much of chunk `chunk` lies below a file size of `size`.
+fn chunk_limit(volume: &VolumeInfo, chunk: u64, size: u64) -> u64 {
+    size.saturating_sub(chunk.saturating_mul(volume.chunk_size))
+        .min(volume.chunk_size)
+}
+
+/// The held bytes of every chunked regular file, computed from its slices: (ino, stored held,
+/// computed held), files without slices left out. `only`: of that file only, at that size.
+pub fn computed_held(
+    conn: &Tx<'_, '_>,
+    volume: &VolumeInfo,
+    only: Option<(Ino, u64)>,
+) -> Result<Vec<(Ino, u64, u64)>> {
+    // Two texts, not `?1 IS NULL OR ...`: a generic plan of that would scan every file's slices.
+    let sql = match only {
+        Some(_) => {
+            "SELECT s.ino, s.chunk, i.size, i.held, s.id, s.size, s.off, s.len, s.pos
+             FROM chunk_slices s JOIN inodes i ON i.ino = s.ino WHERE s.ino = ?1
+             ORDER BY s.chunk, s.seq"
+        }
+        None => {
+            "SELECT s.ino, s.chunk, i.size, i.held, s.id, s.size, s.off, s.len, s.pos
+             FROM chunk_slices s JOIN inodes i ON i.ino = s.ino
+             ORDER BY s.ino, s.chunk, s.seq"
+        }
+    };
+    let params: Vec<cellar_sql::Value> = only.map(|(ino, _)| ino.to_value()).into_iter().collect();
+    let rows: Vec<(Ino, u64, i64, u64, Slice)> = conn
+        .prepare_cached(sql)?
+        .query_map(params, |row| {
+            Ok((
+                row.get(0)?,
+                row.get::<_, i64>(1)? as u64,
+                row.get(3)?,
+                row.get::<_, i64>(2)?.max(0) as u64,
+                Slice {
+                    id: row.get::<_, i64>(4)? as u64,
+                    size: row.get(5)?,
+                    off: row.get(6)?,
+                    len: row.get(7)?,
+                    pos: row.get(8)?,
+                },
+            ))
+        })?
+        .collect::<cellar_sql::Result<_>>()?;
+    let mut files: Vec<(Ino, u64, u64)> = Vec::new();
+    for group in rows.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        let (ino, chunk, stored, size, _) = group[0];
+        let size = only.map_or(size, |(_, size)| size);
+        let held = chunk_held(
+            group.iter().map(|row| &row.4),
+            chunk_limit(volume, chunk, size),
+        );
+        match files.last_mut() {
+            Some((last, _, total)) if *last == ino => *total += held,
+            _ => files.push((ino, stored.max(0) as u64, held)),
+        }
+    }
+    Ok(files)
+}
+
+/// The held bytes of a chunked file of `size` bytes, from its slices.
+fn file_held(conn: &Tx<'_, '_>, volume: &VolumeInfo, ino: Ino, size: u64) -> Result<u64> {
+    Ok(computed_held(conn, volume, Some((ino, size)))?
+        .first()
+        .map_or(0, |(_, _, held)| *held))
 }
 
 pub fn read_layout(
@@ -84,7 +225,7 @@ pub fn read_layout(
             content: None,
         });
     }
-    let content = match inline_bytes(conn, ino)? {
+    let content = match stored(conn, ino)?.inline {
         Some(bytes) => Content::Inline(bytes),
         None => Content::Chunks(
             chunks
@@ -137,7 +278,11 @@ pub fn write_inline(
     now_ns: i64,
 ) -> Result<Option<Attr>> {
     let mut attr = regular_file(conn, ino)?;
-    let Some(mut bytes) = inline_bytes(conn, ino)? else {
+    let Stored {
+        inline: Some(mut bytes),
+        held: old_held,
+    } = stored(conn, ino)?
+    else {
         return Ok(None);
     };
     let end = extents
@@ -153,7 +298,8 @@ pub fn write_inline(
         let at = *offset as usize;
         bytes[at..at + data.len()].copy_from_slice(data);
     }
-    store_content(conn, &mut attr, end, Some(&bytes), now_ns)?;
+    let held = bytes.len() as u64;
+    store_content(conn, &mut attr, old_held, end, Some(&bytes), held, now_ns)?;
     Ok(Some(attr))
 }
 
@@ -232,12 +378,6 @@ fn claim_pending<'a>(
     Ok(())
 }
 
-fn chunk_slice_count(conn: &Tx<'_, '_>, ino: Ino, chunk: u64) -> Result<usize> {
-    let mut stmt =
-        conn.prepare_cached("SELECT COUNT(*) FROM chunk_slices WHERE ino = ?1 AND chunk = ?2")?;
-    Ok(stmt.query_row(params![ino, chunk], |row| row.get::<_, i64>(0))? as usize)
-}
-
 pub fn commit_slices(
     conn: &Tx<'_, '_>,
     volume: &VolumeInfo,
@@ -249,7 +389,10 @@ pub fn commit_slices(
 ) -> Result<Committed> {
     let mut attr = regular_file(conn, ino)?;
     check_slices(volume, slices.iter().map(|(_, slice)| slice))?;
-    let inline = inline_bytes(conn, ino)?;
+    let Stored {
+        inline,
+        held: old_held,
+    } = stored(conn, ino)?;
     match inline_version {
         Some(version) if version != attr.data_version => {
             return Err(MetaError::Conflict(format!(
@@ -265,16 +408,31 @@ pub fn commit_slices(
         _ => {}
     }
     claim_pending(conn, slices.iter().map(|(_, slice)| slice))?;
-    insert_slices(conn, ino, slices)?;
     let size = attr.size.max(min_size);
-    store_content(conn, &mut attr, size, None, now_ns)?;
+    // Only the chunks written to change what they hold (bytes past the old size were all
+    // shadowed by holes). The inline bytes, if any, go: the slices carry them.
+    let mut held = if inline.is_some() { 0 } else { old_held };
     let mut chunks: Vec<u64> = slices.iter().map(|(chunk, _)| *chunk).collect();
     chunks.sort_unstable();
     chunks.dedup();
-    let chunk_slices = chunks
-        .into_iter()
-        .map(|chunk| Ok((chunk, chunk_slice_count(conn, ino, chunk)?)))
-        .collect::<Result<_>>()?;
+    let mut chunk_slices = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let old: Vec<Slice> = chunk_rows(conn, ino, chunk)?
+            .into_iter()
+            .map(|(_, slice)| slice)
+            .collect();
+        let added = slices.iter().filter(|(c, _)| *c == chunk).map(|(_, s)| s);
+        let before = chunk_held(old.iter(), chunk_limit(volume, chunk, attr.size));
+        let after = chunk_held(
+            old.iter().chain(added.clone()),
+            chunk_limit(volume, chunk, size),
+        );
+        held = held.saturating_sub(before) + after;
+        let objects: HashSet<u64> = old.iter().chain(added).map(|s| s.id).collect();
+        chunk_slices.push((chunk, objects.len()));
+    }
+    insert_slices(conn, ino, slices)?;
+    store_content(conn, &mut attr, old_held, size, None, held, now_ns)?;
     Ok(Committed { attr, chunk_slices })
 }
 
@@ -286,20 +444,26 @@ pub fn truncate(
     now_ns: i64,
 ) -> Result<Attr> {
     let mut attr = regular_file(conn, ino)?;
-    if let Some(mut bytes) = inline_bytes(conn, ino)? {
+    let Stored {
+        inline,
+        held: old_held,
+    } = stored(conn, ino)?;
+    if let Some(mut bytes) = inline {
         bytes.truncate(size.min(bytes.len() as u64) as usize);
         if size <= volume.inline_threshold {
             bytes.resize(size as usize, 0);
         }
-        store_content(conn, &mut attr, size, Some(&bytes), now_ns)?;
+        let held = bytes.len() as u64;
+        store_content(conn, &mut attr, old_held, size, Some(&bytes), held, now_ns)?;
         return Ok(attr);
     }
     if size == 0 {
         // An emptied file becomes inline again, so rewriting it small stays off the object store.
         discard_chunks_from(conn, ino, 0, now_ns)?;
-        store_content(conn, &mut attr, 0, Some(&[]), now_ns)?;
+        store_content(conn, &mut attr, old_held, 0, Some(&[]), 0, now_ns)?;
         return Ok(attr);
     }
+    let mut held = old_held;
     if size < attr.size {
         let chunk_size = volume.chunk_size;
         discard_chunks_from(conn, ino, size.div_ceil(chunk_size), now_ns)?;
@@ -314,8 +478,9 @@ pub fn truncate(
             };
             insert_slices(conn, ino, &[(last_chunk, hole)])?;
         }
+        held = file_held(conn, volume, ino, size)?;
     }
-    store_content(conn, &mut attr, size, None, now_ns)?;
+    store_content(conn, &mut attr, old_held, size, None, held, now_ns)?;
     Ok(attr)
 }
 
@@ -341,7 +506,7 @@ pub fn fragmented_chunks(
 ) -> Result<Vec<(Ino, u64)>> {
     let chunks = conn
         .prepare_cached(
-            "SELECT ino, chunk FROM chunk_slices GROUP BY ino, chunk HAVING COUNT(*) >= ?1 ORDER BY ino, chunk LIMIT ?2",
+            "SELECT ino, chunk FROM chunk_slices GROUP BY ino, chunk HAVING COUNT(DISTINCT id) >= ?1 ORDER BY ino, chunk LIMIT ?2",
         )?
         .query_map(params![min_slices as i64, i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
             Ok((row.get(0)?, row.get(1)?))

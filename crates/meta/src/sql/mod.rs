@@ -127,11 +127,7 @@ impl SqlEngine {
         let watch = db
             .sqlite_watch()
             .expect("a SQLite database has a data version")?;
-        Ok(SqlEngine::new(
-            db,
-            String::new(),
-            ChangeWatch::Sqlite(watch),
-        ))
+        SqlEngine::new(db, String::new(), ChangeWatch::Sqlite(watch)).migrated()
     }
 
     /// Opens the volume `?volume=ID` of a PostgreSQL database (`postgres://USER:PASS@HOST:PORT/DB`)
@@ -145,7 +141,15 @@ impl SqlEngine {
             .pg_listener()
             .expect("a PostgreSQL database has a listener");
         let signal = listener.subscribe(&schema);
-        Ok(SqlEngine::new(db, schema, ChangeWatch::Postgres(signal)))
+        SqlEngine::new(db, schema, ChangeWatch::Postgres(signal)).migrated()
+    }
+
+    /// Finishes what a migration left to the engine (held bytes, computed once).
+    fn migrated(self) -> Result<SqlEngine> {
+        if self.read(check::needs_held_recount)? {
+            self.write(check::recount_held)?;
+        }
+        Ok(self)
     }
 
     fn new(db: Database, changes_key: String, watch: ChangeWatch) -> SqlEngine {
@@ -162,13 +166,26 @@ impl SqlEngine {
 
     /// Runs `f` as one writing transaction that ends by appending what it changed to the change
     /// log; rolls back if it fails (PostgreSQL: re-runs it if it lost a race).
-    fn write<T>(&self, mut f: impl FnMut(&Tx<'_, '_>) -> Result<T>) -> Result<T> {
-        self.db.write(|tx| {
+    fn write<T>(&self, f: impl FnMut(&Tx<'_, '_>) -> Result<T>) -> Result<T> {
+        self.write_excluding(None, f)
+    }
+
+    /// [`Self::write`], keeping every other writer of `table` out when one is named.
+    fn write_excluding<T>(
+        &self,
+        table: Option<&'static str>,
+        mut f: impl FnMut(&Tx<'_, '_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut run = |tx: &cellar_sql::Tx<'_>| {
             let changes = Tx::new(tx);
             let out = f(&changes)?;
             changes.record(self.origin, &self.changes_key)?;
             Ok(out)
-        })
+        };
+        match table {
+            Some(table) => self.db.write_excluding(table, run),
+            None => self.db.write(&mut run),
+        }
     }
 
     /// Runs `f` as one read transaction: a consistent snapshot across its statements.
@@ -347,6 +364,14 @@ impl MetaEngine for SqlEngine {
         self.read(namespace::usage)
     }
 
+    fn quota(&self) -> Result<Option<u64>> {
+        self.read(namespace::quota)
+    }
+
+    fn set_quota(&self, bytes: Option<u64>) -> Result<()> {
+        self.write(|tx| namespace::set_quota(tx, bytes))
+    }
+
     fn get_xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
         self.read(|tx| namespace::get_xattr(tx, ino, name))
     }
@@ -427,7 +452,11 @@ impl MetaEngine for SqlEngine {
         expected: &[Slice],
         new: &[Slice],
     ) -> Result<bool> {
-        self.write(|tx| data::replace_chunk(tx, ino, chunk, expected, new, tx.now_ns()?))
+        // Writers of the file append slices to this chunk all the time (an SQLite journal):
+        // without excluding them the compactor could lose every retry.
+        self.write_excluding(Some("chunk_slices"), |tx| {
+            data::replace_chunk(tx, ino, chunk, expected, new, tx.now_ns()?)
+        })
     }
 
     fn garbage_slices(&self, before_ns: i64, limit: usize) -> Result<Vec<GarbageSlice>> {

@@ -10,7 +10,7 @@ use super::changes::Tx;
 use super::data::discard_chunks_from;
 use super::rows::{
     add_counter, add_usage, attr_from_row, get_attr, kind_code, kind_from_code, posix, set_usage,
-    usage_totals, ATTR_COLUMNS, DIRECTORY_CODE, NEW_INODE_COLUMNS, REGULAR_CODE,
+    usage_totals, ATTR_COLUMNS, DIRECTORY_CODE, NEW_INODE_COLUMNS,
 };
 use crate::{
     invalid_name, Attr, DirEntry, FileKind, Ino, MetaError, NewNode, Rename, RenameMode,
@@ -86,14 +86,11 @@ fn subdir_delta(kind: FileKind) -> i64 {
 /// Deletes an inode and everything hanging off it; its slices become garbage.
 pub fn free_inode(conn: &Tx<'_, '_>, ino: Ino, now_ns: i64) -> Result<()> {
     discard_chunks_from(conn, ino, 0, now_ns)?;
-    let mut stmt = conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1 RETURNING kind, size")?;
-    let freed: Option<(i64, i64)> = stmt
-        .query_row([ino], |row| Ok((row.get(0)?, row.get(1)?)))
-        .optional()?;
-    if let Some((kind, size)) = freed {
+    let mut stmt = conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1 RETURNING held")?;
+    let freed: Option<i64> = stmt.query_row([ino], |row| row.get(0)).optional()?;
+    if let Some(held) = freed {
         conn.ino_changed(ino);
-        let bytes = if kind == REGULAR_CODE { size } else { 0 };
-        add_usage(conn, -bytes, -1)?;
+        add_usage(conn, -held, -1)?;
     }
     Ok(())
 }
@@ -403,6 +400,7 @@ pub fn create_node(
         ctime_ns: now_ns,
         parent,
         data_version: 0,
+        blocks: 0,
     })
 }
 
@@ -677,12 +675,40 @@ pub fn close_file(conn: &Tx<'_, '_>, session: SessionId, ino: Ino, now_ns: i64) 
     free_if_unreferenced(conn, ino, now_ns)
 }
 
+/// The counters count the root too; usage does not.
 pub fn usage(conn: &Tx<'_, '_>) -> Result<Usage> {
     let (bytes, inodes) = usage_totals(conn)?;
     Ok(Usage {
         bytes: bytes.max(0) as u64,
-        inodes: inodes.max(0) as u64,
+        inodes: (inodes - 1).max(0) as u64,
     })
+}
+
+/// The `counters` row of the volume's byte quota (absent: no quota).
+const QUOTA: &str = "quota_bytes";
+
+pub fn quota(conn: &Tx<'_, '_>) -> Result<Option<u64>> {
+    let mut stmt = conn.prepare_cached("SELECT value FROM counters WHERE name = ?1")?;
+    let value: Option<i64> = stmt.query_row([QUOTA], |row| row.get(0)).optional()?;
+    Ok(value.map(|bytes| bytes.max(0) as u64))
+}
+
+pub fn set_quota(conn: &Tx<'_, '_>, bytes: Option<u64>) -> Result<()> {
+    match bytes {
+        Some(bytes) => {
+            let bytes = i64::try_from(bytes).map_err(|_| posix(libc::EINVAL))?;
+            conn.prepare_cached(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![QUOTA, bytes])?;
+        }
+        None => {
+            conn.prepare_cached("DELETE FROM counters WHERE name = ?1")?
+                .execute([QUOTA])?;
+        }
+    }
+    Ok(())
 }
 
 // ---- xattrs ----

@@ -2,13 +2,13 @@
 
 use cellar_sql::{params, OptionalExtension, Row};
 
-use crate::{Attr, FileKind, Ino, MetaError, Result};
+use crate::{held_blocks, Attr, FileKind, Ino, MetaError, Result};
 
 /// Columns a new inode row sets (its data version starts at 0).
 pub const NEW_INODE_COLUMNS: &str =
     "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent";
 pub const ATTR_COLUMNS: &str =
-    "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent, data_version";
+    "ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent, data_version, held";
 
 pub fn posix(errno: i32) -> MetaError {
     MetaError::posix(errno)
@@ -62,6 +62,7 @@ pub fn attr_from_row(row: &Row, first: usize) -> cellar_sql::Result<Attr> {
         ctime_ns: row.get(first + 10)?,
         parent: row.get(first + 11)?,
         data_version: row.get::<_, i64>(first + 12)? as u64,
+        blocks: held_blocks(row.get::<_, i64>(first + 13)?.max(0) as u64),
     })
 }
 

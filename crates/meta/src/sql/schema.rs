@@ -10,8 +10,9 @@ pub const MIGRATIONS: cellar_sql::Migrations<'static> = cellar_sql::Migrations {
         V2_VERSIONS_LEASES,
         V3_CHANGE_LOG,
         V4_USAGE_SHARDS,
+        V5_HELD_BYTES,
     ],
-    postgres: &[PG_V1],
+    postgres: &[PG_V1, PG_V2_HELD_BYTES],
 };
 
 /// Kind codes stored in `inodes.kind` and `dentries.kind` (see `namespace::kind_code`):
@@ -184,6 +185,15 @@ UPDATE usage_shards SET
 DELETE FROM counters WHERE name IN ('used_bytes', 'used_inodes');
 ";
 
+/// Held bytes per inode (the bytes of a file that really hold data: `st_blocks` and usage count
+/// them, not the size) and the volume's byte quota (a `counters` row, absent without a quota).
+/// Held bytes need the slices' overlaps, which SQL cannot resolve: the `held_recount` row makes
+/// the next open compute them and the usage (`data::recount_held`) and deletes itself.
+const V5_HELD_BYTES: &str = "
+ALTER TABLE inodes ADD COLUMN held BIGINT NOT NULL DEFAULT 0;
+INSERT INTO counters (name, value) VALUES ('held_recount', 1);
+";
+
 /// The PostgreSQL schema, one per volume: the tables of SQLite's V1..V4. Changes: `seq` comes
 /// from the identity's sequence (never rolled back: no conflict between writers), taken after
 /// the volume's lock in the transaction's last statements so that seqs follow commit order.
@@ -312,3 +322,6 @@ CREATE TABLE changes (
 );
 CREATE INDEX changes_by_time ON changes (at_ns);
 ";
+
+/// As SQLite's V5.
+const PG_V2_HELD_BYTES: &str = V5_HELD_BYTES;
