@@ -177,12 +177,20 @@ pub fn run(args: VolumeArgs) -> Result<()> {
                 .unwrap_or_default()
                 .iter()
                 .map(|v| {
-                    ["id", "name", "state", "createdAt"]
+                    let mut row = ["id", "name", "state"]
                         .map(|f| field(v, f).to_string())
-                        .to_vec()
+                        .to_vec();
+                    row.push(
+                        v.pointer("/usage/bytes")
+                            .and_then(Value::as_u64)
+                            .map(size::human)
+                            .unwrap_or_default(),
+                    );
+                    row.push(field(v, "createdAt").to_string());
+                    row
                 })
                 .collect();
-            print_table(&["ID", "NAME", "STATE", "CREATED"], &rows)
+            print_table(&["ID", "NAME", "STATE", "USED", "CREATED"], &rows)
         }
         VolumeCommand::Delete { name } => {
             let volume = lookup(&client, &name)?;
