@@ -22,6 +22,8 @@ CASES = OrderedDict(
         ("g", "mount-path rules -> bad-request error"),
         ("h", "read-only mount; subpath cannot be escaped"),
         ("i", "no store/DB credentials in the sandbox"),
+        ("j", "sandbox fs calls: info/find/search/replace/mode/move/delete"),
+        ("k", "a large file streamed in and out (upload_file/download_file)"),
     ]
 )
 ONLY_IN = {"a": "ts", "b": "py"}
@@ -38,6 +40,24 @@ CALL_ALIASES = {
     "fs.createFolder": "fs create folder",
     "fs.list_files": "fs list files",
     "fs.listFiles": "fs list files",
+    "fs.get_file_info": "fs get file info",
+    "fs.getFileDetails": "fs get file info",
+    "fs.find_files": "fs find files",
+    "fs.findFiles": "fs find files",
+    "fs.search_files": "fs search files",
+    "fs.searchFiles": "fs search files",
+    "fs.replace_in_files": "fs replace in files",
+    "fs.replaceInFiles": "fs replace in files",
+    "fs.set_file_permissions": "fs set file permissions",
+    "fs.setFilePermissions": "fs set file permissions",
+    "fs.move_files": "fs move files",
+    "fs.moveFiles": "fs move files",
+    "fs.upload_file_stream": "fs upload file stream",
+    "fs.uploadFileStream": "fs upload file stream",
+    "fs.download_file_stream": "fs download file stream",
+    "fs.downloadFileStream": "fs download file stream",
+    "fs.delete_file": "fs delete file",
+    "fs.deleteFile": "fs delete file",
     "volume.get(create=True)": "volume.get(name, create)",
     "volume.get(create=true)": "volume.get(name, create)",
     "delete(sandbox)": "delete(sandbox)",
@@ -45,6 +65,14 @@ CALL_ALIASES = {
     "sandbox.delete(wait=True)": "sandbox.delete(wait)",
     "sandbox.delete(wait)": "sandbox.delete(wait)",
 }
+
+
+def row_name(call: str) -> str:
+    """The call's row: its alias, with any " (detail)" kept, e.g. "fs.deleteFile (missing) -> 404"."""
+    base, space, detail = call.partition(" (")
+    if call in CALL_ALIASES or base not in CALL_ALIASES:
+        return CALL_ALIASES.get(call, call)
+    return f"{CALL_ALIASES[base]}{space}{detail}"
 
 
 def load(path: Path) -> list[dict]:
@@ -88,7 +116,7 @@ def main() -> int:
     rows: OrderedDict[str, dict[str, list[dict]]] = OrderedDict()
     for lang in ("py", "ts"):
         for record in calls[lang]:
-            row = CALL_ALIASES.get(record["call"], record["call"])
+            row = row_name(record["call"])
             rows.setdefault(row, {"py": [], "ts": []})[lang].append(record)
     for row in sorted(rows, key=lambda name: (name.startswith("create -> 400"), name)):
         print(f"  {row:<64} {cell(rows[row]['py']):<10} {cell(rows[row]['ts']):<10}")

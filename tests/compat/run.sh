@@ -13,6 +13,7 @@
 #   COMPAT_MEASURE   1 (default) to also print the timing and concurrency measurements, 0 to skip
 #   COMPAT_MEASURE_ARGS  options for py/measure.py, e.g. "--steps 5,10,20,40 --runs 10"
 #   COMPAT_KEEP      1 to keep the server's data directory and log for inspection
+#   COMPAT_LARGE_FILE_MIB  size of the file case k streams in and out (default 1024)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -92,6 +93,8 @@ unset DAYTONA_JWT_TOKEN DAYTONA_ORGANIZATION_ID DAYTONA_TARGET DAYTONA_SERVER_UR
 export DAYTONA_API_URL="http://127.0.0.1:$PORT/api"
 export DAYTONA_API_KEY=$API_KEY
 export COMPAT_RESULTS=$RESULTS COMPAT_CANARY=$CANARY COMPAT_DATA_DIR=$DATA_DIR
+# The large-file case reads the server's peak RSS (VmHWM) from /proc.
+export COMPAT_SERVER_PID=$SERVER_PID
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 echo "== DAYTONA_API_URL=$DAYTONA_API_URL"
 

@@ -101,6 +101,10 @@ pub const SANDBOX_SYSTEM_DIRS: &[&str] = &[
 pub struct ExecRequest {
     /// A shell line, run with `/bin/sh -c`.
     pub command: String,
+    /// The shell's positional parameters (`$1`, `$2`, ...): how fixed scripts take paths and
+    /// patterns without quoting them into the command line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
     /// Working directory inside the sandbox; default `/home/daytona`.
     pub cwd: Option<String>,
     pub env: BTreeMap<String, String>,

@@ -83,13 +83,19 @@ impl Target<'_> {
 
     pub(crate) async fn exec(&self, req: ExecRequest) -> Result<ExecResult, RunnerError> {
         validate_env(&req.env)?;
+        if req.args.iter().any(|arg| arg.contains('\0')) {
+            return Err(RunnerError::InvalidInput(
+                "exec arguments must not contain NUL".to_owned(),
+            ));
+        }
         // A relative cwd is relative to the home, like every other sandbox path.
         let cwd = match req.cwd.as_deref() {
             None | Some("") => SANDBOX_HOME.to_owned(),
             Some(cwd) if cwd.starts_with('/') => cwd.to_owned(),
             Some(cwd) => format!("{SANDBOX_HOME}/{cwd}"),
         };
-        let mut command = self.command(&cwd, &req.env, &req.command, &[])?;
+        let args: Vec<&str> = req.args.iter().map(String::as_str).collect();
+        let mut command = self.command(&cwd, &req.env, &req.command, &args)?;
         // One pipe for stdout and stderr: output interleaves as a terminal would show it.
         let (reader, writer) = std::io::pipe()?;
         command

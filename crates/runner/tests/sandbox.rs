@@ -71,7 +71,7 @@ async fn exec_runs_as_sandbox_user_with_clean_env_and_own_pid_namespace() {
     let count: u32 = pids.trim().parse().unwrap();
     assert!(count <= 6, "sandbox sees {count} processes");
 
-    // Exit codes, stderr, request env and cwd.
+    // Exit codes, stderr, request env, cwd and positional arguments (never parsed by the shell).
     assert_eq!(
         run(&runner, "sbx-basic", "echo oops >&2; exit 3").await,
         (3, "oops\n".into())
@@ -80,7 +80,8 @@ async fn exec_runs_as_sandbox_user_with_clean_env_and_own_pid_namespace() {
         .exec(
             "sbx-basic",
             ExecRequest {
-                command: "pwd && echo $EXTRA && echo $GREETING".into(),
+                command: r#"pwd && echo $EXTRA && echo $GREETING && printf '[%s]' "$@""#.into(),
+                args: vec!["a b".into(), "$(id)".into(), "-n".into()],
                 cwd: Some("/tmp".into()),
                 env: BTreeMap::from([
                     ("EXTRA".to_owned(), "x y".to_owned()),
@@ -93,7 +94,7 @@ async fn exec_runs_as_sandbox_user_with_clean_env_and_own_pid_namespace() {
         .unwrap();
     assert_eq!(
         (result.exit_code, result.output.as_str()),
-        (0, "/tmp\nx y\noverridden\n")
+        (0, "/tmp\nx y\noverridden\n[a b][$(id)][-n]")
     );
 
     // The host's /etc is read-only and the runner's state is invisible.

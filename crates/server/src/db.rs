@@ -85,6 +85,17 @@ CREATE TABLE runner_tokens (
 ALTER TABLE sandboxes ADD COLUMN runner_id TEXT NOT NULL DEFAULT 'local';
 CREATE INDEX sandboxes_runner ON sandboxes(runner_id, state);
 "#,
+    r#"
+-- Secrets of the server (the key signed URLs are made with), created on first use.
+CREATE TABLE server_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+-- The byte quota a volume was created with (the volume's metadata enforces it); provisioning
+-- after a crash applies it again.
+ALTER TABLE volumes ADD COLUMN quota_bytes BIGINT;
+"#,
 ];
 
 /// The name of the runner embedded in `cellar server`.
@@ -127,6 +138,8 @@ pub struct VolumeRow {
     pub created_at: String,
     pub updated_at: String,
     pub last_used_at: Option<String>,
+    /// The byte quota it was given (its metadata holds and enforces it).
+    pub quota_bytes: Option<u64>,
 }
 
 /// What a sandbox was created with (stored as JSON; the server's defaults filled in).
@@ -313,7 +326,7 @@ pub(crate) fn generate_key() -> String {
 }
 
 const VOLUME_COLUMNS: &str =
-    "id, org_id, name, state, error_reason, created_at, updated_at, last_used_at";
+    "id, org_id, name, state, error_reason, created_at, updated_at, last_used_at, quota_bytes";
 const SANDBOX_COLUMNS: &str =
     "id, org_id, name, state, error_reason, settings, created_at, updated_at, runner_id";
 
@@ -335,6 +348,7 @@ fn volume_from_row(row: &Row) -> cellar_sql::Result<VolumeRow> {
         created_at: row.get(5)?,
         updated_at: row.get(6)?,
         last_used_at: row.get(7)?,
+        quota_bytes: row.get::<_, Option<i64>>(8)?.map(|q| q.max(0) as u64),
     })
 }
 
@@ -472,10 +486,34 @@ impl ControlDb {
         Ok(created.then_some(key))
     }
 
+    /// The server secret `name`; `candidate` becomes it if no server of this database has
+    /// made it yet.
+    pub fn server_secret(&self, name: &str, candidate: &str) -> DbResult<String> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO server_secrets (name, value, created_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name) DO NOTHING",
+                params![name, candidate, now()],
+            )?;
+            Ok(tx.query_row(
+                "SELECT value FROM server_secrets WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
     // ---- volumes ----
 
     /// Inserts a volume in state `creating`, enforcing the name's uniqueness and the quota.
-    pub fn insert_volume(&self, org_id: &str, name: &str, quota: u32) -> DbResult<VolumeRow> {
+    /// `quota_bytes` is the volume's byte quota, applied by provisioning.
+    pub fn insert_volume(
+        &self,
+        org_id: &str,
+        name: &str,
+        quota: u32,
+        quota_bytes: Option<u64>,
+    ) -> DbResult<VolumeRow> {
         self.write(|tx| {
             let live: i64 = tx.query_row(
                 "SELECT count(*) FROM volumes WHERE org_id = ?1 AND state <> 'deleted'",
@@ -503,13 +541,42 @@ impl ControlDb {
                 created_at: now.clone(),
                 updated_at: now,
                 last_used_at: None,
+                quota_bytes,
             };
             tx.execute(
-                "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                params![row.id, row.org_id, row.name, row.state, row.created_at],
+                "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at, quota_bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+                params![
+                    row.id,
+                    row.org_id,
+                    row.name,
+                    row.state,
+                    row.created_at,
+                    quota_bytes.map(|q| q as i64)
+                ],
             )?;
             Ok(row)
+        })
+    }
+
+    /// Records a volume's byte quota (after its metadata took it).
+    pub fn set_volume_quota(&self, id: &str, quota_bytes: Option<u64>) -> DbResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE volumes SET quota_bytes = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, quota_bytes.map(|q| q as i64), now()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A volume by id in whichever organisation (a signed URL names the volume, not the org).
+    pub fn volume_by_id_in_any_org(&self, id: &str) -> DbResult<Option<VolumeRow>> {
+        self.read(|tx| {
+            let sql = format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE id = ?1");
+            Ok(tx
+                .query_row(&sql, params![id], volume_from_row)
+                .optional()?)
         })
     }
 

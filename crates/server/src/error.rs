@@ -21,6 +21,8 @@ pub struct ErrorBody {
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// A code more precise than the status's (the file API's `FILE_NOT_FOUND`, ...).
+    pub code: Option<&'static str>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -30,7 +32,12 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            code: None,
         }
+    }
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -86,6 +93,9 @@ fn code_for(status: StatusCode) -> &'static str {
         StatusCode::FORBIDDEN => "FORBIDDEN",
         StatusCode::NOT_FOUND => "NOT_FOUND",
         StatusCode::CONFLICT => "CONFLICT",
+        StatusCode::PAYLOAD_TOO_LARGE => "PAYLOAD_TOO_LARGE",
+        StatusCode::RANGE_NOT_SATISFIABLE => "RANGE_NOT_SATISFIABLE",
+        StatusCode::INSUFFICIENT_STORAGE => "INSUFFICIENT_STORAGE",
         StatusCode::REQUEST_TIMEOUT => "TIMEOUT",
         StatusCode::SERVICE_UNAVAILABLE => "SERVICE_UNAVAILABLE",
         _ => "INTERNAL_ERROR",
@@ -97,7 +107,10 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             status_code: self.status.as_u16(),
             message: self.message,
-            code: code_for(self.status).to_string(),
+            code: self
+                .code
+                .unwrap_or_else(|| code_for(self.status))
+                .to_string(),
             source: "cellar".to_string(),
         };
         (self.status, Json(body)).into_response()

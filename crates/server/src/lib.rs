@@ -6,6 +6,7 @@ mod api;
 pub mod config;
 mod db;
 mod error;
+mod files;
 mod lifecycle;
 pub mod runners;
 mod validate;
@@ -34,6 +35,8 @@ pub struct Server {
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
     reconciling: tokio::task::JoinHandle<()>,
     watching_runners: tokio::task::JoinHandle<()>,
+    closing_idle_volumes: tokio::task::JoinHandle<()>,
+    files: Arc<files::VolumeFiles>,
     /// Held while serving: one server per data directory.
     _data_dir_lock: std::fs::File,
 }
@@ -62,15 +65,17 @@ impl Server {
             );
         }
         let capacity = config.embedded_runner.then_some(config.runner_capacity);
-        let bootstrap_key = db
+        let (bootstrap_key, url_secret) = db
             .run(move |db| {
                 let key = db.bootstrap()?;
                 let now = db::now_ms();
                 db.set_embedded_runner(capacity, now)?;
                 db.restart_runner_clocks(now)?;
-                Ok(key)
+                let secret = db.server_secret("url_signing", &files::signing::new_secret())?;
+                Ok((key, secret))
             })
             .await?;
+        let url_secret = hex::decode(url_secret).context("the stored URL signing secret")?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -79,16 +84,21 @@ impl Server {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{addr}"));
+        let files = Arc::new(files::VolumeFiles::new(files::IDLE_CLOSE_AFTER));
         let services = Arc::new(Services {
             db,
             runners,
             config,
             started_at,
+            files: files.clone(),
+            signer: files::signing::UrlSigner::new(url_secret),
         });
         let state = api::AppState {
             services: services.clone(),
             toolbox_url: format!("{base_url}/toolbox"),
+            base_url: base_url.clone(),
         };
+        let closing_idle_volumes = tokio::spawn(files.clone().close_idle_volumes());
         let watching_runners = tokio::spawn(services.clone().watch_runners());
         let reconciling = tokio::spawn(async move {
             if let Err(e) = services.reconcile().await {
@@ -113,6 +123,8 @@ impl Server {
             serving,
             reconciling,
             watching_runners,
+            closing_idle_volumes,
+            files,
             _data_dir_lock: data_dir_lock,
         })
     }
@@ -144,15 +156,16 @@ impl Server {
         self.shutdown().await
     }
 
-    /// Stops serving (in-flight requests finish) and the reconciler.
+    /// Stops serving (in-flight requests finish) and the reconciler; closes the volumes the file
+    /// API has open.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
         self.reconciling.abort();
         self.watching_runners.abort();
-        self.serving
-            .await
-            .context("server task")?
-            .context("serving")
+        let served = self.serving.await;
+        self.closing_idle_volumes.abort();
+        self.files.close_all().await;
+        served.context("server task")?.context("serving")
     }
 }
 

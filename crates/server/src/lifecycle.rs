@@ -22,6 +22,10 @@ pub struct Services {
     /// When this process started (RFC 3339, like the rows' timestamps): the reconciler leaves
     /// newer work to the tasks doing it.
     pub started_at: String,
+    /// The volumes the file API has open.
+    pub files: Arc<crate::files::VolumeFiles>,
+    /// Signs and checks the file API's signed URLs.
+    pub signer: crate::files::signing::UrlSigner,
 }
 
 /// Memory budget of the block cache used by volume maintenance in the server process.
@@ -47,7 +51,7 @@ impl Services {
         }
     }
 
-    fn volume_config(&self, volume_id: &str) -> VolumeConfig {
+    pub(crate) fn volume_config(&self, volume_id: &str) -> VolumeConfig {
         VolumeConfig {
             meta_url: self.volume_meta_url(volume_id),
             store_url: self.config.store_url.clone(),
@@ -83,14 +87,25 @@ impl Services {
             .ok_or_else(|| RunnerError::Unavailable(format!("runner {name} is not connected")))
     }
 
-    /// Formats a volume in `creating` and makes it `ready` (or `error` with the reason).
+    /// Formats a volume in `creating`, gives it the byte quota it was created with, and makes it
+    /// `ready` (or `error` with the reason).
     pub async fn provision_volume(self: &Arc<Self>, volume_id: String) {
         let config = self.volume_config(&volume_id);
         let volumes_dir = self.config.data_dir.join("volumes");
+        let db = self.db.clone();
+        let id = volume_id.clone();
         let outcome = run_blocking(move || {
+            let quota = db
+                .volume_by_id_in_any_org(&id)
+                .context("reading the volume's row")?
+                .and_then(|row| row.quota_bytes);
             std::fs::create_dir_all(&volumes_dir)
                 .with_context(|| format!("creating {}", volumes_dir.display()))?;
-            cellar_vfs::maintenance::format(&config)
+            cellar_vfs::maintenance::format(&config)?;
+            if quota.is_some() {
+                cellar_vfs::maintenance::set_quota(&config, quota)?;
+            }
+            Ok(())
         })
         .await;
         match outcome {
@@ -122,6 +137,8 @@ impl Services {
         const DELETING: &[&str] = &[volume_state::PENDING_DELETE, volume_state::DELETING];
         self.move_volume(&volume_id, DELETING, volume_state::DELETING, None)
             .await;
+        // The file API's instance of the volume goes first: nothing may write while it goes.
+        self.files.retire(&volume_id).await;
         let config = self.volume_config(&volume_id);
         // Removes the objects first and the metadata file last, so a retry after a crash
         // still finds what is left.

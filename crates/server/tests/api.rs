@@ -346,6 +346,13 @@ async fn openapi_document_lists_every_endpoint(control: Control) {
         ("/toolbox/{sandboxId}/files/bulk-download", "post"),
         ("/toolbox/{sandboxId}/files/folder", "post"),
         ("/toolbox/{sandboxId}/files", "get"),
+        ("/toolbox/{sandboxId}/files", "delete"),
+        ("/toolbox/{sandboxId}/files/info", "get"),
+        ("/toolbox/{sandboxId}/files/move", "post"),
+        ("/toolbox/{sandboxId}/files/permissions", "post"),
+        ("/toolbox/{sandboxId}/files/find", "get"),
+        ("/toolbox/{sandboxId}/files/search", "get"),
+        ("/toolbox/{sandboxId}/files/replace", "post"),
     ];
     for (path, method) in expected {
         assert!(

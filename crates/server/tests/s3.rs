@@ -7,27 +7,6 @@ mod common;
 use common::TestServer;
 use reqwest::StatusCode;
 
-/// The test store URL with a prefix of its own, so the bucket listing sees only this test.
-fn s3_store_url() -> String {
-    let base = std::env::var("CELLAR_TEST_S3_URL").expect(
-        "CELLAR_TEST_S3_URL is not set: start tests/harness/rgw.sh and source its env file",
-    );
-    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
-        assert!(
-            std::env::var_os(var).is_some(),
-            "{var} is not set (source the rgw.sh env file)"
-        );
-    }
-    let mut url = url::Url::parse(&base).expect("CELLAR_TEST_S3_URL is a URL");
-    let prefix = format!(
-        "{}/server-{}",
-        url.path().trim_end_matches('/'),
-        uuid::Uuid::new_v4()
-    );
-    url.set_path(&prefix);
-    url.to_string()
-}
-
 /// Every object under the store URL.
 fn list_bucket(store_url: &str) -> Vec<String> {
     let store_url = store_url.to_string();
@@ -51,7 +30,7 @@ fn list_bucket(store_url: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn volume_deletion_empties_the_bucket() {
-    let store_url = s3_store_url();
+    let store_url = common::s3_store_url();
     let server = TestServer::start_with(|config| config.store_url = store_url.clone()).await;
     let volume = server.create_volume("on-s3").await;
     let id = volume["id"].as_str().unwrap();

@@ -4,25 +4,9 @@
 
 mod common;
 
-use common::{Control, TestServer};
+use common::{exec, require_runner_prerequisites, Control, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-fn require_runner_prerequisites() {
-    let bin = common::cellar_bin();
-    assert!(
-        bin.is_file(),
-        "cellar binary not found at {} (run `cargo build -p cellar-cli` or set CELLAR_BIN)",
-        bin.display()
-    );
-    assert!(
-        std::process::Command::new("bwrap")
-            .arg("--version")
-            .output()
-            .is_ok(),
-        "bubblewrap (bwrap) is required"
-    );
-}
 
 /// Every field the Python client requires, with its exact JSON type.
 fn assert_sandbox_shape(sandbox: &Value) {
@@ -49,20 +33,6 @@ fn assert_sandbox_shape(sandbox: &Value) {
     for field in ["cpu", "gpu", "memory", "disk"] {
         assert!(sandbox[field].is_i64(), "{field} in {sandbox}");
     }
-}
-
-async fn exec(server: &TestServer, sandbox: &Value, command: &str) -> (i64, String) {
-    let url = format!(
-        "{}/{}/process/execute",
-        sandbox["toolboxProxyUrl"].as_str().unwrap(),
-        sandbox["id"].as_str().unwrap()
-    );
-    let (status, body) = server.post(&url, &json!({ "command": command })).await;
-    assert_eq!(status, StatusCode::OK, "{command}: {body}");
-    (
-        body["exitCode"].as_i64().unwrap(),
-        body["result"].as_str().unwrap().to_string(),
-    )
 }
 
 async fn create_sandbox(server: &TestServer, body: Value) -> Value {

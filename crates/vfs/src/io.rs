@@ -268,16 +268,19 @@ impl Inner {
         if end > MAX_FILE_SIZE {
             return err(libc::EFBIG);
         }
-        match mode {
-            0 => {
-                if end > self.getattr(ino)?.size {
-                    self.truncate_file(ino, end)?;
-                }
-                Ok(())
-            }
-            libc::FALLOC_FL_KEEP_SIZE => Ok(()),
-            _ => err(libc::EOPNOTSUPP),
+        if mode != 0 && mode != libc::FALLOC_FL_KEEP_SIZE {
+            return err(libc::EOPNOTSUPP);
         }
+        let size = self.getattr(ino)?.size;
+        // Nothing is reserved (space is taken when written), but a request past the end of the
+        // file that the quota could not hold fails now, as where fallocate allocates.
+        let dirty = self.dirty_bytes.load(Ordering::SeqCst);
+        self.quota
+            .check(&*self.core.meta, dirty, end.saturating_sub(size))?;
+        if mode == 0 && end > size {
+            self.truncate_file(ino, end)?;
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -30,12 +30,24 @@ struct Reading {
 impl QuotaView {
     /// EDQUOT if buffering `len` more bytes, on top of `dirty` buffered ones, would take the
     /// volume past its quota.
+    /// A write must not depend on the metadata engine being reachable (it is only buffered): if
+    /// reading fails, the last reading is used for another second (the commit checks again).
     pub fn check(&self, meta: &dyn MetaEngine, dirty: u64, len: u64) -> VfsResult<()> {
         let (quota, used) = {
             let mut read = self.read.lock();
             let reading = match read.take() {
                 Some(reading) if reading.at.elapsed() < QUOTA_MAX_AGE => reading,
-                _ => self.read_now(meta)?,
+                last => self.read_now(meta).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "could not read the volume's quota and usage");
+                    Reading {
+                        at: Instant::now(),
+                        ..last.unwrap_or(Reading {
+                            at: Instant::now(),
+                            quota: None,
+                            used: 0,
+                        })
+                    }
+                }),
             };
             let current = (reading.quota, reading.used);
             *read = Some(reading);
@@ -68,7 +80,7 @@ impl QuotaView {
         self.committed.fetch_add(bytes, Ordering::SeqCst);
     }
 
-    fn read_now(&self, meta: &dyn MetaEngine) -> VfsResult<Reading> {
+    fn read_now(&self, meta: &dyn MetaEngine) -> cellar_meta::Result<Reading> {
         // Commits after this point may be missing from the usage read below: they stay counted.
         let counted = self.committed.load(Ordering::SeqCst);
         let quota = meta.quota()?;

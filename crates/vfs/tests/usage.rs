@@ -186,6 +186,18 @@ fn writes_past_the_quota_fail_with_edquot_and_leave_earlier_data_intact() {
     close(&vfs, b, fh);
     assert_eq!(usage(&volume).bytes, 500 * KIB);
 
+    // fallocate reserves nothing, but past the end of a file it fails where the quota could not
+    // hold what it asks for.
+    let (r, fh) = create_in_root(&vfs, "reserved");
+    assert_eq!(
+        vfs.fallocate(r, fh, 0, 600 * KIB, 0),
+        Err(Errno(libc::EDQUOT))
+    );
+    vfs.fallocate(r, fh, 0, 100 * KIB, 0).unwrap();
+    assert_eq!(vfs.getattr(r).unwrap().size, 100 * KIB);
+    assert_eq!(blocks(&vfs, r), 0);
+    close(&vfs, r, fh);
+
     // Raising the quota is seen by the mount within about a second, without remounting.
     let (c, fh) = create_in_root(&vfs, "c");
     assert_eq!(

@@ -3,6 +3,7 @@
 import { Daytona } from '@daytonaio/sdk'
 import { appendRecord, CaseContext } from './lib.mjs'
 import { CASES } from './cases.mjs'
+import { FILE_CASES } from './files.mjs'
 
 for (const name of ['DAYTONA_API_URL', 'DAYTONA_API_KEY', 'COMPAT_RESULTS', 'COMPAT_CANARY', 'COMPAT_DATA_DIR']) {
   if (!process.env[name]) {
@@ -14,7 +15,7 @@ for (const name of ['DAYTONA_API_URL', 'DAYTONA_API_KEY', 'COMPAT_RESULTS', 'COM
 const only = process.argv.slice(2)
 const daytona = new Daytona()
 let failed = 0
-for (const testCase of CASES.filter((c) => only.length === 0 || only.includes(c.id))) {
+for (const testCase of [...CASES, ...FILE_CASES].filter((c) => only.length === 0 || only.includes(c.id))) {
   const context = new CaseContext(daytona, testCase.id)
   const started = Date.now()
   let error = ''

@@ -2603,6 +2603,317 @@ fn a_session_opened_by_a_host_whose_clock_lags_is_live(engine: Engine) {
     f.meta.heartbeat(session).unwrap();
 }
 
+// ---- held bytes, usage and quota ----
+
+/// Usage bytes and `st_blocks` of `ino`, checked against each other where they must agree.
+fn held(f: &Fixture, ino: Ino) -> u64 {
+    let blocks = f.meta.getattr(ino).unwrap().blocks;
+    let bytes = f.meta.usage().unwrap().bytes;
+    assert_eq!(
+        blocks,
+        bytes.div_ceil(512),
+        "the only file holds all the volume's bytes"
+    );
+    bytes
+}
+
+fn hole(len: u32, pos: u32) -> Slice {
+    Slice {
+        id: 0,
+        size: 0,
+        off: 0,
+        len,
+        pos,
+    }
+}
+
+fn held_bytes_follow_writes_overwrites_holes_truncates_and_compaction(engine: Engine) {
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let commit = |slices: &[(u64, Slice)], min_size: u64| {
+        f.meta
+            .commit_slices(file.ino, slices, min_size, None, NOW)
+            .unwrap()
+            .attr
+    };
+    let a = f.upload(1000, 0);
+    commit(&[(0, a)], 1000);
+    assert_eq!(held(&f, file.ino), 1000);
+    // An overwrite inside the data holds nothing more; data past a gap adds only itself.
+    let (b, c) = (f.upload(500, 500), f.upload(1000, 1500));
+    commit(&[(0, b), (0, c)], 2500);
+    assert_eq!(held(&f, file.ino), 2000);
+    // A hole shadows what it covers; a later write over the hole holds again.
+    commit(&[(0, hole(200, 100))], 0);
+    assert_eq!(held(&f, file.ino), 1800);
+    let d = f.upload(50, 150);
+    commit(&[(0, d)], 0);
+    assert_eq!(held(&f, file.ino), 1850);
+    // Far away, in another chunk: the size grows by three chunks, the held bytes by 4096.
+    let e = f.upload(4096, 0);
+    let attr = commit(&[(3, e)], 3 * CHUNK + 4096);
+    assert_eq!(attr.size, 3 * CHUNK + 4096);
+    assert_eq!(attr.blocks, (1850u64 + 4096).div_ceil(512));
+    assert_eq!(held(&f, file.ino), 1850 + 4096);
+
+    // Truncating into chunk 0 frees chunk 3 and the cut tail; growing again adds nothing.
+    f.meta.truncate(file.ino, 1700, NOW).unwrap();
+    // Visible data below 1700: a 0..100, d 150..200, a 300..500, b 500..1000, c 1500..1700.
+    assert_eq!(held(&f, file.ino), 100 + 50 + 700 + 200);
+    f.meta.truncate(file.ino, 10 * CHUNK, NOW).unwrap();
+    assert_eq!(held(&f, file.ino), 1050);
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+
+    // Compaction (one object, a slice per run of data) changes nothing.
+    let slices = f.meta.read_chunk(file.ino, 0).unwrap();
+    let object = f.upload(1050, 0);
+    let run = |off: u32, len: u32, pos: u32| Slice {
+        id: object.id,
+        size: 1050,
+        off,
+        len,
+        pos,
+    };
+    let runs = [
+        run(0, 100, 0),
+        run(100, 50, 150),
+        run(150, 700, 300),
+        run(850, 200, 1500),
+    ];
+    assert!(f.meta.replace_chunk(file.ino, 0, &slices, &runs).unwrap());
+    assert_eq!(f.meta.read_chunk(file.ino, 0).unwrap(), runs.to_vec());
+    assert_eq!(held(&f, file.ino), 1050);
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+
+    // Emptied, the file is inline again: it holds its bytes.
+    f.meta.truncate(file.ino, 0, NOW).unwrap();
+    assert_eq!(held(&f, file.ino), 0);
+    f.meta
+        .write_inline(file.ino, &[(0, b"0123456789")], NOW)
+        .unwrap()
+        .unwrap();
+    assert_eq!(held(&f, file.ino), 10);
+    // Grown past the inline threshold by truncate, it holds only its stored bytes.
+    f.meta.truncate(file.ino, 1 << 30, NOW).unwrap();
+    assert_eq!(held(&f, file.ino), 10);
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+}
+
+/// Held bytes against a byte map (in cells of 256 bytes) through random commits of data and
+/// holes over three chunks, overlapping each other, and random truncates.
+fn held_bytes_match_a_model_through_random_commits_holes_and_truncates(engine: Engine) {
+    const CELL: u64 = 256;
+    const PER_CHUNK: u64 = CHUNK / CELL;
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let mut model = vec![false; (3 * PER_CHUNK) as usize];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for step in 0..400 {
+        if next(10) == 0 {
+            let size = next(3 * PER_CHUNK + 1) * CELL;
+            f.meta.truncate(file.ino, size, NOW).unwrap();
+            model[(size / CELL) as usize..].fill(false);
+        } else {
+            let chunk = next(3);
+            let start = next(PER_CHUNK);
+            let len = 1 + next((PER_CHUNK - start).min(256));
+            let is_hole = next(4) == 0;
+            let (pos, bytes) = ((start * CELL) as u32, (len * CELL) as u32);
+            let piece = if is_hole {
+                hole(bytes, pos)
+            } else {
+                f.upload(bytes, pos)
+            };
+            let end = chunk * CHUNK + (start + len) * CELL;
+            f.meta
+                .commit_slices(file.ino, &[(chunk, piece)], end, None, NOW)
+                .unwrap();
+            let first = (chunk * PER_CHUNK + start) as usize;
+            model[first..first + len as usize].fill(!is_hole);
+        }
+        let expected = model.iter().filter(|&&held| held).count() as u64 * CELL;
+        assert_eq!(held(&f, file.ino), expected, "step {step}");
+    }
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+}
+
+fn quota_refuses_growth_past_it_and_keeps_what_was_committed(engine: Engine) {
+    let f = Fixture::new(engine);
+    assert_eq!(f.meta.quota().unwrap(), None);
+    f.meta.set_quota(Some(3000)).unwrap();
+    assert_eq!(
+        f.reopen().quota().unwrap(),
+        Some(3000),
+        "another engine sees it"
+    );
+    let a = f.mk(ROOT_INO, "a", FileKind::Regular);
+    let b = f.mk(ROOT_INO, "b", FileKind::Regular);
+    let first = f.upload(2000, 0);
+    f.meta
+        .commit_slices(a.ino, &[(0, first)], 2000, None, NOW)
+        .unwrap();
+
+    // Past the quota: refused, and nothing of the commit happened.
+    let refused = f.upload(1500, 0);
+    assert_eq!(
+        errno(
+            f.meta
+                .commit_slices(b.ino, &[(0, refused)], 1500, None, NOW)
+        ),
+        libc::EDQUOT
+    );
+    assert_eq!(f.meta.getattr(b.ino).unwrap().size, 0);
+    assert_eq!(f.meta.read_chunk(b.ino, 0).unwrap(), vec![]);
+    assert!(
+        f.garbage_ids().contains(&refused.id),
+        "the refused upload stays a pending upload (garbage later)"
+    );
+    assert_eq!(f.meta.usage().unwrap().bytes, 2000);
+    assert_eq!(f.meta.read_chunk(a.ino, 0).unwrap(), vec![first]);
+
+    // Overwrites do not grow the volume; small files count too.
+    let rewrite = f.upload(2000, 0);
+    f.meta
+        .commit_slices(a.ino, &[(0, rewrite)], 2000, None, NOW)
+        .unwrap();
+    f.meta.write_inline(b.ino, &[(0, &[1u8; 32])], NOW).unwrap();
+    assert_eq!(f.meta.usage().unwrap().bytes, 2032);
+
+    // A quota below the usage refuses growth but not rewrites or frees.
+    f.meta.set_quota(Some(1000)).unwrap();
+    assert_eq!(
+        errno(f.meta.write_inline(b.ino, &[(32, b"x")], NOW)),
+        libc::EDQUOT
+    );
+    assert_eq!(f.inline(b.ino), Some(vec![1u8; 32]));
+    f.meta.write_inline(b.ino, &[(0, b"y")], NOW).unwrap();
+    f.meta.truncate(a.ino, 500, NOW).unwrap();
+    assert_eq!(f.meta.usage().unwrap().bytes, 532);
+    let more = f.upload(400, 500);
+    f.meta
+        .commit_slices(a.ino, &[(0, more)], 900, None, NOW)
+        .unwrap();
+    assert_eq!(f.meta.usage().unwrap().bytes, 932);
+
+    f.meta.set_quota(None).unwrap();
+    assert_eq!(f.meta.quota().unwrap(), None);
+    let big = f.upload(5000, 900);
+    f.meta
+        .commit_slices(a.ino, &[(0, big)], 5900, None, NOW)
+        .unwrap();
+    assert_eq!(errno(f.meta.set_quota(Some(u64::MAX))), EINVAL);
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+}
+
+fn check_repairs_held_bytes_and_usage(engine: Engine) {
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let s = f.upload(3000, 0);
+    f.meta
+        .commit_slices(file.ino, &[(0, s)], 3000, None, NOW)
+        .unwrap();
+    f.meta
+        .raw(&format!(
+            "UPDATE inodes SET held = 7 WHERE ino = {}",
+            file.ino
+        ))
+        .unwrap();
+    f.meta
+        .raw("UPDATE usage_shards SET bytes = bytes + 5, inodes = inodes + 2 WHERE shard = 9")
+        .unwrap();
+    let problems = f.meta.check(false).unwrap();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].contains("7 held bytes"), "{problems:?}");
+    f.meta.check(true).unwrap();
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        f.meta.getattr(file.ino).unwrap().blocks,
+        3000u64.div_ceil(512)
+    );
+    let usage = f.meta.usage().unwrap();
+    assert_eq!((usage.bytes, usage.inodes), (3000, 1));
+}
+
+/// A volume written before held bytes existed gets them, and its usage, when first opened.
+fn a_volume_from_before_held_bytes_gets_them_on_open(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_meta_url(engine, dir.path());
+    let db = match url.strip_prefix("sqlite://") {
+        Some(path) => cellar_sql::Database::open_sqlite(std::path::Path::new(path)).unwrap(),
+        None => {
+            let pg = cellar_sql::PgUrl::parse(&url).unwrap();
+            let schema = super::volume_schema(super::volume_of(&pg).unwrap()).unwrap();
+            cellar_sql::Database::open_postgres(&pg, Some(&schema)).unwrap()
+        }
+    };
+    let all = schema::MIGRATIONS.for_dialect(db.dialect());
+    let before = &all[..all.len() - 1];
+    db.migrate(&cellar_sql::Migrations {
+        sqlite: before,
+        postgres: before,
+    })
+    .unwrap();
+    // The root; a chunked file of 3000 bytes holding 800 + 1000 (a hole in its first slice, a
+    // gap before its second); an inline file of 5. The usage counted sizes (and the root).
+    db.write(|tx| {
+        tx.execute(
+            "INSERT INTO volume (id, name, uuid, chunk_size, block_size, inline_threshold, created_ns)
+             VALUES (1, 'vol', '00000000-0000-0000-0000-000000000001', 1048576, 262144, 64, 1)",
+            (),
+        )?;
+        for (ino, kind, size, inline) in [
+            (1i64, 2i64, 4096i64, None),
+            (2, 1, 3000, None),
+            (3, 1, 5, Some(b"hello".to_vec())),
+        ] {
+            tx.execute(
+                "INSERT INTO inodes (ino, kind, perm, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent, inline_data)
+                 VALUES (?1, ?2, 420, 0, 0, ?3, ?4, 0, 1, 1, 1, 1, ?5)",
+                cellar_sql::params![ino, kind, if kind == 2 { 2i64 } else { 1 }, size, inline],
+            )?;
+        }
+        for (name, ino) in [(b"chunked".to_vec(), 2i64), (b"inline".to_vec(), 3)] {
+            tx.execute(
+                "INSERT INTO dentries (parent, name, ino, kind) VALUES (1, ?1, ?2, 1)",
+                cellar_sql::params![name, ino],
+            )?;
+        }
+        for (id, size, len, pos) in [(5i64, 1000i64, 1000i64, 0i64), (0, 0, 200, 100), (6, 1000, 1000, 2000)] {
+            tx.execute(
+                "INSERT INTO chunk_slices (ino, chunk, id, size, off, len, pos) VALUES (2, 0, ?1, ?2, 0, ?3, ?4)",
+                cellar_sql::params![id, size, len, pos],
+            )?;
+        }
+        tx.batch(
+            "UPDATE counters SET value = 4 WHERE name = 'next_ino';
+             UPDATE counters SET value = 7 WHERE name = 'next_slice';
+             UPDATE usage_shards SET bytes = 3005, inodes = 3 WHERE shard = 0;",
+        )
+    })
+    .unwrap();
+    drop(db);
+
+    let meta = open_engine(&url);
+    assert_eq!(meta.schema_version().unwrap(), all.len() as i64);
+    assert_eq!(meta.getattr(2).unwrap().blocks, 1800u64.div_ceil(512));
+    assert_eq!(meta.getattr(3).unwrap().blocks, 1);
+    let usage = meta.usage().unwrap();
+    assert_eq!((usage.bytes, usage.inodes), (1805, 2));
+    assert_eq!(meta.check(false).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        meta.raw("UPDATE counters SET value = 1 WHERE name = 'held_recount'")
+            .unwrap(),
+        0,
+        "the recount is done once"
+    );
+}
+
 /// Every test above that takes an engine, once per engine.
 macro_rules! on_every_engine {
     ($($name:ident),* $(,)?) => {
@@ -2622,6 +2933,11 @@ macro_rules! on_every_engine {
 }
 
 on_every_engine!(
+    held_bytes_follow_writes_overwrites_holes_truncates_and_compaction,
+    held_bytes_match_a_model_through_random_commits_holes_and_truncates,
+    quota_refuses_growth_past_it_and_keeps_what_was_committed,
+    check_repairs_held_bytes_and_usage,
+    a_volume_from_before_held_bytes_gets_them_on_open,
     a_session_opened_by_a_host_whose_clock_lags_is_live,
     locks_hold_across_engines_until_the_holders_session_is_reaped,
     destroy_deletes_the_volume_metadata,

@@ -1,6 +1,7 @@
 //! HTTP surface: the Daytona REST subset under `/api`, the toolbox under `/toolbox`.
 
 mod extract;
+mod files;
 mod runners;
 pub(crate) mod sandboxes;
 mod toolbox;
@@ -10,10 +11,10 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::AUTHORIZATION;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -26,6 +27,8 @@ pub struct AppState {
     pub services: Arc<Services>,
     /// Absolute base of the toolbox endpoints, without a trailing slash.
     pub toolbox_url: String,
+    /// `http://host:port` clients reach this server at (signed URLs start with it).
+    pub base_url: String,
 }
 
 /// The organisation the request's API key belongs to.
@@ -38,8 +41,19 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes/by-name/{name}", get(volumes::get_by_name))
         .route(
             "/volumes/{volume_id}",
-            get(volumes::get).delete(volumes::delete),
+            get(volumes::get)
+                .patch(volumes::update)
+                .delete(volumes::delete),
         )
+        .route(
+            "/volumes/{volume_id}/files",
+            get(files::list).delete(files::delete),
+        )
+        .route("/volumes/{volume_id}/files/stat", get(files::stat))
+        .route("/volumes/{volume_id}/files/mkdir", post(files::mkdir))
+        .route("/volumes/{volume_id}/files/move", post(files::move_file))
+        .route("/volumes/{volume_id}/files/mode", post(files::set_mode))
+        .route("/volumes/{volume_id}/files/url", post(files::sign_url))
         .route("/sandbox", get(sandboxes::list).post(sandboxes::create))
         .route(
             "/sandbox/{id_or_name}",
@@ -50,6 +64,11 @@ pub fn router(state: AppState) -> Router {
             get(sandboxes::toolbox_proxy_url),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        // An API key or a signed URL: the handlers check which.
+        .route(
+            "/volumes/{volume_id}/files/content",
+            get(files::download).merge(put(files::upload).layer(DefaultBodyLimit::disable())),
+        )
         .route("/openapi.json", get(openapi_json));
     let toolbox = Router::new()
         .route("/{sandbox_id}/process/execute", post(toolbox::execute))
@@ -62,8 +81,26 @@ pub fn router(state: AppState) -> Router {
             "/{sandbox_id}/files/bulk-download",
             post(toolbox::bulk_download),
         )
-        .route("/{sandbox_id}/files/folder", post(toolbox::create_folder))
-        .route("/{sandbox_id}/files", get(toolbox::list_files))
+        .route(
+            "/{sandbox_id}/files/folder",
+            post(toolbox::fs::create_folder),
+        )
+        .route(
+            "/{sandbox_id}/files",
+            get(toolbox::fs::list_files).delete(toolbox::fs::delete_file),
+        )
+        .route("/{sandbox_id}/files/info", get(toolbox::fs::get_file_info))
+        .route("/{sandbox_id}/files/move", post(toolbox::fs::move_file))
+        .route(
+            "/{sandbox_id}/files/permissions",
+            post(toolbox::fs::set_file_permissions),
+        )
+        .route("/{sandbox_id}/files/find", get(toolbox::fs::find_in_files))
+        .route("/{sandbox_id}/files/search", get(toolbox::fs::search_files))
+        .route(
+            "/{sandbox_id}/files/replace",
+            post(toolbox::fs::replace_in_files),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let runner_api = Router::new()
         .route("/register", post(runners::register))
@@ -94,34 +131,37 @@ pub(crate) fn bearer_key(header: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
-/// Resolves `Authorization: Bearer <key>` to an organisation, or answers 401.
-async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let key = request
-        .headers()
+/// The organisation of the request's `Authorization: Bearer <key>`, or 401.
+pub(crate) async fn org_of(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
+    let key = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_key)
-        .map(str::to_string);
-    let Some(key) = key else {
-        return ApiError::unauthorized().into_response();
-    };
+        .map(str::to_string)
+        .ok_or_else(ApiError::unauthorized)?;
     let db = state.services.db.clone();
-    let org = match tokio::task::spawn_blocking(move || db.org_for_key(&key)).await {
-        Ok(Ok(Some(org))) => org,
-        Ok(Ok(None)) => return ApiError::unauthorized().into_response(),
-        Ok(Err(e)) => return ApiError::internal(e).into_response(),
-        Err(e) => return ApiError::internal(e).into_response(),
-    };
-    request.extensions_mut().insert(Org(org));
-    next.run(request).await
+    blocking(move || db.org_for_key(&key))
+        .await?
+        .ok_or_else(ApiError::unauthorized)
 }
 
-/// Runs a control-database call off the async workers.
-pub async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> crate::db::DbResult<T> + Send + 'static,
+/// Resolves `Authorization: Bearer <key>` to an organisation, or answers 401.
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    match org_of(&state, request.headers()).await {
+        Ok(org) => {
+            request.extensions_mut().insert(Org(org));
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Runs a blocking call (the control database, the vfs) off the async workers.
+pub async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> ApiResult<T> {
     match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(ApiError::from),
+        Ok(result) => result.map_err(Into::into),
         Err(e) => Err(ApiError::internal(e)),
     }
 }
@@ -193,14 +233,25 @@ impl Modify for BearerAuth {
     info(
         title = "Cellar API",
         description = "Volumes and sandboxes behind the Daytona REST subset. Every endpoint \
-                       except this document needs `Authorization: Bearer <api key>`."
+                       except this document needs `Authorization: Bearer <api key>`; a file's \
+                       content may instead be transferred with a signed URL."
     ),
     paths(
         volumes::list,
         volumes::create,
         volumes::get_by_name,
         volumes::get,
+        volumes::update,
         volumes::delete,
+        files::list,
+        files::stat,
+        files::download,
+        files::upload,
+        files::mkdir,
+        files::move_file,
+        files::delete,
+        files::set_mode,
+        files::sign_url,
         sandboxes::list,
         sandboxes::create,
         sandboxes::get,
@@ -209,8 +260,15 @@ impl Modify for BearerAuth {
         toolbox::execute,
         toolbox::bulk_upload,
         toolbox::bulk_download,
-        toolbox::create_folder,
-        toolbox::list_files,
+        toolbox::fs::create_folder,
+        toolbox::fs::list_files,
+        toolbox::fs::get_file_info,
+        toolbox::fs::delete_file,
+        toolbox::fs::move_file,
+        toolbox::fs::set_file_permissions,
+        toolbox::fs::find_in_files,
+        toolbox::fs::search_files,
+        toolbox::fs::replace_in_files,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),

@@ -1,4 +1,7 @@
-//! `/toolbox/{sandboxId}/...`: exec and file transfer, streamed through the runner.
+//! `/toolbox/{sandboxId}/...`: exec and file transfer, streamed through the runner; the other
+//! file calls are in [`fs`].
+
+pub(super) mod fs;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncSeekExt;
 use tokio::sync::mpsc;
 use tokio_util::io::{ReaderStream, StreamReader};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
-use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::extract::{ApiJson, ApiPath};
 use super::{blocking, AppState, Org};
 use crate::db::sandbox_state;
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -48,38 +51,6 @@ pub struct ExecuteResponse {
     pub result: String,
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct CreateFolderQuery {
-    /// Directory to create (with missing parents); relative to the user's home.
-    pub path: String,
-    /// Octal permissions, e.g. `755`.
-    pub mode: String,
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct ListFilesQuery {
-    /// Directory to list; relative to the user's home.
-    pub path: String,
-}
-
-/// One directory entry, as the Daytona toolbox reports it.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct FileInfo {
-    pub name: String,
-    pub path: String,
-    pub is_dir: bool,
-    pub size: i64,
-    /// Symbolic mode, e.g. `-rw-r--r--`.
-    pub mode: String,
-    /// Octal permissions, e.g. `0644`.
-    pub permissions: String,
-    pub owner: String,
-    pub group: String,
-    pub mod_time: String,
-    pub modified_at: String,
-}
-
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct BulkDownloadRequest {
     pub paths: Vec<String>,
@@ -94,13 +65,11 @@ fn runner_error(err: RunnerError) -> ApiError {
     }
 }
 
-/// The sandbox must belong to the caller's organisation and be started; returns its id and the
-/// runner it runs on.
-async fn started_sandbox(
-    state: &AppState,
-    org: &str,
-    id: &str,
-) -> ApiResult<(String, Arc<RunnerHandle>)> {
+/// A started sandbox: its id and the runner it runs on.
+type Sandbox = (String, Arc<RunnerHandle>);
+
+/// The sandbox must belong to the caller's organisation and be started.
+async fn started_sandbox(state: &AppState, org: &str, id: &str) -> ApiResult<Sandbox> {
     let db = state.services.db.clone();
     let (org, key) = (org.to_string(), id.to_string());
     let sandbox = blocking(move || db.sandbox(&org, &key)).await?;
@@ -152,120 +121,13 @@ pub async fn execute(
         cwd,
         env,
         timeout: body.timeout.filter(|t| *t > 0).map(Duration::from_secs),
+        ..ExecRequest::default()
     };
     let result = runner.exec(&id, request).await.map_err(runner_error)?;
     Ok(Json(ExecuteResponse {
         exit_code: result.exit_code,
         result: result.output,
     }))
-}
-
-/// Runs a fixed command line in the sandbox, as its user, and returns its output; a failure
-/// becomes `failure_status` with the command's output as the message.
-async fn run_in_sandbox(
-    (id, runner): &(String, Arc<RunnerHandle>),
-    command: String,
-    failure_status: StatusCode,
-) -> ApiResult<String> {
-    let request = ExecRequest {
-        command,
-        ..ExecRequest::default()
-    };
-    let result = runner.exec(id, request).await.map_err(runner_error)?;
-    if result.exit_code != 0 {
-        return Err(ApiError::new(
-            failure_status,
-            result.output.trim().to_string(),
-        ));
-    }
-    Ok(result.output)
-}
-
-/// Quotes a string for `/bin/sh`.
-fn shell_quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
-}
-
-/// Creates a directory (and missing parents) with the given permissions.
-#[utoipa::path(
-    post, operation_id = "createFolder", path = "/toolbox/{sandboxId}/files/folder", tag = "toolbox",
-    params(("sandboxId" = String, Path, description = "Sandbox id"), CreateFolderQuery),
-    responses((status = 201, description = "created"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody))
-)]
-pub async fn create_folder(
-    State(state): State<AppState>,
-    Extension(Org(org)): Extension<Org>,
-    ApiPath(sandbox_id): ApiPath<String>,
-    ApiQuery(query): ApiQuery<CreateFolderQuery>,
-) -> ApiResult<StatusCode> {
-    validate_toolbox_path("path", &query.path).map_err(ApiError::bad_request)?;
-    let mode_is_octal =
-        (3..=4).contains(&query.mode.len()) && query.mode.chars().all(|c| ('0'..='7').contains(&c));
-    if !mode_is_octal {
-        return Err(ApiError::bad_request(format!(
-            "invalid mode {:?}: must be octal, e.g. 755",
-            query.mode
-        )));
-    }
-    let target = started_sandbox(&state, &org, &sandbox_id).await?;
-    let command = format!(
-        "mkdir -p -m {} -- {} 2>&1",
-        query.mode,
-        shell_quote(&query.path)
-    );
-    run_in_sandbox(&target, command, StatusCode::BAD_REQUEST).await?;
-    Ok(StatusCode::CREATED)
-}
-
-/// Lists a directory (one level).
-#[utoipa::path(
-    get, operation_id = "listFiles", path = "/toolbox/{sandboxId}/files", tag = "toolbox",
-    params(("sandboxId" = String, Path, description = "Sandbox id"), ListFilesQuery),
-    responses((status = 200, body = [FileInfo]), (status = 404, body = ErrorBody))
-)]
-pub async fn list_files(
-    State(state): State<AppState>,
-    Extension(Org(org)): Extension<Org>,
-    ApiPath(sandbox_id): ApiPath<String>,
-    ApiQuery(query): ApiQuery<ListFilesQuery>,
-) -> ApiResult<Json<Vec<FileInfo>>> {
-    validate_toolbox_path("path", &query.path).map_err(ApiError::bad_request)?;
-    let target = started_sandbox(&state, &org, &sandbox_id).await?;
-    let dir = shell_quote(&query.path);
-    // NUL-terminated records, so that any file name survives.
-    let command = format!(
-        "test -d {dir} || {{ echo 'no such directory: '{dir}; exit 1; }}; \
-         find {dir} -mindepth 1 -maxdepth 1 -printf '%y\\t%s\\t%M\\t%m\\t%u\\t%g\\t%T@\\t%p\\0' 2>&1"
-    );
-    let output = run_in_sandbox(&target, command, StatusCode::NOT_FOUND).await?;
-    let mut files: Vec<FileInfo> = output
-        .split('\0')
-        .filter_map(|record| {
-            let fields: Vec<&str> = record.splitn(8, '\t').collect();
-            let [kind, size, mode, octal, owner, group, mtime, path] = fields[..] else {
-                return None;
-            };
-            let seconds = mtime.split('.').next()?.parse::<u64>().ok()?;
-            let modified = humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + Duration::from_secs(seconds),
-            )
-            .to_string();
-            Some(FileInfo {
-                name: path.rsplit('/').next().unwrap_or(path).to_string(),
-                path: path.to_string(),
-                is_dir: kind == "d",
-                size: size.parse().unwrap_or(0),
-                mode: mode.to_string(),
-                permissions: format!("{octal:0>4}"),
-                owner: owner.to_string(),
-                group: group.to_string(),
-                mod_time: modified.clone(),
-                modified_at: modified,
-            })
-        })
-        .collect();
-    files.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(files))
 }
 
 /// Which field of `files[i].path` / `files[i].file` a multipart part is.

@@ -1,4 +1,4 @@
-//! `/api/volumes`: create, get (by id or name), list, delete.
+//! `/api/volumes`: create, get (by id or name), list, change (the byte quota), delete.
 
 use axum::extract::State;
 use axum::{Extension, Json};
@@ -9,6 +9,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{blocking, AppState, Org};
 use crate::db::{volume_state, DeleteVolume, VolumeRow};
 use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::lifecycle::Services;
 use crate::validate::validate_volume_name;
 
 /// A volume as Daytona's clients expect it.
@@ -24,10 +25,42 @@ pub struct VolumeDto {
     pub updated_at: String,
     pub last_used_at: Option<String>,
     pub error_reason: Option<String>,
+    /// What the volume holds, from its metadata's counters (null unless it is ready).
+    pub usage: Option<VolumeUsageDto>,
+    /// The most bytes its files may hold (null: no limit).
+    pub quota_bytes: Option<u64>,
 }
 
-impl From<VolumeRow> for VolumeDto {
-    fn from(row: VolumeRow) -> VolumeDto {
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VolumeUsageDto {
+    /// Bytes the files really hold (a sparse file counts its data only).
+    pub bytes: u64,
+    /// Files, directories and links, the root directory not counted.
+    pub files: u64,
+}
+
+impl VolumeDto {
+    /// The row with the usage of a ready volume read from its metadata (blocking). A volume
+    /// whose usage cannot be read is still answered, without it.
+    fn of(services: &Services, row: VolumeRow) -> VolumeDto {
+        let mut quota_bytes = row.quota_bytes;
+        let usage = if row.state == volume_state::READY {
+            match cellar_vfs::maintenance::usage(&services.volume_config(&row.id)) {
+                Ok(usage) => {
+                    quota_bytes = usage.quota_bytes;
+                    Some(VolumeUsageDto {
+                        bytes: usage.bytes,
+                        files: usage.files,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %row.id, "reading the volume's usage: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         VolumeDto {
             id: row.id,
             name: row.name,
@@ -37,14 +70,64 @@ impl From<VolumeRow> for VolumeDto {
             updated_at: row.updated_at,
             last_used_at: row.last_used_at,
             error_reason: row.error_reason,
+            usage,
+            quota_bytes,
         }
     }
 }
 
+/// Volume rows as DTOs, their usage read off the async workers.
+async fn dtos(state: &AppState, rows: Vec<VolumeRow>) -> ApiResult<Vec<VolumeDto>> {
+    let services = state.services.clone();
+    blocking(move || {
+        Ok::<_, ApiError>(
+            rows.into_iter()
+                .map(|row| VolumeDto::of(&services, row))
+                .collect(),
+        )
+    })
+    .await
+}
+
+async fn dto(state: &AppState, row: VolumeRow) -> ApiResult<Json<VolumeDto>> {
+    let mut dtos = dtos(state, vec![row]).await?;
+    Ok(Json(dtos.remove(0)))
+}
+
+/// Largest byte quota (the metadata stores it as a signed 64-bit number).
+const MAX_QUOTA_BYTES: u64 = i64::MAX as u64;
+
+fn check_quota(quota: Option<u64>) -> ApiResult<Option<u64>> {
+    match quota {
+        Some(bytes) if bytes > MAX_QUOTA_BYTES => Err(ApiError::bad_request(format!(
+            "quotaBytes must be at most {MAX_QUOTA_BYTES}"
+        ))),
+        quota => Ok(quota),
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct CreateVolume {
     /// 1-63 characters of letters, digits, '.', '_' and '-', starting with a letter or digit.
     pub name: String,
+    /// The most bytes the volume's files may hold (a Cellar extension; default: no limit).
+    pub quota_bytes: Option<u64>,
+}
+
+/// `PATCH /api/volumes/{volumeId}`: the fields to change.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateVolume {
+    /// A number of bytes, or null to remove the quota. Required.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>, required = true)]
+    pub quota_bytes: Option<Option<u64>>,
+}
+
+/// Tells a field given as null (`Some(None)`) from a missing one (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(field: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(field).map(Some)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -70,7 +153,7 @@ pub async fn list(
 ) -> ApiResult<Json<Vec<VolumeDto>>> {
     let db = state.services.db.clone();
     let rows = blocking(move || db.list_volumes(&org, query.include_deleted)).await?;
-    Ok(Json(rows.into_iter().map(VolumeDto::from).collect()))
+    Ok(Json(dtos(&state, rows).await?))
 }
 
 /// Creates a volume; it is `ready` when this answers (or `error` with `errorReason`).
@@ -88,10 +171,11 @@ pub async fn create(
     ApiJson(body): ApiJson<CreateVolume>,
 ) -> ApiResult<Json<VolumeDto>> {
     validate_volume_name(&body.name).map_err(ApiError::bad_request)?;
+    let quota_bytes = check_quota(body.quota_bytes)?;
     let services = state.services.clone();
     let quota = services.config.volume_quota;
     let db = services.db.clone();
-    let volume = blocking(move || db.insert_volume(&org, &body.name, quota)).await?;
+    let volume = blocking(move || db.insert_volume(&org, &body.name, quota, quota_bytes)).await?;
     // Provisioning runs as its own task so that it completes even if the client disconnects.
     let task = tokio::spawn({
         let services = services.clone();
@@ -101,8 +185,8 @@ pub async fn create(
     task.await.map_err(ApiError::internal)?;
     let db = services.db.clone();
     let row = blocking(move || db.volume(&volume.org_id, &volume.id)).await?;
-    row.map(|row| Json(row.into()))
-        .ok_or_else(|| ApiError::internal("volume vanished after creation"))
+    let row = row.ok_or_else(|| ApiError::internal("volume vanished after creation"))?;
+    dto(&state, row).await
 }
 
 #[utoipa::path(
@@ -118,8 +202,7 @@ pub async fn get_by_name(
     let db = state.services.db.clone();
     let key = name.clone();
     let row = blocking(move || db.volume_by_name(&org, &key)).await?;
-    row.map(|row| Json(row.into()))
-        .ok_or_else(|| not_found(&name))
+    dto(&state, row.ok_or_else(|| not_found(&name))?).await
 }
 
 #[utoipa::path(
@@ -135,8 +218,55 @@ pub async fn get(
     let db = state.services.db.clone();
     let key = volume_id.clone();
     let row = blocking(move || db.volume(&org, &key)).await?;
-    row.map(|row| Json(row.into()))
-        .ok_or_else(|| not_found(&volume_id))
+    dto(&state, row.ok_or_else(|| not_found(&volume_id))?).await
+}
+
+/// Changes a ready volume's byte quota (`quotaBytes`, null removes it); every mount enforces
+/// the new quota within about a second. A quota below the usage refuses further growth only.
+#[utoipa::path(
+    patch, operation_id = "updateVolume", path = "/api/volumes/{volumeId}", tag = "volumes",
+    params(("volumeId" = String, Path, description = "Volume id or name")),
+    request_body = UpdateVolume,
+    responses(
+        (status = 200, body = VolumeDto),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "the volume is not ready", body = ErrorBody)
+    )
+)]
+pub async fn update(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    ApiPath(volume_id): ApiPath<String>,
+    ApiJson(body): ApiJson<UpdateVolume>,
+) -> ApiResult<Json<VolumeDto>> {
+    let Some(quota) = body.quota_bytes else {
+        return Err(ApiError::bad_request(
+            "nothing to change: send {\"quotaBytes\": <bytes> or null}",
+        ));
+    };
+    let quota = check_quota(quota)?;
+    let db = state.services.db.clone();
+    let key = volume_id.clone();
+    let row = blocking(move || db.volume_by_id_or_name(&org, &key))
+        .await?
+        .ok_or_else(|| not_found(&volume_id))?;
+    if row.state != volume_state::READY {
+        return Err(ApiError::conflict(format!(
+            "volume {volume_id} is {}: only a ready volume's quota can change",
+            row.state
+        )));
+    }
+    let services = state.services.clone();
+    let updated = blocking(move || -> anyhow::Result<VolumeRow> {
+        cellar_vfs::maintenance::set_quota(&services.volume_config(&row.id), quota)?;
+        services.db.set_volume_quota(&row.id, quota)?;
+        Ok(VolumeRow {
+            quota_bytes: quota,
+            ..row
+        })
+    })
+    .await?;
+    dto(&state, updated).await
 }
 
 /// Starts deleting a volume: `pending_delete`, then `deleting` (every object and metadata row is

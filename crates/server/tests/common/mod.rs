@@ -5,12 +5,14 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of this helper.
 
+pub mod runner;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cellar_server::{Server, ServerConfig};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The `cellar` binary the embedded runner starts mount daemons with.
 pub fn cellar_bin() -> PathBuf {
@@ -299,13 +301,66 @@ impl TestServer {
     }
 }
 
-/// Writes a file into a volume through the vfs (as a mount would), so the store holds objects.
-pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data: Vec<u8>) {
+/// The test store URL with a prefix of its own, so the bucket listing sees only this test.
+pub fn s3_store_url() -> String {
+    let base = std::env::var("CELLAR_TEST_S3_URL").expect(
+        "CELLAR_TEST_S3_URL is not set: start tests/harness/rgw.sh and source its env file",
+    );
+    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(
+            std::env::var_os(var).is_some(),
+            "{var} is not set (source the rgw.sh env file)"
+        );
+    }
+    let mut url = url::Url::parse(&base).expect("CELLAR_TEST_S3_URL is a URL");
+    let prefix = format!(
+        "{}/server-{}",
+        url.path().trim_end_matches('/'),
+        uuid::Uuid::new_v4()
+    );
+    url.set_path(&prefix);
+    url.to_string()
+}
+
+/// The embedded runner needs the cellar binary (for mount daemons) and bubblewrap.
+pub fn require_runner_prerequisites() {
+    let bin = cellar_bin();
+    assert!(
+        bin.is_file(),
+        "cellar binary not found at {} (run `cargo build -p cellar-cli` or set CELLAR_BIN)",
+        bin.display()
+    );
+    assert!(
+        std::process::Command::new("bwrap")
+            .arg("--version")
+            .output()
+            .is_ok(),
+        "bubblewrap (bwrap) is required"
+    );
+}
+
+/// Runs `command` in the sandbox through the toolbox: (exit code, output).
+pub async fn exec(server: &TestServer, sandbox: &Value, command: &str) -> (i64, String) {
+    let url = format!(
+        "{}/{}/process/execute",
+        sandbox["toolboxProxyUrl"].as_str().unwrap(),
+        sandbox["id"].as_str().unwrap()
+    );
+    let (status, body) = server.post(&url, &json!({ "command": command })).await;
+    assert_eq!(status, StatusCode::OK, "{command}: {body}");
+    (
+        body["exitCode"].as_i64().unwrap(),
+        body["result"].as_str().unwrap().to_string(),
+    )
+}
+
+/// How a process other than the server (a mount, this test) opens the volume.
+pub fn volume_config(server: &TestServer, volume_id: &str) -> cellar_vfs::VolumeConfig {
     let meta_url = match &server.config.database {
         Some(url) => format!("{}?volume={volume_id}", url.0),
         None => format!("sqlite://{}", server.volume_db(volume_id).display()),
     };
-    let config = cellar_vfs::VolumeConfig {
+    cellar_vfs::VolumeConfig {
         meta_url,
         store_url: server.config.store_url.clone(),
         volume: volume_id.to_string(),
@@ -313,11 +368,31 @@ pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data:
         cache_dir: None,
         cache_disk_bytes: 0,
         mount_point: String::new(),
-    };
-    let name = name.as_bytes().to_vec();
-    // The vfs drives its own runtime: use a thread outside the test's.
+    }
+}
+
+/// Runs `work` on the volume opened by the vfs as a second client (like a mount), on a thread
+/// outside the test's runtime (the vfs drives its own).
+pub fn with_vfs<T: Send + 'static>(
+    server: &TestServer,
+    volume_id: &str,
+    work: impl FnOnce(&cellar_vfs::Vfs) -> T + Send + 'static,
+) -> T {
+    let config = volume_config(server, volume_id);
     std::thread::spawn(move || {
         let vfs = cellar_vfs::Vfs::open_volume(config).unwrap();
+        let result = work(&vfs);
+        vfs.shutdown().unwrap();
+        result
+    })
+    .join()
+    .unwrap()
+}
+
+/// Writes a file into a volume through the vfs (as a mount would), so the store holds objects.
+pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data: Vec<u8>) {
+    let name = name.as_bytes().to_vec();
+    with_vfs(server, volume_id, move |vfs| {
         let ctx = cellar_vfs::Ctx {
             uid: 0,
             gid: 0,
@@ -339,8 +414,5 @@ pub fn write_into_volume(server: &TestServer, volume_id: &str, name: &str, data:
         );
         vfs.flush(attr.ino, open.fh, 0).unwrap();
         vfs.release(attr.ino, open.fh, None).unwrap();
-        vfs.shutdown().unwrap();
     })
-    .join()
-    .unwrap();
 }
