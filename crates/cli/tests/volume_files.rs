@@ -127,6 +127,34 @@ impl Server {
         self.ok(&["volume", "create", name]);
     }
 
+    /// Deletes a volume and waits until its blocks are gone from the bucket (the test RGW's
+    /// memory is shared by the whole suite).
+    fn delete_volume(&self, name: &str) {
+        let id = self.json(&["volume", "get", name, "--json"])["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.ok(&["volume", "delete", name]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let volumes = self.json(&["volume", "list", "--include-deleted", "--json"]);
+            let volume = volumes
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["id"] == id.as_str());
+            if volume.is_none_or(|v| v["state"] == "deleted") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "volume {name} still {}",
+                volume.unwrap()["state"]
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     fn tmp(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -377,6 +405,7 @@ fn a_large_file_streams_both_ways_in_little_memory() {
 
     let listed = server.json(&["volume", "ls", "--json", "big:/data"]);
     assert_eq!(listed[0]["size"].as_u64(), Some(256 << 20));
+    server.delete_volume("big");
 }
 
 #[test]
@@ -430,6 +459,7 @@ fn an_interrupted_put_leaves_no_partial_file() {
         server.json(&["volume", "ls", "--json", "cut:/big.bin"])[0]["size"].as_u64(),
         Some(256 << 20)
     );
+    server.delete_volume("cut");
 }
 
 #[test]
