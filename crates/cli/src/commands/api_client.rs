@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde_json::Value;
 
@@ -63,6 +63,17 @@ impl ApiClient {
         }
     }
 
+    /// The API URL followed by these path segments, each percent-encoded.
+    pub fn api_url(&self, segments: &[&str]) -> Result<url::Url> {
+        let mut url = url::Url::parse(&self.base)
+            .with_context(|| format!("the API URL {:?} is not a URL", self.base))?;
+        url.path_segments_mut()
+            .map_err(|()| anyhow!("the API URL {:?} cannot have a path", self.base))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+
     pub fn get(&self, path: &str) -> Result<Value> {
         self.send(self.http.get(self.url(path)))
     }
@@ -71,36 +82,92 @@ impl ApiClient {
         self.send(self.http.post(self.url(path)).json(body))
     }
 
+    pub fn patch(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(self.http.patch(self.url(path)).json(body))
+    }
+
     pub fn delete(&self, path: &str) -> Result<Value> {
         self.send(self.http.delete(self.url(path)))
     }
 
+    /// Runs the asynchronous calls of one command (transfers run many at once).
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// A request to an absolute URL (see [`ApiClient::api_url`]).
+    pub fn request(&self, method: reqwest::Method, url: url::Url) -> reqwest::RequestBuilder {
+        self.http.request(method, url.as_str())
+    }
+
     /// Sends a request; a failure status becomes an error carrying the server's message.
     fn send(&self, request: reqwest::RequestBuilder) -> Result<Value> {
-        self.runtime.block_on(async {
-            let response = request
-                .bearer_auth(&self.key)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the Cellar server at {}", self.base))?;
-            let status = response.status();
-            let text = response
-                .text()
-                .await
-                .context("reading the server's answer")?;
-            let body: Value = if text.trim().is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_str(&text).unwrap_or(Value::String(text))
-            };
-            if !status.is_success() {
-                match body.get("message").and_then(Value::as_str) {
-                    Some(message) => bail!("{message} ({status})"),
-                    None => bail!("the server answered {status}"),
-                }
-            }
-            Ok(body)
+        self.block_on(self.json(request))
+    }
+
+    /// Sends a request and parses the JSON answer (`Null` if empty).
+    pub async fn json(&self, request: reqwest::RequestBuilder) -> Result<Value> {
+        let text = self
+            .response(request)
+            .await?
+            .text()
+            .await
+            .context("reading the server's answer")?;
+        Ok(if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
         })
+    }
+
+    /// Sends a request; a success answer is returned unread (to be streamed), a failure becomes
+    /// an [`ApiError`].
+    pub async fn response(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let response = request
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the Cellar server at {}", self.base))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let text = response.text().await.unwrap_or_default();
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Err(ApiError {
+            status,
+            code: field(&body, "code").to_string(),
+            message: field(&body, "message").to_string(),
+        }
+        .into())
+    }
+}
+
+/// A failure answer of the server: `{"statusCode", "message", "code"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: reqwest::StatusCode,
+    /// The machine-readable code (`FILE_NOT_FOUND`, ...), "" if the server sent none.
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.message.is_empty() {
+            write!(f, "the server answered {}", self.status)
+        } else {
+            write!(f, "{} ({})", self.message, self.status)
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl ApiError {
+    /// The server's code of this error, if it is an [`ApiError`] (through any context).
+    pub fn code_of(error: &anyhow::Error) -> Option<&str> {
+        error.downcast_ref::<ApiError>().map(|e| e.code.as_str())
     }
 }
 
