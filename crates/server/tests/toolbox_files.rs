@@ -21,16 +21,8 @@ struct Toolbox<'a> {
 
 impl Toolbox<'_> {
     async fn create(server: &TestServer) -> Toolbox<'_> {
-        // A runner is listed live a moment before the server can place sandboxes on it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let sandbox = loop {
-            let (status, sandbox) = server.post("/api/sandbox", &json!({})).await;
-            if status != StatusCode::SERVICE_UNAVAILABLE || std::time::Instant::now() > deadline {
-                assert_eq!(status, StatusCode::OK, "{sandbox}");
-                break sandbox;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
+        let (status, sandbox) = server.post("/api/sandbox", &json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{sandbox}");
         assert_eq!(sandbox["state"], "started", "{sandbox}");
         Toolbox {
             server,

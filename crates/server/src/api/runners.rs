@@ -80,6 +80,12 @@ pub async fn register(
         body.capacity,
         body.sandboxes.clone(),
     );
+    // Callable before the database shows the runner live: the scheduler, which reads the
+    // database, must never pick a runner this process cannot call yet.
+    state.services.runners.insert(
+        &body.name,
+        RunnerHandle::Remote(RemoteRunner::new(&body.name, &url, body.callback_token)),
+    );
     let registered_url = url.clone();
     let destroy = blocking(move || {
         let report = RunnerReport {
@@ -97,10 +103,6 @@ pub async fn register(
         )
     })
     .await?;
-    state.services.runners.insert(
-        &body.name,
-        RunnerHandle::Remote(RemoteRunner::new(&body.name, &url, body.callback_token)),
-    );
     tracing::info!(
         runner = %body.name,
         "runner registered from {url} (capacity {}, running {}, to destroy {})",
