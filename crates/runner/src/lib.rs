@@ -543,7 +543,9 @@ fn rebind_volume(mounts: &MountManager, sandboxes: &[Arc<SandboxRecord>], volume
     }
 }
 
-/// How often the host's addresses are compared with those outbound sandboxes cannot reach.
+/// How often the host's addresses are compared with those outbound sandboxes cannot reach when
+/// no notification came (the kernel's address notifications wake the watcher at once; the poll
+/// covers a lost notification).
 const HOST_ADDRESS_POLL: Duration = Duration::from_secs(2);
 
 /// Keeps addresses the host gains (a new interface, a new lease) unreachable from sandboxes
@@ -552,11 +554,21 @@ fn watch_host_addresses(
     sandboxes_dir: PathBuf,
     sandboxes: std::sync::Weak<Mutex<HashMap<String, Arc<SandboxRecord>>>>,
 ) {
+    let events = network::AddressEvents::subscribe()
+        .inspect_err(|err| {
+            tracing::warn!("no address notifications, polling the host's addresses: {err}")
+        })
+        .ok();
     let mut known = network::host_addresses();
     let spawned = std::thread::Builder::new()
         .name("host-addresses".to_owned())
         .spawn(move || loop {
-            std::thread::sleep(HOST_ADDRESS_POLL);
+            match &events {
+                Some(events) => {
+                    events.wait(HOST_ADDRESS_POLL);
+                }
+                None => std::thread::sleep(HOST_ADDRESS_POLL),
+            }
             let Some(sandboxes) = sandboxes.upgrade() else {
                 return;
             };

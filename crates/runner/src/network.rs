@@ -161,6 +161,69 @@ pub(crate) fn host_addresses() -> BTreeSet<IpAddr> {
     addrs
 }
 
+/// Wakes a watcher when the host gains or loses an address: a netlink socket subscribed to the
+/// kernel's address notifications, so new host addresses are blocked within milliseconds instead
+/// of at the next poll.
+pub(crate) struct AddressEvents {
+    socket: OwnedFd,
+}
+
+impl AddressEvents {
+    pub(crate) fn subscribe() -> std::io::Result<AddressEvents> {
+        // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nobody else owns.
+        let socket = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+        // SAFETY: `addr` is a valid sockaddr_nl of the size given.
+        let bound = unsafe {
+            libc::bind(
+                fd,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if bound != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(AddressEvents { socket })
+    }
+
+    /// Waits up to `timeout` for address notifications and drains them. Returns whether any came
+    /// (the caller re-reads the addresses either way when it polls too).
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = self.socket.as_raw_fd();
+        let mut pollfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pollfd, 1, millis) } <= 0 {
+            return false;
+        }
+        let mut buf = [0u8; 8192];
+        // SAFETY: reads into `buf` of its length; the socket is non-blocking, so this ends when
+        // the queue is empty (or overflowed: ENOBUFS, which also means "re-read").
+        while unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
+        true
+    }
+}
+
 /// The IP address in a `sockaddr`, if it is one.
 ///
 /// # Safety
