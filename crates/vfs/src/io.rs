@@ -395,8 +395,19 @@ impl Inner {
         let handle = self.registry.handle(fh)?;
         let file = handle.file()?;
         let size = self.open_file_attr(file)?.size;
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return err(libc::EINVAL);
+        }
         if offset >= size {
             return err(libc::ENXIO);
+        }
+        let generation = file.data.lock().commit_gen;
+        if self.layout_for(file, generation, offset, 1)?.is_inline() {
+            return Ok(if whence == libc::SEEK_DATA {
+                offset
+            } else {
+                size
+            });
         }
         // The unflushed writes, merged into disjoint runs in offset order.
         let dirty = {
@@ -410,63 +421,83 @@ impl Inner {
             runs.sort_unstable();
             merge_runs(runs)
         };
-        let cs = self.core.chunk_size();
-        match whence {
-            libc::SEEK_DATA => {
-                let in_dirty = dirty
-                    .iter()
-                    .find(|(_, end)| *end > offset)
-                    .map(|(start, _)| (*start).max(offset));
-                let mut chunk = offset / cs;
-                let mut committed = None;
-                while chunk * cs < size && in_dirty.is_none_or(|d| chunk * cs < d) {
-                    let Some(next) = self.core.meta.next_data_chunk(file.ino, chunk)? else {
-                        break;
-                    };
-                    let from = offset.max(next * cs);
-                    let to = ((next + 1) * cs).min(size);
-                    if from < to {
-                        committed = self.data_runs(file, from, to)?.first().map(|(s, _)| *s);
-                        if committed.is_some() {
-                            break;
-                        }
-                    }
-                    chunk = next + 1;
-                }
-                match [in_dirty, committed].into_iter().flatten().min() {
-                    Some(at) if at < size => Ok(at),
-                    _ => err(libc::ENXIO),
-                }
-            }
-            libc::SEEK_HOLE => {
-                // Walk runs of data (committed or not) from the offset until a gap.
-                let mut at = offset;
-                while at < size {
-                    let window_end = ((at / cs + 1) * cs).min(size);
-                    let mut runs = self.data_runs(file, at, window_end)?;
-                    runs.extend(
-                        dirty
-                            .iter()
-                            .filter(|(s, e)| *e > at && *s < window_end)
-                            .map(|(s, e)| ((*s).max(at), (*e).min(window_end))),
-                    );
-                    runs.sort_unstable();
-                    let mut reached = at;
-                    for (start, end) in merge_runs(runs) {
-                        if start > reached {
-                            break;
-                        }
-                        reached = reached.max(end);
-                    }
-                    if reached < window_end {
-                        return Ok(reached);
-                    }
-                    at = window_end;
-                }
-                Ok(size)
-            }
-            _ => err(libc::EINVAL),
+        if whence == libc::SEEK_DATA {
+            self.seek_data(file, offset, size, &dirty)
+        } else {
+            self.seek_hole(file, offset, size, &dirty)
         }
+    }
+
+    /// The first byte of data at or after `offset` (below `size`): the earliest of the
+    /// unflushed writes and the committed data, found chunk by chunk from the chunks the engine
+    /// names as holding data.
+    fn seek_data(
+        &self,
+        file: &FileState,
+        offset: u64,
+        size: u64,
+        dirty: &[(u64, u64)],
+    ) -> VfsResult<u64> {
+        let cs = self.core.chunk_size();
+        let in_dirty = dirty
+            .iter()
+            .find(|(_, end)| *end > offset)
+            .map(|(start, _)| (*start).max(offset));
+        let mut chunk = offset / cs;
+        let mut committed = None;
+        while chunk * cs < size && in_dirty.is_none_or(|d| chunk * cs < d) {
+            let Some(next) = self.core.meta.next_data_chunk(file.ino, chunk)? else {
+                break;
+            };
+            let (from, to) = (offset.max(next * cs), ((next + 1) * cs).min(size));
+            if from < to {
+                committed = self.data_runs(file, from, to)?.first().map(|(s, _)| *s);
+                if committed.is_some() {
+                    break;
+                }
+            }
+            chunk = next + 1;
+        }
+        match [in_dirty, committed].into_iter().flatten().min() {
+            Some(at) if at < size => Ok(at),
+            _ => err(libc::ENXIO),
+        }
+    }
+
+    /// The first byte at or after `offset` that is neither committed data nor unflushed
+    /// (`size` if none: the end of a file counts as a hole).
+    fn seek_hole(
+        &self,
+        file: &FileState,
+        offset: u64,
+        size: u64,
+        dirty: &[(u64, u64)],
+    ) -> VfsResult<u64> {
+        let cs = self.core.chunk_size();
+        let mut at = offset;
+        while at < size {
+            let window_end = ((at / cs + 1) * cs).min(size);
+            let mut runs = self.data_runs(file, at, window_end)?;
+            runs.extend(
+                dirty
+                    .iter()
+                    .filter(|(s, e)| *e > at && *s < window_end)
+                    .map(|(s, e)| ((*s).max(at), (*e).min(window_end))),
+            );
+            runs.sort_unstable();
+            let mut reached = at;
+            for (start, end) in merge_runs(runs) {
+                if start > reached {
+                    break;
+                }
+                reached = reached.max(end);
+            }
+            if reached < window_end {
+                return Ok(reached);
+            }
+            at = window_end;
+        }
+        Ok(size)
     }
 
     /// The runs of committed data (non-hole pieces) within `[start, end)` of one chunk, in

@@ -190,7 +190,16 @@ fn punched_and_zeroed_ranges_read_zeros_hold_nothing_and_seek_as_holes() {
     assert_eq!(s(8 * MIB - 100, libc::SEEK_DATA), Err(libc::ENXIO));
     assert_eq!(s(8 * MIB, libc::SEEK_HOLE), Ok(8 * MIB));
     assert_eq!(s(9 * MIB - 100, libc::SEEK_HOLE), Err(libc::ENXIO));
+    assert_eq!(s(0, libc::SEEK_CUR), Err(libc::EINVAL));
     close(&vfs, ino, fh);
+    // A small file kept inline is all data.
+    let (small, sfh) = create_in_root(&vfs, "small");
+    write_all(&vfs, small, sfh, 0, b"inline");
+    close(&vfs, small, sfh);
+    let sfh = vfs.open(&root(), small, libc::O_RDONLY).unwrap().fh;
+    assert_eq!(seek(&vfs, small, sfh, 2, libc::SEEK_DATA), Ok(2));
+    assert_eq!(seek(&vfs, small, sfh, 2, libc::SEEK_HOLE), Ok(6));
+    close(&vfs, small, sfh);
     // The same answers from the committed maps alone.
     let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
     assert_eq!(seek(&vfs, ino, fh, MIB, libc::SEEK_DATA), Ok(2 * MIB));
