@@ -32,6 +32,14 @@ pub(crate) const IDLE_FLUSH_AFTER: Duration = Duration::from_secs(5);
 /// record expired) before the flush gives up with EIO. Each retry starts from a fresh read.
 const FLUSH_ATTEMPTS: usize = 16;
 
+/// One flush's runs packed into one stored object.
+struct Packed {
+    /// (chunk, slice) of each run, all slices of the object's id.
+    slices: Vec<(u64, Slice)>,
+    /// The object to upload, as slice id and bytes (none for an empty flush).
+    object: Option<(u64, Bytes)>,
+}
+
 /// Why a commit did not happen.
 enum Failure {
     /// Lost a compare-and-swap: the data is back in the buffer; flush again from a fresh read.
@@ -272,7 +280,7 @@ impl Inner {
             prefix_run.iter().chain(extents.iter()),
             self.core.chunk_size(),
         );
-        let (slices, object) = match self.reserve_object(runs) {
+        let Packed { slices, object } = match self.reserve_object(runs) {
             Ok(reserved) => reserved,
             Err(e) => {
                 self.fail_inflight(file);
@@ -305,13 +313,13 @@ impl Inner {
 
     /// Packs the runs of one flush into one stored object (one slice id; each run a slice of
     /// it at its own offset), recorded as a pending upload: random small writes make one object
-    /// per flush, not one per extent. Returns the slices and the object to upload.
-    fn reserve_object(
-        &self,
-        runs: Vec<Run>,
-    ) -> VfsResult<(Vec<(u64, Slice)>, Option<(u64, Bytes)>)> {
+    /// per flush, not one per extent.
+    fn reserve_object(&self, runs: Vec<Run>) -> VfsResult<Packed> {
         if runs.is_empty() {
-            return Ok((Vec::new(), None));
+            return Ok(Packed {
+                slices: Vec::new(),
+                object: None,
+            });
         }
         let total: u64 = runs.iter().map(|run| run.data.len() as u64).sum();
         // A flush holds at most the mount's dirty limit, far below 4 GiB.
@@ -346,7 +354,10 @@ impl Inner {
                 data.freeze()
             }
         };
-        Ok((slices, Some((id, data))))
+        Ok(Packed {
+            slices,
+            object: Some((id, data)),
+        })
     }
 
     /// Commits the oldest in-flight segment once its upload is done (waiting for it if `wait`).

@@ -3183,7 +3183,7 @@ fn zero_range_makes_holes_that_hold_nothing(engine: Engine) {
         .unwrap()
         .unwrap();
     f.meta.zero_range(small.ino, 2, 3, true, NOW).unwrap();
-    assert_eq!(f.inline(small.ino).unwrap(), b"01\0\0\056789");
+    assert_eq!(f.inline(small.ino).unwrap(), b"01\x00\x00\x0056789");
     let attr = f
         .meta
         .zero_range(small.ino, 8, 10, false, NOW)
@@ -3192,7 +3192,7 @@ fn zero_range_makes_holes_that_hold_nothing(engine: Engine) {
     assert_eq!(attr.size, 18);
     assert_eq!(
         f.inline(small.ino).unwrap(),
-        b"01\0\0\0567\0\0\0\0\0\0\0\0\0\0"
+        b"01\x00\x00\x00567\0\0\0\0\0\0\0\0\0\0"
     );
     assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
 }
