@@ -698,18 +698,23 @@ impl Filesystem for CellarFs {
         reply_empty(reply, self.vfs.fallocate(ino.0, fh.0, offset, length, mode));
     }
 
-    /// ENOSYS makes the kernel fall back to its generic lseek for good (SEEK_DATA then reports
-    /// the whole file as data, SEEK_HOLE its end), which is correct for sparse files too.
+    /// SEEK_DATA / SEEK_HOLE (the kernel answers SEEK_SET/CUR/END itself).
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: i64,
-        _whence: i32,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
         reply: ReplyLseek,
     ) {
-        reply.error(Errno::ENOSYS);
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        match self.vfs.lseek(ino.0, fh.0, offset, whence) {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn copy_file_range(

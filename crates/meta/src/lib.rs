@@ -145,6 +145,37 @@ pub trait MetaEngine: Send + Sync {
     /// (see [`MetaEngine::read_inline`]); the caller moves it to chunks before writing past the
     /// threshold. Truncating a chunked file to 0 makes it inline (empty) again.
     fn truncate(&self, ino: Ino, size: u64, now_ns: i64) -> Result<Attr>;
+    /// Copies `[offset, offset + len)` of `src` (clipped to its size) to `dst_offset` of `dst`
+    /// without copying bytes: the destination's chunks reference the source's stored slices
+    /// (a slice's objects are deleted only once no chunk of any file references it), and the
+    /// source's holes become holes. Grows the destination to at least the end of the copy, sets
+    /// its mtime and ctime, bumps its data version and counts the copied data in its held bytes
+    /// (EDQUOT past the quota). `None`, changing nothing, when either file keeps inline bytes
+    /// (an empty destination does not count): the caller copies those bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_range(
+        &self,
+        src: Ino,
+        offset: u64,
+        dst: Ino,
+        dst_offset: u64,
+        len: u64,
+        now_ns: i64,
+    ) -> Result<Option<CopiedRange>>;
+    /// Makes `[offset, offset + len)` read as zeros (FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE):
+    /// hole slices that hold nothing (inline bytes are zeroed in place), and unless `keep_size`
+    /// grows the size to the end of the range. Sets mtime and ctime, bumps the data version.
+    fn zero_range(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+        now_ns: i64,
+    ) -> Result<Committed>;
+    /// The first chunk at or after `from` with a slice that stores data (a hint for
+    /// SEEK_DATA: that chunk may still read as zeros where holes shadow it).
+    fn next_data_chunk(&self, ino: Ino, from: u64) -> Result<Option<u64>>;
     /// Reserves `count` (at least 1) consecutive slice ids; returns the first. Ids start at 1.
     fn alloc_slice_ids(&self, count: u64) -> Result<u64>;
 

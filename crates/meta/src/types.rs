@@ -66,6 +66,15 @@ pub struct Committed {
     pub chunk_slices: Vec<(u64, usize)>,
 }
 
+/// Outcome of [`crate::MetaEngine::copy_range`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopiedRange {
+    /// Bytes copied (the request clipped to the source's size).
+    pub len: u64,
+    /// The destination's new attributes and the slice count of each chunk written to.
+    pub committed: Committed,
+}
+
 /// Slice references of a volume from one snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SliceReferences {

@@ -7,8 +7,9 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use cellar_meta::{Attr, Committed, Content, GarbageSlice, Ino, MetaError, Slice};
-use cellar_store::{StoreError, StoreResult};
+use cellar_store::StoreError;
 
 use crate::backend::now_ns;
 use crate::compaction::{COMPACT_BACKGROUND_SLICES, COMPACT_SYNC_SLICES};
@@ -30,6 +31,14 @@ pub(crate) const IDLE_FLUSH_AFTER: Duration = Duration::from_secs(5);
 /// Flush attempts that lose a race (another mount changed the inline bytes, an upload's intent
 /// record expired) before the flush gives up with EIO. Each retry starts from a fresh read.
 const FLUSH_ATTEMPTS: usize = 16;
+
+/// One flush's runs packed into one stored object.
+struct Packed {
+    /// (chunk, slice) of each run, all slices of the object's id.
+    slices: Vec<(u64, Slice)>,
+    /// The object to upload, as slice id and bytes (none for an empty flush).
+    object: Option<(u64, Bytes)>,
+}
 
 /// Why a commit did not happen.
 enum Failure {
@@ -118,17 +127,50 @@ impl Inner {
 
     /// Sets the size of a file: its buffered writes are committed first so none lands past it.
     pub(crate) fn truncate_file(&self, ino: Ino, size: u64) -> VfsResult<Attr> {
-        let Some(file) = self.registry.file(ino) else {
-            let attr = self.core.meta.truncate(ino, size, now_ns())?;
-            self.quota.space_freed();
-            return Ok(attr);
-        };
-        let _flushing = file.flush_lock.lock();
-        self.flush_locked(&file)?;
-        let attr = self.core.meta.truncate(ino, size, now_ns())?;
+        self.change_committed(ino, || Ok(self.core.meta.truncate(ino, size, now_ns())?))
+    }
+
+    /// Zeroes a range of a file as holes (fallocate's PUNCH_HOLE and ZERO_RANGE), after its
+    /// buffered writes, which it must shadow.
+    pub(crate) fn zero_file_range(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+    ) -> VfsResult<Attr> {
+        self.change_committed(ino, || {
+            let committed = self
+                .core
+                .meta
+                .zero_range(ino, offset, len, keep_size, now_ns())?;
+            self.compact_by_need(ino, &committed.chunk_slices)?;
+            Ok(committed.attr)
+        })
+    }
+
+    /// Runs a metadata change of the file's committed content once this mount's buffered
+    /// writes of it are committed (they came first), holding its flush lock so that none
+    /// commits in between.
+    pub(crate) fn change_committed(
+        &self,
+        ino: Ino,
+        change: impl FnOnce() -> VfsResult<Attr>,
+    ) -> VfsResult<Attr> {
+        let file = self.registry.file(ino);
+        let _flushing = file.as_ref().map(|file| file.flush_lock.lock());
+        if let Some(file) = &file {
+            self.flush_locked(file)?;
+        }
+        let attr = change()?;
         self.quota.space_freed();
-        file.data.lock().commit_gen += 1;
-        self.note_seen(&attr);
+        if let Some(file) = &file {
+            let mut d = file.data.lock();
+            d.commit_gen += 1;
+            d.unsynced = true;
+            drop(d);
+            self.note_seen(&attr);
+        }
         Ok(attr)
     }
 
@@ -238,28 +280,19 @@ impl Inner {
             prefix_run.iter().chain(extents.iter()),
             self.core.chunk_size(),
         );
-        let slices = match self.reserve_slices(&runs) {
-            Ok(slices) => slices,
+        let Packed { slices, object } = match self.reserve_object(runs) {
+            Ok(reserved) => reserved,
             Err(e) => {
                 self.fail_inflight(file);
                 return Err(e.into());
             }
         };
         let store = self.core.store.clone();
-        let uploads: Vec<_> = slices
-            .iter()
-            .zip(runs)
-            .map(|((_, slice), run)| (slice.id, run.data))
-            .collect();
         let upload = self.core.runtime.spawn(async move {
-            let puts = uploads
-                .into_iter()
-                .map(|(id, data)| store.put_slice(id, data));
-            futures::future::join_all(puts)
-                .await
-                .into_iter()
-                .collect::<StoreResult<Vec<()>>>()
-                .map(drop)
+            match object {
+                Some((id, data)) => store.put_slice(id, data).await,
+                None => Ok(()),
+            }
         });
         let mut d = file.data.lock();
         let segment = &mut d.inflight[index];
@@ -278,35 +311,53 @@ impl Inner {
         })
     }
 
-    /// Allocates one slice per run and records them as pending uploads.
-    fn reserve_slices(&self, runs: &[Run]) -> VfsResult<Vec<(u64, Slice)>> {
-        let first_id = self.core.meta.alloc_slice_ids(runs.len().max(1) as u64)?;
+    /// Packs the runs of one flush into one stored object (one slice id; each run a slice of
+    /// it at its own offset), recorded as a pending upload: random small writes make one object
+    /// per flush, not one per extent.
+    fn reserve_object(&self, runs: Vec<Run>) -> VfsResult<Packed> {
+        if runs.is_empty() {
+            return Ok(Packed {
+                slices: Vec::new(),
+                object: None,
+            });
+        }
+        let total: u64 = runs.iter().map(|run| run.data.len() as u64).sum();
+        // A flush holds at most the mount's dirty limit, far below 4 GiB.
+        let size = u32::try_from(total).map_err(|_| Errno::IO)?;
+        let id = self.core.meta.alloc_slice_ids(1)?;
         let cs = self.core.chunk_size();
-        let slices: Vec<(u64, Slice)> = (first_id..)
-            .zip(runs)
-            .map(|(id, run)| {
-                let len = run.data.len() as u32;
-                (
-                    run.offset / cs,
-                    Slice {
-                        id,
-                        size: len,
-                        off: 0,
-                        len,
-                        pos: (run.offset % cs) as u32,
-                    },
-                )
-            })
-            .collect();
-        let pending: Vec<GarbageSlice> = slices
+        let mut at = 0;
+        let slices: Vec<(u64, Slice)> = runs
             .iter()
-            .map(|(_, s)| GarbageSlice {
-                id: s.id,
-                size: s.size,
+            .map(|run| {
+                let len = run.data.len() as u32;
+                let slice = Slice {
+                    id,
+                    size,
+                    off: at,
+                    len,
+                    pos: (run.offset % cs) as u32,
+                };
+                at += len;
+                (run.offset / cs, slice)
             })
             .collect();
-        self.core.record_pending_uploads(&pending)?;
-        Ok(slices)
+        self.core
+            .record_pending_uploads(&[GarbageSlice { id, size }])?;
+        let data = match <[Run; 1]>::try_from(runs) {
+            Ok([run]) => run.data,
+            Err(runs) => {
+                let mut data = BytesMut::with_capacity(total as usize);
+                for run in runs {
+                    data.extend_from_slice(&run.data);
+                }
+                data.freeze()
+            }
+        };
+        Ok(Packed {
+            slices,
+            object: Some((id, data)),
+        })
     }
 
     /// Commits the oldest in-flight segment once its upload is done (waiting for it if `wait`).
@@ -392,14 +443,7 @@ impl Inner {
         }
         let mut d = file.data.lock();
         let segments: Vec<Segment> = d.inflight.drain(..).collect();
-        let garbage: Vec<GarbageSlice> = segments
-            .iter()
-            .flat_map(|segment| &segment.slices)
-            .map(|(_, s)| GarbageSlice {
-                id: s.id,
-                size: s.size,
-            })
-            .collect();
+        let garbage = garbage_of(segments.iter().flat_map(|segment| &segment.slices));
         let dropped = segments.iter().map(|s| s.bytes).sum::<u64>() + d.buffer_bytes;
         d.buffer.clear();
         d.buffer_bytes = 0;
@@ -432,7 +476,7 @@ impl Inner {
     }
 
     /// Chunks that a commit left fragmented: compacted now past the hard cap, else queued.
-    fn compact_by_need(&self, ino: Ino, chunk_slices: &[(u64, usize)]) -> VfsResult<()> {
+    pub(crate) fn compact_by_need(&self, ino: Ino, chunk_slices: &[(u64, usize)]) -> VfsResult<()> {
         for &(chunk, count) in chunk_slices {
             if count >= COMPACT_SYNC_SLICES {
                 self.core.compact_chunk(ino, chunk)?;
@@ -459,13 +503,9 @@ impl Inner {
         }
         let mut d = file.data.lock();
         let segments: Vec<Segment> = d.inflight.drain(..).collect();
-        let mut garbage = Vec::new();
+        let garbage = garbage_of(segments.iter().flat_map(|segment| &segment.slices));
         let mut requeued = Vec::new();
         for segment in segments {
-            garbage.extend(segment.slices.iter().map(|(_, s)| GarbageSlice {
-                id: s.id,
-                size: s.size,
-            }));
             d.buffer_bytes += segment.bytes;
             d.buffer_end = d.buffer_end.max(segment.end);
             requeued.extend(segment.extents.into_iter().map(|r| Extent {
@@ -482,4 +522,17 @@ impl Inner {
         );
         self.core.discard_slices(&garbage);
     }
+}
+
+/// The stored objects of uploaded slices, each once (a flush's slices share one object).
+fn garbage_of<'a>(slices: impl Iterator<Item = &'a (u64, Slice)>) -> Vec<GarbageSlice> {
+    let mut garbage: Vec<GarbageSlice> = slices
+        .map(|(_, s)| GarbageSlice {
+            id: s.id,
+            size: s.size,
+        })
+        .collect();
+    garbage.sort_unstable_by_key(|g| g.id);
+    garbage.dedup_by_key(|g| g.id);
+    garbage
 }

@@ -143,12 +143,7 @@ impl Inner {
 
     pub(crate) fn write(&self, fh: u64, offset: u64, data: &[u8]) -> VfsResult<u32> {
         let handle = self.registry.handle(fh)?;
-        let HandleKind::File {
-            file,
-            privileges_dropped,
-            ..
-        } = &handle.kind
-        else {
+        let HandleKind::File { file, .. } = &handle.kind else {
             return err(libc::EISDIR);
         };
         if handle.flags & libc::O_ACCMODE == libc::O_RDONLY {
@@ -164,11 +159,22 @@ impl Inner {
         let dirty = self.dirty_bytes.load(Ordering::SeqCst);
         self.quota
             .check(&*self.core.meta, dirty, data.len() as u64)?;
-        if handle.uid != 0 && !privileges_dropped.swap(true, Ordering::Relaxed) {
-            self.drop_privileges(handle.ino)?;
-        }
+        self.prepare_write(&handle)?;
         self.buffer_write(file, offset, data)?;
         Ok(data.len() as u32)
+    }
+
+    /// The first write through a handle of a non-root opener clears setuid/setgid.
+    fn prepare_write(&self, handle: &Handle) -> VfsResult<()> {
+        if let HandleKind::File {
+            privileges_dropped, ..
+        } = &handle.kind
+        {
+            if handle.uid != 0 && !privileges_dropped.swap(true, Ordering::Relaxed) {
+                self.drop_privileges(handle.ino)?;
+            }
+        }
+        Ok(())
     }
 
     /// A write by a non-root user clears setuid, and setgid when it means "set group id".
@@ -268,21 +274,38 @@ impl Inner {
         if end > MAX_FILE_SIZE {
             return err(libc::EFBIG);
         }
-        if mode != 0 && mode != libc::FALLOC_FL_KEEP_SIZE {
-            return err(libc::EOPNOTSUPP);
-        }
+        const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO_RANGE_KEEP_SIZE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let zero = match mode {
+            0 | libc::FALLOC_FL_KEEP_SIZE => false,
+            PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE | ZERO_RANGE_KEEP_SIZE => true,
+            _ => return err(libc::EOPNOTSUPP),
+        };
         let size = self.getattr(ino)?.size;
         // Nothing is reserved (space is taken when written), but a request past the end of the
         // file that the quota could not hold fails now, as where fallocate allocates.
-        let dirty = self.dirty_bytes.load(Ordering::SeqCst);
-        self.quota
-            .check(&*self.core.meta, dirty, end.saturating_sub(size))?;
-        if mode == 0 && end > size {
+        if !(zero && keep_size) {
+            let dirty = self.dirty_bytes.load(Ordering::SeqCst);
+            self.quota
+                .check(&*self.core.meta, dirty, end.saturating_sub(size))?;
+        }
+        if zero {
+            // Holes, after this mount's buffered writes (which they shadow): reads return
+            // zeros, the range holds nothing, no byte is uploaded.
+            self.zero_file_range(ino, offset, length, keep_size)?;
+        } else if !keep_size && end > size {
             self.truncate_file(ino, end)?;
         }
         Ok(())
     }
 
+    /// copy_file_range(2). Where the source's data lives in chunks the copy is one metadata
+    /// transaction: the destination references the source's stored slices (holes stay holes,
+    /// no byte is read or uploaded), after this mount's buffered writes of the source (so the
+    /// copy sees them) and of the destination (so they do not land on top of it later). A copy
+    /// that ends within the inline threshold of a file, or from or into a file keeping inline
+    /// bytes, moves the bytes instead: small files stay inline.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn copy_file_range(
         &self,
@@ -300,6 +323,22 @@ impl Inner {
         {
             return err(libc::EINVAL);
         }
+        let (source, target) = (self.registry.handle(fh_in)?, self.registry.handle(fh_out)?);
+        if target.flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return err(libc::EBADF);
+        }
+        match off_out.checked_add(len) {
+            Some(end) if end <= MAX_FILE_SIZE => {}
+            _ => return err(libc::EFBIG),
+        }
+        if len == 0 {
+            return Ok(0);
+        }
+        if off_out + len > self.core.volume.inline_threshold {
+            if let Some(copied) = self.copy_by_reference(&source, off_in, &target, off_out, len)? {
+                return Ok(copied);
+            }
+        }
         let mut copied = 0;
         while copied < len {
             let piece = (len - copied).min(COPY_PIECE) as u32;
@@ -311,6 +350,173 @@ impl Inner {
             copied += u64::from(written);
         }
         Ok(copied)
+    }
+
+    /// The copy as references to the source's slices (see [`Self::copy_file_range`]); `None`
+    /// when a file keeps inline bytes.
+    fn copy_by_reference(
+        &self,
+        source: &Handle,
+        off_in: u64,
+        target: &Handle,
+        off_out: u64,
+        len: u64,
+    ) -> VfsResult<Option<u64>> {
+        self.flush_file(source.file()?)?;
+        self.prepare_write(target)?;
+        let mut copied = None;
+        self.change_committed(target.ino, || {
+            let outcome = self.core.meta.copy_range(
+                source.ino,
+                off_in,
+                target.ino,
+                off_out,
+                len,
+                now_ns(),
+            )?;
+            let attr = match outcome {
+                Some(range) => {
+                    self.compact_by_need(target.ino, &range.committed.chunk_slices)?;
+                    copied = Some(range.len);
+                    range.committed.attr
+                }
+                None => self.core.meta.getattr(target.ino)?,
+            };
+            Ok(attr)
+        })?;
+        // Counted like written bytes until the next reading of the usage includes them.
+        self.quota.committed(copied.unwrap_or(0));
+        Ok(copied)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE over the committed chunk maps and this mount's unflushed writes.
+    /// ENXIO at or past the end of the file.
+    pub(crate) fn lseek(&self, fh: u64, offset: u64, whence: i32) -> VfsResult<u64> {
+        let handle = self.registry.handle(fh)?;
+        let file = handle.file()?;
+        let size = self.open_file_attr(file)?.size;
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return err(libc::EINVAL);
+        }
+        if offset >= size {
+            return err(libc::ENXIO);
+        }
+        let generation = file.data.lock().commit_gen;
+        if self.layout_for(file, generation, offset, 1)?.is_inline() {
+            return Ok(if whence == libc::SEEK_DATA {
+                offset
+            } else {
+                size
+            });
+        }
+        // The unflushed writes, merged into disjoint runs in offset order.
+        let dirty = {
+            let d = file.data.lock();
+            let mut runs: Vec<(u64, u64)> = d
+                .inflight
+                .iter()
+                .flat_map(|s| s.extents.iter().map(|e| (e.offset, e.end())))
+                .chain(d.buffer.iter().map(|e| (e.offset, e.end())))
+                .collect();
+            runs.sort_unstable();
+            merge_runs(runs)
+        };
+        if whence == libc::SEEK_DATA {
+            self.seek_data(file, offset, size, &dirty)
+        } else {
+            self.seek_hole(file, offset, size, &dirty)
+        }
+    }
+
+    /// The first byte of data at or after `offset` (below `size`): the earliest of the
+    /// unflushed writes and the committed data, found chunk by chunk from the chunks the engine
+    /// names as holding data.
+    fn seek_data(
+        &self,
+        file: &FileState,
+        offset: u64,
+        size: u64,
+        dirty: &[(u64, u64)],
+    ) -> VfsResult<u64> {
+        let cs = self.core.chunk_size();
+        let in_dirty = dirty
+            .iter()
+            .find(|(_, end)| *end > offset)
+            .map(|(start, _)| (*start).max(offset));
+        let mut chunk = offset / cs;
+        let mut committed = None;
+        while chunk * cs < size && in_dirty.is_none_or(|d| chunk * cs < d) {
+            let Some(next) = self.core.meta.next_data_chunk(file.ino, chunk)? else {
+                break;
+            };
+            let (from, to) = (offset.max(next * cs), ((next + 1) * cs).min(size));
+            if from < to {
+                committed = self.data_runs(file, from, to)?.first().map(|(s, _)| *s);
+                if committed.is_some() {
+                    break;
+                }
+            }
+            chunk = next + 1;
+        }
+        match [in_dirty, committed].into_iter().flatten().min() {
+            Some(at) if at < size => Ok(at),
+            _ => err(libc::ENXIO),
+        }
+    }
+
+    /// The first byte at or after `offset` that is neither committed data nor unflushed
+    /// (`size` if none: the end of a file counts as a hole).
+    fn seek_hole(
+        &self,
+        file: &FileState,
+        offset: u64,
+        size: u64,
+        dirty: &[(u64, u64)],
+    ) -> VfsResult<u64> {
+        let cs = self.core.chunk_size();
+        let mut at = offset;
+        while at < size {
+            let window_end = ((at / cs + 1) * cs).min(size);
+            let mut runs = self.data_runs(file, at, window_end)?;
+            runs.extend(
+                dirty
+                    .iter()
+                    .filter(|(s, e)| *e > at && *s < window_end)
+                    .map(|(s, e)| ((*s).max(at), (*e).min(window_end))),
+            );
+            runs.sort_unstable();
+            let mut reached = at;
+            for (start, end) in merge_runs(runs) {
+                if start > reached {
+                    break;
+                }
+                reached = reached.max(end);
+            }
+            if reached < window_end {
+                return Ok(reached);
+            }
+            at = window_end;
+        }
+        Ok(size)
+    }
+
+    /// The runs of committed data (non-hole pieces) within `[start, end)` of one chunk, in
+    /// offset order, adjacent pieces merged.
+    fn data_runs(&self, file: &FileState, start: u64, end: u64) -> VfsResult<Vec<(u64, u64)>> {
+        let generation = file.data.lock().commit_gen;
+        let layout = self.layout_for(file, generation, start, end - start)?;
+        let end = end.min(layout.attr.size);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let cs = self.core.chunk_size();
+        let base = start / cs * cs;
+        let runs = layout
+            .data_pieces(cs, start, end)
+            .into_iter()
+            .map(|p| (base + p.start, base + p.end))
+            .collect();
+        Ok(merge_runs(runs))
     }
 
     /// The layout for reading `[offset, offset + len)` as of commit generation `generation`:
@@ -363,4 +569,16 @@ impl Inner {
             );
         }
     }
+}
+
+/// Sorted `[start, end)` runs with overlapping and adjacent ones merged.
+fn merge_runs(runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (start, end) in runs {
+        match merged.last_mut() {
+            Some((_, last_end)) if start <= *last_end => *last_end = (*last_end).max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
 }

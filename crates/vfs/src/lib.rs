@@ -249,7 +249,8 @@ impl Vfs {
     pub fn fsync(&self, _ino: Ino, fh: u64, _datasync: bool) -> VfsResult<()> {
         self.inner.fsync(fh)
     }
-    /// Modes 0 and FALLOC_FL_KEEP_SIZE (others: EOPNOTSUPP).
+    /// Modes 0 and FALLOC_FL_KEEP_SIZE; FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE and
+    /// FALLOC_FL_ZERO_RANGE (with or without KEEP_SIZE) make holes (others: EOPNOTSUPP).
     pub fn fallocate(
         &self,
         ino: Ino,
@@ -273,6 +274,12 @@ impl Vfs {
     ) -> VfsResult<u64> {
         self.inner
             .copy_file_range(ino_in, fh_in, off_in, ino_out, fh_out, off_out, len)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE (`whence`): the next data or hole at or after `offset`, from the
+    /// chunk maps and this mount's unflushed writes; ENXIO at or past the end of the file.
+    pub fn lseek(&self, _ino: Ino, fh: u64, offset: u64, whence: i32) -> VfsResult<u64> {
+        self.inner.lseek(fh, offset, whence)
     }
 
     pub fn opendir(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<u64> {

@@ -157,6 +157,11 @@ impl FileLayout {
         }
     }
 
+    /// Whether the file's bytes are inline (all of it reads as data).
+    pub fn is_inline(&self) -> bool {
+        matches!(self.content, LayoutContent::Inline(_))
+    }
+
     /// The non-hole pieces visible in `[start, end)`, for read-ahead.
     pub fn data_pieces(&self, chunk_size: u64, start: u64, end: u64) -> Vec<Piece<SliceRef>> {
         visible_pieces(self, chunk_size, start, end)

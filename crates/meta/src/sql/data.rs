@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::rows::{add_counter, add_usage, get_attr, posix, usage_totals};
 use crate::{
-    held_blocks, Attr, Committed, Content, FileKind, GarbageSlice, Ino, Layout, MetaError, Result,
-    Slice, SliceReferences, VolumeInfo,
+    held_blocks, Attr, Committed, Content, CopiedRange, FileKind, GarbageSlice, Ino, Layout,
+    MetaError, Result, Slice, SliceReferences, VolumeInfo,
 };
 
 /// Moves the slices of chunks `from_chunk..` of `ino` to garbage (unless another chunk still
@@ -110,13 +110,28 @@ fn store_content(
 /// order: a later slice shadows earlier ones where they overlap; holes (id 0) and ranges no
 /// slice covers hold nothing.
 pub fn chunk_held<'a>(slices: impl DoubleEndedIterator<Item = &'a Slice>, limit: u64) -> u64 {
+    visible_pieces(slices, 0, limit)
+        .iter()
+        .filter(|piece| piece.id != 0)
+        .map(|piece| u64::from(piece.len))
+        .sum()
+}
+
+/// What a chunk shows in `[from, to)`: its slices (in commit order, later ones shadowing
+/// earlier ones) cut to their visible parts, disjoint and in position order. Holes (id 0) are
+/// pieces too; ranges no slice covers are left out (both read as zeros).
+pub fn visible_pieces<'a>(
+    slices: impl DoubleEndedIterator<Item = &'a Slice>,
+    from: u64,
+    to: u64,
+) -> Vec<Slice> {
     // Latest first: each range is decided by the first slice that covers it. `covered` holds
     // the ranges decided so far, disjoint, as start -> end.
     let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut held = 0;
+    let mut pieces = Vec::new();
     for slice in slices.rev() {
-        let start = u64::from(slice.pos);
-        let end = (start + u64::from(slice.len)).min(limit);
+        let start = u64::from(slice.pos).max(from);
+        let end = (u64::from(slice.pos) + u64::from(slice.len)).min(to);
         if start >= end {
             continue;
         }
@@ -129,19 +144,34 @@ pub fn chunk_held<'a>(slices: impl DoubleEndedIterator<Item = &'a Slice>, limit:
             .into_iter()
             .chain(covered.range(start..=end).map(|(&s, &e)| (s, e)))
             .collect();
-        let (mut merged_start, mut merged_end, mut decided) = (start, end, 0);
+        let (mut merged_start, mut merged_end, mut at) = (start, end, start);
         for (s, e) in touching {
-            decided += e.min(end).saturating_sub(s.max(start));
+            if s > at {
+                pieces.push(cut(slice, at, s));
+            }
+            at = at.max(e);
             merged_start = merged_start.min(s);
             merged_end = merged_end.max(e);
             covered.remove(&s);
         }
-        covered.insert(merged_start, merged_end);
-        if slice.id != 0 {
-            held += end - start - decided;
+        if at < end {
+            pieces.push(cut(slice, at, end));
         }
+        covered.insert(merged_start, merged_end);
     }
-    held
+    pieces.sort_unstable_by_key(|piece| piece.pos);
+    pieces
+}
+
+/// The part `[start, end)` (chunk positions) of a slice that covers it.
+fn cut(slice: &Slice, start: u64, end: u64) -> Slice {
+    let skip = (start - u64::from(slice.pos)) as u32;
+    Slice {
+        off: if slice.id == 0 { 0 } else { slice.off + skip },
+        len: (end - start) as u32,
+        pos: start as u32,
+        ..*slice
+    }
 }
 
 /// How much of chunk `chunk` lies below a file size of `size`.
@@ -387,7 +417,7 @@ pub fn commit_slices(
     inline_version: Option<u64>,
     now_ns: i64,
 ) -> Result<Committed> {
-    let mut attr = regular_file(conn, ino)?;
+    let attr = regular_file(conn, ino)?;
     check_slices(volume, slices.iter().map(|(_, slice)| slice))?;
     let Stored {
         inline,
@@ -408,16 +438,42 @@ pub fn commit_slices(
         _ => {}
     }
     claim_pending(conn, slices.iter().map(|(_, slice)| slice))?;
+    append_slices(
+        conn,
+        volume,
+        attr,
+        old_held,
+        inline.is_some(),
+        slices,
+        min_size,
+        now_ns,
+    )
+}
+
+/// Appends slices (checked) to the chunks of a regular file whose stored content was read as
+/// `old_held` held bytes and `inline` (inline bytes, which the slices replace), grows its size
+/// to at least `min_size` and stores the new held bytes, version and times.
+#[allow(clippy::too_many_arguments)]
+fn append_slices(
+    conn: &Tx<'_, '_>,
+    volume: &VolumeInfo,
+    mut attr: Attr,
+    old_held: u64,
+    inline: bool,
+    slices: &[(u64, Slice)],
+    min_size: u64,
+    now_ns: i64,
+) -> Result<Committed> {
     let size = attr.size.max(min_size);
     // Only the chunks written to change what they hold (bytes past the old size were all
     // shadowed by holes). The inline bytes, if any, go: the slices carry them.
-    let mut held = if inline.is_some() { 0 } else { old_held };
+    let mut held = if inline { 0 } else { old_held };
     let mut chunks: Vec<u64> = slices.iter().map(|(chunk, _)| *chunk).collect();
     chunks.sort_unstable();
     chunks.dedup();
     let mut chunk_slices = Vec::with_capacity(chunks.len());
     for chunk in chunks {
-        let old: Vec<Slice> = chunk_rows(conn, ino, chunk)?
+        let old: Vec<Slice> = chunk_rows(conn, attr.ino, chunk)?
             .into_iter()
             .map(|(_, slice)| slice)
             .collect();
@@ -431,9 +487,183 @@ pub fn commit_slices(
         let objects: HashSet<u64> = old.iter().chain(added).map(|s| s.id).collect();
         chunk_slices.push((chunk, objects.len()));
     }
-    insert_slices(conn, ino, slices)?;
+    insert_slices(conn, attr.ino, slices)?;
     store_content(conn, &mut attr, old_held, size, None, held, now_ns)?;
     Ok(Committed { attr, chunk_slices })
+}
+
+/// `(chunk, slice)` pieces covering file range `[start, end)`, cut at chunk boundaries, from
+/// a stored slice whose byte `off` lies at `start` (`id` 0: holes).
+fn file_range_slices(
+    volume: &VolumeInfo,
+    start: u64,
+    end: u64,
+    id: u64,
+    size: u32,
+    off: u32,
+) -> Vec<(u64, Slice)> {
+    let cs = volume.chunk_size;
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let chunk = at / cs;
+        let piece_end = end.min((chunk + 1) * cs);
+        out.push((
+            chunk,
+            Slice {
+                id,
+                size,
+                off: if id == 0 {
+                    0
+                } else {
+                    off + (at - start) as u32
+                },
+                len: (piece_end - at) as u32,
+                pos: (at % cs) as u32,
+            },
+        ));
+        at = piece_end;
+    }
+    out
+}
+
+/// The `[offset, offset + len)` range of `src` (clipped to its size) becomes the range at
+/// `dst_offset` of `dst`: the destination's chunks reference the source's stored slices, and
+/// the source's holes (and never-written ranges) become holes. `None` (nothing changed) when
+/// either file keeps inline bytes: the caller copies those bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_range(
+    conn: &Tx<'_, '_>,
+    volume: &VolumeInfo,
+    src: Ino,
+    offset: u64,
+    dst: Ino,
+    dst_offset: u64,
+    len: u64,
+    now_ns: i64,
+) -> Result<Option<CopiedRange>> {
+    let src_attr = regular_file(conn, src)?;
+    let attr = regular_file(conn, dst)?;
+    let src_inline = stored(conn, src)?.inline;
+    let Stored {
+        inline,
+        held: old_held,
+    } = stored(conn, dst)?;
+    if src_inline.is_some() || inline.as_ref().is_some_and(|bytes| !bytes.is_empty()) {
+        return Ok(None);
+    }
+    let len = len.min(src_attr.size.saturating_sub(offset));
+    if len == 0 {
+        return Ok(Some(CopiedRange {
+            len,
+            committed: Committed {
+                attr,
+                chunk_slices: Vec::new(),
+            },
+        }));
+    }
+    let cs = volume.chunk_size;
+    let (end, shift) = (offset + len, dst_offset as i128 - offset as i128);
+    let to_dst = |at: u64| (at as i128 + shift) as u64;
+    // Holes go only below the destination's size: past it every byte reads as zero already.
+    let hole_limit = attr.size;
+    let mut slices = Vec::new();
+    let hole = |slices: &mut Vec<(u64, Slice)>, start: u64, stop: u64| {
+        let (from, to) = (to_dst(start), to_dst(stop).min(hole_limit));
+        if from < to {
+            slices.extend(file_range_slices(volume, from, to, 0, 0, 0));
+        }
+    };
+    let mut at = offset;
+    for chunk in offset / cs..(end - 1) / cs + 1 {
+        let base = chunk * cs;
+        let rows = chunk_rows(conn, src, chunk)?;
+        let from = offset.max(base) - base;
+        let to = end.min(base + cs) - base;
+        for piece in visible_pieces(rows.iter().map(|(_, slice)| slice), from, to) {
+            let start = base + u64::from(piece.pos);
+            let stop = start + u64::from(piece.len);
+            hole(&mut slices, at, start);
+            if piece.id == 0 {
+                hole(&mut slices, start, stop);
+            } else {
+                slices.extend(file_range_slices(
+                    volume,
+                    to_dst(start),
+                    to_dst(stop),
+                    piece.id,
+                    piece.size,
+                    piece.off,
+                ));
+            }
+            at = stop;
+        }
+    }
+    hole(&mut slices, at, end);
+    let committed = append_slices(
+        conn,
+        volume,
+        attr,
+        old_held,
+        inline.is_some(),
+        &slices,
+        dst_offset + len,
+        now_ns,
+    )?;
+    Ok(Some(CopiedRange { len, committed }))
+}
+
+/// Makes `[offset, offset + len)` of a file read as zeros holding nothing (hole slices; inline
+/// bytes are zeroed) and, unless `keep_size`, grows the size to its end.
+pub fn zero_range(
+    conn: &Tx<'_, '_>,
+    volume: &VolumeInfo,
+    ino: Ino,
+    offset: u64,
+    len: u64,
+    keep_size: bool,
+    now_ns: i64,
+) -> Result<Committed> {
+    let mut attr = regular_file(conn, ino)?;
+    let Stored {
+        inline,
+        held: old_held,
+    } = stored(conn, ino)?;
+    let end = offset.saturating_add(len);
+    let size = if keep_size {
+        attr.size
+    } else {
+        attr.size.max(end)
+    };
+    if let Some(mut bytes) = inline {
+        let zero_end = end.min(bytes.len() as u64);
+        if offset < zero_end {
+            bytes[offset as usize..zero_end as usize].fill(0);
+        }
+        // As `truncate`: a file that stays inline keeps its bytes up to its size.
+        if size <= volume.inline_threshold {
+            bytes.resize(size as usize, 0);
+        }
+        let held = bytes.len() as u64;
+        store_content(conn, &mut attr, old_held, size, Some(&bytes), held, now_ns)?;
+        return Ok(Committed {
+            attr,
+            chunk_slices: Vec::new(),
+        });
+    }
+    // Past the old size every byte reads as zero already.
+    let holes = file_range_slices(volume, offset, end.min(attr.size), 0, 0, 0);
+    append_slices(conn, volume, attr, old_held, false, &holes, size, now_ns)
+}
+
+/// The first chunk at or after `from` with a slice that stores data.
+pub fn next_data_chunk(conn: &Tx<'_, '_>, ino: Ino, from: u64) -> Result<Option<u64>> {
+    let chunk: Option<i64> = conn
+        .prepare_cached(
+            "SELECT MIN(chunk) FROM chunk_slices WHERE ino = ?1 AND chunk >= ?2 AND id <> 0",
+        )?
+        .query_row(params![ino, from], |row| row.get(0))?;
+    Ok(chunk.map(|c| c as u64))
 }
 
 pub fn truncate(
@@ -567,7 +797,11 @@ pub fn garbage_slices(
 ) -> Result<Vec<GarbageSlice>> {
     let slices = conn
         .prepare_cached(
-            "SELECT id, size FROM garbage WHERE since_ns < ?1 ORDER BY since_ns, id LIMIT ?2",
+            // A slice some chunk references is never due, whatever its row says (one recorded
+            // as garbage by a writer that could not tell whether its commit went through).
+            "SELECT g.id, g.size FROM garbage g WHERE g.since_ns < ?1
+               AND NOT EXISTS (SELECT 1 FROM chunk_slices s WHERE s.id = g.id)
+             ORDER BY g.since_ns, g.id LIMIT ?2",
         )?
         .query_map(
             params![before_ns, i64::try_from(limit).unwrap_or(i64::MAX)],

@@ -40,9 +40,9 @@ use parking_lot::Mutex;
 use changes::Tx;
 
 use crate::{
-    Attr, ChangeBatch, Committed, DirEntry, GarbageSlice, Ino, Layout, LockOwner, LockRange,
-    MetaEngine, MetaError, Rename, RenameOutcome, Result, SessionId, SessionInfo, SetAttr, Slice,
-    SliceReferences, Usage, VolumeInfo, XattrMode,
+    Attr, ChangeBatch, Committed, CopiedRange, DirEntry, GarbageSlice, Ino, Layout, LockOwner,
+    LockRange, MetaEngine, MetaError, Rename, RenameOutcome, Result, SessionId, SessionInfo,
+    SetAttr, Slice, SliceReferences, Usage, VolumeInfo, XattrMode,
 };
 
 /// How often a waiter for changes of a SQLite volume polls the database's data version: another
@@ -435,6 +435,35 @@ impl MetaEngine for SqlEngine {
     fn truncate(&self, ino: Ino, size: u64, now_ns: i64) -> Result<Attr> {
         let volume = self.volume_info()?;
         self.write(|tx| data::truncate(tx, volume, ino, size, now_ns))
+    }
+
+    fn copy_range(
+        &self,
+        src: Ino,
+        offset: u64,
+        dst: Ino,
+        dst_offset: u64,
+        len: u64,
+        now_ns: i64,
+    ) -> Result<Option<CopiedRange>> {
+        let volume = self.volume_info()?;
+        self.write(|tx| data::copy_range(tx, volume, src, offset, dst, dst_offset, len, now_ns))
+    }
+
+    fn zero_range(
+        &self,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+        now_ns: i64,
+    ) -> Result<Committed> {
+        let volume = self.volume_info()?;
+        self.write(|tx| data::zero_range(tx, volume, ino, offset, len, keep_size, now_ns))
+    }
+
+    fn next_data_chunk(&self, ino: Ino, from: u64) -> Result<Option<u64>> {
+        self.read(|tx| data::next_data_chunk(tx, ino, from))
     }
 
     fn alloc_slice_ids(&self, count: u64) -> Result<u64> {

@@ -2914,6 +2914,289 @@ fn a_volume_from_before_held_bytes_gets_them_on_open(engine: Engine) {
     );
 }
 
+// ---- copies by reference, holes ----
+
+/// What `ino` reads as over `[0, end)`, as (id, off) per byte (id 0: zeros), from its chunk maps.
+fn bytes_of(f: &Fixture, ino: Ino, end: u64) -> Vec<(u64, u32)> {
+    let size = f.meta.getattr(ino).unwrap().size;
+    let mut out = vec![(0, 0); end as usize];
+    for chunk in 0..end.div_ceil(CHUNK) {
+        for s in f.meta.read_chunk(ino, chunk).unwrap() {
+            for i in 0..s.len {
+                let at = chunk * CHUNK + u64::from(s.pos + i);
+                if at < end.min(size) {
+                    out[at as usize] = if s.id == 0 { (0, 0) } else { (s.id, s.off + i) };
+                }
+            }
+        }
+    }
+    out
+}
+
+fn copy_range_references_the_source_slices_and_keeps_holes(engine: Engine) {
+    let f = Fixture::new(engine);
+    let src = f.mk(ROOT_INO, "src", FileKind::Regular);
+    let dst = f.mk(ROOT_INO, "dst", FileKind::Regular);
+    // Source: data 0..3000 (two slices, the second over the first), a hole 1000..1200, nothing
+    // 3000..CHUNK+100, data CHUNK+100..CHUNK+600.
+    let (a, b, c) = (f.upload(2000, 0), f.upload(2000, 1000), f.upload(500, 100));
+    f.meta
+        .commit_slices(
+            src.ino,
+            &[(0, a), (0, b), (0, hole(200, 1000)), (1, c)],
+            CHUNK + 600,
+            None,
+            NOW,
+        )
+        .unwrap();
+    let garbage_before = f.garbage_ids();
+    // Copied at a shifted, unaligned offset: across the chunk boundary of the destination.
+    let shift = CHUNK - 1500;
+    let copied = f
+        .meta
+        .copy_range(src.ino, 500, dst.ino, shift + 500, CHUNK + 1000, NOW + 5)
+        .unwrap()
+        .unwrap();
+    assert_eq!(copied.len, CHUNK + 100, "clipped to the source's size");
+    let attr = copied.committed.attr;
+    assert_eq!(attr.size, shift + CHUNK + 600);
+    assert_eq!(attr.mtime_ns, NOW + 5);
+    let want = bytes_of(&f, src.ino, CHUNK + 600);
+    let got = bytes_of(&f, dst.ino, shift + CHUNK + 600);
+    assert_eq!(&got[shift as usize + 500..], &want[500..]);
+    assert!(got[..shift as usize + 500].iter().all(|b| b.0 == 0));
+    // Held bytes: the copied data only (2800 below 3000 minus the 200-byte hole, plus 500).
+    assert_eq!(
+        f.meta.getattr(dst.ino).unwrap().blocks,
+        (2300u64 + 500).div_ceil(512)
+    );
+    assert_eq!(f.meta.usage().unwrap().bytes, 3300 + 2800);
+    assert_eq!(f.garbage_ids(), garbage_before, "nothing became garbage");
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+
+    // Deleting the source keeps every slice the copy references out of garbage.
+    f.unlink(ROOT_INO, "src").unwrap();
+    let references = f.meta.slice_references().unwrap();
+    let live: Vec<u64> = references.live.iter().map(|(id, _)| *id).collect();
+    for id in [a.id, b.id, c.id] {
+        assert!(
+            live.contains(&id),
+            "slice {id} still referenced by the copy"
+        );
+        assert!(!references.garbage.contains(&id));
+    }
+    assert_eq!(bytes_of(&f, dst.ino, shift + CHUNK + 600), got);
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+    // Deleting the copy too makes them garbage, once each.
+    f.unlink(ROOT_INO, "dst").unwrap();
+    let garbage = f.garbage_ids();
+    for id in [a.id, b.id, c.id] {
+        assert!(garbage.contains(&id));
+    }
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+}
+
+fn copy_range_over_old_data_punches_the_source_holes_and_leaves_inline_files(engine: Engine) {
+    let f = Fixture::new(engine);
+    let src = f.mk(ROOT_INO, "src", FileKind::Regular);
+    let dst = f.mk(ROOT_INO, "dst", FileKind::Regular);
+    let a = f.upload(100, 0);
+    // Source: 100 bytes of data then 900 never written.
+    f.meta
+        .commit_slices(src.ino, &[(0, a)], 1000, None, NOW)
+        .unwrap();
+    let old = f.upload(1000, 0);
+    f.meta
+        .commit_slices(dst.ino, &[(0, old)], 1000, None, NOW)
+        .unwrap();
+    f.meta
+        .copy_range(src.ino, 0, dst.ino, 0, 1000, NOW)
+        .unwrap()
+        .unwrap();
+    let got = bytes_of(&f, dst.ino, 1000);
+    assert!(got[..100]
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b == (a.id, i as u32)));
+    assert!(
+        got[100..].iter().all(|b| b.0 == 0),
+        "the source's gap reads as zeros"
+    );
+    assert_eq!(f.meta.getattr(dst.ino).unwrap().blocks, 1);
+    // The overwritten slice is shadowed, not dropped: it stays referenced.
+    assert!(!f.garbage_ids().contains(&old.id));
+
+    // Inline files on either side are the caller's to copy.
+    let small = f.mk(ROOT_INO, "small", FileKind::Regular);
+    f.meta
+        .write_inline(small.ino, &[(0, b"abc")], NOW)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        f.meta.copy_range(small.ino, 0, dst.ino, 0, 3, NOW).unwrap(),
+        None
+    );
+    assert_eq!(
+        f.meta
+            .copy_range(src.ino, 0, small.ino, 0, 100, NOW)
+            .unwrap(),
+        None
+    );
+    assert_eq!(f.inline(small.ino).unwrap(), b"abc");
+    // An empty destination (inline, no bytes) takes the slices; past the end copies nothing.
+    let empty = f.mk(ROOT_INO, "empty", FileKind::Regular);
+    assert_eq!(
+        f.meta
+            .copy_range(src.ino, 1000, empty.ino, 0, 10, NOW)
+            .unwrap()
+            .unwrap()
+            .len,
+        0
+    );
+    let copied = f
+        .meta
+        .copy_range(src.ino, 0, empty.ino, 0, 1 << 20, NOW)
+        .unwrap()
+        .unwrap();
+    assert_eq!((copied.len, copied.committed.attr.size), (1000, 1000));
+    assert_eq!(f.inline(empty.ino), None);
+    // Within one file, to a range after the source.
+    f.meta
+        .copy_range(src.ino, 0, src.ino, 2000, 1000, NOW)
+        .unwrap()
+        .unwrap();
+    let whole = bytes_of(&f, src.ino, 3000);
+    assert_eq!(whole[2000..], whole[..1000]);
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+    // Directories refuse.
+    let dir = f.mk(ROOT_INO, "d", FileKind::Directory);
+    assert_eq!(
+        errno(f.meta.copy_range(src.ino, 0, dir.ino, 0, 10, NOW)),
+        EISDIR
+    );
+}
+
+fn copy_range_counts_against_the_quota(engine: Engine) {
+    let f = Fixture::new(engine);
+    let src = f.mk(ROOT_INO, "src", FileKind::Regular);
+    let dst = f.mk(ROOT_INO, "dst", FileKind::Regular);
+    let a = f.upload(2000, 0);
+    f.meta
+        .commit_slices(src.ino, &[(0, a)], 2000, None, NOW)
+        .unwrap();
+    f.meta.set_quota(Some(3000)).unwrap();
+    assert_eq!(
+        errno(f.meta.copy_range(src.ino, 0, dst.ino, 0, 2000, NOW)),
+        libc::EDQUOT
+    );
+    assert_eq!(
+        f.meta.getattr(dst.ino).unwrap().size,
+        0,
+        "a refused copy changes nothing"
+    );
+    f.meta
+        .copy_range(src.ino, 0, dst.ino, 0, 1000, NOW)
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.meta.usage().unwrap().bytes, 3000);
+}
+
+/// Garbage rows of slices a chunk still references are never due (a writer that could not
+/// tell whether its commit went through re-dates its slices as garbage).
+fn gc_never_lists_a_referenced_slice(engine: Engine) {
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let a = f.upload(100, 0);
+    f.meta
+        .commit_slices(file.ino, &[(0, a)], 100, None, NOW)
+        .unwrap();
+    f.meta
+        .add_garbage(
+            &[GarbageSlice {
+                id: a.id,
+                size: 100,
+            }],
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(f.meta.garbage_slices(i64::MAX, 10).unwrap(), vec![]);
+    f.unlink(ROOT_INO, "f").unwrap();
+    assert_eq!(
+        f.meta.garbage_slices(i64::MAX, 10).unwrap(),
+        vec![GarbageSlice {
+            id: a.id,
+            size: 100
+        }]
+    );
+}
+
+fn zero_range_makes_holes_that_hold_nothing(engine: Engine) {
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "f", FileKind::Regular);
+    let a = f.upload(3000, 0);
+    let b = f.upload(1000, 0);
+    f.meta
+        .commit_slices(file.ino, &[(0, a), (1, b)], CHUNK + 1000, None, NOW)
+        .unwrap();
+    let version = f.version(file.ino);
+    // A punched hole across the chunk boundary, the size kept.
+    let attr = f
+        .meta
+        .zero_range(file.ino, 2000, CHUNK - 1500, true, NOW + 7)
+        .unwrap()
+        .attr;
+    assert_eq!(attr.size, CHUNK + 1000);
+    assert_eq!(attr.mtime_ns, NOW + 7);
+    assert_eq!(attr.data_version, version + 1);
+    assert_eq!(held(&f, file.ino), 2000 + 500);
+    let bytes = bytes_of(&f, file.ino, CHUNK + 1000);
+    assert!(bytes[2000..CHUNK as usize + 500].iter().all(|b| b.0 == 0));
+    assert_eq!(bytes[1999], (a.id, 1999));
+    assert_eq!(bytes[CHUNK as usize + 500], (b.id, 500));
+    // Zeroing past the end grows the file without holding more; keep_size past it is a no-op.
+    let attr = f
+        .meta
+        .zero_range(file.ino, 0, 4 * CHUNK, false, NOW)
+        .unwrap()
+        .attr;
+    assert_eq!((attr.size, held(&f, file.ino)), (4 * CHUNK, 0));
+    let attr = f
+        .meta
+        .zero_range(file.ino, 5 * CHUNK, 10, true, NOW)
+        .unwrap()
+        .attr;
+    assert_eq!(attr.size, 4 * CHUNK);
+    assert_eq!(
+        f.meta.next_data_chunk(file.ino, 0).unwrap(),
+        Some(0),
+        "a hint only"
+    );
+    assert_eq!(f.meta.next_data_chunk(file.ino, 2).unwrap(), None);
+    // The shadowed slices stay referenced until the file goes.
+    assert!(!f.garbage_ids().contains(&a.id));
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+
+    // Inline bytes are zeroed in place (an inline file holds its bytes, zeros included).
+    let small = f.mk(ROOT_INO, "small", FileKind::Regular);
+    f.meta
+        .write_inline(small.ino, &[(0, b"0123456789")], NOW)
+        .unwrap()
+        .unwrap();
+    f.meta.zero_range(small.ino, 2, 3, true, NOW).unwrap();
+    assert_eq!(f.inline(small.ino).unwrap(), b"01\x00\x00\x0056789");
+    let attr = f
+        .meta
+        .zero_range(small.ino, 8, 10, false, NOW)
+        .unwrap()
+        .attr;
+    assert_eq!(attr.size, 18);
+    assert_eq!(
+        f.inline(small.ino).unwrap(),
+        b"01\x00\x00\x00567\0\0\0\0\0\0\0\0\0\0"
+    );
+    assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
+}
+
 /// Every test above that takes an engine, once per engine.
 macro_rules! on_every_engine {
     ($($name:ident),* $(,)?) => {
@@ -2933,6 +3216,11 @@ macro_rules! on_every_engine {
 }
 
 on_every_engine!(
+    copy_range_references_the_source_slices_and_keeps_holes,
+    copy_range_over_old_data_punches_the_source_holes_and_leaves_inline_files,
+    copy_range_counts_against_the_quota,
+    gc_never_lists_a_referenced_slice,
+    zero_range_makes_holes_that_hold_nothing,
     held_bytes_follow_writes_overwrites_holes_truncates_and_compaction,
     held_bytes_match_a_model_through_random_commits_holes_and_truncates,
     quota_refuses_growth_past_it_and_keeps_what_was_committed,
