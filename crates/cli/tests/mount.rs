@@ -61,23 +61,35 @@ impl TestVolume {
 
     /// `cellar mount` in the background; returns once the mount is live.
     fn mount(&self, mount_point: &Path) -> Mounted {
-        let output = cellar(
+        self.mount_logging(mount_point, &self.log_file(), false)
+    }
+
+    /// A mount logging to `log`; with `requests`, every FUSE request it serves (fuser's debug
+    /// log), which tests count to see what the kernel asked.
+    fn mount_logging(&self, mount_point: &Path, log: &Path, requests: bool) -> Mounted {
+        let env: &[(&str, &str)] = if requests {
+            &[("RUST_LOG", "warn,fuser::request=debug")]
+        } else {
+            &[]
+        };
+        let output = cellar_with_env(
             &[
                 &["mount".to_string()][..],
                 &self.args(),
                 &[
                     "--log-file".into(),
-                    self.log_file().display().to_string(),
+                    log.display().to_string(),
                     mount_point.display().to_string(),
                 ],
             ]
             .concat(),
+            env,
         );
         assert!(
             output.status.success(),
             "cellar mount failed: {}\nlog:\n{}",
             String::from_utf8_lossy(&output.stderr),
-            fs::read_to_string(self.log_file()).unwrap_or_default()
+            fs::read_to_string(log).unwrap_or_default()
         );
         assert!(
             is_mounted(mount_point),
@@ -135,8 +147,13 @@ impl Drop for Mounted {
 }
 
 fn cellar(args: &[String]) -> Output {
+    cellar_with_env(args, &[])
+}
+
+fn cellar_with_env(args: &[String], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cellar"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("running cellar")
@@ -543,4 +560,114 @@ fn changes_of_one_mount_reach_the_kernel_caches_of_another_at_once() {
 
     first.unmount();
     second.unmount();
+}
+
+/// How many FUSE requests a mount logging its requests served whose line contains `what`.
+fn served(log: &Path, what: &str) -> usize {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains(what))
+        .count()
+}
+
+fn missing(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+}
+
+#[test]
+fn missing_names_stay_cached_in_the_kernel_until_another_mount_creates_them() {
+    const PUSHED: Duration = Duration::from_secs(5);
+    let volume = TestVolume::new("negative");
+    let first = volume.mount(&volume.new_mount_point("a"));
+    let log = volume.dir.path().join("b.log");
+    let second = volume.mount_logging(&volume.new_mount_point("b"), &log, true);
+
+    for _ in 0..3 {
+        assert!(missing(&second.path("later")));
+    }
+    assert_eq!(
+        served(&log, r#"LOOKUP name "later""#),
+        1,
+        "the kernel asked again for a name it was told is missing"
+    );
+    fs::write(first.path("later"), b"now").unwrap();
+    eventually(PUSHED, "a missing name another mount created", || {
+        fs::read(second.path("later")).is_ok_and(|data| data == b"now")
+    });
+
+    // In a subdirectory, a directory, and a name removed then created again.
+    fs::create_dir(first.path("dir")).unwrap();
+    eventually(PUSHED, "a new directory", || second.path("dir").is_dir());
+    assert!(missing(&second.path("dir/sub")));
+    fs::create_dir(first.path("dir/sub")).unwrap();
+    eventually(PUSHED, "a missing directory another mount created", || {
+        second.path("dir/sub").is_dir()
+    });
+    fs::remove_file(first.path("later")).unwrap();
+    eventually(PUSHED, "a removal", || missing(&second.path("later")));
+    fs::write(first.path("later"), b"again").unwrap();
+    eventually(PUSHED, "a name created again", || {
+        fs::read(second.path("later")).is_ok_and(|data| data == b"again")
+    });
+    // A rename onto a missing name, and a hard link.
+    assert!(missing(&second.path("moved")) && missing(&second.path("linked")));
+    fs::rename(first.path("later"), first.path("moved")).unwrap();
+    fs::hard_link(first.path("moved"), first.path("linked")).unwrap();
+    eventually(PUSHED, "a rename and a link onto missing names", || {
+        second.path("moved").exists() && second.path("linked").exists()
+    });
+
+    first.unmount();
+    second.unmount();
+}
+
+#[test]
+fn the_page_cache_outlives_a_close_until_another_mount_changes_the_file() {
+    let volume = TestVolume::new("pagecache");
+    let first = volume.mount(&volume.new_mount_point("a"));
+    let log = volume.dir.path().join("b.log");
+    let second = volume.mount_logging(&volume.new_mount_point("b"), &log, true);
+
+    let old = pattern(1 << 20);
+    fs::write(first.path("data"), &old).unwrap();
+    assert_eq!(fs::read(second.path("data")).unwrap(), old);
+    let reads = served(&log, "READ fh");
+    assert!(reads > 0, "no READ request logged");
+    for _ in 0..3 {
+        assert_eq!(fs::read(second.path("data")).unwrap(), old);
+    }
+    assert_eq!(
+        served(&log, "READ fh"),
+        reads,
+        "a re-open of an unchanged file read it from the daemon again"
+    );
+    // The same size with other bytes: only a dropped page cache shows them.
+    let new: Vec<u8> = old.iter().map(|b| !b).collect();
+    fs::write(first.path("data"), &new).unwrap();
+    assert_eq!(fs::read(second.path("data")).unwrap(), new);
+    assert!(served(&log, "READ fh") > reads);
+
+    first.unmount();
+    second.unmount();
+}
+
+#[test]
+fn writes_do_not_ask_for_security_capability_each_time() {
+    let volume = TestVolume::new("killpriv");
+    let log = volume.dir.path().join("requests.log");
+    let mounted = volume.mount_logging(&volume.new_mount_point("m"), &log, true);
+
+    let mut file = fs::File::create(mounted.path("f")).unwrap();
+    for i in 0..100u8 {
+        file.write_all(&[i; 4096]).unwrap();
+    }
+    drop(file);
+    assert!(served(&log, "WRITE fh") >= 100, "the writes were not logged");
+    let asked = served(&log, r#"GETXATTR name "security.capability""#);
+    assert!(
+        asked <= 1,
+        "{asked} getxattr(security.capability) requests for 100 writes"
+    );
+    mounted.unmount();
 }

@@ -194,7 +194,7 @@ pub fn mount(
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
 
-    let kernel = Arc::new(KernelCache::default());
+    let kernel = Arc::new(KernelCache::new(crate::fs::TTL));
     let fs = CellarFs::new(Arc::clone(&vfs), Arc::clone(&kernel));
     let session = Session::new(fs, &mount_point, &config).map_err(|source| MountError::Mount {
         path: mount_point.clone(),
@@ -251,6 +251,9 @@ fn forward_invalidations(vfs: &Vfs, notifier: Notifier, kernel: Arc<KernelCache>
                         for (ino, parent, name) in held {
                             report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)));
                             report(notifier.inval_inode(INodeNo(ino), 0, 0));
+                        }
+                        for (parent, name) in kernel.held_missing() {
+                            report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)));
                         }
                         report(notifier.inval_inode(INodeNo(ROOT_INO), 0, 0));
                     }
