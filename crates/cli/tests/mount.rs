@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -631,6 +632,12 @@ fn the_page_cache_outlives_a_close_until_another_mount_changes_the_file() {
 
     let old = pattern(1 << 20);
     fs::write(first.path("data"), &old).unwrap();
+    // Changes are pushed in commit order: once a later one shows, the writes' invalidations (which
+    // would rightly drop pages read before they arrive) are behind.
+    fs::write(first.path("marker"), b"").unwrap();
+    eventually(Duration::from_secs(5), "a later change", || {
+        second.path("marker").exists()
+    });
     assert_eq!(fs::read(second.path("data")).unwrap(), old);
     let reads = served(&log, "READ fh");
     assert!(reads > 0, "no READ request logged");
@@ -663,11 +670,109 @@ fn writes_do_not_ask_for_security_capability_each_time() {
         file.write_all(&[i; 4096]).unwrap();
     }
     drop(file);
-    assert!(served(&log, "WRITE fh") >= 100, "the writes were not logged");
+    assert!(
+        served(&log, "WRITE fh") >= 100,
+        "the writes were not logged"
+    );
     let asked = served(&log, r#"GETXATTR name "security.capability""#);
     assert!(
         asked <= 1,
         "{asked} getxattr(security.capability) requests for 100 writes"
     );
     mounted.unmount();
+}
+
+fn c_path(path: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// getxattr(2): `None` for ENODATA.
+fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    let mut value = vec![0u8; 256];
+    // SAFETY: NUL-terminated strings and a buffer of the length passed.
+    let len = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    if len < 0 {
+        let error = std::io::Error::last_os_error();
+        assert_eq!(
+            error.raw_os_error(),
+            Some(libc::ENODATA),
+            "getxattr: {error}"
+        );
+        return None;
+    }
+    value.truncate(len as usize);
+    Some(value)
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    // SAFETY: NUL-terminated strings and a value of the length passed.
+    let done = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(done, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+fn remove_xattr(path: &Path, name: &str) {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    // SAFETY: NUL-terminated strings.
+    let done = unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) };
+    assert_eq!(done, 0, "removexattr: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn xattrs_of_listed_files_follow_changes_of_both_mounts() {
+    const PUSHED: Duration = Duration::from_secs(5);
+    let volume = TestVolume::new("xattrs");
+    let first = volume.mount(&volume.new_mount_point("a"));
+    let second = volume.mount(&volume.new_mount_point("b"));
+    fs::create_dir(first.path("dir")).unwrap();
+    for name in ["one", "two"] {
+        fs::write(first.path(&format!("dir/{name}")), b"x").unwrap();
+    }
+    set_xattr(&first.path("dir/two"), "user.kept", b"2");
+
+    // The listing (READDIRPLUS) tells the second mount which files have no xattrs.
+    eventually(PUSHED, "the listing", || {
+        second.path("dir").is_dir() && sorted_names(&second.path("dir")) == ["one", "two"]
+    });
+    assert_eq!(get_xattr(&second.path("dir/one"), "user.new"), None);
+    assert_eq!(
+        get_xattr(&second.path("dir/two"), "user.kept").as_deref(),
+        Some(&b"2"[..])
+    );
+    set_xattr(&first.path("dir/one"), "user.new", b"1");
+    eventually(PUSHED, "an xattr set by another mount", || {
+        get_xattr(&second.path("dir/one"), "user.new").as_deref() == Some(&b"1"[..])
+    });
+    // Set and removed on this mount: seen at once.
+    assert_eq!(sorted_names(&second.path("dir")), ["one", "two"]);
+    remove_xattr(&second.path("dir/one"), "user.new");
+    assert_eq!(get_xattr(&second.path("dir/one"), "user.new"), None);
+    set_xattr(&second.path("dir/one"), "user.mine", b"m");
+    assert_eq!(
+        get_xattr(&second.path("dir/one"), "user.mine").as_deref(),
+        Some(&b"m"[..])
+    );
+    assert_eq!(
+        get_xattr(&first.path("dir/one"), "user.mine").as_deref(),
+        Some(&b"m"[..])
+    );
+
+    first.unmount();
+    second.unmount();
 }

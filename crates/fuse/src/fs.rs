@@ -478,6 +478,7 @@ impl Filesystem for CellarFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let xattr_epoch = self.kernel.xattr_epoch();
         let entries = match self
             .vfs
             .readdir(ino.0, fh.0, offset, READDIRPLUS_BATCH, true)
@@ -485,7 +486,11 @@ impl Filesystem for CellarFs {
             Ok(entries) => entries,
             Err(e) => return reply.error(errno(e)),
         };
+        let mut without_xattrs = Vec::new();
         for entry in entries {
+            if entry.xattrs == Some(false) {
+                without_xattrs.push(entry.ino);
+            }
             // "." and ".." may come without attributes; an entry removed meanwhile is skipped.
             let attr = match entry.attr {
                 Some(attr) => attr,
@@ -511,6 +516,7 @@ impl Filesystem for CellarFs {
                 self.kernel.entered(ino.0, &entry.name, entry.ino);
             }
         }
+        self.kernel.without_xattrs(xattr_epoch, without_xattrs);
         reply.ok();
     }
 
@@ -558,22 +564,34 @@ impl Filesystem for CellarFs {
         let result = self
             .vfs
             .setxattr(&ctx(req), ino.0, name.as_bytes(), value, flags);
+        self.kernel.xattrs_changed(Some(ino.0));
         reply_empty(reply, result);
     }
 
+    /// An inode a directory listing showed without xattrs is answered without a transaction
+    /// (the kernel has already refused empty and overlong names).
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()));
+        let result = if self.kernel.has_no_xattrs(ino.0) {
+            Err(cellar_vfs::Errno(libc::ENODATA))
+        } else {
+            self.vfs.getxattr(ino.0, name.as_bytes())
+        };
+        reply_xattr(reply, size, result);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.vfs.listxattr(ino.0));
+        let result = if self.kernel.has_no_xattrs(ino.0) {
+            Ok(Vec::new())
+        } else {
+            self.vfs.listxattr(ino.0)
+        };
+        reply_xattr(reply, size, result);
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.vfs.removexattr(&ctx(req), ino.0, name.as_bytes()),
-        );
+        let result = self.vfs.removexattr(&ctx(req), ino.0, name.as_bytes());
+        self.kernel.xattrs_changed(Some(ino.0));
+        reply_empty(reply, result);
     }
 
     /// Permission checks are the kernel's (`default_permissions`); it does not even send ACCESS

@@ -241,11 +241,15 @@ fn forward_invalidations(vfs: &Vfs, notifier: Notifier, kernel: Arc<KernelCache>
         .spawn(move || {
             for invalidation in receiver {
                 match invalidation {
-                    Invalidation::Inode(ino) => report(notifier.inval_inode(INodeNo(ino), 0, 0)),
+                    Invalidation::Inode(ino) => {
+                        kernel.xattrs_changed(Some(ino));
+                        report(notifier.inval_inode(INodeNo(ino), 0, 0))
+                    }
                     Invalidation::Entry { parent, name } => {
                         report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)))
                     }
                     Invalidation::All => {
+                        kernel.xattrs_changed(None);
                         let held = kernel.held();
                         tracing::info!(entries = held.len(), "dropping every kernel cache entry");
                         for (ino, parent, name) in held {
