@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -61,23 +62,35 @@ impl TestVolume {
 
     /// `cellar mount` in the background; returns once the mount is live.
     fn mount(&self, mount_point: &Path) -> Mounted {
-        let output = cellar(
+        self.mount_logging(mount_point, &self.log_file(), false)
+    }
+
+    /// A mount logging to `log`; with `requests`, every FUSE request it serves (fuser's debug
+    /// log), which tests count to see what the kernel asked.
+    fn mount_logging(&self, mount_point: &Path, log: &Path, requests: bool) -> Mounted {
+        let env: &[(&str, &str)] = if requests {
+            &[("RUST_LOG", "warn,fuser::request=debug")]
+        } else {
+            &[]
+        };
+        let output = cellar_with_env(
             &[
                 &["mount".to_string()][..],
                 &self.args(),
                 &[
                     "--log-file".into(),
-                    self.log_file().display().to_string(),
+                    log.display().to_string(),
                     mount_point.display().to_string(),
                 ],
             ]
             .concat(),
+            env,
         );
         assert!(
             output.status.success(),
             "cellar mount failed: {}\nlog:\n{}",
             String::from_utf8_lossy(&output.stderr),
-            fs::read_to_string(self.log_file()).unwrap_or_default()
+            fs::read_to_string(log).unwrap_or_default()
         );
         assert!(
             is_mounted(mount_point),
@@ -135,8 +148,13 @@ impl Drop for Mounted {
 }
 
 fn cellar(args: &[String]) -> Output {
+    cellar_with_env(args, &[])
+}
+
+fn cellar_with_env(args: &[String], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cellar"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("running cellar")
@@ -540,6 +558,220 @@ fn changes_of_one_mount_reach_the_kernel_caches_of_another_at_once() {
     eventually(PUSHED, "a removal", || {
         !first.path("dir/inside").exists() && sorted_names(&first.path("dir")).is_empty()
     });
+
+    first.unmount();
+    second.unmount();
+}
+
+/// How many FUSE requests a mount logging its requests served whose line contains `what`.
+fn served(log: &Path, what: &str) -> usize {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains(what))
+        .count()
+}
+
+fn missing(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+}
+
+#[test]
+fn missing_names_stay_cached_in_the_kernel_until_another_mount_creates_them() {
+    const PUSHED: Duration = Duration::from_secs(5);
+    let volume = TestVolume::new("negative");
+    let first = volume.mount(&volume.new_mount_point("a"));
+    let log = volume.dir.path().join("b.log");
+    let second = volume.mount_logging(&volume.new_mount_point("b"), &log, true);
+
+    for _ in 0..3 {
+        assert!(missing(&second.path("later")));
+    }
+    assert_eq!(
+        served(&log, r#"LOOKUP name "later""#),
+        1,
+        "the kernel asked again for a name it was told is missing"
+    );
+    fs::write(first.path("later"), b"now").unwrap();
+    eventually(PUSHED, "a missing name another mount created", || {
+        fs::read(second.path("later")).is_ok_and(|data| data == b"now")
+    });
+
+    // In a subdirectory, a directory, and a name removed then created again.
+    fs::create_dir(first.path("dir")).unwrap();
+    eventually(PUSHED, "a new directory", || second.path("dir").is_dir());
+    assert!(missing(&second.path("dir/sub")));
+    fs::create_dir(first.path("dir/sub")).unwrap();
+    eventually(PUSHED, "a missing directory another mount created", || {
+        second.path("dir/sub").is_dir()
+    });
+    fs::remove_file(first.path("later")).unwrap();
+    eventually(PUSHED, "a removal", || missing(&second.path("later")));
+    fs::write(first.path("later"), b"again").unwrap();
+    eventually(PUSHED, "a name created again", || {
+        fs::read(second.path("later")).is_ok_and(|data| data == b"again")
+    });
+    // A rename onto a missing name, and a hard link.
+    assert!(missing(&second.path("moved")) && missing(&second.path("linked")));
+    fs::rename(first.path("later"), first.path("moved")).unwrap();
+    fs::hard_link(first.path("moved"), first.path("linked")).unwrap();
+    eventually(PUSHED, "a rename and a link onto missing names", || {
+        second.path("moved").exists() && second.path("linked").exists()
+    });
+
+    first.unmount();
+    second.unmount();
+}
+
+#[test]
+fn the_page_cache_outlives_a_close_until_another_mount_changes_the_file() {
+    let volume = TestVolume::new("pagecache");
+    let first = volume.mount(&volume.new_mount_point("a"));
+    let log = volume.dir.path().join("b.log");
+    let second = volume.mount_logging(&volume.new_mount_point("b"), &log, true);
+
+    let old = pattern(1 << 20);
+    fs::write(first.path("data"), &old).unwrap();
+    // Changes are pushed in commit order: once a later one shows, the writes' invalidations (which
+    // would rightly drop pages read before they arrive) are behind.
+    fs::write(first.path("marker"), b"").unwrap();
+    eventually(Duration::from_secs(5), "a later change", || {
+        second.path("marker").exists()
+    });
+    assert_eq!(fs::read(second.path("data")).unwrap(), old);
+    let reads = served(&log, "READ fh");
+    assert!(reads > 0, "no READ request logged");
+    for _ in 0..3 {
+        assert_eq!(fs::read(second.path("data")).unwrap(), old);
+    }
+    assert_eq!(
+        served(&log, "READ fh"),
+        reads,
+        "a re-open of an unchanged file read it from the daemon again"
+    );
+    // The same size with other bytes: only a dropped page cache shows them.
+    let new: Vec<u8> = old.iter().map(|b| !b).collect();
+    fs::write(first.path("data"), &new).unwrap();
+    assert_eq!(fs::read(second.path("data")).unwrap(), new);
+    assert!(served(&log, "READ fh") > reads);
+
+    first.unmount();
+    second.unmount();
+}
+
+#[test]
+fn writes_do_not_ask_for_security_capability_each_time() {
+    let volume = TestVolume::new("killpriv");
+    let log = volume.dir.path().join("requests.log");
+    let mounted = volume.mount_logging(&volume.new_mount_point("m"), &log, true);
+
+    let mut file = fs::File::create(mounted.path("f")).unwrap();
+    for i in 0..100u8 {
+        file.write_all(&[i; 4096]).unwrap();
+    }
+    drop(file);
+    assert!(
+        served(&log, "WRITE fh") >= 100,
+        "the writes were not logged"
+    );
+    let asked = served(&log, r#"GETXATTR name "security.capability""#);
+    assert!(
+        asked <= 1,
+        "{asked} getxattr(security.capability) requests for 100 writes"
+    );
+    mounted.unmount();
+}
+
+fn c_path(path: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// getxattr(2): `None` for ENODATA.
+fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    let mut value = vec![0u8; 256];
+    // SAFETY: NUL-terminated strings and a buffer of the length passed.
+    let len = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    if len < 0 {
+        let error = std::io::Error::last_os_error();
+        assert_eq!(
+            error.raw_os_error(),
+            Some(libc::ENODATA),
+            "getxattr: {error}"
+        );
+        return None;
+    }
+    value.truncate(len as usize);
+    Some(value)
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    // SAFETY: NUL-terminated strings and a value of the length passed.
+    let done = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(done, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+fn remove_xattr(path: &Path, name: &str) {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    // SAFETY: NUL-terminated strings.
+    let done = unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) };
+    assert_eq!(done, 0, "removexattr: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn xattrs_of_listed_files_follow_changes_of_both_mounts() {
+    const PUSHED: Duration = Duration::from_secs(5);
+    let volume = TestVolume::new("xattrs");
+    let first = volume.mount(&volume.new_mount_point("a"));
+    let second = volume.mount(&volume.new_mount_point("b"));
+    fs::create_dir(first.path("dir")).unwrap();
+    for name in ["one", "two"] {
+        fs::write(first.path(&format!("dir/{name}")), b"x").unwrap();
+    }
+    set_xattr(&first.path("dir/two"), "user.kept", b"2");
+
+    // The listing (READDIRPLUS) tells the second mount which files have no xattrs.
+    eventually(PUSHED, "the listing", || {
+        second.path("dir").is_dir() && sorted_names(&second.path("dir")) == ["one", "two"]
+    });
+    assert_eq!(get_xattr(&second.path("dir/one"), "user.new"), None);
+    assert_eq!(
+        get_xattr(&second.path("dir/two"), "user.kept").as_deref(),
+        Some(&b"2"[..])
+    );
+    set_xattr(&first.path("dir/one"), "user.new", b"1");
+    eventually(PUSHED, "an xattr set by another mount", || {
+        get_xattr(&second.path("dir/one"), "user.new").as_deref() == Some(&b"1"[..])
+    });
+    // Set and removed on this mount: seen at once.
+    assert_eq!(sorted_names(&second.path("dir")), ["one", "two"]);
+    remove_xattr(&second.path("dir/one"), "user.new");
+    assert_eq!(get_xattr(&second.path("dir/one"), "user.new"), None);
+    set_xattr(&second.path("dir/one"), "user.mine", b"m");
+    assert_eq!(
+        get_xattr(&second.path("dir/one"), "user.mine").as_deref(),
+        Some(&b"m"[..])
+    );
+    assert_eq!(
+        get_xattr(&first.path("dir/one"), "user.mine").as_deref(),
+        Some(&b"m"[..])
+    );
 
     first.unmount();
     second.unmount();

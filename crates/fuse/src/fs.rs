@@ -22,15 +22,16 @@ use fuser::{
 };
 
 use crate::convert::{
-    file_attr, file_type, lock_kind, lock_type, nanos, range_end_from_kernel, range_end_to_kernel,
-    time_set, KERNEL_OFFSET_MAX,
+    file_attr, file_type, lock_kind, lock_type, nanos, negative_entry, range_end_from_kernel,
+    range_end_to_kernel, time_set, KERNEL_OFFSET_MAX,
 };
 use crate::kernel_cache::KernelCache;
 
-/// Entry and attribute cache lifetime in the kernel. Long, because what other mounts and hosts
-/// change is pushed: the vfs's change feed invalidates the kernel's entries and attributes as
-/// soon as a change commits. The TTL only bounds staleness when that feed is broken.
-const TTL: Duration = Duration::from_secs(60);
+/// Entry and attribute cache lifetime in the kernel, negative entries (names not found)
+/// included. Long, because what other mounts and hosts change is pushed: the vfs's change feed
+/// invalidates the kernel's entries and attributes as soon as a change commits (a new name by
+/// its parent and name). The TTL only bounds staleness when that feed is broken.
+pub(crate) const TTL: Duration = Duration::from_secs(60);
 /// The volume root's attributes expire quickly: whoever checks that a mount is alive stats its
 /// root, and after the daemon died the kernel would answer that from its cache for a whole TTL.
 const ROOT_TTL: Duration = Duration::from_secs(1);
@@ -179,6 +180,10 @@ fn wanted_capabilities() -> InitFlags {
         | InitFlags::FUSE_PARALLEL_DIROPS
         | InitFlags::FUSE_ASYNC_DIO
         | InitFlags::FUSE_AUTO_INVAL_DATA
+        // The kernel then keeps "no setuid bit, no security.capability" per inode (SB_NOSEC)
+        // instead of asking getxattr("security.capability") before every write; the vfs clears
+        // setuid/setgid on a non-root write itself.
+        | InitFlags::FUSE_HANDLE_KILLPRIV_V2
         // A symlink's target never changes (a new target is a new inode).
         | InitFlags::FUSE_CACHE_SYMLINKS
 }
@@ -199,12 +204,14 @@ impl Filesystem for CellarFs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.as_bytes();
-        self.reply_entry(
-            reply,
-            parent.0,
-            name,
-            self.lookup_entry(req, parent.0, name),
-        );
+        match self.lookup_entry(req, parent.0, name) {
+            // Inode 0 with a TTL: the kernel keeps the name as missing (a negative entry), so
+            // PATH and import searches, `make` and compilers probing files ask once per TTL.
+            Err(e) if e.0 == libc::ENOENT && self.kernel.missing(parent.0, name) => {
+                reply.entry(&TTL, &negative_entry(), GENERATION)
+            }
+            result => self.reply_entry(reply, parent.0, name, result),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -471,6 +478,7 @@ impl Filesystem for CellarFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let xattr_epoch = self.kernel.xattr_epoch();
         let entries = match self
             .vfs
             .readdir(ino.0, fh.0, offset, READDIRPLUS_BATCH, true)
@@ -478,7 +486,11 @@ impl Filesystem for CellarFs {
             Ok(entries) => entries,
             Err(e) => return reply.error(errno(e)),
         };
+        let mut without_xattrs = Vec::new();
         for entry in entries {
+            if entry.xattrs == Some(false) {
+                without_xattrs.push(entry.ino);
+            }
             // "." and ".." may come without attributes; an entry removed meanwhile is skipped.
             let attr = match entry.attr {
                 Some(attr) => attr,
@@ -504,6 +516,7 @@ impl Filesystem for CellarFs {
                 self.kernel.entered(ino.0, &entry.name, entry.ino);
             }
         }
+        self.kernel.without_xattrs(xattr_epoch, without_xattrs);
         reply.ok();
     }
 
@@ -551,22 +564,34 @@ impl Filesystem for CellarFs {
         let result = self
             .vfs
             .setxattr(&ctx(req), ino.0, name.as_bytes(), value, flags);
+        self.kernel.xattrs_changed(Some(ino.0));
         reply_empty(reply, result);
     }
 
+    /// An inode a directory listing showed without xattrs is answered without a transaction
+    /// (the kernel has already refused empty and overlong names).
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()));
+        let result = if self.kernel.has_no_xattrs(ino.0) {
+            Err(cellar_vfs::Errno(libc::ENODATA))
+        } else {
+            self.vfs.getxattr(ino.0, name.as_bytes())
+        };
+        reply_xattr(reply, size, result);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.vfs.listxattr(ino.0));
+        let result = if self.kernel.has_no_xattrs(ino.0) {
+            Ok(Vec::new())
+        } else {
+            self.vfs.listxattr(ino.0)
+        };
+        reply_xattr(reply, size, result);
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.vfs.removexattr(&ctx(req), ino.0, name.as_bytes()),
-        );
+        let result = self.vfs.removexattr(&ctx(req), ino.0, name.as_bytes());
+        self.kernel.xattrs_changed(Some(ino.0));
+        reply_empty(reply, result);
     }
 
     /// Permission checks are the kernel's (`default_permissions`); it does not even send ACCESS

@@ -194,7 +194,7 @@ pub fn mount(
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
 
-    let kernel = Arc::new(KernelCache::default());
+    let kernel = Arc::new(KernelCache::new(crate::fs::TTL));
     let fs = CellarFs::new(Arc::clone(&vfs), Arc::clone(&kernel));
     let session = Session::new(fs, &mount_point, &config).map_err(|source| MountError::Mount {
         path: mount_point.clone(),
@@ -241,16 +241,23 @@ fn forward_invalidations(vfs: &Vfs, notifier: Notifier, kernel: Arc<KernelCache>
         .spawn(move || {
             for invalidation in receiver {
                 match invalidation {
-                    Invalidation::Inode(ino) => report(notifier.inval_inode(INodeNo(ino), 0, 0)),
+                    Invalidation::Inode(ino) => {
+                        kernel.xattrs_changed(Some(ino));
+                        report(notifier.inval_inode(INodeNo(ino), 0, 0))
+                    }
                     Invalidation::Entry { parent, name } => {
                         report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)))
                     }
                     Invalidation::All => {
+                        kernel.xattrs_changed(None);
                         let held = kernel.held();
                         tracing::info!(entries = held.len(), "dropping every kernel cache entry");
                         for (ino, parent, name) in held {
                             report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)));
                             report(notifier.inval_inode(INodeNo(ino), 0, 0));
+                        }
+                        for (parent, name) in kernel.held_missing() {
+                            report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)));
                         }
                         report(notifier.inval_inode(INodeNo(ROOT_INO), 0, 0));
                     }

@@ -135,6 +135,8 @@ pub struct DirEntry {
     pub kind: FileKind,
     pub cookie: u64,
     pub attr: Option<Attr>,
+    /// Whether the inode has extended attributes; read with the attributes only (`plus`).
+    pub xattrs: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -104,6 +104,8 @@ pub struct DirEntryPlus {
     pub kind: FileKind,
     pub name: Vec<u8>,
     pub attr: Option<Attr>,
+    /// Whether the inode has extended attributes, when read with its attributes.
+    pub xattrs: Option<bool>,
 }
 
 pub struct StatFs {

@@ -347,6 +347,7 @@ impl Inner {
                     kind: FileKind::Directory,
                     name: b".".to_vec(),
                     attr: plus.then(|| dir.clone()),
+                    xattrs: None,
                 });
             }
             if out.len() < limit {
@@ -361,6 +362,7 @@ impl Inner {
                     kind: FileKind::Directory,
                     name: b"..".to_vec(),
                     attr,
+                    xattrs: None,
                 });
             }
         }
@@ -376,6 +378,7 @@ impl Inner {
                     kind: e.kind,
                     name: e.name,
                     attr: e.attr.map(|a| self.overlay_attr(a)).transpose()?,
+                    xattrs: e.xattrs,
                 });
             }
         }

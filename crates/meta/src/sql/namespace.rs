@@ -634,15 +634,19 @@ pub fn readdir(
             ino: row.get(2)?,
             kind: kind_from_code(row.get(3)?)?,
             attr: if plus {
-                Some(attr_from_row(row, 4)?)
+                Some(attr_from_row(row, 5)?)
             } else {
                 None
             },
+            xattrs: if plus { Some(row.get(4)?) } else { None },
         })
     };
     let entries = if plus {
         conn.prepare_cached(&format!(
-            "SELECT d.cookie, d.name, d.ino, d.kind, {} FROM dentries d JOIN inodes i ON i.ino = d.ino
+            // Whether each inode has xattrs: `ls -l` asks two of every file it lists.
+            "SELECT d.cookie, d.name, d.ino, d.kind,
+                    EXISTS (SELECT 1 FROM xattrs x WHERE x.ino = d.ino), {}
+             FROM dentries d JOIN inodes i ON i.ino = d.ino
              WHERE d.parent = ?1 AND d.cookie > ?2 ORDER BY d.cookie LIMIT ?3",
             prefixed_attr_columns("i")
         ))?
