@@ -176,7 +176,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(bearer_key);
-        if given != Some(token.0.as_str()) {
+        if !given.is_some_and(|given| same_secret(given.as_bytes(), token.0.as_bytes())) {
             return ApiError::unauthorized().into_response();
         }
     }
@@ -188,6 +188,11 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
         cellar_metrics::encode(),
     )
         .into_response()
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// Runs a blocking call (the control database, the vfs) off the async workers.
