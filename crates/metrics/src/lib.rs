@@ -266,7 +266,7 @@ impl Metrics {
             tx_errors: counters(
                 &mut r,
                 "meta_transaction_errors",
-                "Metadata transactions that failed (after any retries)",
+                "Metadata transactions that ended in an error and were rolled back: a failed statement or commit, or the operation's own error (ENOENT, ENODATA, ...)",
                 "kind",
                 tx_kinds(),
             ),
