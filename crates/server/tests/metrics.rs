@@ -1,10 +1,13 @@
 //! `GET /metrics` of the server: what the file API did shows in the counters; with a metrics
-//! token the endpoint answers only to it.
+//! token the endpoint answers only to it. And the metrics socket of a mount that the embedded
+//! runner started for a sandbox.
 
 mod common;
 
-use common::TestServer;
+use common::{exec, require_runner_prerequisites, TestServer};
 use reqwest::StatusCode;
+use serde_json::json;
+use std::io::{Read, Write};
 
 /// The value of the sample `series` (name with labels, as exposed), or 0 when absent.
 fn sample(exposition: &str, series: &str) -> f64 {
@@ -80,5 +83,65 @@ async fn a_metrics_token_closes_the_endpoint_to_everyone_else() {
     let (status, _, body) = scrape(&server, Some("scrape-me")).await;
     assert_eq!(status, StatusCode::OK);
     assert!(body.contains("# TYPE cellar_meta_transaction_duration_seconds histogram"));
+    server.stop().await;
+}
+
+/// `GET /metrics` over the unix socket of a mount daemon: the body of its 200 answer.
+fn scrape_socket(socket: &std::path::Path) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    body.to_string()
+}
+
+#[tokio::test]
+async fn a_runner_mount_serves_its_metrics_on_a_socket_in_the_runner_directory() {
+    require_runner_prerequisites();
+    let server = TestServer::start().await;
+    let volume = server.create_volume("shared").await;
+    let volume_id = volume["id"].as_str().unwrap().to_string();
+    let (status, sandbox) = server
+        .post(
+            "/api/sandbox",
+            &json!({"volumes": [{"volumeId": volume_id, "mountPath": "/home/daytona/v"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{sandbox}");
+    let id = sandbox["id"].as_str().unwrap().to_string();
+    let sandbox = server
+        .wait_for(&format!("/api/sandbox/{id}"), "state", "started")
+        .await;
+    let socket = server
+        .config
+        .data_dir
+        .join(format!("runner/mounts/{volume_id}.metrics.sock"));
+    let before = scrape_socket(&socket);
+    let (code, out) = exec(
+        &server,
+        &sandbox,
+        "mkdir v/d && echo hello > v/d/f && cat v/d/f",
+    )
+    .await;
+    assert_eq!((code, out.trim()), (0, "hello"));
+    let after = scrape_socket(&socket);
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    assert_eq!(
+        moved(r#"cellar_fs_request_duration_seconds_count{op="mkdir"}"#),
+        1.0,
+        "{after}"
+    );
+    assert!(moved(r#"cellar_fs_request_duration_seconds_count{op="create"}"#) >= 1.0);
+    assert!(moved("cellar_fs_written_bytes_total") >= 6.0);
+    let (status, _) = server.delete(&format!("/api/sandbox/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    server
+        .wait_for(&format!("/api/sandbox/{id}"), "state", "destroyed")
+        .await;
     server.stop().await;
 }
