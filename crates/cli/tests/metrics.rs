@@ -1,6 +1,7 @@
 //! The metrics of a real mount daemon (`cellar mount --metrics-socket/--metrics-addr`): file
 //! operations on the FUSE mount move the counters of FUSE requests, store PUTs and bytes, and
-//! metadata transactions. Needs root and /dev/fuse; blocks in a local directory.
+//! metadata transactions. Needs root and /dev/fuse; blocks in a local directory, and in the real
+//! S3 server of tests/harness/rgw.sh (`CELLAR_TEST_S3_URL` and the keys, from its env file).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -71,19 +72,78 @@ impl Drop for Unmount {
 
 #[test]
 fn file_operations_move_the_mount_daemons_metrics() {
-    assert!(Path::new("/dev/fuse").exists(), "needs /dev/fuse");
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().display().to_string();
     fs::create_dir(dir.path().join("store")).unwrap();
+    let store = format!("file://{}/store", dir.path().display());
+    let after = file_operations_and_their_metrics(&dir, &store);
+    assert_eq!(
+        sample(
+            &after,
+            r#"cellar_store_http_attempts_total{outcome="success"}"#
+        ),
+        0.0,
+        "a local directory is not reached over HTTP"
+    );
+}
+
+#[test]
+fn s3_requests_and_their_http_attempts_are_counted() {
+    let url = std::env::var("CELLAR_TEST_S3_URL").expect(
+        "CELLAR_TEST_S3_URL is not set: start tests/harness/rgw.sh and source its env file",
+    );
+    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(std::env::var_os(var).is_some(), "{var} is not set");
+    }
+    let mut url = url::Url::parse(&url).expect("CELLAR_TEST_S3_URL is a URL");
+    let prefix = format!(
+        "{}/cli-metrics-{}",
+        url.path().trim_end_matches('/'),
+        uuid::Uuid::new_v4()
+    );
+    url.set_path(&prefix);
+    let dir = tempfile::tempdir().unwrap();
+    let after = file_operations_and_their_metrics(&dir, url.as_str());
+    // Every request took at least one HTTP exchange, and none failed for good.
+    let total = |name: &str, key: &str, values: &[&str]| -> f64 {
+        values
+            .iter()
+            .map(|v| sample(&after, &format!("{name}{{{key}=\"{v}\"}}")))
+            .sum()
+    };
+    let requests = total(
+        "cellar_store_request_duration_seconds_count",
+        "op",
+        &["get", "put", "delete", "list"],
+    );
+    let attempts = total(
+        "cellar_store_http_attempts_total",
+        "outcome",
+        &["success", "client_error", "server_error", "transport_error"],
+    );
+    assert!(requests >= 2.0, "{after}");
+    assert!(
+        attempts >= requests,
+        "{attempts} attempts for {requests} requests"
+    );
+    assert!(
+        sample(
+            &after,
+            r#"cellar_store_http_attempts_total{outcome="success"}"#
+        ) >= 1.0
+    );
+}
+
+/// Mounts a volume over `store` with both metrics endpoints, works on it, checks what moved;
+/// returns the last scrape.
+fn file_operations_and_their_metrics(dir: &tempfile::TempDir, store: &str) -> String {
+    assert!(Path::new("/dev/fuse").exists(), "needs /dev/fuse");
+    let root = dir.path().display().to_string();
     let mount_point = dir.path().join("mnt");
     fs::create_dir(&mount_point).unwrap();
     let socket = dir.path().join("metrics.sock");
     let addr = format!("127.0.0.1:{}", free_port());
-    let (meta, store) = (
-        format!("sqlite://{root}/meta.db"),
-        format!("file://{root}/store"),
-    );
-    let volume = ["--meta", &meta, "--store", &store, "--volume", "metered"];
+    let meta = format!("sqlite://{root}/meta.db");
+    let volume = ["--meta", &meta, "--store", store, "--volume", "metered"];
     let log = format!("{root}/mount.log");
     let mount = |mount_point: &Path| {
         let mut args = vec!["mount"];
@@ -195,4 +255,5 @@ fn file_operations_move_the_mount_daemons_metrics() {
         !socket.exists(),
         "the daemon removes its socket when it ends"
     );
+    after
 }

@@ -111,6 +111,16 @@ label_values! {
 }
 
 label_values! {
+    /// How one HTTP exchange with an S3 store ended (the client retries the last two).
+    HttpOutcome {
+        Success => "success",
+        ClientError => "client_error",
+        ServerError => "server_error",
+        TransportError => "transport_error",
+    }
+}
+
+label_values! {
     /// A block cache.
     Cache {
         Memory => "memory",
@@ -216,6 +226,7 @@ struct Metrics {
     store_bytes: PerLabel<Counter>,
     store_in_flight: PerLabel<Gauge>,
     slice_uploads_in_flight: Gauge,
+    http_attempts: PerLabel<Counter>,
     cache_hits: PerLabel<Counter>,
     cache_misses: PerLabel<Counter>,
 }
@@ -234,6 +245,7 @@ impl Metrics {
         let tx_kinds = || labels(TxKind::ALL, TxKind::label);
         let store_ops = || labels(StoreOp::ALL, StoreOp::label);
         let caches = || labels(Cache::ALL, Cache::label);
+        let outcomes = || labels(HttpOutcome::ALL, HttpOutcome::label);
         Metrics {
             fs_duration: histograms(
                 &mut r,
@@ -309,6 +321,13 @@ impl Metrics {
                 "store_slice_uploads_in_flight",
                 "Slices (one flush of a file's buffered writes) being uploaded",
             ),
+            http_attempts: counters(
+                &mut r,
+                "store_http_attempts",
+                "HTTP exchanges with an S3 store, by outcome: every try of a request, so retries are the attempts beyond the requests",
+                "outcome",
+                outcomes(),
+            ),
             cache_hits: counters(
                 &mut r,
                 "cache_hits",
@@ -382,6 +401,11 @@ pub fn meta_transaction<T, E>(
 /// A transaction is run again (PostgreSQL).
 pub fn meta_retry() {
     METRICS.tx_retries.inc();
+}
+
+/// One HTTP exchange with an S3 store ended.
+pub fn store_http_attempt(outcome: HttpOutcome) {
+    METRICS.http_attempts.get(outcome as usize).inc();
 }
 
 /// A block lookup in a cache.

@@ -569,6 +569,7 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<BuiltStore> {
                 .with_virtual_hosted_style_request(false)
                 .with_allow_http(s3.allow_http())
                 .with_retry(retry::retry_config(max_retries))
+                .with_http_connector(metered::CountingConnector::default())
                 .with_client_options(retry::client_options(s3.allow_http()));
             if let Some(endpoint) = &s3.endpoint {
                 builder = builder.with_endpoint(endpoint);

@@ -1,8 +1,13 @@
 //! An [`ObjectStore`] in front of the real client that records every request it forwards in the
 //! process's metrics (`cellar_store_*`): the one place every request of every code path passes.
+//! Below it, the S3 client's HTTP connections count every try of a request, retries included.
 
-use cellar_metrics::{StoreOp, StoreRequest};
+use cellar_metrics::{HttpOutcome, StoreOp, StoreRequest};
 use futures::stream::{BoxStream, StreamExt};
+use object_store::client::{
+    ClientOptions, HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService,
+    ReqwestConnector,
+};
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
@@ -100,5 +105,32 @@ impl ObjectStore for Metered {
     async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
         let request = StoreRequest::start(StoreOp::Rename);
         finish(request, self.0.rename_opts(from, to, options).await, |_| 0)
+    }
+}
+
+/// Makes the S3 client's HTTP clients, each counting its exchanges.
+#[derive(Debug, Default)]
+pub(crate) struct CountingConnector(ReqwestConnector);
+
+impl HttpConnector for CountingConnector {
+    fn connect(&self, options: &ClientOptions) -> Result<HttpClient> {
+        Ok(HttpClient::new(CountingClient(self.0.connect(options)?)))
+    }
+}
+
+#[derive(Debug)]
+struct CountingClient(HttpClient);
+
+#[async_trait::async_trait]
+impl HttpService for CountingClient {
+    async fn call(&self, request: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+        let response = self.0.execute(request).await;
+        cellar_metrics::store_http_attempt(match &response {
+            Ok(answer) if answer.status().is_server_error() => HttpOutcome::ServerError,
+            Ok(answer) if answer.status().is_client_error() => HttpOutcome::ClientError,
+            Ok(_) => HttpOutcome::Success,
+            Err(_) => HttpOutcome::TransportError,
+        });
+        response
     }
 }
