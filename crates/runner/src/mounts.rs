@@ -50,6 +50,11 @@ impl MountManager {
         self.dir.join(volume_id)
     }
 
+    /// Where the volume's mount daemon serves its metrics (HTTP `GET /metrics`, unix socket).
+    fn metrics_socket(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{volume_id}.metrics.sock"))
+    }
+
     fn record_path(&self, volume_id: &str) -> PathBuf {
         self.dir.join(format!("{volume_id}.json"))
     }
@@ -177,7 +182,15 @@ impl MountManager {
             .arg("--volume")
             .arg(&source.volume_name)
             .arg("--log-file")
-            .arg(self.log_path(&source.volume_id))
+            .arg(self.log_path(&source.volume_id));
+        let metrics_socket = self.metrics_socket(&source.volume_id);
+        // A unix socket's path has room for 107 bytes; a data directory too deep goes without.
+        if metrics_socket.as_os_str().len() <= 107 {
+            command.arg("--metrics-socket").arg(&metrics_socket);
+        } else {
+            tracing::warn!(path = %metrics_socket.display(), "path too long for a unix socket: the mount serves no metrics");
+        }
+        command
             .arg(&mount_point)
             // The daemon gets the store credentials and nothing of the runner's environment.
             // The URLs go through the environment too: they may hold a database password,

@@ -52,6 +52,7 @@ struct ConfigFile {
     /// E.g. "10s".
     runner_timeout: Option<String>,
     database: Option<String>,
+    metrics_token: Option<String>,
     s3: Option<S3Credentials>,
 }
 
@@ -93,6 +94,18 @@ pub struct ServerConfig {
     /// PostgreSQL database of the control state and of every volume's metadata; `None`: SQLite
     /// files in the data directory.
     pub database: Option<DatabaseUrl>,
+    /// Bearer token that `GET /metrics` requires; `None`: the endpoint is open.
+    pub metrics_token: Option<MetricsToken>,
+}
+
+/// The token of `GET /metrics`; Debug never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MetricsToken(pub String);
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsToken(..)")
+    }
 }
 
 impl ServerConfig {
@@ -167,8 +180,13 @@ impl ServerConfig {
                 );
             }
         }
+        // No flag: a token on the command line would show in `ps`.
+        let metrics_token = env("CELLAR_METRICS_TOKEN")
+            .or(file.metrics_token)
+            .map(MetricsToken);
         Ok(ServerConfig {
             database,
+            metrics_token,
             listen,
             data_dir,
             store_url,
@@ -199,6 +217,7 @@ impl ServerConfig {
             runner_capacity: DEFAULT_RUNNER_CAPACITY,
             runner_timeout: DEFAULT_RUNNER_TIMEOUT,
             database: None,
+            metrics_token: None,
         }
     }
 

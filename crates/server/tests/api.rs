@@ -353,6 +353,7 @@ async fn openapi_document_lists_every_endpoint(control: Control) {
         ("/toolbox/{sandboxId}/files/find", "get"),
         ("/toolbox/{sandboxId}/files/search", "get"),
         ("/toolbox/{sandboxId}/files/replace", "post"),
+        ("/metrics", "get"),
     ];
     for (path, method) in expected {
         assert!(

@@ -18,6 +18,7 @@ mod postgres_db;
 mod sqlite_db;
 mod value;
 
+use cellar_metrics::TxKind;
 use std::cell::{Cell, RefCell};
 use std::path::Path;
 
@@ -159,10 +160,10 @@ impl Database {
         &self,
         mut f: impl FnMut(&Tx<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        match &self.backend {
+        cellar_metrics::meta_transaction(TxKind::Write, || match &self.backend {
             Backend::Sqlite(db) => db.write(&mut f),
             Backend::Postgres(db) => db.transaction(postgres_db::Mode::Write, &mut f),
-        }
+        })
     }
 
     /// Like [`Database::write`], with every other writer of `table` kept out for the duration:
@@ -173,12 +174,12 @@ impl Database {
         table: &'static str,
         mut f: impl FnMut(&Tx<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        match &self.backend {
+        cellar_metrics::meta_transaction(TxKind::Write, || match &self.backend {
             Backend::Sqlite(db) => db.write(&mut f),
             Backend::Postgres(db) => {
                 db.transaction(postgres_db::Mode::WriteExcluding(table), &mut f)
             }
-        }
+        })
     }
 
     /// Runs `f` as one read-only transaction: a consistent snapshot across its statements.
@@ -186,10 +187,10 @@ impl Database {
         &self,
         mut f: impl FnMut(&Tx<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        match &self.backend {
+        cellar_metrics::meta_transaction(TxKind::Read, || match &self.backend {
             Backend::Sqlite(db) => db.read(&mut f),
             Backend::Postgres(db) => db.transaction(postgres_db::Mode::Read, &mut f),
-        }
+        })
     }
 
     /// Brings the schema up to the newest version of this dialect's migrations, in one

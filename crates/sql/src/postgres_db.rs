@@ -556,6 +556,7 @@ impl PgDb {
             }
             drop(pooled);
             RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            cellar_metrics::meta_retry();
             let cap = Duration::from_millis(1 << attempt.min(16)).min(MAX_BACKOFF);
             std::thread::sleep(cap.mul_f64(rand::random::<f64>()));
         }

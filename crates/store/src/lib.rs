@@ -27,6 +27,7 @@ mod cache;
 mod config;
 mod durable;
 mod layout;
+mod metered;
 mod retry;
 
 use bytes::{Bytes, BytesMut};
@@ -163,6 +164,7 @@ impl BlockStore {
         let location = config::parse_location(url, volume_prefix, credentials)?;
         let description = location.describe();
         let (store, cache_namespace, local) = build_store(&location.backend, options.max_retries)?;
+        let store: Arc<dyn ObjectStore> = Arc::new(metered::Metered(store));
         let disk = match &options.cache_dir {
             Some(dir) => Some(shared_disk_cache(dir, options.cache_disk_bytes)?),
             None => None,
@@ -206,6 +208,7 @@ impl BlockStore {
             )));
         }
         let inner = &*self.inner;
+        let _in_flight = cellar_metrics::slice_upload();
         futures::stream::iter(layout::slice_blocks(data.len() as u64, inner.block_size))
             .map(|block| inner.put_block(id, block, data.clone()))
             .buffer_unordered(UPLOAD_CONCURRENCY)
@@ -453,9 +456,13 @@ impl Inner {
     async fn get_block(&self, id: u64, block: Block) -> StoreResult<Bytes> {
         let path = self.block_path(id, block);
         let cache_key = self.cache_key(&path);
+        let missed = std::sync::atomic::AtomicBool::new(false);
         let fetch = async {
+            missed.store(true, std::sync::atomic::Ordering::Relaxed);
             if let Some(disk) = &self.disk {
-                if let Some(data) = disk.get(&cache_key, block.len as usize).await {
+                let cached = disk.get(&cache_key, block.len as usize).await;
+                cellar_metrics::cache_lookup(cellar_metrics::Cache::Disk, cached.is_some());
+                if let Some(data) = cached {
                     return Ok(data);
                 }
             }
@@ -480,10 +487,13 @@ impl Inner {
             self.cache_on_disk(&cache_key, &data);
             Ok(data)
         };
-        self.mem
+        let block = self
+            .mem
             .try_get_with(cache_key.clone(), fetch)
             .await
-            .map_err(Arc::unwrap_or_clone)
+            .map_err(Arc::unwrap_or_clone);
+        cellar_metrics::cache_lookup(cellar_metrics::Cache::Memory, !missed.into_inner());
+        block
     }
 
     async fn delete_path(&self, path: Path) -> StoreResult<()> {
@@ -559,6 +569,7 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<BuiltStore> {
                 .with_virtual_hosted_style_request(false)
                 .with_allow_http(s3.allow_http())
                 .with_retry(retry::retry_config(max_retries))
+                .with_http_connector(metered::CountingConnector::default())
                 .with_client_options(retry::client_options(s3.allow_http()));
             if let Some(endpoint) = &s3.endpoint {
                 builder = builder.with_endpoint(endpoint);

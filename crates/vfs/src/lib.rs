@@ -22,6 +22,7 @@
 //! The metadata engine and the store never call back into this crate: what the engine must know
 //! ("is this inode still open here?") it keeps itself (`MetaEngine::open_file`).
 
+use cellar_metrics::{fs_request, FsOp};
 use std::sync::Arc;
 
 mod backend;
@@ -156,20 +157,23 @@ impl Vfs {
     }
 
     pub fn lookup(&self, _ctx: &Ctx, parent: Ino, name: &[u8]) -> VfsResult<Attr> {
-        self.inner.lookup(parent, name)
+        fs_request(FsOp::Lookup, || self.inner.lookup(parent, name))
     }
     /// Drop kernel references (lets the vfs forget cached state).
     pub fn forget(&self, ino: Ino, _nlookup: u64) {
-        self.inner.forget_seen(ino)
+        let _ = fs_request(FsOp::Forget, || {
+            self.inner.forget_seen(ino);
+            Ok::<_, Errno>(())
+        });
     }
     pub fn getattr(&self, ino: Ino) -> VfsResult<Attr> {
-        self.inner.getattr(ino)
+        fs_request(FsOp::Getattr, || self.inner.getattr(ino))
     }
     pub fn setattr(&self, ctx: &Ctx, ino: Ino, req: SetAttrRequest) -> VfsResult<Attr> {
-        self.inner.setattr(ctx, ino, req)
+        fs_request(FsOp::Setattr, || self.inner.setattr(ctx, ino, req))
     }
     pub fn readlink(&self, ino: Ino) -> VfsResult<Vec<u8>> {
-        self.inner.readlink(ino)
+        fs_request(FsOp::Readlink, || self.inner.readlink(ino))
     }
     /// Regular files, fifos, sockets, devices; `mode` includes the file type bits.
     pub fn mknod(
@@ -181,7 +185,9 @@ impl Vfs {
         umask: u32,
         rdev: u32,
     ) -> VfsResult<Attr> {
-        self.inner.mknod(ctx, parent, name, mode, umask, rdev)
+        fs_request(FsOp::Mknod, || {
+            self.inner.mknod(ctx, parent, name, mode, umask, rdev)
+        })
     }
     pub fn mkdir(
         &self,
@@ -191,16 +197,20 @@ impl Vfs {
         mode: u32,
         umask: u32,
     ) -> VfsResult<Attr> {
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        fs_request(FsOp::Mkdir, || {
+            self.inner.mkdir(ctx, parent, name, mode, umask)
+        })
     }
     pub fn unlink(&self, _ctx: &Ctx, parent: Ino, name: &[u8]) -> VfsResult<()> {
-        self.inner.unlink(parent, name)
+        fs_request(FsOp::Unlink, || self.inner.unlink(parent, name))
     }
     pub fn rmdir(&self, _ctx: &Ctx, parent: Ino, name: &[u8]) -> VfsResult<()> {
-        self.inner.rmdir(parent, name)
+        fs_request(FsOp::Rmdir, || self.inner.rmdir(parent, name))
     }
     pub fn symlink(&self, ctx: &Ctx, parent: Ino, name: &[u8], target: &[u8]) -> VfsResult<Attr> {
-        self.inner.symlink(ctx, parent, name, target)
+        fs_request(FsOp::Symlink, || {
+            self.inner.symlink(ctx, parent, name, target)
+        })
     }
     pub fn rename(
         &self,
@@ -211,15 +221,17 @@ impl Vfs {
         new_name: &[u8],
         mode: RenameMode,
     ) -> VfsResult<()> {
-        self.inner.rename(parent, name, new_parent, new_name, mode)
+        fs_request(FsOp::Rename, || {
+            self.inner.rename(parent, name, new_parent, new_name, mode)
+        })
     }
     pub fn link(&self, _ctx: &Ctx, ino: Ino, new_parent: Ino, new_name: &[u8]) -> VfsResult<Attr> {
-        self.inner.link(ino, new_parent, new_name)
+        fs_request(FsOp::Link, || self.inner.link(ino, new_parent, new_name))
     }
 
     /// `flags` are the open(2) flags (O_TRUNC already handled by the kernel via setattr).
     pub fn open(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<OpenReply> {
-        self.inner.open(ctx, ino, flags)
+        fs_request(FsOp::Open, || self.inner.open(ctx, ino, flags))
     }
     pub fn create(
         &self,
@@ -230,26 +242,30 @@ impl Vfs {
         umask: u32,
         flags: i32,
     ) -> VfsResult<(Attr, OpenReply)> {
-        self.inner.create(ctx, parent, name, mode, umask, flags)
+        fs_request(FsOp::Create, || {
+            self.inner.create(ctx, parent, name, mode, umask, flags)
+        })
     }
     pub fn read(&self, _ino: Ino, fh: u64, offset: u64, size: u32) -> VfsResult<Vec<u8>> {
-        self.inner.read(fh, offset, size)
+        fs_request(FsOp::Read, || self.inner.read(fh, offset, size))
+            .inspect(|data| cellar_metrics::fs_read_bytes(data.len()))
     }
     pub fn write(&self, _ino: Ino, fh: u64, offset: u64, data: &[u8]) -> VfsResult<u32> {
-        self.inner.write(fh, offset, data)
+        fs_request(FsOp::Write, || self.inner.write(fh, offset, data))
+            .inspect(|written| cellar_metrics::fs_written_bytes(*written))
     }
     /// close(2) of one descriptor: uploads and commits this inode's buffered data; drops the
     /// POSIX locks of `lock_owner`.
     pub fn flush(&self, ino: Ino, fh: u64, lock_owner: u64) -> VfsResult<()> {
-        self.inner.flush(ino, fh, lock_owner)
+        fs_request(FsOp::Flush, || self.inner.flush(ino, fh, lock_owner))
     }
     /// Last close of a handle; drops the POSIX locks of `lock_owner` (the kernel names one to
     /// drop the handle's flock locks, which reach the vfs as whole-file POSIX locks).
     pub fn release(&self, ino: Ino, fh: u64, lock_owner: Option<u64>) -> VfsResult<()> {
-        self.inner.release(ino, fh, lock_owner)
+        fs_request(FsOp::Release, || self.inner.release(ino, fh, lock_owner))
     }
     pub fn fsync(&self, _ino: Ino, fh: u64, _datasync: bool) -> VfsResult<()> {
-        self.inner.fsync(fh)
+        fs_request(FsOp::Fsync, || self.inner.fsync(fh))
     }
     /// Modes 0 and FALLOC_FL_KEEP_SIZE; FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE and
     /// FALLOC_FL_ZERO_RANGE (with or without KEEP_SIZE) make holes (others: EOPNOTSUPP).
@@ -261,7 +277,9 @@ impl Vfs {
         length: u64,
         mode: i32,
     ) -> VfsResult<()> {
-        self.inner.fallocate(ino, fh, offset, length, mode)
+        fs_request(FsOp::Fallocate, || {
+            self.inner.fallocate(ino, fh, offset, length, mode)
+        })
     }
     #[allow(clippy::too_many_arguments)]
     pub fn copy_file_range(
@@ -274,8 +292,10 @@ impl Vfs {
         off_out: u64,
         len: u64,
     ) -> VfsResult<u64> {
-        self.inner
-            .copy_file_range(ino_in, fh_in, off_in, ino_out, fh_out, off_out, len)
+        fs_request(FsOp::CopyFileRange, || {
+            self.inner
+                .copy_file_range(ino_in, fh_in, off_in, ino_out, fh_out, off_out, len)
+        })
     }
 
     /// SEEK_DATA / SEEK_HOLE (`whence`): the next data or hole at or after `offset`, from the
@@ -285,7 +305,7 @@ impl Vfs {
     }
 
     pub fn opendir(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<u64> {
-        self.inner.opendir(ctx, ino, flags)
+        fs_request(FsOp::Opendir, || self.inner.opendir(ctx, ino, flags))
     }
     /// Entries after `offset` (0 = from the start, including "." and ".."), at most `limit`.
     pub fn readdir(
@@ -296,18 +316,22 @@ impl Vfs {
         limit: usize,
         plus: bool,
     ) -> VfsResult<Vec<DirEntryPlus>> {
-        self.inner.readdir(ino, fh, offset, limit, plus)
+        fs_request(FsOp::Readdir, || {
+            self.inner.readdir(ino, fh, offset, limit, plus)
+        })
     }
     pub fn releasedir(&self, _ino: Ino, fh: u64) -> VfsResult<()> {
-        self.inner.releasedir(fh)
+        fs_request(FsOp::Releasedir, || self.inner.releasedir(fh))
     }
     /// Directory changes are committed by each operation already: makes them durable.
     pub fn fsyncdir(&self, _ino: Ino, fh: u64) -> VfsResult<()> {
-        self.inner.registry.handle(fh)?;
-        self.inner.sync_metadata()
+        fs_request(FsOp::Fsyncdir, || {
+            self.inner.registry.handle(fh)?;
+            self.inner.sync_metadata()
+        })
     }
     pub fn statfs(&self) -> VfsResult<StatFs> {
-        self.inner.statfs()
+        fs_request(FsOp::Statfs, || self.inner.statfs())
     }
 
     pub fn setxattr(
@@ -318,16 +342,18 @@ impl Vfs {
         value: &[u8],
         flags: i32,
     ) -> VfsResult<()> {
-        self.inner.setxattr(ino, name, value, flags)
+        fs_request(FsOp::Setxattr, || {
+            self.inner.setxattr(ino, name, value, flags)
+        })
     }
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> VfsResult<Vec<u8>> {
-        self.inner.getxattr(ino, name)
+        fs_request(FsOp::Getxattr, || self.inner.getxattr(ino, name))
     }
     pub fn listxattr(&self, ino: Ino) -> VfsResult<Vec<u8>> {
-        self.inner.listxattr(ino)
+        fs_request(FsOp::Listxattr, || self.inner.listxattr(ino))
     }
     pub fn removexattr(&self, _ctx: &Ctx, ino: Ino, name: &[u8]) -> VfsResult<()> {
-        self.inner.removexattr(ino, name)
+        fs_request(FsOp::Removexattr, || self.inner.removexattr(ino, name))
     }
 
     pub fn getlk(
@@ -337,7 +363,7 @@ impl Vfs {
         lock_owner: u64,
         range: LockRange,
     ) -> VfsResult<Option<LockRange>> {
-        self.inner.getlk(ino, lock_owner, range)
+        fs_request(FsOp::Getlk, || self.inner.getlk(ino, lock_owner, range))
     }
     /// `sleep`: wait until the lock can be taken (F_SETLKW); EAGAIN otherwise.
     pub fn setlk(
@@ -348,7 +374,9 @@ impl Vfs {
         range: LockRange,
         sleep: bool,
     ) -> VfsResult<()> {
-        self.inner.setlk(ino, fh, lock_owner, range, sleep)
+        fs_request(FsOp::Setlk, || {
+            self.inner.setlk(ino, fh, lock_owner, range, sleep)
+        })
     }
     /// Registers the adapter's callback for kernel cache invalidations. Today only this mount's
     /// own background work (the idle flusher's commits) uses it; changes made by other mounts

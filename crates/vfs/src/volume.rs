@@ -76,8 +76,8 @@ pub(crate) struct Inner {
     last_heartbeat: Mutex<Instant>,
     /// Chunks whose commit left them fragmented, for the background compactor.
     pub compaction_requests: Mutex<HashSet<(Ino, u64)>>,
-    /// Bytes buffered or uploading across the mount.
-    pub dirty_bytes: AtomicU64,
+    /// Bytes buffered or uploading across the mount (the `cellar_vfs_dirty_bytes` gauge follows it).
+    pub dirty_bytes: cellar_metrics::DirtyBytes,
     pub quota: QuotaView,
     invalidator: RwLock<Option<Invalidator>>,
     pub stopper: Arc<Stopper>,
@@ -107,7 +107,7 @@ impl Inner {
             seen: Mutex::new(HashMap::new()),
             last_heartbeat: Mutex::new(Instant::now()),
             compaction_requests: Mutex::new(HashSet::new()),
-            dirty_bytes: AtomicU64::new(0),
+            dirty_bytes: cellar_metrics::DirtyBytes::default(),
             quota: QuotaView::default(),
             invalidator: RwLock::new(None),
             stopper: Arc::new(Stopper::default()),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cellar_fuse::{MountHandle, MountOptions, Unmounter};
+use cellar_metrics::{Endpoint, MetricsServer};
 use cellar_vfs::{Vfs, VolumeConfig};
 use clap::Args;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -47,6 +48,12 @@ pub struct MountArgs {
     /// Threads serving kernel requests
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub threads: usize,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (none by default)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics over HTTP on a unix socket (GET /metrics; none by default)
+    #[arg(long, value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
     /// Directory to mount on (must exist)
     #[arg(value_name = "MOUNTPOINT")]
     pub mount_point: PathBuf,
@@ -72,27 +79,68 @@ pub fn run(args: MountArgs) -> Result<()> {
     let mut options = MountOptions::new(&args.volume.volume);
     options.read_only = args.read_only;
     options.threads = args.threads;
+    let metrics: Vec<Endpoint> = args
+        .metrics_addr
+        .map(Endpoint::Tcp)
+        .into_iter()
+        .chain(
+            args.metrics_socket
+                .as_deref()
+                .map(std::path::absolute)
+                .transpose()
+                .context("--metrics-socket")?
+                .map(Endpoint::Unix),
+        )
+        .collect();
 
     if args.foreground {
-        let handle = start(config, &mount_point, &options)?;
-        return serve(handle, || {});
+        let daemon = start(config, &mount_point, &options, &metrics)?;
+        return serve(daemon, || {});
     }
     let log_file = match &args.log_file {
         Some(path) => std::path::absolute(path).context("--log-file")?,
         None => default_log_file(&args.volume.volume),
     };
-    daemonize(&log_file, || start(config, &mount_point, &options))
+    daemonize(&log_file, || {
+        start(config, &mount_point, &options, &metrics)
+    })
 }
 
-fn start(config: VolumeConfig, mount_point: &Path, options: &MountOptions) -> Result<MountHandle> {
+/// A live mount and the metrics endpoints it serves (their socket files go with them).
+struct Daemon {
+    handle: MountHandle,
+    _metrics: Vec<MetricsServer>,
+}
+
+/// Binds the metrics endpoints (in the daemon: a parent that exits must not remove their
+/// socket files), then opens and mounts the volume.
+fn start(
+    config: VolumeConfig,
+    mount_point: &Path,
+    options: &MountOptions,
+    metrics: &[Endpoint],
+) -> Result<Daemon> {
+    let metrics = metrics
+        .iter()
+        .map(|endpoint| {
+            let server = MetricsServer::bind(endpoint)
+                .with_context(|| format!("cannot serve metrics on {endpoint}"))?;
+            server.spawn().context("starting the metrics thread")?;
+            tracing::info!(endpoint = %server.endpoint(), "serving metrics");
+            Ok(server)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let volume = config.volume.clone();
     let vfs = Vfs::open_volume(config).with_context(|| format!("cannot open volume {volume}"))?;
-    Ok(cellar_fuse::mount(vfs, mount_point, options)?)
+    Ok(Daemon {
+        handle: cellar_fuse::mount(vfs, mount_point, options)?,
+        _metrics: metrics,
+    })
 }
 
 /// Serves until unmounted, then flushes. Signals unmount; the pid file lets `cellar umount`
 /// wait for the end of the flush. `ready` runs once both are in place.
-fn serve(handle: MountHandle, ready: impl FnOnce()) -> Result<()> {
+fn serve(Daemon { handle, _metrics }: Daemon, ready: impl FnOnce()) -> Result<()> {
     let pid_file = pid_file(handle.mount_point());
     if let Err(e) = write_pid_file(&pid_file) {
         tracing::warn!(
@@ -136,7 +184,7 @@ fn unmount_on_signals(unmounter: Unmounter) -> Result<()> {
 
 /// Forks; the child runs `start`, reports through a pipe and then serves. The parent returns
 /// when the child reported (Ok: mounted) or died.
-fn daemonize(log_file: &Path, start: impl FnOnce() -> Result<MountHandle>) -> Result<()> {
+fn daemonize(log_file: &Path, start: impl FnOnce() -> Result<Daemon>) -> Result<()> {
     let log = open_log(log_file)?;
     let (mut status_reader, mut status_writer) = status_pipe()?;
     // SAFETY: the process has a single thread here (nothing has spawned one yet), so the child
@@ -147,7 +195,7 @@ fn daemonize(log_file: &Path, start: impl FnOnce() -> Result<MountHandle>) -> Re
             drop(status_reader);
             detach_from_terminal(&log)?;
             match start() {
-                Ok(handle) => serve(handle, move || {
+                Ok(daemon) => serve(daemon, move || {
                     let _ = status_writer.write_all(b"ok");
                 }),
                 Err(error) => {

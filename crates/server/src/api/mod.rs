@@ -110,6 +110,7 @@ pub fn router(state: AppState) -> Router {
             runners::authenticate,
         ));
     Router::new()
+        .route("/metrics", get(metrics))
         .nest("/api", api)
         .nest("/toolbox", toolbox)
         .nest("/runner-api/v1", runner_api)
@@ -154,6 +155,44 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// Prometheus metrics of this process (docs/METRICS.md). Open unless a metrics token is set:
+/// aggregate counts and latencies by operation name, nothing naming a volume, organisation,
+/// path or key; the token keeps other tenants from watching the server's activity.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "metrics",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "OpenMetrics text exposition", content_type = "application/openmetrics-text", body = String),
+        (status = 401, description = "a metrics token is configured and the request lacks it", body = ErrorBody),
+    )
+)]
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.services.config.metrics_token {
+        let given = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_key);
+        if !given.is_some_and(|given| same_secret(given.as_bytes(), token.0.as_bytes())) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            cellar_metrics::CONTENT_TYPE,
+        )],
+        cellar_metrics::encode(),
+    )
+        .into_response()
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// Runs a blocking call (the control database, the vfs) off the async workers.
@@ -269,6 +308,7 @@ impl Modify for BearerAuth {
         toolbox::fs::find_in_files,
         toolbox::fs::search_files,
         toolbox::fs::replace_in_files,
+        metrics,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerAuth),
