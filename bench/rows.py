@@ -58,12 +58,18 @@ def mkfiles(top, count, dirs, threads):
     for p in paths:
         os.makedirs(p, exist_ok=True)
 
-    def work(worker):
-        for i in range(worker, count, threads):
-            fd = os.open(os.path.join(paths[i % dirs], f"f{i:06d}"), os.O_WRONLY | os.O_CREAT, 0o644)
-            os.close(fd)
+    def create(d, i):
+        os.close(os.open(os.path.join(paths[d], f"f{i:06d}"), os.O_WRONLY | os.O_CREAT, 0o644))
 
-    # Workers own whole directories when there are enough of them (i % dirs == worker % dirs).
+    def work(worker):
+        if dirs >= threads:  # each worker its own directories: file i lives in directory i % dirs
+            for d in range(worker, dirs, threads):
+                for i in range(d, count, dirs):
+                    create(d, i)
+        else:
+            for i in range(worker, count, threads):
+                create(i % dirs, i)
+
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for f in [pool.submit(work, w) for w in range(threads)]:
             f.result()

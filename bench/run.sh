@@ -225,21 +225,28 @@ cold() { # system dir
 }
 
 # BENCH_PROFILE=<row>: `perf record` of the Cellar daemon while that row runs. DWARF call graphs:
-# the release build has no frame pointers but keeps .eh_frame, which perf unwinds with.
+# the release build has no frame pointers but keeps .eh_frame, which perf unwinds with. perf
+# starts disabled and is enabled through its control fifo: its ack says it is attached to every
+# thread of the daemon, so the row's first samples are not lost to perf's start.
 profile_start() { # system row
   profile_pid=
   [ "$2" = "$profile_row" ] && is_cellar "$1" || return 0
   profile_out="$work/perf-$1-$2"
+  rm -f "$profile_out.ctl" "$profile_out.ack"
+  mkfifo "$profile_out.ctl" "$profile_out.ack"
   perf record -q -F "${BENCH_PROFILE_HZ:-199}" --call-graph "${BENCH_PROFILE_CALLGRAPH:-dwarf,16384}" \
+    -D -1 --control "fifo:$profile_out.ctl,$profile_out.ack" \
     -p "$daemon_pid" -o "$profile_out.data" 2>>"$work/perf.log" &
   profile_pid=$!
-  sleep 0.5   # perf attaches to every thread of the daemon
+  timeout 60 bash -c 'echo enable > "$1.ctl" && head -c 3 "$1.ack" > /dev/null' _ "$profile_out" ||
+    log "   perf did not start (see perf.log)"
 }
 
 profile_stop() {
   [ -n "$profile_pid" ] || return 0
   kill -INT "$profile_pid"
   wait "$profile_pid" 2>/dev/null || true
+  rm -f "$profile_out.ctl" "$profile_out.ack"
   perf report -i "$profile_out.data" --stdio --no-children --percent-limit 0.5 \
     > "$profile_out.txt" 2>>"$work/perf.log" || true
   perf script -i "$profile_out.data" 2>>"$work/perf.log" | python3 bench/rows.py fold > "$profile_out.folded"
