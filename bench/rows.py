@@ -15,6 +15,7 @@ easier in Python than in a shell, and the table it prints. One subcommand per jo
 import concurrent.futures
 import os
 import random
+import re
 import sqlite3
 import statistics
 import subprocess
@@ -146,6 +147,7 @@ def fold():
             parts = line.split(None, 1)
             sym = parts[1] if len(parts) > 1 else parts[0]
             sym = sym.rsplit(" (", 1)[0]  # drop " (/path/to/dso)"
+            sym = re.sub(r"\+0x[0-9a-f]+$", "", sym)  # one frame per function, not per address
             frames.append(sym.replace(";", ":") or "[unknown]")
     flush()
     for stack, n in stacks.most_common():
