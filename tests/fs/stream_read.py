@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "harness"))
 from volume import Volume, VolumeError  # noqa: E402
 
 BUDGET_MIB = 512
-# The daemon's memory besides the cache and read-ahead: measured at 60-90 MiB while streaming.
+# The daemon's memory besides the cache and read-ahead: measured at 75-105 MiB while streaming.
 OVERHEAD_MIB = 160
 PIECE = 8 << 20
 
