@@ -1,25 +1,22 @@
-//! Block caches: memory (moka, weighted by bytes) in front of an optional size-bounded directory.
+//! The disk cache: a size-bounded directory of cached pages, checksummed, that several
+//! processes of one host may share.
 //!
-//! Block objects are immutable, so a cached copy never goes stale and needs no validation.
+//! Pages are immutable like their objects, so a cached copy never goes stale; what can go wrong
+//! is the file: truncated, overwritten or bit-rotted. Each file therefore starts with a header
+//! (magic, length, CRC-32 of the bytes), and a file that fails it is deleted and reported as a
+//! miss, never returned. Files are written under a unique temporary name and renamed into
+//! place when complete, so a reader (in any process) sees a whole file or none.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Memory cache of whole blocks, keyed by the block's full object key.
-pub(crate) type MemCache = moka::future::Cache<String, Bytes>;
-
-pub(crate) fn mem_cache(budget_bytes: u64) -> MemCache {
-    moka::future::Cache::builder()
-        .max_capacity(budget_bytes)
-        .weigher(|_key: &String, block: &Bytes| u32::try_from(block.len()).unwrap_or(u32::MAX))
-        .build()
-}
-
-/// A directory of cached blocks, one file per block, evicted least-recently-used once the files
-/// exceed the byte budget. Several stores (volumes) may share one directory: file names are
-/// derived from the store-qualified key, and eviction only considers this process's view.
+/// A directory of cached pages, one file per page, evicted least-recently-used once the files
+/// exceed the byte budget. Several stores (volumes) and processes may share one directory: file
+/// names are derived from the store-qualified key; each process evicts by its own view (the files
+/// it found at start, wrote or read), so the budget holds approximately when several share it.
 pub(crate) struct DiskCache {
     dir: PathBuf,
     budget_bytes: u64,
@@ -70,26 +67,65 @@ impl LruIndex {
     }
 }
 
-/// Longest file name we create (most file systems allow 255 bytes).
-const MAX_FILE_NAME: usize = 240;
+/// Longest cache file name (most file systems allow 255 bytes, and a temporary name adds to it).
+const MAX_FILE_NAME: usize = 200;
+/// A temporary file this old is left over by a crash, not being written.
+const STALE_PARTIAL: std::time::Duration = std::time::Duration::from_secs(600);
 /// Suffix of files being written; they are renamed into place when complete.
 const PARTIAL_SUFFIX: &str = ".partial";
+/// Start of every cache file; the format's version is its last byte.
+const MAGIC: &[u8; 8] = b"CELLARP1";
+/// Magic, then the length and the CRC-32 of the bytes (little-endian u32 each).
+const HEADER_LEN: usize = 16;
+
+/// The bytes of a cache file holding `data`.
+fn encode(data: &[u8]) -> Vec<u8> {
+    let mut file = Vec::with_capacity(HEADER_LEN + data.len());
+    file.extend_from_slice(MAGIC);
+    file.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    file.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    file.extend_from_slice(data);
+    file
+}
+
+/// The bytes a cache file holds, if it is whole, uncorrupted and `expected_len` long.
+fn decode(file: Vec<u8>, expected_len: usize) -> Option<Bytes> {
+    if file.len() != HEADER_LEN + expected_len || &file[..8] != MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(file[8..12].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(file[12..16].try_into().ok()?);
+    if len != expected_len || crc32fast::hash(&file[HEADER_LEN..]) != crc {
+        return None;
+    }
+    Some(Bytes::from(file).slice(HEADER_LEN..))
+}
 
 impl DiskCache {
-    /// Opens (creating) the directory and indexes the blocks already in it, oldest first.
+    /// Opens (creating) the directory and indexes the pages already in it, oldest first.
     pub fn open(dir: &Path, budget_bytes: u64) -> std::io::Result<DiskCache> {
         std::fs::create_dir_all(dir)?;
         let mut found = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let meta = entry.metadata()?;
+            // Another process may delete files meanwhile.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
             if name.ends_with(PARTIAL_SUFFIX) {
-                // Left over by a crash mid-write.
-                let _ = std::fs::remove_file(entry.path());
+                // Left over by a crash mid-write, unless another process is writing it now.
+                let stale = meta
+                    .modified()
+                    .ok()
+                    .and_then(|at| at.elapsed().ok())
+                    .is_some_and(|age| age > STALE_PARTIAL);
+                if stale {
+                    let _ = std::fs::remove_file(entry.path());
+                }
                 continue;
             }
             found.push((meta.modified().ok(), name, meta.len()));
@@ -114,52 +150,59 @@ impl DiskCache {
         (name.len() <= MAX_FILE_NAME && !name.starts_with('.')).then_some(name)
     }
 
-    /// The cached block, if present and of the expected length (anything else is discarded).
+    /// The cached page, if a whole, uncorrupted file of the expected length holds it (a file
+    /// that fails the check is deleted). Files other processes wrote are found too.
     pub async fn get(&self, key: &str, expected_len: usize) -> Option<Bytes> {
         let name = Self::file_name(key)?;
-        if !self.index.lock().entries.contains_key(&name) {
-            return None;
-        }
         let path = self.dir.join(&name);
-        match tokio::fs::read(&path).await {
-            Ok(data) if data.len() == expected_len => {
-                self.index.lock().touch(&name, data.len() as u64);
-                Some(Bytes::from(data))
-            }
-            Ok(_) => {
-                tracing::warn!(path = %path.display(), "discarding cached block of wrong length");
-                self.index.lock().remove(&name);
-                let _ = tokio::fs::remove_file(&path).await;
-                None
-            }
+        let file = match tokio::fs::read(&path).await {
+            Ok(file) => file,
             Err(_) => {
                 self.index.lock().remove(&name);
+                return None;
+            }
+        };
+        let size = file.len() as u64;
+        match decode(file, expected_len) {
+            Some(data) => {
+                self.index.lock().touch(&name, size);
+                Some(data)
+            }
+            None => {
+                tracing::warn!(path = %path.display(), "discarding a corrupt or truncated cache file");
+                self.index.lock().remove(&name);
+                let _ = tokio::fs::remove_file(&path).await;
                 None
             }
         }
     }
 
-    /// Stores a block (best effort: a full or failing disk only costs a future miss). Blocking:
-    /// run it on a blocking thread (writing from `data` directly avoids tokio::fs's copy).
+    /// Stores a page (best effort: a full or failing disk only costs a future miss). Blocking:
+    /// run it on a blocking thread.
     pub fn put(&self, key: &str, data: &[u8]) {
+        static SEQUENCE: AtomicU64 = AtomicU64::new(0);
         let Some(name) = Self::file_name(key) else {
             return;
         };
-        if data.len() as u64 > self.budget_bytes {
+        let file = encode(data);
+        if file.len() as u64 > self.budget_bytes {
             return;
         }
         let path = self.dir.join(&name);
-        let partial = self
-            .dir
-            .join(format!("{name}.{}{PARTIAL_SUFFIX}", std::process::id()));
+        // Unique among processes (pid) and among this process's threads (sequence).
+        let partial = self.dir.join(format!(
+            "{name}.{}.{}{PARTIAL_SUFFIX}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        ));
         let written =
-            std::fs::write(&partial, data).and_then(|()| std::fs::rename(&partial, &path));
+            std::fs::write(&partial, &file).and_then(|()| std::fs::rename(&partial, &path));
         if let Err(err) = written {
-            tracing::debug!(error = %err, "could not write block to the disk cache");
+            tracing::debug!(error = %err, "could not write a page to the disk cache");
             let _ = std::fs::remove_file(&partial);
             return;
         }
-        self.index.lock().touch(&name, data.len() as u64);
+        self.index.lock().touch(&name, file.len() as u64);
         self.evict();
     }
 
@@ -189,32 +232,97 @@ impl DiskCache {
 mod tests {
     use super::*;
 
+    /// Size on disk of a cached page of `len` bytes.
+    fn file_size(len: u64) -> u64 {
+        HEADER_LEN as u64 + len
+    }
+
     #[tokio::test]
     async fn disk_cache_evicts_least_recently_used() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(dir.path(), 250).unwrap();
-        let block = |b: u8| Bytes::from(vec![b; 100]);
-        cache.put("s/a", &block(1));
-        cache.put("s/b", &block(2));
+        let cache = DiskCache::open(dir.path(), 2 * file_size(100) + 50).unwrap();
+        let page = |b: u8| Bytes::from(vec![b; 100]);
+        cache.put("s/a", &page(1));
+        cache.put("s/b", &page(2));
         // Using `a` makes `b` the eviction candidate.
-        assert_eq!(cache.get("s/a", 100).await, Some(block(1)));
-        cache.put("s/c", &block(3));
-        assert_eq!(cache.total_bytes(), 200);
+        assert_eq!(cache.get("s/a", 100).await, Some(page(1)));
+        cache.put("s/c", &page(3));
+        assert_eq!(cache.total_bytes(), 2 * file_size(100));
         assert_eq!(cache.get("s/b", 100).await, None);
-        assert_eq!(cache.get("s/a", 100).await, Some(block(1)));
-        assert_eq!(cache.get("s/c", 100).await, Some(block(3)));
+        assert_eq!(cache.get("s/a", 100).await, Some(page(1)));
+        assert_eq!(cache.get("s/c", 100).await, Some(page(3)));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
 
         // A reopened cache finds its files again.
         drop(cache);
-        let reopened = DiskCache::open(dir.path(), 250).unwrap();
-        assert_eq!(reopened.total_bytes(), 200);
-        assert_eq!(reopened.get("s/c", 100).await, Some(block(3)));
-        // A wrong expected length (a corrupt file) is a miss and removes the file.
+        let reopened = DiskCache::open(dir.path(), 2 * file_size(100) + 50).unwrap();
+        assert_eq!(reopened.total_bytes(), 2 * file_size(100));
+        assert_eq!(reopened.get("s/c", 100).await, Some(page(3)));
+        // A wrong expected length is a miss and removes the file.
         assert_eq!(reopened.get("s/a", 99).await, None);
-        assert_eq!(reopened.total_bytes(), 100);
+        assert_eq!(reopened.total_bytes(), file_size(100));
         reopened.remove("s/c").await;
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn corrupt_or_truncated_files_are_dropped_never_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+        let path = |key: &str| dir.path().join(DiskCache::file_name(key).unwrap());
+        for key in ["s/flipped", "s/truncated", "s/header", "s/empty"] {
+            cache.put(key, &data);
+            assert_eq!(cache.get(key, data.len()).await.as_deref(), Some(&data[..]));
+        }
+        // One bit of the bytes, the end of the file, the header, everything.
+        let mut file = std::fs::read(path("s/flipped")).unwrap();
+        file[HEADER_LEN + 1000] ^= 0x10;
+        std::fs::write(path("s/flipped"), &file).unwrap();
+        let file = std::fs::read(path("s/truncated")).unwrap();
+        std::fs::write(path("s/truncated"), &file[..file.len() - 1]).unwrap();
+        let mut file = std::fs::read(path("s/header")).unwrap();
+        file[12] ^= 1;
+        std::fs::write(path("s/header"), &file).unwrap();
+        std::fs::write(path("s/empty"), b"").unwrap();
+        for key in ["s/flipped", "s/truncated", "s/header", "s/empty"] {
+            assert_eq!(cache.get(key, data.len()).await, None, "{key}");
+            assert!(!path(key).exists(), "{key} is deleted");
+        }
+        assert_eq!(cache.total_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn processes_sharing_a_directory_see_each_others_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            DiskCache::open(dir.path(), 1 << 20).unwrap(),
+            DiskCache::open(dir.path(), 1 << 20).unwrap(),
+        );
+        a.put("s/x", b"from a");
+        assert_eq!(b.get("s/x", 6).await.as_deref(), Some(&b"from a"[..]));
+        // Both write the same page at once: whichever rename lands last wins, whole.
+        std::thread::scope(|scope| {
+            for cache in [&a, &b] {
+                scope.spawn(move || {
+                    for _ in 0..200 {
+                        cache.put("s/y", &[7u8; 5000]);
+                    }
+                });
+            }
+        });
+        assert_eq!(a.get("s/y", 5000).await.as_deref(), Some(&[7u8; 5000][..]));
+        let leftovers = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(PARTIAL_SUFFIX)
+            })
+            .count();
+        assert_eq!(leftovers, 0);
     }
 
     #[test]

@@ -28,18 +28,21 @@ mod config;
 mod durable;
 mod layout;
 mod metered;
+mod pages;
 mod retry;
 
 use bytes::{Bytes, BytesMut};
-use cache::{DiskCache, MemCache};
+use cache::DiskCache;
 pub use config::S3Credentials;
 use config::{Backend, StoreLocation};
 use durable::LocalDurability;
 use futures::{StreamExt, TryStreamExt};
 use layout::Block;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{GetOptions, GetResultPayload, ObjectStore, ObjectStoreExt};
+use pages::{Demand, PageCache, PageClaim, PageKey, PAGE_SIZE};
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Weak};
 use tokio::sync::Semaphore;
@@ -61,14 +64,18 @@ pub enum StoreError {
 }
 pub type StoreResult<T> = std::result::Result<T, StoreError>;
 
-/// The block size of new volumes. It is part of the data format: slices are read back with the
-/// block size they were written with.
+/// The block size `StoreOptions` defaults to (volumes choose their own: see `cellar-vfs`). It is
+/// part of the data format: slices are read back with the block size they were written with.
 pub const DEFAULT_BLOCK_SIZE: u64 = 4 << 20;
+
+/// The default memory budget of a process's page cache and read-ahead.
+pub const DEFAULT_CACHE_MEM_BYTES: u64 = 512 << 20;
 
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     pub block_size: u64,
-    /// Memory budget of the block cache (0 disables caching and read-ahead).
+    /// Memory budget of the page cache and the read-ahead in flight (0 disables caching and
+    /// read-ahead). Stores of one process opened with the same budget share one cache.
     pub cache_mem_bytes: u64,
     /// Optional disk cache directory, shared by every store of the process that names it (the
     /// first store to open it sets its budget).
@@ -82,7 +89,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             block_size: DEFAULT_BLOCK_SIZE,
-            cache_mem_bytes: 256 << 20,
+            cache_mem_bytes: DEFAULT_CACHE_MEM_BYTES,
             cache_dir: None,
             cache_disk_bytes: 10 << 30,
             max_retries: 5,
@@ -103,10 +110,18 @@ pub struct ObjectInfo {
 
 /// Concurrent block PUTs of one `put_slice`.
 const UPLOAD_CONCURRENCY: usize = 16;
-/// Concurrent block GETs of one `read_slice` (and DELETEs of one `delete_slice`).
+/// Objects larger than this are uploaded in parts of `PART_BYTES`, `PARTS_IN_PARALLEL` at once.
+const MULTIPART_ABOVE: u64 = 16 << 20;
+const PART_BYTES: usize = 8 << 20;
+const PARTS_IN_PARALLEL: usize = 8;
+/// Concurrent blocks of one `read_slice` (and DELETEs of one `delete_slice`).
 const FETCH_CONCURRENCY: usize = 16;
-/// Upper bound of the bytes that read-ahead may have in flight at once.
-const MAX_PREFETCH_BYTES: u64 = 256 << 20;
+/// The largest ranged GET: a longer run of missing pages is fetched as several GETs of this
+/// size in parallel (large enough that a request's round trip is small beside its transfer).
+const SPAN_BYTES: u64 = 8 << 20;
+/// Slices up to this size are cached (copied) as they are uploaded: small files are often read
+/// back soon, and a copy of a large slice would only push read data out of the cache.
+const CACHE_UPLOADS_UP_TO: u64 = 4 << 20;
 /// Requests (PUT, GET, DELETE) in flight to the store at once, across every caller of one
 /// `BlockStore`. Many small flushes (random writes) would otherwise open thousands of requests at
 /// once, and S3 servers answer that with 503 SlowDown (Ceph RGW throttles at 1,024).
@@ -126,11 +141,9 @@ struct Inner {
     /// Distinguishes this store's blocks from other stores' in a shared disk cache.
     cache_namespace: String,
     block_size: u64,
-    mem: MemCache,
-    cache_enabled: bool,
+    /// `None` when the memory budget is 0: reads then fetch exactly what they ask for.
+    pages: Option<Arc<PageCache>>,
     disk: Option<Arc<DiskCache>>,
-    /// One permit per block that read-ahead may be fetching.
-    prefetch_permits: Arc<Semaphore>,
     /// One permit per request in flight to the store.
     request_permits: Semaphore,
     /// `file://` only: syncs written blocks and their directories.
@@ -138,6 +151,15 @@ struct Inner {
 }
 
 impl BlockStore {
+    /// Pages of this store in the memory cache (the cache may be shared with other stores).
+    #[cfg(test)]
+    fn cached_pages(&self) -> usize {
+        self.inner
+            .pages
+            .as_ref()
+            .map_or(0, |p| p.count_prefix(&self.inner.cache_namespace))
+    }
+
     /// `file:///abs/dir` or `s3://bucket[/prefix]?endpoint=http://host:port&region=us-east-1`
     /// (path-style; credentials from the URL-independent env AWS_ACCESS_KEY_ID /
     /// AWS_SECRET_ACCESS_KEY, and AWS_SESSION_TOKEN if set: callers that read keys from their own
@@ -169,8 +191,6 @@ impl BlockStore {
             Some(dir) => Some(shared_disk_cache(dir, options.cache_disk_bytes)?),
             None => None,
         };
-        let prefetch_blocks =
-            (options.cache_mem_bytes / 4).min(MAX_PREFETCH_BYTES) / options.block_size;
         Ok(BlockStore {
             inner: Arc::new(Inner {
                 store,
@@ -178,10 +198,9 @@ impl BlockStore {
                 description,
                 cache_namespace,
                 block_size: options.block_size,
-                mem: cache::mem_cache(options.cache_mem_bytes),
-                cache_enabled: options.cache_mem_bytes > 0,
+                pages: (options.cache_mem_bytes > 0)
+                    .then(|| PageCache::shared(options.cache_mem_bytes)),
                 disk,
-                prefetch_permits: Arc::new(Semaphore::new(prefetch_blocks.max(1) as usize)),
                 request_permits: Semaphore::new(MAX_REQUESTS_IN_FLIGHT),
                 local,
             }),
@@ -226,63 +245,48 @@ impl BlockStore {
         if start == end {
             return Ok(Bytes::new());
         }
-        let inner = &*self.inner;
+        let inner = &self.inner;
         let parts: Vec<Bytes> =
             futures::stream::iter(layout::blocks_covering(size, inner.block_size, start..end))
-                .map(|(block, range)| async move {
-                    Ok::<_, StoreError>(inner.get_block(id, block).await?.slice(range))
-                })
+                .map(|(block, range)| inner.read_block(id, block, range))
                 .buffered(FETCH_CONCURRENCY)
                 .try_collect()
                 .await?;
-        if let [single] = parts.as_slice() {
-            return Ok(single.clone());
-        }
-        let mut joined = BytesMut::with_capacity((end - start) as usize);
-        for part in parts {
-            joined.extend_from_slice(&part);
-        }
-        Ok(joined.freeze())
+        Ok(concat(parts, (end - start) as usize))
     }
 
-    /// Starts fetching a range of a slice into the cache without waiting (read-ahead).
+    /// Starts fetching a range of a slice into the cache without waiting (read-ahead), as
+    /// ranged GETs of up to [`SPAN_BYTES`] in parallel.
     ///
-    /// The fetches are tasks of the current runtime: outside a runtime this does nothing. Blocks
-    /// already cached are skipped; when read-ahead already has its memory budget in flight the
-    /// rest of the range is dropped (reads will fetch it on demand).
+    /// The fetches are tasks of the current runtime: outside a runtime this does nothing. Pages
+    /// already cached or in flight are skipped; once read-ahead would not fit the memory budget
+    /// the rest of the range is dropped (reads will fetch it on demand).
     pub fn prefetch(&self, id: u64, size: u32, off: u32, len: u32) {
-        if !self.inner.cache_enabled {
+        let Some(pages) = &self.inner.pages else {
+            return;
+        };
+        if let Err(err) = tokio::runtime::Handle::try_current() {
+            tracing::debug!(id, error = %err, "read-ahead skipped: called outside the runtime");
             return;
         }
-        let runtime = match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => runtime,
-            Err(err) => {
-                tracing::debug!(id, error = %err, "read-ahead skipped: called outside the runtime");
-                return;
-            }
-        };
         let size = u64::from(size);
         let start = u64::from(off).min(size);
         let end = (start + u64::from(len)).min(size);
-        for (block, _) in layout::blocks_covering(size, self.inner.block_size, start..end) {
-            if self
-                .inner
-                .mem
-                .contains_key(&self.inner.cache_key(&self.inner.block_path(id, block)))
-            {
-                continue;
+        let span_pages = (SPAN_BYTES / PAGE_SIZE) as u32;
+        for (block, range) in layout::blocks_covering(size, self.inner.block_size, start..end) {
+            let object = self.inner.object_key(id, block);
+            let indexes = page_range(&range);
+            let mut first = indexes.start;
+            while first < indexes.end {
+                let span = first..(first + span_pages).min(indexes.end);
+                first = span.end;
+                let page_len = |index| page_len(block.len, index);
+                let Some((_, claims)) = pages.pages(&object, span, page_len, Demand::Ahead) else {
+                    tracing::trace!(id, "read-ahead dropped: memory budget in use");
+                    return;
+                };
+                self.inner.spawn_fetches(id, block, claims);
             }
-            let Ok(permit) = Arc::clone(&self.inner.prefetch_permits).try_acquire_owned() else {
-                tracing::trace!(id, "read-ahead budget exhausted");
-                return;
-            };
-            let inner = Arc::clone(&self.inner);
-            runtime.spawn(async move {
-                if let Err(err) = inner.get_block(id, block).await {
-                    tracing::debug!(id, block = block.index, error = %err, "read-ahead fetch failed");
-                }
-                drop(permit);
-            });
         }
     }
 
@@ -290,7 +294,7 @@ impl BlockStore {
     pub async fn delete_slice(&self, id: u64, size: u32) -> StoreResult<()> {
         let inner = &*self.inner;
         futures::stream::iter(layout::slice_blocks(u64::from(size), inner.block_size))
-            .map(|block| inner.delete_path(inner.block_path(id, block)))
+            .map(|block| inner.delete_path(inner.block_path(id, block), Some(block.len)))
             .buffer_unordered(FETCH_CONCURRENCY)
             .try_collect::<()>()
             .await
@@ -321,7 +325,8 @@ impl BlockStore {
             .path(key)
             .and_then(|p| Path::parse(p).ok())
             .ok_or_else(|| StoreError::Config(format!("invalid object key {key:?}")))?;
-        self.inner.delete_path(path).await
+        let len = layout::parse_block_key(key).map(|(_, _, len)| len);
+        self.inner.delete_path(path, len).await
     }
 
     /// Parses a block key back into (slice id, block index, block length).
@@ -382,11 +387,16 @@ impl Inner {
         let start = block.start as usize;
         let data = slice.slice(start..start + block.len as usize);
         {
+            if data.len() as u64 > MULTIPART_ABOVE {
+                self.put_multipart(&path, &data).await?;
+            } else {
+                let _permit = self.request_permit().await;
+                self.store
+                    .put(&path, data.clone().into())
+                    .await
+                    .map_err(|err| self.error(&err, "put", path.as_ref()))?;
+            }
             let _permit = self.request_permit().await;
-            self.store
-                .put(&path, data.clone().into())
-                .await
-                .map_err(|err| self.error(&err, "put", path.as_ref()))?;
             if let Some(local) = &self.local {
                 let file = local
                     .file_path(&path)
@@ -397,14 +407,62 @@ impl Inner {
                     .map_err(|err| self.sync_error(&err, "block"))?;
             }
         }
-        // Uploaded blocks skip the disk cache (writing it cost more CPU than the upload), and
-        // only a block that is its whole slice goes to the memory cache: it is shared, not
-        // copied, so a block of a larger slice would pin the caller's whole buffer. Blocks not
-        // cached are read back from the store.
-        if self.cache_enabled && data.len() == slice.len() {
-            self.mem.insert(self.cache_key(&path), data).await;
+        // Uploads skip the disk cache (writing it cost more CPU than the upload); pages of
+        // small slices go to the memory cache as copies (a shared slice would pin the caller's
+        // whole buffer). Pages not cached are read back from the store.
+        if let Some(pages) = self.pages.as_ref() {
+            if slice.len() as u64 <= CACHE_UPLOADS_UP_TO {
+                let object = self.object_key(id, block);
+                for index in 0..block.len.div_ceil(PAGE_SIZE as u32) {
+                    let at = index as usize * PAGE_SIZE as usize;
+                    let len = page_len(block.len, index) as usize;
+                    let key = PageKey {
+                        object: Arc::clone(&object),
+                        index,
+                    };
+                    pages.insert(key, Bytes::copy_from_slice(&data[at..at + len]));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Uploads one large object as parts in parallel: one PUT stream is slower than several.
+    async fn put_multipart(&self, path: &Path, data: &Bytes) -> StoreResult<()> {
+        let error = |err: object_store::Error| self.error(&err, "put", path.as_ref());
+        let mut upload = {
+            let _permit = self.request_permit().await;
+            self.store.put_multipart(path).await.map_err(error)?
+        };
+        // The futures are made up front (in part order, as the upload requires); keeping the
+        // closure out of the stream's type keeps the future `Send`.
+        let parts: Vec<_> = (0..data.len())
+            .step_by(PART_BYTES)
+            .map(|at| {
+                let part =
+                    upload.put_part(data.slice(at..(at + PART_BYTES).min(data.len())).into());
+                self.send_part(part)
+            })
+            .collect();
+        let sent = futures::stream::iter(parts)
+            .buffer_unordered(PARTS_IN_PARALLEL)
+            .try_collect::<()>()
+            .await;
+        let _permit = self.request_permit().await;
+        match sent {
+            Ok(()) => upload.complete().await.map(drop).map_err(error),
+            Err(err) => {
+                if let Err(abort) = upload.abort().await {
+                    tracing::debug!(path = %path, error = %abort, "could not abort an upload");
+                }
+                Err(error(err))
+            }
+        }
+    }
+
+    async fn send_part(&self, part: object_store::UploadPart) -> object_store::Result<()> {
+        let _permit = self.request_permit().await;
+        part.await
     }
 
     /// `file://`: syncs the directories of a slice's (synced) block files, once each.
@@ -444,63 +502,187 @@ impl Inner {
             .expect("the request semaphore is never closed")
     }
 
-    /// Writes a block to the disk cache in the background (the caller does not wait for it).
-    fn cache_on_disk(&self, cache_key: &str, data: &Bytes) {
-        if let Some(disk) = &self.disk {
-            let (disk, cache_key, data) = (Arc::clone(disk), cache_key.to_string(), data.clone());
-            tokio::task::spawn_blocking(move || disk.put(&cache_key, &data));
+    /// The cache name of a block object (distinct across stores sharing a cache).
+    fn object_key(&self, id: u64, block: Block) -> Arc<str> {
+        Arc::from(self.cache_key(&self.block_path(id, block)))
+    }
+
+    /// Bytes `range` of a block: through the page cache, or (no cache) exactly those bytes.
+    async fn read_block(
+        self: &Arc<Self>,
+        id: u64,
+        block: Block,
+        range: Range<usize>,
+    ) -> StoreResult<Bytes> {
+        let Some(pages) = &self.pages else {
+            let path = self.block_path(id, block);
+            let _permit = self.request_permit().await;
+            let range = range.start as u64..range.end as u64;
+            let data = self
+                .store
+                .get_range(&path, range.clone())
+                .await
+                .map_err(|err| self.error(&err, "get", path.as_ref()))?;
+            if data.len() as u64 != range.end - range.start {
+                return Err(self.short_object(&path, block));
+            }
+            return Ok(data);
+        };
+        let object = self.object_key(id, block);
+        let indexes = page_range(&range);
+        let page_len = |index| page_len(block.len, index);
+        let (waits, claims) = pages
+            .pages(&object, indexes.clone(), page_len, Demand::Read)
+            .expect("demand reads are always granted");
+        let missed = claims.len() as u64;
+        cellar_metrics::cache_lookups(
+            cellar_metrics::Cache::Memory,
+            waits.len() as u64 - missed,
+            missed,
+        );
+        // Split into spans so that a long read is several GETs in parallel.
+        for span in claims_by_span(claims, true) {
+            self.spawn_fetches(id, block, span);
+        }
+        let mut parts = Vec::with_capacity(waits.len());
+        for (index, page) in indexes.zip(waits) {
+            let data = page.bytes().await?;
+            let page_start = index as usize * PAGE_SIZE as usize;
+            let from = range.start.max(page_start) - page_start;
+            let to = range.end.min(page_start + data.len()) - page_start;
+            parts.push(data.slice(from..to));
+        }
+        Ok(concat(parts, range.len()))
+    }
+
+    /// Fetches claimed pages of one block in a task of its own, so that a reader that gives up
+    /// does not cancel the fetch other readers wait for.
+    fn spawn_fetches(self: &Arc<Self>, id: u64, block: Block, claims: Vec<PageClaim>) {
+        if claims.is_empty() {
+            return;
+        }
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            let claims = inner.read_disk_cache(claims).await;
+            for run in claims_by_span(claims, false) {
+                inner.fetch_run(id, block, run).await;
+            }
+        });
+    }
+
+    /// Completes the claims the disk cache holds; returns the others.
+    async fn read_disk_cache(&self, claims: Vec<PageClaim>) -> Vec<PageClaim> {
+        let Some(disk) = &self.disk else {
+            return claims;
+        };
+        let mut missing = Vec::new();
+        for claim in claims {
+            let cached = disk.get(&disk_key(&claim.key), claim.len as usize).await;
+            cellar_metrics::cache_lookup(cellar_metrics::Cache::Disk, cached.is_some());
+            match cached {
+                Some(data) => claim.complete(data),
+                None => missing.push(claim),
+            }
+        }
+        missing
+    }
+
+    /// One ranged GET for a run of consecutive claimed pages, each page completed (and handed
+    /// to its waiters) as soon as its bytes have arrived.
+    async fn fetch_run(&self, id: u64, block: Block, run: Vec<PageClaim>) {
+        let path = self.block_path(id, block);
+        let start = u64::from(run[0].key.index) * PAGE_SIZE;
+        let end = start + run.iter().map(|c| c.len).sum::<u64>();
+        let mut claims = run.into_iter();
+        let _permit = self.request_permit().await;
+        let options = GetOptions {
+            range: Some((start..end).into()),
+            ..GetOptions::default()
+        };
+        let mut stream = match self.store.get_opts(&path, options).await {
+            // A local file is read whole: its stream would read it in 8 KiB pieces.
+            Ok(got) if matches!(got.payload, GetResultPayload::File(..)) => {
+                futures::stream::once(got.bytes()).boxed()
+            }
+            Ok(got) => got.into_stream(),
+            Err(err) => {
+                let err = self.error(&err, "get", path.as_ref());
+                claims.for_each(|claim| claim.fail(err.clone()));
+                return;
+            }
+        };
+        let mut current = claims.next();
+        let mut page = BytesMut::with_capacity(current.as_ref().map_or(0, |c| c.len as usize));
+        while let Some(chunk) = stream.next().await {
+            let mut chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(err) => {
+                    let err = self.error(&err, "get", path.as_ref());
+                    current
+                        .into_iter()
+                        .chain(claims)
+                        .for_each(|c| c.fail(err.clone()));
+                    return;
+                }
+            };
+            while !chunk.is_empty() {
+                let Some(claim) = current.take() else {
+                    break;
+                };
+                let take = (claim.len as usize - page.len()).min(chunk.len());
+                page.extend_from_slice(&chunk.split_to(take));
+                if page.len() < claim.len as usize {
+                    current = Some(claim);
+                    continue;
+                }
+                current = claims.next();
+                let next_len = current.as_ref().map_or(0, |c| c.len as usize);
+                let data = std::mem::replace(&mut page, BytesMut::with_capacity(next_len)).freeze();
+                self.cache_on_disk(&claim.key, &data);
+                claim.complete(data);
+            }
+        }
+        if current.is_some() {
+            let err = self.short_object(&path, block);
+            current
+                .into_iter()
+                .chain(claims)
+                .for_each(|c| c.fail(err.clone()));
         }
     }
 
-    /// A whole block, from memory, disk or the store; concurrent requests share one fetch.
-    async fn get_block(&self, id: u64, block: Block) -> StoreResult<Bytes> {
-        let path = self.block_path(id, block);
-        let cache_key = self.cache_key(&path);
-        let missed = std::sync::atomic::AtomicBool::new(false);
-        let fetch = async {
-            missed.store(true, std::sync::atomic::Ordering::Relaxed);
-            if let Some(disk) = &self.disk {
-                let cached = disk.get(&cache_key, block.len as usize).await;
-                cellar_metrics::cache_lookup(cellar_metrics::Cache::Disk, cached.is_some());
-                if let Some(data) = cached {
-                    return Ok(data);
-                }
-            }
-            let permit = self.request_permit().await;
-            let data = self
-                .store
-                .get(&path)
-                .await
-                .map_err(|err| self.error(&err, "get", path.as_ref()))?
-                .bytes()
-                .await
-                .map_err(|err| self.error(&err, "get", path.as_ref()))?;
-            drop(permit);
-            if data.len() != block.len as usize {
-                return Err(StoreError::Io(format!(
-                    "object {path} on {} has {} bytes, its key says {}",
-                    self.description,
-                    data.len(),
-                    block.len
-                )));
-            }
-            self.cache_on_disk(&cache_key, &data);
-            Ok(data)
-        };
-        let block = self
-            .mem
-            .try_get_with(cache_key.clone(), fetch)
-            .await
-            .map_err(Arc::unwrap_or_clone);
-        cellar_metrics::cache_lookup(cellar_metrics::Cache::Memory, !missed.into_inner());
-        block
+    fn short_object(&self, path: &Path, block: Block) -> StoreError {
+        StoreError::Io(format!(
+            "object {path} on {} is shorter than the {} bytes its key says",
+            self.description, block.len
+        ))
     }
 
-    async fn delete_path(&self, path: Path) -> StoreResult<()> {
-        let cache_key = self.cache_key(&path);
-        self.mem.invalidate(&cache_key).await;
+    /// Writes a fetched page to the disk cache in the background (the reader does not wait).
+    fn cache_on_disk(&self, key: &PageKey, data: &Bytes) {
         if let Some(disk) = &self.disk {
-            disk.remove(&cache_key).await;
+            let (disk, name, data) = (Arc::clone(disk), disk_key(key), data.clone());
+            tokio::task::spawn_blocking(move || disk.put(&name, &data));
+        }
+    }
+
+    /// Deletes an object; a block object of known length `len` also leaves the caches.
+    async fn delete_path(&self, path: Path, len: Option<u32>) -> StoreResult<()> {
+        if let Some(len) = len {
+            let object: Arc<str> = Arc::from(self.cache_key(&path));
+            let indexes = 0..len.div_ceil(PAGE_SIZE as u32);
+            if let Some(pages) = &self.pages {
+                pages.invalidate(&object, indexes.clone());
+            }
+            if let Some(disk) = &self.disk {
+                for index in indexes {
+                    let key = PageKey {
+                        object: Arc::clone(&object),
+                        index,
+                    };
+                    disk.remove(&disk_key(&key)).await;
+                }
+            }
         }
         let _permit = self.request_permit().await;
         match self.store.delete(&path).await {
@@ -511,6 +693,52 @@ impl Inner {
             },
         }
     }
+}
+
+/// The pages covering a byte range of an object.
+fn page_range(range: &Range<usize>) -> Range<u32> {
+    let page = PAGE_SIZE as usize;
+    (range.start / page) as u32..range.end.div_ceil(page) as u32
+}
+
+/// Length of page `index` of an object of `object_len` bytes.
+fn page_len(object_len: u32, index: u32) -> u64 {
+    (u64::from(object_len) - u64::from(index) * PAGE_SIZE).min(PAGE_SIZE)
+}
+
+/// The disk cache's name of a page.
+fn disk_key(key: &PageKey) -> String {
+    format!("{}#{}", key.object, key.index)
+}
+
+/// Groups claims (in page order) into runs of consecutive pages, each one ranged GET; with
+/// `split`, no run is longer than [`SPAN_BYTES`].
+fn claims_by_span(claims: Vec<PageClaim>, split: bool) -> Vec<Vec<PageClaim>> {
+    let mut runs: Vec<Vec<PageClaim>> = Vec::new();
+    for claim in claims {
+        let joins = runs.last().is_some_and(|run| {
+            let last = run.last().expect("runs are never empty");
+            last.key.index + 1 == claim.key.index
+                && (!split || run.iter().map(|c| c.len).sum::<u64>() + claim.len <= SPAN_BYTES)
+        });
+        match runs.last_mut() {
+            Some(run) if joins => run.push(claim),
+            _ => runs.push(vec![claim]),
+        }
+    }
+    runs
+}
+
+/// The parts joined (no copy when there is one).
+fn concat(parts: Vec<Bytes>, len: usize) -> Bytes {
+    if let [single] = parts.as_slice() {
+        return single.clone();
+    }
+    let mut joined = BytesMut::with_capacity(len);
+    for part in parts {
+        joined.extend_from_slice(&part);
+    }
+    joined.freeze()
 }
 
 /// Runs blocking file system work on tokio's blocking threads.

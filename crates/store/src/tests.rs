@@ -172,7 +172,7 @@ async fn read_blocks_are_served_from_memory_afterwards() {
 }
 
 #[tokio::test]
-async fn written_single_block_slices_populate_the_cache() {
+async fn written_small_slices_populate_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open(tmp.path(), "v", options(64 << 20));
     let small = patterned(3 * MIB, 11);
@@ -182,7 +182,7 @@ async fn written_single_block_slices_populate_the_cache() {
     std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
     let size = small.len() as u32;
     assert_eq!(store.read_slice(77, size, 0, size).await.unwrap(), small);
-    // Blocks of a multi-block slice are not cached on upload (they would pin the whole buffer).
+    // Large slices are not cached on upload (they would push read data out).
     let size = large.len() as u32;
     assert!(matches!(
         store.read_slice(78, size, 0, size).await,
@@ -228,17 +228,17 @@ async fn disk_cache_keeps_written_and_read_blocks_across_stores() {
     let data = patterned(5 * MIB, 13);
     let size = data.len() as u32;
 
-    // Written blocks skip the disk cache...
+    // Written pages skip the disk cache...
     let writer = open(&objects, "v", disk_options.clone());
     writer.put_slice(5, data.clone()).await.unwrap();
     writer.put_slice(6, data.clone()).await.unwrap();
     assert_eq!(std::fs::read_dir(&cache_dir).unwrap().count(), 0);
     drop(writer);
-    // ...read blocks go to it.
+    // ...read pages go to it (5 MiB: 5 pages per slice).
     let reader = open(&objects, "v", disk_options.clone());
     assert_eq!(reader.read_slice(5, size, 0, size).await.unwrap(), data);
     assert_eq!(reader.read_slice(6, size, 0, size).await.unwrap(), data);
-    wait_for_files(&cache_dir, 4).await;
+    wait_for_files(&cache_dir, 10).await;
     drop(reader);
 
     std::fs::remove_dir_all(objects.join("v")).unwrap();
@@ -265,20 +265,29 @@ async fn prefetch_fills_the_cache_in_the_background() {
 
     let reader = open(tmp.path(), "v", options(128 << 20));
     reader.prefetch(8, size, 2 * MIB as u32, 8 * MIB as u32);
+    // Pages 2..10 (8 MiB over blocks 0..3).
+    wait_for_pages(&reader, 8).await;
+    std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
+    assert_eq!(
+        reader
+            .read_slice(8, size, 2 * MIB as u32, 8 * MIB as u32)
+            .await
+            .unwrap(),
+        data[2 * MIB..10 * MIB]
+    );
+}
+
+/// Waits until `store` has `count` pages in the memory cache.
+async fn wait_for_pages(store: &BlockStore, count: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        reader.inner.mem.run_pending_tasks().await;
-        if reader.inner.mem.entry_count() == 3 {
-            break;
-        }
+    while store.cached_pages() != count {
         assert!(
             std::time::Instant::now() < deadline,
-            "prefetch never completed"
+            "the cache never held {count} pages (it holds {})",
+            store.cached_pages()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
-    assert_eq!(reader.read_slice(8, size, 0, size).await.unwrap(), data);
 }
 
 #[tokio::test]
@@ -287,7 +296,10 @@ async fn prefetch_is_a_no_op_without_a_cache() {
     let store = open(tmp.path(), "v", options(0));
     store.put_slice(1, patterned(MIB, 1)).await.unwrap();
     store.prefetch(1, MIB as u32, 0, MIB as u32);
-    assert_eq!(store.inner.prefetch_permits.available_permits(), 1);
+    assert!(store.inner.pages.is_none());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
+    assert!(store.read_slice(1, MIB as u32, 0, 1).await.is_err());
 }
 
 #[tokio::test]
@@ -485,25 +497,15 @@ fn prefetch_outside_a_runtime_does_nothing() {
         .block_on(writer.put_slice(1, patterned(MIB, 1)))
         .unwrap();
     let reader = open(tmp.path(), "v", options(64 << 20));
-    let permits = reader.inner.prefetch_permits.available_permits();
     reader.prefetch(1, MIB as u32, 0, MIB as u32);
-    assert_eq!(reader.inner.prefetch_permits.available_permits(), permits);
-    runtime.block_on(reader.inner.mem.run_pending_tasks());
-    assert_eq!(reader.inner.mem.entry_count(), 0);
+    runtime.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+    assert_eq!(reader.cached_pages(), 0);
 
     // From a thread that entered the runtime, the same call fetches the block.
     let _entered = runtime.enter();
     reader.prefetch(1, MIB as u32, 0, MIB as u32);
     runtime.block_on(async {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            reader.inner.mem.run_pending_tasks().await;
-            if reader.inner.mem.entry_count() == 1 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "prefetch never ended");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_pages(&reader, 1).await;
         std::fs::remove_dir_all(tmp.path().join("v")).unwrap();
         assert_eq!(
             reader
@@ -516,7 +518,7 @@ fn prefetch_outside_a_runtime_does_nothing() {
 }
 
 #[tokio::test]
-async fn concurrent_reads_of_one_block_share_a_fetch() {
+async fn concurrent_reads_of_one_page_share_it() {
     let tmp = tempfile::tempdir().unwrap();
     let writer = open(tmp.path(), "v", options(0));
     let data = patterned(4 * MIB, 23);
@@ -530,8 +532,7 @@ async fn concurrent_reads_of_one_block_share_a_fetch() {
     {
         assert_eq!(got.unwrap(), data[i * 1000..(i + 1) * 1000]);
     }
-    reader.inner.mem.run_pending_tasks().await;
-    assert_eq!(reader.inner.mem.entry_count(), 1);
+    assert_eq!(reader.cached_pages(), 1);
 }
 
 #[test]
@@ -574,4 +575,111 @@ fn invalid_options_are_config_errors() {
         .err()
         .unwrap();
     assert!(matches!(err, StoreError::Config(_)), "{err}");
+}
+
+fn large_blocks(cache_mem_bytes: u64) -> StoreOptions {
+    StoreOptions {
+        block_size: 64 << 20,
+        ..options(cache_mem_bytes)
+    }
+}
+
+#[tokio::test]
+async fn a_slice_is_one_object_with_large_blocks_and_reads_fetch_only_their_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let writer = open(tmp.path(), "v", large_blocks(0));
+    let data = patterned(20 * MIB + 5, 29);
+    let size = data.len() as u32;
+    writer.put_slice(31, data.clone()).await.unwrap();
+    assert_eq!(
+        files(tmp.path()),
+        vec![(format!("v/chunks/0/0/31_0_{size}"), u64::from(size))]
+    );
+    let reader = open(tmp.path(), "v", large_blocks(64 << 20));
+    // A small read fetches its page only; one across a page boundary its two pages.
+    let got = reader
+        .read_slice(31, size, 5 * MIB as u32 + 7, 10)
+        .await
+        .unwrap();
+    assert_eq!(got, data[5 * MIB + 7..5 * MIB + 17]);
+    assert_eq!(reader.cached_pages(), 1);
+    let got = reader
+        .read_slice(31, size, 7 * MIB as u32 - 3, 6)
+        .await
+        .unwrap();
+    assert_eq!(got, data[7 * MIB - 3..7 * MIB + 3]);
+    assert_eq!(reader.cached_pages(), 3);
+    // The short last page, and a long read (several ranged GETs).
+    let got = reader.read_slice(31, size, size - 9, 100).await.unwrap();
+    assert_eq!(got, data[size as usize - 9..]);
+    assert_eq!(reader.read_slice(31, size, 0, size).await.unwrap(), data);
+    assert_eq!(reader.cached_pages(), 21);
+    // Without a cache a read fetches exactly its bytes.
+    let uncached = open(tmp.path(), "v", large_blocks(0));
+    let got = uncached
+        .read_slice(31, size, 3, 2 * MIB as u32)
+        .await
+        .unwrap();
+    assert_eq!(got, data[3..2 * MIB + 3]);
+}
+
+#[tokio::test]
+async fn streaming_through_a_small_budget_keeps_the_cache_within_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let writer = open(tmp.path(), "v", large_blocks(0));
+    let data = patterned(40 * MIB, 37);
+    let size = data.len() as u32;
+    writer.put_slice(41, data.clone()).await.unwrap();
+    // An odd budget: a cache of its own.
+    let budget = 6 * MIB as u64 + 12_345;
+    let reader = open(tmp.path(), "v", large_blocks(budget));
+    let pages = reader.inner.pages.clone().unwrap();
+    let step = 256 << 10;
+    for off in (0..size).step_by(step) {
+        reader.prefetch(41, size, off + step as u32, 8 * MIB as u32);
+        let got = reader.read_slice(41, size, off, step as u32).await.unwrap();
+        assert_eq!(got, data[off as usize..off as usize + step], "at {off}");
+        let (cached, reserved) = pages.usage();
+        assert!(
+            cached + reserved <= budget,
+            "{cached} + {reserved} at {off}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_disk_cache_file_is_refetched_not_returned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (objects, cache_dir) = (tmp.path().join("objects"), tmp.path().join("cache"));
+    // Each reader gets a memory cache of its own (a budget of its own): only the disk is shared.
+    let disk_options = |budget_extra: u64| StoreOptions {
+        cache_dir: Some(cache_dir.clone()),
+        cache_disk_bytes: 64 << 20,
+        ..large_blocks(2 * MIB as u64 + budget_extra)
+    };
+    let data = patterned(2 * MIB, 43);
+    let size = data.len() as u32;
+    open(&objects, "v", large_blocks(0))
+        .put_slice(2, data.clone())
+        .await
+        .unwrap();
+    let reader = open(&objects, "v", disk_options(1));
+    assert_eq!(reader.read_slice(2, size, 0, size).await.unwrap(), data);
+    wait_for_files(&cache_dir, 2).await;
+    // Flip a byte in the middle of each cached page.
+    for entry in std::fs::read_dir(&cache_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let mut file = std::fs::read(&path).unwrap();
+        let middle = file.len() / 2;
+        file[middle] ^= 0xff;
+        std::fs::write(&path, file).unwrap();
+    }
+    let reader = open(&objects, "v", disk_options(2));
+    assert_eq!(reader.read_slice(2, size, 0, size).await.unwrap(), data);
+    // The corrupt files were replaced by good ones: with the objects gone, a fresh memory cache
+    // is served from disk.
+    wait_for_files(&cache_dir, 2).await;
+    std::fs::remove_dir_all(objects.join("v")).unwrap();
+    let reader = open(&objects, "v", disk_options(3));
+    assert_eq!(reader.read_slice(2, size, 0, size).await.unwrap(), data);
 }

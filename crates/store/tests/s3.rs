@@ -251,3 +251,51 @@ async fn ca_env_child_round_trip() {
     );
     store.delete_slice(3, MIB as u32).await.unwrap();
 }
+
+#[tokio::test]
+async fn large_objects_upload_in_parts_and_read_back_by_ranges() {
+    let options = StoreOptions {
+        block_size: 64 << 20,
+        cache_mem_bytes: 16 << 20,
+        ..StoreOptions::default()
+    };
+    let store = BlockStore::open(&s3_url(), &unique_volume("large"), options).unwrap();
+    let data = patterned(40 * MIB + 3);
+    let size = data.len() as u32;
+    store.put_slice(9, data.clone()).await.unwrap();
+    let listed: Vec<(String, u64)> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect();
+    // One object for the slice, whole although it went up in parts.
+    assert_eq!(
+        listed,
+        vec![(format!("chunks/0/0/9_0_{size}"), u64::from(size))]
+    );
+    for (off, len) in [
+        (0, 10),
+        (MIB - 1, 2),
+        (17 * MIB + 5, 9 * MIB),
+        (40 * MIB, 3),
+    ] {
+        let got = store
+            .read_slice(9, size, off as u32, len as u32)
+            .await
+            .unwrap();
+        assert_eq!(got, data[off..off + len], "at {off}");
+    }
+    // Streaming it whole through a cache of 16 MiB (read-ahead ahead of the reader).
+    for off in (0..data.len()).step_by(MIB) {
+        store.prefetch(9, size, (off + MIB) as u32, 8 * MIB as u32);
+        let got = store
+            .read_slice(9, size, off as u32, MIB as u32)
+            .await
+            .unwrap();
+        assert_eq!(got, data[off..(off + MIB).min(data.len())], "at {off}");
+    }
+    store.delete_slice(9, size).await.unwrap();
+    assert!(store.list().await.unwrap().is_empty());
+}

@@ -13,7 +13,9 @@ use cellar_store::{BlockStore, StoreOptions};
 use crate::{VfsResult, VolumeConfig};
 
 pub(crate) const CHUNK_SIZE: u64 = 64 << 20;
-pub(crate) const BLOCK_SIZE: u64 = 4 << 20;
+/// Block size of new volumes: a slice is one object (a slice never spans chunks), so a streaming
+/// read is a few large ranged GETs of it. Volumes keep the block size they were formatted with.
+pub(crate) const BLOCK_SIZE: u64 = CHUNK_SIZE;
 pub(crate) const INLINE_THRESHOLD: u64 = 64 << 10;
 /// How far in the future an upload's intent record falls due for gc. A block request gives up
 /// after about a minute of retries, so an hour is far beyond any upload still in flight: gc never

@@ -14,9 +14,10 @@ use crate::read_path::{chunk_range, layout_max_age, FileLayout};
 use crate::volume::Inner;
 use crate::{Ctx, OpenReply, VfsResult, MAX_FILE_SIZE};
 
-/// First read-ahead window of a sequential reader, doubled on each sequential read up to the cap.
+/// First read-ahead window of a sequential reader, doubled on each sequential read up to the cap
+/// (what fits well inside the default memory budget: see `cellar_store::StoreOptions`).
 const READAHEAD_INITIAL: u64 = (1 << 20) + (128 << 10);
-const READAHEAD_MAX: u64 = 32 << 20;
+const READAHEAD_MAX: u64 = 64 << 20;
 /// copy_file_range moves data through the buffer in pieces of this size.
 const COPY_PIECE: u64 = 4 << 20;
 
@@ -134,7 +135,9 @@ impl Inner {
         }
         let from = ra.next.max(ra.prefetched_until);
         let to = (ra.next + ra.window).min(size);
-        if from < to {
+        // Top up once half the window is used (or the file's end is in reach): read-ahead goes
+        // out as a few large ranged GETs, not as one small GET per read.
+        if from < to && (to - from >= ra.window / 2 || to == size) {
             ra.prefetched_until = to;
             drop(ra);
             self.prefetch(file, generation, from, to);

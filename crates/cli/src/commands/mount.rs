@@ -38,8 +38,8 @@ pub struct MountArgs {
     /// Budget of the on-disk block cache, MiB
     #[arg(long, value_name = "MIB", default_value_t = 10240)]
     pub cache_disk_mb: u64,
-    /// Budget of the in-memory block cache, MiB
-    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    /// Memory budget of the page cache and the read-ahead in flight, MiB (0: no cache)
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
     pub cache_mem_mb: u64,
     /// Log file of a background mount [default: /var/log/cellar/VOLUME.log, or the temporary
     /// directory if that cannot be created]
