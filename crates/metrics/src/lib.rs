@@ -76,6 +76,7 @@ label_values! {
         Fsync => "fsync",
         Fallocate => "fallocate",
         CopyFileRange => "copy_file_range",
+        Lseek => "lseek",
         Opendir => "opendir",
         Readdir => "readdir",
         Releasedir => "releasedir",
@@ -410,12 +411,13 @@ pub fn store_http_attempt(outcome: HttpOutcome) {
 
 /// A block lookup in a cache.
 pub fn cache_lookup(cache: Cache, hit: bool) {
-    let counters = if hit {
-        &METRICS.cache_hits
-    } else {
-        &METRICS.cache_misses
-    };
-    counters.get(cache as usize).inc();
+    cache_lookups(cache, u64::from(hit), u64::from(!hit));
+}
+
+/// Several lookups at once (the pages of one read).
+pub fn cache_lookups(cache: Cache, hits: u64, misses: u64) {
+    METRICS.cache_hits.get(cache as usize).inc_by(hits);
+    METRICS.cache_misses.get(cache as usize).inc_by(misses);
 }
 
 /// One object-store request, from [`StoreRequest::start`] until dropped: counts it in flight

@@ -11,7 +11,7 @@ use object_store::client::{
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result, UploadPart,
 };
 use std::sync::Arc;
 
@@ -48,6 +48,27 @@ fn metered_stream<T: Send + 'static>(
         .boxed()
 }
 
+#[derive(Debug)]
+struct MeteredUpload(Box<dyn MultipartUpload>);
+
+#[async_trait::async_trait]
+impl MultipartUpload for MeteredUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let request = StoreRequest::start(StoreOp::Put);
+        let len = data.content_length() as u64;
+        let part = self.0.put_part(data);
+        Box::pin(async move { finish(request, part.await, |_| len) })
+    }
+
+    async fn complete(&mut self) -> Result<PutResult> {
+        self.0.complete().await
+    }
+
+    async fn abort(&mut self) -> Result<()> {
+        self.0.abort().await
+    }
+}
+
 #[async_trait::async_trait]
 impl ObjectStore for Metered {
     async fn put_opts(
@@ -65,13 +86,14 @@ impl ObjectStore for Metered {
         )
     }
 
-    /// Not used by Cellar (blocks are single PUTs): forwarded, not counted.
+    /// Each part of a multipart upload counts as one `put` of its bytes.
     async fn put_multipart_opts(
         &self,
         location: &Path,
         opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
-        self.0.put_multipart_opts(location, opts).await
+        let upload = self.0.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(MeteredUpload(upload)))
     }
 
     // `get_ranges` keeps the trait's default, which fetches through `get_opts` below.

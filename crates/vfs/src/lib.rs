@@ -301,7 +301,7 @@ impl Vfs {
     /// SEEK_DATA / SEEK_HOLE (`whence`): the next data or hole at or after `offset`, from the
     /// chunk maps and this mount's unflushed writes; ENXIO at or past the end of the file.
     pub fn lseek(&self, _ino: Ino, fh: u64, offset: u64, whence: i32) -> VfsResult<u64> {
-        self.inner.lseek(fh, offset, whence)
+        fs_request(FsOp::Lseek, || self.inner.lseek(fh, offset, whence))
     }
 
     pub fn opendir(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<u64> {
