@@ -81,8 +81,9 @@ pub async fn register(
         body.sandboxes.clone(),
     );
     // Callable before the database shows the runner live: the scheduler, which reads the
-    // database, must never pick a runner this process cannot call yet.
-    state.services.runners.insert(
+    // database, must never pick a runner this process cannot call yet. A registration the
+    // database refuses (another live runner of that name) puts the earlier handle back.
+    let (inserted, replaced) = state.services.runners.insert(
         &body.name,
         RunnerHandle::Remote(RemoteRunner::new(&body.name, &url, body.callback_token)),
     );
@@ -102,7 +103,13 @@ pub async fn register(
             timeout,
         )
     })
-    .await?;
+    .await
+    .inspect_err(|_| {
+        state
+            .services
+            .runners
+            .undo_insert(&body.name, &inserted, replaced)
+    })?;
     tracing::info!(
         runner = %body.name,
         "runner registered from {url} (capacity {}, running {}, to destroy {})",

@@ -79,12 +79,42 @@ impl Registry {
         self.read().get(name).cloned()
     }
 
-    /// Adds a runner, replacing an earlier registration under the same name.
-    pub fn insert(&self, name: &str, handle: RunnerHandle) {
+    /// Adds a runner, replacing an earlier registration under the same name. Returns the new
+    /// entry and the one it replaced (for [`Registry::undo_insert`]).
+    pub fn insert(
+        &self,
+        name: &str,
+        handle: RunnerHandle,
+    ) -> (Arc<RunnerHandle>, Option<Arc<RunnerHandle>>) {
+        let handle = Arc::new(handle);
+        let replaced = self.write().insert(name.to_string(), Arc::clone(&handle));
+        (handle, replaced)
+    }
+
+    /// Puts back what `insert` replaced, unless another registration replaced `inserted` since.
+    pub fn undo_insert(
+        &self,
+        name: &str,
+        inserted: &Arc<RunnerHandle>,
+        replaced: Option<Arc<RunnerHandle>>,
+    ) {
+        let mut runners = self.write();
+        if !runners
+            .get(name)
+            .is_some_and(|current| Arc::ptr_eq(current, inserted))
+        {
+            return;
+        }
+        match replaced {
+            Some(previous) => runners.insert(name.to_string(), previous),
+            None => runners.remove(name),
+        };
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<RunnerHandle>>> {
         self.runners
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(name.to_string(), Arc::new(handle));
     }
 
     pub fn names(&self) -> Vec<String> {
