@@ -23,7 +23,7 @@ from volume import Volume, VolumeError  # noqa: E402
 
 BUDGET_MIB = 512
 # The daemon's memory besides the cache and read-ahead: measured at 75-105 MiB while streaming.
-OVERHEAD_MIB = 160
+OVERHEAD_MIB = 128
 PIECE = 8 << 20
 
 

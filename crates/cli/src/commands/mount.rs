@@ -60,6 +60,7 @@ pub struct MountArgs {
 }
 
 pub fn run(args: MountArgs) -> Result<()> {
+    return_freed_buffers_to_the_system();
     // Everything that can be checked cheaply is checked before forking, so that the common
     // mistakes fail right here with their own message.
     let mount_point = cellar_fuse::check_mount_point(&args.mount_point)?;
@@ -327,4 +328,16 @@ pub fn daemon_pid(mount_point: &Path) -> Result<Option<u32>> {
         return Ok(None);
     };
     Ok((process_start_time(pid) == Some(started)).then_some(pid))
+}
+
+/// The daemon's memory budget counts cache pages (1 MiB each), and glibc's malloc would keep
+/// freed ones in its arenas after raising its mmap threshold: a fixed threshold below the page
+/// size maps every page buffer on its own and returns it to the system when freed, so the
+/// resident size follows the cache instead of the allocator's high-water mark.
+fn return_freed_buffers_to_the_system() {
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
 }
