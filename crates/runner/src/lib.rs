@@ -564,9 +564,7 @@ fn watch_host_addresses(
         .name("host-addresses".to_owned())
         .spawn(move || loop {
             match &events {
-                Some(events) => {
-                    events.wait(HOST_ADDRESS_POLL);
-                }
+                Some(events) => events.wait(HOST_ADDRESS_POLL),
                 None => std::thread::sleep(HOST_ADDRESS_POLL),
             }
             let Some(sandboxes) = sandboxes.upgrade() else {

@@ -201,9 +201,9 @@ impl AddressEvents {
         Ok(AddressEvents { socket })
     }
 
-    /// Waits up to `timeout` for address notifications and drains them. Returns whether any came
-    /// (the caller re-reads the addresses either way when it polls too).
-    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+    /// Waits up to `timeout` for address notifications and drains them (the caller re-reads the
+    /// addresses either way, so which notification came does not matter).
+    pub(crate) fn wait(&self, timeout: Duration) {
         use std::os::fd::AsRawFd;
         let fd = self.socket.as_raw_fd();
         let mut pollfd = libc::pollfd {
@@ -214,13 +214,12 @@ impl AddressEvents {
         let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: one valid pollfd.
         if unsafe { libc::poll(&mut pollfd, 1, millis) } <= 0 {
-            return false;
+            return;
         }
         let mut buf = [0u8; 8192];
         // SAFETY: reads into `buf` of its length; the socket is non-blocking, so this ends when
         // the queue is empty (or overflowed: ENOBUFS, which also means "re-read").
         while unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
-        true
     }
 }
 
