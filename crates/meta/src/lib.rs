@@ -50,9 +50,14 @@ pub trait MetaEngine: Send + Sync {
     /// last link keeps it instead of freeing it: the engine decides "still open" itself and never
     /// asks its caller.
     fn open_file(&self, session: SessionId, ino: Ino) -> Result<Attr>;
-    /// Undoes one [`MetaEngine::open_file`]; the last close, by the last session that has it
-    /// open, of an inode that lost its last link frees it.
+    /// Undoes one [`MetaEngine::open_file`]. The last close is recorded lazily, by the next
+    /// [`MetaEngine::commit_closes`] (one transaction for all of them; an open before then needs
+    /// no write): until then the inode counts as open. The recorded last close, by the last
+    /// session that has it open, of an inode that lost its last link frees it.
     fn close_file(&self, session: SessionId, ino: Ino) -> Result<()>;
+    /// Records the last closes since the previous call; returns how many. The caller calls it
+    /// periodically (an unlinked inode is freed that much later).
+    fn commit_closes(&self) -> Result<usize>;
 
     // ---- namespace ----
     fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr>;
@@ -62,6 +67,16 @@ pub trait MetaEngine: Send + Sync {
     /// Creates a regular file, directory, symlink, fifo, socket or device node.
     /// `Exists` if the name is taken; `NotDir` if parent is not a directory.
     fn create_node(&self, parent: Ino, name: &[u8], node: &NewNode, now_ns: i64) -> Result<Attr>;
+    /// [`MetaEngine::create_node`] and [`MetaEngine::open_file`] of the new inode by `session`,
+    /// in one transaction (`open(O_CREAT)`).
+    fn create_open(
+        &self,
+        session: SessionId,
+        parent: Ino,
+        name: &[u8],
+        node: &NewNode,
+        now_ns: i64,
+    ) -> Result<Attr>;
     /// Hard link; `Perm`-style errors (directories) are `MetaError::Posix(EPERM)`.
     fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8], now_ns: i64) -> Result<Attr>;
     /// Removes a non-directory entry. When the inode's last link goes while it is open (see
@@ -118,9 +133,15 @@ pub trait MetaEngine: Send + Sync {
     /// merging them with the stored bytes inside the transaction, and sets mtime, ctime and the
     /// size (at least the end of the last byte written). Returns `None` and changes nothing when
     /// the file's data lives in chunks or the result would pass the inline threshold: the caller
-    /// then writes slices.
-    fn write_inline(&self, ino: Ino, extents: &[(u64, &[u8])], now_ns: i64)
-        -> Result<Option<Attr>>;
+    /// then writes slices. `then` (attribute changes made after the writes, possibly none) is
+    /// applied in the same transaction, as [`MetaEngine::setattr`] would.
+    fn write_inline(
+        &self,
+        ino: Ino,
+        extents: &[(u64, &[u8])],
+        then: &SetAttr,
+        now_ns: i64,
+    ) -> Result<Option<Attr>>;
     /// Appends slices to chunks and grows the size to at least `min_size`; sets mtime, ctime.
     /// Every non-hole slice must have been recorded as a pending upload (see
     /// [`MetaEngine::add_garbage`]); if one's row is gone (gc deleted its objects after it

@@ -100,6 +100,22 @@ pub struct SetAttr {
     pub ctime: Option<i64>,
 }
 
+impl SetAttr {
+    /// Applies `later` on top: each field it sets wins.
+    pub fn merge(&mut self, later: &SetAttr) {
+        self.perm = later.perm.or(self.perm);
+        self.uid = later.uid.or(self.uid);
+        self.gid = later.gid.or(self.gid);
+        self.atime = later.atime.or(self.atime);
+        self.mtime = later.mtime.or(self.mtime);
+        self.ctime = later.ctime.or(self.ctime);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == SetAttr::default()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewNode {
     pub kind: FileKind,

@@ -120,6 +120,9 @@ fn spawn(
 
 /// Commits finished background uploads and flushes buffers left idle.
 fn flush_idle(inner: &Inner) {
+    if let Err(e) = inner.core.meta.commit_closes() {
+        tracing::warn!(error = %e, "recording last closes failed; will retry");
+    }
     for file in inner.registry.all_files() {
         let (dirty, idle) = {
             let d = file.data.lock();

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use cellar_meta::{Attr, Committed, Content, GarbageSlice, Ino, MetaError, Slice};
+use cellar_meta::{Attr, Committed, Content, GarbageSlice, Ino, MetaError, SetAttr, Slice};
 use cellar_store::StoreError;
 
 use crate::backend::now_ns;
@@ -81,6 +81,8 @@ impl Inner {
             d.buffer_bytes += len;
             d.buffer_end = d.buffer_end.max(offset + len);
             d.mtime_ns = now_ns();
+            // A write after futimens moves mtime on again.
+            d.pending_attr.mtime = None;
             d.last_write = Some(Instant::now());
             d.buffer_bytes
         };
@@ -193,16 +195,41 @@ impl Inner {
 
     fn try_flush(&self, file: &FileState) -> Attempt<()> {
         while self.commit_front(file, true)? {}
-        if !self.cut_segment(file) {
-            return Ok(());
-        }
         // Nothing else in flight: a small file may take the whole segment inline.
-        if self.commit_inline(file)? {
-            return Ok(());
+        if self.cut_segment(file) && !self.commit_inline(file)? {
+            self.start_upload(file)?;
+            while self.commit_front(file, true)? {}
         }
-        self.start_upload(file)?;
-        while self.commit_front(file, true)? {}
+        self.commit_pending_attr(file)
+    }
+
+    /// Commits the attribute changes still waiting (see `FileData::pending_attr`).
+    fn commit_pending_attr(&self, file: &FileState) -> Attempt<()> {
+        let (changes, generation) = {
+            let d = file.data.lock();
+            if d.pending_attr.is_empty() {
+                return Ok(());
+            }
+            (d.pending_attr.clone(), d.pending_attr_gen)
+        };
+        self.core
+            .meta
+            .setattr(file.ino, &changes, now_ns())
+            .map_err(|e| Failure::Failed(e.into()))?;
+        self.pending_attr_committed(file, generation);
         Ok(())
+    }
+
+    /// The pending attribute changes as of `generation` are committed: drop them unless newer
+    /// ones came meanwhile (those are committed again, with the newer values on top).
+    fn pending_attr_committed(&self, file: &FileState, generation: u64) {
+        let mut d = file.data.lock();
+        if d.pending_attr_gen == generation {
+            d.pending_attr = SetAttr::default();
+        }
+        // Readers of the attributes that raced the commit look again.
+        d.commit_gen += 1;
+        d.unsynced = true;
     }
 
     /// Moves the whole buffer into a new in-flight segment (reads keep overlaying it). Returns
@@ -232,18 +259,31 @@ impl Inner {
     /// engine merges the extents into the stored bytes in its transaction. Returns false (the
     /// segment stays) when the file's data lives in chunks or would outgrow the threshold.
     fn commit_inline(&self, file: &FileState) -> Attempt<bool> {
-        let (extents, mtime_ns) = {
+        let (extents, mtime_ns, then, generation) = {
             let d = file.data.lock();
             let segment = d.inflight.front().expect("a segment was just cut");
             if d.inflight.len() != 1 || segment.end > self.core.volume.inline_threshold {
                 return Ok(false);
             }
-            (segment.extents.clone(), segment.mtime_ns)
+            let extents = segment.extents.clone();
+            (
+                extents,
+                segment.mtime_ns,
+                d.pending_attr.clone(),
+                d.pending_attr_gen,
+            )
         };
         let refs: Vec<(u64, &[u8])> = extents.iter().map(|r| (r.offset, &r.data[..])).collect();
-        match self.core.meta.write_inline(file.ino, &refs, mtime_ns) {
+        match self
+            .core
+            .meta
+            .write_inline(file.ino, &refs, &then, mtime_ns)
+        {
             Ok(Some(attr)) => {
                 self.finish_front(file, &attr);
+                if !then.is_empty() {
+                    self.pending_attr_committed(file, generation);
+                }
                 Ok(true)
             }
             Ok(None) => Ok(false),

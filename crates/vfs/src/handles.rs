@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use cellar_meta::Slice;
+use cellar_meta::{Attr, SetAttr, Slice, TimeSet};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
@@ -21,6 +21,9 @@ pub(crate) struct FileState {
     pub open_count: AtomicU32,
     /// Some POSIX lock was taken on it through this mount (close must then drop the owner's).
     pub posix_locked: AtomicBool,
+    /// This mount removed its last link while it was open: its last close is recorded at once
+    /// (which frees it), not lazily (see `MetaEngine::close_file`).
+    pub unlinked: AtomicBool,
     pub data: Mutex<FileData>,
     /// Serializes flushes of this inode: slices must be committed in write order. Held across
     /// metadata and store calls (that is its purpose); see the lock order in lib.rs.
@@ -86,11 +89,38 @@ pub(crate) struct FileData {
     pub unsynced: bool,
     /// Why buffered writes were dropped (a commit past the quota), until a flush reports it.
     pub lost_writes: Option<Errno>,
+    /// Attribute changes made here while the file had unflushed writes (tar's futimens, fchown,
+    /// fchmod before close): committed with them by the next flush, in its transaction when the
+    /// file is inline, instead of one transaction (and an early flush) each.
+    pub pending_attr: SetAttr,
+    /// Bumped by every change of `pending_attr`: a flush clears only what it committed.
+    pub pending_attr_gen: u64,
 }
 
 impl FileData {
     pub fn is_dirty(&self) -> bool {
-        !self.buffer.is_empty() || !self.inflight.is_empty()
+        !self.buffer.is_empty() || !self.inflight.is_empty() || !self.pending_attr.is_empty()
+    }
+
+    /// Attributes as this mount sees them: `attr` (committed) with the unflushed writes and
+    /// attribute changes on top.
+    pub fn overlay_attr(&self, attr: &mut Attr) {
+        if !self.buffer.is_empty() || !self.inflight.is_empty() {
+            attr.size = attr.size.max(self.dirty_end());
+            attr.mtime_ns = attr.mtime_ns.max(self.mtime_ns);
+            attr.ctime_ns = attr.ctime_ns.max(self.mtime_ns);
+        }
+        let p = &self.pending_attr;
+        attr.perm = p.perm.unwrap_or(attr.perm);
+        attr.uid = p.uid.unwrap_or(attr.uid);
+        attr.gid = p.gid.unwrap_or(attr.gid);
+        if let Some(TimeSet::At(ns)) = p.atime {
+            attr.atime_ns = ns;
+        }
+        if let Some(TimeSet::At(ns)) = p.mtime {
+            attr.mtime_ns = ns;
+        }
+        attr.ctime_ns = p.ctime.unwrap_or(attr.ctime_ns);
     }
 
     /// End of the furthest uncommitted byte (0 when clean).
@@ -124,6 +154,7 @@ impl FileState {
             ino,
             open_count: AtomicU32::new(0),
             posix_locked: AtomicBool::new(false),
+            unlinked: AtomicBool::new(false),
             data: Mutex::new(FileData::default()),
             flush_lock: Mutex::new(()),
             layout: Mutex::new(None),

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use crate::backend::now_ns;
 use crate::errno::err;
 use crate::handles::{FileState, Handle, HandleKind, ReadAhead};
+use crate::namespace::new_node;
 use crate::read_path::{chunk_range, layout_max_age, FileLayout};
 use crate::volume::Inner;
 use crate::{Ctx, OpenReply, VfsResult, MAX_FILE_SIZE};
@@ -63,8 +64,8 @@ impl Inner {
         umask: u32,
         flags: i32,
     ) -> VfsResult<(Attr, OpenReply)> {
-        let created = self.mknod(ctx, parent, name, (mode & 0o7777) | libc::S_IFREG, umask, 0)?;
-        let attr = self.core.meta.open_file(self.session(), created.ino)?;
+        let node = new_node(FileKind::Regular, mode & 0o7777 & !umask, 0, Vec::new());
+        let attr = self.create_node(ctx, parent, name, node, true)?;
         let (fh, keep_cache) = self.new_file_handle(ctx, &attr, flags);
         Ok((attr, OpenReply { fh, keep_cache }))
     }
@@ -227,7 +228,13 @@ impl Inner {
             Ok(())
         };
         // An unlinked inode goes with its last close (the engine counts the opens).
-        let closed = self.core.meta.close_file(self.session(), ino);
+        let meta = &self.core.meta;
+        let closed = meta.close_file(self.session(), ino).and_then(|()| {
+            if last && file.unlinked.load(Ordering::SeqCst) {
+                meta.commit_closes()?;
+            }
+            Ok(())
+        });
         if last {
             self.registry.forget_if_idle(ino);
         }

@@ -1,6 +1,8 @@
 //! Namespace operations: lookup, attributes (with the permission rules the kernel leaves to the
 //! file system), node creation, removal, rename, directories, xattrs, statfs.
 
+use std::sync::atomic::Ordering;
+
 use cellar_meta::{Attr, FileKind, Ino, NewNode, Rename, RenameMode, SetAttr, TimeSet};
 
 use crate::backend::now_ns;
@@ -77,8 +79,7 @@ impl Inner {
     }
 
     pub(crate) fn setattr(&self, ctx: &Ctx, ino: Ino, req: SetAttrRequest) -> VfsResult<Attr> {
-        let meta = &self.core.meta;
-        let attr = meta.getattr(ino)?;
+        let attr = self.getattr(ino)?;
         let root = ctx.uid == 0;
         let owner = root || ctx.uid == attr.uid;
         let mut changes = SetAttr {
@@ -143,16 +144,34 @@ impl Inner {
             }
             self.truncate_file(ino, size)?;
         }
-        if changes.atime.is_some() || changes.mtime.is_some() {
-            // A later commit of buffered writes would overwrite the times set now.
-            if let Some(file) = self.registry.file(ino) {
-                self.flush_file(&file)?;
-            }
-        }
-        if changes != SetAttr::default() {
-            meta.setattr(ino, &changes, now_ns())?;
+        if !changes.is_empty() {
+            self.change_attr(ino, changes)?;
         }
         self.getattr(ino)
+    }
+
+    /// Commits attribute changes, or, while this mount holds unflushed writes of the file, keeps
+    /// them for the flush that commits those (see `FileData::pending_attr`): they become durable
+    /// and visible to other mounts with the data, at close or fsync.
+    fn change_attr(&self, ino: Ino, mut changes: SetAttr) -> VfsResult<()> {
+        let now = now_ns();
+        if let Some(file) = self.registry.file(ino) {
+            let mut d = file.data.lock();
+            if d.is_dirty() {
+                // Resolved now: the commit comes later.
+                for time in [&mut changes.atime, &mut changes.mtime] {
+                    if *time == Some(TimeSet::Now) {
+                        *time = Some(TimeSet::At(now));
+                    }
+                }
+                changes.ctime.get_or_insert(now);
+                d.pending_attr.merge(&changes);
+                d.pending_attr_gen += 1;
+                return Ok(());
+            }
+        }
+        self.core.meta.setattr(ino, &changes, now)?;
+        Ok(())
     }
 
     pub(crate) fn readlink(&self, ino: Ino) -> VfsResult<Vec<u8>> {
@@ -160,13 +179,15 @@ impl Inner {
     }
 
     /// Creates `node` owned by the caller, with the group (plus, for directories, the setgid bit)
-    /// inherited from a setgid parent.
-    fn create_node(
+    /// inherited from a setgid parent; `open`: recorded as open by this mount in the same
+    /// transaction (see `MetaEngine::create_open`).
+    pub(crate) fn create_node(
         &self,
         ctx: &Ctx,
         parent: Ino,
         name: &[u8],
         mut node: NewNode,
+        open: bool,
     ) -> VfsResult<Attr> {
         check_name(name)?;
         let parent_attr = self.core.meta.getattr(parent)?;
@@ -190,7 +211,12 @@ impl Inner {
         {
             node.perm &= !S_ISGID;
         }
-        let attr = self.core.meta.create_node(parent, name, &node, now_ns())?;
+        let meta = &self.core.meta;
+        let attr = if open {
+            meta.create_open(self.session(), parent, name, &node, now_ns())?
+        } else {
+            meta.create_node(parent, name, &node, now_ns())?
+        };
         self.note_seen(&attr);
         Ok(attr)
     }
@@ -210,6 +236,7 @@ impl Inner {
             parent,
             name,
             new_node(kind, mode & !umask, rdev, Vec::new()),
+            false,
         )
     }
 
@@ -226,6 +253,7 @@ impl Inner {
             parent,
             name,
             new_node(FileKind::Directory, mode & !umask, 0, Vec::new()),
+            false,
         )
     }
 
@@ -247,6 +275,7 @@ impl Inner {
             parent,
             name,
             new_node(FileKind::Symlink, 0o777, 0, target.to_vec()),
+            false,
         )
     }
 
@@ -254,9 +283,17 @@ impl Inner {
         if name.len() > NAME_MAX {
             return err(libc::ENAMETOOLONG);
         }
-        self.core.meta.unlink(parent, name, now_ns())?;
+        let unlinked = self.core.meta.unlink(parent, name, now_ns())?;
         self.quota.space_freed();
+        self.note_unlinked(unlinked);
         Ok(())
+    }
+
+    /// `ino` may have lost its last link: if it is open here, its last close frees it at once.
+    fn note_unlinked(&self, ino: Option<Ino>) {
+        if let Some(file) = ino.and_then(|ino| self.registry.file(ino)) {
+            file.unlinked.store(true, Ordering::SeqCst);
+        }
     }
 
     pub(crate) fn rmdir(&self, parent: Ino, name: &[u8]) -> VfsResult<()> {
@@ -292,8 +329,10 @@ impl Inner {
             dst_name: new_name,
             mode,
         };
-        if self.core.meta.rename(&req, now_ns())?.replaced.is_some() {
+        let replaced = self.core.meta.rename(&req, now_ns())?.replaced;
+        if replaced.is_some() {
             self.quota.space_freed();
+            self.note_unlinked(replaced);
         }
         Ok(())
     }
@@ -460,7 +499,7 @@ impl Inner {
 }
 
 /// A node to create; ownership is filled in by `create_node`.
-fn new_node(kind: FileKind, perm: u32, rdev: u32, target: Vec<u8>) -> NewNode {
+pub(crate) fn new_node(kind: FileKind, perm: u32, rdev: u32, target: Vec<u8>) -> NewNode {
     NewNode {
         kind,
         perm,

@@ -227,7 +227,8 @@ impl Inner {
         self.seen.lock().clear();
     }
 
-    /// Attributes as this mount sees them: buffered writes count toward size and mtime.
+    /// Attributes as this mount sees them: buffered writes count toward size and mtime, and
+    /// attribute changes waiting for them apply.
     /// `attr` came from the engine; for a file open here it is read again between two looks
     /// at the commit generation: a commit of this mount after the engine read moves bytes out
     /// of the buffer that the read lacks, and the size would come out short (readers then see
@@ -248,11 +249,7 @@ impl Inner {
             if d.commit_gen != generation {
                 continue;
             }
-            if d.is_dirty() {
-                attr.size = attr.size.max(d.dirty_end());
-                attr.mtime_ns = attr.mtime_ns.max(d.mtime_ns);
-                attr.ctime_ns = attr.ctime_ns.max(d.mtime_ns);
-            }
+            d.overlay_attr(&mut attr);
             return Ok(attr);
         }
     }

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use cellar_store::BlockStore;
+use cellar_meta::TimeSet;
 use cellar_vfs::{maintenance, SetAttrRequest, ROOT_INO};
 use common::*;
 use rand::{RngExt, SeedableRng};
@@ -536,4 +537,74 @@ fn a_same_size_rewrite_with_restored_mtime_drops_the_page_cache() {
     assert!(reopen(&a), "and kept again once seen");
     a.shutdown().unwrap();
     b.shutdown().unwrap();
+}
+
+/// tar's futimens + fchown + fchmod before close wait for the flush and commit with the data:
+/// this mount sees them at once, the volume at close, with the explicit mtime kept unless a
+/// later write moves it on.
+#[test]
+fn attribute_changes_of_a_dirty_file_commit_with_its_data() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "extracted");
+    write_all(&vfs, ino, fh, 0, b"archived bytes");
+    let archived_mtime = 1_600_000_000_000_000_000;
+    let set = |req: SetAttrRequest| vfs.setattr(&root(), ino, req).unwrap();
+    set(SetAttrRequest {
+        mtime: Some(TimeSet::At(archived_mtime)),
+        ..Default::default()
+    });
+    set(SetAttrRequest {
+        uid: Some(1234),
+        gid: Some(5678),
+        ..Default::default()
+    });
+    let seen = set(SetAttrRequest {
+        mode: Some(0o640),
+        ..Default::default()
+    });
+    assert_eq!(
+        (seen.perm, seen.uid, seen.gid, seen.mtime_ns, seen.size),
+        (0o640, 1234, 5678, archived_mtime, 14),
+        "this mount sees the changes at once"
+    );
+    let committed = volume.meta().getattr(ino).unwrap();
+    assert_eq!(
+        (committed.perm, committed.size),
+        (0o644, 0),
+        "nothing committed before the flush"
+    );
+    close(&vfs, ino, fh);
+    let committed = volume.meta().getattr(ino).unwrap();
+    assert_eq!(
+        (
+            committed.perm,
+            committed.uid,
+            committed.gid,
+            committed.mtime_ns,
+            committed.size
+        ),
+        (0o640, 1234, 5678, archived_mtime, 14),
+        "the close commits data and attributes"
+    );
+    assert_eq!(vfs.getattr(ino).unwrap(), committed);
+
+    // A write after futimens moves mtime on; the mode set before it stays.
+    let fh = vfs.open(&root(), ino, libc::O_WRONLY).unwrap().fh;
+    write_all(&vfs, ino, fh, 0, b"A");
+    set(SetAttrRequest {
+        mtime: Some(TimeSet::At(archived_mtime)),
+        mode: Some(0o600),
+        ..Default::default()
+    });
+    write_all(&vfs, ino, fh, 1, b"B");
+    close(&vfs, ino, fh);
+    let committed = volume.meta().getattr(ino).unwrap();
+    assert_eq!(committed.perm, 0o600);
+    assert!(
+        committed.mtime_ns > archived_mtime,
+        "the later write set mtime"
+    );
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
 }

@@ -85,8 +85,14 @@ enum ChangeWatch {
 }
 
 /// Opens of inodes by this engine's caller: the first records the open in the database (where
-/// every mount's unlink sees it), the last removes it.
-type OpenFiles = HashMap<Ino, u32>;
+/// every mount's unlink sees it), the last removes it, lazily (see `MetaEngine::commit_closes`).
+#[derive(Default)]
+struct OpenFiles {
+    counts: HashMap<Ino, u32>,
+    /// Inodes whose last close is not yet recorded, with the session that holds them: their rows
+    /// are still in `open_files`, so an open before `commit_closes` needs no write.
+    closing: HashMap<Ino, SessionId>,
+}
 
 /// The schema of a volume of a PostgreSQL database.
 fn volume_schema(volume: &str) -> Result<String> {
@@ -156,7 +162,7 @@ impl SqlEngine {
         SqlEngine {
             db,
             volume: OnceLock::new(),
-            open_files: Mutex::new(OpenFiles::new()),
+            open_files: Mutex::new(OpenFiles::default()),
             origin: rand::random(),
             changes_key,
             watch,
@@ -168,6 +174,25 @@ impl SqlEngine {
     /// log; rolls back if it fails (PostgreSQL: re-runs it if it lost a race).
     fn write<T>(&self, f: impl FnMut(&Tx<'_, '_>) -> Result<T>) -> Result<T> {
         self.write_excluding(None, f)
+    }
+
+    /// [`Self::write`] that first records the last closes still pending (see
+    /// `MetaEngine::commit_closes`): an unlink on this mount right after a close frees the inode
+    /// at once. Returns how many it recorded.
+    fn write_closing<T>(&self, mut f: impl FnMut(&Tx<'_, '_>) -> Result<T>) -> Result<(usize, T)> {
+        // Held across the transaction: an open of one of these inodes meanwhile must not see its
+        // row, then lose it to the delete.
+        let mut open = self.open_files.lock();
+        let done = self.write(|tx| {
+            let now_ns = tx.now_ns()?;
+            for (&ino, &session) in &open.closing {
+                namespace::close_file(tx, session, ino, now_ns)?;
+            }
+            f(tx)
+        })?;
+        let closed = open.closing.len();
+        open.closing.clear();
+        Ok((closed, done))
     }
 
     /// [`Self::write`], keeping every other writer of `table` out when one is named.
@@ -280,33 +305,44 @@ impl MetaEngine for SqlEngine {
 
     fn open_file(&self, session: SessionId, ino: Ino) -> Result<Attr> {
         let mut open = self.open_files.lock();
-        let count = open.get(&ino).copied().unwrap_or(0);
-        let attr = if count == 0 {
-            self.write(|tx| namespace::open_file(tx, session, ino))?
-        } else {
+        let count = open.counts.get(&ino).copied().unwrap_or(0);
+        let recorded = count > 0 || open.closing.get(&ino) == Some(&session);
+        let attr = if recorded {
             self.read(|tx| rows::get_attr(tx, ino))?
+        } else {
+            self.write(|tx| namespace::open_file(tx, session, ino))?
         };
-        open.insert(ino, count + 1);
+        open.closing.remove(&ino);
+        open.counts.insert(ino, count + 1);
         Ok(attr)
     }
 
     fn close_file(&self, session: SessionId, ino: Ino) -> Result<()> {
         let mut open = self.open_files.lock();
-        match open.get_mut(&ino) {
-            Some(count) if *count > 1 => {
-                *count -= 1;
-                Ok(())
-            }
+        match open.counts.get_mut(&ino) {
+            Some(count) if *count > 1 => *count -= 1,
             Some(_) => {
-                open.remove(&ino);
-                self.write(|tx| namespace::close_file(tx, session, ino, tx.now_ns()?))
+                open.counts.remove(&ino);
+                open.closing.insert(ino, session);
             }
-            None => Ok(()),
+            None => {}
         }
+        Ok(())
+    }
+
+    fn commit_closes(&self) -> Result<usize> {
+        if self.open_files.lock().closing.is_empty() {
+            return Ok(0);
+        }
+        self.write_closing(|_| Ok(())).map(|(closed, ())| closed)
     }
 
     fn close_session(&self, session: SessionId) -> Result<()> {
-        self.write(|tx| namespace::close_session(tx, session, tx.now_ns()?))
+        let mut open = self.open_files.lock();
+        // The session's rows go with it, and so do the inodes only they kept.
+        self.write(|tx| namespace::close_session(tx, session, tx.now_ns()?))?;
+        open.closing.retain(|_, holder| *holder != session);
+        Ok(())
     }
 
     fn reap_stale_sessions(&self, max_age_ns: i64, exclude: Option<SessionId>) -> Result<usize> {
@@ -336,12 +372,31 @@ impl MetaEngine for SqlEngine {
         self.write(|tx| namespace::create_node(tx, ino, parent, name, node, now_ns))
     }
 
+    fn create_open(
+        &self,
+        session: SessionId,
+        parent: Ino,
+        name: &[u8],
+        node: &crate::NewNode,
+        now_ns: i64,
+    ) -> Result<Attr> {
+        let ino = self.next_ino()?;
+        let mut open = self.open_files.lock();
+        let attr = self.write(|tx| {
+            namespace::create_node(tx, ino, parent, name, node, now_ns)?;
+            namespace::open_file(tx, session, ino)
+        })?;
+        open.counts.insert(ino, 1);
+        Ok(attr)
+    }
+
     fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8], now_ns: i64) -> Result<Attr> {
         self.write(|tx| namespace::link(tx, ino, new_parent, new_name, now_ns))
     }
 
     fn unlink(&self, parent: Ino, name: &[u8], now_ns: i64) -> Result<Option<Ino>> {
-        self.write(|tx| namespace::unlink(tx, parent, name, now_ns))
+        self.write_closing(|tx| namespace::unlink(tx, parent, name, now_ns))
+            .map(|(_, unlinked)| unlinked)
     }
 
     fn rmdir(&self, parent: Ino, name: &[u8], now_ns: i64) -> Result<Ino> {
@@ -349,7 +404,8 @@ impl MetaEngine for SqlEngine {
     }
 
     fn rename(&self, req: &Rename<'_>, now_ns: i64) -> Result<RenameOutcome> {
-        self.write(|tx| namespace::rename(tx, req, now_ns))
+        self.write_closing(|tx| namespace::rename(tx, req, now_ns))
+            .map(|(_, outcome)| outcome)
     }
 
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -412,10 +468,17 @@ impl MetaEngine for SqlEngine {
         &self,
         ino: Ino,
         extents: &[(u64, &[u8])],
+        then: &SetAttr,
         now_ns: i64,
     ) -> Result<Option<Attr>> {
         let volume = self.volume_info()?;
-        self.write(|tx| data::write_inline(tx, volume, ino, extents, now_ns))
+        self.write(|tx| {
+            let written = data::write_inline(tx, volume, ino, extents, now_ns)?;
+            match written {
+                Some(_) if !then.is_empty() => namespace::setattr(tx, ino, then, now_ns).map(Some),
+                written => Ok(written),
+            }
+        })
     }
 
     fn commit_slices(

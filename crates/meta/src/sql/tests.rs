@@ -594,6 +594,13 @@ fn unlinked_open_files_are_sustained_until_their_last_close(engine: Engine) {
     assert_eq!(f.nlink(file.ino), 0, "one handle is still open");
     assert_eq!(f.garbage_ids(), Vec::<u64>::new());
     f.meta.close_file(f.session, file.ino).unwrap();
+    assert_eq!(f.nlink(file.ino), 0, "the last close is recorded lazily");
+    // An open before the record needs no write and keeps the inode.
+    f.meta.open_file(f.session, file.ino).unwrap();
+    assert_eq!(f.meta.commit_closes().unwrap(), 0);
+    assert_eq!(f.nlink(file.ino), 0, "open again");
+    f.meta.close_file(f.session, file.ino).unwrap();
+    assert_eq!(f.meta.commit_closes().unwrap(), 1);
     assert_eq!(
         errno(f.meta.getattr(file.ino)),
         ENOENT,
@@ -615,12 +622,14 @@ fn unlinked_open_files_are_sustained_until_their_last_close(engine: Engine) {
     assert!(f.meta.check(false).unwrap().is_empty());
     // A close of something not open (or already freed) is harmless.
     f.meta.close_file(f.session, file.ino).unwrap();
+    f.meta.commit_closes().unwrap();
     assert_eq!(errno(f.meta.open_file(f.session, 999)), ENOENT);
 
     // A file closed before its unlink is freed at once.
     let closed = f.mk(ROOT_INO, "closed", FileKind::Regular);
     f.meta.open_file(f.session, closed.ino).unwrap();
     f.meta.close_file(f.session, closed.ino).unwrap();
+    f.meta.commit_closes().unwrap();
     assert_eq!(f.unlink(ROOT_INO, "closed").unwrap(), Some(closed.ino));
     assert_eq!(errno(f.meta.getattr(closed.ino)), ENOENT);
 
@@ -632,6 +641,7 @@ fn unlinked_open_files_are_sustained_until_their_last_close(engine: Engine) {
     f.meta.close_session(f.session).unwrap();
     assert_eq!(errno(f.meta.getattr(other.ino)), ENOENT);
     f.meta.close_file(f.session, other.ino).unwrap();
+    f.meta.commit_closes().unwrap();
 
     let stale = open_session(&f.meta, 10);
     let fresh = open_session(&f.meta, wall_clock_ns());
@@ -652,12 +662,12 @@ fn an_open_file_replaced_by_rename_is_sustained_until_its_last_close(engine: Eng
     let f = Fixture::new(engine);
     let victim = f.mk(ROOT_INO, "victim", FileKind::Regular);
     f.meta
-        .write_inline(victim.ino, &[(0, b"old bytes")], NOW)
+        .write_inline(victim.ino, &[(0, b"old bytes")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     let newer = f.mk(ROOT_INO, "newer", FileKind::Regular);
     f.meta
-        .write_inline(newer.ino, &[(0, b"new")], NOW)
+        .write_inline(newer.ino, &[(0, b"new")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     let before = f.meta.usage().unwrap();
@@ -682,6 +692,8 @@ fn an_open_file_replaced_by_rename_is_sustained_until_its_last_close(engine: Eng
     assert!(f.meta.check(false).unwrap().is_empty());
 
     f.meta.close_file(f.session, victim.ino).unwrap();
+
+    f.meta.commit_closes().unwrap();
     assert_eq!(errno(f.meta.getattr(victim.ino)), ENOENT);
     let after = f.meta.usage().unwrap();
     assert_eq!(
@@ -937,13 +949,40 @@ fn committing_a_pending_upload_removes_its_garbage_row(engine: Engine) {
     assert_eq!(listed(NOW + 1), vec![crashed]);
 }
 
+fn inline_write_applies_later_attribute_changes_in_its_transaction(engine: Engine) {
+    let f = Fixture::new(engine);
+    let file = f.mk(ROOT_INO, "untarred", FileKind::Regular);
+    let then = SetAttr {
+        perm: Some(0o640),
+        uid: Some(7),
+        gid: Some(8),
+        mtime: Some(TimeSet::At(NOW - 1_000)),
+        ctime: Some(NOW + 2),
+        ..SetAttr::default()
+    };
+    let attr = f
+        .meta
+        .write_inline(file.ino, &[(0, b"archived")], &then, NOW + 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!((attr.size, attr.perm, attr.uid, attr.gid), (8, 0o640, 7, 8));
+    assert_eq!((attr.mtime_ns, attr.ctime_ns), (NOW - 1_000, NOW + 2));
+    assert_eq!(f.meta.getattr(file.ino).unwrap(), attr);
+    assert_eq!(f.inline(file.ino), Some(b"archived".to_vec()));
+}
+
 fn inline_files(engine: Engine) {
     let f = Fixture::new(engine);
     let file = f.mk(ROOT_INO, "small", FileKind::Regular);
     assert_eq!(f.inline(file.ino), Some(vec![]));
     let attr = f
         .meta
-        .write_inline(file.ino, &[(0, b"hello world")], NOW + 1)
+        .write_inline(
+            file.ino,
+            &[(0, b"hello world")],
+            &SetAttr::default(),
+            NOW + 1,
+        )
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -954,14 +993,22 @@ fn inline_files(engine: Engine) {
     assert_eq!(f.meta.usage().unwrap().bytes, 11);
     assert_eq!(
         f.meta
-            .write_inline(file.ino, &[(0, &[0; INLINE as usize + 1])], NOW)
+            .write_inline(
+                file.ino,
+                &[(0, &[0; INLINE as usize + 1])],
+                &SetAttr::default(),
+                NOW
+            )
             .unwrap(),
         None,
         "past the threshold the caller writes slices"
     );
     let dir = f.mk(ROOT_INO, "d", FileKind::Directory);
     assert_eq!(
-        errno(f.meta.write_inline(dir.ino, &[(0, b"x")], NOW)),
+        errno(
+            f.meta
+                .write_inline(dir.ino, &[(0, b"x")], &SetAttr::default(), NOW)
+        ),
         EISDIR
     );
 
@@ -1003,13 +1050,13 @@ fn inline_files(engine: Engine) {
     // chunks.
     assert_eq!(
         f.meta
-            .write_inline(file.ino, &[(0, b"again")], NOW)
+            .write_inline(file.ino, &[(0, b"again")], &SetAttr::default(), NOW)
             .unwrap(),
         None
     );
     f.meta.truncate(file.ino, 0, NOW).unwrap();
     f.meta
-        .write_inline(file.ino, &[(0, b"again")], NOW)
+        .write_inline(file.ino, &[(0, b"again")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     assert_eq!(f.inline(file.ino), Some(b"again".to_vec()));
@@ -1168,7 +1215,7 @@ fn two_engines_on_one_file_see_each_others_commits(engine: Engine) {
     assert_eq!(second.volume().unwrap(), Some(volume("vol")));
     let file = f.mk(ROOT_INO, "from-first", FileKind::Regular);
     f.meta
-        .write_inline(file.ino, &[(0, b"data")], NOW)
+        .write_inline(file.ino, &[(0, b"data")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     let seen = second
@@ -1216,7 +1263,7 @@ fn check_finds_and_repairs_damage(engine: Engine) {
     let file = f.mk(dir.ino, "file", FileKind::Regular);
     let orphan = f.mk(ROOT_INO, "orphan", FileKind::Regular);
     f.meta
-        .write_inline(file.ino, &[(0, b"abc")], NOW)
+        .write_inline(file.ino, &[(0, b"abc")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     assert_eq!(f.meta.check(false).unwrap(), Vec::<String>::new());
@@ -1255,7 +1302,7 @@ fn write_inline_merges_the_extents_of_writers_without_losing_bytes(engine: Engin
     let file = f.mk(ROOT_INO, "shared", FileKind::Regular);
     let a = f
         .meta
-        .write_inline(file.ino, &[(0, b"aaaa")], NOW + 1)
+        .write_inline(file.ino, &[(0, b"aaaa")], &SetAttr::default(), NOW + 1)
         .unwrap()
         .unwrap();
     assert_eq!((a.size, a.mtime_ns), (4, NOW + 1));
@@ -1263,7 +1310,7 @@ fn write_inline_merges_the_extents_of_writers_without_losing_bytes(engine: Engin
     // gap reads as zeros.
     let b = f
         .meta
-        .write_inline(file.ino, &[(8, b"bbbb")], NOW + 2)
+        .write_inline(file.ino, &[(8, b"bbbb")], &SetAttr::default(), NOW + 2)
         .unwrap()
         .unwrap();
     assert_eq!((b.size, b.mtime_ns, b.ctime_ns), (12, NOW + 2, NOW + 2));
@@ -1271,7 +1318,12 @@ fn write_inline_merges_the_extents_of_writers_without_losing_bytes(engine: Engin
     // Extents apply in write order (later ones win); writing inside never shrinks the file.
     let c = f
         .meta
-        .write_inline(file.ino, &[(2, b"XY"), (3, b"Z"), (5, b"c")], NOW + 3)
+        .write_inline(
+            file.ino,
+            &[(2, b"XY"), (3, b"Z"), (5, b"c")],
+            &SetAttr::default(),
+            NOW + 3,
+        )
         .unwrap()
         .unwrap();
     assert_eq!(c.size, 12);
@@ -1287,7 +1339,7 @@ fn write_inline_merges_the_extents_of_writers_without_losing_bytes(engine: Engin
             scope.spawn(move || {
                 for at in (parity..INLINE).step_by(2) {
                     let attr = engine
-                        .write_inline(file.ino, &[(at, &[tag])], NOW)
+                        .write_inline(file.ino, &[(at, &[tag])], &SetAttr::default(), NOW)
                         .unwrap()
                         .expect("stays inline");
                     assert!(attr.size > at);
@@ -1310,20 +1362,25 @@ fn write_inline_declines_past_the_threshold_and_for_chunked_files(engine: Engine
     let sixty = [b's'; 60];
     let attr = f
         .meta
-        .write_inline(file.ino, &[(0, &sixty)], NOW)
+        .write_inline(file.ino, &[(0, &sixty)], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     assert_eq!(attr.size, 60);
     // Past the threshold: None, and nothing changed (size, bytes, times, version).
     assert_eq!(
         f.meta
-            .write_inline(file.ino, &[(60, b"12345")], NOW + 1)
+            .write_inline(file.ino, &[(60, b"12345")], &SetAttr::default(), NOW + 1)
             .unwrap(),
         None
     );
     assert_eq!(
         f.meta
-            .write_inline(file.ino, &[(0, b"x"), (INLINE, b"y")], NOW + 1)
+            .write_inline(
+                file.ino,
+                &[(0, b"x"), (INLINE, b"y")],
+                &SetAttr::default(),
+                NOW + 1
+            )
             .unwrap(),
         None,
         "one extent past the threshold is enough"
@@ -1334,7 +1391,7 @@ fn write_inline_declines_past_the_threshold_and_for_chunked_files(engine: Engine
     // Up to the threshold itself stays inline.
     let full = f
         .meta
-        .write_inline(file.ino, &[(60, b"1234")], NOW + 2)
+        .write_inline(file.ino, &[(60, b"1234")], &SetAttr::default(), NOW + 2)
         .unwrap()
         .unwrap();
     assert_eq!(full.size, INLINE);
@@ -1343,7 +1400,7 @@ fn write_inline_declines_past_the_threshold_and_for_chunked_files(engine: Engine
     let grown = f.meta.getattr(file.ino).unwrap();
     assert_eq!(
         f.meta
-            .write_inline(file.ino, &[(0, b"z")], NOW + 3)
+            .write_inline(file.ino, &[(0, b"z")], &SetAttr::default(), NOW + 3)
             .unwrap(),
         None
     );
@@ -1358,7 +1415,9 @@ fn write_inline_declines_past_the_threshold_and_for_chunked_files(engine: Engine
         .unwrap()
         .attr;
     assert_eq!(
-        f.meta.write_inline(big.ino, &[(0, b"q")], NOW + 4).unwrap(),
+        f.meta
+            .write_inline(big.ino, &[(0, b"q")], &SetAttr::default(), NOW + 4)
+            .unwrap(),
         None
     );
     assert_eq!(f.meta.getattr(big.ino).unwrap(), committed);
@@ -1370,10 +1429,19 @@ fn write_inline_declines_past_the_threshold_and_for_chunked_files(engine: Engine
 
     let link = f.mk(ROOT_INO, "sym", FileKind::Symlink);
     assert_eq!(
-        errno(f.meta.write_inline(link.ino, &[(0, b"x")], NOW)),
+        errno(
+            f.meta
+                .write_inline(link.ino, &[(0, b"x")], &SetAttr::default(), NOW)
+        ),
         EINVAL
     );
-    assert_eq!(errno(f.meta.write_inline(999, &[(0, b"x")], NOW)), ENOENT);
+    assert_eq!(
+        errno(
+            f.meta
+                .write_inline(999, &[(0, b"x")], &SetAttr::default(), NOW)
+        ),
+        ENOENT
+    );
 }
 
 fn commit_without_a_pending_row_conflicts_and_changes_nothing(engine: Engine) {
@@ -1501,7 +1569,7 @@ fn commit_drops_inline_bytes_only_at_the_version_it_read(engine: Engine) {
     let file = f.mk(ROOT_INO, "f", FileKind::Regular);
     let read = f
         .meta
-        .write_inline(file.ino, &[(0, b"hello")], NOW)
+        .write_inline(file.ino, &[(0, b"hello")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap()
         .data_version;
@@ -1510,7 +1578,7 @@ fn commit_drops_inline_bytes_only_at_the_version_it_read(engine: Engine) {
     // ...but another writer changed the inline bytes meanwhile.
     let changed = f
         .meta
-        .write_inline(file.ino, &[(0, b"J")], NOW)
+        .write_inline(file.ino, &[(0, b"J")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     assert!(changed.data_version > read);
@@ -1626,13 +1694,13 @@ fn data_version_counts_content_changes_but_not_compaction(engine: Engine) {
     };
     bumped(
         f.meta
-            .write_inline(file.ino, &[(0, b"abc")], NOW)
+            .write_inline(file.ino, &[(0, b"abc")], &SetAttr::default(), NOW)
             .unwrap()
             .unwrap(),
     );
     bumped(
         f.meta
-            .write_inline(file.ino, &[(1, b"B")], NOW)
+            .write_inline(file.ino, &[(1, b"B")], &SetAttr::default(), NOW)
             .unwrap()
             .unwrap(),
     );
@@ -1670,7 +1738,9 @@ fn data_version_counts_content_changes_but_not_compaction(engine: Engine) {
     f.rename((ROOT_INO, "g"), (ROOT_INO, "h"), RenameMode::Replace)
         .unwrap();
     assert_eq!(
-        f.meta.write_inline(file.ino, &[(0, b"x")], NOW).unwrap(),
+        f.meta
+            .write_inline(file.ino, &[(0, b"x")], &SetAttr::default(), NOW)
+            .unwrap(),
         None
     );
     let forgotten = slice(f.meta.alloc_slice_ids(1).unwrap(), 10, 20);
@@ -1722,7 +1792,7 @@ fn read_layout_returns_content_unless_the_version_is_known(engine: Engine) {
         }
     );
     f.meta
-        .write_inline(file.ino, &[(0, b"abc")], NOW)
+        .write_inline(file.ino, &[(0, b"abc")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     let inline = f
@@ -1979,7 +2049,7 @@ fn migrating_a_v1_database_keeps_its_data_and_starts_data_versions_at_zero() {
 
     // The migrated volume works as a new one.
     let attr = meta
-        .write_inline(old.ino, &[(5, b" world")], NOW)
+        .write_inline(old.ino, &[(5, b" world")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     assert_eq!((attr.size, attr.data_version), (11, 1));
@@ -2067,7 +2137,9 @@ fn every_write_records_its_changed_inodes_and_entries(engine: Engine) {
     );
     assert_eq!(
         step(&f, &|f| {
-            f.meta.write_inline(file, &[(0, b"hello")], NOW).unwrap();
+            f.meta
+                .write_inline(file, &[(0, b"hello")], &SetAttr::default(), NOW)
+                .unwrap();
         }),
         vec![(file, None)]
     );
@@ -2140,6 +2212,7 @@ fn every_write_records_its_changed_inodes_and_entries(engine: Engine) {
     f.unlink(ROOT_INO, "victim").unwrap();
     let before = f.meta.last_change().unwrap();
     other.close_file(session, file).unwrap();
+    other.commit_closes().unwrap();
     assert_eq!(
         changes_after(&f.meta, before, other.origin()),
         vec![(file, None)]
@@ -2689,7 +2762,7 @@ fn held_bytes_follow_writes_overwrites_holes_truncates_and_compaction(engine: En
     f.meta.truncate(file.ino, 0, NOW).unwrap();
     assert_eq!(held(&f, file.ino), 0);
     f.meta
-        .write_inline(file.ino, &[(0, b"0123456789")], NOW)
+        .write_inline(file.ino, &[(0, b"0123456789")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     assert_eq!(held(&f, file.ino), 10);
@@ -2782,17 +2855,24 @@ fn quota_refuses_growth_past_it_and_keeps_what_was_committed(engine: Engine) {
     f.meta
         .commit_slices(a.ino, &[(0, rewrite)], 2000, None, NOW)
         .unwrap();
-    f.meta.write_inline(b.ino, &[(0, &[1u8; 32])], NOW).unwrap();
+    f.meta
+        .write_inline(b.ino, &[(0, &[1u8; 32])], &SetAttr::default(), NOW)
+        .unwrap();
     assert_eq!(f.meta.usage().unwrap().bytes, 2032);
 
     // A quota below the usage refuses growth but not rewrites or frees.
     f.meta.set_quota(Some(1000)).unwrap();
     assert_eq!(
-        errno(f.meta.write_inline(b.ino, &[(32, b"x")], NOW)),
+        errno(
+            f.meta
+                .write_inline(b.ino, &[(32, b"x")], &SetAttr::default(), NOW)
+        ),
         libc::EDQUOT
     );
     assert_eq!(f.inline(b.ino), Some(vec![1u8; 32]));
-    f.meta.write_inline(b.ino, &[(0, b"y")], NOW).unwrap();
+    f.meta
+        .write_inline(b.ino, &[(0, b"y")], &SetAttr::default(), NOW)
+        .unwrap();
     f.meta.truncate(a.ino, 500, NOW).unwrap();
     assert_eq!(f.meta.usage().unwrap().bytes, 532);
     let more = f.upload(400, 500);
@@ -3029,7 +3109,7 @@ fn copy_range_over_old_data_punches_the_source_holes_and_leaves_inline_files(eng
     // Inline files on either side are the caller's to copy.
     let small = f.mk(ROOT_INO, "small", FileKind::Regular);
     f.meta
-        .write_inline(small.ino, &[(0, b"abc")], NOW)
+        .write_inline(small.ino, &[(0, b"abc")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -3179,7 +3259,7 @@ fn zero_range_makes_holes_that_hold_nothing(engine: Engine) {
     // Inline bytes are zeroed in place (an inline file holds its bytes, zeros included).
     let small = f.mk(ROOT_INO, "small", FileKind::Regular);
     f.meta
-        .write_inline(small.ino, &[(0, b"0123456789")], NOW)
+        .write_inline(small.ino, &[(0, b"0123456789")], &SetAttr::default(), NOW)
         .unwrap()
         .unwrap();
     f.meta.zero_range(small.ino, 2, 3, true, NOW).unwrap();
@@ -3246,6 +3326,7 @@ on_every_engine!(
     commit_read_truncate_and_garbage,
     committing_a_pending_upload_removes_its_garbage_row,
     inline_files,
+    inline_write_applies_later_attribute_changes_in_its_transaction,
     xattrs,
     posix_locks_split_merge_and_conflict,
     two_engines_on_one_file_see_each_others_commits,
