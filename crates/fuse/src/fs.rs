@@ -67,6 +67,14 @@ impl CellarFs {
     }
 
     /// Answers an entry request, remembering what the kernel now holds.
+    /// A node just created has no xattrs: its getxattr (the kernel asks `security.capability`
+    /// before writes and chown) needs no transaction. `epoch`: from before the create.
+    fn created(&self, epoch: u64, result: &VfsResult<Attr>) {
+        if let Ok(attr) = result {
+            self.kernel.without_xattrs(epoch, [attr.ino]);
+        }
+    }
+
     fn reply_entry(&self, reply: ReplyEntry, parent: u64, name: &[u8], result: VfsResult<Attr>) {
         match result {
             Ok(attr) => {
@@ -272,9 +280,11 @@ impl Filesystem for CellarFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let epoch = self.kernel.xattr_epoch();
         let result = self
             .vfs
             .mknod(&ctx(req), parent.0, name.as_bytes(), mode, umask, rdev);
+        self.created(epoch, &result);
         self.reply_entry(reply, parent.0, name.as_bytes(), result);
     }
 
@@ -287,9 +297,11 @@ impl Filesystem for CellarFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let epoch = self.kernel.xattr_epoch();
         let result = self
             .vfs
             .mkdir(&ctx(req), parent.0, name.as_bytes(), mode, umask);
+        self.created(epoch, &result);
         self.reply_entry(reply, parent.0, name.as_bytes(), result);
     }
 
@@ -309,12 +321,14 @@ impl Filesystem for CellarFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let epoch = self.kernel.xattr_epoch();
         let result = self.vfs.symlink(
             &ctx(req),
             parent.0,
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
         );
+        self.created(epoch, &result);
         self.reply_entry(reply, parent.0, link_name.as_bytes(), result);
     }
 
@@ -610,11 +624,13 @@ impl Filesystem for CellarFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let epoch = self.kernel.xattr_epoch();
         let result = self
             .vfs
             .create(&ctx(req), parent.0, name.as_bytes(), mode, umask, flags);
         match result {
             Ok((attr, open)) => {
+                self.kernel.without_xattrs(epoch, [attr.ino]);
                 self.kernel.entered(parent.0, name.as_bytes(), attr.ino);
                 reply.created(
                     ttl(&attr),

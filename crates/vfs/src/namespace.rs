@@ -79,7 +79,16 @@ impl Inner {
     }
 
     pub(crate) fn setattr(&self, ctx: &Ctx, ino: Ino, req: SetAttrRequest) -> VfsResult<Attr> {
-        let attr = self.getattr(ino)?;
+        let open = self.registry.file(ino);
+        let (committed, generation) = match &open {
+            Some(file) => self.committed_attr(file)?,
+            None => (self.core.meta.getattr(ino)?, 0),
+        };
+        // What this mount sees: the permission checks below go by it.
+        let mut attr = committed.clone();
+        if let Some(file) = &open {
+            file.data.lock().overlay_attr(&mut attr);
+        }
         let root = ctx.uid == 0;
         let owner = root || ctx.uid == attr.uid;
         let mut changes = SetAttr {
@@ -143,22 +152,20 @@ impl Inner {
                 return err(libc::EFBIG);
             }
             self.truncate_file(ino, size)?;
+            if changes.is_empty() {
+                return self.getattr(ino);
+            }
         }
-        if !changes.is_empty() {
-            self.change_attr(ino, changes)?;
+        if changes.is_empty() {
+            return Ok(attr);
         }
-        self.getattr(ino)
-    }
-
-    /// Commits attribute changes, or, while this mount holds unflushed writes of the file, keeps
-    /// them for the flush that commits those (see `FileData::pending_attr`): they become durable
-    /// and visible to other mounts with the data, at close or fsync.
-    fn change_attr(&self, ino: Ino, mut changes: SetAttr) -> VfsResult<()> {
         let now = now_ns();
-        if let Some(file) = self.registry.file(ino) {
+        if let Some(file) = &open {
             let mut d = file.data.lock();
             if d.is_dirty() {
-                // Resolved now: the commit comes later.
+                // Kept for the flush that commits the unflushed writes (see
+                // `FileData::pending_attr`): durable and visible to other mounts with them, at
+                // close or fsync. Times are resolved now: the commit comes later.
                 for time in [&mut changes.atime, &mut changes.mtime] {
                     if *time == Some(TimeSet::Now) {
                         *time = Some(TimeSet::At(now));
@@ -167,11 +174,21 @@ impl Inner {
                 changes.ctime.get_or_insert(now);
                 d.pending_attr.merge(&changes);
                 d.pending_attr_gen += 1;
-                return Ok(());
+                if d.commit_gen == generation && req.size.is_none() {
+                    let mut after = committed;
+                    d.overlay_attr(&mut after);
+                    return Ok(after);
+                }
+                drop(d);
+                return self.getattr(ino);
             }
         }
-        self.core.meta.setattr(ino, &changes, now)?;
-        Ok(())
+        let after = self.core.meta.setattr(ino, &changes, now)?;
+        match open {
+            // Unflushed writes may have come meanwhile.
+            Some(_) => self.getattr(ino),
+            None => Ok(after),
+        }
     }
 
     pub(crate) fn readlink(&self, ino: Ino) -> VfsResult<Vec<u8>> {

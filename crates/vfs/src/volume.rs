@@ -243,14 +243,24 @@ impl Inner {
     /// The attributes of a file open here, buffered writes included (see [`Self::overlay_attr`]).
     pub fn open_file_attr(&self, file: &FileState) -> VfsResult<Attr> {
         loop {
-            let generation = file.data.lock().commit_gen;
-            let mut attr = self.core.meta.getattr(file.ino)?;
+            let (mut attr, generation) = self.committed_attr(file)?;
             let d = file.data.lock();
-            if d.commit_gen != generation {
-                continue;
+            if d.commit_gen == generation {
+                d.overlay_attr(&mut attr);
+                return Ok(attr);
             }
-            d.overlay_attr(&mut attr);
-            return Ok(attr);
+        }
+    }
+
+    /// The committed attributes of a file open here, with the commit generation (of this
+    /// mount's commits) they are current at.
+    pub fn committed_attr(&self, file: &FileState) -> VfsResult<(Attr, u64)> {
+        loop {
+            let generation = file.data.lock().commit_gen;
+            let attr = self.core.meta.getattr(file.ino)?;
+            if file.data.lock().commit_gen == generation {
+                return Ok((attr, generation));
+            }
         }
     }
 

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use cellar_store::BlockStore;
 use cellar_meta::TimeSet;
+use cellar_store::BlockStore;
 use cellar_vfs::{maintenance, SetAttrRequest, ROOT_INO};
 use common::*;
 use rand::{RngExt, SeedableRng};
