@@ -28,6 +28,7 @@ mod config;
 mod durable;
 mod layout;
 mod metered;
+mod page_buffers;
 mod pages;
 mod retry;
 
@@ -612,7 +613,7 @@ impl Inner {
             }
         };
         let mut current = claims.next();
-        let mut page = BytesMut::with_capacity(current.as_ref().map_or(0, |c| c.len as usize));
+        let mut page = page_buffers::take(current.as_ref().map_or(0, |c| c.len as usize));
         while let Some(chunk) = stream.next().await {
             let mut chunk = match chunk {
                 Ok(chunk) => chunk,
@@ -637,7 +638,10 @@ impl Inner {
                 }
                 current = claims.next();
                 let next_len = current.as_ref().map_or(0, |c| c.len as usize);
-                let data = std::mem::replace(&mut page, BytesMut::with_capacity(next_len)).freeze();
+                let data = page_buffers::freeze(std::mem::replace(
+                    &mut page,
+                    page_buffers::take(next_len),
+                ));
                 self.cache_on_disk(&claim.key, &data);
                 claim.complete(data);
             }
