@@ -182,21 +182,21 @@ impl Inner {
     }
 
     /// A write by a non-root user clears setuid, and setgid when it means "set group id".
+    /// A mode set through this mount but not yet committed counts (a pending setuid bit must
+    /// not come back at the flush).
     fn drop_privileges(&self, ino: Ino) -> VfsResult<()> {
-        let perm = self.core.meta.getattr(ino)?.perm;
+        let before = self.attr_before_change(ino)?;
+        let perm = before.seen.perm;
         let mut cleared = perm & !libc::S_ISUID;
         if perm & libc::S_IXGRP != 0 {
             cleared &= !libc::S_ISGID;
         }
         if cleared != perm {
-            self.core.meta.setattr(
-                ino,
-                &SetAttr {
-                    perm: Some(cleared),
-                    ..SetAttr::default()
-                },
-                now_ns(),
-            )?;
+            let changes = SetAttr {
+                perm: Some(cleared),
+                ..SetAttr::default()
+            };
+            self.change_attr(ino, before, changes)?;
         }
         Ok(())
     }

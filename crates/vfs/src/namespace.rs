@@ -2,12 +2,13 @@
 //! file system), node creation, removal, rename, directories, xattrs, statfs.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use cellar_meta::{Attr, FileKind, Ino, NewNode, Rename, RenameMode, SetAttr, TimeSet};
 
 use crate::backend::now_ns;
 use crate::errno::err;
-use crate::handles::{Handle, HandleKind};
+use crate::handles::{FileState, Handle, HandleKind};
 use crate::volume::Inner;
 use crate::{Ctx, DirEntryPlus, SetAttrRequest, StatFs, VfsResult, MAX_FILE_SIZE};
 
@@ -79,16 +80,9 @@ impl Inner {
     }
 
     pub(crate) fn setattr(&self, ctx: &Ctx, ino: Ino, req: SetAttrRequest) -> VfsResult<Attr> {
-        let open = self.registry.file(ino);
-        let (committed, generation) = match &open {
-            Some(file) => self.committed_attr(file)?,
-            None => (self.core.meta.getattr(ino)?, 0),
-        };
+        let before = self.attr_before_change(ino)?;
         // What this mount sees: the permission checks below go by it.
-        let mut attr = committed.clone();
-        if let Some(file) = &open {
-            file.data.lock().overlay_attr(&mut attr);
-        }
+        let attr = before.seen.clone();
         let root = ctx.uid == 0;
         let owner = root || ctx.uid == attr.uid;
         let mut changes = SetAttr {
@@ -155,17 +149,48 @@ impl Inner {
             if changes.is_empty() {
                 return self.getattr(ino);
             }
+            return self.change_attr(ino, self.attr_before_change(ino)?, changes);
         }
         if changes.is_empty() {
             return Ok(attr);
         }
-        let now = now_ns();
+        self.change_attr(ino, before, changes)
+    }
+
+    /// An inode's attributes before a change, as committed and as this mount sees them.
+    pub(crate) fn attr_before_change(&self, ino: Ino) -> VfsResult<AttrBefore> {
+        let open = self.registry.file(ino);
+        let (committed, generation) = match &open {
+            Some(file) => self.committed_attr(file)?,
+            None => (self.core.meta.getattr(ino)?, 0),
+        };
+        let mut seen = committed.clone();
         if let Some(file) = &open {
+            file.data.lock().overlay_attr(&mut seen);
+        }
+        Ok(AttrBefore {
+            open,
+            committed,
+            generation,
+            seen,
+        })
+    }
+
+    /// Applies checked attribute changes (not the size) and returns the attributes after them.
+    /// While this mount holds unflushed writes of the file they are kept for the flush that
+    /// commits those (see `FileData::pending_attr`): durable and visible to other mounts with
+    /// them, at close or fsync.
+    pub(crate) fn change_attr(
+        &self,
+        ino: Ino,
+        before: AttrBefore,
+        mut changes: SetAttr,
+    ) -> VfsResult<Attr> {
+        let now = now_ns();
+        if let Some(file) = &before.open {
             let mut d = file.data.lock();
             if d.is_dirty() {
-                // Kept for the flush that commits the unflushed writes (see
-                // `FileData::pending_attr`): durable and visible to other mounts with them, at
-                // close or fsync. Times are resolved now: the commit comes later.
+                // Resolved now: the commit comes later.
                 for time in [&mut changes.atime, &mut changes.mtime] {
                     if *time == Some(TimeSet::Now) {
                         *time = Some(TimeSet::At(now));
@@ -174,8 +199,8 @@ impl Inner {
                 changes.ctime.get_or_insert(now);
                 d.pending_attr.merge(&changes);
                 d.pending_attr_gen += 1;
-                if d.commit_gen == generation && req.size.is_none() {
-                    let mut after = committed;
+                if d.commit_gen == before.generation {
+                    let mut after = before.committed;
                     d.overlay_attr(&mut after);
                     return Ok(after);
                 }
@@ -184,7 +209,7 @@ impl Inner {
             }
         }
         let after = self.core.meta.setattr(ino, &changes, now)?;
-        match open {
+        match before.open {
             // Unflushed writes may have come meanwhile.
             Some(_) => self.getattr(ino),
             None => Ok(after),
@@ -516,6 +541,15 @@ impl Inner {
 }
 
 /// A node to create; ownership is filled in by `create_node`.
+/// See [`Inner::attr_before_change`].
+pub(crate) struct AttrBefore {
+    open: Option<Arc<FileState>>,
+    committed: Attr,
+    /// This mount's commit generation `committed` is current at (files open here).
+    generation: u64,
+    pub seen: Attr,
+}
+
 pub(crate) fn new_node(kind: FileKind, perm: u32, rdev: u32, target: Vec<u8>) -> NewNode {
     NewNode {
         kind,

@@ -608,3 +608,30 @@ fn attribute_changes_of_a_dirty_file_commit_with_its_data() {
     vfs.shutdown().unwrap();
     volume.assert_fsck_clean();
 }
+
+/// A setuid bit set while the file was dirty, then cleared by a non-owner's write, stays
+/// cleared when the flush commits the pending mode.
+#[test]
+fn a_write_by_another_user_clears_a_pending_setuid_bit() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "tool");
+    write_all(&vfs, ino, fh, 0, b"#!/bin/sh\n");
+    vfs.setattr(
+        &root(),
+        ino,
+        SetAttrRequest {
+            mode: Some(0o4777),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let theirs = vfs.open(&user(1000), ino, libc::O_WRONLY).unwrap().fh;
+    let written = vfs.write(ino, theirs, 10, b"id\n").unwrap();
+    assert_eq!(written, 3);
+    assert_eq!(vfs.getattr(ino).unwrap().perm, 0o777, "cleared at once");
+    close(&vfs, ino, theirs);
+    close(&vfs, ino, fh);
+    assert_eq!(volume.meta().getattr(ino).unwrap().perm, 0o777);
+    vfs.shutdown().unwrap();
+}
