@@ -13,6 +13,31 @@ pub const DEFAULT_RUNNER_TIMEOUT: std::time::Duration = std::time::Duration::fro
 /// How many sandboxes a runner (the embedded one, or `cellar runner` by default) takes.
 pub const DEFAULT_RUNNER_CAPACITY: u32 = 1024;
 
+/// Request size and rate limits (docs/CONFIGURATION.md, "Limits").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest body of a request other than a file upload (413 past it).
+    pub max_body_bytes: u64,
+    /// Largest body of a file upload (volume file content, toolbox bulk upload), streamed.
+    pub max_upload_bytes: u64,
+    /// Requests a second one API key may make on average (429 past it); 0: no limit.
+    pub rate_per_sec: u32,
+    /// Requests one API key may make at once above the average.
+    pub rate_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            // axum's default, which every endpoint had before the limit was configurable.
+            max_body_bytes: 2 << 20,
+            max_upload_bytes: 64 << 30,
+            rate_per_sec: 500,
+            rate_burst: 1000,
+        }
+    }
+}
+
 /// Values given on the command line; `None` falls through to the environment, the file, the default.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigOverrides {
@@ -53,6 +78,10 @@ struct ConfigFile {
     runner_timeout: Option<String>,
     database: Option<String>,
     metrics_token: Option<String>,
+    max_body_bytes: Option<u64>,
+    max_upload_bytes: Option<u64>,
+    rate_limit: Option<u32>,
+    rate_burst: Option<u32>,
     s3: Option<S3Credentials>,
 }
 
@@ -96,6 +125,7 @@ pub struct ServerConfig {
     pub database: Option<DatabaseUrl>,
     /// Bearer token that `GET /metrics` requires; `None`: the endpoint is open.
     pub metrics_token: Option<MetricsToken>,
+    pub limits: Limits,
 }
 
 /// The token of `GET /metrics`; Debug never shows it.
@@ -184,9 +214,21 @@ impl ServerConfig {
         let metrics_token = env("CELLAR_METRICS_TOKEN")
             .or(file.metrics_token)
             .map(MetricsToken);
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_body_bytes: number("CELLAR_MAX_BODY_BYTES", file.max_body_bytes)?
+                .unwrap_or(defaults.max_body_bytes),
+            max_upload_bytes: number("CELLAR_MAX_UPLOAD_BYTES", file.max_upload_bytes)?
+                .unwrap_or(defaults.max_upload_bytes),
+            rate_per_sec: number("CELLAR_RATE_LIMIT", file.rate_limit)?
+                .unwrap_or(defaults.rate_per_sec),
+            rate_burst: number("CELLAR_RATE_BURST", file.rate_burst)?
+                .unwrap_or(defaults.rate_burst),
+        };
         Ok(ServerConfig {
             database,
             metrics_token,
+            limits,
             listen,
             data_dir,
             store_url,
@@ -218,6 +260,7 @@ impl ServerConfig {
             runner_timeout: DEFAULT_RUNNER_TIMEOUT,
             database: None,
             metrics_token: None,
+            limits: Limits::default(),
         }
     }
 
@@ -253,6 +296,17 @@ impl ServerConfig {
             &self.data_dir,
             self.database.as_ref().map(|url| url.0.as_str()),
         )?)
+    }
+}
+
+/// The environment variable `name` as a number, else the TOML file's value.
+fn number<T: std::str::FromStr>(name: &str, from_file: Option<T>) -> anyhow::Result<Option<T>> {
+    match std::env::var(name).ok().filter(|v| !v.is_empty()) {
+        Some(v) => match v.parse() {
+            Ok(n) => Ok(Some(n)),
+            Err(_) => anyhow::bail!("{name}={v:?} is not a whole number"),
+        },
+        None => Ok(from_file),
     }
 }
 
