@@ -12,7 +12,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 const MAX_BODY: u64 = 64 << 10;
-const MAX_UPLOAD: u64 = 1 << 20;
+/// Above axum's own default of 2 MB, which must not apply either.
+const MAX_UPLOAD: u64 = 3 << 20;
 
 fn assert_too_large(what: &str, (status, body): (StatusCode, Value)) {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{what}: {body}");
@@ -124,11 +125,12 @@ async fn toolbox_uploads_have_the_upload_limit() {
             .bearer_auth(&server.key)
             .multipart(form(len))
     };
-    // Above the request limit, under the upload limit: written to the sandbox.
-    let (status, body) = server.send(send(MAX_BODY as usize * 4)).await;
+    // Above the request limit (and axum's 2 MB), under the upload limit: written to the sandbox.
+    let fits = MAX_UPLOAD as usize - 1024;
+    let (status, body) = server.send(send(fits)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (code, out) = common::exec(&server, &sandbox, "stat -c %s up.bin").await;
-    assert_eq!((code, out.trim()), (0, (MAX_BODY * 4).to_string().as_str()));
+    assert_eq!((code, out.trim()), (0, fits.to_string().as_str()));
     assert_too_large(
         "streamed toolbox upload",
         server.send(send(MAX_UPLOAD as usize * 2)).await,
@@ -208,6 +210,22 @@ async fn a_key_over_its_rate_answers_429_with_retry_after() {
     tokio::time::sleep(Duration::from_secs(retry_after)).await;
     let (status, body) = server.get("/api/volumes").await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_larger_body_limit_than_axums_default_holds() {
+    let server = TestServer::start_with(|config| config.limits.max_body_bytes = 4 << 20).await;
+    // 3 MiB of JSON is read and judged on its content: an invalid name, not a too large body.
+    let (status, body) = server
+        .post("/api/volumes", &json!({ "name": "a".repeat(3 << 20) }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("name") && !message.contains("length limit"),
+        "{message}"
+    );
     server.stop().await;
 }
 

@@ -141,11 +141,11 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/metrics", get(metrics))
-        // The limits above replace axum's fixed 2 MB for the extractors that buffer a body.
-        .layer(DefaultBodyLimit::disable())
         .nest("/api", api)
         .nest("/toolbox", toolbox)
         .nest("/runner-api/v1", runner_api)
+        // The limits above replace axum's fixed 2 MB for the extractors that buffer a body.
+        .layer(DefaultBodyLimit::disable())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
