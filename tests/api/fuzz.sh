@@ -102,16 +102,21 @@ export SCHEMATHESIS_HOOKS=hooks
 
 status=0
 RUNS=()
+CHECKS=not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,foreign_objects_stay_hidden,unauthenticated_requests_are_refused,no_other_organizations_data
+run_schemathesis() { # mode seconds key checks [options...]
+    local mode=$1 seconds=$2 key=$3 checks=$4
+    shift 4
+    FUZZ_MODE=$mode PYTHONPATH=$HERE timeout --kill-after=30 $((seconds + 120)) \
+        .venv/bin/schemathesis run "$BASE/api/openapi.json" --url "$BASE" \
+        ${key:+-H "Authorization: Bearer $key"} --checks "$checks" \
+        --max-examples "$MAX_EXAMPLES" --max-time "$seconds" --seed "$SEED" \
+        --request-timeout 60 --workers 1 --no-color "$@"
+}
 fuzz() { # label mode seconds [key]
     local report=$REPORTS/run-${#RUNS[@]}
     RUNS+=("$1")
     echo "== schemathesis ($1), seed $SEED, at most $MAX_EXAMPLES examples per operation, ${3}s"
-    FUZZ_MODE=$2 PYTHONPATH=$HERE timeout --kill-after=30 $(($3 + 120)) \
-        .venv/bin/schemathesis run "$BASE/api/openapi.json" --url "$BASE" \
-        ${4:+-H "Authorization: Bearer $4"} \
-        --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,foreign_objects_stay_hidden,unauthenticated_requests_are_refused,no_other_organizations_data \
-        --max-examples "$MAX_EXAMPLES" --max-time "$3" --seed "$SEED" \
-        --request-timeout 60 --workers 1 --no-color \
+    run_schemathesis "$2" "$3" "${4:-}" "$CHECKS" \
         --report junit,har --report-junit-path "$report.xml" --report-har-path "$report.har" || status=1
 }
 # Unauthenticated and foreign runs first, while A's objects exist (A's own run may delete them).
@@ -120,6 +125,18 @@ fuzz "invalid key" anonymous "$MAX_TIME_UNAUTH" "cellar_invalid"
 # What a revoked or expired key looks like: well formed, not (or no longer) in the database.
 fuzz "unknown key" anonymous "$MAX_TIME_UNAUTH" "cellar_$(printf '0%.0s' {1..64})"
 fuzz "organization B on A's objects" foreign "$MAX_TIME" "$KEY_B"
+# Control: A's own key in B's place must trip the check for another organization's data, or the
+# check sees nothing.
+echo "== control: organization A's key where B's belongs (must fail)"
+if run_schemathesis foreign 60 "$KEY_A" no_other_organizations_data --max-failures 1 >"$REPORTS/control.log" 2>&1; then
+    echo "fuzz.sh: A's key read A's objects and the check for another organization's data did not fail" >&2
+    status=1
+else
+    grep -m1 "another organization's" "$REPORTS/control.log" || {
+        cat "$REPORTS/control.log" >&2
+        status=1
+    }
+fi
 fuzz "organization A" own "$MAX_TIME" "$KEY_A"
 python3 totals.py "$BASE/api/openapi.json" "${RUNS[@]}" -- "$REPORTS"/run-*.har || status=1
 echo "== ${LOAD_CLIENTS:-200} concurrent clients for ${LOAD_SECONDS:-30} s"

@@ -97,6 +97,20 @@ async fn bodies_over_the_limit_answer_413_and_uploads_have_their_own() {
         .get(&format!("/api/volumes/{id}/files/stat?path=/over.bin"))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    // The runner API has the request limit too, once the runner token is checked.
+    let (_, token) = server.admin(|c| cellar_server::admin_create_runner_token(c, "r").unwrap());
+    let register = |token: &str| {
+        server
+            .http
+            .post(server.url("/runner-api/v1/register"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(chunked(MAX_BODY as usize + 1))
+    };
+    let (status, _) = server.send(register("not-a-token")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_too_large("runner registration", server.send(register(&token)).await);
     server.stop().await;
 }
 

@@ -135,6 +135,7 @@ pub fn router(state: AppState) -> Router {
     let runner_api = Router::new()
         .route("/register", post(runners::register))
         .route("/heartbeat", post(runners::heartbeat))
+        .route_layer(body_limit(limits::BodyKind::Request))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             runners::authenticate,
