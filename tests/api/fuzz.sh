@@ -17,6 +17,8 @@
 #   FUZZ_MAX_TIME_UNAUTH  seconds each run without a valid key may take (default 30)
 #   FUZZ_SEED           hypothesis seed, to reproduce a run
 #   FUZZ_KEEP           1 to keep the data directory, the server log and the reports
+#   FUZZ_DATABASE       a postgres:// URL of an empty database: the server keeps its control state
+#                       and the volumes' metadata there instead of SQLite files
 #   LOAD_CLIENTS, LOAD_SECONDS   the concurrent clients' number and duration (200, 30)
 set -euo pipefail
 
@@ -58,7 +60,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== starting $CELLAR_BIN server on 127.0.0.1:$PORT (data dir $DATA_DIR)"
+# The server and `cellar admin` read it.
+[[ -z ${FUZZ_DATABASE:-} ]] || export CELLAR_DATABASE=$FUZZ_DATABASE
+echo "== starting $CELLAR_BIN server on 127.0.0.1:$PORT (data dir $DATA_DIR${FUZZ_DATABASE:+, PostgreSQL})"
 # No rate limit: 200 clients on one key are the point of the load run (the limit has its own
 # tests in crates/server/tests/limits.rs).
 CELLAR_RATE_LIMIT=0 "$CELLAR_BIN" server --listen "127.0.0.1:$PORT" --data-dir "$DATA_DIR" --store "file://$DATA_DIR/blocks" \

@@ -341,3 +341,36 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
 fn default_store_url(data_dir: &Path) -> String {
     format!("file://{}", data_dir.join("blocks").display())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_come_from_the_toml_file_or_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cellar.toml");
+        std::fs::write(
+            &file,
+            "max_body_bytes = 1234\nmax_upload_bytes = 99999\nrate_limit = 7\nrate_burst = 9\n",
+        )
+        .unwrap();
+        let flags = |file: Option<PathBuf>| ConfigOverrides {
+            config_file: file,
+            data_dir: Some(dir.path().to_path_buf()),
+            ..ConfigOverrides::default()
+        };
+        let config = ServerConfig::resolve(flags(Some(file))).unwrap();
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_body_bytes: 1234,
+                max_upload_bytes: 99999,
+                rate_per_sec: 7,
+                rate_burst: 9,
+            }
+        );
+        let config = ServerConfig::resolve(flags(None)).unwrap();
+        assert_eq!(config.limits, Limits::default());
+    }
+}
