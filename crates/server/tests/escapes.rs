@@ -302,6 +302,23 @@ async fn escapes_from_a_sandbox_are_refused() {
         );
     }
 
+    // Nor through the sandbox's gateway, which pasta would map to the host's loopback.
+    let gateway = ok(server, sandbox, "ip -4 route show default").await;
+    let gateway = gateway
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("{gateway}"));
+    let (code, out) = exec(
+        server,
+        sandbox,
+        &format!("timeout 5 curl -s -o /dev/null http://{gateway}:{port}/api/openapi.json"),
+    )
+    .await;
+    assert!(
+        [7, 28, 124].contains(&code),
+        "the API through the gateway {gateway}: exit {code}, {out}"
+    );
+
     // Setuid binaries gain nothing: no_new_privs, no capabilities, every mount nosuid; a
     // setuid-root binary planted in the home from the host runs as the sandbox user.
     let status = ok(
