@@ -5,15 +5,14 @@ organization (a started sandbox, a volume holding a file), so the toolbox endpoi
 real sandbox and the other runs' keys are tried on objects they must not see.
 
 FUZZ_MODE says whose key the run sends:
-  own        organization A's key: the standard checks only;
+  own        organization A's key: no answer carries anything of B;
   foreign    organization B's key on A's objects: A's objects answer like missing ones, and no
              answer carries anything of A;
   anonymous  no key, an invalid one or an unknown one: every endpoint refuses (401), and no
              answer carries anything of either organization.
 
-"Anything of A" is FUZZ_SECRETS_A (and FUZZ_SECRETS_B for anonymous runs): the ids of its
-objects, its organization id and markers fuzz.sh put in its sandbox's environment and in its
-volume's file. A marker the request itself carries (an id in the URL, echoed by a 404's message)
+"Anything of" an organization is FUZZ_SECRETS_A or FUZZ_SECRETS_B: the ids of its objects, its
+organization id and markers fuzz.sh put in its sandbox's environment and in its volume's file. A marker the request itself carries (an id in the URL, echoed by a 404's message)
 does not count.
 """
 
@@ -38,7 +37,7 @@ def secrets(*names):
 
 
 HIDDEN = {
-    "own": [],
+    "own": secrets("FUZZ_SECRETS_B"),
     "foreign": secrets("FUZZ_SECRETS_A"),
     "anonymous": secrets("FUZZ_SECRETS_A", "FUZZ_SECRETS_B"),
 }[MODE]
