@@ -149,10 +149,11 @@ async fn toolbox_uploads_have_the_upload_limit() {
         "streamed toolbox upload",
         server.send(send(MAX_UPLOAD as usize * 2)).await,
     );
-    let (status, body) = server
-        .delete(&format!("/api/sandbox/{}", sandbox["id"].as_str().unwrap()))
-        .await;
+    let path = format!("/api/sandbox/{}", sandbox["id"].as_str().unwrap());
+    let (status, body) = server.delete(&path).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Stopping the server before the sandbox is gone would leave its network helper behind.
+    server.wait_for(&path, "state", "destroyed").await;
     server.stop().await;
 }
 
