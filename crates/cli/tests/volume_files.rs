@@ -25,6 +25,11 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// A server with these extra environment variables (its settings).
+    fn start_with(env: &[(&str, &str)]) -> Server {
         let store = std::env::var("CELLAR_TEST_S3_URL").expect(
             "CELLAR_TEST_S3_URL is not set: start tests/harness/rgw.sh and source its env file",
         );
@@ -50,6 +55,7 @@ impl Server {
             .args(["--store", store.as_str()])
             .env_remove("CELLAR_CONFIG")
             .env_remove("CELLAR_DATABASE")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -367,6 +373,39 @@ fn a_tree_of_1000_files_round_trips() {
     assert!(
         local_tree(&tree) == local_tree(&out.join("tree")),
         "the trees differ"
+    );
+}
+
+#[test]
+fn transfers_wait_out_the_rate_limit() {
+    // 5 requests at once, then 20 a second: a put of 60 files must pace itself, not fail.
+    let server = Server::start_with(&[("CELLAR_RATE_LIMIT", "20"), ("CELLAR_RATE_BURST", "5")]);
+    let tree = server.tmp("paced");
+    fs::create_dir(&tree).unwrap();
+    for i in 0..60u64 {
+        fs::write(tree.join(format!("f{i}")), pattern(i, 100)).unwrap();
+    }
+    let started = Instant::now();
+    let put = server.ok(&["volume", "create", "paced"]);
+    assert!(put.contains("paced"), "{put}");
+    let put = server.ok(&[
+        "volume",
+        "put",
+        "-j",
+        "8",
+        tree.to_str().unwrap(),
+        "paced:/",
+    ]);
+    assert!(put.starts_with("uploaded 60 files"), "{put}");
+    let out = server.tmp("paced-out");
+    let got = server.ok(&["volume", "get", "paced:/paced", out.to_str().unwrap()]);
+    assert!(got.starts_with("downloaded 60 files"), "{got}");
+    assert!(local_tree(&tree) == local_tree(&out), "the trees differ");
+    // At 20 requests a second, 120 transfers cannot have taken less than about 5 s.
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "not limited: {:?}",
+        started.elapsed()
     );
 }
 

@@ -384,7 +384,17 @@ pub(crate) fn open_volume_dir(
 // Kernel ABI of the mount API (linux/mount.h), not exported by the libc crate.
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// openat2(2)'s `RESOLVE_NO_SYMLINKS` (linux/openat2.h).
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
 
 #[repr(C)]
 struct MountAttr {
@@ -445,8 +455,23 @@ pub(crate) fn replace_bind(
     }
     let namespace = std::fs::File::open(format!("/proc/{init_pid}/ns/mnt"))?;
     let namespace_fd = std::os::fd::AsRawFd::as_raw_fd(&namespace);
-    let target = CString::new(mount_path)
-        .map_err(|_| RunnerError::InvalidInput("mount path contains NUL".to_owned()))?;
+    // The mount path's directories belong to the sandbox user, who may have replaced one with
+    // a symlink (to /etc, say) since the sandbox started: the parent is opened refusing every
+    // symlink, and the mount point is named relative to that descriptor, never followed.
+    let path = Path::new(mount_path);
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(RunnerError::InvalidInput(format!(
+            "mount path {mount_path} has no parent"
+        )));
+    };
+    let nul = |_| RunnerError::InvalidInput("mount path contains NUL".to_owned());
+    let parent = CString::new(parent.as_os_str().as_bytes()).map_err(nul)?;
+    let name = CString::new(name.as_bytes()).map_err(nul)?;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_NO_SYMLINKS,
+    };
     // Joining another mount namespace needs a single-threaded process: a forked child does it,
     // using only async-signal-safe system calls on data prepared here.
     // SAFETY: see above; the child ends with _exit.
@@ -455,19 +480,38 @@ pub(crate) fn replace_bind(
         return Err(std::io::Error::last_os_error().into());
     }
     if child == 0 {
-        // SAFETY: system calls on valid fds and NUL-terminated paths, then _exit.
+        // SAFETY: system calls on valid fds, NUL-terminated paths and a correctly sized
+        // open_how, then _exit.
         unsafe {
             if libc::setns(namespace_fd, libc::CLONE_NEWNS) != 0 {
                 libc::_exit(1);
             }
-            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+            let dir = libc::syscall(
+                libc::SYS_openat2,
+                libc::AT_FDCWD,
+                parent.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            );
+            if dir < 0 || libc::fchdir(dir as libc::c_int) != 0 {
+                libc::_exit(3);
+            }
+            libc::umount2(name.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW);
+            let target = libc::openat(
+                dir as libc::c_int,
+                name.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            );
+            if target < 0 {
+                libc::_exit(4);
+            }
             let moved = libc::syscall(
                 libc::SYS_move_mount,
                 tree_fd,
                 empty.as_ptr(),
-                libc::AT_FDCWD,
-                target.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH,
+                target,
+                empty.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
             );
             libc::_exit(if moved == 0 { 0 } else { 2 });
         }

@@ -427,3 +427,44 @@ async fn a_volume_unmounts_while_other_sandboxes_run() {
     assert!(!mounts.contains("cellar:other"), "{mounts}");
     fx.runner.release_all().await;
 }
+
+#[tokio::test]
+async fn a_renewed_bind_never_follows_a_symlink_the_sandbox_planted() {
+    let fx = Fixture::new();
+    // The mount path's parent belongs to the user: once the mount is dead, the user moves it
+    // away and puts a link to /etc in its place, hoping the renewed bind lands on /etc/ssl.
+    fx.runner
+        .create_sandbox(fx.spec("planter", "/home/daytona/evil/ssl", None, false))
+        .await
+        .unwrap();
+    fx.run("planter", "echo mine > evil/ssl/marker").await;
+    let before = fx.run("planter", "ls /etc/ssl").await;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(daemon_pid(&fx.mount_point()), libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::metadata(fx.mount_point()).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "mount still answers");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        fx.run(
+            "planter",
+            "mv evil evil.old && ln -s /etc evil && readlink evil"
+        )
+        .await,
+        (0, "/etc\n".into())
+    );
+    // The next sandbox needing the volume replaces the dead mount and renews the others' binds.
+    fx.runner
+        .create_sandbox(fx.spec("next", "/v", None, false))
+        .await
+        .unwrap();
+    assert_eq!(fx.run("next", "cat /v/marker").await, (0, "mine\n".into()));
+    assert_eq!(
+        fx.run("planter", "ls /etc/ssl").await,
+        before,
+        "the volume was mounted over the sandbox's /etc/ssl"
+    );
+    fx.runner.release_all().await;
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
+}

@@ -13,6 +13,31 @@ pub const DEFAULT_RUNNER_TIMEOUT: std::time::Duration = std::time::Duration::fro
 /// How many sandboxes a runner (the embedded one, or `cellar runner` by default) takes.
 pub const DEFAULT_RUNNER_CAPACITY: u32 = 1024;
 
+/// Request size and rate limits (docs/CONFIGURATION.md, "Limits").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest body of a request other than a file upload (413 past it).
+    pub max_body_bytes: u64,
+    /// Largest body of a file upload (volume file content, toolbox bulk upload), streamed.
+    pub max_upload_bytes: u64,
+    /// Requests a second one API key may make on average (429 past it); 0: no limit.
+    pub rate_per_sec: u32,
+    /// Requests one API key may make at once above the average.
+    pub rate_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            // axum's default, which every endpoint had before the limit was configurable.
+            max_body_bytes: 2 << 20,
+            max_upload_bytes: 64 << 30,
+            rate_per_sec: 500,
+            rate_burst: 1000,
+        }
+    }
+}
+
 /// Values given on the command line; `None` falls through to the environment, the file, the default.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigOverrides {
@@ -53,6 +78,10 @@ struct ConfigFile {
     runner_timeout: Option<String>,
     database: Option<String>,
     metrics_token: Option<String>,
+    max_body_bytes: Option<u64>,
+    max_upload_bytes: Option<u64>,
+    rate_limit: Option<u32>,
+    rate_burst: Option<u32>,
     s3: Option<S3Credentials>,
 }
 
@@ -96,6 +125,7 @@ pub struct ServerConfig {
     pub database: Option<DatabaseUrl>,
     /// Bearer token that `GET /metrics` requires; `None`: the endpoint is open.
     pub metrics_token: Option<MetricsToken>,
+    pub limits: Limits,
 }
 
 /// The token of `GET /metrics`; Debug never shows it.
@@ -184,9 +214,21 @@ impl ServerConfig {
         let metrics_token = env("CELLAR_METRICS_TOKEN")
             .or(file.metrics_token)
             .map(MetricsToken);
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_body_bytes: number("CELLAR_MAX_BODY_BYTES", file.max_body_bytes)?
+                .unwrap_or(defaults.max_body_bytes),
+            max_upload_bytes: number("CELLAR_MAX_UPLOAD_BYTES", file.max_upload_bytes)?
+                .unwrap_or(defaults.max_upload_bytes),
+            rate_per_sec: number("CELLAR_RATE_LIMIT", file.rate_limit)?
+                .unwrap_or(defaults.rate_per_sec),
+            rate_burst: number("CELLAR_RATE_BURST", file.rate_burst)?
+                .unwrap_or(defaults.rate_burst),
+        };
         Ok(ServerConfig {
             database,
             metrics_token,
+            limits,
             listen,
             data_dir,
             store_url,
@@ -218,6 +260,7 @@ impl ServerConfig {
             runner_timeout: DEFAULT_RUNNER_TIMEOUT,
             database: None,
             metrics_token: None,
+            limits: Limits::default(),
         }
     }
 
@@ -256,6 +299,17 @@ impl ServerConfig {
     }
 }
 
+/// The environment variable `name` as a number, else the TOML file's value.
+fn number<T: std::str::FromStr>(name: &str, from_file: Option<T>) -> anyhow::Result<Option<T>> {
+    match std::env::var(name).ok().filter(|v| !v.is_empty()) {
+        Some(v) => match v.parse() {
+            Ok(n) => Ok(Some(n)),
+            Err(_) => anyhow::bail!("{name}={v:?} is not a whole number"),
+        },
+        None => Ok(from_file),
+    }
+}
+
 fn parse_bool(value: &str) -> anyhow::Result<bool> {
     match value {
         "1" | "true" | "yes" => Ok(true),
@@ -286,4 +340,37 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
 
 fn default_store_url(data_dir: &Path) -> String {
     format!("file://{}", data_dir.join("blocks").display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_come_from_the_toml_file_or_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cellar.toml");
+        std::fs::write(
+            &file,
+            "max_body_bytes = 1234\nmax_upload_bytes = 99999\nrate_limit = 7\nrate_burst = 9\n",
+        )
+        .unwrap();
+        let flags = |file: Option<PathBuf>| ConfigOverrides {
+            config_file: file,
+            data_dir: Some(dir.path().to_path_buf()),
+            ..ConfigOverrides::default()
+        };
+        let config = ServerConfig::resolve(flags(Some(file))).unwrap();
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_body_bytes: 1234,
+                max_upload_bytes: 99999,
+                rate_per_sec: 7,
+                rate_burst: 9,
+            }
+        );
+        let config = ServerConfig::resolve(flags(None)).unwrap();
+        assert_eq!(config.limits, Limits::default());
+    }
 }

@@ -23,6 +23,8 @@ pub struct ApiError {
     pub message: String,
     /// A code more precise than the status's (the file API's `FILE_NOT_FOUND`, ...).
     pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header (429).
+    pub retry_after: Option<u64>,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -33,10 +35,15 @@ impl ApiError {
             status,
             message: message.into(),
             code: None,
+            retry_after: None,
         }
     }
     pub fn with_code(mut self, code: &'static str) -> ApiError {
         self.code = Some(code);
+        self
+    }
+    pub fn with_retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
         self
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -94,6 +101,7 @@ fn code_for(status: StatusCode) -> &'static str {
         StatusCode::NOT_FOUND => "NOT_FOUND",
         StatusCode::CONFLICT => "CONFLICT",
         StatusCode::PAYLOAD_TOO_LARGE => "PAYLOAD_TOO_LARGE",
+        StatusCode::TOO_MANY_REQUESTS => "TOO_MANY_REQUESTS",
         StatusCode::RANGE_NOT_SATISFIABLE => "RANGE_NOT_SATISFIABLE",
         StatusCode::INSUFFICIENT_STORAGE => "INSUFFICIENT_STORAGE",
         StatusCode::REQUEST_TIMEOUT => "TIMEOUT",
@@ -113,6 +121,12 @@ impl IntoResponse for ApiError {
                 .to_string(),
             source: "cellar".to_string(),
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }

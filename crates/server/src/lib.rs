@@ -93,11 +93,7 @@ impl Server {
             files: files.clone(),
             signer: files::signing::UrlSigner::new(url_secret),
         });
-        let state = api::AppState {
-            services: services.clone(),
-            toolbox_url: format!("{base_url}/toolbox"),
-            base_url: base_url.clone(),
-        };
+        let state = api::AppState::new(services.clone(), base_url.clone());
         let closing_idle_volumes = tokio::spawn(files.clone().close_idle_volumes());
         let watching_runners = tokio::spawn(services.clone().watch_runners());
         let reconciling = tokio::spawn(async move {

@@ -121,8 +121,27 @@ impl ApiClient {
     }
 
     /// Sends a request; a success answer is returned unread (to be streamed), a failure becomes
-    /// an [`ApiError`].
-    pub async fn response(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+    /// an [`ApiError`]. A request over the key's rate (429) is sent again after the server's
+    /// `Retry-After`, unless its body is a stream (the caller retries those: [`ApiError::retry_after`]).
+    pub async fn response(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response> {
+        let mut pacing = RatePacing::default();
+        loop {
+            let copy = request.try_clone();
+            let result = self.response_once(request).await;
+            match (copy, pacing.wait(&result)) {
+                (Some(copy), Some(wait)) => {
+                    tokio::time::sleep(wait).await;
+                    request = copy;
+                }
+                _ => return result,
+            }
+        }
+    }
+
+    async fn response_once(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let response = request
             .bearer_auth(&self.key)
             .send()
@@ -132,14 +151,45 @@ impl ApiClient {
         if status.is_success() {
             return Ok(response);
         }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .map(std::time::Duration::from_secs);
         let text = response.text().await.unwrap_or_default();
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         Err(ApiError {
             status,
             code: field(&body, "code").to_string(),
             message: field(&body, "message").to_string(),
+            retry_after,
         }
         .into())
+    }
+}
+
+/// How long a request refused for the key's rate (429) keeps being sent again, in all.
+const RATE_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The waits of one request that the server refuses for the key's rate.
+#[derive(Default)]
+pub struct RatePacing {
+    waited: std::time::Duration,
+}
+
+impl RatePacing {
+    /// How long to wait before sending again, or None: `result` is final (a success, another
+    /// error, or refused for longer than [`RATE_RETRY_FOR`]). The server's `Retry-After` is
+    /// whole seconds: up to as much again at random spreads concurrent transfers out, so they
+    /// do not all come back at the same instant to be refused together.
+    pub fn wait<T>(&mut self, result: &Result<T>) -> Option<std::time::Duration> {
+        let after = ApiError::retry_after(result.as_ref().err()?)?;
+        if self.waited >= RATE_RETRY_FOR {
+            return None;
+        }
+        let wait = after.mul_f64(1.0 + rand::random::<f64>());
+        self.waited += wait;
+        Some(wait)
     }
 }
 
@@ -150,6 +200,8 @@ pub struct ApiError {
     /// The machine-readable code (`FILE_NOT_FOUND`, ...), "" if the server sent none.
     pub code: String,
     pub message: String,
+    /// The server's `Retry-After` of a 429.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl std::fmt::Display for ApiError {
@@ -168,6 +220,13 @@ impl ApiError {
     /// The server's code of this error, if it is an [`ApiError`] (through any context).
     pub fn code_of(error: &anyhow::Error) -> Option<&str> {
         error.downcast_ref::<ApiError>().map(|e| e.code.as_str())
+    }
+
+    /// How long to wait before sending again, if the server refused for the key's rate (429).
+    pub fn retry_after(error: &anyhow::Error) -> Option<std::time::Duration> {
+        let e = error.downcast_ref::<ApiError>()?;
+        (e.status == reqwest::StatusCode::TOO_MANY_REQUESTS)
+            .then(|| e.retry_after.unwrap_or(std::time::Duration::from_secs(1)))
     }
 }
 

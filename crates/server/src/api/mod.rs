@@ -2,6 +2,7 @@
 
 mod extract;
 mod files;
+mod limits;
 mod runners;
 pub(crate) mod sandboxes;
 mod toolbox;
@@ -29,6 +30,23 @@ pub struct AppState {
     pub toolbox_url: String,
     /// `http://host:port` clients reach this server at (signed URLs start with it).
     pub base_url: String,
+    /// Requests per API key.
+    pub rate: Arc<limits::RateLimiter>,
+}
+
+impl AppState {
+    pub fn new(services: Arc<Services>, base_url: String) -> AppState {
+        let limits = services.config.limits;
+        AppState {
+            services,
+            toolbox_url: format!("{base_url}/toolbox"),
+            base_url,
+            rate: Arc::new(limits::RateLimiter::new(
+                limits.rate_per_sec,
+                limits.rate_burst,
+            )),
+        }
+    }
 }
 
 /// The organisation the request's API key belongs to.
@@ -36,6 +54,14 @@ pub struct AppState {
 pub struct Org(pub String);
 
 pub fn router(state: AppState) -> Router {
+    let limits = state.services.config.limits;
+    let body_limit = |kind| {
+        let limit = match kind {
+            limits::BodyKind::Request => limits.max_body_bytes,
+            limits::BodyKind::Upload => limits.max_upload_bytes,
+        };
+        middleware::from_fn_with_state((limit, kind), limits::limit_body)
+    };
     let api = Router::new()
         .route("/volumes", get(volumes::list).post(volumes::create))
         .route("/volumes/by-name/{name}", get(volumes::get_by_name))
@@ -64,19 +90,17 @@ pub fn router(state: AppState) -> Router {
             get(sandboxes::toolbox_proxy_url),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route("/openapi.json", get(openapi_json))
+        .route_layer(body_limit(limits::BodyKind::Request))
         // An API key or a signed URL: the handlers check which.
         .route(
             "/volumes/{volume_id}/files/content",
-            get(files::download).merge(put(files::upload).layer(DefaultBodyLimit::disable())),
-        )
-        .route("/openapi.json", get(openapi_json));
+            get(files::download)
+                .layer(body_limit(limits::BodyKind::Request))
+                .merge(put(files::upload).layer(body_limit(limits::BodyKind::Upload))),
+        );
     let toolbox = Router::new()
         .route("/{sandbox_id}/process/execute", post(toolbox::execute))
-        .route(
-            "/{sandbox_id}/files/bulk-upload",
-            // Uploads are streamed to the sandbox, so no size limit applies.
-            post(toolbox::bulk_upload).layer(DefaultBodyLimit::disable()),
-        )
         .route(
             "/{sandbox_id}/files/bulk-download",
             post(toolbox::bulk_download),
@@ -101,10 +125,17 @@ pub fn router(state: AppState) -> Router {
             "/{sandbox_id}/files/replace",
             post(toolbox::fs::replace_in_files),
         )
+        .route_layer(body_limit(limits::BodyKind::Request))
+        // Uploads are streamed to the sandbox: only the larger upload limit applies.
+        .route(
+            "/{sandbox_id}/files/bulk-upload",
+            post(toolbox::bulk_upload).layer(body_limit(limits::BodyKind::Upload)),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let runner_api = Router::new()
         .route("/register", post(runners::register))
         .route("/heartbeat", post(runners::heartbeat))
+        .route_layer(body_limit(limits::BodyKind::Request))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             runners::authenticate,
@@ -114,6 +145,8 @@ pub fn router(state: AppState) -> Router {
         .nest("/api", api)
         .nest("/toolbox", toolbox)
         .nest("/runner-api/v1", runner_api)
+        // The limits above replace axum's fixed 2 MB for the extractors that buffer a body.
+        .layer(DefaultBodyLimit::disable())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -141,9 +174,12 @@ pub(crate) async fn org_of(state: &AppState, headers: &HeaderMap) -> ApiResult<S
         .map(str::to_string)
         .ok_or_else(ApiError::unauthorized)?;
     let db = state.services.db.clone();
-    blocking(move || db.org_for_key(&key))
+    let checked = key.clone();
+    let org = blocking(move || db.org_for_key(&checked))
         .await?
-        .ok_or_else(ApiError::unauthorized)
+        .ok_or_else(ApiError::unauthorized)?;
+    state.rate.check(&key).map_err(limits::too_many_requests)?;
+    Ok(org)
 }
 
 /// Resolves `Authorization: Bearer <key>` to an organisation, or answers 401.
@@ -240,9 +276,27 @@ impl Modify for BearerAuth {
                 )
                 .build()
         };
+        let mut rate_limited = error("this API key is over its request rate (rate_limit)");
+        rate_limited.headers.insert(
+            "Retry-After".to_string(),
+            utoipa::openapi::HeaderBuilder::new()
+                .schema(Some(
+                    utoipa::openapi::ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::Type::Integer),
+                ))
+                .description(Some("seconds until the key may send again"))
+                .build()
+                .into(),
+        );
+        // Every request is subject to the size and rate limits too.
         let common = [
             ("400", error("invalid input; the message names the field")),
             ("401", error("missing or invalid API key")),
+            (
+                "413",
+                error("the request body is over the server's limit (max_body_bytes, max_upload_bytes)"),
+            ),
+            ("429", rate_limited),
         ];
         for item in openapi.paths.paths.values_mut() {
             for operation in [

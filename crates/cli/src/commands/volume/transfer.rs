@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,7 +16,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
-use super::super::api_client::{print_json, ApiClient, ApiError};
+use super::super::api_client::{print_json, ApiClient, ApiError, RatePacing};
 use super::remote::{join, Entry, Files, RemotePath};
 use super::size::human;
 
@@ -335,27 +336,43 @@ async fn upload_one(
     progress: &Progress,
 ) -> Result<Value> {
     let remote = destination.with_path(upload.remote.clone());
-    let file = tokio::fs::File::open(&upload.local)
-        .await
-        .with_context(|| format!("cannot read {}", upload.local.display()))?;
-    let bar = progress.bar.clone();
-    let body = tokio_util::io::ReaderStream::with_capacity(file, CHUNK)
-        .inspect_ok(move |chunk| bar.inc(chunk.len() as u64));
-    let entry = files
-        .upload(
-            &upload.remote,
-            reqwest::Body::wrap_stream(body),
-            upload.size,
-            upload.mode,
-            force,
-        )
-        .await
-        .map_err(|e| match ApiError::code_of(&e) {
-            Some("ALREADY_EXISTS") => {
-                anyhow!("{remote} exists already: use --force to overwrite it")
+    let mut pacing = RatePacing::default();
+    let entry = loop {
+        let file = tokio::fs::File::open(&upload.local)
+            .await
+            .with_context(|| format!("cannot read {}", upload.local.display()))?;
+        let bar = progress.bar.clone();
+        let sent = Arc::new(AtomicU64::new(0));
+        let counted = sent.clone();
+        let body =
+            tokio_util::io::ReaderStream::with_capacity(file, CHUNK).inspect_ok(move |chunk| {
+                bar.inc(chunk.len() as u64);
+                counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            });
+        let result = files
+            .upload(
+                &upload.remote,
+                reqwest::Body::wrap_stream(body),
+                upload.size,
+                upload.mode,
+                force,
+            )
+            .await;
+        // Over the key's rate: the file is sent again, whole, after the server's wait.
+        match pacing.wait(&result) {
+            Some(wait) => {
+                progress.bar.dec(sent.load(Ordering::Relaxed));
+                tokio::time::sleep(wait).await;
             }
-            _ => e.context(format!("uploading {} to {remote}", upload.local.display())),
-        })?;
+            None => break result,
+        }
+    };
+    let entry = entry.map_err(|e| match ApiError::code_of(&e) {
+        Some("ALREADY_EXISTS") => {
+            anyhow!("{remote} exists already: use --force to overwrite it")
+        }
+        _ => e.context(format!("uploading {} to {remote}", upload.local.display())),
+    })?;
     progress.file_done(1);
     Ok(json!({
         "source": upload.local,
