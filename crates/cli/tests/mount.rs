@@ -328,6 +328,28 @@ fn file_operations_persist_across_remounts() {
     assert!(report["deleted_objects"].is_u64(), "gc report: {report}");
 }
 
+/// A tenant's setuid bits and device nodes grant nothing on the host.
+#[test]
+fn mounts_are_nosuid_and_nodev() {
+    let volume = TestVolume::new("flags");
+    let mount_point = volume.new_mount_point("mnt");
+    let mounted = volume.mount(&mount_point);
+    let canonical = mount_point.canonicalize().unwrap();
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let options = mountinfo
+        .lines()
+        .map(|line| line.split(' ').collect::<Vec<_>>())
+        .find(|fields| Path::new(fields[4]) == canonical)
+        .map(|fields| fields[5].to_string())
+        .expect("the mount is in mountinfo");
+    let options: Vec<&str> = options.split(',').collect();
+    assert!(
+        options.contains(&"nosuid") && options.contains(&"nodev"),
+        "mount options: {options:?}"
+    );
+    drop(mounted);
+}
+
 #[test]
 fn two_mounts_of_one_volume_share_data_and_locks() {
     let volume = TestVolume::new("shared");

@@ -178,6 +178,10 @@ pub fn mount(
         // Passed to the kernel directly (fuser's Subtype only reaches fusermount).
         MountOption::CUSTOM("subtype=cellar".into()),
         MountOption::DefaultPermissions,
+        // A volume's files belong to its tenants: their setuid bits and device nodes grant
+        // nothing on the host either.
+        MountOption::NoSuid,
+        MountOption::NoDev,
         if options.read_only {
             MountOption::RO
         } else {
