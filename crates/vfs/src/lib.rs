@@ -47,6 +47,7 @@ mod write_buffer;
 pub(crate) const MAX_FILE_SIZE: u64 = 1 << 50;
 
 pub use cellar_meta::{Attr, FileKind, Ino, LockKind, LockRange, RenameMode, ROOT_INO};
+pub use cellar_store::StoreTimeouts;
 
 /// A POSIX errno returned to the kernel (`libc::ENOENT`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +78,8 @@ pub struct VolumeConfig {
     pub cache_disk_bytes: u64,
     /// Mount point, recorded in the session for `fsck`/diagnostics.
     pub mount_point: String,
+    /// Bounds of the object store's requests and operations.
+    pub store_timeouts: StoreTimeouts,
 }
 
 /// Attribute changes of a setattr call (`size` truncates).
