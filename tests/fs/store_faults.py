@@ -51,6 +51,9 @@ DEFAULT_FSYNC_BOUND_SECS = 60
 # Any single operation that must not wait for the store.
 LIVE_SECS = 5
 FILE_BYTES = (3 << 20) // 2
+# Written before each write fault: one block, and several blocks of which the first 16 MiB start
+# uploading in the background while the application still writes.
+WRITE_SIZES = [FILE_BYTES, 20 << 20]
 
 WRITE_FAULTS = [
     ("blackhole", {}),
@@ -118,11 +121,11 @@ class Stats:
             row["recover"].append(recover_secs)
 
     def print(self, lost):
-        print(f"{'fault':<28}{'cases':>6}{'ops':>6}{'lost':>6}{'EIO after s':>13}{'recovered s':>13}")
+        print(f"{'fault':<28}{'cases':>6}{'ops':>6}{'lost':>6}{'max EIO s':>13}{'max recover s':>15}")
         for fault, row in self.rows.items():
             eio = f"{max(row['eio']):.1f}" if row["eio"] else "-"
             rec = f"{max(row['recover']):.1f}" if row["recover"] else "-"
-            print(f"{fault:<28}{row['cases']:>6}{row['ops']:>6}{lost.get(fault, 0):>6}{eio:>13}{rec:>13}")
+            print(f"{fault:<28}{row['cases']:>6}{row['ops']:>6}{lost.get(fault, 0):>6}{eio:>13}{rec:>15}")
 
 
 class Suite:
@@ -141,8 +144,8 @@ class Suite:
     def root(self):
         return self.volume.mount_point
 
-    def data(self):
-        return self.rng.randbytes(FILE_BYTES)
+    def data(self, size=FILE_BYTES):
+        return self.rng.randbytes(size)
 
     def write_durably(self, name, fault):
         data = self.data()
@@ -170,7 +173,7 @@ class Suite:
         names = bounded(f"{fault}: readdir", LIVE_SECS, os.listdir, self.root)
         if "reference.bin" not in names:
             raise Failure(f"{fault}: readdir lost reference.bin: {names}")
-        sub = self.root / "dir" / f"sub-{fault.replace(' ', '-')}"
+        sub = self.root / "dir" / f"sub-{fault.replace(' ', '-')}-{time.monotonic_ns()}"
         bounded(f"{fault}: mkdir", LIVE_SECS, os.mkdir, sub)
         bounded(f"{fault}: rmdir", LIVE_SECS, os.rmdir, sub)
         got = bounded(f"{fault}: cached read", LIVE_SECS, read_uncached, self.root / "cached.bin")
@@ -187,11 +190,11 @@ class Suite:
             raise Failure(f"{fault}: a read returned corrupt bytes")
         return outcome
 
-    def write_fault(self, fault, params):
+    def write_fault(self, fault, params, size):
         """fsync fails with EIO within the bound; the mount stays live; recovery by itself."""
         self.remount()
-        name = f"w-{fault.replace(' ', '-')}.bin"
-        data = self.data()
+        name = f"w-{fault.replace(' ', '-')}-{size}.bin"
+        data = self.data(size)
         fd = os.open(self.root / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
         os.write(fd, data)
         self.proxy.set(params.get("mode", fault), **{k: v for k, v in params.items() if k != "mode"})
@@ -214,7 +217,7 @@ class Suite:
         if read_uncached(self.root / name) != data:
             raise Failure(f"{fault}: the recovered file reads back wrong")
         self.stats.add(fault, ops + 3, eio_secs, recover_secs)
-        print(f"{fault}: fsync EIO after {eio_secs:.1f} s, recovered in {recover_secs:.1f} s")
+        print(f"{fault}, {size} bytes: fsync EIO after {eio_secs:.1f} s, recovered in {recover_secs:.1f} s")
 
     def recover(self, fault, fd):
         """Seconds until an fsync of the same descriptor succeeds again (no remount)."""
@@ -401,8 +404,9 @@ def main():
     started = time.monotonic()
     try:
         suite.setup()
-        for fault, params in WRITE_FAULTS:
-            suite.write_fault(fault, params)
+        for size in WRITE_SIZES:
+            for fault, params in WRITE_FAULTS:
+                suite.write_fault(fault, params, size)
         for fault, params in READ_FAULTS:
             suite.read_fault(fault, params)
         suite.slow_and_flaky()

@@ -89,7 +89,7 @@ pub struct StoreOptions {
     pub cache_disk_bytes: u64,
     /// Retries of one request after a transient failure (5xx, timeout, connection error).
     pub max_retries: u32,
-    /// Bounds of every request and operation (docs/CONFIGURATION.md, "Object store").
+    /// Bounds of every request and operation (docs/CONFIGURATION.md, "Object store timeouts").
     pub timeouts: StoreTimeouts,
 }
 
