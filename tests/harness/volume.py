@@ -69,7 +69,9 @@ def meta_url(work_dir, name):
 
 
 class Volume:
-    def __init__(self, work_dir):
+    def __init__(self, work_dir, mount_args=()):
+        """`mount_args`: extra flags of every `cellar mount` of this volume."""
+        self.mount_args = list(mount_args)
         self.work_dir = Path(work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # The name is kept in work_dir so the shell CLI finds the same volume on every call.
@@ -118,7 +120,12 @@ class Volume:
         if is_mounted(self.mount_point):
             raise VolumeError(f"{self.mount_point} is already mounted")
         self.run_cellar(
-            "mount", *self.volume_args(), "--log-file", str(self.log_file), str(self.mount_point)
+            "mount",
+            *self.volume_args(),
+            *self.mount_args,
+            "--log-file",
+            str(self.log_file),
+            str(self.mount_point),
         )
         if not is_mounted(self.mount_point):
             raise VolumeError(f"`cellar mount` returned 0 but {self.mount_point} is not mounted")

@@ -70,6 +70,7 @@ impl Mounted {
             cache_dir: None,
             cache_disk_bytes: 0,
             mount_point: String::new(),
+            store_timeouts: Default::default(),
         }
     }
 

@@ -4,7 +4,7 @@
 //! ```no_run
 //! # fn run(vfs: std::sync::Arc<cellar_vfs::Vfs>) -> Result<(), cellar_fuse::MountError> {
 //! let handle = cellar_fuse::mount(vfs, "/mnt/data".as_ref(), &cellar_fuse::MountOptions::new("data"))?;
-//! handle.wait()?; // returns after `umount /mnt/data`, with everything flushed
+//! let unflushed = handle.wait()?; // after `umount /mnt/data`: what could not be flushed
 //! # Ok(()) }
 //! ```
 

@@ -6,8 +6,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
-use cellar_vfs::{Invalidation, Vfs, ROOT_INO};
+use cellar_vfs::{Invalidation, Unflushed, Vfs, ROOT_INO};
 use fuser::{BackgroundSession, Config, INodeNo, MountOption, Notifier, Session, SessionACL};
 
 use crate::fs::CellarFs;
@@ -29,6 +30,10 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Threads serving kernel requests, each on its own cloned /dev/fuse descriptor.
     pub threads: usize,
+    /// After unmounting, files are flushed for this long; what is still dirty then is kept in
+    /// `spool_dir` (or lost without one) and reported.
+    pub shutdown_timeout: Duration,
+    pub spool_dir: Option<PathBuf>,
 }
 
 impl MountOptions {
@@ -38,6 +43,8 @@ impl MountOptions {
             read_only: false,
             allow_other: true,
             threads: 16,
+            shutdown_timeout: Duration::from_secs(60),
+            spool_dir: None,
         }
     }
 }
@@ -150,6 +157,8 @@ pub struct MountHandle {
     session: BackgroundSession,
     vfs: Arc<Vfs>,
     mount_point: PathBuf,
+    shutdown_timeout: Duration,
+    spool_dir: Option<PathBuf>,
 }
 
 /// Unmounts a mount from any thread (for example a signal handler thread).
@@ -217,6 +226,8 @@ pub fn mount(
         session,
         vfs,
         mount_point,
+        shutdown_timeout: options.shutdown_timeout,
+        spool_dir: options.spool_dir.clone(),
     })
 }
 
@@ -296,12 +307,15 @@ impl MountHandle {
     }
 
     /// Waits until the file system is unmounted (by `umount`, an [`Unmounter`] or
-    /// `fusermount3 -u`), then flushes the vfs and closes its session.
-    pub fn wait(self) -> Result<(), MountError> {
+    /// `fusermount3 -u`), then flushes the vfs (within the shutdown timeout) and closes its
+    /// session. Returns what could not be flushed (kept in the spool directory, if any).
+    pub fn wait(self) -> Result<Vec<Unflushed>, MountError> {
         let served = self.session.join();
         // Drops the invalidation sender, which ends the invalidation thread.
         self.vfs.set_invalidator(Box::new(|_| {}));
-        let flushed = self.vfs.shutdown();
+        let flushed = self
+            .vfs
+            .shutdown_within(self.shutdown_timeout, self.spool_dir.as_deref());
         tracing::info!(mount_point = %self.mount_point.display(), "unmounted");
         served.map_err(|source| MountError::Session {
             path: self.mount_point.clone(),
@@ -314,7 +328,7 @@ impl MountHandle {
     }
 
     /// Unmounts (failing with EBUSY while files are open) and waits as [`MountHandle::wait`].
-    pub fn unmount(self) -> Result<(), MountError> {
+    pub fn unmount(self) -> Result<Vec<Unflushed>, MountError> {
         self.unmounter()
             .unmount(false)
             .map_err(|source| MountError::Session {

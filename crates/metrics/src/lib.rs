@@ -228,6 +228,7 @@ struct Metrics {
     store_in_flight: PerLabel<Gauge>,
     slice_uploads_in_flight: Gauge,
     http_attempts: PerLabel<Counter>,
+    integrity_failures: Counter,
     cache_hits: PerLabel<Counter>,
     cache_misses: PerLabel<Counter>,
 }
@@ -329,6 +330,11 @@ impl Metrics {
                 "outcome",
                 outcomes(),
             ),
+            integrity_failures: counter(
+                &mut r,
+                "store_integrity_failures",
+                "Object-store answers that were short, corrupt (page checksum mismatch) or did not match the request, and were read again or failed the read",
+            ),
             cache_hits: counters(
                 &mut r,
                 "cache_hits",
@@ -407,6 +413,11 @@ pub fn meta_retry() {
 /// One HTTP exchange with an S3 store ended.
 pub fn store_http_attempt(outcome: HttpOutcome) {
     METRICS.http_attempts.get(outcome as usize).inc();
+}
+
+/// An object-store answer failed its integrity check.
+pub fn store_integrity_failure() {
+    METRICS.integrity_failures.inc();
 }
 
 /// A block lookup in a cache.

@@ -60,6 +60,7 @@ impl Services {
             cache_dir: None,
             cache_disk_bytes: 0,
             mount_point: String::new(),
+            store_timeouts: Default::default(),
         }
     }
 

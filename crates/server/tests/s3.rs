@@ -18,6 +18,7 @@ fn list_bucket(store_url: &str) -> Vec<String> {
             cache_dir: None,
             cache_disk_bytes: 0,
             max_retries: 3,
+            timeouts: Default::default(),
         };
         let store = cellar_store::BlockStore::open(&store_url, "", options).unwrap();
         let runtime = tokio::runtime::Runtime::new().unwrap();

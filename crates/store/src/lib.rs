@@ -26,6 +26,7 @@
 mod cache;
 mod config;
 mod durable;
+mod integrity;
 mod layout;
 mod metered;
 mod page_buffers;
@@ -40,9 +41,13 @@ use durable::LocalDurability;
 use futures::{StreamExt, TryStreamExt};
 use layout::Block;
 use object_store::path::Path;
-use object_store::{GetOptions, GetResultPayload, ObjectStore, ObjectStoreExt};
+use object_store::{
+    GetOptions, GetResultPayload, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions,
+};
 use pages::{Demand, PageCache, PageClaim, PageKey, PAGE_SIZE};
-use std::collections::{BTreeSet, HashMap};
+pub use retry::StoreTimeouts;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Weak};
@@ -84,6 +89,8 @@ pub struct StoreOptions {
     pub cache_disk_bytes: u64,
     /// Retries of one request after a transient failure (5xx, timeout, connection error).
     pub max_retries: u32,
+    /// Bounds of every request and operation (docs/CONFIGURATION.md, "Object store timeouts").
+    pub timeouts: StoreTimeouts,
 }
 
 impl Default for StoreOptions {
@@ -94,6 +101,7 @@ impl Default for StoreOptions {
             cache_dir: None,
             cache_disk_bytes: 10 << 30,
             max_retries: 5,
+            timeouts: StoreTimeouts::default(),
         }
     }
 }
@@ -127,6 +135,10 @@ const CACHE_UPLOADS_UP_TO: u64 = 4 << 20;
 /// `BlockStore`. Many small flushes (random writes) would otherwise open thousands of requests at
 /// once, and S3 servers answer that with 503 SlowDown (Ceph RGW throttles at 1,024).
 const MAX_REQUESTS_IN_FLIGHT: usize = 64;
+/// Re-reads of a range whose answer failed its integrity check (short, checksum mismatch,
+/// broken stream) before the read fails: a flip in transit must not fail a read, a corrupt
+/// object must fail it, never reach the caller.
+const INTEGRITY_RETRIES: usize = 2;
 
 /// Block objects of one volume (a prefix of a bucket or of a local directory). Cheap to clone.
 #[derive(Clone)]
@@ -149,6 +161,8 @@ struct Inner {
     request_permits: Semaphore,
     /// `file://` only: syncs written blocks and their directories.
     local: Option<Arc<LocalDurability>>,
+    /// The bound of one operation (see [`StoreTimeouts::operation`]).
+    operation_timeout: std::time::Duration,
 }
 
 impl BlockStore {
@@ -186,7 +200,7 @@ impl BlockStore {
         }
         let location = config::parse_location(url, volume_prefix, credentials)?;
         let description = location.describe();
-        let (store, cache_namespace, local) = build_store(&location.backend, options.max_retries)?;
+        let (store, cache_namespace, local) = build_store(&location.backend, &options)?;
         let store: Arc<dyn ObjectStore> = Arc::new(metered::Metered(store));
         let disk = match &options.cache_dir {
             Some(dir) => Some(shared_disk_cache(dir, options.cache_disk_bytes)?),
@@ -204,6 +218,7 @@ impl BlockStore {
                 disk,
                 request_permits: Semaphore::new(MAX_REQUESTS_IN_FLIGHT),
                 local,
+                operation_timeout: options.timeouts.operation,
             }),
         })
     }
@@ -230,7 +245,10 @@ impl BlockStore {
         let inner = &*self.inner;
         let _in_flight = cellar_metrics::slice_upload();
         futures::stream::iter(layout::slice_blocks(data.len() as u64, inner.block_size))
-            .map(|block| inner.put_block(id, block, data.clone()))
+            .map(|block| {
+                let path = inner.block_path(id, block);
+                inner.bounded("put", path, inner.put_block(id, block, data.clone()))
+            })
             .buffer_unordered(UPLOAD_CONCURRENCY)
             .try_collect::<()>()
             .await?;
@@ -295,7 +313,14 @@ impl BlockStore {
     pub async fn delete_slice(&self, id: u64, size: u32) -> StoreResult<()> {
         let inner = &*self.inner;
         futures::stream::iter(layout::slice_blocks(u64::from(size), inner.block_size))
-            .map(|block| inner.delete_path(inner.block_path(id, block), Some(block.len)))
+            .map(|block| {
+                let path = inner.block_path(id, block);
+                inner.bounded(
+                    "delete",
+                    path.clone(),
+                    inner.delete_path(path, Some(block.len)),
+                )
+            })
             .buffer_unordered(FETCH_CONCURRENCY)
             .try_collect::<()>()
             .await
@@ -327,7 +352,10 @@ impl BlockStore {
             .and_then(|p| Path::parse(p).ok())
             .ok_or_else(|| StoreError::Config(format!("invalid object key {key:?}")))?;
         let len = layout::parse_block_key(key).map(|(_, _, len)| len);
-        self.inner.delete_path(path, len).await
+        let inner = &self.inner;
+        inner
+            .bounded("delete", path.clone(), inner.delete_path(path, len))
+            .await
     }
 
     /// Parses a block key back into (slice id, block index, block length).
@@ -383,17 +411,47 @@ impl Inner {
         retry::to_store_error(err, op, key, &self.description)
     }
 
+    /// Runs one store operation within the operation timeout.
+    async fn bounded<T>(
+        &self,
+        op: &str,
+        path: Path,
+        work: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(self.operation_timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(self.timed_out(op, &path)),
+        }
+    }
+
+    fn timed_out(&self, op: &str, path: &Path) -> StoreError {
+        StoreError::Io(format!(
+            "{op} {path} on {}: no answer within the {} s operation timeout",
+            self.description,
+            self.operation_timeout.as_secs_f64()
+        ))
+    }
+
     async fn put_block(&self, id: u64, block: Block, slice: Bytes) -> StoreResult<()> {
         let path = self.block_path(id, block);
         let start = block.start as usize;
         let data = slice.slice(start..start + block.len as usize);
         {
+            // A local directory keeps no attributes (and needs no checksums: see integrity.rs).
+            let attributes = match self.local {
+                Some(_) => object_store::Attributes::new(),
+                None => integrity::attributes_for(&data),
+            };
             if data.len() as u64 > MULTIPART_ABOVE {
-                self.put_multipart(&path, &data).await?;
+                self.put_multipart(&path, &data, attributes).await?;
             } else {
                 let _permit = self.request_permit().await;
+                let options = PutOptions {
+                    attributes,
+                    ..PutOptions::default()
+                };
                 self.store
-                    .put(&path, data.clone().into())
+                    .put_opts(&path, data.clone().into(), options)
                     .await
                     .map_err(|err| self.error(&err, "put", path.as_ref()))?;
             }
@@ -429,11 +487,23 @@ impl Inner {
     }
 
     /// Uploads one large object as parts in parallel: one PUT stream is slower than several.
-    async fn put_multipart(&self, path: &Path, data: &Bytes) -> StoreResult<()> {
+    async fn put_multipart(
+        &self,
+        path: &Path,
+        data: &Bytes,
+        attributes: object_store::Attributes,
+    ) -> StoreResult<()> {
         let error = |err: object_store::Error| self.error(&err, "put", path.as_ref());
         let mut upload = {
             let _permit = self.request_permit().await;
-            self.store.put_multipart(path).await.map_err(error)?
+            let options = PutMultipartOptions {
+                attributes,
+                ..PutMultipartOptions::default()
+            };
+            self.store
+                .put_multipart_opts(path, options)
+                .await
+                .map_err(error)?
         };
         // The futures are made up front (in part order, as the upload requires); keeping the
         // closure out of the stream's type keeps the future `Send`.
@@ -516,18 +586,16 @@ impl Inner {
         range: Range<usize>,
     ) -> StoreResult<Bytes> {
         let Some(pages) = &self.pages else {
+            // Whole pages, so that each is verified against its checksum.
+            let indexes = page_range(&range);
+            let mut parts = Vec::with_capacity(indexes.len());
+            let mut deliver = |_, page| parts.push(page);
             let path = self.block_path(id, block);
-            let _permit = self.request_permit().await;
-            let range = range.start as u64..range.end as u64;
-            let data = self
-                .store
-                .get_range(&path, range.clone())
-                .await
-                .map_err(|err| self.error(&err, "get", path.as_ref()))?;
-            if data.len() as u64 != range.end - range.start {
-                return Err(self.short_object(&path, block));
-            }
-            return Ok(data);
+            let fetch = self.fetch_pages(id, block, indexes.clone(), &mut deliver);
+            self.bounded("get", path, fetch).await?;
+            let from = range.start - indexes.start as usize * PAGE_SIZE as usize;
+            let pages_len = parts.iter().map(Bytes::len).sum();
+            return Ok(concat(parts, pages_len).slice(from..from + range.len()));
         };
         let object = self.object_key(id, block);
         let indexes = page_range(&range);
@@ -588,71 +656,143 @@ impl Inner {
         missing
     }
 
-    /// One ranged GET for a run of consecutive claimed pages, each page completed (and handed
-    /// to its waiters) as soon as its bytes have arrived.
+    /// Fetches a run of consecutive claimed pages, each page completed (and handed to its
+    /// waiters) as soon as its bytes have arrived and proved intact; what is left when the
+    /// fetch fails or runs out of time fails.
     async fn fetch_run(&self, id: u64, block: Block, run: Vec<PageClaim>) {
+        let pages = run[0].key.index..run[0].key.index + run.len() as u32;
+        let mut claims: VecDeque<PageClaim> = run.into();
+        let mut deliver = |_, data: Bytes| {
+            let claim = claims.pop_front().expect("one claim per fetched page");
+            self.cache_on_disk(&claim.key, &data);
+            claim.complete(data);
+        };
         let path = self.block_path(id, block);
-        let start = u64::from(run[0].key.index) * PAGE_SIZE;
-        let end = start + run.iter().map(|c| c.len).sum::<u64>();
-        let mut claims = run.into_iter();
+        let fetch = self.fetch_pages(id, block, pages, &mut deliver);
+        let fetched = self.bounded("get", path, fetch).await;
+        if let Err(err) = fetched {
+            claims.into_iter().for_each(|claim| claim.fail(err.clone()));
+        }
+    }
+
+    /// Pages `pages` of a block, each verified and handed to `deliver` in order; answers that
+    /// fail their integrity check are read again (from the first page not delivered yet).
+    async fn fetch_pages(
+        &self,
+        id: u64,
+        block: Block,
+        pages: Range<u32>,
+        deliver: &mut (impl FnMut(u32, Bytes) + Send),
+    ) -> StoreResult<()> {
+        let path = self.block_path(id, block);
+        let mut next = pages.start;
+        let mut retries = 0;
+        loop {
+            match self
+                .get_pages(&path, block, &mut next, pages.end, deliver)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(Fetch::Integrity(err)) if retries < INTEGRITY_RETRIES => {
+                    retries += 1;
+                    cellar_metrics::store_integrity_failure();
+                    tracing::warn!(%path, error = %err, retries, "a read failed its integrity check; reading it again");
+                }
+                Err(Fetch::Integrity(err)) => {
+                    cellar_metrics::store_integrity_failure();
+                    tracing::error!(%path, error = %err, "a read kept failing its integrity check");
+                    return Err(err);
+                }
+                Err(Fetch::Store(err)) => return Err(err),
+            }
+        }
+    }
+
+    /// One ranged GET of pages `*next..end` of a block. Each page is checked (its length, and
+    /// its checksum when the object has them) and delivered as soon as its bytes are in;
+    /// `*next` moves past it.
+    async fn get_pages(
+        &self,
+        path: &Path,
+        block: Block,
+        next: &mut u32,
+        end: u32,
+        deliver: &mut (impl FnMut(u32, Bytes) + Send),
+    ) -> Result<(), Fetch> {
+        let start = u64::from(*next) * PAGE_SIZE;
+        let stop = (u64::from(end) * PAGE_SIZE).min(u64::from(block.len));
         let _permit = self.request_permit().await;
         let options = GetOptions {
-            range: Some((start..end).into()),
+            range: Some((start..stop).into()),
             ..GetOptions::default()
         };
-        let mut stream = match self.store.get_opts(&path, options).await {
-            // A local file is read whole: its stream would read it in 8 KiB pieces.
-            Ok(got) if matches!(got.payload, GetResultPayload::File(..)) => {
-                futures::stream::once(got.bytes()).boxed()
-            }
-            Ok(got) => got.into_stream(),
+        let got = match self.store.get_opts(path, options).await {
+            Ok(got) => got,
             Err(err) => {
+                let unverifiable = matches!(
+                    retry::classify(&err),
+                    retry::Failure::Other { status: None, .. }
+                );
                 let err = self.error(&err, "get", path.as_ref());
-                claims.for_each(|claim| claim.fail(err.clone()));
-                return;
+                // A store that answered with a status (or not at all) was retried already;
+                // an answer that did not match the request (wrong range, undecodable) is read
+                // again like a corrupt one.
+                return Err(if unverifiable {
+                    Fetch::Integrity(err)
+                } else {
+                    Fetch::Store(err)
+                });
             }
         };
-        let mut current = claims.next();
-        let mut page = page_buffers::take(current.as_ref().map_or(0, |c| c.len as usize));
+        let checksums = integrity::checksums_in(&got.attributes).map_err(|_| {
+            Fetch::Integrity(self.corrupt_object(path, *next, "a garbled checksum header"))
+        })?;
+        let mut stream = match got.payload {
+            // A local file is read whole: its stream would read it in 8 KiB pieces.
+            GetResultPayload::File(..) => futures::stream::once(got.bytes()).boxed(),
+            _ => got.into_stream(),
+        };
+        let mut page = page_buffers::take(page_len(block.len, *next) as usize);
         while let Some(chunk) = stream.next().await {
-            let mut chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(err) => {
-                    let err = self.error(&err, "get", path.as_ref());
-                    current
-                        .into_iter()
-                        .chain(claims)
-                        .for_each(|c| c.fail(err.clone()));
-                    return;
-                }
-            };
-            while !chunk.is_empty() {
-                let Some(claim) = current.take() else {
-                    break;
-                };
-                let take = (claim.len as usize - page.len()).min(chunk.len());
+            let mut chunk =
+                chunk.map_err(|err| Fetch::Integrity(self.error(&err, "get", path.as_ref())))?;
+            while !chunk.is_empty() && *next < end {
+                let want = page_len(block.len, *next) as usize;
+                let take = (want - page.len()).min(chunk.len());
                 page.extend_from_slice(&chunk.split_to(take));
-                if page.len() < claim.len as usize {
-                    current = Some(claim);
-                    continue;
+                if page.len() < want {
+                    break;
                 }
-                current = claims.next();
-                let next_len = current.as_ref().map_or(0, |c| c.len as usize);
+                let following = if *next + 1 < end {
+                    page_len(block.len, *next + 1) as usize
+                } else {
+                    0
+                };
                 let data = page_buffers::freeze(std::mem::replace(
                     &mut page,
-                    page_buffers::take(next_len),
+                    page_buffers::take(following),
                 ));
-                self.cache_on_disk(&claim.key, &data);
-                claim.complete(data);
+                if let Some(crcs) = &checksums {
+                    if !integrity::page_intact(crcs, *next, &data) {
+                        let what = "bytes that do not match their checksum";
+                        return Err(Fetch::Integrity(self.corrupt_object(path, *next, what)));
+                    }
+                }
+                deliver(*next, data);
+                *next += 1;
             }
         }
-        if current.is_some() {
-            let err = self.short_object(&path, block);
-            current
-                .into_iter()
-                .chain(claims)
-                .for_each(|c| c.fail(err.clone()));
+        if *next < end {
+            return Err(Fetch::Integrity(self.short_object(path, block)));
         }
+        Ok(())
+    }
+
+    fn corrupt_object(&self, path: &Path, page: u32, what: &str) -> StoreError {
+        StoreError::Io(format!(
+            "object {path} on {} returned {what} (page {page})",
+            self.description
+        ))
     }
 
     fn short_object(&self, path: &Path, block: Block) -> StoreError {
@@ -697,6 +837,14 @@ impl Inner {
             },
         }
     }
+}
+
+/// Why a ranged GET failed.
+enum Fetch {
+    /// The store failed (after its own retries): reading again now would not help.
+    Store(StoreError),
+    /// The answer was short, corrupt or did not match the request: worth reading again.
+    Integrity(StoreError),
 }
 
 /// The pages covering a byte range of an object.
@@ -761,7 +909,7 @@ async fn blocking<T: Send + 'static>(
 type BuiltStore = (Arc<dyn ObjectStore>, String, Option<Arc<LocalDurability>>);
 
 /// Builds the object store client and names it for the disk cache.
-fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<BuiltStore> {
+fn build_store(backend: &Backend, options: &StoreOptions) -> StoreResult<BuiltStore> {
     match backend {
         Backend::Local { root } => {
             durable::create_dir_all_durable(root).map_err(|e| {
@@ -800,9 +948,9 @@ fn build_store(backend: &Backend, max_retries: u32) -> StoreResult<BuiltStore> {
                 .with_secret_access_key(&s3.credentials.secret_access_key)
                 .with_virtual_hosted_style_request(false)
                 .with_allow_http(s3.allow_http())
-                .with_retry(retry::retry_config(max_retries))
+                .with_retry(retry::retry_config(options.max_retries, &options.timeouts))
                 .with_http_connector(metered::CountingConnector::default())
-                .with_client_options(retry::client_options(s3.allow_http()));
+                .with_client_options(retry::client_options(s3.allow_http(), &options.timeouts));
             if let Some(endpoint) = &s3.endpoint {
                 builder = builder.with_endpoint(endpoint);
             }

@@ -11,34 +11,56 @@ use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 use std::error::Error as _;
 use std::time::Duration;
 
-/// Connecting to a live endpoint takes milliseconds; a dead one should fail fast and be retried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// One request moves at most one block (4 MiB by default).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest a request is retried before its error reaches the caller.
-const TOTAL_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the store waits on the object store before giving up. The defaults fail an
+/// operation on a silent store (one that accepts connections and never answers) in about
+/// 20 s (two tries of 10 s) and always within `operation` (30 s), so that fsync answers EIO
+/// well within a minute even when it first waits for a flush already under way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreTimeouts {
+    /// Opening a connection (a refused connection fails at once and is retried).
+    pub connect: Duration,
+    /// One try of one request, from sending it to the last byte of its answer (one block of
+    /// 4 MiB, or a ranged GET of up to 8 MiB: the default needs about 1 MB/s).
+    pub request: Duration,
+    /// Retries of one request stop once this much time has passed since its first try.
+    pub retry: Duration,
+    /// The hard bound of one store operation (a block's upload, a ranged read), waiting for
+    /// a free connection slot, retries and integrity re-reads included.
+    pub operation: Duration,
+}
 
-pub(crate) fn retry_config(max_retries: u32) -> RetryConfig {
+impl Default for StoreTimeouts {
+    fn default() -> Self {
+        StoreTimeouts {
+            connect: Duration::from_secs(2),
+            request: Duration::from_secs(10),
+            retry: Duration::from_secs(20),
+            operation: Duration::from_secs(30),
+        }
+    }
+}
+
+pub(crate) fn retry_config(max_retries: u32, timeouts: &StoreTimeouts) -> RetryConfig {
     RetryConfig {
         backoff: BackoffConfig {
             init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(5),
             base: 2.0,
         },
         max_retries: max_retries as usize,
-        retry_timeout: TOTAL_RETRY_TIMEOUT,
+        retry_timeout: timeouts.retry,
     }
 }
 
 /// `plain_http`: the endpoint is `http://`, so TLS is never used; then the system trust store
 /// is not loaded either, and CA variables pointing at missing files (`SSL_CERT_FILE`, ...)
 /// cannot break the client.
-pub(crate) fn client_options(plain_http: bool) -> ClientOptions {
+pub(crate) fn client_options(plain_http: bool, timeouts: &StoreTimeouts) -> ClientOptions {
     ClientOptions::new()
         .with_allow_http(plain_http)
         .with_no_system_certificates(plain_http)
-        .with_connect_timeout(CONNECT_TIMEOUT)
-        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(timeouts.connect)
+        .with_timeout(timeouts.request)
 }
 
 /// What went wrong, extracted from an `object_store` error chain.
@@ -294,9 +316,14 @@ mod tests {
 
     #[test]
     fn retry_policy_is_bounded() {
-        let config = retry_config(5);
+        let timeouts = StoreTimeouts::default();
+        let config = retry_config(5, &timeouts);
         assert_eq!(config.max_retries, 5);
-        assert!(config.retry_timeout <= Duration::from_secs(60));
+        assert_eq!(config.retry_timeout, timeouts.retry);
+        // The last try starts within the retry window and lasts at most one request timeout,
+        // and the operation bound caps both: fsync on a silent store fails within a minute.
+        assert!(timeouts.retry + timeouts.request <= Duration::from_secs(60));
+        assert!(timeouts.operation < Duration::from_secs(60));
         assert!(config.backoff.max_backoff <= Duration::from_secs(10));
     }
 }

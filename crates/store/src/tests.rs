@@ -683,3 +683,60 @@ async fn a_corrupt_disk_cache_file_is_refetched_not_returned() {
     let reader = open(&objects, "v", disk_options(3));
     assert_eq!(reader.read_slice(2, size, 0, size).await.unwrap(), data);
 }
+
+/// A store that accepts connections and never answers fails uploads and reads within the
+/// operation timeout (never hangs), and a refused connection fails faster still.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_or_refusing_store_fails_within_the_operation_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    // Accept and hold every connection, answering nothing.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let credentials = Some(S3Credentials {
+        access_key_id: "AKIDTEST".into(),
+        secret_access_key: "secret".into(),
+        session_token: None,
+    });
+    let timeouts = StoreTimeouts {
+        connect: Duration::from_millis(500),
+        request: Duration::from_secs(1),
+        retry: Duration::from_secs(2),
+        operation: Duration::from_secs(4),
+    };
+    let options = StoreOptions {
+        cache_mem_bytes: 0,
+        timeouts,
+        ..StoreOptions::default()
+    };
+    let url = format!("s3://b?endpoint=http://127.0.0.1:{port}");
+    let store =
+        BlockStore::open_with_credentials(&url, "v", options.clone(), credentials.clone()).unwrap();
+    let started = std::time::Instant::now();
+    let err = store.put_slice(1, Bytes::from(vec![7u8; 1000])).await;
+    let took = started.elapsed();
+    assert!(matches!(err, Err(StoreError::Io(_))), "{err:?}");
+    assert!(
+        took >= timeouts.request && took <= timeouts.operation + Duration::from_secs(1),
+        "{took:?}"
+    );
+    let started = std::time::Instant::now();
+    let err = store.read_slice(1, 1000, 0, 1000).await;
+    assert!(matches!(err, Err(StoreError::Io(_))), "{err:?}");
+    assert!(started.elapsed() <= timeouts.operation + Duration::from_secs(1));
+    holder.abort();
+
+    // Nothing listens on the port any more: connections are refused, and retried briefly.
+    let _ = holder.await;
+    let store = BlockStore::open_with_credentials(&url, "v", options, credentials).unwrap();
+    let started = std::time::Instant::now();
+    assert!(store
+        .put_slice(1, Bytes::from(vec![7u8; 1000]))
+        .await
+        .is_err());
+    assert!(started.elapsed() < timeouts.retry + Duration::from_secs(1));
+}

@@ -299,3 +299,58 @@ async fn large_objects_upload_in_parts_and_read_back_by_ranges() {
     store.delete_slice(9, size).await.unwrap();
     assert!(store.list().await.unwrap().is_empty());
 }
+
+/// A block object damaged in the store (its checksums kept) fails the reads of its damaged page
+/// with an error, never its bytes; its other pages still read.
+#[tokio::test]
+async fn a_corrupt_object_fails_reads_of_its_damaged_page_only() {
+    use object_store::{ObjectStore, ObjectStoreExt, PutOptions};
+    let volume = unique_volume("corrupt");
+    let store = BlockStore::open(&s3_url(), &volume, options()).unwrap();
+    let data = patterned(3 * MIB);
+    let size = data.len() as u32;
+    store.put_slice(5, data.clone()).await.unwrap();
+
+    let url = url::Url::parse(&s3_url()).unwrap();
+    let query: std::collections::HashMap<_, _> = url.query_pairs().collect();
+    let raw = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(url.host_str().unwrap())
+        .with_endpoint(query["endpoint"].as_ref())
+        .with_region(query.get("region").map_or("us-east-1", |r| r.as_ref()))
+        .with_access_key_id(required_env("AWS_ACCESS_KEY_ID"))
+        .with_secret_access_key(required_env("AWS_SECRET_ACCESS_KEY"))
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    let path = object_store::path::Path::from(format!("{volume}/chunks/0/0/5_0_{}", 3 * MIB));
+    let got = raw.get(&path).await.unwrap();
+    let attributes = got.attributes.clone();
+    assert!(
+        !attributes.is_empty(),
+        "the object carries its page checksums"
+    );
+    let mut damaged = got.bytes().await.unwrap().to_vec();
+    damaged[MIB + MIB / 2] ^= 0x40;
+    let options = PutOptions {
+        attributes,
+        ..PutOptions::default()
+    };
+    raw.put_opts(&path, damaged.into(), options).await.unwrap();
+
+    let mib = MIB as u32;
+    assert_eq!(
+        store.read_slice(5, size, 0, mib).await.unwrap(),
+        data[..MIB]
+    );
+    let err = store.read_slice(5, size, mib + 10, 100).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Io(ref m) if m.contains("checksum")),
+        "{err}"
+    );
+    assert!(store.read_slice(5, size, 0, size).await.is_err());
+    assert_eq!(
+        store.read_slice(5, size, 2 * mib, mib).await.unwrap(),
+        data[2 * MIB..]
+    );
+    store.delete_slice(5, size).await.unwrap();
+}

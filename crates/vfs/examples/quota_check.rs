@@ -32,6 +32,7 @@ fn main() {
         cache_dir: None,
         cache_disk_bytes: 0,
         mount_point: "/bench".into(),
+        store_timeouts: Default::default(),
     };
     let ctx = Ctx {
         uid: 0,

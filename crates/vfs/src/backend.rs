@@ -145,6 +145,7 @@ impl Core {
             cache_dir: config.cache_dir.clone(),
             cache_disk_bytes: config.cache_disk_bytes,
             max_retries: STORE_MAX_RETRIES,
+            timeouts: config.store_timeouts,
         };
         let store = BlockStore::open(&config.store_url, &volume.uuid, options)
             .context("opening the object store")?;

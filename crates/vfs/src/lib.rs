@@ -40,6 +40,7 @@ pub mod maintenance;
 mod namespace;
 mod quota;
 mod read_path;
+mod spool;
 mod volume;
 mod write_buffer;
 
@@ -47,6 +48,8 @@ mod write_buffer;
 pub(crate) const MAX_FILE_SIZE: u64 = 1 << 50;
 
 pub use cellar_meta::{Attr, FileKind, Ino, LockKind, LockRange, RenameMode, ROOT_INO};
+pub use cellar_store::StoreTimeouts;
+pub use spool::{Replayed, Unflushed};
 
 /// A POSIX errno returned to the kernel (`libc::ENOENT`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +80,8 @@ pub struct VolumeConfig {
     pub cache_disk_bytes: u64,
     /// Mount point, recorded in the session for `fsck`/diagnostics.
     pub mount_point: String,
+    /// Bounds of the object store's requests and operations.
+    pub store_timeouts: StoreTimeouts,
 }
 
 /// Attribute changes of a setattr call (`size` truncates).
@@ -151,9 +156,32 @@ impl Vfs {
         background::start(&inner)?;
         Ok(Arc::new(Vfs { inner }))
     }
-    /// Flushes everything, ends the session.
+    /// Flushes everything, ends the session; fails if anything could not be flushed.
     pub fn shutdown(&self) -> anyhow::Result<()> {
-        self.inner.shutdown()
+        let unflushed = self.inner.shutdown_within(std::time::Duration::MAX, None)?;
+        anyhow::ensure!(
+            unflushed.is_empty(),
+            "{} file(s) could not be flushed; their last writes are lost",
+            unflushed.len()
+        );
+        Ok(())
+    }
+
+    /// Flushes what it can within `bound` (plus one store operation under way), keeps the rest
+    /// in `spool_dir` (replayed by the next mount, see [`Vfs::replay_spool`]) and ends the
+    /// session. Returns what could not be flushed.
+    pub fn shutdown_within(
+        &self,
+        bound: std::time::Duration,
+        spool_dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<Vec<Unflushed>> {
+        self.inner.shutdown_within(bound, spool_dir)
+    }
+
+    /// Applies the writes an earlier mount of this volume spooled under `spool_dir` at its
+    /// shutdown (before serving anything).
+    pub fn replay_spool(&self, spool_dir: &std::path::Path) -> anyhow::Result<Replayed> {
+        self.inner.replay_spool(spool_dir)
     }
 
     pub fn lookup(&self, _ctx: &Ctx, parent: Ino, name: &[u8]) -> VfsResult<Attr> {

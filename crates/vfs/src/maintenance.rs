@@ -201,6 +201,7 @@ mod tests {
             cache_dir: None,
             cache_disk_bytes: 0,
             mount_point: "/test".into(),
+            store_timeouts: Default::default(),
         }
     }
 

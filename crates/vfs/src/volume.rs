@@ -82,7 +82,8 @@ pub(crate) struct Inner {
     invalidator: RwLock<Option<Invalidator>>,
     pub stopper: Arc<Stopper>,
     pub threads: Mutex<Vec<JoinHandle<()>>>,
-    closed: AtomicBool,
+    /// Set by the first shutdown (spool.rs).
+    pub closed: AtomicBool,
     pub gc_grace: Duration,
 }
 
@@ -161,33 +162,6 @@ impl Inner {
             Ok(n) => tracing::info!(sessions = n, "reaped sessions of crashed mounts"),
             Err(e) => tracing::warn!(error = %e, "could not reap stale sessions"),
         }
-    }
-
-    /// Flushes every dirty inode, stops the background threads, closes the session. Idempotent.
-    pub fn shutdown(&self) -> anyhow::Result<()> {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        let mut failed = 0;
-        for file in self.registry.all_files() {
-            if let Err(e) = self.flush_file(&file) {
-                tracing::error!(ino = file.ino, error = %e, "could not flush a file at shutdown");
-                failed += 1;
-            }
-        }
-        self.stopper.stop();
-        for thread in self.threads.lock().drain(..) {
-            let _ = thread.join();
-        }
-        self.core
-            .meta
-            .close_session(self.session())
-            .context("closing the metadata session")?;
-        anyhow::ensure!(
-            failed == 0,
-            "{failed} file(s) could not be flushed; their last writes are lost"
-        );
-        Ok(())
     }
 
     /// EIO once the heartbeat has failed for so long that other mounts may reap this session:

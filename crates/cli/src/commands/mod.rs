@@ -12,9 +12,10 @@ pub mod umount;
 pub mod volume;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
-use cellar_vfs::VolumeConfig;
+use cellar_vfs::{StoreTimeouts, VolumeConfig};
 use clap::Args;
 use indicatif::ProgressBar;
 
@@ -31,6 +32,41 @@ pub struct VolumeArgs {
     /// Volume name (formatted on first use)
     #[arg(long, env = "CELLAR_VOLUME", value_name = "NAME")]
     pub volume: String,
+    #[command(flatten)]
+    pub store_timeouts: StoreTimeoutArgs,
+}
+
+/// Bounds of object-store requests (docs/CONFIGURATION.md, "Object store timeouts").
+#[derive(Args, Clone, Debug)]
+pub struct StoreTimeoutArgs {
+    /// Opening a connection to the object store
+    #[arg(long, env = "CELLAR_STORE_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub store_connect_timeout: Duration,
+    /// One try of one object-store request, from sending it to the last byte of the answer
+    #[arg(long, env = "CELLAR_STORE_REQUEST_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub store_request_timeout: Duration,
+    /// Retries of a failed request stop this long after its first try
+    #[arg(long, env = "CELLAR_STORE_RETRY_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub store_retry_timeout: Duration,
+    /// Hard bound of one object-store operation (a block's upload or a read, retries
+    /// included): past it the operation fails, and fsync or read answers EIO
+    #[arg(long, env = "CELLAR_STORE_OPERATION_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub store_operation_timeout: Duration,
+}
+
+impl StoreTimeoutArgs {
+    fn timeouts(&self) -> Result<StoreTimeouts> {
+        let timeouts = StoreTimeouts {
+            connect: self.store_connect_timeout,
+            request: self.store_request_timeout,
+            retry: self.store_retry_timeout,
+            operation: self.store_operation_timeout,
+        };
+        if [timeouts.connect, timeouts.request, timeouts.operation].contains(&Duration::ZERO) {
+            bail!("the store's connect, request and operation timeouts must be above zero");
+        }
+        Ok(timeouts)
+    }
 }
 
 impl VolumeArgs {
@@ -59,6 +95,7 @@ impl VolumeArgs {
             cache_dir,
             cache_disk_bytes,
             mount_point,
+            store_timeouts: self.store_timeouts.timeouts()?,
         })
     }
 
@@ -74,4 +111,27 @@ pub fn spinner(message: String) -> ProgressBar {
     spinner.set_message(message);
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        timeouts: StoreTimeoutArgs,
+    }
+
+    #[test]
+    fn store_timeout_flags_default_to_the_store_defaults() {
+        let parsed = Command::parse_from(["cellar"]);
+        assert_eq!(
+            parsed.timeouts.timeouts().unwrap(),
+            StoreTimeouts::default()
+        );
+        let zero = Command::parse_from(["cellar", "--store-operation-timeout", "0s"]);
+        assert!(zero.timeouts.timeouts().is_err());
+    }
 }

@@ -4,17 +4,21 @@
 //! exist yet, so forking is safe); the child opens the volume, mounts it and reports "mounted" or
 //! the error through a pipe, and the parent exits only then: `cellar mount` returning 0 means the
 //! mount is live. The daemon unmounts cleanly (flushing everything) on SIGTERM, SIGINT and SIGHUP,
-//! and records its pid so that `cellar umount` can wait for the flush.
+//! and records its pid so that `cellar umount` can wait for the flush. The flush is bounded
+//! (`--shutdown-timeout`): what the store does not take by then is kept in the spool directory,
+//! listed in the log and in a report file that `cellar umount` prints, and replayed by the next
+//! mount of the volume.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use cellar_fuse::{MountHandle, MountOptions, Unmounter};
 use cellar_metrics::{Endpoint, MetricsServer};
-use cellar_vfs::{Vfs, VolumeConfig};
+use cellar_vfs::{Unflushed, Vfs, VolumeConfig};
 use clap::Args;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -54,6 +58,16 @@ pub struct MountArgs {
     /// Serve Prometheus metrics over HTTP on a unix socket (GET /metrics; none by default)
     #[arg(long, value_name = "PATH")]
     pub metrics_socket: Option<PathBuf>,
+    /// After an unmount (or SIGTERM), how long dirty files are flushed before the daemon gives
+    /// up on the rest, keeps it in the spool directory and exits (one store operation under
+    /// way may add --store-operation-timeout)
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Where writes that could not be flushed at unmount are kept until a later mount of the
+    /// volume replays them [default: CACHE_DIR/spool with --cache-dir, else
+    /// /var/lib/cellar/spool, or the temporary directory if that cannot be created]
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
     /// Directory to mount on (must exist)
     #[arg(value_name = "MOUNTPOINT")]
     pub mount_point: PathBuf,
@@ -80,6 +94,11 @@ pub fn run(args: MountArgs) -> Result<()> {
     let mut options = MountOptions::new(&args.volume.volume);
     options.read_only = args.read_only;
     options.threads = args.threads;
+    options.shutdown_timeout = args.shutdown_timeout;
+    options.spool_dir = Some(match &args.spool_dir {
+        Some(dir) => std::path::absolute(dir).context("--spool-dir")?,
+        None => default_spool_dir(config.cache_dir.as_deref()),
+    });
     let metrics: Vec<Endpoint> = args
         .metrics_addr
         .map(Endpoint::Tcp)
@@ -133,6 +152,17 @@ fn start(
         .collect::<Result<Vec<_>>>()?;
     let volume = config.volume.clone();
     let vfs = Vfs::open_volume(config).with_context(|| format!("cannot open volume {volume}"))?;
+    if let Some(spool) = &options.spool_dir {
+        let replayed = vfs
+            .replay_spool(spool)
+            .with_context(|| format!("cannot replay the spooled writes of volume {volume}"))?;
+        if !replayed.applied.is_empty() {
+            tracing::info!(inodes = ?replayed.applied, "applied writes spooled by an earlier mount");
+        }
+        for conflict in &replayed.conflicts {
+            tracing::warn!(path = %conflict.display(), "spooled writes kept aside, not applied");
+        }
+    }
     Ok(Daemon {
         handle: cellar_fuse::mount(vfs, mount_point, options)?,
         _metrics: metrics,
@@ -142,6 +172,7 @@ fn start(
 /// Serves until unmounted, then flushes. Signals unmount; the pid file lets `cellar umount`
 /// wait for the end of the flush. `ready` runs once both are in place.
 fn serve(Daemon { handle, _metrics }: Daemon, ready: impl FnOnce()) -> Result<()> {
+    let report = unflushed_report(handle.mount_point());
     let pid_file = pid_file(handle.mount_point());
     if let Err(e) = write_pid_file(&pid_file) {
         tracing::warn!(
@@ -152,8 +183,44 @@ fn serve(Daemon { handle, _metrics }: Daemon, ready: impl FnOnce()) -> Result<()
     unmount_on_signals(handle.unmounter())?;
     ready();
     let result = handle.wait();
+    if let Ok(unflushed) = &result {
+        report_unflushed(unflushed, &report);
+    }
     let _ = std::fs::remove_file(&pid_file);
-    Ok(result?)
+    let unflushed = result?;
+    if !unflushed.is_empty() {
+        bail!(
+            "{} file(s) could not be flushed (see the log)",
+            unflushed.len()
+        );
+    }
+    Ok(())
+}
+
+/// Logs what could not be flushed and writes the report `cellar umount` prints (read before
+/// the pid file goes, so that a waiting umount finds it).
+fn report_unflushed(unflushed: &[Unflushed], report: &Path) {
+    let _ = std::fs::remove_file(report);
+    if unflushed.is_empty() {
+        return;
+    }
+    let mut text = String::new();
+    for file in unflushed {
+        let line = match &file.spooled {
+            Some(spool) => format!(
+                "inode {}: {} bytes not flushed, kept in {} (a later mount of the volume retries them)\n",
+                file.ino,
+                file.bytes,
+                spool.display()
+            ),
+            None => format!("inode {}: {} bytes not flushed and lost (could not spool them)\n", file.ino, file.bytes),
+        };
+        tracing::error!("{}", line.trim_end());
+        text.push_str(&line);
+    }
+    if let Err(e) = std::fs::write(report, text) {
+        tracing::warn!("cannot write the unflush report {}: {e}", report.display());
+    }
 }
 
 fn unmount_on_signals(unmounter: Unmounter) -> Result<()> {
@@ -266,6 +333,19 @@ fn open_log(path: &Path) -> Result<File> {
         .with_context(|| format!("cannot open the log file {}", path.display()))
 }
 
+/// CACHE_DIR/spool, else /var/lib/cellar/spool, else under the temporary directory.
+fn default_spool_dir(cache_dir: Option<&Path>) -> PathBuf {
+    if let Some(cache) = cache_dir {
+        return cache.join("spool");
+    }
+    let system_dir = Path::new("/var/lib/cellar/spool");
+    if std::fs::create_dir_all(system_dir).is_ok() {
+        system_dir.to_owned()
+    } else {
+        std::env::temp_dir().join("cellar-spool")
+    }
+}
+
 fn default_log_file(volume: &str) -> PathBuf {
     let system_dir = Path::new("/var/log/cellar");
     let dir = if std::fs::create_dir_all(system_dir).is_ok() {
@@ -291,6 +371,12 @@ pub fn pid_file(mount_point: &Path) -> PathBuf {
         .replace('%', "%25")
         .replace('/', "%2F");
     dir.join(format!("mount-{escaped}.pid"))
+}
+
+/// Where the daemon of `mount_point` lists what it could not flush at unmount (beside its pid
+/// file); `cellar umount` prints and removes it.
+pub fn unflushed_report(mount_point: &Path) -> PathBuf {
+    pid_file(mount_point).with_extension("unflushed")
 }
 
 /// Records "PID START_TIME": the start time tells this daemon apart from a later process that

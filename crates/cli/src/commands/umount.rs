@@ -41,9 +41,27 @@ pub fn run(args: UmountArgs) -> Result<()> {
         }
     }
     match daemon {
-        Some(pid) if !args.lazy => wait_for_exit(pid, &mount_point, args.timeout),
+        Some(pid) if !args.lazy => {
+            wait_for_exit(pid, &mount_point, args.timeout)?;
+            report_unflushed(&mount_point)
+        }
         _ => Ok(()),
     }
+}
+
+/// Prints what the daemon could not flush (its report) and fails if there was any.
+fn report_unflushed(mount_point: &Path) -> Result<()> {
+    let report = super::mount::unflushed_report(mount_point);
+    let Ok(text) = std::fs::read_to_string(&report) else {
+        return Ok(());
+    };
+    let _ = std::fs::remove_file(&report);
+    eprint!("{text}");
+    bail!(
+        "{} file(s) of {} could not be flushed (the object store failed, or the shutdown timeout passed)",
+        text.lines().count(),
+        mount_point.display()
+    );
 }
 
 fn wait_for_exit(pid: u32, mount_point: &Path, timeout: Duration) -> Result<()> {

@@ -300,6 +300,7 @@ mod tests {
             cache_dir: None,
             cache_disk_bytes: 0,
             mount_point: String::new(),
+            store_timeouts: Default::default(),
         }
     }
 

@@ -368,6 +368,7 @@ pub fn volume_config(server: &TestServer, volume_id: &str) -> cellar_vfs::Volume
         cache_dir: None,
         cache_disk_bytes: 0,
         mount_point: String::new(),
+        store_timeouts: Default::default(),
     }
 }
 

@@ -39,6 +39,7 @@ impl TestVolume {
             cache_dir: None,
             cache_disk_bytes: 0,
             mount_point: "/test".into(),
+            store_timeouts: Default::default(),
         };
         TestVolume { dir, config }
     }
@@ -61,6 +62,7 @@ impl TestVolume {
             cache_dir: None,
             cache_disk_bytes: 0,
             max_retries: 0,
+            timeouts: Default::default(),
         };
         let store = BlockStore::open(&self.config.store_url, &uuid, options).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
