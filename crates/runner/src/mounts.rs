@@ -221,16 +221,26 @@ impl MountManager {
             let _ = std::fs::remove_dir(&mount_point);
             return Ok(());
         }
-        let mut command = Command::new(&self.cellar_bin);
-        command
-            .arg("umount")
-            .arg(&mount_point)
-            .env_clear()
-            .env("PATH", crate::sandbox::SANDBOX_PATH)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(self.log_file(volume_id)?);
-        let status = run_with_timeout(command, UMOUNT_TIMEOUT);
+        let umount = |flags: &[&str]| -> Result<_, RunnerError> {
+            let mut command = Command::new(&self.cellar_bin);
+            command
+                .arg("umount")
+                .args(flags)
+                .arg(&mount_point)
+                .env_clear()
+                .env("PATH", crate::sandbox::SANDBOX_PATH)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(self.log_file(volume_id)?);
+            Ok(run_with_timeout(command, UMOUNT_TIMEOUT))
+        };
+        let mut status = umount(&[])?;
+        if mount_state(&mount_point) == MountState::Live {
+            // Busy: a sandbox being torn down still holds it. Detach it and wait for its daemon
+            // to flush and exit, so that the next mount of the volume here never meets it
+            // (its pid file, its metrics socket).
+            status = umount(&["--lazy", "--wait", "--timeout", "20s"])?;
+        }
         if mount_state(&mount_point) != MountState::Absent {
             // The daemon is gone or stuck: detach the mount so the host never keeps a dead one.
             tracing::warn!(

@@ -13,6 +13,10 @@ pub struct UmountArgs {
     /// is closed (no waiting)
     #[arg(short = 'l', long)]
     pub lazy: bool,
+    /// With --lazy: still wait until the daemon has flushed and exited (after the last open
+    /// file is closed), as a plain umount does
+    #[arg(long, requires = "lazy")]
+    pub wait: bool,
     /// How long to wait for the daemon to flush and exit
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -41,7 +45,7 @@ pub fn run(args: UmountArgs) -> Result<()> {
         }
     }
     match daemon {
-        Some(pid) if !args.lazy => {
+        Some(pid) if !args.lazy || args.wait => {
             wait_for_exit(pid, &mount_point, args.timeout)?;
             report_unflushed(&mount_point)
         }
