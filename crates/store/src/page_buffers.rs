@@ -14,28 +14,51 @@ use crate::pages::PAGE_SIZE;
 /// fetches; beyond it buffers are freed as before.
 const KEPT: usize = 32;
 
-static FREE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// A free list of whole-page buffers.
+struct FreeBuffers(Mutex<Vec<Vec<u8>>>);
+
+impl FreeBuffers {
+    const fn new() -> FreeBuffers {
+        FreeBuffers(Mutex::new(Vec::new()))
+    }
+
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An empty buffer for a page of `len` bytes: a recycled one for a whole page.
+    fn take(&'static self, len: usize) -> Vec<u8> {
+        if len == PAGE_SIZE as usize {
+            if let Some(buffer) = self.list().pop() {
+                return buffer;
+            }
+        }
+        Vec::with_capacity(len)
+    }
+
+    /// The filled buffer as shared bytes that give a whole page's buffer back when dropped.
+    fn freeze(&'static self, buffer: Vec<u8>) -> Bytes {
+        if buffer.capacity() == PAGE_SIZE as usize {
+            Bytes::from_owner(Recycled(buffer, self))
+        } else {
+            Bytes::from(buffer)
+        }
+    }
+}
+
+static FREE: FreeBuffers = FreeBuffers::new();
 
 /// An empty buffer for a page of `len` bytes: a recycled one for a whole page.
 pub(crate) fn take(len: usize) -> Vec<u8> {
-    if len == PAGE_SIZE as usize {
-        if let Some(buffer) = FREE.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return buffer;
-        }
-    }
-    Vec::with_capacity(len)
+    FREE.take(len)
 }
 
 /// The filled buffer as shared bytes that give a whole page's buffer back when dropped.
 pub(crate) fn freeze(buffer: Vec<u8>) -> Bytes {
-    if buffer.capacity() == PAGE_SIZE as usize {
-        Bytes::from_owner(Recycled(buffer))
-    } else {
-        Bytes::from(buffer)
-    }
+    FREE.freeze(buffer)
 }
 
-struct Recycled(Vec<u8>);
+struct Recycled(Vec<u8>, &'static FreeBuffers);
 
 impl AsRef<[u8]> for Recycled {
     fn as_ref(&self) -> &[u8] {
@@ -45,7 +68,7 @@ impl AsRef<[u8]> for Recycled {
 
 impl Drop for Recycled {
     fn drop(&mut self) {
-        let mut free = FREE.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free = self.1.list();
         if free.len() < KEPT {
             let mut buffer = std::mem::take(&mut self.0);
             buffer.clear();
@@ -60,18 +83,23 @@ mod tests {
 
     #[test]
     fn whole_pages_are_recycled_and_others_are_not() {
-        let mut page = take(PAGE_SIZE as usize);
+        // A free list of its own: other tests use the shared one concurrently.
+        let buffers: &'static FreeBuffers = Box::leak(Box::new(FreeBuffers::new()));
+        let mut page = buffers.take(PAGE_SIZE as usize);
         page.extend_from_slice(&vec![7; PAGE_SIZE as usize]);
         let address = page.as_ptr();
-        let bytes = freeze(page);
+        let bytes = buffers.freeze(page);
         let copy = bytes.clone();
         drop(bytes);
         assert_eq!(copy[0], 7, "shared bytes stay valid while referenced");
+        assert!(buffers.list().is_empty(), "not back while referenced");
         drop(copy);
-        // Other tests may take buffers concurrently: look for ours among a few.
-        let taken: Vec<Vec<u8>> = (0..KEPT).map(|_| take(PAGE_SIZE as usize)).collect();
-        assert!(taken.iter().any(|b| b.as_ptr() == address && b.is_empty()));
-        let short = take(10);
+        let again = buffers.take(PAGE_SIZE as usize);
+        assert_eq!(again.as_ptr(), address, "the buffer came back");
+        assert!(again.is_empty());
+        let short = buffers.take(10);
         assert_eq!(short.capacity(), 10);
+        drop(buffers.freeze(short));
+        assert!(buffers.list().is_empty(), "a partial page is not kept");
     }
 }
