@@ -233,6 +233,27 @@ pub trait MetaEngine: Send + Sync {
     /// With `repair`, fixes what can be fixed. Returns the problems found.
     fn check(&self, repair: bool) -> Result<Vec<String>>;
 
+    // ---- forks and snapshots (see `sql::fork`) ----
+    /// The volumes whose objects hold some of this volume's slices, in ascending order of
+    /// bound (empty unless the volume is a fork or a snapshot).
+    fn lineage(&self) -> Result<Vec<Ancestor>>;
+    /// Whether the volume is a snapshot: every mount of it is read-only.
+    fn read_only(&self) -> Result<bool>;
+    /// Copies this volume's committed metadata (what writers closed or fsynced; buffered
+    /// writes of live mounts are not in it), in one transaction, into the new, empty volume at
+    /// `target_url` (the same engine: a SQLite file, or a schema of the same PostgreSQL
+    /// database), which then shares every stored object of this volume; no object is copied.
+    /// Registers the fork as a descendant: this volume's gc keeps every object the fork may
+    /// reference until [`MetaEngine::release_fork`].
+    fn fork(&self, target_url: &str, fork: &ForkSpec) -> Result<ForkStats>;
+    /// Forgets the descendant named `volume` (it was deleted); true if it was registered.
+    fn release_fork(&self, volume: &str) -> Result<bool>;
+    /// Names of the volumes forked from this one that are not released.
+    fn forks(&self) -> Result<Vec<String>>;
+    /// Bytes of the stored objects that only this volume references: its own slices above
+    /// every fork's frozen bound (what deleting it frees in the store).
+    fn exclusive_bytes(&self) -> Result<u64>;
+
     /// Makes every transaction committed so far durable (survives a power loss). fsync and close
     /// call it before they return; concurrent callers share one flush of the log.
     fn sync(&self) -> Result<()>;
@@ -303,13 +324,13 @@ pub fn destroy(url: &str) -> Result<()> {
     }
 }
 
-enum Location {
+pub(crate) enum Location {
     Sqlite(std::path::PathBuf),
     Postgres(cellar_sql::PgUrl),
 }
 
 impl Location {
-    fn parse(url: &str) -> Result<Location> {
+    pub(crate) fn parse(url: &str) -> Result<Location> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             if !path.starts_with('/') {
                 return Err(MetaError::UnsupportedUrl(format!(

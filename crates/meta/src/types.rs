@@ -284,3 +284,34 @@ pub enum ChangeBatch {
     /// Changes the caller had not read yet were trimmed from the log.
     Lost,
 }
+
+/// A volume whose stored objects hold some of this volume's slices: those with ids from the
+/// previous ancestor's `below` (0 for the first) up to this one's. A fork shares its origin's
+/// objects; ids from the last ancestor's `below` up are the volume's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ancestor {
+    pub below: u64,
+    pub uuid: String,
+    pub volume: String,
+}
+
+/// The new volume of [`crate::MetaEngine::fork`].
+#[derive(Clone, Debug)]
+pub struct ForkSpec {
+    pub name: String,
+    pub uuid: String,
+    /// A snapshot: mounts of it are read-only.
+    pub read_only: bool,
+    pub now_ns: i64,
+}
+
+/// What a fork copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkStats {
+    pub inodes: u64,
+    pub entries: u64,
+    pub slices: u64,
+    /// The origin's slices below this id are shared with the fork: its gc keeps their objects
+    /// while the fork exists.
+    pub frozen_below: u64,
+}

@@ -182,6 +182,22 @@ impl Database {
         })
     }
 
+    /// SQLite only: [`Database::write`] with another database file attached as `alias` (one
+    /// transaction over both files: a fork copies a volume's metadata into a new file).
+    pub fn write_attached<T, E: From<Error>>(
+        &self,
+        path: &Path,
+        alias: &str,
+        mut f: impl FnMut(&Tx<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        cellar_metrics::meta_transaction(TxKind::Write, || match &self.backend {
+            Backend::Sqlite(db) => db.write_attached(path, alias, &mut f),
+            Backend::Postgres(_) => Err(E::from(Error::new(
+                "attaching a database file is a SQLite operation",
+            ))),
+        })
+    }
+
     /// Runs `f` as one read-only transaction: a consistent snapshot across its statements.
     pub fn read<T, E: From<Error>>(
         &self,

@@ -85,6 +85,35 @@ impl SqliteDb {
         Ok(out)
     }
 
+    /// [`SqliteDb::write`] with the database file `path` attached as `alias` for the duration
+    /// (ATTACH cannot run inside a transaction; DETACH runs whatever the outcome).
+    pub(crate) fn write_attached<T, E: From<Error>>(
+        &self,
+        path: &Path,
+        alias: &str,
+        f: &mut dyn FnMut(&Tx<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let mut conn = self.writer.lock();
+        let file = path
+            .to_str()
+            .ok_or_else(|| Error::new(format!("database path {} is not UTF-8", path.display())))?;
+        conn.execute(&format!("ATTACH DATABASE ?1 AS {alias}"), [file])
+            .map_err(error)?;
+        let out = (|| -> std::result::Result<T, E> {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(error)?;
+            let out = f(&Tx::sqlite(&tx))?;
+            tx.commit().map_err(error)?;
+            Ok(out)
+        })();
+        let detached = conn.execute(&format!("DETACH DATABASE {alias}"), []);
+        let out = out?;
+        detached.map_err(error)?;
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        Ok(out)
+    }
+
     pub(crate) fn read<T, E: From<Error>>(
         &self,
         f: &mut dyn FnMut(&Tx<'_>) -> std::result::Result<T, E>,

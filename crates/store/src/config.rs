@@ -61,6 +61,8 @@ pub(crate) struct StoreLocation {
     pub backend: Backend,
     /// URL prefix joined with the volume prefix; every object of the volume lives under it.
     pub prefix: Path,
+    /// The URL prefix alone: other volumes' prefixes (a fork's ancestors) are joined to it.
+    pub base: Path,
 }
 
 impl StoreLocation {
@@ -111,7 +113,7 @@ fn config_err(msg: impl Into<String>) -> StoreError {
 }
 
 /// Joins slash-separated prefix parts into one object path, rejecting `.`/`..` and similar.
-fn join_prefix(parts: &[&str]) -> Result<Path, StoreError> {
+pub(crate) fn join_prefix(parts: &[&str]) -> Result<Path, StoreError> {
     let joined: Vec<&str> = parts
         .iter()
         .flat_map(|p| p.split('/'))
@@ -152,6 +154,7 @@ fn parse_file(url: &url::Url, volume_prefix: &str) -> Result<StoreLocation, Stor
     Ok(StoreLocation {
         backend: Backend::Local { root },
         prefix: join_prefix(&[volume_prefix])?,
+        base: Path::default(),
     })
 }
 
@@ -189,6 +192,7 @@ fn parse_s3(
             credentials,
         }),
         prefix: join_prefix(&[url.path(), volume_prefix])?,
+        base: join_prefix(&[url.path()])?,
     })
 }
 

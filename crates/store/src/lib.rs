@@ -163,6 +163,9 @@ struct Inner {
     local: Option<Arc<LocalDurability>>,
     /// The bound of one operation (see [`StoreTimeouts::operation`]).
     operation_timeout: std::time::Duration,
+    /// A fork's inherited slices: ids below each bound (ascending) live under that ancestor's
+    /// prefix, from the previous bound up; ids from the last bound up are the volume's own.
+    inherited: Vec<(u64, Path)>,
 }
 
 impl BlockStore {
@@ -219,8 +222,39 @@ impl BlockStore {
                 request_permits: Semaphore::new(MAX_REQUESTS_IN_FLIGHT),
                 local,
                 operation_timeout: options.timeouts.operation,
+                inherited: Vec::new(),
             }),
         })
+    }
+
+    /// Makes slices with ids below an ancestor's bound read from that ancestor's prefix (a fork
+    /// shares its origin's objects, never copies them). `ancestors` are (bound, volume prefix)
+    /// pairs in ascending order of bound; must be called before the store is cloned.
+    pub fn inheriting(mut self, ancestors: &[(u64, String)]) -> StoreResult<BlockStore> {
+        let base = self.inner.location.base.clone();
+        let mut inherited = Vec::with_capacity(ancestors.len());
+        for (below, prefix) in ancestors {
+            if inherited.last().is_some_and(|(last, _)| last >= below) {
+                return Err(StoreError::Config(format!(
+                    "ancestor bounds must ascend (found {below} after a larger one)"
+                )));
+            }
+            inherited.push((*below, config::join_prefix(&[base.as_ref(), prefix])?));
+        }
+        let inner = Arc::get_mut(&mut self.inner).ok_or_else(|| {
+            StoreError::Config("a store's ancestors are set before it is shared".into())
+        })?;
+        inner.inherited = inherited;
+        Ok(self)
+    }
+
+    /// Whether the slice's objects are this volume's own (not inherited from an ancestor):
+    /// only those may be deleted by its gc.
+    pub fn owns(&self, id: u64) -> bool {
+        self.inner
+            .inherited
+            .last()
+            .is_none_or(|(below, _)| id >= *below)
     }
 
     /// A cheap round trip (list one key) that tells an unreachable store or bad credentials apart.
@@ -311,6 +345,12 @@ impl BlockStore {
 
     /// Deletes a slice's blocks (missing blocks are fine).
     pub async fn delete_slice(&self, id: u64, size: u32) -> StoreResult<()> {
+        if !self.owns(id) {
+            // Another volume's object that this fork merely references.
+            return Err(StoreError::Config(format!(
+                "slice {id} is inherited from an ancestor volume: it is never deleted here"
+            )));
+        }
         let inner = &*self.inner;
         futures::stream::iter(layout::slice_blocks(u64::from(size), inner.block_size))
             .map(|block| {
@@ -342,6 +382,33 @@ impl BlockStore {
             })
             .try_collect()
             .await
+    }
+
+    /// The blocks (slice id, block index, block length) of the ancestors' objects that this
+    /// volume may read: each ancestor's, within its range of ids (for fsck of a fork).
+    pub async fn inherited_blocks(
+        &self,
+    ) -> StoreResult<std::collections::HashSet<(u64, u32, u32)>> {
+        let inner = &*self.inner;
+        let mut blocks = std::collections::HashSet::new();
+        let mut from = 0;
+        for (below, prefix) in &inner.inherited {
+            let range = from..*below;
+            from = *below;
+            let mut listing = inner.store.list(Some(prefix));
+            while let Some(meta) = listing
+                .try_next()
+                .await
+                .map_err(|err| inner.error(&err, "list", &format!("{prefix}/")))?
+            {
+                if let Some(block) = layout::parse_block_key(meta.location.as_ref()) {
+                    if range.contains(&block.0) {
+                        blocks.insert(block);
+                    }
+                }
+            }
+        }
+        Ok(blocks)
     }
 
     /// Deletes one object by the key `list` returned (a missing object is fine).
@@ -391,7 +458,11 @@ impl Inner {
 
     fn block_path(&self, id: u64, block: Block) -> Path {
         let key = layout::block_key(id, block.index, block.len);
-        Path::from(self.path(&key).expect("block keys are never empty"))
+        match self.inherited.iter().find(|(below, _)| id < *below) {
+            Some((_, ancestor)) if ancestor.as_ref().is_empty() => Path::from(key),
+            Some((_, ancestor)) => Path::from(format!("{ancestor}/{key}")),
+            None => Path::from(self.path(&key).expect("block keys are never empty")),
+        }
     }
 
     fn relative_key(&self, path: &Path) -> String {

@@ -54,6 +54,8 @@ pub(crate) struct Core {
     pub store: BlockStore,
     pub volume: VolumeInfo,
     pub runtime: IoRuntime,
+    /// A snapshot: every change is refused with EROFS.
+    pub read_only: bool,
 }
 
 /// The async runtime store I/O runs on: the caller's when there is one (the server calls the vfs
@@ -147,7 +149,15 @@ impl Core {
             max_retries: STORE_MAX_RETRIES,
             timeouts: config.store_timeouts,
         };
+        let ancestors: Vec<(u64, String)> = meta
+            .lineage()
+            .context("reading the volume's lineage")?
+            .into_iter()
+            .map(|a| (a.below, a.uuid))
+            .collect();
+        let read_only = meta.read_only().context("reading the volume's mode")?;
         let store = BlockStore::open(&config.store_url, &volume.uuid, options)
+            .and_then(|store| store.inheriting(&ancestors))
             .context("opening the object store")?;
         runtime
             .block_on(store.probe())
@@ -157,6 +167,7 @@ impl Core {
             store,
             volume,
             runtime,
+            read_only,
         })
     }
 

@@ -21,6 +21,11 @@ impl Core {
     /// Rewrites one fragmented chunk as a single object. Returns whether the chunk was replaced
     /// (false when it changed meanwhile or is not fragmented).
     pub fn compact_chunk(&self, ino: Ino, index: u64) -> VfsResult<bool> {
+        if self.read_only {
+            // A snapshot never changes, not even its layout (it would upload copies of
+            // objects it shares with its origin).
+            return Ok(false);
+        }
         // Size and slices from one snapshot: the rewrite must not resurrect truncated bytes.
         let layout = match self.meta.read_layout(ino, index..index + 1, None) {
             Ok(layout) => layout,

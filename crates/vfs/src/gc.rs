@@ -25,8 +25,11 @@ impl Core {
                 return Ok(deleted_blocks);
             }
             let store = &self.store;
+            // A fork's inherited slices are its ancestors' objects: forgotten, not deleted.
+            let (own, inherited): (Vec<GarbageSlice>, Vec<GarbageSlice>) =
+                batch.iter().partition(|g| store.owns(g.id));
             let results: Vec<(GarbageSlice, bool)> = self.runtime.block_on(
-                futures::stream::iter(batch.iter().copied())
+                futures::stream::iter(own.iter().copied())
                     .map(|g| async move {
                         let outcome = store.delete_slice(g.id, g.size).await;
                         if let Err(e) = &outcome {
@@ -41,6 +44,7 @@ impl Core {
                 .iter()
                 .filter(|(_, ok)| *ok)
                 .map(|(g, _)| g.id)
+                .chain(inherited.iter().map(|g| g.id))
                 .collect();
             deleted_blocks += results
                 .iter()

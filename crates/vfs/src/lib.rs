@@ -156,6 +156,12 @@ impl Vfs {
         background::start(&inner)?;
         Ok(Arc::new(Vfs { inner }))
     }
+    /// Whether the volume is a snapshot: every change is refused with EROFS (mounts of it are
+    /// read-only).
+    pub fn is_snapshot(&self) -> bool {
+        self.inner.core.read_only
+    }
+
     /// Flushes everything, ends the session; fails if anything could not be flushed.
     pub fn shutdown(&self) -> anyhow::Result<()> {
         let unflushed = self.inner.shutdown_within(std::time::Duration::MAX, None)?;
@@ -198,7 +204,10 @@ impl Vfs {
         fs_request(FsOp::Getattr, || self.inner.getattr(ino))
     }
     pub fn setattr(&self, ctx: &Ctx, ino: Ino, req: SetAttrRequest) -> VfsResult<Attr> {
-        fs_request(FsOp::Setattr, || self.inner.setattr(ctx, ino, req))
+        fs_request(FsOp::Setattr, || {
+            self.inner.writable()?;
+            self.inner.setattr(ctx, ino, req)
+        })
     }
     pub fn readlink(&self, ino: Ino) -> VfsResult<Vec<u8>> {
         fs_request(FsOp::Readlink, || self.inner.readlink(ino))
@@ -214,6 +223,7 @@ impl Vfs {
         rdev: u32,
     ) -> VfsResult<Attr> {
         fs_request(FsOp::Mknod, || {
+            self.inner.writable()?;
             self.inner.mknod(ctx, parent, name, mode, umask, rdev)
         })
     }
@@ -226,17 +236,25 @@ impl Vfs {
         umask: u32,
     ) -> VfsResult<Attr> {
         fs_request(FsOp::Mkdir, || {
+            self.inner.writable()?;
             self.inner.mkdir(ctx, parent, name, mode, umask)
         })
     }
     pub fn unlink(&self, _ctx: &Ctx, parent: Ino, name: &[u8]) -> VfsResult<()> {
-        fs_request(FsOp::Unlink, || self.inner.unlink(parent, name))
+        fs_request(FsOp::Unlink, || {
+            self.inner.writable()?;
+            self.inner.unlink(parent, name)
+        })
     }
     pub fn rmdir(&self, _ctx: &Ctx, parent: Ino, name: &[u8]) -> VfsResult<()> {
-        fs_request(FsOp::Rmdir, || self.inner.rmdir(parent, name))
+        fs_request(FsOp::Rmdir, || {
+            self.inner.writable()?;
+            self.inner.rmdir(parent, name)
+        })
     }
     pub fn symlink(&self, ctx: &Ctx, parent: Ino, name: &[u8], target: &[u8]) -> VfsResult<Attr> {
         fs_request(FsOp::Symlink, || {
+            self.inner.writable()?;
             self.inner.symlink(ctx, parent, name, target)
         })
     }
@@ -250,16 +268,25 @@ impl Vfs {
         mode: RenameMode,
     ) -> VfsResult<()> {
         fs_request(FsOp::Rename, || {
+            self.inner.writable()?;
             self.inner.rename(parent, name, new_parent, new_name, mode)
         })
     }
     pub fn link(&self, _ctx: &Ctx, ino: Ino, new_parent: Ino, new_name: &[u8]) -> VfsResult<Attr> {
-        fs_request(FsOp::Link, || self.inner.link(ino, new_parent, new_name))
+        fs_request(FsOp::Link, || {
+            self.inner.writable()?;
+            self.inner.link(ino, new_parent, new_name)
+        })
     }
 
     /// `flags` are the open(2) flags (O_TRUNC already handled by the kernel via setattr).
     pub fn open(&self, ctx: &Ctx, ino: Ino, flags: i32) -> VfsResult<OpenReply> {
-        fs_request(FsOp::Open, || self.inner.open(ctx, ino, flags))
+        fs_request(FsOp::Open, || {
+            if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+                self.inner.writable()?;
+            }
+            self.inner.open(ctx, ino, flags)
+        })
     }
     pub fn create(
         &self,
@@ -271,6 +298,7 @@ impl Vfs {
         flags: i32,
     ) -> VfsResult<(Attr, OpenReply)> {
         fs_request(FsOp::Create, || {
+            self.inner.writable()?;
             self.inner.create(ctx, parent, name, mode, umask, flags)
         })
     }
@@ -279,8 +307,11 @@ impl Vfs {
             .inspect(|data| cellar_metrics::fs_read_bytes(data.len()))
     }
     pub fn write(&self, _ino: Ino, fh: u64, offset: u64, data: &[u8]) -> VfsResult<u32> {
-        fs_request(FsOp::Write, || self.inner.write(fh, offset, data))
-            .inspect(|written| cellar_metrics::fs_written_bytes(*written))
+        fs_request(FsOp::Write, || {
+            self.inner.writable()?;
+            self.inner.write(fh, offset, data)
+        })
+        .inspect(|written| cellar_metrics::fs_written_bytes(*written))
     }
     /// close(2) of one descriptor: uploads and commits this inode's buffered data; drops the
     /// POSIX locks of `lock_owner`.
@@ -306,6 +337,7 @@ impl Vfs {
         mode: i32,
     ) -> VfsResult<()> {
         fs_request(FsOp::Fallocate, || {
+            self.inner.writable()?;
             self.inner.fallocate(ino, fh, offset, length, mode)
         })
     }
@@ -321,6 +353,7 @@ impl Vfs {
         len: u64,
     ) -> VfsResult<u64> {
         fs_request(FsOp::CopyFileRange, || {
+            self.inner.writable()?;
             self.inner
                 .copy_file_range(ino_in, fh_in, off_in, ino_out, fh_out, off_out, len)
         })
@@ -371,6 +404,7 @@ impl Vfs {
         flags: i32,
     ) -> VfsResult<()> {
         fs_request(FsOp::Setxattr, || {
+            self.inner.writable()?;
             self.inner.setxattr(ino, name, value, flags)
         })
     }
@@ -381,7 +415,10 @@ impl Vfs {
         fs_request(FsOp::Listxattr, || self.inner.listxattr(ino))
     }
     pub fn removexattr(&self, _ctx: &Ctx, ino: Ino, name: &[u8]) -> VfsResult<()> {
-        fs_request(FsOp::Removexattr, || self.inner.removexattr(ino, name))
+        fs_request(FsOp::Removexattr, || {
+            self.inner.writable()?;
+            self.inner.removexattr(ino, name)
+        })
     }
 
     pub fn getlk(

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use cellar_meta::SessionInfo;
+pub use cellar_meta::ForkStats;
+use cellar_meta::{ForkSpec, SessionInfo};
 use cellar_store::BlockStore;
 
 use crate::backend::{now_ns, open_meta, Core};
@@ -28,20 +29,28 @@ pub struct VolumeUsage {
     /// Files, directories, symlinks and other inodes, the root directory not counted.
     pub files: u64,
     pub quota_bytes: Option<u64>,
+    /// Bytes of stored objects that only this volume references (no fork or snapshot shares
+    /// them): what deleting it frees. Less than `bytes` when it shares data.
+    pub exclusive_bytes: u64,
 }
 
 /// The volume's usage counters and quota, read from its metadata alone (no store, no tree
 /// walk; PostgreSQL volumes share this process's pool). An unformatted volume holds nothing.
 pub fn usage(config: &VolumeConfig) -> anyhow::Result<VolumeUsage> {
     let (meta, volume) = open_meta(config)?;
-    let usage = match volume {
-        Some(_) => meta.usage().context("reading the volume's usage")?,
-        None => cellar_meta::Usage::default(),
+    let (usage, exclusive_bytes) = match volume {
+        Some(_) => (
+            meta.usage().context("reading the volume's usage")?,
+            meta.exclusive_bytes()
+                .context("reading the volume's exclusive bytes")?,
+        ),
+        None => (cellar_meta::Usage::default(), 0),
     };
     Ok(VolumeUsage {
         bytes: usage.bytes,
         files: usage.inodes,
         quota_bytes: meta.quota().context("reading the volume's quota")?,
+        exclusive_bytes,
     })
 }
 
@@ -56,6 +65,52 @@ pub fn set_quota(config: &VolumeConfig, bytes: Option<u64>) -> anyhow::Result<()
 /// Formats a new volume (metadata + store probe) without mounting it; idempotent.
 pub fn format(config: &VolumeConfig) -> anyhow::Result<()> {
     Core::open(config, true).map(drop)
+}
+
+/// Makes `target` (a new volume: its metadata must not exist, or be the leftover of an
+/// interrupted fork of the same name, which is replaced) a fork of `origin` (a volume or a
+/// snapshot): a copy of its committed metadata, in one transaction, that shares every stored
+/// object with it; `read_only` makes a snapshot. Takes time in the number of files, not bytes.
+pub fn fork(
+    origin: &VolumeConfig,
+    target: &VolumeConfig,
+    read_only: bool,
+) -> anyhow::Result<ForkStats> {
+    let (meta, volume) = open_meta(origin)?;
+    anyhow::ensure!(
+        volume.is_some(),
+        "volume {:?} is not formatted",
+        origin.volume
+    );
+    cellar_meta::destroy(&target.meta_url).context("removing an interrupted fork's metadata")?;
+    let spec = ForkSpec {
+        name: target.volume.clone(),
+        uuid: uuid::Uuid::new_v4().to_string(),
+        read_only,
+        now_ns: now_ns(),
+    };
+    meta.fork(&target.meta_url, &spec)
+        .with_context(|| format!("forking volume {:?}", origin.volume))
+}
+
+/// Forgets the fork named `fork` of `origin` (the fork is being deleted): the origin's gc may
+/// then delete the objects only the fork kept. Nothing to forget is no error.
+pub fn release_fork(origin: &VolumeConfig, fork: &str) -> anyhow::Result<()> {
+    let (meta, volume) = open_meta(origin)?;
+    if volume.is_some() {
+        meta.release_fork(fork)
+            .with_context(|| format!("releasing fork {fork:?} of volume {:?}", origin.volume))?;
+    }
+    Ok(())
+}
+
+/// The forks and snapshots of a volume that still share its objects (none if it is gone).
+pub fn forks(config: &VolumeConfig) -> anyhow::Result<Vec<String>> {
+    let (meta, volume) = open_meta(config)?;
+    match volume {
+        Some(_) => Ok(meta.forks().context("listing the volume's forks")?),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// `cellar fsck`: metadata invariants plus metadata ↔ objects consistency (missing objects of
@@ -81,10 +136,16 @@ pub fn fsck(config: &VolumeConfig, repair: bool, force: bool) -> anyhow::Result<
     }
     // Listed before the references are read (see `Core::leaked_objects`).
     let objects = core.list_objects()?;
-    let blocks: std::collections::HashSet<(u64, u32, u32)> = objects
+    let mut blocks: std::collections::HashSet<(u64, u32, u32)> = objects
         .iter()
         .filter_map(|o| BlockStore::parse_block_key(&o.key))
         .collect();
+    // A fork's inherited slices are checked against its ancestors' objects.
+    blocks.extend(
+        core.runtime
+            .block_on(core.store.inherited_blocks())
+            .context("listing the ancestors' objects")?,
+    );
     for o in objects
         .iter()
         .filter(|o| BlockStore::parse_block_key(&o.key).is_none())
@@ -168,6 +229,12 @@ fn gc_with_lease(
 pub fn destroy(config: &VolumeConfig) -> anyhow::Result<()> {
     let (meta, volume) = open_meta(config)?;
     if let Some(volume) = volume {
+        let forks = meta.forks().context("listing the volume's forks")?;
+        anyhow::ensure!(
+            forks.is_empty(),
+            "forks or snapshots share the volume's objects: {}",
+            forks.join(", ")
+        );
         let core = Core::connect(meta, volume, config)?;
         let objects = core.list_objects()?;
         let deleted = core.delete_objects(&objects);

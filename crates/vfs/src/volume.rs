@@ -121,6 +121,14 @@ impl Inner {
         Ok(inner)
     }
 
+    /// EROFS on a snapshot.
+    pub fn writable(&self) -> VfsResult<()> {
+        if self.core.read_only {
+            return crate::errno::err(libc::EROFS);
+        }
+        Ok(())
+    }
+
     pub fn session(&self) -> SessionId {
         self.session.load(Ordering::SeqCst)
     }

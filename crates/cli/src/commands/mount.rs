@@ -163,8 +163,11 @@ fn start(
             tracing::warn!(path = %conflict.display(), "spooled writes kept aside, not applied");
         }
     }
+    let mut options = options.clone();
+    // A snapshot is read-only wherever it is mounted, whatever the caller asked.
+    options.read_only |= vfs.is_snapshot();
     Ok(Daemon {
-        handle: cellar_fuse::mount(vfs, mount_point, options)?,
+        handle: cellar_fuse::mount(vfs, mount_point, &options)?,
         _metrics: metrics,
     })
 }

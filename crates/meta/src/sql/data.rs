@@ -799,8 +799,13 @@ pub fn garbage_slices(
         .prepare_cached(
             // A slice some chunk references is never due, whatever its row says (one recorded
             // as garbage by a writer that could not tell whether its commit went through).
+            // Nor is an own slice that a fork of the volume may reference (below its frozen
+            // bound); an inherited one (below the lineage's top bound) is due: the caller
+            // forgets it without deleting another volume's objects.
             "SELECT g.id, g.size FROM garbage g WHERE g.since_ns < ?1
                AND NOT EXISTS (SELECT 1 FROM chunk_slices s WHERE s.id = g.id)
+               AND (g.id < (SELECT COALESCE(MAX(below), 0) FROM lineage)
+                    OR g.id >= (SELECT COALESCE(MAX(frozen_below), 0) FROM descendants))
              ORDER BY g.since_ns, g.id LIMIT ?2",
         )?
         .query_map(

@@ -22,6 +22,7 @@
 mod changes;
 mod check;
 mod data;
+mod fork;
 mod locks;
 mod namespace;
 mod rows;
@@ -40,9 +41,10 @@ use parking_lot::Mutex;
 use changes::Tx;
 
 use crate::{
-    Attr, ChangeBatch, Committed, CopiedRange, DirEntry, GarbageSlice, Ino, Layout, LockOwner,
-    LockRange, MetaEngine, MetaError, Rename, RenameOutcome, Result, SessionId, SessionInfo,
-    SetAttr, Slice, SliceReferences, Usage, VolumeInfo, XattrMode,
+    Ancestor, Attr, ChangeBatch, Committed, CopiedRange, DirEntry, ForkSpec, ForkStats,
+    GarbageSlice, Ino, Layout, Location, LockOwner, LockRange, MetaEngine, MetaError, Rename,
+    RenameOutcome, Result, SessionId, SessionInfo, SetAttr, Slice, SliceReferences, Usage,
+    VolumeInfo, XattrMode,
 };
 
 /// How often a waiter for changes of a SQLite volume polls the database's data version: another
@@ -211,6 +213,21 @@ impl SqlEngine {
             Some(table) => self.db.write_excluding(table, run),
             None => self.db.write(&mut run),
         }
+    }
+
+    /// [`Self::write`] with the SQLite file `path` attached as `fork`.
+    fn write_attached<T>(
+        &self,
+        path: &Path,
+        mut f: impl FnMut(&Tx<'_, '_>) -> Result<T>,
+    ) -> Result<T> {
+        self.db
+            .write_attached(path, "fork", |tx: &cellar_sql::Tx<'_>| {
+                let changes = Tx::new(tx);
+                let out = f(&changes)?;
+                changes.record(self.origin, &self.changes_key)?;
+                Ok(out)
+            })
     }
 
     /// Runs `f` as one read transaction: a consistent snapshot across its statements.
@@ -527,6 +544,55 @@ impl MetaEngine for SqlEngine {
 
     fn next_data_chunk(&self, ino: Ino, from: u64) -> Result<Option<u64>> {
         self.read(|tx| data::next_data_chunk(tx, ino, from))
+    }
+
+    fn lineage(&self) -> Result<Vec<Ancestor>> {
+        self.read(fork::lineage)
+    }
+
+    fn read_only(&self) -> Result<bool> {
+        self.read(fork::read_only)
+    }
+
+    fn fork(&self, target_url: &str, spec: &ForkSpec) -> Result<ForkStats> {
+        let target = crate::open(target_url)?;
+        if let Some(held) = target.volume()? {
+            return Err(MetaError::Engine(format!(
+                "the fork's metadata already holds volume {:?}",
+                held.name
+            )));
+        }
+        let stats = match (Location::parse(target_url)?, self.db.dialect()) {
+            (Location::Sqlite(path), cellar_sql::Dialect::Sqlite) => {
+                self.write_attached(&path, |tx| fork::copy_into(tx, "fork.", spec))?
+            }
+            (Location::Postgres(url), cellar_sql::Dialect::Postgres) => {
+                let schema = volume_schema(volume_of(&url)?)?;
+                self.write(|tx| fork::copy_into(tx, &format!("\"{schema}\"."), spec))?
+            }
+            _ => {
+                return Err(MetaError::UnsupportedUrl(format!(
+                    "{}: a fork's metadata uses its origin's engine",
+                    cellar_sql::redact(target_url)
+                )))
+            }
+        };
+        // Both sides durable before the caller may report the fork made.
+        self.sync()?;
+        target.sync()?;
+        Ok(stats)
+    }
+
+    fn release_fork(&self, volume: &str) -> Result<bool> {
+        self.write(|tx| fork::release(tx, volume))
+    }
+
+    fn forks(&self) -> Result<Vec<String>> {
+        self.read(fork::descendants)
+    }
+
+    fn exclusive_bytes(&self) -> Result<u64> {
+        self.read(fork::exclusive_bytes)
     }
 
     fn alloc_slice_ids(&self, count: u64) -> Result<u64> {

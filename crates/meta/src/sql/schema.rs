@@ -11,8 +11,9 @@ pub const MIGRATIONS: cellar_sql::Migrations<'static> = cellar_sql::Migrations {
         V3_CHANGE_LOG,
         V4_USAGE_SHARDS,
         V5_HELD_BYTES,
+        V6_FORKS,
     ],
-    postgres: &[PG_V1, PG_V2_HELD_BYTES],
+    postgres: &[PG_V1, PG_V2_HELD_BYTES, V6_FORKS],
 };
 
 /// Kind codes stored in `inodes.kind` and `dentries.kind` (see `namespace::kind_code`):
@@ -192,6 +193,22 @@ DELETE FROM counters WHERE name IN ('used_bytes', 'used_inodes');
 const V5_HELD_BYTES: &str = "
 ALTER TABLE inodes ADD COLUMN held BIGINT NOT NULL DEFAULT 0;
 INSERT INTO counters (name, value) VALUES ('held_recount', 1);
+";
+
+/// Forks and snapshots (see `fork`): the ancestors whose objects hold the slices below each
+/// `below`, and the volumes forked from this one, whose slices below `frozen_below` its gc keeps.
+/// The same text serves PostgreSQL.
+const V6_FORKS: &str = "
+CREATE TABLE lineage (
+    below BIGINT PRIMARY KEY,
+    uuid TEXT NOT NULL,
+    volume TEXT NOT NULL
+);
+CREATE TABLE descendants (
+    volume TEXT PRIMARY KEY,
+    frozen_below BIGINT NOT NULL,
+    created_ns BIGINT NOT NULL
+);
 ";
 
 /// The PostgreSQL schema, one per volume: the tables of SQLite's V1..V4. Changes: `seq` comes
