@@ -96,7 +96,21 @@ CREATE TABLE server_secrets (
 -- after a crash applies it again.
 ALTER TABLE volumes ADD COLUMN quota_bytes BIGINT;
 "#,
+    r#"
+-- Forks and snapshots: the volume (or snapshot) a volume was made from, and what it is
+-- ('volume', or 'snapshot': read-only). Its metadata holds the lineage that shares objects.
+ALTER TABLE volumes ADD COLUMN origin_id TEXT;
+ALTER TABLE volumes ADD COLUMN kind TEXT NOT NULL DEFAULT 'volume';
+CREATE INDEX volumes_origin ON volumes(origin_id);
+"#,
 ];
+
+/// What a volume row is.
+pub mod volume_kind {
+    pub const VOLUME: &str = "volume";
+    /// A read-only, point-in-time copy of another volume.
+    pub const SNAPSHOT: &str = "snapshot";
+}
 
 /// The name of the runner embedded in `cellar server`.
 pub const EMBEDDED_RUNNER: &str = "local";
@@ -140,6 +154,10 @@ pub struct VolumeRow {
     pub last_used_at: Option<String>,
     /// The byte quota it was given (its metadata holds and enforces it).
     pub quota_bytes: Option<u64>,
+    /// The volume or snapshot it was forked from.
+    pub origin_id: Option<String>,
+    /// `volume_kind::VOLUME` or `volume_kind::SNAPSHOT`.
+    pub kind: String,
 }
 
 /// What a sandbox was created with (stored as JSON; the server's defaults filled in).
@@ -251,11 +269,23 @@ pub enum DbError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
     /// No runner can take the work now.
     #[error("{0}")]
     Unavailable(String),
 }
 pub type DbResult<T> = Result<T, DbError>;
+
+/// A volume to insert (see `ControlDb::insert_volume`).
+pub struct NewVolume<'a> {
+    pub name: &'a str,
+    pub quota_bytes: Option<u64>,
+    /// The volume or snapshot a fork or snapshot is made from.
+    pub origin: Option<&'a str>,
+    /// `volume_kind::VOLUME` or `volume_kind::SNAPSHOT`.
+    pub kind: &'a str,
+}
 
 /// Outcome of a volume delete request.
 pub enum DeleteVolume {
@@ -326,7 +356,7 @@ pub(crate) fn generate_key() -> String {
 }
 
 const VOLUME_COLUMNS: &str =
-    "id, org_id, name, state, error_reason, created_at, updated_at, last_used_at, quota_bytes";
+    "id, org_id, name, state, error_reason, created_at, updated_at, last_used_at, quota_bytes, origin_id, kind";
 const SANDBOX_COLUMNS: &str =
     "id, org_id, name, state, error_reason, settings, created_at, updated_at, runner_id";
 
@@ -349,6 +379,8 @@ fn volume_from_row(row: &Row) -> cellar_sql::Result<VolumeRow> {
         updated_at: row.get(6)?,
         last_used_at: row.get(7)?,
         quota_bytes: row.get::<_, Option<i64>>(8)?.map(|q| q.max(0) as u64),
+        origin_id: row.get(9)?,
+        kind: row.get(10)?,
     })
 }
 
@@ -506,13 +538,13 @@ impl ControlDb {
     // ---- volumes ----
 
     /// Inserts a volume in state `creating`, enforcing the name's uniqueness and the quota.
-    /// `quota_bytes` is the volume's byte quota, applied by provisioning.
+    /// `quota_bytes` is the volume's byte quota, applied by provisioning. A fork or snapshot
+    /// names its origin, which must be ready (provisioning copies it), and takes its quota.
     pub fn insert_volume(
         &self,
         org_id: &str,
-        name: &str,
+        new: &NewVolume<'_>,
         quota: u32,
-        quota_bytes: Option<u64>,
     ) -> DbResult<VolumeRow> {
         self.write(|tx| {
             let live: i64 = tx.query_row(
@@ -525,12 +557,26 @@ impl ControlDb {
                     "volume quota exceeded: an organization may have at most {quota} volumes"
                 )));
             }
+            let name = new.name;
             ensure_free(
                 tx,
                 "SELECT count(*) FROM volumes WHERE org_id = ?1 AND name = ?2 AND state <> 'deleted'",
                 params![org_id, name],
                 || format!("volume with name {name:?} already exists"),
             )?;
+            let mut quota_bytes = new.quota_bytes;
+            if let Some(origin) = new.origin {
+                let origin = volume_by_id(tx, org_id, origin)?
+                    .filter(|v| v.state != volume_state::DELETED)
+                    .ok_or_else(|| DbError::NotFound(format!("volume {origin} not found")))?;
+                if origin.state != volume_state::READY {
+                    return Err(DbError::Conflict(format!(
+                        "volume {} is {}: only a ready volume can be forked or snapshotted",
+                        origin.id, origin.state
+                    )));
+                }
+                quota_bytes = origin.quota_bytes;
+            }
             let now = now();
             let row = VolumeRow {
                 id: new_id(),
@@ -542,17 +588,21 @@ impl ControlDb {
                 updated_at: now,
                 last_used_at: None,
                 quota_bytes,
+                origin_id: new.origin.map(str::to_string),
+                kind: new.kind.to_string(),
             };
             tx.execute(
-                "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at, quota_bytes) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+                "INSERT INTO volumes (id, org_id, name, state, created_at, updated_at, quota_bytes, origin_id, kind) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8)",
                 params![
                     row.id,
                     row.org_id,
                     row.name,
                     row.state,
                     row.created_at,
-                    quota_bytes.map(|q| q as i64)
+                    quota_bytes.map(|q| q as i64),
+                    row.origin_id,
+                    row.kind
                 ],
             )?;
             Ok(row)
@@ -610,10 +660,20 @@ impl ControlDb {
         } else {
             " AND state <> 'deleted'"
         };
+        // Snapshots are listed with their volume (`snapshots_of`).
         let sql = format!(
-            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1{filter} ORDER BY created_at, id"
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND kind = 'volume'{filter} ORDER BY created_at, id"
         );
         self.read(|tx| collect(tx.query_map(&sql, params![org_id], volume_from_row)?))
+    }
+
+    /// The snapshots of a volume that are not deleted, oldest first.
+    pub fn snapshots_of(&self, org_id: &str, origin_id: &str) -> DbResult<Vec<VolumeRow>> {
+        let sql = format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE org_id = ?1 AND origin_id = ?2 \
+             AND kind = 'snapshot' AND state <> 'deleted' ORDER BY created_at, id"
+        );
+        self.read(|tx| collect(tx.query_map(&sql, params![org_id, origin_id], volume_from_row)?))
     }
 
     /// Volumes of every organisation in one of these states (for the reconciler).
@@ -650,7 +710,13 @@ impl ControlDb {
             if !users.is_empty() {
                 return Ok(DeleteVolume::InUse(users));
             }
-            if volume.state == volume_state::CREATING {
+            // A fork being made copies this volume's metadata: it must still be there.
+            let forking: i64 = tx.query_row(
+                "SELECT count(*) FROM volumes WHERE origin_id = ?1 AND state = 'creating'",
+                params![id],
+                |r| r.get(0),
+            )?;
+            if volume.state == volume_state::CREATING || forking > 0 {
                 return Ok(DeleteVolume::Creating);
             }
             if matches!(

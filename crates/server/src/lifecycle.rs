@@ -10,7 +10,7 @@ use cellar_runner::{NetworkPolicy, RunnerError, SandboxSpec, VolumeMountSpec, Vo
 use cellar_vfs::VolumeConfig;
 
 use crate::config::ServerConfig;
-use crate::db::{sandbox_state, volume_state, ControlDb, SandboxRow, EMBEDDED_RUNNER};
+use crate::db::{sandbox_state, volume_kind, volume_state, ControlDb, SandboxRow, EMBEDDED_RUNNER};
 use crate::runners::{Registry, RunnerHandle};
 
 /// What the lifecycle tasks and the API handlers share.
@@ -95,16 +95,31 @@ impl Services {
         let volumes_dir = self.config.data_dir.join("volumes");
         let db = self.db.clone();
         let id = volume_id.clone();
+        let services = self.clone();
         let outcome = run_blocking(move || {
-            let quota = db
+            let row = db
                 .volume_by_id_in_any_org(&id)
                 .context("reading the volume's row")?
-                .and_then(|row| row.quota_bytes);
+                .context("the volume's row is gone")?;
             std::fs::create_dir_all(&volumes_dir)
                 .with_context(|| format!("creating {}", volumes_dir.display()))?;
+            if let Some(origin) = &row.origin_id {
+                // A fork or snapshot: the origin's metadata (and quota) copied, objects shared.
+                let read_only = row.kind == volume_kind::SNAPSHOT;
+                let started = std::time::Instant::now();
+                let stats = cellar_vfs::maintenance::fork(
+                    &services.volume_config(origin),
+                    &config,
+                    read_only,
+                )?;
+                tracing::info!(volume = %id, origin = %origin, inodes = stats.inodes,
+                    slices = stats.slices, ms = started.elapsed().as_millis() as u64,
+                    "volume forked");
+                return Ok(());
+            }
             cellar_vfs::maintenance::format(&config)?;
-            if quota.is_some() {
-                cellar_vfs::maintenance::set_quota(&config, quota)?;
+            if row.quota_bytes.is_some() {
+                cellar_vfs::maintenance::set_quota(&config, row.quota_bytes)?;
             }
             Ok(())
         })
@@ -140,10 +155,9 @@ impl Services {
             .await;
         // The file API's instance of the volume goes first: nothing may write while it goes.
         self.files.retire(&volume_id).await;
-        let config = self.volume_config(&volume_id);
-        // Removes the objects first and the metadata file last, so a retry after a crash
-        // still finds what is left.
-        let outcome = run_blocking(move || cellar_vfs::maintenance::destroy(&config)).await;
+        let services = self.clone();
+        let id = volume_id.clone();
+        let outcome = run_blocking(move || services.remove_volume_data(&id)).await;
         match outcome {
             Ok(()) => {
                 self.move_volume(
@@ -163,6 +177,42 @@ impl Services {
                     Some(reason),
                 )
                 .await
+            }
+        }
+    }
+
+    /// Removes a deleted volume's objects and metadata (objects first, the metadata last, so a
+    /// retry after a crash still finds what is left), unless forks or snapshots still share
+    /// them: then they stay, out of sight, until the last of those is deleted. A fork first
+    /// releases its origin's objects; when the origin was deleted before and this was its last
+    /// fork, the origin's data goes too (and so on up the lineage).
+    fn remove_volume_data(&self, volume_id: &str) -> anyhow::Result<()> {
+        let mut id = volume_id.to_string();
+        loop {
+            let config = self.volume_config(&id);
+            let forks = cellar_vfs::maintenance::forks(&config)?;
+            if !forks.is_empty() {
+                tracing::info!(volume = %id, forks = ?forks, "volume data kept for its forks");
+                return Ok(());
+            }
+            let origin = self
+                .db
+                .volume_by_id_in_any_org(&id)?
+                .and_then(|row| row.origin_id);
+            if let Some(origin) = &origin {
+                cellar_vfs::maintenance::release_fork(&self.volume_config(origin), &id)?;
+            }
+            cellar_vfs::maintenance::destroy(&config)?;
+            match origin {
+                Some(origin)
+                    if self
+                        .db
+                        .volume_by_id_in_any_org(&origin)?
+                        .is_some_and(|row| row.state == volume_state::DELETED) =>
+                {
+                    id = origin
+                }
+                _ => return Ok(()),
             }
         }
     }

@@ -15,7 +15,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -71,6 +71,15 @@ pub fn router(state: AppState) -> Router {
                 .patch(volumes::update)
                 .delete(volumes::delete),
         )
+        .route(
+            "/volumes/{volume_id}/snapshots",
+            get(volumes::list_snapshots).post(volumes::create_snapshot),
+        )
+        .route(
+            "/volumes/{volume_id}/snapshots/{snapshot_id}",
+            delete(volumes::delete_snapshot),
+        )
+        .route("/volumes/{volume_id}/fork", post(volumes::fork))
         .route(
             "/volumes/{volume_id}/files",
             get(files::list).delete(files::delete),
@@ -247,6 +256,7 @@ impl From<crate::db::DbError> for ApiError {
         match err {
             DbError::Conflict(message) => ApiError::conflict(message),
             DbError::Invalid(message) => ApiError::bad_request(message),
+            DbError::NotFound(message) => ApiError::not_found(message),
             DbError::Unavailable(message) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
             }
@@ -336,6 +346,10 @@ impl Modify for BearerAuth {
         volumes::get,
         volumes::update,
         volumes::delete,
+        volumes::create_snapshot,
+        volumes::list_snapshots,
+        volumes::delete_snapshot,
+        volumes::fork,
         files::list,
         files::stat,
         files::download,

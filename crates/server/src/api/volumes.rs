@@ -1,4 +1,5 @@
-//! `/api/volumes`: create, get (by id or name), list, change (the byte quota), delete.
+//! `/api/volumes`: create, get (by id or name), list, change (the byte quota), delete;
+//! snapshots (read-only, point in time) and forks (writable copies) sharing the origin's data.
 
 use axum::extract::State;
 use axum::{Extension, Json};
@@ -7,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{blocking, AppState, Org};
-use crate::db::{volume_state, DeleteVolume, VolumeRow};
+use crate::db::{volume_kind, volume_state, DeleteVolume, NewVolume, VolumeRow};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::lifecycle::Services;
 use crate::validate::validate_volume_name;
@@ -29,14 +30,22 @@ pub struct VolumeDto {
     pub usage: Option<VolumeUsageDto>,
     /// The most bytes its files may hold (null: no limit).
     pub quota_bytes: Option<u64>,
+    /// `volume`, or `snapshot` (read-only: mounted read-only, its files cannot change).
+    pub kind: String,
+    /// The volume or snapshot this one was forked or snapshotted from.
+    pub origin_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct VolumeUsageDto {
-    /// Bytes the files really hold (a sparse file counts its data only).
+    /// Bytes the files really hold (a sparse file counts its data only), shared or not.
     pub bytes: u64,
     /// Files, directories and links, the root directory not counted.
     pub files: u64,
+    /// Bytes of stored data that only this volume holds (no fork or snapshot shares them):
+    /// what deleting it frees.
+    pub exclusive_bytes: u64,
 }
 
 impl VolumeDto {
@@ -51,6 +60,7 @@ impl VolumeDto {
                     Some(VolumeUsageDto {
                         bytes: usage.bytes,
                         files: usage.files,
+                        exclusive_bytes: usage.exclusive_bytes,
                     })
                 }
                 Err(e) => {
@@ -72,6 +82,8 @@ impl VolumeDto {
             error_reason: row.error_reason,
             usage,
             quota_bytes,
+            kind: row.kind,
+            origin_id: row.origin_id,
         }
     }
 }
@@ -172,10 +184,42 @@ pub async fn create(
 ) -> ApiResult<Json<VolumeDto>> {
     validate_volume_name(&body.name).map_err(ApiError::bad_request)?;
     let quota_bytes = check_quota(body.quota_bytes)?;
+    let new = NewVolume {
+        name: &body.name,
+        quota_bytes,
+        origin: None,
+        kind: volume_kind::VOLUME,
+    };
+    create_volume(&state, &org, &new).await
+}
+
+/// Inserts the row and provisions the volume (formats it, or copies its origin); answers once
+/// it is `ready` (or `error`).
+async fn create_volume(
+    state: &AppState,
+    org: &str,
+    new: &NewVolume<'_>,
+) -> ApiResult<Json<VolumeDto>> {
     let services = state.services.clone();
     let quota = services.config.volume_quota;
     let db = services.db.clone();
-    let volume = blocking(move || db.insert_volume(&org, &body.name, quota, quota_bytes)).await?;
+    let (org, name, origin, kind) = (
+        org.to_string(),
+        new.name.to_string(),
+        new.origin.map(str::to_string),
+        new.kind.to_string(),
+    );
+    let quota_bytes = new.quota_bytes;
+    let volume = blocking(move || {
+        let new = NewVolume {
+            name: &name,
+            quota_bytes,
+            origin: origin.as_deref(),
+            kind: &kind,
+        };
+        db.insert_volume(&org, &new, quota)
+    })
+    .await?;
     // Provisioning runs as its own task so that it completes even if the client disconnects.
     let task = tokio::spawn({
         let services = services.clone();
@@ -186,7 +230,159 @@ pub async fn create(
     let db = services.db.clone();
     let row = blocking(move || db.volume(&volume.org_id, &volume.id)).await?;
     let row = row.ok_or_else(|| ApiError::internal("volume vanished after creation"))?;
-    dto(&state, row).await
+    dto(state, row).await
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSnapshot {
+    /// As a volume name; default: the volume's name, `-snapshot-` and a number.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateFork {
+    /// The new volume's name (as for `POST /api/volumes`).
+    pub name: String,
+}
+
+/// The origin of a snapshot or fork: by id or name, not deleted.
+async fn origin(state: &AppState, org: &str, key: &str) -> ApiResult<VolumeRow> {
+    let db = state.services.db.clone();
+    let (org, id) = (org.to_string(), key.to_string());
+    blocking(move || db.volume_by_id_or_name(&org, &id))
+        .await?
+        .filter(|v| v.state != volume_state::DELETED)
+        .ok_or_else(|| not_found(key))
+}
+
+/// Takes a snapshot: a read-only, point-in-time volume holding what the volume's writers had
+/// closed or fsynced when it was taken. It shares every stored block with the volume (nothing
+/// is copied: the time grows with the number of files, not their size), can be mounted
+/// read-only into any number of sandboxes while writers go on, and forked.
+#[utoipa::path(
+    post, operation_id = "createVolumeSnapshot", path = "/api/volumes/{volumeId}/snapshots",
+    tag = "volumes", params(("volumeId" = String, Path, description = "Volume id or name")),
+    request_body = CreateSnapshot,
+    responses(
+        (status = 200, body = VolumeDto),
+        (status = 400, description = "invalid name or quota exceeded", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "name in use, or the volume is not ready", body = ErrorBody)
+    )
+)]
+pub async fn create_snapshot(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    ApiPath(volume_id): ApiPath<String>,
+    ApiJson(body): ApiJson<CreateSnapshot>,
+) -> ApiResult<Json<VolumeDto>> {
+    let origin = origin(&state, &org, &volume_id).await?;
+    let name = match body.name {
+        Some(name) => name,
+        None => default_snapshot_name(&origin.name),
+    };
+    validate_volume_name(&name).map_err(ApiError::bad_request)?;
+    let new = NewVolume {
+        name: &name,
+        quota_bytes: None,
+        origin: Some(&origin.id),
+        kind: volume_kind::SNAPSHOT,
+    };
+    create_volume(&state, &org, &new).await
+}
+
+/// `<origin>-snapshot-<ms since the epoch>`, cut to fit a volume name.
+fn default_snapshot_name(origin: &str) -> String {
+    let suffix = format!("-snapshot-{}", crate::db::now_ms());
+    let keep = origin.len().min(63 - suffix.len());
+    format!("{}{suffix}", &origin[..keep])
+}
+
+#[utoipa::path(
+    get, operation_id = "listVolumeSnapshots", path = "/api/volumes/{volumeId}/snapshots",
+    tag = "volumes", params(("volumeId" = String, Path, description = "Volume id or name")),
+    responses((status = 200, body = [VolumeDto]), (status = 404, body = ErrorBody))
+)]
+pub async fn list_snapshots(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    ApiPath(volume_id): ApiPath<String>,
+) -> ApiResult<Json<Vec<VolumeDto>>> {
+    let origin = origin(&state, &org, &volume_id).await?;
+    let db = state.services.db.clone();
+    let rows = blocking(move || db.snapshots_of(&org, &origin.id)).await?;
+    Ok(Json(dtos(&state, rows).await?))
+}
+
+/// Deletes a snapshot of the volume (as `DELETE /api/volumes/{snapshotId}`).
+#[utoipa::path(
+    delete, operation_id = "deleteVolumeSnapshot",
+    path = "/api/volumes/{volumeId}/snapshots/{snapshotId}", tag = "volumes",
+    params(
+        ("volumeId" = String, Path, description = "Volume id or name"),
+        ("snapshotId" = String, Path, description = "Snapshot id")
+    ),
+    responses(
+        (status = 200, description = "deletion started"),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "mounted by a sandbox that is not being destroyed", body = ErrorBody)
+    )
+)]
+pub async fn delete_snapshot(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    ApiPath((volume_id, snapshot_id)): ApiPath<(String, String)>,
+) -> ApiResult<()> {
+    // By the origin's id even when the origin was deleted (its snapshots live on), or by name.
+    let origin_id = match origin(&state, &org, &volume_id).await {
+        Ok(origin) => origin.id,
+        Err(_) => volume_id.clone(),
+    };
+    let db = state.services.db.clone();
+    let (org_id, key) = (org.clone(), snapshot_id.clone());
+    let snapshot = blocking(move || db.volume(&org_id, &key)).await?;
+    let is_its_snapshot = snapshot.is_some_and(|s| {
+        s.kind == volume_kind::SNAPSHOT && s.origin_id.as_deref() == Some(origin_id.as_str())
+    });
+    if !is_its_snapshot {
+        return Err(ApiError::not_found(format!(
+            "snapshot {snapshot_id} of volume {volume_id} not found"
+        )));
+    }
+    start_delete(&state, org, snapshot_id).await
+}
+
+/// Forks a volume or a snapshot: a new, writable volume that starts as its copy and shares
+/// every stored block with it (no block is copied); writes on either side never show on the
+/// other. Holds what the origin's writers had closed or fsynced when it was made.
+#[utoipa::path(
+    post, operation_id = "forkVolume", path = "/api/volumes/{volumeId}/fork", tag = "volumes",
+    params(("volumeId" = String, Path, description = "Volume or snapshot id or name")),
+    request_body = CreateFork,
+    responses(
+        (status = 200, body = VolumeDto),
+        (status = 400, description = "invalid name or quota exceeded", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "name in use, or the origin is not ready", body = ErrorBody)
+    )
+)]
+pub async fn fork(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    ApiPath(volume_id): ApiPath<String>,
+    ApiJson(body): ApiJson<CreateFork>,
+) -> ApiResult<Json<VolumeDto>> {
+    validate_volume_name(&body.name).map_err(ApiError::bad_request)?;
+    let origin = origin(&state, &org, &volume_id).await?;
+    let new = NewVolume {
+        name: &body.name,
+        quota_bytes: None,
+        origin: Some(&origin.id),
+        kind: volume_kind::VOLUME,
+    };
+    create_volume(&state, &org, &new).await
 }
 
 #[utoipa::path(
@@ -285,6 +481,12 @@ pub async fn delete(
     Extension(Org(org)): Extension<Org>,
     ApiPath(volume_id): ApiPath<String>,
 ) -> ApiResult<()> {
+    start_delete(&state, org, volume_id).await
+}
+
+/// Marks a volume (or snapshot) for deletion and starts removing its data in the background.
+/// Data that forks or snapshots still share stays until the last of them is deleted.
+async fn start_delete(state: &AppState, org: String, volume_id: String) -> ApiResult<()> {
     let db = state.services.db.clone();
     let key = volume_id.clone();
     match blocking(move || db.begin_volume_delete(&org, &key)).await? {
@@ -294,7 +496,7 @@ pub async fn delete(
             sandboxes.join(", ")
         ))),
         DeleteVolume::Creating => Err(ApiError::conflict(format!(
-            "volume {volume_id} is still being created; retry in a moment"
+            "volume {volume_id} (or a fork or snapshot of it) is still being created; retry in a moment"
         ))),
         DeleteVolume::Accepted(volume) => {
             if volume.state == volume_state::PENDING_DELETE {

@@ -96,6 +96,9 @@ impl FileError {
             libc::ELOOP => FileError::InvalidPath(format!("{path}: too many symbolic links")),
             libc::EINVAL => FileError::Invalid(format!("{path}: invalid operation ({errno})")),
             libc::EFBIG => FileError::TooLarge(format!("{path}: the file would be too large")),
+            libc::EROFS => FileError::Forbidden(format!(
+                "{path}: the volume is a snapshot, which is read-only (fork it to change it)"
+            )),
             libc::EPERM | libc::EACCES => {
                 FileError::Forbidden(format!("{path}: operation not permitted ({errno})"))
             }
