@@ -290,7 +290,7 @@ pub struct NewVolume<'a> {
 /// Outcome of a volume delete request.
 pub enum DeleteVolume {
     /// Now pending_delete (or already on its way): the caller starts the background deletion.
-    Accepted(VolumeRow),
+    Accepted(Box<VolumeRow>),
     /// Mounted by these sandboxes (ids).
     InUse(Vec<String>),
     /// Still being provisioned (which takes moments).
@@ -730,7 +730,7 @@ impl ControlDb {
                     params![volume.id, volume.state, volume.updated_at],
                 )?;
             }
-            Ok(DeleteVolume::Accepted(volume))
+            Ok(DeleteVolume::Accepted(Box::new(volume)))
         })
     }
 
