@@ -522,10 +522,11 @@ impl PgDb {
             if let Err(e) = pooled.conn().batch(&begin) {
                 if e.connection_lost {
                     // An idle connection the server dropped (a restart): nothing was done yet,
-                    // so take another one at once; a new one that broke waits out the outage.
+                    // so take another one at once (at most the pool's worth); a new one that
+                    // broke waits out the outage.
                     let fresh = pooled.fresh;
                     pooled.discard();
-                    if (!fresh && !outage.expired()) || outage.pause() {
+                    if !fresh || outage.pause() {
                         continue;
                     }
                     return Err(outage.describe(e).into());
