@@ -328,6 +328,43 @@ mod tests {
     }
 
     #[test]
+    fn a_write_waits_for_another_process_lock_at_most_the_lock_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let database = Database::open_sqlite(&path).unwrap();
+        database.migrate(&SCHEMA).unwrap();
+        let crate::Backend::Sqlite(db) = &database.backend else {
+            unreachable!()
+        };
+        // Another process's write lock (as `sqlite3` with `BEGIN EXCLUSIVE`).
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let lock = Duration::from_millis(300);
+        crate::set_timeouts(crate::Timeouts {
+            lock,
+            ..crate::Timeouts::DEFAULT
+        });
+        let started = Instant::now();
+        let err = insert(db, "blocked").unwrap_err();
+        let waited = started.elapsed();
+        crate::set_timeouts(crate::Timeouts::DEFAULT);
+        assert_eq!(err.condition(), Condition::LockTimeout, "{err}");
+        assert!(
+            waited >= lock.mul_f64(0.9) && waited < lock * 10,
+            "waited {waited:?} for a lock timeout of {lock:?}"
+        );
+        // Readers are not blocked, and once the lock is released writes work again.
+        let count = |db: &SqliteDb| -> i64 {
+            db.read(&mut |tx: &Tx<'_>| tx.query_row("SELECT COUNT(*) FROM t", (), |row| row.get(0)))
+                .unwrap()
+        };
+        assert_eq!(count(db), 0);
+        other.execute_batch("COMMIT").unwrap();
+        insert(db, "after").unwrap();
+        assert_eq!(count(db), 1);
+    }
+
+    #[test]
     fn migrations_refuse_a_database_of_a_newer_binary() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open_sqlite(&dir.path().join("db")).unwrap();
