@@ -617,10 +617,6 @@ impl Outage {
         }
     }
 
-    fn expired(&self) -> bool {
-        Instant::now() >= self.deadline
-    }
-
     /// Waits before the next try (0.1 s, doubling up to 1 s); false once the bound is spent.
     fn pause(&mut self) -> bool {
         let Some(left) = self.deadline.checked_duration_since(Instant::now()) else {
