@@ -45,8 +45,15 @@ SHORT_TIMEOUTS = [
     "--store-operation-timeout", "9s",
     "--shutdown-timeout", "8s",
 ]
-# fsync may first wait for a background flush already trying (one operation), then tries itself.
-BOUND_SECS = 2 * 9 + 3
+# One store operation (an fsync that waited for a background flush already trying gets that
+# flush's outcome: it does not try again itself), plus slack for a loaded machine.
+OPERATION_SECS = 9
+BOUND_SECS = OPERATION_SECS + 6
+# The background flusher takes a file left this long without writes (vfs IDLE_FLUSH_AFTER),
+# checking every half second.
+IDLE_FLUSH_SECS = 5
+# One upload to a blackholed store: its tries end with the retry timeout.
+BLACKHOLED_UPLOAD_SECS = 6
 # An unmount: the shutdown timeout, one operation under way, closing the session.
 UMOUNT_BOUND_SECS = 8 + 9 + 6
 DEFAULT_FSYNC_BOUND_SECS = 60
@@ -279,6 +286,40 @@ class Suite:
             self.stats.add(fault, 7)
             print(f"{fault}: 3 fsynced writes and a read in {time.monotonic() - started:.1f} s")
 
+    def close_during_background_retry(self):
+        """A close that waits for the background flusher, which is already trying a dead store
+        with the file's data, fails with that flush's EIO: within one store operation, not two
+        (it used to try again itself once the flusher gave up). The data stays buffered and the
+        flusher commits it once the store is back."""
+        fault = "close during background flush"
+        self.remount()
+        name = "background-flush.bin"
+        data = self.data()
+        fd = os.open(self.root / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        self.proxy.set("blackhole")
+        # Just after the flusher took the idle file: its upload has about 5.5 s to go.
+        time.sleep(IDLE_FLUSH_SECS + 0.8)
+        started = time.monotonic()
+        outcome, _ = bounded(f"{fault}: close", 2 * BOUND_SECS, eio_or_bytes, os.close, fd)
+        eio_secs = time.monotonic() - started
+        if outcome != "eio":
+            raise Failure(f"{fault}: close succeeded against a dead store")
+        # What was left of the flusher's upload, never a second upload on top (about 11 s).
+        if eio_secs > BLACKHOLED_UPLOAD_SECS + 2.5:
+            raise Failure(f"{fault}: close failed after {eio_secs:.1f} s: it waited out the "
+                          f"flusher's try and then tried again itself")
+        self.proxy.set("pass")
+        started = time.monotonic()
+        while read_uncached(self.root / name) != data:
+            if time.monotonic() - started > 2 * BOUND_SECS:
+                raise Failure(f"{fault}: the flusher did not commit the buffered data once the store was back")
+            time.sleep(0.5)
+        recover_secs = time.monotonic() - started
+        self.expected[name] = (fault, data)
+        self.stats.add(fault, 3, eio_secs, recover_secs)
+        print(f"{fault}: close EIO after {eio_secs:.1f} s, committed by the flusher {recover_secs:.1f} s after the store came back")
+
     def dirty_at_outage(self, fault, mode):
         """Writes whose close failed against a dead store, still buffered. Returns their names."""
         self.remount()
@@ -409,6 +450,7 @@ def main():
         for size in WRITE_SIZES:
             for fault, params in WRITE_FAULTS:
                 suite.write_fault(fault, params, size)
+        suite.close_during_background_retry()
         for fault, params in READ_FAULTS:
             suite.read_fault(fault, params)
         suite.slow_and_flaky()

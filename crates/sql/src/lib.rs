@@ -13,6 +13,13 @@
 //!   `REPEATABLE READ READ ONLY` (one snapshot). Connections come from one pool per process per
 //!   database (see [`postgres::PgUrl`]), shared by every [`Database`] opened on it; each
 //!   `Database` may name a schema, set as the `search_path` of each of its transactions.
+//!
+//! Faults (docs/SEMANTICS.md, "Failure behaviour"): a statement waits for a lock that another
+//! session holds (PostgreSQL `lock_timeout`, SQLite's busy timeout) at most
+//! [`Timeouts::lock`], then fails as [`Condition::LockTimeout`]; a PostgreSQL transaction that
+//! cannot reach the server (refused, or its connection lost before COMMIT) is re-run on a new
+//! connection until [`Timeouts::outage`] after its first try, then fails as
+//! [`Condition::Unavailable`]; a full disk is [`Condition::DiskFull`].
 
 mod postgres_db;
 mod sqlite_db;
@@ -21,6 +28,9 @@ mod value;
 use cellar_metrics::TxKind;
 use std::cell::{Cell, RefCell};
 use std::path::Path;
+use std::time::Duration;
+
+use parking_lot::RwLock;
 
 pub use postgres_db::{destroy_schema, redact, retries, PgListener, PgUrl, Signal, LISTENER_NAME};
 pub use sqlite_db::SqliteWatch;
@@ -32,10 +42,57 @@ pub enum Dialect {
     Postgres,
 }
 
+/// What a failure means to the caller, beyond its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// Anything else: a constraint, a bug, a refused statement.
+    Failed,
+    /// A lock held by another session was not granted within [`Timeouts::lock`].
+    LockTimeout,
+    /// The database has no space left on its disk.
+    DiskFull,
+    /// The database could not be reached (or its connection broke).
+    Unavailable,
+}
+
+/// How long transactions wait on faults, for the whole process (see the crate's docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub lock: Duration,
+    pub outage: Duration,
+}
+
+impl Timeouts {
+    /// The defaults (docs/CONFIGURATION.md, "Metadata timeouts").
+    pub const DEFAULT: Timeouts = Timeouts {
+        lock: Duration::from_secs(30),
+        outage: Duration::from_secs(20),
+    };
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts::DEFAULT
+    }
+}
+
+static TIMEOUTS: RwLock<Timeouts> = parking_lot::const_rwlock(Timeouts::DEFAULT);
+
+/// Sets the process's [`Timeouts`]: before opening databases (SQLite connections take the lock
+/// timeout when they open; PostgreSQL transactions read both when they begin).
+pub fn set_timeouts(timeouts: Timeouts) {
+    *TIMEOUTS.write() = timeouts;
+}
+
+pub fn timeouts() -> Timeouts {
+    *TIMEOUTS.read()
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct Error {
     message: String,
+    condition: Condition,
     /// The transaction lost a race (serialization failure, deadlock) and may succeed if re-run.
     retryable: bool,
     /// The connection broke (the server closed it, restarted...): a transaction that had not
@@ -49,6 +106,7 @@ impl Error {
     pub fn new(message: impl Into<String>) -> Error {
         Error {
             message: message.into(),
+            condition: Condition::Failed,
             retryable: false,
             connection_lost: false,
             no_rows: false,
@@ -58,6 +116,7 @@ impl Error {
     fn no_rows() -> Error {
         Error {
             message: "query returned no rows".into(),
+            condition: Condition::Failed,
             retryable: false,
             connection_lost: false,
             no_rows: true,
@@ -66,6 +125,20 @@ impl Error {
 
     pub fn is_retryable(&self) -> bool {
         self.retryable
+    }
+
+    pub fn condition(&self) -> Condition {
+        if self.connection_lost {
+            Condition::Unavailable
+        } else {
+            self.condition
+        }
+    }
+
+    /// The same failure, described in context ("cannot connect to ...: {self}").
+    fn context(mut self, context: impl std::fmt::Display) -> Error {
+        self.message = format!("{context}: {}", self.message);
+        self
     }
 }
 
@@ -303,6 +376,9 @@ pub struct Tx<'a> {
     /// caller's closure then fails (with whatever error it makes of it) and the transaction is
     /// re-run.
     lost_race: Cell<bool>,
+    /// Set when a statement failed because the connection broke (a re-run waits out an
+    /// outage, see [`Timeouts::outage`]).
+    lost_connection: Cell<bool>,
     /// Set when any statement failed (a PostgreSQL transaction is then aborted).
     failed: Cell<bool>,
 }
@@ -317,6 +393,7 @@ impl<'a> Tx<'a> {
         Tx {
             conn: TxConn::Sqlite(conn),
             lost_race: Cell::new(false),
+            lost_connection: Cell::new(false),
             failed: Cell::new(false),
         }
     }
@@ -325,6 +402,7 @@ impl<'a> Tx<'a> {
         Tx {
             conn: TxConn::Postgres(RefCell::new(conn)),
             lost_race: Cell::new(false),
+            lost_connection: Cell::new(false),
             failed: Cell::new(false),
         }
     }
@@ -341,6 +419,9 @@ impl<'a> Tx<'a> {
             self.failed.set(true);
             if e.retryable || e.connection_lost {
                 self.lost_race.set(true);
+            }
+            if e.connection_lost {
+                self.lost_connection.set(true);
             }
         }
         result

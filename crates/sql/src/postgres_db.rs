@@ -12,7 +12,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 
-use crate::{Error, Result, Row, Tx, Value};
+use crate::{Condition, Error, Result, Row, Tx, Value};
 
 /// Connections per pool unless the URL says `pool_size=N`.
 const DEFAULT_POOL_SIZE: usize = 16;
@@ -136,6 +136,12 @@ fn error(e: postgres::Error) -> Error {
                 ]
                 .contains(code)
         });
+    let condition = match e.code() {
+        // lock_timeout: another session held a lock this long.
+        Some(&SqlState::LOCK_NOT_AVAILABLE) => Condition::LockTimeout,
+        Some(&SqlState::DISK_FULL) => Condition::DiskFull,
+        _ => Condition::Failed,
+    };
     let message = match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => match std::error::Error::source(&e) {
@@ -145,6 +151,7 @@ fn error(e: postgres::Error) -> Error {
     };
     Error {
         message,
+        condition,
         retryable,
         connection_lost,
         no_rows: false,
@@ -351,7 +358,7 @@ impl PgPool {
     fn connect(&self) -> Result<Client> {
         self.config
             .connect(NoTls)
-            .map_err(|e| Error::new(format!("cannot connect to {}: {}", self.redacted, error(e))))
+            .map_err(|e| error(e).context(format_args!("cannot connect to {}", self.redacted)))
     }
 
     fn get(&self) -> Result<Pooled<'_>> {
@@ -362,6 +369,7 @@ impl PgPool {
                 return Ok(Pooled {
                     pool: self,
                     conn: Some(conn),
+                    fresh: false,
                 });
             }
             if state.total < self.max {
@@ -374,6 +382,7 @@ impl PgPool {
                             client,
                             statements: HashMap::new(),
                         }),
+                        fresh: true,
                     }),
                     Err(e) => {
                         self.state.lock().total -= 1;
@@ -396,6 +405,8 @@ impl PgPool {
 struct Pooled<'a> {
     pool: &'a PgPool,
     conn: Option<PgConn>,
+    /// Connected for this transaction (not taken idle from the pool).
+    fresh: bool,
 }
 
 impl Pooled<'_> {
@@ -482,6 +493,7 @@ impl PgDb {
         mode: Mode,
         f: &mut dyn FnMut(&Tx<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
+        let timeouts = crate::timeouts();
         let isolation = match mode {
             Mode::Write | Mode::WriteExcluding(_) => "BEGIN ISOLATION LEVEL SERIALIZABLE",
             Mode::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
@@ -491,20 +503,33 @@ impl PgDb {
             Some((quoted, _)) => format!("{isolation}; SET LOCAL search_path TO {quoted}"),
             None => isolation.to_string(),
         };
+        // Bounds every lock wait of the transaction (rows, tables, advisory locks).
+        begin.push_str(&format!(
+            "; SET LOCAL lock_timeout = {}",
+            timeouts.lock.as_millis().clamp(1, i32::MAX as u128)
+        ));
         if let Mode::WriteExcluding(table) = mode {
             begin.push_str(&format!("; LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"));
         }
-        let mut attempt = 0;
+        let mut outage = Outage::new(timeouts.outage);
+        let mut races = 0;
         loop {
-            attempt += 1;
-            let mut pooled = self.pool.get()?;
+            let mut pooled = match self.pool.get() {
+                Ok(pooled) => pooled,
+                Err(e) if e.connection_lost && outage.pause() => continue,
+                Err(e) => return Err(outage.describe(e).into()),
+            };
             if let Err(e) = pooled.conn().batch(&begin) {
-                // An idle connection the server dropped (a restart): nothing was done yet, so
-                // take another one.
-                if e.connection_lost && attempt < MAX_ATTEMPTS {
-                    tracing::debug!(database = %self.pool.redacted, error = %e, "pooled connection was lost; reconnecting");
+                if e.connection_lost {
+                    // An idle connection the server dropped (a restart): nothing was done yet,
+                    // so take another one at once (at most the pool's worth); a new one that
+                    // broke waits out the outage.
+                    let fresh = pooled.fresh;
                     pooled.discard();
-                    continue;
+                    if !fresh || outage.pause() {
+                        continue;
+                    }
+                    return Err(outage.describe(e).into());
                 }
                 // BEGIN may have opened a transaction that a later statement of the batch aborted.
                 if pooled.conn().batch("ROLLBACK").is_err() {
@@ -512,54 +537,105 @@ impl PgDb {
                 }
                 return Err(e.into());
             }
-            let (result, lost_race, failed) = {
+            let (result, lost_race, lost_connection, failed) = {
                 let tx = Tx::postgres(pooled.conn());
                 let result = f(&tx);
-                (result, tx.lost_race.get(), tx.failed.get())
+                (
+                    result,
+                    tx.lost_race.get(),
+                    tx.lost_connection.get(),
+                    tx.failed.get(),
+                )
             };
-            let outcome = match result {
+            // The error to return if the transaction is not re-run.
+            let last: E = match result {
                 // A statement that failed aborted the transaction (COMMIT would roll it back
                 // without an error), even when the closure handled its error: roll back, and
-                // re-run it if that statement lost a serialization race.
+                // re-run it if that statement lost a serialization race or its connection.
                 Ok(_) if failed => {
                     if pooled.conn().batch("ROLLBACK").is_err() {
                         pooled.discard();
                     }
-                    if !lost_race || attempt >= MAX_ATTEMPTS {
-                        return Err(Error::new(
-                            "a statement failed inside the transaction".to_string(),
-                        )
-                        .into());
+                    let e = Error {
+                        connection_lost: lost_connection,
+                        ..Error::new("a statement failed inside the transaction")
+                    };
+                    if !lost_race {
+                        return Err(e.into());
                     }
-                    Ok(())
+                    e.into()
                 }
                 Ok(value) => match pooled.conn().batch("COMMIT") {
                     Ok(()) => return Ok(value),
                     // Whether a COMMIT whose connection broke committed is unknown: not re-run.
-                    Err(e) if e.connection_lost => return Err(e.into()),
-                    Err(e) => Err(e),
+                    Err(e) if e.connection_lost || !e.retryable => return Err(e.into()),
+                    Err(e) => e.into(),
                 },
                 Err(e) => {
                     if pooled.conn().batch("ROLLBACK").is_err() {
                         pooled.discard();
                     }
-                    if !lost_race || attempt >= MAX_ATTEMPTS {
+                    if !lost_race {
                         return Err(e);
                     }
-                    Ok(())
+                    e
                 }
             };
-            if let Err(e) = outcome {
-                if !e.retryable || attempt >= MAX_ATTEMPTS {
-                    return Err(e.into());
-                }
-            }
             drop(pooled);
+            if lost_connection {
+                if !outage.pause() {
+                    return Err(last);
+                }
+                continue;
+            }
+            races += 1;
+            if races >= MAX_ATTEMPTS {
+                return Err(last);
+            }
             RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             cellar_metrics::meta_retry();
-            let cap = Duration::from_millis(1 << attempt.min(16)).min(MAX_BACKOFF);
+            let cap = Duration::from_millis(1 << races.min(16)).min(MAX_BACKOFF);
             std::thread::sleep(cap.mul_f64(rand::random::<f64>()));
         }
+    }
+}
+
+/// The outage bound of one transaction: re-runs after a lost or refused connection stop
+/// [`crate::Timeouts::outage`] after its first try.
+struct Outage {
+    bound: Duration,
+    deadline: Instant,
+    pauses: u32,
+}
+
+impl Outage {
+    fn new(bound: Duration) -> Outage {
+        Outage {
+            bound,
+            deadline: Instant::now() + bound,
+            pauses: 0,
+        }
+    }
+
+    /// Waits before the next try (0.1 s, doubling up to 1 s); false once the bound is spent.
+    fn pause(&mut self) -> bool {
+        let Some(left) = self.deadline.checked_duration_since(Instant::now()) else {
+            return false;
+        };
+        self.pauses += 1;
+        std::thread::sleep(Duration::from_millis(50 << self.pauses.min(5)).min(left));
+        true
+    }
+
+    /// The error of a transaction that gave up on an outage.
+    fn describe(&self, e: Error) -> Error {
+        if self.pauses == 0 {
+            return e;
+        }
+        e.context(format_args!(
+            "the database stayed unreachable for {:?}",
+            self.bound
+        ))
     }
 }
 

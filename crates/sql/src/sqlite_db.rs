@@ -13,23 +13,37 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rusqlite::types::Value as SqliteValue;
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
-use crate::{Error, Result, Row, Tx, Value};
+use crate::{Condition, Error, Result, Row, Tx, Value};
 
-/// How long a transaction waits for another process's write transaction before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle read connections kept open for reuse.
 const IDLE_READERS: usize = 4;
 /// Prepared statements cached per connection (every statement of a caller should fit).
 const STATEMENT_CACHE: usize = 128;
 
 pub(crate) fn error(e: rusqlite::Error) -> Error {
-    Error::new(e.to_string())
+    let condition = match e.sqlite_error_code() {
+        // Another process held the database lock past the busy timeout.
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => Condition::LockTimeout,
+        Some(ErrorCode::DiskFull) => Condition::DiskFull,
+        _ => Condition::Failed,
+    };
+    let message = match condition {
+        Condition::LockTimeout => format!(
+            "{e} (another process held the database lock for over {:?})",
+            crate::timeouts().lock
+        ),
+        _ => e.to_string(),
+    };
+    Error {
+        condition,
+        ..Error::new(message)
+    }
 }
 
 pub(crate) struct SqliteDb {
@@ -75,7 +89,24 @@ impl SqliteDb {
         &self,
         f: &mut dyn FnMut(&Tx<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        let mut conn = self.writer.lock();
+        // The lock timeout bounds the whole wait: for this process's other writers, then for
+        // the database lock (other processes).
+        let bound = crate::timeouts().lock;
+        let deadline = Instant::now() + bound;
+        let Some(mut conn) = self.writer.try_lock_for(bound) else {
+            return Err(Error {
+                condition: Condition::LockTimeout,
+                ..Error::new(format!(
+                    "{}: this process's other transactions held the database for over {bound:?}",
+                    self.path.display()
+                ))
+            }
+            .into());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Zero would turn the busy handler off (fail at once): wait a little at least.
+        conn.busy_timeout(left.max(Duration::from_millis(1)))
+            .map_err(error)?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(error)?;
@@ -180,7 +211,17 @@ impl SqliteWatch {
 fn sync_path(path: &Path) -> Result<()> {
     std::fs::File::open(path)
         .and_then(|file| file.sync_all())
-        .map_err(|e| Error::new(format!("cannot fsync {}: {e}", path.display())))
+        .map_err(|e| {
+            let condition = if e.kind() == std::io::ErrorKind::StorageFull {
+                Condition::DiskFull
+            } else {
+                Condition::Failed
+            };
+            Error {
+                condition,
+                ..Error::new(format!("cannot fsync {}: {e}", path.display()))
+            }
+        })
 }
 
 fn connect(path: &Path) -> Result<Connection> {
@@ -189,7 +230,7 @@ fn connect(path: &Path) -> Result<Connection> {
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| Error::new(format!("cannot open database {}: {e}", path.display())))?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(error)?;
+    conn.busy_timeout(crate::timeouts().lock).map_err(error)?;
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(error)?;
@@ -313,6 +354,43 @@ mod tests {
         insert(&db, "after").unwrap();
         let err = db.sync().unwrap_err();
         assert!(err.to_string().contains("cannot fsync"), "{err}");
+    }
+
+    #[test]
+    fn a_write_waits_for_another_process_lock_at_most_the_lock_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let database = Database::open_sqlite(&path).unwrap();
+        database.migrate(&SCHEMA).unwrap();
+        let crate::Backend::Sqlite(db) = &database.backend else {
+            unreachable!()
+        };
+        // Another process's write lock (as `sqlite3` with `BEGIN EXCLUSIVE`).
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let lock = Duration::from_millis(300);
+        crate::set_timeouts(crate::Timeouts {
+            lock,
+            ..crate::Timeouts::DEFAULT
+        });
+        let started = Instant::now();
+        let err = insert(db, "blocked").unwrap_err();
+        let waited = started.elapsed();
+        crate::set_timeouts(crate::Timeouts::DEFAULT);
+        assert_eq!(err.condition(), Condition::LockTimeout, "{err}");
+        assert!(
+            waited >= lock.mul_f64(0.9) && waited < lock * 10,
+            "waited {waited:?} for a lock timeout of {lock:?}"
+        );
+        // Readers are not blocked, and once the lock is released writes work again.
+        let count = |db: &SqliteDb| -> i64 {
+            db.read(&mut |tx: &Tx<'_>| tx.query_row("SELECT COUNT(*) FROM t", (), |row| row.get(0)))
+                .unwrap()
+        };
+        assert_eq!(count(db), 0);
+        other.execute_batch("COMMIT").unwrap();
+        insert(db, "after").unwrap();
+        assert_eq!(count(db), 1);
     }
 
     #[test]

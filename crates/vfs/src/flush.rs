@@ -101,15 +101,25 @@ impl Inner {
                 Ok(())
             });
             if let Err(Failure::Failed(e)) = outcome {
-                return Err(e);
+                return Err(flush_failed(file, e));
             }
         }
         Ok(())
     }
 
-    /// Uploads and commits everything buffered for the inode (fsync, close).
+    /// Uploads and commits everything buffered for the inode (fsync, close). A flush that
+    /// failed while this one waited for the lock (the background flusher's, retrying a dead
+    /// store) is this one's outcome too: trying again at once would wait out the same fault
+    /// again, doubling the caller's wait.
     pub(crate) fn flush_file(&self, file: &FileState) -> VfsResult<()> {
+        let failures = file.data.lock().flush_failures;
         let _flushing = file.flush_lock.lock();
+        {
+            let d = file.data.lock();
+            if d.flush_failures != failures {
+                return Err(d.flush_failure.unwrap_or(Errno::IO));
+            }
+        }
         self.flush_locked(file)
     }
 
@@ -120,7 +130,7 @@ impl Inner {
                 match self.commit_front(file, false) {
                     Ok(true) => {}
                     Ok(false) | Err(Failure::Retry) => return Ok(()),
-                    Err(Failure::Failed(e)) => return Err(e),
+                    Err(Failure::Failed(e)) => return Err(flush_failed(file, e)),
                 }
             }
         }
@@ -182,7 +192,7 @@ impl Inner {
             match self.try_flush(file) {
                 Ok(()) => return Ok(()),
                 Err(Failure::Retry) => continue,
-                Err(Failure::Failed(e)) => return Err(e),
+                Err(Failure::Failed(e)) => return Err(flush_failed(file, e)),
             }
         }
         tracing::error!(
@@ -190,7 +200,7 @@ impl Inner {
             attempts = FLUSH_ATTEMPTS,
             "flush kept losing races with other writers; the data stays buffered"
         );
-        Err(Errno::IO)
+        Err(flush_failed(file, Errno::IO))
     }
 
     fn try_flush(&self, file: &FileState) -> Attempt<()> {
@@ -562,6 +572,14 @@ impl Inner {
         );
         self.core.discard_slices(&garbage);
     }
+}
+
+/// Records a failed flush of the inode (see `Inner::flush_file`); returns its errno.
+fn flush_failed(file: &FileState, e: Errno) -> Errno {
+    let mut d = file.data.lock();
+    d.flush_failures += 1;
+    d.flush_failure = Some(e);
+    e
 }
 
 /// The stored objects of uploaded slices, each once (a flush's slices share one object).

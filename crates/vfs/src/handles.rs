@@ -89,6 +89,11 @@ pub(crate) struct FileData {
     pub unsynced: bool,
     /// Why buffered writes were dropped (a commit past the quota), until a flush reports it.
     pub lost_writes: Option<Errno>,
+    /// Flushes of this inode that failed so far, and the errno of the latest: a caller that
+    /// waited for the flush lock while another flush ran gets that flush's failure rather than
+    /// waiting out the same fault a second time.
+    pub flush_failures: u64,
+    pub flush_failure: Option<Errno>,
     /// Attribute changes made here while the file had unflushed writes (tar's futimens, fchown,
     /// fchmod before close): committed with them by the next flush, in its transaction when the
     /// file is inline, instead of one transaction (and an early flush) each.

@@ -458,12 +458,24 @@ impl Inner {
                     offset: e.cookie,
                     kind: e.kind,
                     name: e.name,
-                    attr: e.attr.map(|a| self.overlay_attr(a)).transpose()?,
+                    attr: e.attr.map(|a| self.listed_attr(a)).transpose()?,
                     xattrs: e.xattrs,
                 });
             }
         }
         Ok(out)
+    }
+
+    /// The attributes of an entry of a listing, as this mount sees them. An inode open or
+    /// dirty here is read again for its overlay; if it went after the listing's snapshot (its
+    /// last link removed by another mount and its last close recorded meanwhile), the entry is
+    /// listed as the snapshot saw it, like any entry removed while a listing runs.
+    fn listed_attr(&self, attr: Attr) -> VfsResult<Attr> {
+        let listed = attr.clone();
+        match self.overlay_attr(attr) {
+            Err(e) if e.0 == libc::ENOENT => Ok(listed),
+            other => other,
+        }
     }
 
     pub(crate) fn releasedir(&self, fh: u64) -> VfsResult<()> {

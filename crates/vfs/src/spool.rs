@@ -9,8 +9,11 @@
 //! one spooled); if it changed (another mount wrote it) or is gone, the spool file is kept as
 //! `{ino}.conflict` and logged, never applied over newer data.
 //!
-//! Spool file: the line `cellar-spool 1 {ino} {data_version} {extents}\n`, then per extent
-//! its offset and length (u64 LE each) and bytes, in write order, then the CRC-32 of all that.
+//! Spool file: the line `cellar-spool 2 {ino} {data_version} {extents}\n`, the line of the
+//! attribute changes still pending (`FileData::pending_attr`: perm uid gid atime mtime ctime,
+//! each a number, `now` or `-` when unchanged), then per extent its offset and length (u64 LE
+//! each) and bytes, in write order, then the CRC-32 of all that. Version 1 files (no attribute
+//! line) are still read.
 
 use std::fs::File;
 use std::io::Write;
@@ -19,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use cellar_meta::Ino;
+use cellar_meta::{Ino, SetAttr, TimeSet};
 
 use crate::volume::Inner;
 use crate::Ctx;
@@ -43,7 +46,8 @@ pub struct Replayed {
     pub conflicts: Vec<PathBuf>,
 }
 
-const MAGIC: &str = "cellar-spool 1";
+const MAGIC: &str = "cellar-spool";
+const VERSION: u32 = 2;
 
 impl Inner {
     /// Flushes every dirty inode (none is tried once `bound` has passed), stops the background
@@ -77,7 +81,7 @@ impl Inner {
         }
         let mut unflushed = Vec::new();
         for file in &files {
-            let (extents, bytes) = {
+            let (extents, bytes, attrs) = {
                 let d = file.data.lock();
                 let extents: Vec<(u64, Vec<u8>)> = d
                     .inflight
@@ -90,12 +94,12 @@ impl Inner {
                     .iter()
                     .map(|(_, data)| data.len() as u64)
                     .sum::<u64>();
-                (extents, bytes)
+                (extents, bytes, d.pending_attr.clone())
             };
-            if extents.is_empty() {
+            if extents.is_empty() && attrs.is_empty() {
                 continue;
             }
-            let spooled = spool_dir.and_then(|dir| match self.spool(dir, file.ino, &extents) {
+            let spooled = spool_dir.and_then(|dir| match self.spool(dir, file.ino, &extents, &attrs) {
                 Ok(path) => Some(path),
                 Err(e) => {
                     tracing::error!(ino = file.ino, error = %format!("{e:#}"), "could not spool unflushed writes");
@@ -126,10 +130,21 @@ impl Inner {
     }
 
     /// Writes one inode's unflushed writes durably to the spool; returns the file.
-    fn spool(&self, dir: &Path, ino: Ino, extents: &[(u64, Vec<u8>)]) -> anyhow::Result<PathBuf> {
+    fn spool(
+        &self,
+        dir: &Path,
+        ino: Ino,
+        extents: &[(u64, Vec<u8>)],
+        attrs: &SetAttr,
+    ) -> anyhow::Result<PathBuf> {
         let dir = self.volume_spool(dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let body = encode(ino, self.core.meta.getattr(ino)?.data_version, extents);
+        let body = encode(
+            ino,
+            self.core.meta.getattr(ino)?.data_version,
+            extents,
+            attrs,
+        );
         let path = dir.join(format!("{ino}.spool"));
         let staging = dir.join(format!("{ino}.spool.tmp"));
         let mut file = File::create(&staging)?;
@@ -154,7 +169,12 @@ impl Inner {
             if path.extension().is_none_or(|ext| ext != "spool") {
                 continue;
             }
-            let (ino, version, extents) = match parse(&std::fs::read(&path)?) {
+            let Spooled {
+                ino,
+                version,
+                extents,
+                attrs,
+            } = match parse(&std::fs::read(&path)?) {
                 Ok(parsed) => parsed,
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "a spool file does not parse");
@@ -172,7 +192,7 @@ impl Inner {
                 replayed.conflicts.push(set_aside(&path)?);
                 continue;
             }
-            self.apply(ino, &extents)
+            self.apply(ino, &extents, &attrs)
                 .with_context(|| format!("replaying {}", path.display()))?;
             // The writes are this mount's buffered writes now: flushed, or spooled again.
             std::fs::remove_file(&path)?;
@@ -182,7 +202,7 @@ impl Inner {
         Ok(replayed)
     }
 
-    fn apply(&self, ino: Ino, extents: &[(u64, Vec<u8>)]) -> anyhow::Result<()> {
+    fn apply(&self, ino: Ino, extents: &[(u64, Vec<u8>)], attrs: &SetAttr) -> anyhow::Result<()> {
         let root = Ctx {
             uid: 0,
             gid: 0,
@@ -193,6 +213,13 @@ impl Inner {
             self.write(handle.fh, *offset, data)?;
             Ok(())
         });
+        // Pending again, as they were at shutdown: the flush commits them after the writes.
+        if !attrs.is_empty() {
+            let opened = self.registry.handle(handle.fh)?;
+            let mut d = opened.file()?.data.lock();
+            d.pending_attr.merge(attrs);
+            d.pending_attr_gen += 1;
+        }
         let synced = written.and_then(|()| Ok(self.fsync(handle.fh)?));
         if let Err(e) = &synced {
             tracing::warn!(ino, error = %format!("{e:#}"), "spooled writes applied but not flushed yet");
@@ -210,8 +237,33 @@ fn set_aside(path: &Path) -> anyhow::Result<PathBuf> {
 
 type Extents = Vec<(u64, Vec<u8>)>;
 
-fn encode(ino: Ino, version: u64, extents: &[(u64, Vec<u8>)]) -> Vec<u8> {
-    let mut body = format!("{MAGIC} {ino} {version} {}\n", extents.len()).into_bytes();
+/// One parsed spool file.
+#[derive(Debug, PartialEq, Eq)]
+struct Spooled {
+    ino: Ino,
+    version: u64,
+    extents: Extents,
+    attrs: SetAttr,
+}
+
+fn encode(ino: Ino, version: u64, extents: &[(u64, Vec<u8>)], attrs: &SetAttr) -> Vec<u8> {
+    let number = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+    let time = |t: Option<TimeSet>| match t {
+        None => "-".to_string(),
+        Some(TimeSet::Now) => "now".to_string(),
+        Some(TimeSet::At(ns)) => ns.to_string(),
+    };
+    let mut body = format!(
+        "{MAGIC} {VERSION} {ino} {version} {}\n{} {} {} {} {} {}\n",
+        extents.len(),
+        number(attrs.perm.map(i64::from)),
+        number(attrs.uid.map(i64::from)),
+        number(attrs.gid.map(i64::from)),
+        time(attrs.atime),
+        time(attrs.mtime),
+        number(attrs.ctime),
+    )
+    .into_bytes();
     for (offset, data) in extents {
         body.extend_from_slice(&offset.to_le_bytes());
         body.extend_from_slice(&(data.len() as u64).to_le_bytes());
@@ -221,25 +273,68 @@ fn encode(ino: Ino, version: u64, extents: &[(u64, Vec<u8>)]) -> Vec<u8> {
     body
 }
 
-fn parse(file: &[u8]) -> anyhow::Result<(Ino, u64, Extents)> {
+/// The next line of `body` (without its newline) and what follows it.
+fn line(body: &[u8]) -> anyhow::Result<(&str, &[u8])> {
+    let newline = body.iter().position(|&b| b == b'\n').context("no header")?;
+    Ok((std::str::from_utf8(&body[..newline])?, &body[newline + 1..]))
+}
+
+fn parse_attrs(line: &str) -> anyhow::Result<SetAttr> {
+    fn number<T: std::str::FromStr>(field: &str) -> anyhow::Result<Option<T>>
+    where
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        Ok(match field {
+            "-" => None,
+            v => Some(v.parse()?),
+        })
+    }
+    let time = |field: &str| -> anyhow::Result<Option<TimeSet>> {
+        Ok(match field {
+            "now" => Some(TimeSet::Now),
+            v => number(v)?.map(TimeSet::At),
+        })
+    };
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [perm, uid, gid, atime, mtime, ctime] = fields[..] else {
+        bail!("bad attribute line");
+    };
+    Ok(SetAttr {
+        perm: number(perm)?,
+        uid: number(uid)?,
+        gid: number(gid)?,
+        atime: time(atime)?,
+        mtime: time(mtime)?,
+        ctime: number(ctime)?,
+    })
+}
+
+fn parse(file: &[u8]) -> anyhow::Result<Spooled> {
     let Some((body, crc)) = file.split_last_chunk::<4>() else {
         bail!("too short");
     };
     if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
         bail!("checksum mismatch");
     }
-    let newline = body.iter().position(|&b| b == b'\n').context("no header")?;
-    let header = std::str::from_utf8(&body[..newline])?;
+    let (header, mut rest) = line(body)?;
     let fields: Vec<&str> = header
         .strip_prefix(MAGIC)
         .context("not a spool file")?
         .split_whitespace()
         .collect();
-    let [ino, version, count] = fields[..] else {
+    let [format, ino, version, count] = fields[..] else {
         bail!("bad header");
     };
+    let attrs = match format {
+        "1" => SetAttr::default(),
+        "2" => {
+            let (attrs, tail) = line(rest)?;
+            rest = tail;
+            parse_attrs(attrs)?
+        }
+        other => bail!("spool format {other} is newer than this binary"),
+    };
     let (ino, version, count): (Ino, u64, usize) = (ino.parse()?, version.parse()?, count.parse()?);
-    let mut rest = &body[newline + 1..];
     let mut extents = Vec::with_capacity(count);
     for _ in 0..count {
         let (offset, tail) = rest.split_first_chunk::<8>().context("truncated")?;
@@ -250,7 +345,12 @@ fn parse(file: &[u8]) -> anyhow::Result<(Ino, u64, Extents)> {
         rest = &tail[len..];
     }
     anyhow::ensure!(rest.is_empty(), "trailing bytes");
-    Ok((ino, version, extents))
+    Ok(Spooled {
+        ino,
+        version,
+        extents,
+        attrs,
+    })
 }
 
 #[cfg(test)]
@@ -264,8 +364,31 @@ mod tests {
             (1 << 20, vec![7; 1000]),
             (3, Vec::new()),
         ];
-        let body = encode(42, 9, &extents);
-        assert_eq!(parse(&body).unwrap(), (42, 9, extents));
+        let attrs = SetAttr {
+            perm: Some(0o600),
+            gid: Some(7),
+            atime: Some(TimeSet::Now),
+            mtime: Some(TimeSet::At(-5)),
+            ctime: Some(1_700_000_000_000_000_000),
+            ..SetAttr::default()
+        };
+        let body = encode(42, 9, &extents, &attrs);
+        let spooled = Spooled {
+            ino: 42,
+            version: 9,
+            extents,
+            attrs,
+        };
+        assert_eq!(parse(&body).unwrap(), spooled);
+        // A spool file of the previous format (no attribute line) still replays.
+        let (_, after_header) = line(&body).unwrap();
+        let (_, data) = line(after_header).unwrap();
+        let mut old = format!("{MAGIC} 1 42 9 3\n").into_bytes();
+        old.extend_from_slice(&data[..data.len() - 4]);
+        old.extend_from_slice(&crc32fast::hash(&old).to_le_bytes());
+        let parsed = parse(&old).unwrap();
+        assert_eq!(parsed.extents, spooled.extents);
+        assert!(parsed.attrs.is_empty());
         let mut flipped = body.clone();
         flipped[30] ^= 1;
         assert!(parse(&flipped).is_err());

@@ -877,6 +877,56 @@ fn stress_two_mounts_namespace_and_data_races_never_hang_or_fail() {
     );
 }
 
+/// readdirplus lists a directory from one snapshot, then overlays this mount's own state of
+/// the inodes it has open: one freed in between (its last link removed here while another
+/// handle had it open, then that handle's last close) must not fail the whole listing with
+/// ENOENT (the stress test above met it once, seed 2847644117).
+#[test]
+fn readdirplus_never_fails_for_an_entry_freed_while_it_lists() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let dir = vfs
+        .mkdir(&root(), ROOT_INO, b"dir", 0o755, 0o022)
+        .unwrap()
+        .ino;
+    let secs = env_u64("CELLAR_STRESS_SECS", 3);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let listings = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for t in 0..3 {
+            let vfs = &vfs;
+            scope.spawn(move || {
+                let name = format!("f{t}");
+                while Instant::now() < deadline {
+                    let (attr, reply) = vfs
+                        .create(&root(), dir, name.as_bytes(), 0o644, 0o022, libc::O_RDWR)
+                        .unwrap();
+                    vfs.unlink(&root(), dir, name.as_bytes()).unwrap();
+                    // The last close of an inode unlinked here frees it at once.
+                    vfs.release(attr.ino, reply.fh, None).unwrap();
+                }
+            });
+        }
+        for _ in 0..2 {
+            let (vfs, listings) = (&vfs, &listings);
+            scope.spawn(move || {
+                while Instant::now() < deadline {
+                    let fh = vfs.opendir(&root(), dir, libc::O_RDONLY).unwrap();
+                    let listed = vfs.readdir(dir, fh, 0, 1000, true);
+                    vfs.releasedir(dir, fh).unwrap();
+                    if let Err(e) = listed {
+                        panic!("readdirplus failed with {e:?} while entries came and went");
+                    }
+                    listings.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert!(listings.load(Ordering::Relaxed) > 0);
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Locks across mounts.
 

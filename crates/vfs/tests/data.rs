@@ -635,3 +635,58 @@ fn a_write_by_another_user_clears_a_pending_setuid_bit() {
     assert_eq!(volume.meta().getattr(ino).unwrap().perm, 0o777);
     vfs.shutdown().unwrap();
 }
+
+/// A dirty file's attribute changes made while its writes were unflushed (chmod, chown,
+/// futimens before close) survive a shutdown that cannot reach the store: the spool keeps them
+/// with the writes, and the next mount applies both.
+#[test]
+fn the_spool_keeps_and_replays_pending_attribute_changes() {
+    let volume = TestVolume::new();
+    let vfs = volume.mount();
+    let (ino, fh) = create_in_root(&vfs, "spooled");
+    // Past the inline threshold: the data must go to the store.
+    let data = pattern(7, 300 << 10);
+    write_all(&vfs, ino, fh, 0, &data);
+    let mtime_ns = 1_600_000_000_123_456_789;
+    vfs.setattr(
+        &root(),
+        ino,
+        SetAttrRequest {
+            mode: Some(0o600),
+            uid: Some(1234),
+            gid: Some(4321),
+            mtime: Some(TimeSet::At(mtime_ns)),
+            fh: Some(fh),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The store goes away: its directory is replaced by a file, so every upload fails.
+    let store = volume.dir.path().join("store");
+    let away = volume.dir.path().join("store.away");
+    std::fs::rename(&store, &away).unwrap();
+    std::fs::write(&store, b"not a directory").unwrap();
+    let spool = volume.dir.path().join("spool");
+    let unflushed = vfs
+        .shutdown_within(Duration::from_secs(2), Some(&spool))
+        .unwrap();
+    assert_eq!(unflushed.len(), 1, "{unflushed:?}");
+    assert!(unflushed[0].spooled.is_some(), "{unflushed:?}");
+    drop(vfs);
+    std::fs::remove_file(&store).unwrap();
+    std::fs::rename(&away, &store).unwrap();
+
+    let vfs = volume.mount();
+    let replayed = vfs.replay_spool(&spool).unwrap();
+    assert_eq!(replayed.applied, vec![ino], "{replayed:?}");
+    let attr = volume.meta().getattr(ino).unwrap();
+    assert_eq!(attr.perm & 0o7777, 0o600);
+    assert_eq!((attr.uid, attr.gid), (1234, 4321));
+    assert_eq!(attr.mtime_ns, mtime_ns);
+    assert_eq!(attr.size, data.len() as u64);
+    let fh = vfs.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
+    assert_eq!(read_range(&vfs, ino, fh, 0, data.len() as u64), data);
+    vfs.release(ino, fh, None).unwrap();
+    vfs.shutdown().unwrap();
+    volume.assert_fsck_clean();
+}

@@ -34,6 +34,39 @@ pub struct VolumeArgs {
     pub volume: String,
     #[command(flatten)]
     pub store_timeouts: StoreTimeoutArgs,
+    #[command(flatten)]
+    pub meta_timeouts: MetaTimeoutArgs,
+}
+
+/// Bounds of metadata transactions (docs/CONFIGURATION.md, "Metadata timeouts").
+#[derive(Args, Clone, Debug)]
+pub struct MetaTimeoutArgs {
+    /// A metadata operation waiting for a lock that another session or process holds fails
+    /// with ETIMEDOUT past this
+    #[arg(long, env = "CELLAR_META_LOCK_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub meta_lock_timeout: Duration,
+    /// A metadata operation that cannot reach its PostgreSQL server is retried on new
+    /// connections until this long after its first try, then fails with EIO
+    #[arg(long, env = "CELLAR_META_RETRY_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub meta_retry_timeout: Duration,
+}
+
+impl MetaTimeoutArgs {
+    fn timeouts(&self) -> Result<cellar_sql::Timeouts> {
+        if self.meta_lock_timeout.is_zero() {
+            bail!("--meta-lock-timeout must be above zero");
+        }
+        Ok(cellar_sql::Timeouts {
+            lock: self.meta_lock_timeout,
+            outage: self.meta_retry_timeout,
+        })
+    }
+
+    /// Sets them for this process (before any database is opened).
+    fn apply(&self) -> Result<()> {
+        cellar_sql::set_timeouts(self.timeouts()?);
+        Ok(())
+    }
 }
 
 /// Bounds of object-store requests (docs/CONFIGURATION.md, "Object store timeouts").
@@ -87,6 +120,7 @@ impl VolumeArgs {
         if self.volume.is_empty() {
             bail!("--volume must not be empty");
         }
+        self.meta_timeouts.apply()?;
         Ok(VolumeConfig {
             meta_url: self.meta_url.clone(),
             store_url: self.store_url.clone(),
@@ -122,6 +156,8 @@ mod tests {
     struct Command {
         #[command(flatten)]
         timeouts: StoreTimeoutArgs,
+        #[command(flatten)]
+        meta: MetaTimeoutArgs,
     }
 
     #[test]
@@ -133,5 +169,16 @@ mod tests {
         );
         let zero = Command::parse_from(["cellar", "--store-operation-timeout", "0s"]);
         assert!(zero.timeouts.timeouts().is_err());
+    }
+
+    #[test]
+    fn meta_timeout_flags_default_to_the_sql_defaults() {
+        let parsed = Command::parse_from(["cellar"]);
+        assert_eq!(
+            parsed.meta.timeouts().unwrap(),
+            cellar_sql::Timeouts::DEFAULT
+        );
+        let zero = Command::parse_from(["cellar", "--meta-lock-timeout", "0s"]);
+        assert!(zero.meta.timeouts().is_err());
     }
 }

@@ -56,12 +56,6 @@ const INO_BATCH: u64 = 64;
 /// Longest volume id of a PostgreSQL URL (a schema name has at most 63 bytes).
 const MAX_VOLUME_ID: usize = 56;
 
-impl From<cellar_sql::Error> for MetaError {
-    fn from(e: cellar_sql::Error) -> Self {
-        MetaError::Engine(e.to_string())
-    }
-}
-
 pub struct SqlEngine {
     db: Database,
     /// Format-time parameters, fixed once formatted.
