@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,6 +130,9 @@ pub enum RunnerError {
     /// bwrap missing, mount failed, ...
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// In use (a mount a process of the sandbox uses; a mount path already taken).
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -385,6 +388,126 @@ impl Runner {
         sandbox::launch(launch, paths).await
     }
 
+    /// Adds a volume mount to a running sandbox (hot attach): its processes see the new mount
+    /// point at once, as if the sandbox had started with it. `Busy` if the path is taken by
+    /// another of its volume mounts.
+    pub async fn attach_volume(&self, id: &str, mount: VolumeMountSpec) -> Result<(), RunnerError> {
+        validate_mount(&mount)?;
+        let _lifecycle = self.lifecycle.lock().await;
+        let record = self
+            .record(id)
+            .ok_or_else(|| RunnerError::NotFound(format!("sandbox {id}")))?;
+        if let Some(taken) = record.volumes.iter().find(|bind| {
+            let (a, b) = (Path::new(&bind.mount_path), Path::new(&mount.mount_path));
+            a.starts_with(b) || b.starts_with(a)
+        }) {
+            return Err(RunnerError::Busy(format!(
+                "{} overlaps the volume mount at {} of sandbox {id}",
+                mount.mount_path, taken.mount_path
+            )));
+        }
+        let mounts = Arc::clone(&self.mounts);
+        let (source, sandbox_id, init_pid) =
+            (mount.volume.clone(), id.to_string(), record.init_pid);
+        let (subpath, mount_path, read_only) = (
+            mount.subpath.clone(),
+            mount.mount_path.clone(),
+            mount.read_only,
+        );
+        let held_before = record.volume_ids().contains(&source.volume_id);
+        let others = self.records();
+        let bound = tokio::task::spawn_blocking(move || {
+            let acquired = mounts.acquire(&source, &sandbox_id)?;
+            if acquired.replaced_dead_mount {
+                rebind_volume(&mounts, &others, &source.volume_id);
+            }
+            let bound = mounts::open_volume_dir(&acquired.mount_point, subpath.as_deref())
+                .and_then(|dir| {
+                    // As at the start: mount points under the home are the user's.
+                    let owner = if Path::new(&mount_path).starts_with(sandbox::SANDBOX_HOME) {
+                        sandbox::SANDBOX_UID
+                    } else {
+                        0
+                    };
+                    mounts::attach_bind(init_pid, &dir, &mount_path, read_only, owner)
+                });
+            if bound.is_err() && !held_before {
+                mounts.release(&source.volume_id, &sandbox_id)?;
+            }
+            bound
+        })
+        .await
+        .map_err(|err| RunnerError::Io(std::io::Error::other(err)))?;
+        bound?;
+        let mut updated = (*record).clone();
+        updated.volumes.push(sandbox::VolumeBindRecord {
+            volume_id: mount.volume.volume_id.clone(),
+            mount_path: mount.mount_path.clone(),
+            subpath: mount.subpath.clone(),
+            read_only: mount.read_only,
+        });
+        self.save_record(updated)
+    }
+
+    /// Removes the volume mount at `mount_path` from a running sandbox (hot detach). `Busy`
+    /// while a process of the sandbox uses it (open files, a working directory under it),
+    /// unless `force`: then it is cut off (those processes get errors, nothing is lost of what
+    /// was written before). The volume's mount on the host goes when no sandbox uses it.
+    pub async fn detach_volume(
+        &self,
+        id: &str,
+        mount_path: &str,
+        force: bool,
+    ) -> Result<(), RunnerError> {
+        let _lifecycle = self.lifecycle.lock().await;
+        let record = self
+            .record(id)
+            .ok_or_else(|| RunnerError::NotFound(format!("sandbox {id}")))?;
+        let Some(bind) = record
+            .volumes
+            .iter()
+            .find(|bind| bind.mount_path == mount_path)
+            .cloned()
+        else {
+            return Err(RunnerError::NotFound(format!(
+                "no volume is mounted at {mount_path} in sandbox {id}"
+            )));
+        };
+        let (init_pid, path) = (record.init_pid, mount_path.to_string());
+        tokio::task::spawn_blocking(move || mounts::detach_bind(init_pid, &path, force))
+            .await
+            .map_err(|err| RunnerError::Io(std::io::Error::other(err)))??;
+        let mut updated = (*record).clone();
+        updated.volumes.retain(|b| b.mount_path != mount_path);
+        let still_used = updated.volume_ids().contains(&bind.volume_id);
+        self.save_record(updated)?;
+        if !still_used {
+            self.release_mounts(id, &[bind.volume_id]).await;
+        }
+        Ok(())
+    }
+
+    /// Persists a changed record of a running sandbox and makes it the current one.
+    fn save_record(&self, record: SandboxRecord) -> Result<(), RunnerError> {
+        let paths = SandboxPaths::new(&self.sandboxes_dir, &record.id);
+        let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
+        write_atomically(&paths.record, &bytes)?;
+        self.sandboxes
+            .lock()
+            .expect("sandbox table poisoned")
+            .insert(record.id.clone(), Arc::new(record));
+        Ok(())
+    }
+
+    fn records(&self) -> Vec<Arc<SandboxRecord>> {
+        self.sandboxes
+            .lock()
+            .expect("sandbox table poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Kills every process of the sandbox and releases its mounts. Idempotent.
     pub async fn destroy_sandbox(&self, id: &str) -> Result<(), RunnerError> {
         let _lifecycle = self.lifecycle.lock().await;
@@ -612,7 +735,11 @@ fn validate_spec(spec: &SandboxSpec) -> Result<(), RunnerError> {
         )));
     }
     toolbox::validate_env(&spec.env)?;
-    for mount in &spec.mounts {
+    spec.mounts.iter().try_for_each(validate_mount)
+}
+
+fn validate_mount(mount: &VolumeMountSpec) -> Result<(), RunnerError> {
+    {
         let path = std::path::Path::new(&mount.mount_path);
         let normal = path.is_absolute()
             && path

@@ -423,9 +423,217 @@ pub(crate) fn replace_bind(
     mount_path: &str,
     read_only: bool,
 ) -> Result<(), RunnerError> {
+    bind_into(init_pid, source, mount_path, read_only, BindMode::Replace)
+}
+
+/// Binds `source` at `mount_path` inside a running sandbox (hot attach), creating the mount
+/// point's missing directories (owned by `owner`, mode 0755). The caller keeps a new bind from
+/// overlapping the sandbox's other volume binds (its record of them).
+pub(crate) fn attach_bind(
+    init_pid: i32,
+    source: &OwnedFd,
+    mount_path: &str,
+    read_only: bool,
+    owner: u32,
+) -> Result<(), RunnerError> {
+    bind_into(
+        init_pid,
+        source,
+        mount_path,
+        read_only,
+        BindMode::Create { owner },
+    )
+}
+
+/// Removes the bind at `mount_path` inside a running sandbox (hot detach). Without `force`,
+/// fails with `RunnerError::Busy` while a process of the sandbox uses it (an open file, a
+/// working directory under it); with it, detaches it lazily (those processes keep what they
+/// hold, nothing new reaches it).
+pub(crate) fn detach_bind(init_pid: i32, mount_path: &str, force: bool) -> Result<(), RunnerError> {
+    let at = SandboxPath::new(mount_path)?;
+    let flags = libc::UMOUNT_NOFOLLOW | if force { libc::MNT_DETACH } else { 0 };
+    let code = in_sandbox_namespace(init_pid, || {
+        // SAFETY (forked child): system calls on NUL-terminated paths prepared before the fork.
+        unsafe {
+            let Some(dir) = at.open_parent() else {
+                return 3;
+            };
+            if libc::fchdir(dir) != 0 {
+                return 3;
+            }
+            if libc::umount2(at.name.as_ptr(), flags) == 0 {
+                0
+            } else if *libc::__errno_location() == libc::EBUSY {
+                EXIT_BUSY
+            } else {
+                2
+            }
+        }
+    })?;
+    match code {
+        0 => Ok(()),
+        EXIT_BUSY => Err(RunnerError::Busy(format!(
+            "{mount_path} is in use by a process of the sandbox (detach with force to cut it off)"
+        ))),
+        code => Err(RunnerError::Unavailable(format!(
+            "cannot detach the volume at {mount_path} in sandbox (status {code})"
+        ))),
+    }
+}
+
+/// The exit code of a namespace child whose unmount found the mount busy.
+const EXIT_BUSY: i32 = 16;
+
+enum BindMode {
+    /// Over the existing mount point (its old bind is detached first).
+    Replace,
+    /// At a new mount point, its missing directories made.
+    Create { owner: u32 },
+}
+
+/// A path inside a sandbox, split for a forked child: the parent's components and the last name.
+struct SandboxPath {
+    components: Vec<CString>,
+    name: CString,
+}
+
+impl SandboxPath {
+    fn new(mount_path: &str) -> Result<SandboxPath, RunnerError> {
+        let path = Path::new(mount_path);
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(RunnerError::InvalidInput(format!(
+                "mount path {mount_path} has no parent"
+            )));
+        };
+        let nul = |_| RunnerError::InvalidInput("mount path contains NUL".to_owned());
+        let components = parent
+            .components()
+            .filter_map(|c| match c {
+                std::path::Component::Normal(part) => Some(part),
+                _ => None,
+            })
+            .map(|part| CString::new(part.as_bytes()).map_err(nul))
+            .collect::<Result<_, _>>()?;
+        Ok(SandboxPath {
+            components,
+            name: CString::new(name.as_bytes()).map_err(nul)?,
+        })
+    }
+
+    /// Opens the parent from `/`, one component at a time, refusing every symlink (the
+    /// sandbox's user may have replaced a directory with one since the sandbox started); with
+    /// `create`, makes the missing ones. Async-signal-safe: for the forked child.
+    unsafe fn walk_parent(&self, create: Option<u32>) -> Option<libc::c_int> {
+        let how = OpenHow {
+            flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+            mode: 0,
+            resolve: RESOLVE_NO_SYMLINKS,
+        };
+        let open = |dir: libc::c_int, name: &CString| {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir,
+                name.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            ) as libc::c_int
+        };
+        let mut dir = open(libc::AT_FDCWD, &CString::from(c"/"));
+        for part in &self.components {
+            if dir < 0 {
+                return None;
+            }
+            if let Some(owner) = create {
+                if libc::mkdirat(dir, part.as_ptr(), 0o755) == 0 {
+                    libc::fchownat(dir, part.as_ptr(), owner, owner, libc::AT_SYMLINK_NOFOLLOW);
+                }
+            }
+            let next = open(dir, part);
+            libc::close(dir);
+            dir = next;
+        }
+        (dir >= 0).then_some(dir)
+    }
+
+    unsafe fn open_parent(&self) -> Option<libc::c_int> {
+        self.walk_parent(None)
+    }
+}
+
+fn bind_into(
+    init_pid: i32,
+    source: &OwnedFd,
+    mount_path: &str,
+    read_only: bool,
+    mode: BindMode,
+) -> Result<(), RunnerError> {
+    let tree = detached_tree(source, read_only)?;
+    let tree_fd = std::os::fd::AsRawFd::as_raw_fd(&tree);
+    let at = SandboxPath::new(mount_path)?;
+    let empty = c"";
+    let code = in_sandbox_namespace(init_pid, || {
+        // SAFETY (forked child): system calls on valid fds and NUL-terminated paths prepared
+        // before the fork, a correctly sized open_how.
+        unsafe {
+            let owner = match mode {
+                BindMode::Create { owner } => Some(owner),
+                BindMode::Replace => None,
+            };
+            let Some(dir) = at.walk_parent(owner) else {
+                return 3;
+            };
+            match owner {
+                Some(owner) => {
+                    if libc::mkdirat(dir, at.name.as_ptr(), 0o755) == 0 {
+                        libc::fchownat(
+                            dir,
+                            at.name.as_ptr(),
+                            owner,
+                            owner,
+                            libc::AT_SYMLINK_NOFOLLOW,
+                        );
+                    }
+                }
+                None => {
+                    libc::fchdir(dir);
+                    libc::umount2(at.name.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW);
+                }
+            }
+            let target = libc::openat(
+                dir,
+                at.name.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            );
+            if target < 0 {
+                return 4;
+            }
+            let moved = libc::syscall(
+                libc::SYS_move_mount,
+                tree_fd,
+                empty.as_ptr(),
+                target,
+                empty.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+            );
+            if moved == 0 {
+                0
+            } else {
+                2
+            }
+        }
+    })?;
+    if code != 0 {
+        return Err(RunnerError::Unavailable(format!(
+            "cannot bind the volume at {mount_path} in sandbox (status {code})"
+        )));
+    }
+    Ok(())
+}
+
+/// A detached copy of `source`'s mount, made in the runner's namespace (read-only if asked).
+fn detached_tree(source: &OwnedFd, read_only: bool) -> Result<OwnedFd, RunnerError> {
     let source_fd = std::os::fd::AsRawFd::as_raw_fd(source);
     let empty = c"";
-    // A detached copy of the directory's mount, made in the runner's namespace.
     // SAFETY: open_tree with a valid fd and empty path (AT_EMPTY_PATH).
     let tree = unsafe {
         libc::syscall(
@@ -440,7 +648,6 @@ pub(crate) fn replace_bind(
     }
     // SAFETY: tree is a new fd owned by nobody else.
     let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
-    let tree_fd = std::os::fd::AsRawFd::as_raw_fd(&tree);
     if read_only {
         let attr = MountAttr {
             attr_set: MOUNT_ATTR_RDONLY,
@@ -452,7 +659,7 @@ pub(crate) fn replace_bind(
         let set = unsafe {
             libc::syscall(
                 libc::SYS_mount_setattr,
-                tree_fd,
+                std::os::fd::AsRawFd::as_raw_fd(&tree),
                 empty.as_ptr(),
                 libc::AT_EMPTY_PATH as libc::c_uint,
                 &attr as *const MountAttr,
@@ -463,80 +670,40 @@ pub(crate) fn replace_bind(
             return Err(std::io::Error::last_os_error().into());
         }
     }
+    Ok(tree)
+}
+
+/// Runs `child` in a forked child that joined the mount namespace of the sandbox whose init is
+/// `init_pid`; returns its exit code. Joining another mount namespace needs a single-threaded
+/// process, so `child` must use only async-signal-safe system calls on data prepared before.
+fn in_sandbox_namespace(init_pid: i32, child: impl FnOnce() -> i32) -> Result<i32, RunnerError> {
     let namespace = std::fs::File::open(format!("/proc/{init_pid}/ns/mnt"))?;
     let namespace_fd = std::os::fd::AsRawFd::as_raw_fd(&namespace);
-    // The mount path's directories belong to the sandbox user, who may have replaced one with
-    // a symlink (to /etc, say) since the sandbox started: the parent is opened refusing every
-    // symlink, and the mount point is named relative to that descriptor, never followed.
-    let path = Path::new(mount_path);
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(RunnerError::InvalidInput(format!(
-            "mount path {mount_path} has no parent"
-        )));
-    };
-    let nul = |_| RunnerError::InvalidInput("mount path contains NUL".to_owned());
-    let parent = CString::new(parent.as_os_str().as_bytes()).map_err(nul)?;
-    let name = CString::new(name.as_bytes()).map_err(nul)?;
-    let how = OpenHow {
-        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: RESOLVE_NO_SYMLINKS,
-    };
-    // Joining another mount namespace needs a single-threaded process: a forked child does it,
-    // using only async-signal-safe system calls on data prepared here.
     // SAFETY: see above; the child ends with _exit.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
         return Err(std::io::Error::last_os_error().into());
     }
-    if child == 0 {
-        // SAFETY: system calls on valid fds, NUL-terminated paths and a correctly sized
-        // open_how, then _exit.
+    if pid == 0 {
+        // SAFETY: setns on a valid fd, then the caller's async-signal-safe code, then _exit.
         unsafe {
             if libc::setns(namespace_fd, libc::CLONE_NEWNS) != 0 {
                 libc::_exit(1);
             }
-            let dir = libc::syscall(
-                libc::SYS_openat2,
-                libc::AT_FDCWD,
-                parent.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            );
-            if dir < 0 || libc::fchdir(dir as libc::c_int) != 0 {
-                libc::_exit(3);
-            }
-            libc::umount2(name.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW);
-            let target = libc::openat(
-                dir as libc::c_int,
-                name.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            );
-            if target < 0 {
-                libc::_exit(4);
-            }
-            let moved = libc::syscall(
-                libc::SYS_move_mount,
-                tree_fd,
-                empty.as_ptr(),
-                target,
-                empty.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
-            );
-            libc::_exit(if moved == 0 { 0 } else { 2 });
+            libc::_exit(child());
         }
     }
     let mut status = 0;
     // SAFETY: waitpid on our own child.
-    if unsafe { libc::waitpid(child, &mut status, 0) } < 0 {
+    if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
         return Err(std::io::Error::last_os_error().into());
     }
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+    if !libc::WIFEXITED(status) {
         return Err(RunnerError::Unavailable(format!(
-            "cannot replace the volume bind at {mount_path} in sandbox (status {status})"
+            "the sandbox namespace helper died (status {status})"
         )));
     }
-    Ok(())
+    Ok(libc::WEXITSTATUS(status))
 }
 
 fn open_dir_at(dir: RawFd, name: &[u8]) -> std::io::Result<OwnedFd> {

@@ -817,6 +817,62 @@ impl ControlDb {
     }
 
     /// A sandbox by id (any state), else by the name of a sandbox not destroyed.
+    /// Records a volume mount added to a started sandbox (hot attach), before the runner makes
+    /// it: the volume is then in use (it cannot be deleted meanwhile). Refuses a sandbox that is
+    /// not started, a volume that is not ready, and a mount path the sandbox uses.
+    pub fn add_sandbox_mount(&self, sandbox_id: &str, mount: &MountRow) -> DbResult<()> {
+        self.write(|tx| {
+            let state: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM sandboxes WHERE id = ?1",
+                    params![sandbox_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if state.as_deref() != Some(sandbox_state::STARTED) {
+                return Err(DbError::Conflict(format!(
+                    "sandbox {sandbox_id} is not started"
+                )));
+            }
+            let volume: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM volumes WHERE id = ?1",
+                    params![mount.volume_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if volume.as_deref() != Some(volume_state::READY) {
+                return Err(DbError::Conflict(format!(
+                    "volume {} is not ready",
+                    mount.volume_id
+                )));
+            }
+            ensure_free(
+                tx,
+                "SELECT count(*) FROM sandbox_volumes WHERE sandbox_id = ?1 AND mount_path = ?2",
+                params![sandbox_id, mount.mount_path],
+                || format!("{} is already a mount path of the sandbox", mount.mount_path),
+            )?;
+            tx.execute(
+                "INSERT INTO sandbox_volumes (sandbox_id, volume_id, mount_path, subpath, read_only, position) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, (SELECT COALESCE(MAX(position), -1) + 1 FROM sandbox_volumes WHERE sandbox_id = ?1))",
+                params![sandbox_id, mount.volume_id, mount.mount_path, mount.subpath, mount.read_only],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Forgets a volume mount of a sandbox (hot detach, or an attach that failed).
+    pub fn remove_sandbox_mount(&self, sandbox_id: &str, mount_path: &str) -> DbResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM sandbox_volumes WHERE sandbox_id = ?1 AND mount_path = ?2",
+                params![sandbox_id, mount_path],
+            )?;
+            Ok(())
+        })
+    }
+
     pub fn sandbox(&self, org_id: &str, id_or_name: &str) -> DbResult<Option<SandboxRow>> {
         self.read(|tx| {
             let by_id =

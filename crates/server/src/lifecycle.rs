@@ -75,6 +75,16 @@ impl Services {
         }
     }
 
+    /// What a runner needs to mount a volume into a sandbox.
+    pub(crate) fn mount_spec(&self, mount: &crate::db::MountRow) -> VolumeMountSpec {
+        VolumeMountSpec {
+            volume: self.volume_source(&mount.volume_id),
+            mount_path: mount.mount_path.clone(),
+            subpath: mount.subpath.clone(),
+            read_only: mount.read_only,
+        }
+    }
+
     /// Whether runners on other hosts can mount the volumes: not while their metadata is in
     /// SQLite files on the server's disk.
     pub fn volumes_reach_other_hosts(&self) -> bool {
@@ -260,16 +270,7 @@ impl Services {
         let spec = SandboxSpec {
             id: sandbox.id.clone(),
             env: sandbox.settings.env.clone(),
-            mounts: sandbox
-                .mounts
-                .iter()
-                .map(|m| VolumeMountSpec {
-                    volume: self.volume_source(&m.volume_id),
-                    mount_path: m.mount_path.clone(),
-                    subpath: m.subpath.clone(),
-                    read_only: m.read_only,
-                })
-                .collect(),
+            mounts: sandbox.mounts.iter().map(|m| self.mount_spec(m)).collect(),
             cpu: u32::try_from(sandbox.settings.cpu).unwrap_or(u32::MAX),
             memory_gib: u32::try_from(sandbox.settings.memory).unwrap_or(u32::MAX),
             network: if sandbox.settings.network_block_all {

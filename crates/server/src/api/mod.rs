@@ -89,6 +89,10 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes/{volume_id}/files/move", post(files::move_file))
         .route("/volumes/{volume_id}/files/mode", post(files::set_mode))
         .route("/volumes/{volume_id}/files/url", post(files::sign_url))
+        .route(
+            "/sandbox/{sandbox_id}/volumes",
+            post(sandboxes::attach_volume).delete(sandboxes::detach_volume),
+        )
         .route("/sandbox", get(sandboxes::list).post(sandboxes::create))
         .route(
             "/sandbox/{id_or_name}",
@@ -363,6 +367,8 @@ impl Modify for BearerAuth {
         sandboxes::create,
         sandboxes::get,
         sandboxes::delete,
+        sandboxes::attach_volume,
+        sandboxes::detach_volume,
         sandboxes::toolbox_proxy_url,
         toolbox::execute,
         toolbox::bulk_upload,

@@ -534,6 +534,132 @@ async fn load(state: &AppState, org: &str, id_or_name: &str) -> ApiResult<Sandbo
         .ok_or_else(|| not_found(id_or_name))
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+pub struct DetachVolumeQuery {
+    /// The mount path of the volume to remove.
+    pub mount_path: String,
+    /// Cut the mount off even while a process of the sandbox uses it.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Adds a volume mount to a started sandbox without restarting it (hot attach, a Cellar
+/// extension): its processes see the new mount point at once. The mount rules are those of
+/// sandbox creation, checked against the sandbox's other mounts too.
+#[utoipa::path(
+    post, operation_id = "attachSandboxVolume", path = "/api/sandbox/{sandboxIdOrName}/volumes",
+    tag = "sandbox", params(("sandboxIdOrName" = String, Path, description = "Sandbox id or name")),
+    request_body = SandboxVolume,
+    responses(
+        (status = 200, body = SandboxDto),
+        (status = 400, description = "an invalid mount, an unknown or unready volume", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "the sandbox is not started, the path is taken, or its runner cannot mount the volume", body = ErrorBody)
+    )
+)]
+pub async fn attach_volume(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    ApiPath(id_or_name): ApiPath<String>,
+    ApiJson(body): ApiJson<SandboxVolume>,
+) -> ApiResult<Json<SandboxDto>> {
+    let sandbox = started(&state, &org, &id_or_name).await?;
+    let mut mounts = validate_mounts(std::slice::from_ref(&body))?;
+    resolve_volumes(&state, &org, &mut mounts).await?;
+    let mount = mounts.remove(0);
+    let paths: Vec<String> = sandbox
+        .mounts
+        .iter()
+        .map(|m| m.mount_path.clone())
+        .chain([mount.mount_path.clone()])
+        .collect();
+    validate_mount_set(&paths).map_err(ApiError::conflict)?;
+    let services = state.services.clone();
+    let runner = services
+        .runner(&sandbox.runner_id)
+        .map_err(super::toolbox::runner_error)?;
+    if runner.is_remote() && !services.volumes_reach_other_hosts() {
+        return Err(ApiError::conflict(format!(
+            "sandbox {id_or_name} runs on runner {} on another host, which cannot mount volumes whose metadata is on the server's disk",
+            sandbox.runner_id
+        )));
+    }
+    let db = services.db.clone();
+    let (id, row) = (sandbox.id.clone(), mount.clone());
+    blocking(move || db.add_sandbox_mount(&id, &row)).await?;
+    if let Err(err) = runner
+        .attach_volume(&sandbox.id, services.mount_spec(&mount))
+        .await
+    {
+        let db = services.db.clone();
+        let (id, path) = (sandbox.id.clone(), mount.mount_path.clone());
+        blocking(move || db.remove_sandbox_mount(&id, &path)).await?;
+        return Err(super::toolbox::runner_error(err));
+    }
+    Ok(Json(load(&state, &org, &sandbox.id).await?))
+}
+
+/// Removes a volume mount from a started sandbox without restarting it (hot detach, a Cellar
+/// extension). 409 while a process of the sandbox uses it (an open file, a working directory
+/// under it), unless `force=true`.
+#[utoipa::path(
+    delete, operation_id = "detachSandboxVolume", path = "/api/sandbox/{sandboxIdOrName}/volumes",
+    tag = "sandbox",
+    params(("sandboxIdOrName" = String, Path, description = "Sandbox id or name"), DetachVolumeQuery),
+    responses(
+        (status = 200, body = SandboxDto),
+        (status = 404, description = "no such sandbox, or no volume at that path", body = ErrorBody),
+        (status = 409, description = "in use (retry with force=true), or the sandbox is not started", body = ErrorBody)
+    )
+)]
+pub async fn detach_volume(
+    State(state): State<AppState>,
+    Extension(Org(org)): Extension<Org>,
+    ApiPath(id_or_name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DetachVolumeQuery>,
+) -> ApiResult<Json<SandboxDto>> {
+    let sandbox = started(&state, &org, &id_or_name).await?;
+    if !sandbox
+        .mounts
+        .iter()
+        .any(|m| m.mount_path == query.mount_path)
+    {
+        return Err(ApiError::not_found(format!(
+            "no volume is mounted at {} in sandbox {id_or_name}",
+            query.mount_path
+        )));
+    }
+    let services = state.services.clone();
+    let runner = services
+        .runner(&sandbox.runner_id)
+        .map_err(super::toolbox::runner_error)?;
+    runner
+        .detach_volume(&sandbox.id, &query.mount_path, query.force)
+        .await
+        .map_err(super::toolbox::runner_error)?;
+    let db = services.db.clone();
+    let (id, path) = (sandbox.id.clone(), query.mount_path.clone());
+    blocking(move || db.remove_sandbox_mount(&id, &path)).await?;
+    Ok(Json(load(&state, &org, &sandbox.id).await?))
+}
+
+/// The caller's sandbox, which must be started (409 otherwise).
+async fn started(state: &AppState, org: &str, id_or_name: &str) -> ApiResult<SandboxRow> {
+    let db = state.services.db.clone();
+    let (org_id, key) = (org.to_string(), id_or_name.to_string());
+    let sandbox = blocking(move || db.sandbox(&org_id, &key))
+        .await?
+        .ok_or_else(|| not_found(id_or_name))?;
+    if sandbox.state != sandbox_state::STARTED {
+        return Err(ApiError::conflict(format!(
+            "sandbox {id_or_name} is not started (state {})",
+            api_state(&sandbox.state)
+        )));
+    }
+    Ok(sandbox)
+}
+
 #[utoipa::path(
     get, operation_id = "getSandbox", path = "/api/sandbox/{sandboxIdOrName}", tag = "sandbox",
     params(("sandboxIdOrName" = String, Path, description = "Sandbox id or name")),

@@ -56,11 +56,12 @@ pub struct BulkDownloadRequest {
     pub paths: Vec<String>,
 }
 
-fn runner_error(err: RunnerError) -> ApiError {
+pub(crate) fn runner_error(err: RunnerError) -> ApiError {
     match err {
         RunnerError::NotFound(what) => ApiError::not_found(format!("not found: {what}")),
         RunnerError::InvalidInput(why) => ApiError::bad_request(why),
         RunnerError::Unavailable(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why),
+        RunnerError::Busy(why) => ApiError::conflict(why),
         RunnerError::Io(e) => ApiError::internal(e),
     }
 }

@@ -16,12 +16,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use axum::{Json, Router};
-use cellar_runner::{ExecRequest, Runner, RunnerConfig, RunnerError, SandboxSpec};
+use cellar_runner::{ExecRequest, Runner, RunnerConfig, RunnerError, SandboxSpec, VolumeMountSpec};
 use futures::TryStreamExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::protocol::{
-    error_to_wire, Directive, FileQuery, Heartbeat, Register, HEARTBEAT_INTERVAL,
+    error_to_wire, DetachQuery, Directive, FileQuery, Heartbeat, Register, HEARTBEAT_INTERVAL,
 };
 
 /// How a `cellar runner` is set up.
@@ -255,6 +255,10 @@ fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}", delete(destroy))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route(
+            "/v1/sandboxes/{id}/mounts",
+            post(attach_volume).delete(detach_volume),
+        )
+        .route(
             "/v1/sandboxes/{id}/file",
             axum::routing::put(upload).get(download),
         )
@@ -312,6 +316,27 @@ async fn destroy(
 ) -> Result<StatusCode, Failure> {
     state.runner.destroy_sandbox(&id).await?;
     tracing::info!(sandbox = %id, "sandbox destroyed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn attach_volume(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    Json(mount): Json<VolumeMountSpec>,
+) -> Result<StatusCode, Failure> {
+    state.runner.attach_volume(&id, mount).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn detach_volume(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    Query(query): Query<DetachQuery>,
+) -> Result<StatusCode, Failure> {
+    state
+        .runner
+        .detach_volume(&id, &query.path, query.force)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

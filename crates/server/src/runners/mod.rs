@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use cellar_runner::{ExecRequest, ExecResult, Runner, RunnerError, SandboxSpec};
+use cellar_runner::{ExecRequest, ExecResult, Runner, RunnerError, SandboxSpec, VolumeMountSpec};
 use tokio::io::AsyncRead;
 
 pub use remote::RemoteRunner;
@@ -38,6 +38,25 @@ impl RunnerHandle {
         match self {
             RunnerHandle::Embedded(runner) => runner.destroy_sandbox(id).await,
             RunnerHandle::Remote(runner) => runner.destroy_sandbox(id).await,
+        }
+    }
+
+    pub async fn attach_volume(&self, id: &str, mount: VolumeMountSpec) -> Result<(), RunnerError> {
+        match self {
+            RunnerHandle::Embedded(runner) => runner.attach_volume(id, mount).await,
+            RunnerHandle::Remote(runner) => runner.attach_volume(id, &mount).await,
+        }
+    }
+
+    pub async fn detach_volume(
+        &self,
+        id: &str,
+        mount_path: &str,
+        force: bool,
+    ) -> Result<(), RunnerError> {
+        match self {
+            RunnerHandle::Embedded(runner) => runner.detach_volume(id, mount_path, force).await,
+            RunnerHandle::Remote(runner) => runner.detach_volume(id, mount_path, force).await,
         }
     }
 

@@ -45,6 +45,14 @@ pub struct FileQuery {
     pub path: String,
 }
 
+/// `DELETE /v1/sandboxes/{id}/mounts`: which volume mount to detach.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DetachQuery {
+    pub path: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// A runner's error as it travels: the variant and its message.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WireError {
@@ -57,6 +65,7 @@ pub fn error_to_wire(err: RunnerError) -> (StatusCode, WireError) {
         RunnerError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
         RunnerError::InvalidInput(m) => (StatusCode::BAD_REQUEST, "invalid_input", m),
         RunnerError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        RunnerError::Busy(m) => (StatusCode::CONFLICT, "busy", m),
         RunnerError::Io(e) => (StatusCode::INTERNAL_SERVER_ERROR, "io", e.to_string()),
     };
     (
@@ -73,6 +82,7 @@ pub fn error_from_wire(err: WireError) -> RunnerError {
         "not_found" => RunnerError::NotFound(err.message),
         "invalid_input" => RunnerError::InvalidInput(err.message),
         "unavailable" => RunnerError::Unavailable(err.message),
+        "busy" => RunnerError::Busy(err.message),
         _ => RunnerError::Io(std::io::Error::other(err.message)),
     }
 }

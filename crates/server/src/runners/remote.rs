@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use cellar_runner::{ExecRequest, ExecResult, RunnerError, SandboxSpec};
+use cellar_runner::{ExecRequest, ExecResult, RunnerError, SandboxSpec, VolumeMountSpec};
 use futures::TryStreamExt;
 use reqwest::{Method, RequestBuilder, Response};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -42,22 +42,34 @@ impl RemoteRunner {
             .bearer_auth(&self.callback_token)
     }
 
-    /// A request about the file `file` of sandbox `id` (the path travels percent-encoded).
+    /// A request about `what` of sandbox `id` with query parameters (they travel
+    /// percent-encoded).
+    fn query_request(
+        &self,
+        method: Method,
+        id: &str,
+        what: &str,
+        query: &[(&str, &str)],
+    ) -> Result<RequestBuilder, RunnerError> {
+        let mut url = reqwest::Url::parse(&format!("{}/v1/sandboxes/{id}/{what}", self.url))
+            .map_err(|e| {
+                RunnerError::Unavailable(format!("runner {} has a bad URL: {e}", self.name))
+            })?;
+        url.query_pairs_mut().extend_pairs(query);
+        Ok(self
+            .http
+            .request(method, url)
+            .bearer_auth(&self.callback_token))
+    }
+
+    /// A request about the file `file` of sandbox `id`.
     fn file_request(
         &self,
         method: Method,
         id: &str,
         file: &str,
     ) -> Result<RequestBuilder, RunnerError> {
-        let mut url = reqwest::Url::parse(&format!("{}/v1/sandboxes/{id}/file", self.url))
-            .map_err(|e| {
-                RunnerError::Unavailable(format!("runner {} has a bad URL: {e}", self.name))
-            })?;
-        url.query_pairs_mut().append_pair("path", file);
-        Ok(self
-            .http
-            .request(method, url)
-            .bearer_auth(&self.callback_token))
+        self.query_request(method, id, "file", &[("path", file)])
     }
 
     /// Sends a request; a transport failure or an error answer becomes a [`RunnerError`].
@@ -90,6 +102,32 @@ impl RemoteRunner {
 
     pub async fn destroy_sandbox(&self, id: &str) -> Result<(), RunnerError> {
         self.send(self.request(Method::DELETE, &format!("/{id}")))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn attach_volume(
+        &self,
+        id: &str,
+        mount: &VolumeMountSpec,
+    ) -> Result<(), RunnerError> {
+        self.send(
+            self.request(Method::POST, &format!("/{id}/mounts"))
+                .json(mount),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn detach_volume(
+        &self,
+        id: &str,
+        mount_path: &str,
+        force: bool,
+    ) -> Result<(), RunnerError> {
+        let force = if force { "true" } else { "false" };
+        let query = [("path", mount_path), ("force", force)];
+        self.send(self.query_request(Method::DELETE, id, "mounts", &query)?)
             .await?;
         Ok(())
     }
