@@ -41,8 +41,8 @@ use changes::Tx;
 
 use crate::{
     Attr, ChangeBatch, Committed, CopiedRange, DirEntry, GarbageSlice, Ino, Layout, LockOwner,
-    LockRange, MetaEngine, MetaError, Rename, RenameOutcome, Result, SessionId, SessionInfo,
-    SetAttr, Slice, SliceReferences, Usage, VolumeInfo, XattrMode,
+    LockRange, MetaEngine, MetaError, PathChangeBatch, Rename, RenameOutcome, Result, SessionId,
+    SessionInfo, SetAttr, Slice, SliceReferences, Usage, VolumeInfo, XattrMode,
 };
 
 /// How often a waiter for changes of a SQLite volume polls the database's data version: another
@@ -603,6 +603,10 @@ impl MetaEngine for SqlEngine {
 
     fn changes_since(&self, after: u64, limit: usize) -> Result<ChangeBatch> {
         self.read(|tx| changes::changes_since(tx, after, limit))
+    }
+
+    fn path_changes_since(&self, after: u64, limit: usize) -> Result<PathChangeBatch> {
+        self.read(|tx| changes::path_changes_since(tx, after, limit))
     }
 
     fn wait_for_changes(&self, after: u64, timeout: Duration) -> Result<()> {
