@@ -252,7 +252,7 @@ pub fn changes_since(conn: &cellar_sql::Tx<'_>, after: u64, limit: usize) -> Res
 }
 
 /// Where an entry or inode left a place: before the change, `ino` was at `(parent, name)`.
-fn departure(change: &Change) -> Option<(Ino, Vec<u8>)> {
+fn departure(change: &Change) -> Option<Place> {
     match change.kind {
         ChangeKind::Removed | ChangeKind::MovedAway => change.entry.clone(),
         // An exchange has no MovedAway row: the renamed entry's source tells it.
@@ -261,22 +261,26 @@ fn departure(change: &Change) -> Option<(Ino, Vec<u8>)> {
     }
 }
 
+/// A directory entry: (parent, name).
+type Place = (Ino, Vec<u8>);
+/// Per inode, the (batch index, place before) of each change that moved or removed it.
+type Departures = HashMap<Ino, Vec<(usize, Place)>>;
+
 /// Resolves the paths of a batch of changes in the snapshot that read them: where an inode was
 /// when change `i` was made is where the first later change that moved or removed it found it,
 /// or, if none did, where it is now.
 struct Resolver<'c, 't> {
     conn: &'c cellar_sql::Tx<'t>,
-    /// Per inode, the (batch index, place before) of each change that moved or removed it.
-    departures: HashMap<Ino, Vec<(usize, (Ino, Vec<u8>))>>,
+    departures: Departures,
     /// Whether changes after the batch exist (a departure may be among them).
     more_after: Option<u64>,
     /// Places looked up in the snapshot (None: the inode has no name any more).
-    places: HashMap<Ino, Option<(Ino, Vec<u8>)>>,
+    places: HashMap<Ino, Option<Place>>,
 }
 
 impl Resolver<'_, '_> {
     /// Where `ino` was when change `i` was made.
-    fn place(&mut self, ino: Ino, i: usize) -> Result<Option<(Ino, Vec<u8>)>> {
+    fn place(&mut self, ino: Ino, i: usize) -> Result<Option<Place>> {
         if let Some(list) = self.departures.get(&ino) {
             let first_after = list.partition_point(|(at, _)| *at <= i);
             if let Some((_, place)) = list.get(first_after) {
@@ -370,7 +374,7 @@ pub fn path_changes_since(
         ChangeBatch::Changes(changes) => changes,
     };
     let upto = changes.last().map_or(after, |change| change.seq);
-    let mut departures: HashMap<Ino, Vec<(usize, (Ino, Vec<u8>))>> = HashMap::new();
+    let mut departures = Departures::new();
     for (i, change) in changes.iter().enumerate() {
         if let Some(place) = departure(change) {
             departures.entry(change.ino).or_default().push((i, place));
