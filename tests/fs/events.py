@@ -225,8 +225,8 @@ class EventStream:
                 else:
                     field, _, value = line.partition(":")
                     event[field] = value[1:] if value.startswith(" ") else value
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError, AttributeError):
+            pass  # closed (http.client raises AttributeError when its socket goes mid-read)
         self.events.put((time.monotonic(), None))
 
     def next(self, timeout=EVENT_WAIT):
