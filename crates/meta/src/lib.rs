@@ -276,6 +276,10 @@ pub trait MetaEngine: Send + Sync {
     /// `after` were trimmed (the watcher must then drop all its caches and restart at
     /// [`MetaEngine::last_change`]).
     fn changes_since(&self, after: u64, limit: usize) -> Result<ChangeBatch>;
+    /// [`MetaEngine::changes_since`] as events on paths (created, removed, renamed, modified),
+    /// resolved in the snapshot that read the log: a path is where the entry was when the change
+    /// was made (a directory renamed or removed later in the log is taken where it was then).
+    fn path_changes_since(&self, after: u64, limit: usize) -> Result<PathChangeBatch>;
     /// Returns as soon as a change with seq > after may have been committed (by any process or
     /// host), or after `timeout`.
     fn wait_for_changes(&self, after: u64, timeout: std::time::Duration) -> Result<()>;

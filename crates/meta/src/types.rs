@@ -276,6 +276,79 @@ pub struct Change {
     pub ino: Ino,
     /// (parent, name) of a directory entry added, removed or replaced.
     pub entry: Option<(Ino, Vec<u8>)>,
+    /// What the change was, as a watcher of paths sees it.
+    pub kind: ChangeKind,
+    /// The kind of file the change is about, when the writer knew it.
+    pub node: Option<FileKind>,
+    /// Of a [`ChangeKind::Renamed`] entry: the (parent, name) it had before.
+    pub renamed_from: Option<(Ino, Vec<u8>)>,
+}
+
+/// The kind of a logged change (its code is stored in the log's `kind` column).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Bookkeeping only (link counts, directory times, parent pointers, freed inodes, repairs):
+    /// caches must drop it, but no path changed as a user sees it.
+    Other,
+    /// The entry was added (create, mkdir, symlink, mknod, link).
+    Created,
+    /// The entry was removed (unlink, rmdir, replaced by a rename).
+    Removed,
+    /// The entry got its inode by a rename from `renamed_from`.
+    Renamed,
+    /// The entry was the source of a rename (the `Renamed` change of the destination tells it).
+    MovedAway,
+    /// The inode's content or attributes changed (a data commit, truncate, chmod, chown, utimes).
+    Modified,
+}
+
+impl ChangeKind {
+    pub fn code(self) -> i64 {
+        match self {
+            ChangeKind::Other => 0,
+            ChangeKind::Created => 1,
+            ChangeKind::Removed => 2,
+            ChangeKind::Renamed => 3,
+            ChangeKind::MovedAway => 4,
+            ChangeKind::Modified => 5,
+        }
+    }
+
+    /// Unknown codes (of a newer binary) read as [`ChangeKind::Other`].
+    pub fn from_code(code: i64) -> ChangeKind {
+        match code {
+            1 => ChangeKind::Created,
+            2 => ChangeKind::Removed,
+            3 => ChangeKind::Renamed,
+            4 => ChangeKind::MovedAway,
+            5 => ChangeKind::Modified,
+            _ => ChangeKind::Other,
+        }
+    }
+}
+
+/// A change of the log as an event on a path (see [`crate::MetaEngine::path_changes_since`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathChange {
+    pub seq: u64,
+    /// Created, Removed, Renamed or Modified.
+    pub kind: ChangeKind,
+    /// Absolute path in the volume ("/" is the root); for a rename, the new one.
+    pub path: Vec<u8>,
+    /// Of a rename: the path before.
+    pub old_path: Option<Vec<u8>>,
+    pub node: Option<FileKind>,
+    /// The inode's attributes when the log was read, if it still exists.
+    pub attr: Option<Attr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathChangeBatch {
+    /// Events of the changes up to `upto` (the last seq read: changes without a visible path,
+    /// such as bookkeeping, are skipped but read).
+    Changes { upto: u64, events: Vec<PathChange> },
+    /// Changes the caller had not read yet were trimmed from the log.
+    Lost,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -37,6 +37,7 @@ pub struct Server {
     watching_runners: tokio::task::JoinHandle<()>,
     closing_idle_volumes: tokio::task::JoinHandle<()>,
     files: Arc<files::VolumeFiles>,
+    events: Arc<api::events::EventHub>,
     /// Held while serving: one server per data directory.
     _data_dir_lock: std::fs::File,
 }
@@ -102,6 +103,7 @@ impl Server {
             }
         });
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let events = state.events.clone();
         let app = api::router(state);
         let serving = tokio::spawn(async move {
             axum::serve(listener, app)
@@ -121,6 +123,7 @@ impl Server {
             watching_runners,
             closing_idle_volumes,
             files,
+            events,
             _data_dir_lock: data_dir_lock,
         })
     }
@@ -156,6 +159,8 @@ impl Server {
     /// API has open.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
+        // Event streams never end by themselves: the graceful shutdown would wait for them.
+        self.events.close_all();
         self.reconciling.abort();
         self.watching_runners.abort();
         let served = self.serving.await;

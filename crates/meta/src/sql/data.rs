@@ -94,7 +94,7 @@ fn store_content(
     }
     conn.prepare_cached("UPDATE inodes SET size = ?1, inline_data = ?2, held = ?3, mtime_ns = ?4, ctime_ns = ?4, data_version = data_version + 1 WHERE ino = ?5")?
         .execute(params![size, inline, held, now_ns, attr.ino])?;
-    conn.ino_changed(attr.ino);
+    conn.modified(attr.ino, attr.kind);
     if held != old_held {
         add_usage(conn, held as i64 - old_held as i64, 0)?;
     }

@@ -42,9 +42,9 @@ use changes::Tx;
 
 use crate::{
     Ancestor, Attr, ChangeBatch, Committed, CopiedRange, DirEntry, ForkSpec, ForkStats,
-    GarbageSlice, Ino, Layout, Location, LockOwner, LockRange, MetaEngine, MetaError, Rename,
-    RenameOutcome, Result, SessionId, SessionInfo, SetAttr, Slice, SliceReferences, Usage,
-    VolumeInfo, XattrMode,
+    GarbageSlice, Ino, Layout, Location, LockOwner, LockRange, MetaEngine, MetaError,
+    PathChangeBatch, Rename, RenameOutcome, Result, SessionId, SessionInfo, SetAttr, Slice,
+    SliceReferences, Usage, VolumeInfo, XattrMode,
 };
 
 /// How often a waiter for changes of a SQLite volume polls the database's data version: another
@@ -663,6 +663,10 @@ impl MetaEngine for SqlEngine {
 
     fn changes_since(&self, after: u64, limit: usize) -> Result<ChangeBatch> {
         self.read(|tx| changes::changes_since(tx, after, limit))
+    }
+
+    fn path_changes_since(&self, after: u64, limit: usize) -> Result<PathChangeBatch> {
+        self.read(|tx| changes::path_changes_since(tx, after, limit))
     }
 
     fn wait_for_changes(&self, after: u64, timeout: Duration) -> Result<()> {

@@ -336,7 +336,7 @@ pub fn setattr(conn: &Tx<'_, '_>, ino: Ino, changes: &SetAttr, now_ns: i64) -> R
         "UPDATE inodes SET perm = ?1, uid = ?2, gid = ?3, atime_ns = ?4, mtime_ns = ?5, ctime_ns = ?6 WHERE ino = ?7",
     )?
     .execute(params![attr.perm, attr.uid, attr.gid, attr.atime_ns, attr.mtime_ns, attr.ctime_ns, ino])?;
-    conn.ino_changed(ino);
+    conn.modified(ino, attr.kind);
     Ok(attr)
 }
 
@@ -413,7 +413,7 @@ fn insert_entry(
 ) -> Result<()> {
     conn.prepare_cached("INSERT INTO dentries (parent, name, ino, kind) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![parent, name, ino, kind_code(kind)])?;
-    conn.entry_changed(parent, name, ino);
+    conn.entry_added(parent, name, ino, kind);
     Ok(())
 }
 
@@ -460,7 +460,7 @@ pub fn unlink(conn: &Tx<'_, '_>, parent: Ino, name: &[u8], now_ns: i64) -> Resul
 fn delete_entry(conn: &Tx<'_, '_>, parent: Ino, name: &[u8], entry: &Entry) -> Result<()> {
     conn.prepare_cached("DELETE FROM dentries WHERE cookie = ?1")?
         .execute([entry.cookie])?;
-    conn.entry_changed(parent, name, entry.ino);
+    conn.entry_removed(parent, name, entry.ino, entry.kind);
     Ok(())
 }
 
@@ -547,8 +547,12 @@ pub fn rename(conn: &Tx<'_, '_>, req: &Rename<'_>, now_ns: i64) -> Result<Rename
             conn.prepare_cached("UPDATE dentries SET ino = ?1, kind = ?2 WHERE cookie = ?3")?;
         swap.execute(params![dst.ino, kind_code(dst.kind), src.cookie])?;
         swap.execute(params![src.ino, kind_code(src.kind), dst.cookie])?;
-        conn.entry_changed(req.src_parent, req.src_name, dst.ino);
-        conn.entry_changed(req.dst_parent, req.dst_name, src.ino);
+        let (src_entry, dst_entry) = (
+            (req.src_parent, req.src_name),
+            (req.dst_parent, req.dst_name),
+        );
+        conn.entry_renamed(src_entry, dst_entry, src.ino, src.kind);
+        conn.entry_renamed(dst_entry, src_entry, dst.ino, dst.kind);
         set_parent(conn, src.ino, req.dst_parent, now_ns)?;
         set_parent(conn, dst.ino, req.src_parent, now_ns)?;
         let moved_subdirs = subdir_delta(dst.kind) - subdir_delta(src.kind);
@@ -590,8 +594,12 @@ pub fn rename(conn: &Tx<'_, '_>, req: &Rename<'_>, now_ns: i64) -> Result<Rename
     // loses it when renamed in place.
     conn.prepare_cached("UPDATE dentries SET parent = ?1, name = ?2 WHERE cookie = ?3")?
         .execute(params![req.dst_parent, req.dst_name, src.cookie])?;
-    conn.entry_changed(req.src_parent, req.src_name, src.ino);
-    conn.entry_changed(req.dst_parent, req.dst_name, src.ino);
+    conn.entry_renamed(
+        (req.src_parent, req.src_name),
+        (req.dst_parent, req.dst_name),
+        src.ino,
+        src.kind,
+    );
     set_parent(conn, src.ino, req.dst_parent, now_ns)?;
     if cross_dir {
         touch_dir(conn, req.src_parent, -subdir_delta(src.kind), now_ns)?;

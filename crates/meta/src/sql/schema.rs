@@ -12,8 +12,9 @@ pub const MIGRATIONS: cellar_sql::Migrations<'static> = cellar_sql::Migrations {
         V4_USAGE_SHARDS,
         V5_HELD_BYTES,
         V6_FORKS,
+        V7_CHANGE_KINDS,
     ],
-    postgres: &[PG_V1, PG_V2_HELD_BYTES, V6_FORKS],
+    postgres: &[PG_V1, PG_V2_HELD_BYTES, V6_FORKS, PG_V4_CHANGE_KINDS],
 };
 
 /// Kind codes stored in `inodes.kind` and `dentries.kind` (see `namespace::kind_code`):
@@ -342,3 +343,21 @@ CREATE INDEX changes_by_time ON changes (at_ns);
 
 /// As SQLite's V5.
 const PG_V2_HELD_BYTES: &str = V5_HELD_BYTES;
+
+/// What each change was (see `ChangeKind::code`; 0 for the rows of older binaries), the kind
+/// code of the file it concerns, and a rename's source entry: change events name paths and
+/// kinds from them (see `changes::path_changes_since`).
+const V7_CHANGE_KINDS: &str = "
+ALTER TABLE changes ADD COLUMN kind SMALLINT NOT NULL DEFAULT 0;
+ALTER TABLE changes ADD COLUMN node SMALLINT NULL;
+ALTER TABLE changes ADD COLUMN old_parent BIGINT NULL;
+ALTER TABLE changes ADD COLUMN old_name BLOB NULL;
+";
+
+/// As SQLite's V7.
+const PG_V4_CHANGE_KINDS: &str = "
+ALTER TABLE changes ADD COLUMN kind BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE changes ADD COLUMN node BIGINT NULL;
+ALTER TABLE changes ADD COLUMN old_parent BIGINT NULL;
+ALTER TABLE changes ADD COLUMN old_name BYTEA NULL;
+";

@@ -242,7 +242,7 @@ async fn open_volume(state: &AppState, volume: &VolumeRow) -> ApiResult<Lease> {
 }
 
 /// The organisation's volume by id or name.
-async fn org_volume(state: &AppState, org: String, key: &str) -> ApiResult<VolumeRow> {
+pub(super) async fn org_volume(state: &AppState, org: String, key: &str) -> ApiResult<VolumeRow> {
     let db = state.services.db.clone();
     let lookup = key.to_string();
     blocking(move || db.volume_by_id_or_name(&org, &lookup))

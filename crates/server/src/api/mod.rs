@@ -1,5 +1,6 @@
 //! HTTP surface: the Daytona REST subset under `/api`, the toolbox under `/toolbox`.
 
+pub(crate) mod events;
 mod extract;
 mod files;
 mod limits;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub base_url: String,
     /// Requests per API key.
     pub rate: Arc<limits::RateLimiter>,
+    /// The followers of volume change logs behind the event streams.
+    pub events: Arc<events::EventHub>,
 }
 
 impl AppState {
@@ -45,6 +48,7 @@ impl AppState {
                 limits.rate_per_sec,
                 limits.rate_burst,
             )),
+            events: Arc::default(),
         }
     }
 }
@@ -89,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes/{volume_id}/files/move", post(files::move_file))
         .route("/volumes/{volume_id}/files/mode", post(files::set_mode))
         .route("/volumes/{volume_id}/files/url", post(files::sign_url))
+        .route("/volumes/{volume_id}/events", get(events::events))
         .route(
             "/sandbox/{sandbox_id}/volumes",
             post(sandboxes::attach_volume).delete(sandboxes::detach_volume),
@@ -363,6 +368,7 @@ impl Modify for BearerAuth {
         files::delete,
         files::set_mode,
         files::sign_url,
+        events::events,
         sandboxes::list,
         sandboxes::create,
         sandboxes::get,
@@ -384,7 +390,7 @@ impl Modify for BearerAuth {
         toolbox::fs::replace_in_files,
         metrics,
     ),
-    components(schemas(ErrorBody)),
+    components(schemas(ErrorBody, events::ChangeEvent, events::LostEvent)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]

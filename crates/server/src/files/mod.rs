@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use cellar_vfs::{Ctx, Errno, Vfs, VolumeConfig};
 
 pub use ops::{
-    begin_upload, list, make_dir, open_for_read, remove, rename, set_mode, stat, Entry, EntryKind,
-    Reader, MAX_LIST_LIMIT,
+    begin_upload, is_upload_name, list, make_dir, open_for_read, remove, rename, set_mode, stat,
+    Entry, EntryKind, Reader, MAX_LIST_LIMIT,
 };
 pub use path::VolumePath;
 

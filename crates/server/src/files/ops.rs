@@ -562,7 +562,7 @@ fn temp_name() -> String {
 }
 
 /// Whether a directory entry is an upload's reserved name.
-fn is_upload_name(name: &[u8]) -> bool {
+pub fn is_upload_name(name: &[u8]) -> bool {
     name.starts_with(UPLOAD_PREFIX.as_bytes())
 }
 
