@@ -2,6 +2,7 @@
 
 mod extract;
 mod files;
+pub(crate) mod gateway;
 mod limits;
 mod runners;
 pub(crate) mod sandboxes;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub base_url: String,
     /// Requests per API key.
     pub rate: Arc<limits::RateLimiter>,
+    /// The S3 gateway, when it is enabled.
+    pub s3: Option<Arc<gateway::S3Settings>>,
 }
 
 impl AppState {
@@ -45,6 +48,7 @@ impl AppState {
                 limits.rate_per_sec,
                 limits.rate_burst,
             )),
+            s3: None,
         }
     }
 }
@@ -80,6 +84,14 @@ pub fn router(state: AppState) -> Router {
         .route("/volumes/{volume_id}/files/move", post(files::move_file))
         .route("/volumes/{volume_id}/files/mode", post(files::set_mode))
         .route("/volumes/{volume_id}/files/url", post(files::sign_url))
+        .route(
+            "/volumes/{volume_id}/s3-credentials",
+            get(gateway::list).post(gateway::create),
+        )
+        .route(
+            "/volumes/{volume_id}/s3-credentials/{access_key_id}",
+            axum::routing::delete(gateway::revoke),
+        )
         .route("/sandbox", get(sandboxes::list).post(sandboxes::create))
         .route(
             "/sandbox/{id_or_name}",
@@ -345,6 +357,9 @@ impl Modify for BearerAuth {
         files::delete,
         files::set_mode,
         files::sign_url,
+        gateway::create,
+        gateway::list,
+        gateway::revoke,
         sandboxes::list,
         sandboxes::create,
         sandboxes::get,
