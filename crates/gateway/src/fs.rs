@@ -345,7 +345,8 @@ impl Objects {
         };
         if entries.is_empty() && !dir.is_empty() && first.is_none_or(str::is_empty) {
             // An empty directory is a directory marker.
-            return Ok(out.object(dir, &self.vfs.getattr(ino)?));
+            out.object(dir, &self.vfs.getattr(ino)?);
+            return Ok(());
         }
         for (name, attr) in entries {
             if out.truncated {
