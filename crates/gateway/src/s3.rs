@@ -251,9 +251,11 @@ impl S3 for VolumeBuckets {
         let (start, end, content_range) = match range {
             None => (0, meta.size, None),
             Some(range) => {
-                let r = range
-                    .check(meta.size)
-                    .map_err(|_| s3_error!(InvalidRange))?;
+                let Ok(r) = range.check(meta.size) else {
+                    // The file closes off the async workers.
+                    tokio::task::spawn_blocking(move || drop(reader));
+                    return Err(s3_error!(InvalidRange));
+                };
                 let content_range = format!("bytes {}-{}/{}", r.start, r.end - 1, meta.size);
                 (r.start, r.end, Some(content_range))
             }
