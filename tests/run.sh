@@ -18,12 +18,12 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.."
 # fsx_fio last: it writes the most, and the in-memory OSD frees deleted objects lazily.
-ALL_SUITES=(model_test two_mount_model_test pjdfstest workloads crash_test copies_holes stream_read store_faults meta_faults events fsx_fio)
+ALL_SUITES=(model_test two_mount_model_test pjdfstest workloads crash_test copies_holes stream_read store_faults meta_faults events gateway fsx_fio)
 # The suites that also run on PostgreSQL in a full run: the ones that exercise the metadata engine
 # most per minute (fsx_fio and crash_test mostly measure the data path, which is engine-neutral).
 POSTGRES_SUITES=(two_mount_model_test pjdfstest workloads events)
 # Minutes each end-to-end suite may take before it counts as failed (a hung mount must not hang CI).
-declare -A SUITE_MINUTES=([model_test]=20 [two_mount_model_test]=15 [pjdfstest]=30 [fsx_fio]=40 [workloads]=20 [crash_test]=20 [copies_holes]=10 [stream_read]=10 [store_faults]=8 [meta_faults]=6 [events]=5 [multihost]=20)
+declare -A SUITE_MINUTES=([model_test]=20 [two_mount_model_test]=15 [pjdfstest]=30 [fsx_fio]=40 [workloads]=20 [crash_test]=20 [copies_holes]=10 [stream_read]=10 [store_faults]=8 [meta_faults]=6 [events]=5 [gateway]=8 [multihost]=20)
 
 # shellcheck source=harness/server.sh
 source tests/harness/server.sh

@@ -52,6 +52,8 @@ pub struct ConfigOverrides {
     pub runner_timeout: Option<std::time::Duration>,
     /// `postgres://...`: control state and volume metadata in PostgreSQL.
     pub database: Option<String>,
+    /// Where the S3 gateway listens (off unless set).
+    pub s3_listen: Option<String>,
 }
 
 /// A database URL; it may hold a password, so Debug shows it redacted.
@@ -78,6 +80,8 @@ struct ConfigFile {
     runner_timeout: Option<String>,
     database: Option<String>,
     metrics_token: Option<String>,
+    s3_listen: Option<String>,
+    s3_public_url: Option<String>,
     max_body_bytes: Option<u64>,
     max_upload_bytes: Option<u64>,
     rate_limit: Option<u32>,
@@ -126,6 +130,10 @@ pub struct ServerConfig {
     /// Bearer token that `GET /metrics` requires; `None`: the endpoint is open.
     pub metrics_token: Option<MetricsToken>,
     pub limits: Limits,
+    /// Address of the S3 gateway (docs/GATEWAY.md); `None`: no gateway.
+    pub s3_listen: Option<SocketAddr>,
+    /// Endpoint URL S3 clients reach the gateway at; `None`: `http://<its bound address>`.
+    pub s3_public_url: Option<String>,
 }
 
 /// The token of `GET /metrics`; Debug never shows it.
@@ -214,6 +222,20 @@ impl ServerConfig {
         let metrics_token = env("CELLAR_METRICS_TOKEN")
             .or(file.metrics_token)
             .map(MetricsToken);
+        let s3_listen = match flags
+            .s3_listen
+            .or_else(|| env("CELLAR_S3_LISTEN"))
+            .or(file.s3_listen)
+        {
+            Some(addr) => Some(
+                addr.parse()
+                    .with_context(|| format!("S3 gateway address {addr:?} is not HOST:PORT"))?,
+            ),
+            None => None,
+        };
+        let s3_public_url = env("CELLAR_S3_PUBLIC_URL")
+            .or(file.s3_public_url)
+            .map(|url| url.trim_end_matches('/').to_string());
         let defaults = Limits::default();
         let limits = Limits {
             max_body_bytes: number("CELLAR_MAX_BODY_BYTES", file.max_body_bytes)?
@@ -226,6 +248,8 @@ impl ServerConfig {
                 .unwrap_or(defaults.rate_burst),
         };
         Ok(ServerConfig {
+            s3_listen,
+            s3_public_url,
             database,
             metrics_token,
             limits,
@@ -261,6 +285,8 @@ impl ServerConfig {
             database: None,
             metrics_token: None,
             limits: Limits::default(),
+            s3_listen: None,
+            s3_public_url: None,
         }
     }
 

@@ -11,6 +11,9 @@ use cellar_sql::{params, Database, Migrations, OptionalExtension, PgUrl, Row, Tx
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod s3_credentials;
+pub use s3_credentials::S3CredentialRow;
+
 /// Schema versions, applied in order (`schema_migrations` records them). The statements are
 /// valid in both dialects.
 const MIGRATIONS: &[&str] = &[
@@ -102,6 +105,21 @@ ALTER TABLE volumes ADD COLUMN quota_bytes BIGINT;
 ALTER TABLE volumes ADD COLUMN origin_id TEXT;
 ALTER TABLE volumes ADD COLUMN kind TEXT NOT NULL DEFAULT 'volume';
 CREATE INDEX volumes_origin ON volumes(origin_id);
+"#,
+    r#"
+-- Credentials of the S3 gateway, each scoped to one volume of one organisation. The secret is
+-- not stored: it is derived from the access key id and the server secret 's3_credentials'.
+CREATE TABLE s3_credentials (
+    access_key_id TEXT PRIMARY KEY,
+    org_id TEXT NOT NULL REFERENCES orgs(id),
+    volume_id TEXT NOT NULL REFERENCES volumes(id),
+    prefix TEXT NOT NULL,
+    read_only INTEGER NOT NULL,
+    expires_at_ms BIGINT,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE INDEX s3_credentials_volume ON s3_credentials(volume_id);
 "#,
 ];
 

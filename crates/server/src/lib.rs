@@ -36,6 +36,11 @@ pub struct Server {
     reconciling: tokio::task::JoinHandle<()>,
     watching_runners: tokio::task::JoinHandle<()>,
     closing_idle_volumes: tokio::task::JoinHandle<()>,
+    /// The S3 gateway's stop signal and task, when it runs.
+    s3_gateway: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    )>,
     files: Arc<files::VolumeFiles>,
     events: Arc<api::events::EventHub>,
     /// Held while serving: one server per data directory.
@@ -94,7 +99,19 @@ impl Server {
             files: files.clone(),
             signer: files::signing::UrlSigner::new(url_secret),
         });
-        let state = api::AppState::new(services.clone(), base_url.clone());
+        let mut state = api::AppState::new(services.clone(), base_url.clone());
+        let s3_gateway = match services.config.s3_listen {
+            Some(addr) => {
+                let s3 = api::gateway::bind(&services, addr).await?;
+                state.s3 = Some(s3.settings.clone());
+                let (stop_s3, stopped) = tokio::sync::oneshot::channel::<()>();
+                let serving = tokio::spawn(api::gateway::serve(services.clone(), s3, async {
+                    let _ = stopped.await;
+                }));
+                Some((stop_s3, serving))
+            }
+            None => None,
+        };
         let closing_idle_volumes = tokio::spawn(files.clone().close_idle_volumes());
         let watching_runners = tokio::spawn(services.clone().watch_runners());
         let reconciling = tokio::spawn(async move {
@@ -122,6 +139,7 @@ impl Server {
             reconciling,
             watching_runners,
             closing_idle_volumes,
+            s3_gateway,
             files,
             events,
             _data_dir_lock: data_dir_lock,
@@ -164,6 +182,14 @@ impl Server {
         self.reconciling.abort();
         self.watching_runners.abort();
         let served = self.serving.await;
+        if let Some((stop, serving)) = self.s3_gateway {
+            let _ = stop.send(());
+            match serving.await {
+                Ok(Err(e)) => tracing::error!("S3 gateway: {e}"),
+                Err(e) => tracing::error!("S3 gateway task: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
         self.closing_idle_volumes.abort();
         self.files.close_all().await;
         served.context("server task")?.context("serving")

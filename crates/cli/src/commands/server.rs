@@ -46,6 +46,10 @@ pub struct ServerArgs {
     /// every user) [env: CELLAR_DATABASE] [default: SQLite files in the data directory]
     #[arg(long, value_name = "URL")]
     pub database: Option<String>,
+    /// Serve every volume as an S3 bucket on this address (docs/GATEWAY.md) [env:
+    /// CELLAR_S3_LISTEN] [default: no gateway]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub s3_listen: Option<String>,
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
@@ -59,6 +63,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
         embedded_runner: args.no_embedded_runner.then_some(false),
         runner_timeout: args.runner_timeout,
         database: args.database,
+        s3_listen: args.s3_listen,
     })?;
     // Without its runner the server starts no sandboxes and mounts nothing.
     if config.embedded_runner {

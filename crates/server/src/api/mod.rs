@@ -3,6 +3,7 @@
 pub(crate) mod events;
 mod extract;
 mod files;
+pub(crate) mod gateway;
 mod limits;
 mod runners;
 pub(crate) mod sandboxes;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub rate: Arc<limits::RateLimiter>,
     /// The followers of volume change logs behind the event streams.
     pub events: Arc<events::EventHub>,
+    /// The S3 gateway, when it is enabled.
+    pub s3: Option<Arc<gateway::S3Settings>>,
 }
 
 impl AppState {
@@ -49,6 +52,7 @@ impl AppState {
                 limits.rate_burst,
             )),
             events: Arc::default(),
+            s3: None,
         }
     }
 }
@@ -97,6 +101,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/sandbox/{sandbox_id}/volumes",
             post(sandboxes::attach_volume).delete(sandboxes::detach_volume),
+        )
+        .route(
+            "/volumes/{volume_id}/s3-credentials",
+            get(gateway::list).post(gateway::create),
+        )
+        .route(
+            "/volumes/{volume_id}/s3-credentials/{access_key_id}",
+            delete(gateway::revoke),
         )
         .route("/sandbox", get(sandboxes::list).post(sandboxes::create))
         .route(
@@ -369,6 +381,9 @@ impl Modify for BearerAuth {
         files::set_mode,
         files::sign_url,
         events::events,
+        gateway::create,
+        gateway::list,
+        gateway::revoke,
         sandboxes::list,
         sandboxes::create,
         sandboxes::get,
