@@ -29,6 +29,9 @@ pub enum FsError {
     Conflict(String),
     #[error("the volume's quota is exhausted")]
     Quota,
+    /// The volume is a snapshot.
+    #[error("the volume is a snapshot, which is read-only")]
+    ReadOnly,
     #[error("{0}")]
     Io(Errno),
 }
@@ -40,6 +43,7 @@ impl From<Errno> for FsError {
         match e.0 {
             libc::ENOENT | libc::ENOTDIR => FsError::NoSuchKey,
             libc::EDQUOT | libc::ENOSPC => FsError::Quota,
+            libc::EROFS => FsError::ReadOnly,
             libc::ENAMETOOLONG => FsError::InvalidKey("a path component is too long".into()),
             _ => FsError::Io(e),
         }

@@ -70,6 +70,10 @@ fn fs_error(e: FsError) -> S3Error {
             S3Error::with_message(S3ErrorCode::InvalidArgument, message)
         }
         FsError::Conflict(message) => custom("KeyConflict", 409, message),
+        FsError::ReadOnly => S3Error::with_message(
+            S3ErrorCode::AccessDenied,
+            "the volume is a snapshot, which is read-only (fork it to change it)".to_string(),
+        ),
         FsError::Quota => custom(
             "QuotaExceeded",
             403,

@@ -300,7 +300,9 @@ pub async fn create(
         org_id: org,
         volume_id: volume.id.clone(),
         prefix: prefix.clone(),
-        read_only: body.read_only.unwrap_or(false),
+        // A snapshot never changes: its credentials are read-only whatever was asked.
+        read_only: body.read_only.unwrap_or(false)
+            || volume.kind == crate::db::volume_kind::SNAPSHOT,
         expires_at_ms: Some(expires_at_ms),
         created_at: crate::db::now(),
     };
