@@ -1,5 +1,6 @@
 """A real `cellar server` on loopback (blocks on the RGW of tests/harness/rgw.sh, control state and
-volume metadata in SQLite files in its data directory), optionally a `cellar runner` joined to it,
+volume metadata in SQLite files in its data directory, or in a PostgreSQL database: needed by
+sandboxes on a `cellar runner`), optionally a `cellar runner` joined to it,
 and the sandboxes and volumes of the Daytona API, for the end-to-end suites in tests/fs/ that need
 sandboxes (crash_loops.py, soak.py).
 
@@ -139,8 +140,10 @@ class CellarServer:
     """`cellar server` on a free loopback port with its data directory under work_dir; with
     `embedded_runner=False` only runners that join run sandboxes."""
 
-    def __init__(self, work_dir, embedded_runner=True, runner_timeout="10s"):
+    def __init__(self, work_dir, embedded_runner=True, runner_timeout="10s", database=None):
+        """`database`: a PostgreSQL URL for the control state and the volumes' metadata."""
         self.work_dir = Path(work_dir)
+        self.database = database
         self.data_dir = self.work_dir / "server"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.cellar = cellar_bin()
@@ -148,6 +151,8 @@ class CellarServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "CELLAR_BIN": self.cellar}
+        if database:
+            self.env["CELLAR_DATABASE"] = database
         argv = [self.cellar, "server", "--listen", f"127.0.0.1:{self.port}", "--data-dir", self.data_dir,
                 "--store", self.store, "--runner-timeout", runner_timeout]
         if not embedded_runner:
@@ -270,6 +275,8 @@ class CellarServer:
             return response.read()
 
     def volume_meta_url(self, volume_id):
+        if self.database:
+            return f"{self.database}{'&' if '?' in self.database else '?'}volume={volume_id}"
         return f"sqlite://{self.data_dir / 'volumes' / (volume_id + '.db')}"
 
     def cellar_run(self, volume_id, *args, timeout=600):
@@ -322,12 +329,21 @@ class CellarRunner:
                 return fields[1]
         return None
 
+    def registrations(self):
+        try:
+            return self.process.log.read_text(errors="replace").count("registered with the server")
+        except FileNotFoundError:
+            return 0
+
     def start(self, timeout=60):
-        """Starts the runner; returns once the server lists it live and can call it."""
+        """Starts the runner; returns once it registered (so the server can call it) and the
+        server lists it live."""
+        before = self.registrations()
         self.process.start()
         started = time.monotonic()
-        wait_for(f"runner {self.name} live (log: {self.process.log})",
-                 lambda: not self.process.alive() or self.state() == "live", timeout, 0.2)
+        wait_for(f"runner {self.name} registered (log: {self.process.log})",
+                 lambda: not self.process.alive() or (self.registrations() > before and self.state() == "live"),
+                 timeout, 0.1)
         if not self.process.alive():
             raise ServerError(f"cellar runner exited {self.process.proc.returncode} (log: {self.process.log})")
         return time.monotonic() - started
