@@ -24,6 +24,7 @@ import os
 import random
 import sqlite3
 import sys
+import time
 import traceback
 
 CHUNK = 256 * 1024
@@ -191,15 +192,23 @@ def check_sqlite(model, pending, root):
     path = os.path.join(root, "sqlite", "db.sqlite")
     if not os.path.exists(path):
         return ([] if not model.rows else [f"SQLite database missing ({len(model.rows)} committed rows)"]), []
-    db = sqlite3.connect(path, timeout=60)
-    try:
-        (integrity,) = db.execute("PRAGMA integrity_check").fetchone()
+    # A mount replacing a killed one releases the locks the killed one held at once; a writer
+    # stopped in a transaction may hold a lock for a moment.
+    deadline = time.monotonic() + 20
+    while True:
         try:
-            rows = {row for (row,) in db.execute("SELECT id FROM t")}
-        except sqlite3.OperationalError:
-            rows = set()
-    finally:
-        db.close()
+            db = sqlite3.connect(path, timeout=10)
+            try:
+                (integrity,) = db.execute("PRAGMA integrity_check").fetchone()
+                tables = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 't'").fetchone()[0]
+                rows = {row for (row,) in db.execute("SELECT id FROM t")} if tables else set()
+            finally:
+                db.close()
+            break
+        except sqlite3.OperationalError as error:
+            if time.monotonic() > deadline:
+                return [f"SQLite database unreadable: {error}"], []
+            time.sleep(1)
     problems = [] if integrity == "ok" else [f"SQLite integrity_check: {integrity}"]
     possible = set(pending["rows"]) if pending and pending["op"] == "sqlite" else set()
     if model.rows - rows:
@@ -253,7 +262,6 @@ class Writer:
         self.journal = open(journal_path, "a")
         os.makedirs(self.base, exist_ok=True)
         os.makedirs(os.path.join(root, "sqlite"), exist_ok=True)
-        self.db = None
 
     def log(self, entry):
         self.journal.write(json.dumps(entry) + "\n")
@@ -374,14 +382,18 @@ class Writer:
         self.log({"ack": True})
 
     def sqlite_insert(self, rows):
-        if self.db is None:
-            self.db = sqlite3.connect(os.path.join(self.root, "sqlite", "db.sqlite"), timeout=60)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
-        with self.db:
-            for row in rows:
-                self.db.execute("INSERT INTO t VALUES (?, ?)", (row, self.rng.randbytes(self.rng.randrange(10, 5000))))
+        # A connection per transaction: every one opens the WAL database again (and recovers it
+        # after a crash).
+        db = sqlite3.connect(os.path.join(self.root, "sqlite", "db.sqlite"), timeout=120)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+            with db:
+                for row in rows:
+                    db.execute("INSERT INTO t VALUES (?, ?)", (row, self.rng.randbytes(self.rng.randrange(10, 5000))))
+        finally:
+            db.close()
 
 
 def main(argv):
