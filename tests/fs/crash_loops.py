@@ -53,7 +53,8 @@ from pathlib import Path
 HARNESS = Path(__file__).resolve().parents[1] / "harness"
 sys.path.insert(0, str(HARNESS))
 import crash_writer  # noqa: E402
-from cellar_server import SANDBOX_VOLUME, CellarRunner, CellarServer, ServerError, wait_for  # noqa: E402
+from cellar_server import (SANDBOX_VOLUME, CellarRunner, CellarServer, ServerError, mount_daemon_pids,  # noqa: E402
+                           wait_for)
 from volume import Volume, VolumeError  # noqa: E402
 
 WRITER = HARNESS / "crash_writer.py"
@@ -86,9 +87,16 @@ def verify(root, journal, what, resolve):
     model, pending, acked = crash_writer.replay(crash_writer.read_journal(journal))
     if acked == 0 and pending is None:
         return 0
+    # The SQLite files as found, before SQLite opens (and recovers) them: kept with the work
+    # directory of a failed run.
+    evidence = Path(journal).parent / f"{Path(journal).stem}-sqlite-before-check"
+    shutil.rmtree(evidence, ignore_errors=True)
+    if (Path(root) / "sqlite").is_dir():
+        shutil.copytree(Path(root) / "sqlite", evidence)
     problems, resolution = crash_writer.check(model, pending, str(root))
     if problems:
-        raise CrashLoopFailure(f"{what}: data lost (pending operation {pending}):\n  " + "\n  ".join(problems[:20]))
+        raise CrashLoopFailure(f"{what}: data lost (pending operation {pending}; the SQLite files before the "
+                               f"check: {evidence}):\n  " + "\n  ".join(problems[:20]))
     if resolve:
         crash_writer.resolve(journal, resolution)
     return acked
@@ -305,9 +313,71 @@ def postgres_database(work):
     return url._replace(path=f"/{name}").geturl(), lambda: sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def pause_outside_sqlite(writer_pid, journal):
+    """SIGSTOPs the writer where it holds no SQLite connection (it opens one per transaction, after
+    journaling its intent, and closes it before the acknowledgement): a writer stopped inside one
+    may hold a lock that keeps the check out."""
+    deadline = time.monotonic() + 60
+    while True:
+        os.kill(writer_pid, signal.SIGSTOP)
+        _, pending, _ = crash_writer.replay(crash_writer.read_journal(journal))
+        if not pending or pending["op"] != "sqlite":
+            return
+        if time.monotonic() > deadline:
+            raise CrashLoopFailure("the sandbox's writer stays in an SQLite transaction for a minute")
+        os.kill(writer_pid, signal.SIGCONT)
+        time.sleep(0.02)
+
+
+def start_sandbox_writer(server, sandbox, rng):
+    """Starts the writer in the sandbox, detached from the exec; returns its host pid."""
+    server.execute(sandbox, f"setsid nohup python3 {HOME}/crash_writer.py {SANDBOX_VOLUME}/crash "
+                            f"{HOME}/journal.jsonl {rng.randrange(1 << 30)} {HOME}/errors "
+                            f"> /dev/null 2>&1 < /dev/null &")
+    return wait_for("the sandbox's writer", lambda: sandbox_writer_pid(f"{HOME}/journal.jsonl"), 30)
+
+
+def kill_daemon_under_sandbox(server, sandbox, mount_point, journal, errors, api, volume_id, rng, stats):
+    """SIGKILLs the mount daemon of the sandbox's volume: its runner must replace it and renew the
+    sandbox's bind by itself. The writer dies on the dead mount; checks, then a new writer."""
+    what = f"{stats.phase} {stats.iterations + 1}"
+    pids = mount_daemon_pids(mount_point)
+    if len(pids) != 1:
+        raise CrashLoopFailure(f"{what}: {len(pids)} mount daemons serve {mount_point}")
+    killed = time.monotonic()
+    os.kill(pids[0], signal.SIGKILL)
+    # A new daemon first (the old one may still answer for an instant after the signal).
+    wait_for(f"{what}: a new mount daemon", lambda: mount_daemon_pids(mount_point) not in ([], pids), 60, 0.05)
+    probe = f"test -d {SANDBOX_VOLUME}/crash"
+    wait_for(f"{what}: the sandbox seeing its volume again",
+             lambda: server.execute(sandbox, probe, timeout=10, check=False)[0] == 0, 60, 0.05)
+    stats.recoveries.append(time.monotonic() - killed)
+    writer = sandbox_writer_pid(f"{HOME}/journal.jsonl")
+    if writer:
+        # Blocked in no call: its next one fails on the dead mount; a straggler is ended here.
+        try:
+            wait_for(f"{what}: the writer exiting", lambda: sandbox_writer_pid(f"{HOME}/journal.jsonl") is None, 30)
+        except ServerError:
+            os.kill(writer, signal.SIGKILL)
+    writer_errors(errors, expected_errors=True)
+    api.pause()
+    try:
+        stats.operations = verify(mount_point / "crash", journal, what, resolve=True)
+        api.check(mount_point, what)
+        fsck_clean(lambda: server.cellar_run(volume_id, "fsck"), what)
+    finally:
+        api.resume()
+    stats.iterations += 1
+    print(f"crash_loops: {what}: the sandbox saw its volume again {stats.recoveries[-1]:.2f}s after its "
+          f"daemon was killed", flush=True)
+    return start_sandbox_writer(server, sandbox, rng)
+
+
 def sandbox_phase(work, rng, iterations, phase):
-    """The runner or the server phase."""
+    """The runner or the server phase; returns its stats and those of the kills of the mount
+    daemon under the sandbox (some iterations)."""
     stats = Stats(phase)
+    under = Stats(f"{phase}: mount daemon under the sandbox")
     drop_database = None
     if phase == "runner":
         database, drop_database = postgres_database(work)
@@ -330,15 +400,16 @@ def sandbox_phase(work, rng, iterations, phase):
         journal, errors = home / "journal.jsonl", home / "errors"
         script = WRITER.read_text()
         server.execute(sandbox, f"cat > {HOME}/crash_writer.py <<'CRASH_WRITER_END'\n{script}\nCRASH_WRITER_END\n")
-        server.execute(sandbox, f"setsid nohup python3 {HOME}/crash_writer.py {SANDBOX_VOLUME}/crash "
-                                f"{HOME}/journal.jsonl {rng.randrange(1 << 30)} {HOME}/errors "
-                                f"> /dev/null 2>&1 < /dev/null &")
-        writer_pid = wait_for("the sandbox's writer", lambda: sandbox_writer_pid(f"{HOME}/journal.jsonl"), 30)
+        writer_pid = start_sandbox_writer(server, sandbox, rng)
         api = ApiWriter(server, volume_id, sandbox, rng.randrange(1 << 30))
         api.start()
         process = runner.process if runner else server.process
         for iteration in range(1, iterations + 1):
             time.sleep(rng.uniform(0.5, 3.0))
+            if rng.random() < 0.2:
+                writer_pid = kill_daemon_under_sandbox(server, sandbox, mount_point, journal, errors, api, volume_id,
+                                                       rng, under)
+                continue
             _, _, acked_before = crash_writer.replay(crash_writer.read_journal(journal))
             if rng.random() < 0.3:
                 churning = churn(server, volume_id, runner.name if runner else None, rng)
@@ -368,7 +439,7 @@ def sandbox_phase(work, rng, iterations, phase):
                 churning.join(timeout=120)
                 stats.lifecycle += settle_others(server, sandbox, state_dir, f"{phase} iteration {iteration}")
             api.pause()
-            os.kill(writer_pid, signal.SIGSTOP)
+            pause_outside_sqlite(writer_pid, journal)
             try:
                 acked = verify(mount_point / "crash", journal, f"{phase} iteration {iteration}", resolve=False)
                 api.check(mount_point, f"{phase} iteration {iteration}")
@@ -377,7 +448,7 @@ def sandbox_phase(work, rng, iterations, phase):
                 os.kill(writer_pid, signal.SIGCONT)
                 api.resume()
             stats.operations = acked + api.acked
-            stats.iterations = iteration
+            stats.iterations += 1
             print(f"crash_loops: {phase} {iteration}/{iterations}: {stats.operations} operations acknowledged, "
                   f"the sandbox answered again {stats.recoveries[-1]:.2f}s after the kill", flush=True)
         api.stop()
@@ -392,7 +463,7 @@ def sandbox_phase(work, rng, iterations, phase):
         server.teardown(sandboxes)
         if drop_database:
             drop_database()
-    return stats
+    return [stats, under]
 
 
 def churn(server, volume_id, runner, rng):
@@ -495,10 +566,11 @@ def main():
         for number, phase in enumerate(phases):
             iterations = total // len(phases) + (1 if number < total % len(phases) else 0)
             phase_rng = random.Random(rng.randrange(1 << 32))
-            stats = daemon_phase(work, phase_rng, iterations) if phase == "daemon" else \
+            done = [daemon_phase(work, phase_rng, iterations)] if phase == "daemon" else \
                 sandbox_phase(work, phase_rng, iterations, phase)
-            results.append(stats)
-            print(f"crash_loops: {stats.line()}", flush=True)
+            results += done
+            for stats in done:
+                print(f"crash_loops: {stats.line()}", flush=True)
     except (CrashLoopFailure, ServerError, VolumeError, subprocess.SubprocessError, OSError) as error:
         print(f"crash_loops: FAILED (seed={seed}): {error}", file=sys.stderr)
         print(f"crash_loops: work directory kept: {work}", file=sys.stderr)

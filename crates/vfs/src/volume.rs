@@ -36,10 +36,22 @@ pub(crate) fn host_name() -> String {
     )
 }
 
-/// Whether `pid` names a process of this PID namespace (a pid reused since counts as running:
-/// its session then expires as usual).
+/// Whether `pid` names a live process of this PID namespace (a pid reused since counts as
+/// running: its session then expires as usual). A zombie is dead: a killed daemon stays one
+/// until its parent (often init) reaps it, and the runner remounts at once.
 fn process_runs(pid: u32) -> bool {
-    pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists()
+    if pid == std::process::id() {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may hold spaces.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => false,
+    }
 }
 type Invalidator = Box<dyn Fn(Invalidation) + Send + Sync>;
 

@@ -240,7 +240,9 @@ pub fn sessions_at(
     mount_point: &str,
 ) -> Result<Vec<(SessionId, u32)>> {
     let sessions = conn
-        .prepare_cached("SELECT id, pid FROM sessions WHERE host = ?1 AND mount_point = ?2 ORDER BY id")?
+        .prepare_cached(
+            "SELECT id, pid FROM sessions WHERE host = ?1 AND mount_point = ?2 ORDER BY id",
+        )?
         .query_map(params![host, mount_point], |row| {
             Ok((row.get(0)?, row.get::<_, u32>(1)?))
         })?

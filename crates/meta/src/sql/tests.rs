@@ -1960,8 +1960,15 @@ fn sessions_are_found_by_host_and_mount_point(engine: Engine) {
     let found = f.meta.sessions_at("host", "/mnt").unwrap();
     assert!(found.contains(&(here, 42)), "{found:?}");
     assert!(found.iter().all(|(id, _)| *id != elsewhere), "{found:?}");
-    assert_eq!(f.meta.sessions_at("host", "/other").unwrap(), vec![(elsewhere, 7)]);
-    assert!(f.meta.sessions_at("another host", "/mnt").unwrap().is_empty());
+    assert_eq!(
+        f.meta.sessions_at("host", "/other").unwrap(),
+        vec![(elsewhere, 7)]
+    );
+    assert!(f
+        .meta
+        .sessions_at("another host", "/mnt")
+        .unwrap()
+        .is_empty());
 }
 
 fn slice_references_hold_live_and_pending_slices(engine: Engine) {
