@@ -279,6 +279,12 @@ class ApiWriter(threading.Thread):
             raise CrashLoopFailure(f"{what}: data written through the API lost:\n  " + "\n  ".join(problems[:10]))
 
 
+def sandbox_journal(sandbox):
+    """The journal of the sandbox's writer, inside it: named after the sandbox, so that the
+    writer's command line tells it from those of other runs on the machine."""
+    return f"{HOME}/journal-{sandbox}.jsonl"
+
+
 def sandbox_writer_pid(journal):
     """The host pid of the sandbox's writer (its command line names its journal)."""
     for proc in Path("/proc").iterdir():
@@ -332,9 +338,9 @@ def pause_outside_sqlite(writer_pid, journal):
 def start_sandbox_writer(server, sandbox, rng):
     """Starts the writer in the sandbox, detached from the exec; returns its host pid."""
     server.execute(sandbox, f"setsid nohup python3 {HOME}/crash_writer.py {SANDBOX_VOLUME}/crash "
-                            f"{HOME}/journal.jsonl {rng.randrange(1 << 30)} {HOME}/errors "
+                            f"{sandbox_journal(sandbox)} {rng.randrange(1 << 30)} {HOME}/errors "
                             f"> /dev/null 2>&1 < /dev/null &")
-    return wait_for("the sandbox's writer", lambda: sandbox_writer_pid(f"{HOME}/journal.jsonl"), 30)
+    return wait_for("the sandbox's writer", lambda: sandbox_writer_pid(sandbox_journal(sandbox)), 30)
 
 
 def kill_daemon_under_sandbox(server, sandbox, mount_point, journal, errors, api, volume_id, rng, stats):
@@ -352,11 +358,11 @@ def kill_daemon_under_sandbox(server, sandbox, mount_point, journal, errors, api
     wait_for(f"{what}: the sandbox seeing its volume again",
              lambda: server.execute(sandbox, probe, timeout=10, check=False)[0] == 0, 60, 0.05)
     stats.recoveries.append(time.monotonic() - killed)
-    writer = sandbox_writer_pid(f"{HOME}/journal.jsonl")
+    writer = sandbox_writer_pid(sandbox_journal(sandbox))
     if writer:
         # Blocked in no call: its next one fails on the dead mount; a straggler is ended here.
         try:
-            wait_for(f"{what}: the writer exiting", lambda: sandbox_writer_pid(f"{HOME}/journal.jsonl") is None, 30)
+            wait_for(f"{what}: the writer exiting", lambda: sandbox_writer_pid(sandbox_journal(sandbox)) is None, 30)
         except ServerError:
             os.kill(writer, signal.SIGKILL)
     writer_errors(errors, expected_errors=True)
@@ -387,6 +393,7 @@ def sandbox_phase(work, rng, iterations, phase):
     server.start()
     runner = None
     sandboxes = []
+    state_dir = server.data_dir / "runner"
     try:
         if phase == "runner":
             runner = CellarRunner(server)
@@ -397,7 +404,7 @@ def sandbox_phase(work, rng, iterations, phase):
         sandboxes.append(sandbox)
         home = state_dir / "sandboxes" / sandbox / "home"
         mount_point = state_dir / "mounts" / volume_id
-        journal, errors = home / "journal.jsonl", home / "errors"
+        journal, errors = home / Path(sandbox_journal(sandbox)).name, home / "errors"
         script = WRITER.read_text()
         server.execute(sandbox, f"cat > {HOME}/crash_writer.py <<'CRASH_WRITER_END'\n{script}\nCRASH_WRITER_END\n")
         writer_pid = start_sandbox_writer(server, sandbox, rng)
@@ -431,7 +438,7 @@ def sandbox_phase(work, rng, iterations, phase):
             # The mount outlived the kill: the sandbox's writer went on without an error.
             wait_for(f"{phase} iteration {iteration}: the sandbox's writer acknowledging again",
                      lambda: crash_writer.replay(crash_writer.read_journal(journal))[2] > acked_before, 60, 0.1)
-            if sandbox_writer_pid(f"{HOME}/journal.jsonl") != writer_pid:
+            if sandbox_writer_pid(sandbox_journal(sandbox)) != writer_pid:
                 writer_errors(errors, expected_errors=False)
                 raise CrashLoopFailure(f"{phase} iteration {iteration}: the sandbox's writer died")
             writer_errors(errors, expected_errors=False)
@@ -457,6 +464,11 @@ def sandbox_phase(work, rng, iterations, phase):
         sandboxes.clear()
         no_leaks(lambda *args, env=None: server_cellar(server, volume_id, args, env), f"{phase} phase")
         server.api("DELETE", f"/api/volumes/{volume_id}", ok=(200, 202, 204))
+    except BaseException:
+        # The sandbox's home goes with it: keep its journal for the failure's analysis.
+        for path in state_dir.glob("sandboxes/*/home/journal*"):
+            shutil.copytree(path, work / path.name) if path.is_dir() else shutil.copy(path, work)
+        raise
     finally:
         if runner:
             runner.process.stop()
