@@ -209,7 +209,15 @@ impl Runner {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if entry.file_type()?.is_dir() && !running.contains_key(&name) {
-                SandboxPaths::new(&self.sandboxes_dir, &name).remove();
+                let paths = SandboxPaths::new(&self.sandboxes_dir, &name);
+                // Launched before the runner died, record unsaved: nothing else would ever stop
+                // it (and its bind would keep the volume's mount busy). Its bubblewrap processes
+                // name the sandbox's home; the init among them takes the rest with it.
+                for pid in process::with_argument("bwrap", &paths.home().to_string_lossy()) {
+                    tracing::warn!(sandbox = %name, pid, "ending a sandbox whose creation was interrupted");
+                    process::kill(pid, libc::SIGKILL);
+                }
+                paths.remove();
             }
             // A network namespace bound before its sandbox's record was saved.
             if let Some(id) = name.strip_suffix(".netns") {
