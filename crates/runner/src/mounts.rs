@@ -367,8 +367,17 @@ fn mount_state(mount_point: &Path) -> MountState {
         return MountState::Absent;
     }
     match std::fs::metadata(mount_point) {
-        Ok(_) => MountState::Live,
-        Err(_) => MountState::Dead,
+        // Only a mount without its daemon answers ENOTCONN (ECONNABORTED once aborted); another
+        // error (a busy metadata database) comes from a live daemon, whose mount must stay.
+        Err(err)
+            if matches!(
+                err.raw_os_error(),
+                Some(libc::ENOTCONN | libc::ECONNABORTED)
+            ) =>
+        {
+            MountState::Dead
+        }
+        _ => MountState::Live,
     }
 }
 
