@@ -12,7 +12,6 @@ acknowledged so far (in any round) must have exactly its recorded content.
 """
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "harness"))
+from crash_writer import read_journal  # noqa: E402  (a torn last line was never acknowledged)
 from volume import Volume, VolumeError  # noqa: E402
 
 WRITER = r"""
@@ -59,18 +59,6 @@ while True:
 
 class CrashTestFailure(AssertionError):
     pass
-
-
-def read_journal(path):
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line: the writer died while writing it, it was never acknowledged
-    return entries
 
 
 def verify(mount_point, acknowledged):

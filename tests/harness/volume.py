@@ -69,20 +69,23 @@ def meta_url(work_dir, name):
 
 
 class Volume:
-    def __init__(self, work_dir, mount_args=()):
-        """`mount_args`: extra flags of every `cellar mount` of this volume."""
+    def __init__(self, work_dir, mount_args=(), existing=None):
+        """`mount_args`: extra flags of every `cellar mount` of this volume. `existing`: (name,
+        metadata URL) of a volume made elsewhere (by a server) instead of a fresh one."""
         self.mount_args = list(mount_args)
         self.work_dir = Path(work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # The name is kept in work_dir so the shell CLI finds the same volume on every call.
         name_file = self.work_dir / "volume-name"
+        if existing:
+            name_file.write_text(existing[0])
         if not name_file.exists():
             name_file.write_text(f"e2e-{self.work_dir.parent.name}-{uuid.uuid4().hex[:8]}")
         self.name = name_file.read_text().strip()
         self.mount_point = self.work_dir / "mnt"
         self.mount_point.mkdir(exist_ok=True)
         self.log_file = self.work_dir / "mount.log"
-        self.meta_url = meta_url(self.work_dir, self.name)
+        self.meta_url = existing[1] if existing else meta_url(self.work_dir, self.name)
         self.cellar = os.environ.get("CELLAR_BIN", str(REPO / "target/release/cellar"))
 
     def volume_args(self):
@@ -94,7 +97,8 @@ class Volume:
             )
         return ["--store", store_url, "--volume", self.name]
 
-    def run_cellar(self, *args, check=True, timeout=300):
+    def run_cellar(self, *args, check=True, timeout=300, env=None):
+        """`env`: extra environment variables."""
         if not os.access(self.cellar, os.X_OK):
             raise VolumeError(
                 f"{self.cellar} is not executable: build it with "
@@ -105,7 +109,7 @@ class Volume:
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**os.environ, "CELLAR_META_URL": self.meta_url},
+            env={**os.environ, "CELLAR_META_URL": self.meta_url, **(env or {})},
         )
         if check and result.returncode != 0:
             raise VolumeError(

@@ -40,6 +40,10 @@ pub trait MetaEngine: Send + Sync {
     fn reap_stale_sessions(&self, max_age_ns: i64, exclude: Option<SessionId>) -> Result<usize>;
     /// Sessions whose heartbeat is younger than `max_age_ns` (mounts that may be writing).
     fn live_sessions(&self, max_age_ns: i64) -> Result<Vec<SessionId>>;
+    /// The sessions recorded with exactly this `host` and `mount_point`, with their pids: a new
+    /// mount finds those of earlier mounts at its mount point that crashed, to close them at once
+    /// rather than after their heartbeats expire.
+    fn sessions_at(&self, host: &str, mount_point: &str) -> Result<Vec<(SessionId, u32)>>;
     /// Takes or renews the lease `name` for `session` for `ttl_ns` (one owner of background work
     /// per volume, such as gc). Returns false while another session holds an unexpired lease.
     fn try_lease(&self, name: &str, session: SessionId, ttl_ns: i64) -> Result<bool>;

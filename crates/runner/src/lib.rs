@@ -142,8 +142,9 @@ pub struct Runner {
     sandboxes_dir: PathBuf,
     /// Running sandboxes by id.
     sandboxes: Arc<Mutex<HashMap<String, Arc<SandboxRecord>>>>,
-    /// Serialises sandbox creation and destruction, and with them the mount reference counts.
-    lifecycle: tokio::sync::Mutex<()>,
+    /// Serialises sandbox creation and destruction, and with them the mount reference counts
+    /// (shared with the thread that replaces dead mounts).
+    lifecycle: Arc<tokio::sync::Mutex<()>>,
     mounts: Arc<MountManager>,
     cgroups: cgroup::Cgroups,
 }
@@ -161,13 +162,18 @@ impl Runner {
         let runner = Runner {
             sandboxes_dir,
             sandboxes: Arc::new(Mutex::new(HashMap::new())),
-            lifecycle: tokio::sync::Mutex::new(()),
+            lifecycle: Arc::new(tokio::sync::Mutex::new(())),
             mounts: Arc::new(MountManager::new(mounts_dir, config.cellar_bin)),
             cgroups: cgroup::Cgroups::detect(),
         };
         runner.recover()?;
         watch_host_addresses(
             runner.sandboxes_dir.clone(),
+            Arc::downgrade(&runner.sandboxes),
+        );
+        watch_mounts(
+            Arc::downgrade(&runner.lifecycle),
+            Arc::downgrade(&runner.mounts),
             Arc::downgrade(&runner.sandboxes),
         );
         Ok(runner)
@@ -206,7 +212,15 @@ impl Runner {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if entry.file_type()?.is_dir() && !running.contains_key(&name) {
-                SandboxPaths::new(&self.sandboxes_dir, &name).remove();
+                let paths = SandboxPaths::new(&self.sandboxes_dir, &name);
+                // Launched before the runner died, record unsaved: nothing else would ever stop
+                // it (and its bind would keep the volume's mount busy). Its bubblewrap processes
+                // name the sandbox's home; the init among them takes the rest with it.
+                for pid in process::with_argument("bwrap", &paths.home().to_string_lossy()) {
+                    tracing::warn!(sandbox = %name, pid, "ending a sandbox whose creation was interrupted");
+                    process::kill(pid, libc::SIGKILL);
+                }
+                paths.remove();
             }
             // A network namespace bound before its sandbox's record was saved.
             if let Some(id) = name.strip_suffix(".netns") {
@@ -663,6 +677,69 @@ fn rebind_volume(mounts: &MountManager, sandboxes: &[Arc<SandboxRecord>], volume
                 }
             }
         }
+    }
+}
+
+/// How often the runner looks for volume mounts whose daemon died under running sandboxes.
+const MOUNT_WATCH_PERIOD: Duration = Duration::from_secs(1);
+/// After a failed remount (the store or the database down), the next try of that volume waits
+/// this long: sandbox creation must not queue behind remounts that keep failing.
+const REMOUNT_BACKOFF: Duration = Duration::from_secs(15);
+
+/// Replaces the mount of a volume in use whose daemon died (a crash, an OOM kill) and renews the
+/// binds of the sandboxes that use it, until the runner is dropped: their processes see the
+/// volume again within about a second (files they had open on the dead mount stay dead).
+fn watch_mounts(
+    lifecycle: std::sync::Weak<tokio::sync::Mutex<()>>,
+    mounts: std::sync::Weak<MountManager>,
+    sandboxes: std::sync::Weak<Mutex<HashMap<String, Arc<SandboxRecord>>>>,
+) {
+    let mut retry_at: HashMap<String, std::time::Instant> = HashMap::new();
+    let spawned = std::thread::Builder::new()
+        .name("mount-watch".to_owned())
+        .spawn(move || loop {
+            std::thread::sleep(MOUNT_WATCH_PERIOD);
+            let (Some(lifecycle), Some(mounts), Some(sandboxes)) =
+                (lifecycle.upgrade(), mounts.upgrade(), sandboxes.upgrade())
+            else {
+                return;
+            };
+            let now = std::time::Instant::now();
+            retry_at.retain(|_, at| *at > now);
+            let broken = match mounts.broken_volumes() {
+                Ok(broken) => broken
+                    .into_iter()
+                    .filter(|volume_id| !retry_at.contains_key(volume_id))
+                    .collect::<Vec<_>>(),
+                Err(err) => {
+                    tracing::warn!("cannot check the volume mounts: {err}");
+                    continue;
+                }
+            };
+            if broken.is_empty() {
+                continue;
+            }
+            // Not while a sandbox is created or destroyed: they change the users of the mounts.
+            let _lifecycle = lifecycle.blocking_lock();
+            let records: Vec<Arc<SandboxRecord>> = sandboxes
+                .lock()
+                .expect("sandbox table poisoned")
+                .values()
+                .cloned()
+                .collect();
+            for volume_id in broken {
+                match mounts.remount(&volume_id) {
+                    Ok(true) => rebind_volume(&mounts, &records, &volume_id),
+                    Ok(false) => {}
+                    Err(err) => {
+                        tracing::error!(volume_id, "cannot replace the dead mount: {err}");
+                        retry_at.insert(volume_id, std::time::Instant::now() + REMOUNT_BACKOFF);
+                    }
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::error!("cannot watch the volume mounts: {err}");
     }
 }
 

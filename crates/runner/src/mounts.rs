@@ -161,6 +161,40 @@ impl MountManager {
         Ok(remounted)
     }
 
+    /// Volumes in use whose mount is dead (its daemon died) or gone. Stats each mount point: the
+    /// caller holds no lock that a hung mount could keep.
+    pub(crate) fn broken_volumes(&self) -> Result<Vec<String>, RunnerError> {
+        let mut broken = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|ext| ext.to_str()) != Some("json") {
+                continue;
+            }
+            let Some(volume_id) = path.file_stem().and_then(|stem| stem.to_str()) else {
+                continue;
+            };
+            if mount_state(&self.mount_point(volume_id)) != MountState::Live {
+                broken.push(volume_id.to_owned());
+            }
+        }
+        Ok(broken)
+    }
+
+    /// Mounts a volume in use again if its mount is still dead or gone; returns whether it did.
+    /// Callers serialise this with acquire/release.
+    pub(crate) fn remount(&self, volume_id: &str) -> Result<bool, RunnerError> {
+        match self.load(volume_id)? {
+            Some(record) if !record.users.is_empty() => {
+                if mount_state(&self.mount_point(volume_id)) == MountState::Live {
+                    return Ok(false);
+                }
+                self.ensure_mounted(&record.source)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Starts the mount daemon unless the mount is live; replaces a mount whose daemon died
     /// (and then returns true: the sandboxes' binds of the old mount are dead too).
     fn ensure_mounted(&self, source: &VolumeSource) -> Result<bool, RunnerError> {
@@ -333,8 +367,17 @@ fn mount_state(mount_point: &Path) -> MountState {
         return MountState::Absent;
     }
     match std::fs::metadata(mount_point) {
-        Ok(_) => MountState::Live,
-        Err(_) => MountState::Dead,
+        // Only a mount without its daemon answers ENOTCONN (ECONNABORTED once aborted); another
+        // error (a busy metadata database) comes from a live daemon, whose mount must stay.
+        Err(err)
+            if matches!(
+                err.raw_os_error(),
+                Some(libc::ENOTCONN | libc::ECONNABORTED)
+            ) =>
+        {
+            MountState::Dead
+        }
+        _ => MountState::Live,
     }
 }
 

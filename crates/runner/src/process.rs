@@ -37,19 +37,28 @@ pub(crate) fn children(pid: i32) -> Vec<i32> {
 
 /// Whether some process runs `program` (its argv[0]'s file name) with `arg` among its arguments.
 pub(crate) fn runs_with_argument(program: &str, arg: &str) -> bool {
+    !with_argument(program, arg).is_empty()
+}
+
+/// The processes that run `program` (its argv[0]'s file name) with `arg` among their arguments.
+pub(crate) fn with_argument(program: &str, arg: &str) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return false;
+        return Vec::new();
     };
-    entries.flatten().any(|entry| {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            return false;
-        };
-        let mut argv = cmdline.split(|byte| *byte == 0);
-        let name = argv
-            .next()
-            .and_then(|argv0| Path::new(std::str::from_utf8(argv0).ok()?).file_name());
-        name.is_some_and(|name| name == program) && argv.any(|item| item == arg.as_bytes())
-    })
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let mut argv = cmdline.split(|byte| *byte == 0);
+            let name = argv
+                .next()
+                .and_then(|argv0| Path::new(std::str::from_utf8(argv0).ok()?).file_name());
+            let found =
+                name.is_some_and(|name| name == program) && argv.any(|item| item == arg.as_bytes());
+            found.then_some(pid)
+        })
+        .collect()
 }
 
 /// The kernel's command name of a process (`comm`).

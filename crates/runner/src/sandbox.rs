@@ -132,7 +132,7 @@ impl SandboxPaths {
         }
     }
 
-    fn home(&self) -> PathBuf {
+    pub(crate) fn home(&self) -> PathBuf {
         self.dir.join("home")
     }
 

@@ -314,22 +314,35 @@ fn daemon_pid(mount_point: &Path) -> i32 {
 
 #[tokio::test]
 async fn a_dead_mount_daemon_is_replaced_on_restart() {
-    let mut fx = Fixture::new();
+    let fx = Fixture::new();
     fx.runner
         .create_sandbox(fx.spec("dead-a", "/v", None, false))
         .await
         .unwrap();
     fx.run("dead-a", "echo durable > /v/file").await;
-    let pid = daemon_pid(&fx.mount_point());
+    // The runner stops (its sandboxes and mounts run on), then the daemon dies.
+    let Fixture {
+        state,
+        data,
+        runner,
+    } = fx;
+    drop(runner);
+    let mount_point = state.path().canonicalize().unwrap().join("mounts/vol-1");
+    let pid = daemon_pid(&mount_point);
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::metadata(fx.mount_point()).is_ok() {
+    while std::fs::metadata(&mount_point).is_ok() {
         assert!(std::time::Instant::now() < deadline, "mount still answers");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
-    fx.runner = Fixture::runner_for(&fx.state);
+    let runner = Fixture::runner_for(&state);
+    let fx = Fixture {
+        state,
+        data,
+        runner,
+    };
     assert!(fx.runner.is_running("dead-a"));
     assert_eq!(fuse_mounts_at(&fx.mount_point()), 1);
     assert!(
@@ -354,6 +367,42 @@ async fn a_dead_mount_daemon_is_replaced_on_restart() {
 }
 
 #[tokio::test]
+async fn a_dead_mount_daemon_is_replaced_while_its_sandboxes_run() {
+    let fx = Fixture::new();
+    fx.runner
+        .create_sandbox(fx.spec("orphaned", "/v", Some("dir"), false))
+        .await
+        .unwrap();
+    fx.run("orphaned", "echo kept > /v/file").await;
+    let pid = daemon_pid(&fx.mount_point());
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // Nothing asks the runner: it notices the dead mount by itself and renews the bind.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (code, output) = fx.run("orphaned", "cat /v/file").await;
+        if code == 0 {
+            assert_eq!(output, "kept\n");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the volume stays dead: {output}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_ne!(daemon_pid(&fx.mount_point()), pid);
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 1);
+    assert_eq!(
+        fx.run("orphaned", "echo again >> /v/file && cat /v/file")
+            .await,
+        (0, "kept\nagain\n".into())
+    );
+    fx.runner.release_all().await;
+    assert_eq!(fuse_mounts_at(&fx.mount_point()), 0);
+}
+
+#[tokio::test]
 async fn a_dead_mount_is_replaced_when_the_next_sandbox_needs_it() {
     let fx = Fixture::new();
     fx.runner
@@ -372,8 +421,6 @@ async fn a_dead_mount_is_replaced_when_the_next_sandbox_needs_it() {
         assert!(std::time::Instant::now() < deadline, "mount still answers");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_ne!(fx.run("crash-ro", "cat /v/file").await.0, 0);
-
     fx.runner
         .create_sandbox(fx.spec("crash-new", "/v", None, false))
         .await

@@ -21,11 +21,37 @@ pub(crate) const STALE_SESSION_AGE: Duration = Duration::from_secs(60);
 /// mounts may reap its session (dropping its locks and unlinked-open files) any moment now.
 const FENCE_AFTER: Duration = Duration::from_secs(45);
 
-/// This host's name, recorded in sessions.
+/// Who records a session: the host's name, qualified by its boot and PID namespace, so that a
+/// session with this host and a pid that no longer runs here certainly belongs to a crashed
+/// process (two machines, or containers, may share a host name).
 pub(crate) fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let pid_namespace = std::fs::read_link("/proc/self/ns/pid")
+        .map(|link| link.display().to_string())
+        .unwrap_or_default();
+    format!(
+        "{} (boot {}, {pid_namespace})",
+        read("/proc/sys/kernel/hostname").trim(),
+        read("/proc/sys/kernel/random/boot_id").trim()
+    )
+}
+
+/// Whether `pid` names a live process of this PID namespace (a pid reused since counts as
+/// running: its session then expires as usual). A zombie is dead: a killed daemon stays one
+/// until its parent (often init) reaps it, and the runner remounts at once.
+fn process_runs(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may hold spaces.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => false,
+    }
 }
 type Invalidator = Box<dyn Fn(Invalidation) + Send + Sync>;
 
@@ -116,6 +142,7 @@ impl Inner {
             closed: AtomicBool::new(false),
             gc_grace: gc_grace(),
         });
+        inner.close_crashed_sessions_here();
         inner.reap_stale_sessions();
         tracing::info!(volume = %inner.core.volume.name, session, "volume opened");
         Ok(inner)
@@ -156,6 +183,34 @@ impl Inner {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "session heartbeat failed"),
+        }
+    }
+
+    /// Closes the sessions of earlier mounts at this mount point of this host whose process is
+    /// gone (SIGKILL, a crash): their locks and unlinked-open files go now rather than when their
+    /// heartbeat expires (a minute), so the mount that replaces them (the runner remounts a dead
+    /// daemon at once) can take their locks again: SQLite on a remounted volume works at once.
+    fn close_crashed_sessions_here(&self) {
+        let info = &self.session_info;
+        let sessions = match self.core.meta.sessions_at(&info.host, &info.mount_point) {
+            Ok(sessions) => sessions,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the sessions of this mount point");
+                return;
+            }
+        };
+        for (session, pid) in sessions {
+            if session == self.session() || process_runs(pid) {
+                continue;
+            }
+            match self.core.meta.close_session(session) {
+                Ok(()) => tracing::warn!(
+                    session,
+                    pid,
+                    "closed the session of a crashed mount of this mount point (its locks are released)"
+                ),
+                Err(e) => tracing::warn!(session, error = %e, "could not close the session of a crashed mount"),
+            }
         }
     }
 

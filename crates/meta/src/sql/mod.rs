@@ -310,6 +310,10 @@ impl MetaEngine for SqlEngine {
         self.read(|tx| namespace::live_sessions(tx, tx.now_ns()?, max_age_ns))
     }
 
+    fn sessions_at(&self, host: &str, mount_point: &str) -> Result<Vec<(SessionId, u32)>> {
+        self.read(|tx| namespace::sessions_at(tx, host, mount_point))
+    }
+
     fn try_lease(&self, name: &str, session: SessionId, ttl_ns: i64) -> Result<bool> {
         self.write(|tx| namespace::try_lease(tx, name, session, ttl_ns, tx.now_ns()?))
     }

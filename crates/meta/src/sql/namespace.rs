@@ -234,6 +234,22 @@ pub fn live_sessions(conn: &Tx<'_, '_>, now_ns: i64, max_age_ns: i64) -> Result<
     Ok(live)
 }
 
+pub fn sessions_at(
+    conn: &Tx<'_, '_>,
+    host: &str,
+    mount_point: &str,
+) -> Result<Vec<(SessionId, u32)>> {
+    let sessions = conn
+        .prepare_cached(
+            "SELECT id, pid FROM sessions WHERE host = ?1 AND mount_point = ?2 ORDER BY id",
+        )?
+        .query_map(params![host, mount_point], |row| {
+            Ok((row.get(0)?, row.get::<_, u32>(1)?))
+        })?
+        .collect::<cellar_sql::Result<_>>()?;
+    Ok(sessions)
+}
+
 pub fn try_lease(
     conn: &Tx<'_, '_>,
     name: &str,

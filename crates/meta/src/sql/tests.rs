@@ -1945,6 +1945,32 @@ fn live_sessions_are_those_with_a_recent_heartbeat(engine: Engine) {
     assert_eq!(f.meta.live_sessions(MAX_AGE).unwrap(), vec![f.session]);
 }
 
+fn sessions_are_found_by_host_and_mount_point(engine: Engine) {
+    let f = Fixture::new(engine);
+    let here = open_session(&f.meta, wall_clock_ns());
+    let elsewhere = f
+        .meta
+        .open_session(&SessionInfo {
+            host: "host".into(),
+            pid: 7,
+            mount_point: "/other".into(),
+            now_ns: wall_clock_ns(),
+        })
+        .unwrap();
+    let found = f.meta.sessions_at("host", "/mnt").unwrap();
+    assert!(found.contains(&(here, 42)), "{found:?}");
+    assert!(found.iter().all(|(id, _)| *id != elsewhere), "{found:?}");
+    assert_eq!(
+        f.meta.sessions_at("host", "/other").unwrap(),
+        vec![(elsewhere, 7)]
+    );
+    assert!(f
+        .meta
+        .sessions_at("another host", "/mnt")
+        .unwrap()
+        .is_empty());
+}
+
 fn slice_references_hold_live_and_pending_slices(engine: Engine) {
     let f = Fixture::new(engine);
     assert_eq!(
@@ -3341,6 +3367,7 @@ on_every_engine!(
     read_layout_returns_content_unless_the_version_is_known,
     leases_are_exclusive_renewable_and_taken_over_after_expiry,
     live_sessions_are_those_with_a_recent_heartbeat,
+    sessions_are_found_by_host_and_mount_point,
     slice_references_hold_live_and_pending_slices,
     every_write_records_its_changed_inodes_and_entries,
     another_engine_sees_the_changes_and_its_wait_returns_at_the_commit,
