@@ -141,6 +141,9 @@ async fn volumes_attach_to_and_detach_from_a_running_sandbox() {
     // Not in use any more: the volume can go; the sandbox too.
     let (status, body) = server.delete(&format!("/api/sandbox/{id}")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    server
+        .wait_for(&format!("/api/sandbox/{id}"), "state", "destroyed")
+        .await;
     let (status, body) = server.delete(&format!("/api/volumes/{v}")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     server.stop().await;

@@ -257,9 +257,10 @@ async fn a_sandbox_mounts_a_snapshot_read_only() {
     let (code, out) = exec(&server, &sandbox, "echo x > /mnt/snap/new").await;
     assert_ne!(code, 0, "a snapshot accepted a write: {out}");
     assert!(out.contains("Read-only"), "{out}");
-    let (status, body) = server
-        .delete(&format!("/api/sandbox/{}", id(&sandbox)))
-        .await;
+    let path = format!("/api/sandbox/{}", id(&sandbox));
+    let (status, body) = server.delete(&path).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Its mounts are released before the server stops.
+    server.wait_for(&path, "state", "destroyed").await;
     server.stop().await;
 }
