@@ -131,14 +131,8 @@ impl MountManager {
     /// without users and remounts those whose daemon died. Returns the remounted volumes.
     pub(crate) fn recover(&self, running: &HashSet<String>) -> Result<Vec<String>, RunnerError> {
         let mut remounted = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            if path.extension().and_then(|ext| ext.to_str()) != Some("json") {
-                continue;
-            }
-            let Some(volume_id) = path.file_stem().and_then(|stem| stem.to_str()) else {
-                continue;
-            };
+        for (volume_id, path) in self.recorded_volumes()? {
+            let volume_id = volume_id.as_str();
             let Some(mut record) = self.load(volume_id)? else {
                 continue;
             };
@@ -164,20 +158,27 @@ impl MountManager {
     /// Volumes in use whose mount is dead (its daemon died) or gone. Stats each mount point: the
     /// caller holds no lock that a hung mount could keep.
     pub(crate) fn broken_volumes(&self) -> Result<Vec<String>, RunnerError> {
-        let mut broken = Vec::new();
+        Ok(self
+            .recorded_volumes()?
+            .into_iter()
+            .map(|(volume_id, _)| volume_id)
+            .filter(|volume_id| mount_state(&self.mount_point(volume_id)) != MountState::Live)
+            .collect())
+    }
+
+    /// The volumes that have a users record, with the record's path.
+    fn recorded_volumes(&self) -> Result<Vec<(String, PathBuf)>, RunnerError> {
+        let mut volumes = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let path = entry?.path();
             if path.extension().and_then(|ext| ext.to_str()) != Some("json") {
                 continue;
             }
-            let Some(volume_id) = path.file_stem().and_then(|stem| stem.to_str()) else {
-                continue;
-            };
-            if mount_state(&self.mount_point(volume_id)) != MountState::Live {
-                broken.push(volume_id.to_owned());
+            if let Some(volume_id) = path.file_stem().and_then(|stem| stem.to_str()) {
+                volumes.push((volume_id.to_owned(), path.clone()));
             }
         }
-        Ok(broken)
+        Ok(volumes)
     }
 
     /// Mounts a volume in use again if its mount is still dead or gone; returns whether it did.

@@ -296,13 +296,13 @@ pub enum DbError {
 pub type DbResult<T> = Result<T, DbError>;
 
 /// A volume to insert (see `ControlDb::insert_volume`).
-pub struct NewVolume<'a> {
-    pub name: &'a str,
+pub struct NewVolume {
+    pub name: String,
     pub quota_bytes: Option<u64>,
     /// The volume or snapshot a fork or snapshot is made from.
-    pub origin: Option<&'a str>,
+    pub origin: Option<String>,
     /// `volume_kind::VOLUME` or `volume_kind::SNAPSHOT`.
-    pub kind: &'a str,
+    pub kind: &'static str,
 }
 
 /// Outcome of a volume delete request.
@@ -558,12 +558,7 @@ impl ControlDb {
     /// Inserts a volume in state `creating`, enforcing the name's uniqueness and the quota.
     /// `quota_bytes` is the volume's byte quota, applied by provisioning. A fork or snapshot
     /// names its origin, which must be ready (provisioning copies it), and takes its quota.
-    pub fn insert_volume(
-        &self,
-        org_id: &str,
-        new: &NewVolume<'_>,
-        quota: u32,
-    ) -> DbResult<VolumeRow> {
+    pub fn insert_volume(&self, org_id: &str, new: &NewVolume, quota: u32) -> DbResult<VolumeRow> {
         self.write(|tx| {
             let live: i64 = tx.query_row(
                 "SELECT count(*) FROM volumes WHERE org_id = ?1 AND state <> 'deleted'",
@@ -575,7 +570,7 @@ impl ControlDb {
                     "volume quota exceeded: an organization may have at most {quota} volumes"
                 )));
             }
-            let name = new.name;
+            let name = new.name.as_str();
             ensure_free(
                 tx,
                 "SELECT count(*) FROM volumes WHERE org_id = ?1 AND name = ?2 AND state <> 'deleted'",
@@ -583,7 +578,7 @@ impl ControlDb {
                 || format!("volume with name {name:?} already exists"),
             )?;
             let mut quota_bytes = new.quota_bytes;
-            if let Some(origin) = new.origin {
+            if let Some(origin) = new.origin.as_deref() {
                 let origin = volume_by_id(tx, org_id, origin)?
                     .filter(|v| v.state != volume_state::DELETED)
                     .ok_or_else(|| DbError::NotFound(format!("volume {origin} not found")))?;
@@ -606,7 +601,7 @@ impl ControlDb {
                 updated_at: now,
                 last_used_at: None,
                 quota_bytes,
-                origin_id: new.origin.map(str::to_string),
+                origin_id: new.origin.clone(),
                 kind: new.kind.to_string(),
             };
             tx.execute(

@@ -185,41 +185,22 @@ pub async fn create(
     validate_volume_name(&body.name).map_err(ApiError::bad_request)?;
     let quota_bytes = check_quota(body.quota_bytes)?;
     let new = NewVolume {
-        name: &body.name,
+        name: body.name,
         quota_bytes,
         origin: None,
         kind: volume_kind::VOLUME,
     };
-    create_volume(&state, &org, &new).await
+    create_volume(&state, &org, new).await
 }
 
 /// Inserts the row and provisions the volume (formats it, or copies its origin); answers once
 /// it is `ready` (or `error`).
-async fn create_volume(
-    state: &AppState,
-    org: &str,
-    new: &NewVolume<'_>,
-) -> ApiResult<Json<VolumeDto>> {
+async fn create_volume(state: &AppState, org: &str, new: NewVolume) -> ApiResult<Json<VolumeDto>> {
     let services = state.services.clone();
     let quota = services.config.volume_quota;
     let db = services.db.clone();
-    let (org, name, origin, kind) = (
-        org.to_string(),
-        new.name.to_string(),
-        new.origin.map(str::to_string),
-        new.kind.to_string(),
-    );
-    let quota_bytes = new.quota_bytes;
-    let volume = blocking(move || {
-        let new = NewVolume {
-            name: &name,
-            quota_bytes,
-            origin: origin.as_deref(),
-            kind: &kind,
-        };
-        db.insert_volume(&org, &new, quota)
-    })
-    .await?;
+    let org = org.to_string();
+    let volume = blocking(move || db.insert_volume(&org, &new, quota)).await?;
     // Provisioning runs as its own task so that it completes even if the client disconnects.
     let task = tokio::spawn({
         let services = services.clone();
@@ -285,12 +266,12 @@ pub async fn create_snapshot(
     };
     validate_volume_name(&name).map_err(ApiError::bad_request)?;
     let new = NewVolume {
-        name: &name,
+        name,
         quota_bytes: None,
-        origin: Some(&origin.id),
+        origin: Some(origin.id),
         kind: volume_kind::SNAPSHOT,
     };
-    create_volume(&state, &org, &new).await
+    create_volume(&state, &org, new).await
 }
 
 /// `<origin>-snapshot-<ms since the epoch>`, cut to fit a volume name.
@@ -377,12 +358,12 @@ pub async fn fork(
     validate_volume_name(&body.name).map_err(ApiError::bad_request)?;
     let origin = origin(&state, &org, &volume_id).await?;
     let new = NewVolume {
-        name: &body.name,
+        name: body.name,
         quota_bytes: None,
-        origin: Some(&origin.id),
+        origin: Some(origin.id),
         kind: volume_kind::VOLUME,
     };
-    create_volume(&state, &org, &new).await
+    create_volume(&state, &org, new).await
 }
 
 #[utoipa::path(
