@@ -463,9 +463,33 @@ async fn refusals() {
     assert_eq!(status, StatusCode::OK);
     let op = &doc["paths"]["/api/volumes/{volumeId}/events"]["get"];
     assert_eq!(op["operationId"], "volumeEvents", "{op}");
-    assert!(
-        op["responses"]["200"]["content"]["text/event-stream"].is_object(),
-        "{op}"
+    // Each event is described as framed (event, id, data): schema validators (schemathesis)
+    // check every event of a stream against it, the JSON in `data` against its own schema.
+    let stream = &op["responses"]["200"]["content"]["text/event-stream"]["schema"];
+    assert_eq!(stream["$ref"], "#/components/schemas/EventFrame", "{op}");
+    let frames = doc["components"]["schemas"]["EventFrame"]["oneOf"]
+        .as_array()
+        .unwrap_or_else(|| panic!("EventFrame is a oneOf: {doc}"));
+    let described: Vec<(Value, Value)> = frames
+        .iter()
+        .map(|frame| {
+            let properties = &frame["properties"];
+            assert_eq!(properties["data"]["contentMediaType"], "application/json");
+            (
+                properties["event"]["enum"].clone(),
+                properties["data"]["contentSchema"]["$ref"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        described,
+        [
+            (
+                json!(["created", "modified", "removed", "renamed"]),
+                json!("#/components/schemas/ChangeEvent")
+            ),
+            (json!(["lost"]), json!("#/components/schemas/LostEvent")),
+        ]
     );
     server.stop().await;
 }

@@ -90,6 +90,53 @@ pub struct LostEvent {
     pub message: String,
 }
 
+/// One server-sent event as it is framed on the wire (`event:`, `id:`, `data:`), for the API
+/// document: a change kind with a [`ChangeEvent`] as its JSON data, or `lost` with a
+/// [`LostEvent`].
+pub struct EventFrame;
+
+impl utoipa::PartialSchema for EventFrame {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        use utoipa::openapi::Ref;
+        let frame = |kinds: &[&str], data: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property(
+                    "event",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some(kinds.iter().copied())),
+                )
+                .required("event")
+                .property(
+                    "id",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some("^[0-9]+$")),
+                )
+                .required("id")
+                .property(
+                    "data",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .content_media_type("application/json")
+                        .content_schema(Some(Ref::from_schema_name(data))),
+                )
+                .required("data")
+        };
+        OneOfBuilder::new()
+            .item(frame(
+                &["created", "modified", "removed", "renamed"],
+                "ChangeEvent",
+            ))
+            .item(frame(&["lost"], "LostEvent"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventFrame {}
+
 /// One event, rendered once for every subscriber.
 struct Rendered {
     seq: u64,
@@ -551,7 +598,7 @@ impl Stream {
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id (sent by EventSource clients when they reconnect)"),
     ),
     responses(
-        (status = 200, description = "Server-sent events: `event:` created, modified, removed, renamed (data: ChangeEvent) or lost (data: LostEvent); `id:` the change's position in the volume's change log", content_type = "text/event-stream", body = ChangeEvent),
+        (status = 200, description = "Server-sent events: `event:` created, modified, removed, renamed (data: ChangeEvent) or lost (data: LostEvent); `id:` the change's position in the volume's change log", content_type = "text/event-stream", body = EventFrame),
         (status = 404, description = "no such volume", body = ErrorBody),
         (status = 409, description = "the volume is not ready", body = ErrorBody),
         (status = 503, description = "the server is stopping", body = ErrorBody)

@@ -405,7 +405,7 @@ impl Modify for BearerAuth {
         toolbox::fs::replace_in_files,
         metrics,
     ),
-    components(schemas(ErrorBody, events::ChangeEvent, events::LostEvent)),
+    components(schemas(ErrorBody, events::EventFrame, events::ChangeEvent, events::LostEvent)),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
