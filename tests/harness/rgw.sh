@@ -17,10 +17,27 @@ set -euo pipefail
 readonly BUCKET=cellar-test
 readonly REGION=us-east-1
 
-die() { echo "rgw.sh: $*" >&2; exit 1; }
+exec 9>&2 # die reports on the caller's stderr even where a probe's output is discarded
+die() { echo "rgw.sh: $*" >&9; exit 1; }
 
+# A free port below the kernel's ephemeral range: a port bind(0) hands out is free only until the
+# next outgoing connection takes it as its source port (the daemons make many before radosgw
+# binds its port), and a radosgw that cannot bind exits.
 free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  python3 -c '
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for port in random.sample(range(10000, low), 200):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    print(port)
+    break
+else:
+    raise SystemExit("no free port below the ephemeral range")
+'
 }
 
 random_string() { # length, alphabet
@@ -110,9 +127,16 @@ wait_for() { # seconds description command...
   done
 }
 
+# radosgw up and answering; a radosgw that exited is reported at once, with the end of its log.
+rgw_answers() { # url
+  pgrep -f "^radosgw -c $conf " >/dev/null ||
+    die "radosgw exited: $(tail -n 5 "$dir/log/client.rgw.log" 2>/dev/null)"
+  curl -sS -o /dev/null --max-time 2 "$1"
+}
+
 # Ceph daemons fork into the background: keep their stdio off the caller's pipes.
 start_daemon() { # command args...
-  "$1" -c "$conf" "${@:2}" </dev/null >>"$dir/log/daemons.out" 2>&1 ||
+  "$1" -c "$conf" "${@:2}" </dev/null >>"$dir/log/daemons.out" 2>&1 9>&- ||
     die "$1 failed to start: $(tail -n 5 "$dir/log/daemons.out")"
 }
 
@@ -148,8 +172,8 @@ start() {
   # radosgw-admin echoes the keys as JSON: keep that out of the logs.
   timeout 120 radosgw-admin -c "$conf" user create --uid=cellar-test --display-name="Cellar tests" \
     --access-key="$access_key" --secret-key="$secret_key" >/dev/null
-  wait_for 60 "radosgw to listen on port $rgw_port" \
-    curl -sS -o /dev/null --max-time 2 "$endpoint/"
+  # Its first start creates its pools, which takes a minute or more on a loaded machine.
+  wait_for 180 "radosgw to listen on port $rgw_port" rgw_answers "$endpoint/"
   local status
   status=$(s3_curl PUT "$BUCKET")
   [ "$status" = 200 ] || die "creating bucket $BUCKET returned HTTP $status"
@@ -165,7 +189,7 @@ export AWS_SECRET_ACCESS_KEY='${secret_key}'
 EOF
   if [ -n "$listen" ]; then
     echo "export CELLAR_TEST_S3_HOSTS_URL='s3://${BUCKET}?endpoint=http://${listen}:${rgw_port}&region=${REGION}'" >>"$dir/env"
-    wait_for 30 "radosgw to listen on $listen:$rgw_port" curl -sS -o /dev/null --max-time 2 "http://$listen:$rgw_port/"
+    wait_for 30 "radosgw to listen on $listen:$rgw_port" rgw_answers "http://$listen:$rgw_port/"
   fi
   echo "rgw.sh: RGW ready at $endpoint (bucket $BUCKET) in $((SECONDS - started))s; env in $dir/env"
 }
