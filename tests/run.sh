@@ -26,11 +26,6 @@ POSTGRES_SUITES=(two_mount_model_test pjdfstest workloads events)
 # Minutes each end-to-end suite may take before it counts as failed (a hung mount must not hang CI).
 declare -A SUITE_MINUTES=([model_test]=20 [two_mount_model_test]=15 [pjdfstest]=30 [fsx_fio]=40 [workloads]=20 [crash_test]=20 [crash_loops]=10 [copies_holes]=10 [stream_read]=10 [store_faults]=8 [meta_faults]=6 [events]=5 [gateway]=8 [soak]=10 [multihost]=20)
 
-# The crash loops' daemon phase (SQLite on the volume, its mount daemon killed) still loses a
-# committed WAL transaction in about 1 kill of 90: an open defect (issue 11). Until it is fixed
-# the full run takes the runner and server phases; tests/crash_loops_full.sh runs all three.
-export CELLAR_CRASH_LOOP_PHASES=${CELLAR_CRASH_LOOP_PHASES:-runner,server}
-
 # shellcheck source=harness/server.sh
 source tests/harness/server.sh
 

@@ -7,27 +7,27 @@
 # the first's objects, and with the first organization's key. Fails on any 5xx, on any response
 # the document does not describe (status code, content type, headers, body schema), on a success
 # without a valid key, and on any answer that carries an id or a marker of an organization the
-# key does not belong to (tests/api/hooks.py). Prints the totals (requests, endpoints, 5xx). Then 200 concurrent clients for 30 s
+# key does not belong to (tests/api/hooks.py). Prints the totals (requests, endpoints, 5xx). Then 200 concurrent clients for 20 s
 # (tests/api/load.py): every answer must be the expected one.
 #
 # Environment:
 #   CELLAR_BIN          the cellar binary (default: target/release/cellar of this repository)
 #   FUZZ_MAX_EXAMPLES   examples per operation and phase (default 25; e.g. 500 for a long run)
-#   FUZZ_MAX_TIME       seconds each run with a valid key may take (default 100)
-#   FUZZ_MAX_TIME_UNAUTH  seconds each run without a valid key may take (default 30)
+#   FUZZ_MAX_TIME       seconds each run with a valid key may take (default 60)
+#   FUZZ_MAX_TIME_UNAUTH  seconds each run without a valid key may take (default 20)
 #   FUZZ_SEED           hypothesis seed, to reproduce a run
 #   FUZZ_KEEP           1 to keep the data directory, the server log and the reports
 #   FUZZ_DATABASE       a postgres:// URL of an empty database: the server keeps its control state
 #                       and the volumes' metadata there instead of SQLite files
-#   LOAD_CLIENTS, LOAD_SECONDS   the concurrent clients' number and duration (200, 30)
+#   LOAD_CLIENTS, LOAD_SECONDS   the concurrent clients' number and duration (200, 20)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CELLAR_BIN=${CELLAR_BIN:-$REPO/target/release/cellar}
 MAX_EXAMPLES=${FUZZ_MAX_EXAMPLES:-25}
-MAX_TIME=${FUZZ_MAX_TIME:-100}
-MAX_TIME_UNAUTH=${FUZZ_MAX_TIME_UNAUTH:-30}
+MAX_TIME=${FUZZ_MAX_TIME:-60}
+MAX_TIME_UNAUTH=${FUZZ_MAX_TIME_UNAUTH:-20}
 SEED=${FUZZ_SEED:-$RANDOM$RANDOM}
 # shellcheck source=../harness/server.sh
 source "$REPO/tests/harness/server.sh"
@@ -143,7 +143,7 @@ else
 fi
 fuzz "organization A" own "$MAX_TIME" "$KEY_A"
 python3 totals.py "$BASE/api/openapi.json" "${RUNS[@]}" -- "$REPORTS"/run-*.har || status=1
-echo "== ${LOAD_CLIENTS:-200} concurrent clients for ${LOAD_SECONDS:-30} s"
+echo "== ${LOAD_CLIENTS:-200} concurrent clients for ${LOAD_SECONDS:-20} s"
 # Objects of its own: the fuzz runs may well have deleted theirs.
 LOAD_VOLUME_ID=$(api POST /api/volumes "$KEY_A" '{"name":"load-volume"}' | field id)
 LOAD_SANDBOX_ID=$(api POST /api/sandbox "$KEY_A" '{"name":"load-sandbox","networkBlockAll":true}' | field id)

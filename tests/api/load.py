@@ -3,7 +3,7 @@ answer must be the expected one (no 5xx, no refused or dropped connection, no wr
 
     python3 load.py BASE_URL KEY_A KEY_B SANDBOX_ID VOLUME_ID   (sandbox and volume of A)
 
-Environment: LOAD_CLIENTS (default 200), LOAD_SECONDS (default 30).
+Environment: LOAD_CLIENTS (default 200), LOAD_SECONDS (default 20).
 Each client keeps one connection and cycles through: list volumes, get A's sandbox, get A's
 volume with B's key (404), a request without a valid key (401), an unknown route (404), and
 every tenth round a command in the sandbox. Prints totals; exits 1 on any unexpected answer.
@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 BASE, KEY_A, KEY_B, SANDBOX, VOLUME = sys.argv[1:6]
 CLIENTS = int(os.environ.get("LOAD_CLIENTS", "200"))
-SECONDS = float(os.environ.get("LOAD_SECONDS", "30"))
+SECONDS = float(os.environ.get("LOAD_SECONDS", "20"))
 HOST = urlsplit(BASE)
 
 # (method, path, key, body, expected status)

@@ -159,17 +159,19 @@ def daemon_phase(work, rng, iterations):
                 raise CrashLoopFailure(f"the writer exited {writer.returncode} before the kill")
             killed = time.monotonic()
             volume.kill()
-            detached = time.monotonic()
-            # Gone before the remount, so that it cannot write to the new mount.
+            dead = time.monotonic()
+            # Gone before the detach (see Volume.kill) and the remount, so that it cannot write
+            # to the disk underneath or to the new mount.
             try:
                 writer.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 writer.kill()
                 writer.wait()
-            remounting = time.monotonic()
+            detaching = time.monotonic()
+            volume.detach()
             volume.mount()
-            # Kill to usable again: detaching the dead mount and mounting anew.
-            stats.recoveries.append(detached - killed + time.monotonic() - remounting)
+            # Kill to usable again: the daemon gone, the dead mount detached, mounted anew.
+            stats.recoveries.append(dead - killed + time.monotonic() - detaching)
             writer_errors(errors, expected_errors=True)
             stats.operations = verify(root, journal, f"daemon iteration {iteration}", resolve=True)
             fsck_clean(volume.fsck, f"daemon iteration {iteration}")

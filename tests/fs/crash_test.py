@@ -103,6 +103,7 @@ def run(seed, rounds, work_dir):
             except subprocess.TimeoutExpired:
                 writer.send_signal(signal.SIGKILL)
                 writer.wait()
+            volume.detach()
             now_acknowledged = len(read_journal(journal))
             code, output = volume.fsck()
             if code != 0:

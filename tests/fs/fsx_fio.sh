@@ -2,12 +2,13 @@
 # fsx (pread/pwrite, mmap reads and writes, truncate, fallocate, fsync, ...) on one file, then
 # fio writing sequentially and randomly with crc32c verification, re-verified after a remount so
 # the data is read back from the object store.
-#   CELLAR_FSX_OPS (default 100000), CELLAR_FSX_SEED (random if unset), CELLAR_FIO_SIZE (256M)
+#   CELLAR_FSX_OPS (default 50000; tests/fsx_full.sh: 1,000,000), CELLAR_FSX_SEED (random if unset),
+#   CELLAR_FIO_SIZE (256M)
 source "$(dirname "$0")/../harness/suite.sh"
 
 command -v fsx >/dev/null || fail "fsx is not installed (cargo install fsx --locked)"
 command -v fio >/dev/null || fail "fio is not installed (apt-get install fio)"
-ops=${CELLAR_FSX_OPS:-100000}
+ops=${CELLAR_FSX_OPS:-50000}
 seed=${CELLAR_FSX_SEED:-$((RANDOM * 32768 + RANDOM))}
 fio_size=${CELLAR_FIO_SIZE:-256M}
 

@@ -4,7 +4,7 @@
 Library: `Volume(work_dir)` keeps its metadata database, mount point and mount log under
 work_dir; the volume name is unique per work_dir so volumes never share objects in the bucket.
 
-CLI (for shell suites):  volume.py mount|umount|remount|fsck|kill|destroy|cleanup WORK_DIR
+CLI (for shell suites):  volume.py mount|umount|remount|fsck|kill|detach|destroy|cleanup WORK_DIR
 `mount` prints the mount point. Everything fails loudly (non-zero exit, one clear line).
 
 Environment: CELLAR_TEST_S3_URL (+ AWS keys) from tests/harness/rgw.sh; CELLAR_BIN (default
@@ -162,7 +162,9 @@ class Volume:
         raise VolumeError(f"no `cellar mount` process serves {target}")
 
     def kill(self):
-        """SIGKILL the mount daemon, then detach the dead mount (what an operator would do)."""
+        """SIGKILL the mount daemon. The dead mount stays attached, failing every call with
+        ENOTCONN, until `detach`: a process still writing by path must not reach the directory
+        underneath (detached, its paths resolve there and its writes land on the local disk)."""
         if local_mode():
             return
         pid = self.daemon_pid()
@@ -172,7 +174,19 @@ class Volume:
             if time.monotonic() > deadline:
                 raise VolumeError(f"mount daemon {pid} survived SIGKILL for 30 s")
             time.sleep(0.05)
+
+    def detach(self):
+        """Detaches a dead mount (what an operator would do), once nothing writes to it any
+        more; the directory underneath must be empty."""
+        if local_mode():
+            return
         subprocess.run(["fusermount3", "-u", "-z", str(self.mount_point)], check=True)
+        if is_mounted(self.mount_point):
+            raise VolumeError(f"{self.mount_point} is still mounted after detaching it")
+        strays = sorted(entry.name for entry in self.mount_point.iterdir())
+        if strays:
+            raise VolumeError(f"{self.mount_point} holds {strays[:5]} underneath the mount: a writer "
+                              "reached the directory after the mount was detached")
 
     def fsck(self):
         """Runs `cellar fsck`; returns (exit code, output)."""
@@ -205,7 +219,7 @@ class Volume:
 
 
 def main(argv):
-    actions = ("mount", "umount", "remount", "fsck", "kill", "destroy", "cleanup")
+    actions = ("mount", "umount", "remount", "fsck", "kill", "detach", "destroy", "cleanup")
     if len(argv) != 3 or argv[1] not in actions:
         print(f"usage: volume.py {'|'.join(actions)} WORK_DIR", file=sys.stderr)
         return 2
