@@ -13,13 +13,9 @@ cd "$(dirname "$0")/.."
 export CELLAR_BIN=${CELLAR_BIN:-$PWD/target/release/cellar}
 [[ -x $CELLAR_BIN ]] || { echo "fsx_full.sh: no cellar binary at $CELLAR_BIN (cargo build --release -p cellar-cli)" >&2; exit 2; }
 
-if [[ -z ${CELLAR_TEST_S3_URL:-} ]]; then
-  rgw_dir=$(mktemp -d /tmp/cellar-fsx-rgw-XXXXXX)
-  trap 'bash tests/harness/rgw.sh stop "$rgw_dir"; rm -rf "$rgw_dir"' EXIT
-  bash tests/harness/rgw.sh start "$rgw_dir"
-  # shellcheck disable=SC1091
-  source "$rgw_dir/env"
-fi
+# shellcheck source=harness/own_rgw.sh
+source tests/harness/own_rgw.sh
+own_rgw fsx
 
 export CELLAR_FSX_OPS=${CELLAR_FSX_OPS:-1000000}
 # As in tests/run.sh: replaced blocks are deleted after 30 s, so the RGW's OSD holds little garbage.

@@ -23,13 +23,9 @@ bin=${CELLAR_BIN:-$PWD/target/release/cellar}
 cp "$bin" "$RESULTS/cellar"
 export CELLAR_BIN=$RESULTS/cellar
 
-if [[ -z ${CELLAR_TEST_S3_URL:-} ]]; then
-  rgw_dir=$(mktemp -d /tmp/cellar-soak-rgw-XXXXXX)
-  trap 'bash tests/harness/rgw.sh stop "$rgw_dir"; rm -rf "$rgw_dir"' EXIT
-  bash tests/harness/rgw.sh start "$rgw_dir"
-  # shellcheck disable=SC1091
-  source "$rgw_dir/env"
-fi
+# shellcheck source=harness/own_rgw.sh
+source tests/harness/own_rgw.sh
+own_rgw soak
 
 export CELLAR_SOAK_SECONDS=${CELLAR_SOAK_SECONDS:-3600}
 export CELLAR_SOAK_CSV=$RESULTS/memory.csv
