@@ -9,16 +9,18 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use cellar_vfs::{Attr, Ctx, LockRange, RenameMode, SetAttrRequest, Vfs, VfsResult, ROOT_INO};
+use cellar_vfs::{
+    Attr, Ctx, LockRange, LockReply, RenameMode, SetAttrRequest, Vfs, VfsResult, ROOT_INO,
+};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::convert::{
@@ -59,11 +61,21 @@ const CONGESTION_THRESHOLD: u16 = 96;
 pub(crate) struct CellarFs {
     vfs: Arc<Vfs>,
     kernel: Arc<KernelCache>,
+    /// Set once the session exists (it is made from this file system).
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl CellarFs {
-    pub(crate) fn new(vfs: Arc<Vfs>, kernel: Arc<KernelCache>) -> Self {
-        CellarFs { vfs, kernel }
+    pub(crate) fn new(
+        vfs: Arc<Vfs>,
+        kernel: Arc<KernelCache>,
+        notifier: Arc<OnceLock<Notifier>>,
+    ) -> Self {
+        CellarFs {
+            vfs,
+            kernel,
+            notifier,
+        }
     }
 
     /// Answers an entry request, remembering what the kernel now holds.
@@ -120,6 +132,33 @@ fn reply_attr(reply: ReplyAttr, result: VfsResult<Attr>) {
 fn reply_empty(reply: ReplyEmpty, result: VfsResult<()>) {
     match result {
         Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+/// Answers a granted lock once the kernel dropped what the vfs found stale, so that the holder's
+/// next stat and read see what the previous holder wrote on another mount. Sent from this
+/// thread, not queued: a request handler's notification only waits for page locks, which the
+/// other handler threads release.
+fn reply_lock(
+    reply: ReplyEmpty,
+    ino: INodeNo,
+    granted: VfsResult<LockReply>,
+    notifier: &OnceLock<Notifier>,
+) {
+    match granted {
+        Ok(LockReply { keep_cache: false }) => {
+            if let Some(notifier) = notifier.get() {
+                if let Err(e) = notifier.inval_inode(ino, 0, 0) {
+                    // ENOENT: the kernel holds nothing of the inode.
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        tracing::warn!(ino = ino.0, "dropping a locked file's cache failed: {e}");
+                    }
+                }
+            }
+            reply.ok()
+        }
+        Ok(LockReply { keep_cache: true }) => reply.ok(),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -694,16 +733,16 @@ impl Filesystem for CellarFs {
             return reply.error(Errno::EINVAL);
         };
         if !sleep {
-            return reply_empty(
-                reply,
-                self.vfs.setlk(ino.0, fh.0, lock_owner.0, range, false),
-            );
+            let granted = self.vfs.setlk(ino.0, fh.0, lock_owner.0, range, false);
+            return reply_lock(reply, ino, granted, &self.notifier);
         }
         let vfs = Arc::clone(&self.vfs);
+        let notifier = Arc::clone(&self.notifier);
         let waiter = std::thread::Builder::new()
             .name("cellar-lock-wait".into())
             .spawn(move || {
-                reply_empty(reply, vfs.setlk(ino.0, fh.0, lock_owner.0, range, true));
+                let granted = vfs.setlk(ino.0, fh.0, lock_owner.0, range, true);
+                reply_lock(reply, ino, granted, &notifier);
             });
         if let Err(e) = waiter {
             // The reply moved into the closure that failed to start: dropping it unanswered

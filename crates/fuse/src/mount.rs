@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 
 use cellar_vfs::{Invalidation, Unflushed, Vfs, ROOT_INO};
@@ -208,11 +208,13 @@ pub fn mount(
     config.clone_fd = true;
 
     let kernel = Arc::new(KernelCache::new(crate::fs::TTL));
-    let fs = CellarFs::new(Arc::clone(&vfs), Arc::clone(&kernel));
+    let notifier = Arc::new(OnceLock::new());
+    let fs = CellarFs::new(Arc::clone(&vfs), Arc::clone(&kernel), Arc::clone(&notifier));
     let session = Session::new(fs, &mount_point, &config).map_err(|source| MountError::Mount {
         path: mount_point.clone(),
         source,
     })?;
+    let _ = notifier.set(session.notifier());
     forward_invalidations(&vfs, session.notifier(), kernel);
     let session = session.spawn().map_err(|source| MountError::Session {
         path: mount_point.clone(),

@@ -103,6 +103,16 @@ pub struct OpenReply {
     pub keep_cache: bool,
 }
 
+/// A granted lock (or an unlock).
+#[derive(Debug, PartialEq, Eq)]
+pub struct LockReply {
+    /// False when the kernel's attributes and pages of the file may predate a change another
+    /// mount committed before it released the lock (its push may not have arrived yet): the
+    /// caller must drop them before the lock holder reads. Lock-then-read is a sync point, as
+    /// open is.
+    pub keep_cache: bool,
+}
+
 pub struct DirEntryPlus {
     pub ino: Ino,
     /// Offset to pass back to continue after this entry (stable while the directory changes).
@@ -438,7 +448,7 @@ impl Vfs {
         lock_owner: u64,
         range: LockRange,
         sleep: bool,
-    ) -> VfsResult<()> {
+    ) -> VfsResult<LockReply> {
         fs_request(FsOp::Setlk, || {
             self.inner.setlk(ino, fh, lock_owner, range, sleep)
         })

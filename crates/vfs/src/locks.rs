@@ -7,7 +7,7 @@ use cellar_meta::{Ino, LockKind, LockOwner, LockRange};
 
 use crate::errno::err;
 use crate::volume::Inner;
-use crate::VfsResult;
+use crate::{LockReply, VfsResult};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(1);
 const BACKOFF_MAX: Duration = Duration::from_millis(50);
@@ -63,14 +63,28 @@ impl Inner {
         lock_owner: u64,
         range: LockRange,
         sleep: bool,
-    ) -> VfsResult<()> {
+    ) -> VfsResult<LockReply> {
         let handle = self.registry.handle(fh)?;
+        let file = handle.file()?;
         let owner = self.posix_owner(lock_owner);
-        self.acquire(sleep, || self.core.meta.setlk(ino, owner, &range))?;
-        if range.kind != LockKind::Unlock {
-            handle.file()?.posix_locked.store(true, Ordering::SeqCst);
+        if range.kind == LockKind::Unlock {
+            // The next holder, on any mount, reads what was written under the lock (as NFS
+            // commits on unlock); the lock goes even if that fails, and the failure is reported.
+            let committed = self.flush_file(file);
+            self.core.meta.setlk(ino, owner, &range)?;
+            return committed.map(|()| LockReply { keep_cache: true });
         }
-        Ok(())
+        self.acquire(sleep, || self.core.meta.setlk(ino, owner, &range))?;
+        file.posix_locked.store(true, Ordering::SeqCst);
+        // Unflushed writes of this mount are newer than anything the engine holds, and the
+        // kernel's pages are theirs.
+        if file.data.lock().is_dirty() {
+            return Ok(LockReply { keep_cache: true });
+        }
+        let attr = self.core.meta.getattr(ino)?;
+        Ok(LockReply {
+            keep_cache: self.unchanged_since_seen(&attr),
+        })
     }
 
     /// Drops the POSIX locks of `lock_owner` on the inode (close of a descriptor), retrying a

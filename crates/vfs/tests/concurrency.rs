@@ -1023,7 +1023,10 @@ fn posix_write_lock_through_one_mount_is_refused_to_another_until_released() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (result, waited) = waiter.join().unwrap();
-    assert_eq!(result, Ok(()), "F_SETLKW through B after A's release");
+    assert!(
+        result.is_ok(),
+        "F_SETLKW through B after A's release: {result:?}"
+    );
     assert!(waited >= Duration::from_millis(500));
     assert_eq!(
         a.setlk(ino, fa, 11, write_lock(100), false),
@@ -1077,6 +1080,52 @@ fn flock_through_one_mount_is_refused_to_another_until_released() {
 
 // ---------------------------------------------------------------------------------------------
 // 5. An inode open in one mount survives its unlink through another mount.
+
+/// Locks are sync points: mount A's unlock commits what it wrote under the lock (no fsync), and
+/// a holder on mount B that had the file open before is told to drop the kernel's copy, since
+/// A's push may not have reached B yet; a grant with nothing new keeps the cache (SQLite locks
+/// constantly).
+#[test]
+fn a_lock_grant_after_another_mounts_write_drops_the_kernel_cache() {
+    let volume = TestVolume::new();
+    let a = volume.mount();
+    let b = volume.mount();
+    let (ino, fh) = create_in_root(&a, "counter");
+    write_all(&a, ino, fh, 0, b"0");
+    close(&a, ino, fh);
+    let fa = a.open(&root(), ino, libc::O_RDWR).unwrap().fh;
+    let fb = b.open(&root(), ino, libc::O_RDWR).unwrap().fh;
+    let unlock = LockRange {
+        kind: LockKind::Unlock,
+        ..write_lock(0)
+    };
+    let first = b.setlk(ino, fb, 2, write_lock(0), false).unwrap();
+    assert!(first.keep_cache, "nothing changed since B opened the file");
+    b.setlk(ino, fb, 2, unlock, false).unwrap();
+
+    a.setlk(ino, fa, 1, write_lock(0), false).unwrap();
+    write_all(&a, ino, fa, 0, b"                   1\n");
+    a.setlk(ino, fa, 1, unlock, false).unwrap();
+
+    let after_write = b.setlk(ino, fb, 2, write_lock(0), false).unwrap();
+    assert!(
+        !after_write.keep_cache,
+        "B must drop the kernel's attributes and pages: A wrote while B had the file open"
+    );
+    assert_eq!(b.getattr(ino).unwrap().size, 21, "B's fresh attributes");
+    assert_eq!(
+        read_range(&b, ino, fb, 0, 64),
+        b"                   1\n",
+        "B reads what A wrote under the lock"
+    );
+    b.setlk(ino, fb, 2, unlock, false).unwrap();
+    let again = b.setlk(ino, fb, 2, write_lock(0), false).unwrap();
+    assert!(again.keep_cache, "no change since the last grant");
+    b.release(ino, fb, Some(2)).unwrap();
+    a.release(ino, fa, Some(1)).unwrap();
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
 
 #[test]
 fn file_open_in_one_mount_stays_usable_after_another_mount_unlinks_it() {
