@@ -14,7 +14,10 @@ local one — through the mount that did not write within a few seconds, far les
 kernel's attribute/entry TTL (read from crates/fuse/src/fs.rs): only the change feed, which
 pushes every commit to the other mount's kernel caches, makes it look again in time. Lock probes run at sync points: a helper process holds an fcntl (or flock) lock
 through one mount; another process must be refused it through the other mount (and through the
-same mount), must get a lock on a disjoint range, and must get the lock once the helper let go.
+same mount), must get a lock on a disjoint range, and must get the lock once the helper let go. After the
+probes, a lock hand-off: a write under a lock through one mount, unlocked without fsync or close,
+must be what the next holder reads (fstat and read) through the other mount, on a descriptor that
+was open and had read the file before.
 Descriptors opened (read-only, through either mount) at a sync point are held through the next
 batch, which may unlink, rename or rewrite their files: fstat, a read up to the size and close
 must still succeed (POSIX: an open file outlives its names, whichever mount removes them).
@@ -129,6 +132,7 @@ class TwoMountModelTest(ModelOps):
         self.ttl = kernel_ttl()
         self.history = []
         self.lock_probes = 0
+        self.lock_handoffs = 0
         # Descriptors opened at a sync point and held through the next batch: (mount, path, fd).
         self.held = []
         # The paths of the model at the last sync point.
@@ -192,6 +196,55 @@ class TwoMountModelTest(ModelOps):
             if helper.poll() is None:
                 helper.kill()
                 helper.wait()
+
+    def lock_handoff(self, batch, writer_label):
+        """A lock hands over what was written under it: a write through one mount, unlocked
+        without fsync or close, is what the next holder reads through the other mount, whose
+        descriptor was open (and its pages and size cached) before the write. An unlock
+        commits; a grant drops the kernel's stale attributes and pages."""
+        files = [p for p, _ in self.existing("file")]
+        if not files:
+            return
+        path = self.rng.choice(files)
+        kind = self.rng.choice(["lockf", "flock"])
+        data = self.rng.randbytes(self.rng.randrange(1, 8192))
+        reader_label = "B" if writer_label == "A" else "A"
+        what = (f"{kind} hand-off of {path} ({len(data)} bytes at 0) from mount {writer_label} "
+                f"to mount {reader_label}")
+        self.history.append(f"batch {batch}: {what}")
+        # No truncate: it would commit the write by itself.
+        with open(os.path.join(self.local_root, path), "r+b") as model:
+            model.write(data)
+            model.seek(0)
+            expected = model.read()
+
+        def lock(fd, op):
+            if kind == "flock":
+                fcntl.flock(fd, op)
+            else:
+                fcntl.lockf(fd, op)
+
+        reader = os.open(os.path.join(self.mounts[reader_label].mount_point, path), os.O_RDWR)
+        try:
+            os.pread(reader, 1 << 16, 0)
+            writer = os.open(os.path.join(self.mounts[writer_label].mount_point, path), os.O_RDWR)
+            try:
+                lock(writer, fcntl.LOCK_EX)
+                os.pwrite(writer, data, 0)
+                lock(writer, fcntl.LOCK_UN)
+                lock(reader, fcntl.LOCK_EX)
+                size = os.fstat(reader).st_size
+                got = os.pread(reader, len(expected) + 4096, 0)
+                lock(reader, fcntl.LOCK_UN)
+            finally:
+                os.close(writer)
+        finally:
+            os.close(reader)
+        if size != len(expected) or got != expected:
+            raise Mismatch(f"{what}: the reader's fstat says {size} bytes and it read "
+                           f"{len(got)} bytes{'' if got == expected[:len(got)] else ' that differ'}, "
+                           f"expected {len(expected)}")
+        self.lock_handoffs += 1
 
     def try_lock(self, path, kind, start, length):
         fd = os.open(path, os.O_RDWR)
@@ -324,6 +377,8 @@ class TwoMountModelTest(ModelOps):
                 for _ in range(probes):
                     self.lock_probe(batch, self.rng.choice(["A", "B"]))
                 self.check_held(batch)
+                if probes:
+                    self.lock_handoff(batch, self.rng.choice(["A", "B"]))
                 self.hold_some(batch)
                 done += 1
             # Descriptors held since the last sync point are checked (and closed) before the
@@ -368,7 +423,8 @@ def main():
         return 1
     shutil.rmtree(work_dir)
     print(f"two_mount_model_test: ok: {done} batches, {operations} operations, "
-          f"{test.lock_probes} lock probes, {test.held_checked} descriptors held across a batch, both mounts identical to the model at every sync "
+          f"{test.lock_probes} lock probes, {test.lock_handoffs} lock hand-offs, "
+          f"{test.held_checked} descriptors held across a batch, both mounts identical to the model at every sync "
           f"point ({time.monotonic() - started:.0f} s)")
     return 0
 

@@ -35,6 +35,7 @@ import time
 import traceback
 
 from runners import SANDBOX_VOLUME, Runners, RunnerVolume, Server
+from worker import counter_value
 from lib import (
     WORKER, Cluster, MountVolume, TestFailure, check, fresh_work_dir, note,
     remove_work_dir,
@@ -113,14 +114,14 @@ def case_rename_storm(cluster, vol):
 
 
 def case_flock_counter(cluster, vol):
-    rel, procs, n = "counter", 2, 40
+    rel, procs, n = "counter", 2, 100
     path = vol.path(1) / rel
     cluster.worker(1).call("write", path=str(path), data="0")
     cluster.run_everywhere([(h, ["python3", WORKER, "counter", vol.path(h) / rel, n]) for h in HOSTS for _ in range(procs)],
                            timeout=900)
     expected = len(HOSTS) * procs * n
     for h in HOSTS:
-        value = int(cluster.worker(h).call("read", path=str(vol.path(h) / rel)))
+        value = counter_value(cluster.worker(h).call("read", path=str(vol.path(h) / rel)).encode("latin-1"))
         check(value == expected, f"host {h} reads the counter at {value}, expected {expected}")
     note(f"flock_counter: {len(HOSTS) * procs} processes on {len(HOSTS)} hosts x {n} increments under flock = {expected}")
 

@@ -11,8 +11,9 @@ volume mounted there. Python 3 stdlib only.
   worker.py renames ROOT SEED N         N renames of random directories between random parents
                                         under ROOT (ENOENT/EINVAL/ENOTEMPTY/EEXIST are expected
                                         losses of races with other hosts); prints the tally
-  worker.py counter PATH N              N times: flock(LOCK_EX), read the decimal counter, write
-                                        it + 1, fsync, unlock
+  worker.py counter PATH N              N times: flock(LOCK_EX), read the counter (see
+                                        counter_bytes; its length changes as it grows), write it
+                                        + 1, truncate to it, fsync, unlock
   worker.py sqlite_init DB               create table t (writer, n, payload) in a new database
   worker.py sqlite_check DB              print {"integrity": ..., "counts": {WRITER: ROWS}}
   worker.py sqlite DB WRITER N          N transactions, each inserting one row (WRITER, K) into
@@ -232,16 +233,33 @@ def renames(root, seed, n):
     print(json.dumps(tally))
 
 
+def counter_bytes(value):
+    """The counter file: the value, a newline and value % 13 '#': its length changes with
+    almost every increment, so a reader with a stale size or stale pages reads a malformed or
+    an old value."""
+    return f"{value}\n{'#' * (value % 13)}".encode()
+
+
+def counter_value(data):
+    """The value of counter file content; ValueError if it is not exactly counter_bytes(value)."""
+    value = int(data.split(b"\n", 1)[0] or b"0")
+    if data not in (b"", b"0") and data != counter_bytes(value):
+        raise ValueError(f"the counter file holds {data!r}, not a counter value")
+    return value
+
+
 def counter(path, n):
     fd = os.open(path, os.O_RDWR)
     try:
         for _ in range(int(n)):
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.lseek(fd, 0, os.SEEK_SET)
-            value = int(os.read(fd, 64) or b"0")
-            os.lseek(fd, 0, os.SEEK_SET)
-            data = f"{value + 1:>20}\n".encode()
-            os.write(fd, data)
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, 64, 0)
+            if len(data) != size:
+                raise ValueError(f"fstat says {size} bytes, read returned {data!r}")
+            data = counter_bytes(counter_value(data) + 1)
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
             os.fsync(fd)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:

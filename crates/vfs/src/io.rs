@@ -28,7 +28,7 @@ impl Inner {
         let file = self.registry.open_file(attr.ino);
         // Close-to-open: the kernel may keep its page cache only if nothing changed since this
         // mount last saw the file (or this mount holds newer, unflushed data of its own).
-        let keep_cache = file.data.lock().is_dirty() || self.unchanged_since_seen(attr);
+        let keep_cache = self.sync_point(&file, attr);
         let kind = HandleKind::File {
             file,
             readahead: Mutex::new(ReadAhead::default()),

@@ -83,7 +83,7 @@ impl Inner {
         }
         let attr = self.core.meta.getattr(ino)?;
         Ok(LockReply {
-            keep_cache: self.unchanged_since_seen(&attr),
+            keep_cache: self.sync_point(file, &attr),
         })
     }
 

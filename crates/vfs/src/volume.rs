@@ -256,6 +256,23 @@ impl Inner {
         self.seen.lock().insert(attr.ino, attr.data_version) == Some(attr.data_version)
     }
 
+    /// A sync point (an open, a lock granted) given the engine's attributes of an open file:
+    /// drops its cached layout if it is of another data version (it would serve older bytes for
+    /// up to a second), and tells whether the kernel may keep its pages (see
+    /// [`Self::unchanged_since_seen`]; this mount's unflushed writes are newer than the engine).
+    pub fn sync_point(&self, file: &FileState, attr: &Attr) -> bool {
+        {
+            let mut layout = file.layout.lock();
+            if layout
+                .as_ref()
+                .is_some_and(|l| l.attr.data_version != attr.data_version)
+            {
+                *layout = None;
+            }
+        }
+        file.data.lock().is_dirty() || self.unchanged_since_seen(attr)
+    }
+
     pub fn forget_seen(&self, ino: Ino) {
         self.seen.lock().remove(&ino);
     }

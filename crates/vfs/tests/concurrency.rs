@@ -1101,6 +1101,11 @@ fn a_lock_grant_after_another_mounts_write_drops_the_kernel_cache() {
     };
     let first = b.setlk(ino, fb, 2, write_lock(0), false).unwrap();
     assert!(first.keep_cache, "nothing changed since B opened the file");
+    assert_eq!(
+        read_range(&b, ino, fb, 0, 64),
+        b"0",
+        "B's read caches the layout"
+    );
     b.setlk(ino, fb, 2, unlock, false).unwrap();
 
     a.setlk(ino, fa, 1, write_lock(0), false).unwrap();
@@ -1123,6 +1128,31 @@ fn a_lock_grant_after_another_mounts_write_drops_the_kernel_cache() {
     assert!(again.keep_cache, "no change since the last grant");
     b.release(ino, fb, Some(2)).unwrap();
     a.release(ino, fa, Some(1)).unwrap();
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
+
+/// Close-to-open holds while the reader's mount has the file open on another descriptor too:
+/// the new open drops that descriptor's cached layout, which would serve the old bytes for up
+/// to a second.
+#[test]
+fn an_open_sees_another_mounts_close_while_an_older_descriptor_is_open() {
+    let volume = TestVolume::new();
+    let a = volume.mount();
+    let b = volume.mount();
+    let (ino, fh) = create_in_root(&a, "shared");
+    write_all(&a, ino, fh, 0, b"old");
+    close(&a, ino, fh);
+    let older = b.open(&root(), ino, libc::O_RDONLY).unwrap().fh;
+    assert_eq!(read_range(&b, ino, older, 0, 64), b"old");
+    let fa = a.open(&root(), ino, libc::O_WRONLY).unwrap().fh;
+    write_all(&a, ino, fa, 0, b"new!");
+    close(&a, ino, fa);
+    let newer = b.open(&root(), ino, libc::O_RDONLY).unwrap();
+    assert!(!newer.keep_cache, "the kernel's pages are of the old content");
+    assert_eq!(read_range(&b, ino, newer.fh, 0, 64), b"new!");
+    close(&b, ino, newer.fh);
+    close(&b, ino, older);
     a.shutdown().unwrap();
     b.shutdown().unwrap();
 }
