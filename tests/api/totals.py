@@ -37,7 +37,7 @@ def template(url):
 reached_all = set()
 total = Counter()
 server_errors = []
-print(f"{'run':32} {'requests':>9} {'endpoints':>9} {'2xx':>7} {'4xx':>7} {'5xx':>5}")
+print(f"{'run':42} {'requests':>9} {'endpoints':>9} {'2xx':>7} {'4xx':>7} {'5xx':>5}")
 for label, har in zip(labels, hars, strict=True):
     with open(har) as file:
         entries = json.load(file)["log"]["entries"]
@@ -56,10 +56,10 @@ for label, har in zip(labels, hars, strict=True):
     total.update(classes)
     total["requests"] += len(entries)
     print(
-        f"{label:32} {len(entries):>9} {len(reached):>9} {classes['2xx']:>7} {classes['4xx']:>7} {classes['5xx']:>5}"
+        f"{label:42} {len(entries):>9} {len(reached):>9} {classes['2xx']:>7} {classes['4xx']:>7} {classes['5xx']:>5}"
     )
 print(
-    f"{'total':32} {total['requests']:>9} {len(reached_all):>9} {total['2xx']:>7} {total['4xx']:>7} {total['5xx']:>5}"
+    f"{'total':42} {total['requests']:>9} {len(reached_all):>9} {total['2xx']:>7} {total['4xx']:>7} {total['5xx']:>5}"
     f"   ({len(OPERATIONS)} operations in the document)"
 )
 for line in server_errors:
