@@ -1149,7 +1149,10 @@ fn an_open_sees_another_mounts_close_while_an_older_descriptor_is_open() {
     write_all(&a, ino, fa, 0, b"new!");
     close(&a, ino, fa);
     let newer = b.open(&root(), ino, libc::O_RDONLY).unwrap();
-    assert!(!newer.keep_cache, "the kernel's pages are of the old content");
+    assert!(
+        !newer.keep_cache,
+        "the kernel's pages are of the old content"
+    );
     assert_eq!(read_range(&b, ino, newer.fh, 0, 64), b"new!");
     close(&b, ino, newer.fh);
     close(&b, ino, older);
