@@ -60,7 +60,7 @@ def describe(path, rel=None, content_hash=None, mode_format=oct):
     content_hash(rel, path, stat) if given, else file_hash(path)."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a parent is now a file
         return None
     mode = mode_format(st.st_mode & 0o7777)
     if os.path.islink(path):
