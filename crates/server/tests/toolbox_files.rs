@@ -61,6 +61,17 @@ impl Toolbox<'_> {
             .await
     }
 
+    /// Deletes the sandbox and waits until it is gone: a sandbox outlives the server and the
+    /// runner that started it, so one left behind would run on after the test.
+    async fn destroy(self) {
+        let id = self.base.trim_start_matches("/toolbox/");
+        let (status, body) = self.server.delete(&format!("/api/sandbox/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        self.server
+            .wait_for(&format!("/api/sandbox/{id}"), "state", "destroyed")
+            .await;
+    }
+
     /// Runs a shell line that must succeed; returns its output.
     async fn ok(&self, command: &str) -> String {
         let (status, body) = self
@@ -430,6 +441,7 @@ async fn bad_input_missing_and_forbidden_paths_answer_4xx() {
             .await,
         ""
     );
+    tb.destroy().await;
 }
 
 /// A stream of `len` bytes (`len` a multiple of 1 MiB) made on the fly, and its SHA-256.
@@ -675,4 +687,5 @@ async fn file_calls_and_a_large_transfer_through_a_remote_runner() {
         "peak RSS grew {grown} MiB during a {} MiB transfer",
         len >> 20
     );
+    tb.destroy().await;
 }
