@@ -4,6 +4,7 @@
 //! runs only in the mount holding the volume's maintenance lease. Each holds only a weak
 //! reference, so dropping the volume ends them.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -124,6 +125,11 @@ fn flush_idle(inner: &Inner) {
         tracing::warn!(error = %e, "recording last closes failed; will retry");
     }
     for file in inner.registry.all_files() {
+        // Once a shutdown began, it flushes (within its bound) what is left: a try started
+        // here would hold it up by one more store operation.
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
         let (dirty, idle) = {
             let d = file.data.lock();
             (
