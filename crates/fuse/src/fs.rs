@@ -28,6 +28,7 @@ use crate::convert::{
     range_end_to_kernel, time_set, KERNEL_OFFSET_MAX,
 };
 use crate::kernel_cache::KernelCache;
+use crate::mount::report_invalidation;
 
 /// Entry and attribute cache lifetime in the kernel, negative entries (names not found)
 /// included. Long, because what other mounts and hosts change is pushed: the vfs's change feed
@@ -149,12 +150,7 @@ fn reply_lock(
     match granted {
         Ok(LockReply { keep_cache: false }) => {
             if let Some(notifier) = notifier.get() {
-                if let Err(e) = notifier.inval_inode(ino, 0, 0) {
-                    // ENOENT: the kernel holds nothing of the inode.
-                    if e.raw_os_error() != Some(libc::ENOENT) {
-                        tracing::warn!(ino = ino.0, "dropping a locked file's cache failed: {e}");
-                    }
-                }
+                report_invalidation(notifier.inval_inode(ino, 0, 0));
             }
             reply.ok()
         }

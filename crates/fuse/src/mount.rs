@@ -260,23 +260,27 @@ fn forward_invalidations(vfs: &Vfs, notifier: Notifier, kernel: Arc<KernelCache>
                 match invalidation {
                     Invalidation::Inode(ino) => {
                         kernel.xattrs_changed(Some(ino));
-                        report(notifier.inval_inode(INodeNo(ino), 0, 0))
+                        report_invalidation(notifier.inval_inode(INodeNo(ino), 0, 0))
                     }
-                    Invalidation::Entry { parent, name } => {
-                        report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)))
-                    }
+                    Invalidation::Entry { parent, name } => report_invalidation(
+                        notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)),
+                    ),
                     Invalidation::All => {
                         kernel.xattrs_changed(None);
                         let held = kernel.held();
                         tracing::info!(entries = held.len(), "dropping every kernel cache entry");
                         for (ino, parent, name) in held {
-                            report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)));
-                            report(notifier.inval_inode(INodeNo(ino), 0, 0));
+                            report_invalidation(
+                                notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)),
+                            );
+                            report_invalidation(notifier.inval_inode(INodeNo(ino), 0, 0));
                         }
                         for (parent, name) in kernel.held_missing() {
-                            report(notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)));
+                            report_invalidation(
+                                notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name)),
+                            );
                         }
-                        report(notifier.inval_inode(INodeNo(ROOT_INO), 0, 0));
+                        report_invalidation(notifier.inval_inode(INodeNo(ROOT_INO), 0, 0));
                     }
                 }
             }
@@ -288,7 +292,7 @@ fn forward_invalidations(vfs: &Vfs, notifier: Notifier, kernel: Arc<KernelCache>
     }
 }
 
-fn report(result: io::Result<()>) {
+pub(crate) fn report_invalidation(result: io::Result<()>) {
     // ENOENT: the kernel does not cache that inode or entry; nothing to do.
     if let Err(e) = result {
         if e.raw_os_error() != Some(libc::ENOENT) {

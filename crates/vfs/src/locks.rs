@@ -76,11 +76,6 @@ impl Inner {
         }
         self.acquire(sleep, || self.core.meta.setlk(ino, owner, &range))?;
         file.posix_locked.store(true, Ordering::SeqCst);
-        // Unflushed writes of this mount are newer than anything the engine holds, and the
-        // kernel's pages are theirs.
-        if file.data.lock().is_dirty() {
-            return Ok(LockReply { keep_cache: true });
-        }
         let attr = self.core.meta.getattr(ino)?;
         Ok(LockReply {
             keep_cache: self.sync_point(file, &attr),
